@@ -1,0 +1,112 @@
+"""Prometheus metrics: one CollectorRegistry per server, never the global one.
+
+Histogram buckets span 50 µs to 10 s, so sub-millisecond CPU models and 100 ms GPU models
+both get resolution (docs/metrics.md lists them).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+    0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+STATES = ("loading", "ready", "failed", "unloaded")
+MODEL = ("model", "version")
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        r = self.registry
+        self.requests = Counter(
+            "modelhub_requests", "Inference requests answered, by gRPC status code.", [*MODEL, "code"], registry=r
+        )
+        self.inferences = Counter("modelhub_inferences", "Samples inferred (a batch of n counts n).", MODEL, registry=r)
+        self.executions = Counter("modelhub_executions", "Batched forwards run.", MODEL, registry=r)
+        self.request_duration = Histogram(
+            "modelhub_request_duration_seconds", "Server time per inference request, receipt to response.",
+            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_duration = Histogram(
+            "modelhub_queue_duration_seconds", "Time a request waited in the batcher's queue.",
+            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.compute_duration = Histogram(
+            "modelhub_compute_duration_seconds", "Time per batched forward (input, infer and output stages).",
+            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_size = Histogram(
+            "modelhub_batch_size", "Rows per batched forward.", MODEL, buckets=BATCH_BUCKETS, registry=r
+        )
+        self.queue_depth = Gauge("modelhub_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=r)
+        self.in_flight = Gauge("modelhub_inflight_requests", "Inference requests being handled.", MODEL, registry=r)
+        self.model_state = Gauge(
+            "modelhub_model_state", "1 for the model's current state, 0 for the others.", [*MODEL, "state"], registry=r
+        )
+        self.load_seconds = Gauge(
+            "modelhub_model_load_duration_seconds", "Time the last load of the model took, build included.",
+            MODEL, registry=r,
+        )
+        self.build_seconds = Gauge(
+            "modelhub_model_build_duration_seconds", "Time the model's artifact took to build (0 when cached).",
+            MODEL, registry=r,
+        )
+
+    def for_model(self, name: str, version: int) -> ModelMetrics:
+        return ModelMetrics(self, name, str(version))
+
+
+class ModelMetrics:
+    """The children of every metric for one model version, bound once (labels() is not free)."""
+
+    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
+        self._metrics = metrics
+        self._labels = (name, version)
+        self.inferences = metrics.inferences.labels(*self._labels)
+        self.executions = metrics.executions.labels(*self._labels)
+        self.request_duration = metrics.request_duration.labels(*self._labels)
+        self.queue_duration = metrics.queue_duration.labels(*self._labels)
+        self.compute_duration = metrics.compute_duration.labels(*self._labels)
+        self.batch_size = metrics.batch_size.labels(*self._labels)
+        self.queue_depth = metrics.queue_depth.labels(*self._labels)
+        self.in_flight = metrics.in_flight.labels(*self._labels)
+        self._codes: dict[str, Counter] = {}
+
+    def request_done(self, code: str, seconds: float) -> None:
+        counter = self._codes.get(code)
+        if counter is None:
+            counter = self._codes[code] = self._metrics.requests.labels(*self._labels, code)
+        counter.inc()
+        self.request_duration.observe(seconds)
+
+    # BatchObserver
+    def queued(self, depth: int) -> None:
+        self.queue_depth.set(depth)
+
+    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        self.inferences.inc(rows)
+        self.executions.inc()
+        self.batch_size.observe(rows)
+        self.compute_duration.observe(compute_seconds)
+        for waited in queue_seconds:
+            self.queue_duration.observe(waited)
+
+    def state(self, state: str) -> None:
+        for name in STATES:
+            self._metrics.model_state.labels(*self._labels, name).set(1 if name == state else 0)
+
+    def loaded(self, load_seconds: float, build_seconds: float) -> None:
+        self._metrics.load_seconds.labels(*self._labels).set(load_seconds)
+        self._metrics.build_seconds.labels(*self._labels).set(build_seconds)

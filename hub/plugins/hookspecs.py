@@ -1,0 +1,98 @@
+"""The plugin contract: every hook a modelhub plugin may implement.
+
+Mark implementations with `hub.hookimpl`. Each docstring below is the documentation of its
+hook (docs/plugins.md repeats the signatures; a test keeps the two in step).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pluggy
+
+if TYPE_CHECKING:
+    from hub.spec import ModelSpec, Runtime, Target
+
+PROJECT = "modelhub"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+# --- Registration: what a plugin contributes ------------------------------------------------
+
+
+@hookspec
+def register_models(register: Callable[[ModelSpec], None]) -> None:
+    """Register the models this plugin serves.
+
+    :param register: call it once per `ModelSpec` (one per name and version). The hub records
+        which plugin registered each spec, so errors name the plugin. A spec that fails
+        validation (duplicate name and version, unknown datatype, example inputs that do not
+        match the TensorSpecs) is reported with the plugin's name and file, and skipped; the
+        plugin's other specs and other plugins' models still serve.
+    :returns: nothing.
+    """
+
+
+@hookspec
+def register_targets(register: Callable[[Target], None]) -> None:
+    """Register build targets: ways to turn an eager model into a served artifact.
+
+    The built-in targets ("torch", "onnx") are registered by built-in plugins through this
+    same hook. A target's name must be unique across plugins.
+
+    :param register: call it once per `Target`.
+    :returns: nothing.
+    """
+
+
+# --- Build: checking an artifact ------------------------------------------------------------
+
+
+@hookspec
+def validate_artifact(
+    spec: ModelSpec,
+    runtime: Runtime,
+    examples: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray] | None,
+    tolerance: Any,
+) -> dict[str, Any] | None:
+    """Check a freshly built artifact before it is served.
+
+    Called for every build, with the artifact already loaded. Every implementation runs; their
+    results are merged into the `validation` section of the artifact's manifest.json.
+
+    :param spec: the model being built.
+    :param runtime: the loaded artifact.
+    :param examples: the spec's example inputs.
+    :param reference: the eager model's outputs on `examples`, or None when the target is
+        not checked against eager.
+    :param tolerance: the `hub.Tolerance` in force (the spec's, else the target's default).
+    :returns: None to abstain, or a dict of figures to record. A list under the key
+        "problems" (human-readable strings) refuses the artifact: the model is marked failed
+        with those reasons and is not served.
+    """
+
+
+# --- Serving: server lifecycle --------------------------------------------------------------
+
+
+@hookspec
+def server_started(server: Any) -> None:
+    """The server is listening and every model has finished loading (or failed).
+
+    :param server: the `hub.server.ServerInfo` facade: `grpc_port`, `metrics_port`, `device`
+        and `models()`, a list of (name, version, state) triples.
+    :returns: nothing. An exception is logged and does not stop the server.
+    """
+
+
+@hookspec
+def server_stopping(server: Any) -> None:
+    """The server is about to stop; in-flight requests are still being answered.
+
+    :param server: the same `hub.server.ServerInfo` facade as in `server_started`.
+    :returns: nothing. An exception is logged and does not stop the shutdown.
+    """

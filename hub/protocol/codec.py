@@ -1,0 +1,144 @@
+"""Tensors on the wire <-> numpy arrays: raw contents with zero-copy views, typed contents,
+and the BYTES length-prefix encoding."""
+
+from __future__ import annotations
+
+import math
+import sys
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from hub.datatypes import NUMPY_DTYPES, datatype_of, decode_bytes, encode_bytes
+from hub.errors import InvalidInput
+from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.spec import ModelSpec
+
+if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
+    raise ImportError("modelhub's zero-copy decoding assumes a little-endian host")
+
+#: V2 datatype -> the InferTensorContents field that carries it (FP16/BF16 have none).
+TYPED_FIELDS = {
+    "BOOL": "bool_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+
+OutputTensor = pb.ModelInferResponse.InferOutputTensor
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays, keyed by name.
+
+    Raw contents are wrapped without copying (read-only views of the request's bytes).
+    Raises InvalidInput naming the input for any inconsistency.
+    """
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "a request that uses raw contents must send one entry per input, in order"
+        )
+    arrays: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if name in arrays:
+            raise InvalidInput(f"input '{name}' appears more than once")
+        datatype = tensor.datatype
+        dtype = NUMPY_DTYPES.get(datatype)
+        if dtype is None:
+            raise InvalidInput(
+                f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(NUMPY_DTYPES)}"
+            )
+        shape = tuple(tensor.shape)
+        if any(d < 0 for d in shape):
+            raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+        count = math.prod(shape)
+        if raw:
+            if tensor.HasField("contents"):
+                raise InvalidInput(
+                    f"input '{name}' has typed contents but the request also carries "
+                    "raw_input_contents; use raw contents for every input or for none"
+                )
+            arrays[name] = _from_raw(name, datatype, dtype, shape, count, raw[index])
+        else:
+            arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents)
+    return arrays
+
+
+def _from_raw(name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, data: bytes) -> np.ndarray:
+    if datatype == "BYTES":
+        return decode_bytes(data, count, name).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"input '{name}': expected {expected} bytes of raw contents for {datatype} shape "
+            f"{list(shape)}, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
+
+
+def _from_typed(
+    name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, contents: pb.InferTensorContents
+) -> np.ndarray:
+    field = TYPED_FIELDS.get(datatype)
+    if field is None:
+        raise InvalidInput(f"input '{name}': {datatype} has no typed contents field; send it as raw contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise InvalidInput(
+            f"input '{name}': expected {count} values in contents.{field} for shape {list(shape)}, "
+            f"got {len(values)}"
+        )
+    if datatype == "BYTES":
+        array = np.empty(count, dtype=np.object_)
+        array[:] = list(values)
+        return array.reshape(shape)
+    try:
+        return np.array(values, dtype=dtype).reshape(shape)
+    except OverflowError:
+        raise InvalidInput(f"input '{name}': a value in contents.{field} does not fit {datatype}") from None
+
+
+def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
+    """The output names to return: the requested ones, or all of the model's."""
+    declared = [t.name for t in spec.outputs]
+    if not request.outputs:
+        return declared
+    names = []
+    for output in request.outputs:
+        if output.name not in declared:
+            raise InvalidInput(
+                f"requested output '{output.name}' is not an output of model '{spec.name}'; outputs: {declared}"
+            )
+        names.append(output.name)
+    return names
+
+
+def encode_response(
+    request: pb.ModelInferRequest, version: int, outputs: Mapping[str, np.ndarray], names: Sequence[str]
+) -> pb.ModelInferResponse:
+    """A response with every requested output as raw contents, echoing the request's id."""
+    tensors = []
+    raw = []
+    for name in names:
+        array = outputs[name]
+        datatype = datatype_of(array)
+        tensors.append(OutputTensor(name=name, datatype=datatype, shape=array.shape))
+        raw.append(encode_bytes(array) if datatype == "BYTES" else array.tobytes())
+    return pb.ModelInferResponse(
+        model_name=request.model_name,
+        model_version=str(version),
+        id=request.id,
+        outputs=tensors,
+        raw_output_contents=raw,
+    )

@@ -1,0 +1,267 @@
+"""inference.GRPCInferenceService: protobuf in, domain calls, protobuf out. Nothing else.
+
+No torch here; status codes come from hub.protocol.status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, NoReturn
+
+import grpc
+
+from hub import __version__
+from hub.core.models import ServedModel
+from hub.core.repository import ModelRepository
+from hub.datatypes import CONFIG_TYPE_NAMES
+from hub.errors import HubError, ModelNotFound
+from hub.protocol.codec import decode_inputs, encode_response, requested_outputs
+from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+from hub.protocol.generated import model_config_pb2 as mc
+from hub.protocol.status import status_for
+
+log = logging.getLogger("modelhub.grpc")
+
+EXTENSIONS = ["model_configuration", "statistics"]
+TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+
+
+async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
+    code, message = status_for(exc)
+    await context.abort(code, message)
+    raise AssertionError("unreachable")  # abort raises
+
+
+def _unimplemented(method: str) -> Callable[..., Any]:
+    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub")
+
+    handler.__name__ = method
+    return handler
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
+        self.repository = repository
+        self._is_ready = is_ready
+
+    # --- health -----------------------------------------------------------------------------
+
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._is_ready())
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        try:
+            model = self.repository.resolve(request.name, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=model.ready)
+
+    # --- metadata ---------------------------------------------------------------------------
+
+    async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="modelhub", version=__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        try:
+            model = self.repository.resolve(request.name, request.version)
+        except HubError as exc:
+            await _abort(context, exc)
+        spec = model.spec
+        return pb.ModelMetadataResponse(
+            name=spec.name,
+            versions=[str(m.version) for m in self.repository.versions(spec.name)],
+            platform=_platform(model),
+            inputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.inputs],
+            outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.outputs],
+        )
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        try:
+            model = self.repository.resolve(request.name, request.version)
+        except HubError as exc:
+            await _abort(context, exc)
+        return pb.ModelConfigResponse(config=model_config(model))
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        try:
+            if request.name:
+                models = (
+                    [self.repository.resolve(request.name, request.version)]
+                    if request.version
+                    else self.repository.versions(request.name)
+                )
+                if not models:
+                    self.repository.resolve(request.name)  # raises NOT_FOUND with the known names
+            else:
+                models = self.repository.models()
+        except HubError as exc:
+            await _abort(context, exc)
+        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        entries = [
+            pb.RepositoryIndexResponse.ModelIndex(
+                name=m.name, version=str(m.version), state=m.state.triton, reason=m.reason
+            )
+            for m in self.repository.models()
+            if m.ready or not request.ready
+        ]
+        return pb.RepositoryIndexResponse(models=entries)
+
+    # --- inference --------------------------------------------------------------------------
+
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        try:
+            model = self.repository.get_ready(request.model_name, request.model_version)
+        except HubError as exc:
+            await _abort(context, exc)
+        started = time.perf_counter()
+        model.begin_request()
+        error: BaseException | None = None
+        try:
+            inputs = decode_inputs(request)
+            names = requested_outputs(request, model.spec)
+            outputs = await model.infer(inputs, timeout=context.time_remaining(), request_id=request.id)
+            response = encode_response(request, model.version, outputs, names)
+        except asyncio.CancelledError:
+            model.end_request("CANCELLED", time.perf_counter() - started)
+            raise
+        except HubError as exc:
+            error = exc
+        except Exception as exc:
+            error = exc
+            log.exception("model '%s': request %r failed", model.spec.key, request.id or "-")
+        if error is not None:
+            code, _ = status_for(error)
+            model.end_request(code.name, time.perf_counter() - started)
+            await _abort(context, error)
+        model.end_request("OK", time.perf_counter() - started)
+        return response
+
+    # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
+
+    ModelStreamInfer = _unimplemented("ModelStreamInfer")
+    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
+    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
+    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
+    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
+    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
+    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
+    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
+    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
+    TraceSetting = _unimplemented("TraceSetting")
+    LogSettings = _unimplemented("LogSettings")
+
+
+def _platform(model: ServedModel) -> str:
+    return model.target.platform if model.target is not None else model.spec.target
+
+
+def model_config(model: ServedModel) -> mc.ModelConfig:
+    """The spec and policy as Triton's ModelConfig: dims without the batch dimension."""
+    spec, policy = model.spec, model.spec.batching
+    skip = 1 if policy.batching else 0
+    config = mc.ModelConfig(
+        name=spec.name,
+        platform=_platform(model),
+        backend="modelhub",
+        runtime=spec.target,
+        max_batch_size=policy.max_batch_size,
+        input=[
+            mc.ModelInput(name=t.name, data_type=CONFIG_TYPE_NAMES[t.datatype], dims=t.shape[skip:])
+            for t in spec.inputs
+        ],
+        output=[
+            mc.ModelOutput(name=t.name, data_type=CONFIG_TYPE_NAMES[t.datatype], dims=t.shape[skip:])
+            for t in spec.outputs
+        ],
+        instance_group=[
+            mc.ModelInstanceGroup(
+                name=f"{spec.name}_0",
+                count=policy.instances,
+                kind=mc.ModelInstanceGroup.KIND_GPU
+                if model.runtime is not None and model.runtime.device == "cuda"
+                else mc.ModelInstanceGroup.KIND_CPU,
+            )
+        ],
+        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        default_model_filename=model.target.artifact if model.target is not None else "",
+    )
+    if policy.batching:
+        config.dynamic_batching.CopyFrom(
+            mc.ModelDynamicBatching(
+                preferred_batch_size=policy.preferred_batch_sizes,
+                max_queue_delay_microseconds=round(policy.max_queue_delay * 1e6),
+                default_queue_policy=mc.ModelQueuePolicy(
+                    timeout_action=mc.ModelQueuePolicy.REJECT,
+                    default_timeout_microseconds=round((policy.timeout or 0) * 1e6),
+                    allow_timeout_override=True,
+                    max_queue_size=policy.max_queue_size,
+                ),
+            )
+        )
+    for key, value in _manifest_parameters(model).items():
+        config.parameters[key].string_value = value
+    return config
+
+
+def _manifest_parameters(model: ServedModel) -> dict[str, str]:
+    """The build report, flattened into ModelConfig parameters."""
+    out = {"state": model.state.value}
+    if model.reason:
+        out["reason"] = model.reason
+    manifest = model.manifest
+    if manifest:
+        out["target"] = str(manifest.get("target", ""))
+        out["built_at"] = str(manifest.get("built_at", ""))
+        out["cache_key"] = str(manifest.get("cache_key", ""))
+        validation = manifest.get("validation", {})
+        for key in ("max_abs_err", "max_rel_err"):
+            if key in validation:
+                out[f"parity_{key}"] = f"{validation[key]:.3g}"
+    return out
+
+
+def _duration(d: Any) -> pb.StatisticDuration:
+    return pb.StatisticDuration(count=d.count, ns=d.ns)
+
+
+def model_statistics(model: ServedModel) -> pb.ModelStatistics:
+    s = model.stats
+    return pb.ModelStatistics(
+        name=model.name,
+        version=str(model.version),
+        last_inference=s.last_inference_ms,
+        inference_count=s.inference_count,
+        execution_count=s.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=_duration(s.success),
+            fail=_duration(s.fail),
+            queue=_duration(s.queue),
+            compute_input=_duration(s.compute_input),
+            compute_infer=_duration(s.compute_infer),
+            compute_output=_duration(s.compute_output),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(b.compute_input),
+                compute_infer=_duration(b.compute_infer),
+                compute_output=_duration(b.compute_output),
+            )
+            for size, b in sorted(s.batches.items())
+        ],
+    )
+

@@ -1,0 +1,123 @@
+"""Built-in plugin "onnx": export with torch.onnx (dynamic batch and variable dims) and serve
+with ONNX Runtime, on the CUDA execution provider when it is installed and asked for."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping
+
+import numpy as np
+
+from hub.errors import BuildError
+from hub.plugins.hookspecs import hookimpl
+from hub.spec import ArtifactContext, ModelSpec, Runtime, Target, Tolerance
+
+log = logging.getLogger("modelhub.onnx")
+
+FILENAME = "model.onnx"
+OPSET = 18
+
+
+def export_onnx(module: object, spec: ModelSpec, path: str) -> None:
+    """torch.onnx.export (the dynamo exporter) with every -1 dimension declared dynamic."""
+    import torch
+
+    from hub.runtimes.torch import to_tensor
+
+    examples = spec.examples()
+    if spec.batching.batching:
+        # torch.export specialises a dimension of size 1; give the batch at least two rows.
+        examples = {
+            name: np.concatenate([value, value]) if value.shape[0] == 1 else value
+            for name, value in examples.items()
+        }
+    args = tuple(to_tensor(examples[t.name], "cpu") for t in spec.inputs)
+    dynamic_shapes = tuple(
+        {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1} or None
+        for t in spec.inputs
+    )
+    with warnings.catch_warnings():
+        # The exporter warns about its own internals (treespec deprecations); not actionable here.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            module,
+            args,
+            path,
+            input_names=[t.name for t in spec.inputs],
+            output_names=[t.name for t in spec.outputs],
+            dynamic_shapes=dynamic_shapes,
+            opset_version=OPSET,
+            dynamo=True,
+            external_data=False,
+            optimize=True,
+            verbose=False,
+        )
+
+
+def session_options(threads: int) -> object:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    # Spinning threads burn the cores the gRPC loop needs; block instead.
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    return options
+
+
+def providers(device: str) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    if device == "cuda" and "CUDAExecutionProvider" in available:
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    if device == "cuda":
+        log.warning("device is cuda but onnxruntime has no CUDAExecutionProvider; using CPU")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxRuntime:
+    """An ONNX Runtime session; `run` releases the GIL while it computes."""
+
+    def __init__(self, path: str, spec: ModelSpec, device: str, threads: int) -> None:
+        import onnxruntime as ort
+
+        self.session = ort.InferenceSession(path, sess_options=session_options(threads), providers=providers(device))
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self._outputs = [t.name for t in spec.outputs]
+        declared = {i.name for i in self.session.get_inputs()}
+        missing = [t.name for t in spec.inputs if t.name not in declared]
+        if missing:
+            raise BuildError(f"model '{spec.name}': {path} lacks inputs {missing}")
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        results = self.session.run(self._outputs, dict(inputs))
+        return dict(zip(self._outputs, results, strict=True))
+
+    def close(self) -> None:
+        del self.session
+
+
+def _build(ctx: ArtifactContext) -> None:
+    export_onnx(ctx.module(), ctx.spec, str(ctx.directory / FILENAME))
+
+
+def _load(ctx: ArtifactContext) -> Runtime:
+    return OnnxRuntime(str(ctx.directory / FILENAME), ctx.spec, ctx.device, ctx.threads)
+
+
+@hookimpl
+def register_targets(register: Callable[[Target], None]) -> None:
+    register(
+        Target(
+            name="onnx",
+            build=_build,
+            load=_load,
+            description="torch.onnx export, ONNX Runtime with full graph optimisation",
+            platform="onnxruntime_onnx",
+            tolerance=Tolerance(atol=1e-4, rtol=1e-3),
+            artifact=FILENAME,
+        )
+    )

@@ -1,0 +1,98 @@
+"""Built-in plugin "torch": the eager target, served by PyTorch on CUDA when there is one, else CPU."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from hub.errors import BuildError
+from hub.plugins.hookspecs import hookimpl
+from hub.spec import ArtifactContext, ModelSpec, Runtime, Target, Tolerance
+
+
+def to_tensor(array: np.ndarray, device: str) -> torch.Tensor:
+    """numpy -> torch without a Python-level copy where torch can share the buffer."""
+    if array.dtype == np.object_:
+        raise BuildError("BYTES tensors cannot be passed to a torch module; preprocess them first")
+    if not array.flags.writeable:  # frombuffer views of request bytes: torch wants writable memory
+        array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:
+        tensor = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(device, non_blocking=True) if device != "cpu" else tensor
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def _as_outputs(result: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
+    if isinstance(result, torch.Tensor):
+        result = (result,)
+    if isinstance(result, Mapping):
+        return {name: result[name] for name in names}
+    if len(result) != len(names):
+        raise BuildError(f"model returned {len(result)} outputs, the spec declares {list(names)}")
+    return dict(zip(names, result, strict=True))
+
+
+class TorchRuntime:
+    """Runs an eager module under inference_mode; inputs positionally in the spec's order."""
+
+    def __init__(self, module: Callable[..., Any], spec: ModelSpec, device: str) -> None:
+        if isinstance(module, torch.nn.Module):
+            module = module.to(device).eval()
+        self.module = module
+        self.device = device
+        self._inputs = [t.name for t in spec.inputs]
+        self._outputs = [t.name for t in spec.outputs]
+
+    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        with torch.inference_mode():
+            args = [to_tensor(inputs[name], self.device) for name in self._inputs]
+            result = _as_outputs(self.module(*args), self._outputs)
+            return {name: to_numpy(value) for name, value in result.items()}
+
+    def close(self) -> None:
+        self.module = None  # type: ignore[assignment]
+        if self.device == "cuda":
+            torch.cuda.empty_cache()
+
+
+def eager_outputs(module: Any, spec: ModelSpec, examples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The reference: the eager module on CPU, in float32, on the example inputs."""
+    return TorchRuntime(module, spec, "cpu").run(examples)
+
+
+def _build(ctx: ArtifactContext) -> None:
+    """Eager needs no files; building the module once checks that it constructs."""
+    ctx.module()
+
+
+def _load(ctx: ArtifactContext) -> Runtime:
+    return TorchRuntime(ctx.module(), ctx.spec, ctx.device)
+
+
+@hookimpl
+def register_targets(register: Callable[[Target], None]) -> None:
+    register(
+        Target(
+            name="torch",
+            build=_build,
+            load=_load,
+            description="eager PyTorch, on CUDA when available",
+            platform="pytorch_libtorch",
+            check_parity=False,  # it is the reference
+            tolerance=Tolerance(atol=0.0, rtol=0.0),
+        )
+    )

@@ -1,0 +1,228 @@
+"""The Server: owns its plugins, model repository, batchers, Prometheus registry and gRPC
+server. Nothing is global, so tests run several in one process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from hub.build.pipeline import Builder
+from hub.core.batching import Clock
+from hub.core.models import ServedModel
+from hub.core.repository import ModelRepository
+from hub.metrics import Metrics
+from hub.plugins.manager import PluginHost
+from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+from hub.protocol.generated._pool import POOL
+from hub.protocol.servicer import InferenceServicer
+
+log = logging.getLogger("modelhub.server")
+
+MAX_MESSAGE = 256 << 20
+
+
+def default_threads() -> int:
+    """Compute threads per runtime: one on small boxes, where the gRPC loop needs the other core."""
+    return max(1, min(8, (os.cpu_count() or 1) // 4))
+
+
+def resolve_device(device: str) -> str:
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return device
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise ValueError("--device cuda was asked for, but torch sees no CUDA device")
+    return "cpu"
+
+
+@dataclass
+class ServerConfig:
+    """What `modelhub serve` configures. `metrics_port` None disables metrics; 0 picks a free port."""
+
+    plugins_dir: Path | None = Path("plugins")
+    model_repository: Path = Path("models")
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int | None = 8002
+    device: str = "auto"
+    threads: int = field(default_factory=default_threads)
+    entry_points: bool = True
+    require_all_models: bool = False
+    shutdown_grace: float = 10.0
+    extra_plugins: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class ServerInfo:
+    """The facade plugins receive in `server_started` / `server_stopping`."""
+
+    grpc_port: int
+    metrics_port: int | None
+    device: str
+    _repository: ModelRepository
+
+    def models(self) -> list[tuple[str, int, str]]:
+        return [(m.name, m.version, m.state.value) for m in self._repository.models()]
+
+
+class Server:
+    def __init__(self, config: ServerConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.plugins = PluginHost(
+            config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins
+        )
+        self._clock = clock
+        self.repository: ModelRepository | None = None
+        self.device = "cpu"
+        self.grpc_port = 0
+        self.metrics_port: int | None = None
+        self._grpc: grpc.aio.Server | None = None
+        self._health = health_aio.HealthServicer()
+        self._metrics_http: Any = None
+        self._loading: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._loaded = asyncio.Event()
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Listen at once; build and load the models in the background (ServerReady tells when)."""
+        config = self.config
+        self.device = await asyncio.to_thread(resolve_device, config.device)
+        await asyncio.to_thread(_set_torch_threads, config.threads)
+        targets = await asyncio.to_thread(self.plugins.collect_targets)
+        specs = await asyncio.to_thread(self.plugins.collect_models)
+        builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
+        self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+        self.repository.on_change(self._model_changed)
+        models = [self.repository.add(spec) for spec in specs]
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.repository, self.is_ready), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            try:
+                POOL.AddSerializedFile(descriptor.serialized_pb)
+            except TypeError:  # already added by another Server in this process
+                pass
+        reflection.enable_server_reflection(
+            [
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+            pool=POOL,
+        )
+        self.grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+        await server.start()
+        self._grpc = server
+        for name in ["", *self.repository.names()]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if config.metrics_port is not None:
+            from prometheus_client import start_http_server
+
+            self._metrics_http, _ = start_http_server(
+                config.metrics_port, addr=config.host, registry=self.metrics.registry
+            )
+            self.metrics_port = self._metrics_http.server_port
+        log.info(
+            "modelhub listening: grpc %s:%d, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            config.host, self.grpc_port, self.metrics_port or "off", self.device, config.threads,
+            ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
+            ", ".join(m.spec.key for m in models) or "none",
+        )
+        self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
+
+    async def _load_all(self, models: list[ServedModel]) -> None:
+        for model in models:
+            await self.repository.load(model)  # type: ignore[union-attr]
+        self._loaded.set()
+        await self._update_server_health()
+        await asyncio.to_thread(self.plugins.server_started, self.info)
+
+    async def wait_until_loaded(self, timeout: float | None = None) -> None:
+        await asyncio.wait_for(self._loaded.wait(), timeout)
+
+    def is_ready(self) -> bool:
+        if self._stopping or self.repository is None or not self._loaded.is_set():
+            return False
+        if self.config.require_all_models:
+            return all(m.ready for m in self.repository.models())
+        return True
+
+    @property
+    def info(self) -> ServerInfo:
+        assert self.repository is not None
+        return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository)
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop taking RPCs, let in-flight ones finish within `grace` seconds, then free everything."""
+        if self._stopping:
+            return
+        self._stopping = True
+        grace = self.config.shutdown_grace if grace is None else grace
+        if self.repository is not None:
+            await asyncio.to_thread(self.plugins.server_stopping, self.info)
+        await self._health.enter_graceful_shutdown()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        if self.repository is not None:
+            await self.repository.close(drain=False)
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+        log.info("modelhub stopped")
+
+    # --- health -----------------------------------------------------------------------------
+
+    def _model_changed(self, model: ServedModel) -> None:
+        if self._grpc is None or self.repository is None:
+            return
+        serving = any(m.ready for m in self.repository.versions(model.name))
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        asyncio.get_running_loop().create_task(self._health.set(model.name, status))
+        if self._loaded.is_set():
+            asyncio.get_running_loop().create_task(self._update_server_health())
+
+    async def _update_server_health(self) -> None:
+        ready = self.is_ready()
+        await self._health.set(
+            "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+
+def _set_torch_threads(threads: int) -> None:
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)

@@ -1,0 +1,273 @@
+"""What a plugin declares: ModelSpec, TensorSpec, BatchPolicy, Tolerance, and the Target and
+Runtime contracts that build and serve an artifact."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
+from hub.errors import SpecError
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+
+Arrays = Mapping[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named input or output tensor.
+
+    `shape` is the full shape; -1 marks a variable dimension. When the model batches
+    (`BatchPolicy.max_batch_size > 0`) the first dimension is the batch and must be -1.
+    """
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not self.name or not isinstance(self.name, str):
+            raise SpecError(f"tensor name must be a non-empty string, got {self.name!r}")
+        if self.datatype not in DATATYPES:
+            raise SpecError(
+                f"tensor '{self.name}': unknown datatype {self.datatype!r}; "
+                f"expected one of {', '.join(sorted(DATATYPES))}"
+            )
+        if any(d < -1 or d == 0 for d in self.shape):
+            raise SpecError(f"tensor '{self.name}': dims must be positive or -1, got {list(self.shape)}")
+
+    @property
+    def dtype(self) -> np.dtype:
+        return NUMPY_DTYPES[self.datatype]
+
+    def matches(self, shape: Sequence[int]) -> bool:
+        """True when a concrete shape fits this spec (-1 matches any size)."""
+        return len(shape) == len(self.shape) and all(
+            want in (-1, got) for want, got in zip(self.shape, shape, strict=True)
+        )
+
+
+@dataclass(frozen=True)
+class BatchPolicy:
+    """How the dynamic batcher treats a model.
+
+    - `max_batch_size`: the most rows one forward receives; 0 disables batching (inputs are
+      then passed as they come, with no batch dimension implied).
+    - `max_queue_delay`: seconds a request may wait for others to join its batch.
+    - `preferred_batch_sizes`: sizes worth dispatching at once, without waiting out the delay.
+    - `max_queue_size`: queued requests beyond which new ones get RESOURCE_EXHAUSTED (0: no limit).
+    - `timeout`: default seconds a request may wait in the queue; the client's deadline wins.
+    - `instances`: how many batches of the model may run at once.
+    """
+
+    max_batch_size: int = 0
+    max_queue_delay: float = 0.0
+    preferred_batch_sizes: tuple[int, ...] = ()
+    max_queue_size: int = 0
+    timeout: float | None = None
+    instances: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))
+        if self.max_batch_size < 0:
+            raise SpecError(f"batching.max_batch_size must be >= 0, got {self.max_batch_size}")
+        if self.max_queue_delay < 0:
+            raise SpecError(f"batching.max_queue_delay must be >= 0 seconds, got {self.max_queue_delay}")
+        if self.max_queue_size < 0:
+            raise SpecError(f"batching.max_queue_size must be >= 0, got {self.max_queue_size}")
+        if self.instances < 1:
+            raise SpecError(f"batching.instances must be >= 1, got {self.instances}")
+        if self.timeout is not None and self.timeout <= 0:
+            raise SpecError(f"batching.timeout must be > 0 seconds, got {self.timeout}")
+        for size in self.preferred_batch_sizes:
+            if not 0 < size <= max(self.max_batch_size, 0) :
+                raise SpecError(
+                    f"batching.preferred_batch_sizes: {size} is outside 1..max_batch_size "
+                    f"({self.max_batch_size})"
+                )
+
+    @property
+    def batching(self) -> bool:
+        return self.max_batch_size > 0
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """How far an artifact's outputs may stray from eager: |a - e| <= atol + rtol * |e|."""
+
+    atol: float = 1e-4
+    rtol: float = 1e-3
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Everything the hub needs to build, check and serve one version of a model.
+
+    - `build`: returns the eager model (a `torch.nn.Module` for the built-in targets, in eval
+      mode). It receives the inputs positionally, in the order of `inputs`, as torch tensors,
+      and returns one tensor or a tuple in the order of `outputs`.
+    - `example_inputs`: arrays (or a function returning them) keyed by input name, used to
+      export, warm up and check the artifact against eager.
+    - `target`: the name of a registered Target: "onnx", "torch", or a plugin's own.
+    - `weights`: files the model reads its weights from, so that a change rebuilds it.
+      Files inside a plugin package are covered already.
+    - `tolerance`: parity bounds for the artifact; None takes the target's default.
+    """
+
+    name: str
+    build: Callable[[], Any]
+    inputs: Sequence[TensorSpec]
+    outputs: Sequence[TensorSpec]
+    example_inputs: Arrays | Callable[[], Arrays]
+    version: int = 1
+    target: str = "onnx"
+    batching: BatchPolicy = field(default_factory=BatchPolicy)
+    tolerance: Tolerance | None = None
+    weights: Sequence[Path] = ()
+    description: str = ""
+    #: Set by the hub: the plugin that registered the spec and the files it came from.
+    plugin: str = ""
+    sources: tuple[Path, ...] = ()
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "weights", tuple(Path(p) for p in self.weights))
+
+    @property
+    def key(self) -> str:
+        return f"{self.name}/{self.version}"
+
+    def with_(self, **changes: Any) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def examples(self) -> dict[str, np.ndarray]:
+        examples = self.example_inputs() if callable(self.example_inputs) else self.example_inputs
+        return {name: np.asarray(value) for name, value in examples.items()}
+
+    def validate(self) -> None:
+        """Raise SpecError naming the field when the spec is inconsistent."""
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise SpecError(
+                f"model name {self.name!r} must be 1-128 characters of letters, digits, '_', '.', '-'"
+            )
+        if not isinstance(self.version, int) or self.version < 1:
+            raise SpecError(f"model '{self.name}': version must be an integer >= 1, got {self.version!r}")
+        if not callable(self.build):
+            raise SpecError(f"model '{self.name}': build must be callable")
+        if not self.inputs or not self.outputs:
+            raise SpecError(f"model '{self.name}': needs at least one input and one output")
+        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+            names = [t.name for t in tensors]
+            if len(set(names)) != len(names):
+                raise SpecError(f"model '{self.name}': duplicate {kind} names in {names}")
+            for tensor in tensors:
+                if not isinstance(tensor, TensorSpec):
+                    raise SpecError(f"model '{self.name}': {kind}s must be TensorSpec, got {tensor!r}")
+                if self.batching.batching and (not tensor.shape or tensor.shape[0] != -1):
+                    raise SpecError(
+                        f"model '{self.name}': {kind} '{tensor.name}' must have a leading -1 batch "
+                        f"dimension because max_batch_size is {self.batching.max_batch_size}, "
+                        f"got shape {list(tensor.shape)}"
+                    )
+        self._validate_examples()
+
+    def _validate_examples(self) -> None:
+        try:
+            examples = self.examples()
+        except Exception as exc:
+            raise SpecError(f"model '{self.name}': example_inputs raised {exc!r}") from exc
+        expected = [t.name for t in self.inputs]
+        if sorted(examples) != sorted(expected):
+            raise SpecError(
+                f"model '{self.name}': example_inputs has {sorted(examples)}, expected {sorted(expected)}"
+            )
+        rows = set()
+        for tensor in self.inputs:
+            array = examples[tensor.name]
+            try:
+                datatype = datatype_of(array)
+            except TypeError as exc:
+                raise SpecError(f"model '{self.name}': example input '{tensor.name}': {exc}") from None
+            if datatype != tensor.datatype:
+                raise SpecError(
+                    f"model '{self.name}': example input '{tensor.name}' is {datatype}, "
+                    f"expected {tensor.datatype}"
+                )
+            if not tensor.matches(array.shape):
+                raise SpecError(
+                    f"model '{self.name}': example input '{tensor.name}' has shape "
+                    f"{list(array.shape)}, expected {list(tensor.shape)}"
+                )
+            if self.batching.batching:
+                rows.add(array.shape[0])
+        if len(rows) > 1:
+            raise SpecError(f"model '{self.name}': example inputs disagree on the batch size: {sorted(rows)}")
+
+
+@runtime_checkable
+class Runtime(Protocol):
+    """A loaded artifact that computes one batch at a time.
+
+    `run` is called from a worker thread, with at most `BatchPolicy.instances` calls at once,
+    and must return every output of the spec keyed by name, with the batch rows it received.
+    """
+
+    device: str
+
+    def run(self, inputs: Arrays) -> dict[str, np.ndarray]: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class ArtifactContext:
+    """What a Target gets to build or load an artifact.
+
+    `directory` is the artifact's folder (models/<name>/<version>/ or a staging copy of it);
+    `module()` builds the eager model once, on first use; `device` is "cpu" or "cuda".
+    """
+
+    spec: ModelSpec
+    directory: Path
+    device: str
+    threads: int = 1
+    _module: Any = field(default=None, repr=False)
+
+    def module(self) -> Any:
+        if self._module is None:
+            self._module = self.spec.build()
+        return self._module
+
+
+@dataclass(frozen=True)
+class Target:
+    """A way to turn an eager model into something served.
+
+    - `build(ctx)`: write the artifact's files into `ctx.directory` (may write none).
+    - `load(ctx)`: return a Runtime over those files.
+    - `check_parity`: compare the artifact with eager on the example inputs after building.
+    - `tolerance`: the default parity bounds for this target.
+    - `artifact`: the main file's name, for listings ("" when there is none).
+    """
+
+    name: str
+    build: Callable[[ArtifactContext], None]
+    load: Callable[[ArtifactContext], Runtime]
+    description: str = ""
+    platform: str = "python"
+    check_parity: bool = True
+    tolerance: Tolerance = field(default_factory=Tolerance)
+    artifact: str = ""
+    plugin: str = ""
