@@ -44,6 +44,9 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
     """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
+        typed = [t.name for t in request.inputs if t.HasField("contents")]
+        if typed:
+            raise InvalidInput(_mixed_message(typed[0]))
         raise InvalidInput(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "a request that uses raw contents must send one entry per input, in order"
@@ -65,14 +68,18 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
         count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
-                raise InvalidInput(
-                    f"input '{name}' has typed contents but the request also carries "
-                    "raw_input_contents; use raw contents for every input or for none"
-                )
+                raise InvalidInput(_mixed_message(name))
             arrays[name] = _from_raw(name, datatype, dtype, shape, count, raw[index])
         else:
             arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents)
     return arrays
+
+
+def _mixed_message(name: str) -> str:
+    return (
+        f"input '{name}' has typed contents but the request also carries raw_input_contents; "
+        "use raw contents for every input or for none"
+    )
 
 
 def _from_raw(name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, data: bytes) -> np.ndarray:

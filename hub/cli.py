@@ -1,0 +1,318 @@
+"""The `modelhub` command line: serve, plugins, models, infer, health.
+
+Every server flag also reads an environment variable (MODELHUB_<FLAG>), so containers are
+configured without rewriting the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hub import __version__
+
+log = logging.getLogger("modelhub.cli")
+
+
+def _env(name: str, default: Any) -> Any:
+    return os.environ.get(f"MODELHUB_{name}", default)
+
+
+def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plugins-dir", type=Path, default=Path(_env("PLUGINS_DIR", "plugins")),
+        help="folder of loose plugin .py files and plugin packages (env MODELHUB_PLUGINS_DIR; default: plugins)",
+    )
+    parser.add_argument(
+        "--no-entry-points", action="store_true",
+        help="ignore plugins installed as packages (entry-point group 'modelhub')",
+    )
+
+
+def _add_repository_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model-repository", type=Path, default=Path(_env("MODEL_REPOSITORY", "models")),
+        help="where built artifacts live, as <name>/<version>/ (env MODELHUB_MODEL_REPOSITORY; default: models)",
+    )
+
+
+def _add_url_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url", default=_env("URL", "localhost:8001"), help="server address (env MODELHUB_URL; default: localhost:8001)"
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="modelhub",
+        description="A plugin-based model hub and Triton-compatible (KServe V2) gRPC inference server.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelhub {__version__}")
+    parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+        help="one line per event, as readable text or as JSON (env MODELHUB_LOG_FORMAT)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = commands.add_parser("serve", help="build, load and serve every plugin's models over gRPC")
+    _add_plugin_args(serve)
+    _add_repository_arg(serve)
+    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
+    serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)), help="gRPC port (default: 8001)")
+    serve.add_argument(
+        "--metrics-port", type=int, default=int(_env("METRICS_PORT", 8002)),
+        help="Prometheus /metrics port; 0 disables metrics (default: 8002)",
+    )
+    serve.add_argument(
+        "--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
+        help="where models run: auto picks CUDA when torch sees a GPU (default: auto)",
+    )
+    serve.add_argument(
+        "--threads", type=int, default=int(_env("THREADS", 0)),
+        help="compute threads per model runtime; 0 picks one per four cores (default: 0)",
+    )
+    serve.add_argument(
+        "--require-all-models", action="store_true", default=bool(_env("REQUIRE_ALL_MODELS", "")),
+        help="report the server not ready while any model has failed",
+    )
+    serve.add_argument(
+        "--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 10.0)),
+        help="seconds in-flight requests get to finish after SIGTERM (default: 10)",
+    )
+
+    plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
+    _add_plugin_args(plugins)
+    plugins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    models = commands.add_parser("models", help="list registered models with their targets and build reports")
+    _add_plugin_args(models)
+    _add_repository_arg(models)
+    models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    infer = commands.add_parser("infer", help="send one inference request to a running server and print the outputs")
+    infer.add_argument("model", help="model name")
+    infer.add_argument(
+        "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+        help="an input tensor from a .npy file (repeat for several inputs)",
+    )
+    infer.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="only these outputs")
+    infer.add_argument("--model-version", default="", help="version to call (default: the newest ready one)")
+    infer.add_argument("--save", type=Path, help="also write each output to DIR/<name>.npy")
+    infer.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds (default: 30)")
+    _add_url_arg(infer)
+
+    health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING (for container probes)")
+    health.add_argument("--service", default="", help="a model name, or empty for the whole server")
+    health.add_argument("--timeout", type=float, default=3.0)
+    _add_url_arg(health)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from hub import logs
+
+    logs.configure(args.log_level, args.log_format)
+    handler = {
+        "serve": cmd_serve,
+        "plugins": cmd_plugins,
+        "models": cmd_models,
+        "infer": cmd_infer,
+        "health": cmd_health,
+    }[args.command]
+    try:
+        return handler(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+# --- serve ------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from hub.server import Server, ServerConfig, default_threads
+
+    config = ServerConfig(
+        plugins_dir=args.plugins_dir,
+        model_repository=args.model_repository,
+        host=args.host,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port or None,
+        device=args.device,
+        threads=args.threads or default_threads(),
+        entry_points=not args.no_entry_points,
+        require_all_models=args.require_all_models,
+        shutdown_grace=args.shutdown_grace,
+    )
+    return asyncio.run(_serve(Server(config)))
+
+
+async def _serve(server: Any) -> int:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await server.start()
+    except Exception as exc:
+        log.error("modelhub could not start: %s", exc)
+        await server.stop(0)
+        return 1
+    await stop.wait()
+    log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
+    await server.stop()
+    return 0
+
+
+# --- plugins and models -------------------------------------------------------------------------
+
+
+def _host(args: argparse.Namespace) -> Any:
+    from hub.plugins.manager import PluginHost
+
+    return PluginHost(args.plugins_dir, entry_points=not args.no_entry_points)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    host = _host(args)
+    host.collect_targets()
+    host.collect_models()
+    records = list(host.records.values())
+    if args.json:
+        print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
+        return 0
+    rows = [
+        [r.name, r.source, r.status if not r.errors or r.status != "loaded" else "loaded with errors",
+         ", ".join(r.models) or "-", ", ".join(r.targets) or "-", ", ".join(r.hooks) or "-"]
+        for r in records
+    ]
+    print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
+    errors = [(r, e) for r in records for e in r.errors]
+    if errors:
+        print("\nerrors:")
+        for record, error in errors:
+            print(f"  {record.name} ({record.location}): {error}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from hub.build.pipeline import Builder
+
+    host = _host(args)
+    targets = host.collect_targets()
+    specs = host.collect_models()
+    builder = Builder(args.model_repository, targets, host, device="cpu")
+    entries = []
+    for spec in specs:
+        manifest = builder.read_manifest(spec) or {}
+        state = "not built"
+        if manifest:
+            key = builder.cache_key(spec, targets[spec.target])[0] if spec.target in targets else None
+            current = manifest.get("cache_key") == key and manifest.get("target") == spec.target
+            state = f"{manifest.get('status', '?')}{'' if current else ' (stale)'}"
+        validation = manifest.get("validation", {})
+        entries.append({
+            "model": spec.name, "version": spec.version, "plugin": spec.plugin, "target": spec.target,
+            "max_batch_size": spec.batching.max_batch_size, "artifact": state,
+            "max_abs_err": validation.get("max_abs_err"), "max_rel_err": validation.get("max_rel_err"),
+            "problems": validation.get("problems", []),
+            "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
+            "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
+        })
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+
+    def fmt(value: Any) -> str:
+        return "-" if value is None else f"{value:.2g}"
+
+    rows = [
+        [e["model"], str(e["version"]), e["plugin"], e["target"], str(e["max_batch_size"]), e["artifact"],
+         fmt(e["max_abs_err"]), fmt(e["max_rel_err"]), "; ".join(e["inputs"]), "; ".join(e["outputs"])]
+        for e in entries
+    ]
+    print(_table(rows, ["model", "ver", "plugin", "target", "max_batch", "artifact", "abs_err", "rel_err",
+                        "inputs", "outputs"]))
+    failed = [r for r in host.records.values() if r.errors]
+    if failed:
+        print(f"\n{len(failed)} plugin(s) reported errors; see `modelhub plugins`", file=sys.stderr)
+    return 0
+
+
+# --- clients ------------------------------------------------------------------------------------
+
+
+def cmd_infer(args: argparse.Namespace) -> int:
+    import grpc
+
+    from hub.datatypes import datatype_of, encode_bytes
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    request = pb.ModelInferRequest(model_name=args.model, model_version=args.model_version)
+    for item in args.input:
+        name, sep, path = item.partition("=")
+        if not sep:
+            print(f"--input expects NAME=FILE.npy, got {item!r}", file=sys.stderr)
+            return 2
+        array = np.load(path, allow_pickle=False)
+        datatype = datatype_of(array)
+        request.inputs.add(name=name, datatype=datatype, shape=array.shape)
+        request.raw_input_contents.append(encode_bytes(array) if datatype == "BYTES" else array.tobytes())
+    for name in args.output:
+        request.outputs.add(name=name)
+    with grpc.insecure_channel(args.url) as channel:
+        try:
+            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=args.timeout)
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    from hub.protocol.client import decode_outputs
+
+    np.set_printoptions(precision=5, suppress=True, threshold=200)
+    for name, array in decode_outputs(response).items():
+        print(f"{name} {datatype_of(array)} {list(array.shape)}")
+        print(array)
+        if args.save:
+            args.save.mkdir(parents=True, exist_ok=True)
+            np.save(args.save / f"{name}.npy", array)
+    return 0
+
+
+def cmd_health(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(args.url) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
+        except grpc.RpcError as exc:
+            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+            return 1
+    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+    print(status)
+    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Fixtures: real servers on 127.0.0.1:0, each in its own thread and event loop, so that both
+tritonclient's sync and asyncio clients can talk to them from the test."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hub.server import Server, ServerConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+TEST_PLUGINS = ROOT / "tests" / "plugins"
+
+
+class RunningServer:
+    """A Server running on a private event loop in a daemon thread."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="modelhub-test-server", daemon=True)
+        self.server: Server | None = None
+
+    def start(self, timeout: float = 300) -> RunningServer:
+        self.thread.start()
+        self.run(self._start(), timeout)
+        return self
+
+    async def _start(self) -> None:
+        self.server = Server(self.config)
+        await self.server.start()
+        await self.server.wait_until_loaded()
+
+    def run(self, coro: Any, timeout: float = 60) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.run(self.server.stop(0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        assert self.server is not None
+        return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
+
+    def model(self, name: str, version: int = 1) -> Any:
+        assert self.server is not None and self.server.repository is not None
+        return self.server.repository.resolve(name, str(version))
+
+
+def link_plugins(folder: Path, *sources: Path) -> Path:
+    """A plugins directory holding symlinks to the given plugin files and packages."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for source in sources:
+        target = folder / source.name
+        if not target.exists():
+            target.symlink_to(source)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One model repository for the session, so each model is exported once."""
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def start_server(model_repository: Path) -> Iterator[Any]:
+    """Factory: start_server(plugins_dir=..., **config) -> RunningServer, stopped at the end."""
+    started: list[RunningServer] = []
+
+    def start(plugins_dir: Path | None, *, extra_plugins: Mapping[str, object] | None = None, **config: Any) -> RunningServer:
+        options: dict[str, Any] = {
+            "plugins_dir": plugins_dir,
+            "model_repository": model_repository,
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "metrics_port": 0,
+            "device": "cpu",
+            "threads": 1,
+            "entry_points": False,
+            "extra_plugins": extra_plugins or {},
+        }
+        options.update(config)
+        server = RunningServer(ServerConfig(**options)).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def hub_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    """The shared server: digits plus the test plugins (identity, torch, behaviour)."""
+    folder = link_plugins(
+        tmp_path_factory.mktemp("plugins"),
+        ROOT / "plugins" / "digits",
+        *sorted(TEST_PLUGINS.glob("*.py")),
+    )
+    return start_server(folder)
+
+
+@pytest.fixture(scope="session")
+def digits_heldout() -> tuple[Any, Any]:
+    from safetensors.numpy import load_file
+
+    tensors = load_file(str(ROOT / "plugins" / "digits" / "digits.safetensors"))
+    images = tensors["heldout.images"].astype("float32")[:, None, :, :]
+    return images, tensors["heldout.labels"]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    try:
+        import torch
+
+        has_cuda = torch.cuda.is_available()
+    except ImportError:
+        has_cuda = False
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    run_slow = config.getoption("-m") and "slow" in config.getoption("-m")
+    skip_slow = pytest.mark.skip(reason="slow: run with `pytest -m slow`")
+    for item in items:
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+        if "slow" in item.keywords and not run_slow and not os.environ.get("MODELHUB_RUN_SLOW"):
+            item.add_marker(skip_slow)
