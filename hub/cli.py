@@ -30,25 +30,32 @@ def _env(name: str, default: Any) -> Any:
 
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--plugins-dir", type=Path, default=Path(_env("PLUGINS_DIR", "plugins")),
+        "--plugins-dir",
+        type=Path,
+        default=Path(_env("PLUGINS_DIR", "plugins")),
         help="folder of loose plugin .py files and plugin packages (env MODELHUB_PLUGINS_DIR; default: plugins)",
     )
     parser.add_argument(
-        "--no-entry-points", action="store_true",
+        "--no-entry-points",
+        action="store_true",
         help="ignore plugins installed as packages (entry-point group 'modelhub')",
     )
 
 
 def _add_repository_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--model-repository", type=Path, default=Path(_env("MODEL_REPOSITORY", "models")),
+        "--model-repository",
+        type=Path,
+        default=Path(_env("MODEL_REPOSITORY", "models")),
         help="where built artifacts live, as <name>/<version>/ (env MODELHUB_MODEL_REPOSITORY; default: models)",
     )
 
 
 def _add_url_arg(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--url", default=_env("URL", "localhost:8001"), help="server address (env MODELHUB_URL; default: localhost:8001)"
+        "--url",
+        default=_env("URL", "localhost:8001"),
+        help="server address (env MODELHUB_URL; default: localhost:8001)",
     )
 
 
@@ -60,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"modelhub {__version__}")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
     parser.add_argument(
-        "--log-format", default=_env("LOG_FORMAT", "text"), choices=["text", "json"],
+        "--log-format",
+        default=_env("LOG_FORMAT", "text"),
+        choices=["text", "json"],
         help="one line per event, as readable text or as JSON (env MODELHUB_LOG_FORMAT)",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -71,23 +80,33 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
     serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)), help="gRPC port (default: 8001)")
     serve.add_argument(
-        "--metrics-port", type=int, default=int(_env("METRICS_PORT", 8002)),
+        "--metrics-port",
+        type=int,
+        default=int(_env("METRICS_PORT", 8002)),
         help="Prometheus /metrics port; 0 disables metrics (default: 8002)",
     )
     serve.add_argument(
-        "--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"],
+        "--device",
+        default=_env("DEVICE", "auto"),
+        choices=["auto", "cpu", "cuda"],
         help="where models run: auto picks CUDA when torch sees a GPU (default: auto)",
     )
     serve.add_argument(
-        "--threads", type=int, default=int(_env("THREADS", 0)),
+        "--threads",
+        type=int,
+        default=int(_env("THREADS", 0)),
         help="compute threads per model runtime; 0 picks one per four cores (default: 0)",
     )
     serve.add_argument(
-        "--require-all-models", action="store_true", default=bool(_env("REQUIRE_ALL_MODELS", "")),
+        "--require-all-models",
+        action="store_true",
+        default=bool(_env("REQUIRE_ALL_MODELS", "")),
         help="report the server not ready while any model has failed",
     )
     serve.add_argument(
-        "--shutdown-grace", type=float, default=float(_env("SHUTDOWN_GRACE", 10.0)),
+        "--shutdown-grace",
+        type=float,
+        default=float(_env("SHUTDOWN_GRACE", 10.0)),
         help="seconds in-flight requests get to finish after SIGTERM (default: 10)",
     )
 
@@ -103,7 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
     infer = commands.add_parser("infer", help="send one inference request to a running server and print the outputs")
     infer.add_argument("model", help="model name")
     infer.add_argument(
-        "--input", "-i", action="append", default=[], metavar="NAME=FILE.npy", required=True,
+        "--input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="NAME=FILE.npy",
+        required=True,
         help="an input tensor from a .npy file (repeat for several inputs)",
     )
     infer.add_argument("--output", "-o", action="append", default=[], metavar="NAME", help="only these outputs")
@@ -200,8 +224,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
         return 0
     rows = [
-        [r.name, r.source, r.status if not r.errors or r.status != "loaded" else "loaded with errors",
-         ", ".join(r.models) or "-", ", ".join(r.targets) or "-", ", ".join(r.hooks) or "-"]
+        [
+            r.name,
+            r.source,
+            r.status if not r.errors or r.status != "loaded" else "loaded with errors",
+            ", ".join(r.models) or "-",
+            ", ".join(r.targets) or "-",
+            ", ".join(r.hooks) or "-",
+        ]
         for r in records
     ]
     print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
@@ -229,14 +259,21 @@ def cmd_models(args: argparse.Namespace) -> int:
             current = manifest.get("cache_key") == key and manifest.get("target") == spec.target
             state = f"{manifest.get('status', '?')}{'' if current else ' (stale)'}"
         validation = manifest.get("validation", {})
-        entries.append({
-            "model": spec.name, "version": spec.version, "plugin": spec.plugin, "target": spec.target,
-            "max_batch_size": spec.batching.max_batch_size, "artifact": state,
-            "max_abs_err": validation.get("max_abs_err"), "max_rel_err": validation.get("max_rel_err"),
-            "problems": validation.get("problems", []),
-            "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
-            "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
-        })
+        entries.append(
+            {
+                "model": spec.name,
+                "version": spec.version,
+                "plugin": spec.plugin,
+                "target": spec.target,
+                "max_batch_size": spec.batching.max_batch_size,
+                "artifact": state,
+                "max_abs_err": validation.get("max_abs_err"),
+                "max_rel_err": validation.get("max_rel_err"),
+                "problems": validation.get("problems", []),
+                "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
+                "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
+            }
+        )
     if args.json:
         print(json.dumps(entries, indent=2))
         return 0
@@ -245,12 +282,26 @@ def cmd_models(args: argparse.Namespace) -> int:
         return "-" if value is None else f"{value:.2g}"
 
     rows = [
-        [e["model"], str(e["version"]), e["plugin"], e["target"], str(e["max_batch_size"]), e["artifact"],
-         fmt(e["max_abs_err"]), fmt(e["max_rel_err"]), "; ".join(e["inputs"]), "; ".join(e["outputs"])]
+        [
+            e["model"],
+            str(e["version"]),
+            e["plugin"],
+            e["target"],
+            str(e["max_batch_size"]),
+            e["artifact"],
+            fmt(e["max_abs_err"]),
+            fmt(e["max_rel_err"]),
+            "; ".join(e["inputs"]),
+            "; ".join(e["outputs"]),
+        ]
         for e in entries
     ]
-    print(_table(rows, ["model", "ver", "plugin", "target", "max_batch", "artifact", "abs_err", "rel_err",
-                        "inputs", "outputs"]))
+    print(
+        _table(
+            rows,
+            ["model", "ver", "plugin", "target", "max_batch", "artifact", "abs_err", "rel_err", "inputs", "outputs"],
+        )
+    )
     failed = [r for r in host.records.values() if r.errors]
     if failed:
         print(f"\n{len(failed)} plugin(s) reported errors; see `modelhub plugins`", file=sys.stderr)

@@ -36,16 +36,25 @@ class Metrics:
         self.inferences = Counter("modelhub_inferences", "Samples inferred (a batch of n counts n).", MODEL, registry=r)
         self.executions = Counter("modelhub_executions", "Batched forwards run.", MODEL, registry=r)
         self.request_duration = Histogram(
-            "modelhub_request_duration_seconds", "Server time per inference request, receipt to response.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+            "modelhub_request_duration_seconds",
+            "Server time per inference request, receipt to response.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.queue_duration = Histogram(
-            "modelhub_queue_duration_seconds", "Time a request waited in the batcher's queue.",
-            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+            "modelhub_queue_duration_seconds",
+            "Time a request waited in the batcher's queue.",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.compute_duration = Histogram(
-            "modelhub_compute_duration_seconds", "Time per batched forward (input, infer and output stages).",
-            MODEL, buckets=LATENCY_BUCKETS, registry=r,
+            "modelhub_compute_duration_seconds",
+            "Time per batched forward (input, infer and output stages).",
+            MODEL,
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.batch_size = Histogram(
             "modelhub_batch_size", "Rows per batched forward.", MODEL, buckets=BATCH_BUCKETS, registry=r
@@ -56,12 +65,16 @@ class Metrics:
             "modelhub_model_state", "1 for the model's current state, 0 for the others.", [*MODEL, "state"], registry=r
         )
         self.load_seconds = Gauge(
-            "modelhub_model_load_duration_seconds", "Time the last load of the model took, build included.",
-            MODEL, registry=r,
+            "modelhub_model_load_duration_seconds",
+            "Time the last load of the model took, build included.",
+            MODEL,
+            registry=r,
         )
         self.build_seconds = Gauge(
-            "modelhub_model_build_duration_seconds", "Time the model's artifact took to build (0 when cached).",
-            MODEL, registry=r,
+            "modelhub_model_build_duration_seconds",
+            "Time the model's artifact took to build (0 when cached).",
+            MODEL,
+            registry=r,
         )
 
     def for_model(self, name: str, version: int) -> ModelMetrics:

@@ -85,9 +85,7 @@ class Server:
     def __init__(self, config: ServerConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.plugins = PluginHost(
-            config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins
-        )
+        self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
         self.device = "cpu"
@@ -121,9 +119,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.is_ready), server
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.is_ready), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -155,7 +151,11 @@ class Server:
             self.metrics_port = self._metrics_http.server_port
         log.info(
             "modelhub listening: grpc %s:%d, metrics %s, device %s, %d threads per model, plugins %s, models %s",
-            config.host, self.grpc_port, self.metrics_port or "off", self.device, config.threads,
+            config.host,
+            self.grpc_port,
+            self.metrics_port or "off",
+            self.device,
+            config.threads,
             ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
             ", ".join(m.spec.key for m in models) or "none",
         )
@@ -164,9 +164,9 @@ class Server:
     async def _load_all(self, models: list[ServedModel]) -> None:
         for model in models:
             await self.repository.load(model)  # type: ignore[union-attr]
+        await asyncio.to_thread(self.plugins.server_started, self.info)
         self._loaded.set()
         await self._update_server_health()
-        await asyncio.to_thread(self.plugins.server_started, self.info)
 
     async def wait_until_loaded(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._loaded.wait(), timeout)

@@ -88,10 +88,9 @@ class BatchPolicy:
         if self.timeout is not None and self.timeout <= 0:
             raise SpecError(f"batching.timeout must be > 0 seconds, got {self.timeout}")
         for size in self.preferred_batch_sizes:
-            if not 0 < size <= max(self.max_batch_size, 0) :
+            if not 0 < size <= max(self.max_batch_size, 0):
                 raise SpecError(
-                    f"batching.preferred_batch_sizes: {size} is outside 1..max_batch_size "
-                    f"({self.max_batch_size})"
+                    f"batching.preferred_batch_sizes: {size} is outside 1..max_batch_size ({self.max_batch_size})"
                 )
 
     @property
@@ -159,9 +158,7 @@ class ModelSpec:
     def validate(self) -> None:
         """Raise SpecError naming the field when the spec is inconsistent."""
         if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise SpecError(
-                f"model name {self.name!r} must be 1-128 characters of letters, digits, '_', '.', '-'"
-            )
+            raise SpecError(f"model name {self.name!r} must be 1-128 characters of letters, digits, '_', '.', '-'")
         if not isinstance(self.version, int) or self.version < 1:
             raise SpecError(f"model '{self.name}': version must be an integer >= 1, got {self.version!r}")
         if not callable(self.build):
@@ -190,9 +187,7 @@ class ModelSpec:
             raise SpecError(f"model '{self.name}': example_inputs raised {exc!r}") from exc
         expected = [t.name for t in self.inputs]
         if sorted(examples) != sorted(expected):
-            raise SpecError(
-                f"model '{self.name}': example_inputs has {sorted(examples)}, expected {sorted(expected)}"
-            )
+            raise SpecError(f"model '{self.name}': example_inputs has {sorted(examples)}, expected {sorted(expected)}")
         rows = set()
         for tensor in self.inputs:
             array = examples[tensor.name]
@@ -202,8 +197,7 @@ class ModelSpec:
                 raise SpecError(f"model '{self.name}': example input '{tensor.name}': {exc}") from None
             if datatype != tensor.datatype:
                 raise SpecError(
-                    f"model '{self.name}': example input '{tensor.name}' is {datatype}, "
-                    f"expected {tensor.datatype}"
+                    f"model '{self.name}': example input '{tensor.name}' is {datatype}, expected {tensor.datatype}"
                 )
             if not tensor.matches(array.shape):
                 raise SpecError(

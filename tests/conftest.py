@@ -83,7 +83,9 @@ def start_server(model_repository: Path) -> Iterator[Any]:
     """Factory: start_server(plugins_dir=..., **config) -> RunningServer, stopped at the end."""
     started: list[RunningServer] = []
 
-    def start(plugins_dir: Path | None, *, extra_plugins: Mapping[str, object] | None = None, **config: Any) -> RunningServer:
+    def start(
+        plugins_dir: Path | None, *, extra_plugins: Mapping[str, object] | None = None, **config: Any
+    ) -> RunningServer:
         options: dict[str, Any] = {
             "plugins_dir": plugins_dir,
             "model_repository": model_repository,

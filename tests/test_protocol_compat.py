@@ -39,9 +39,7 @@ def _compare(ours: Descriptor, theirs: Descriptor) -> None:
         _compare(nested, theirs.nested_types_by_name[nested.name])
     for enum in ours.enum_types:
         theirs_enum = theirs.enum_types_by_name[enum.name]
-        assert {v.name: v.number for v in enum.values}.items() <= {
-            v.name: v.number for v in theirs_enum.values
-        }.items()
+        assert {v.name: v.number for v in enum.values}.items() <= {v.name: v.number for v in theirs_enum.values}.items()
 
 
 def test_service_methods_match_triton() -> None:
@@ -73,9 +71,7 @@ def test_messages_match_triton(module_pair: str) -> None:
 
 def test_service_messages_are_complete() -> None:
     """Every message of Triton's service proto exists in ours (config messages may be a subset)."""
-    assert set(triton_service.DESCRIPTOR.message_types_by_name) == set(
-        ours_service.DESCRIPTOR.message_types_by_name
-    )
+    assert set(triton_service.DESCRIPTOR.message_types_by_name) == set(ours_service.DESCRIPTOR.message_types_by_name)
 
 
 def test_generated_code_is_fresh() -> None:

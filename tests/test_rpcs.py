@@ -82,12 +82,12 @@ def test_statistics_shapes(client: tc.InferenceServerClient) -> None:
     assert err.value.status() == "StatusCode.NOT_FOUND"
 
 
-def test_repository_index(client: tc.InferenceServerClient) -> None:
+def test_repository_index(client: tc.InferenceServerClient, hub_server: RunningServer) -> None:
     index = client.get_model_repository_index(as_json=True)["models"]
     by_name = {m["name"]: m for m in index}
     assert by_name["digits"]["state"] == "READY"
     assert by_name["digits"]["version"] == "1"
-    with grpc.insecure_channel(client._channel._channel.target().decode()) as channel:  # noqa: SLF001
+    with grpc.insecure_channel(hub_server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         ready_only = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=5).models
     assert ready_only and all(m.state == "READY" for m in ready_only)

@@ -143,16 +143,12 @@ class Batcher:
         if self._closing:
             raise ModelUnavailable(f"model '{self.name}' is unloading")
         if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
-            raise QueueFull(
-                f"model '{self.name}': queue is full ({self.policy.max_queue_size} requests waiting)"
-            )
+            raise QueueFull(f"model '{self.name}': queue is full ({self.policy.max_queue_size} requests waiting)")
         now = self._clock.now()
         if timeout is None:
             timeout = self.policy.timeout
         future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
-        pending = _Pending(
-            inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future
-        )
+        pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
         self._queue.append(pending)
         self._arrived.set()
         self._observer.queued(len(self._queue))
@@ -212,8 +208,10 @@ class Batcher:
                 self._queue.popleft()
                 self._fail(
                     pending,
-                    DeadlineExceeded(f"model '{self.name}': request deadline passed after "
-                                     f"{self._clock.now() - pending.enqueued:.3f}s in the queue"),
+                    DeadlineExceeded(
+                        f"model '{self.name}': request deadline passed after "
+                        f"{self._clock.now() - pending.enqueued:.3f}s in the queue"
+                    ),
                 )
                 continue
             return pending
@@ -263,11 +261,11 @@ class Batcher:
             )
         except Exception as exc:
             ids = ", ".join(p.request_id or "-" for p in batch)
-            log.error(
-                "model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=exc
-            )
-            error = exc if isinstance(exc, HubError) else ModelExecutionError(
-                f"model '{self.name}' failed: {type(exc).__name__}: {exc}"
+            log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=exc)
+            error = (
+                exc
+                if isinstance(exc, HubError)
+                else ModelExecutionError(f"model '{self.name}' failed: {type(exc).__name__}: {exc}")
             )
             for pending in batch:
                 self._fail(pending, error)

@@ -82,9 +82,7 @@ class ServedModel:
                 + (f": {self.reason}" if self.reason else "")
             )
         rows, signature = check_inputs(self.spec, inputs)
-        return await self.batcher.submit(
-            inputs, rows=rows, signature=signature, timeout=timeout, request_id=request_id
-        )
+        return await self.batcher.submit(inputs, rows=rows, signature=signature, timeout=timeout, request_id=request_id)
 
 
 def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple[object, ...]]:
@@ -111,13 +109,9 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int
         array = inputs[tensor.name]
         datatype = datatype_of(array)
         if datatype != tensor.datatype:
-            raise InvalidInput(
-                f"input '{tensor.name}': expected datatype {tensor.datatype}, got {datatype}"
-            )
+            raise InvalidInput(f"input '{tensor.name}': expected datatype {tensor.datatype}, got {datatype}")
         if not tensor.matches(array.shape):
-            raise InvalidInput(
-                f"input '{tensor.name}': expected shape {list(tensor.shape)}, got {list(array.shape)}"
-            )
+            raise InvalidInput(f"input '{tensor.name}': expected shape {list(tensor.shape)}, got {list(array.shape)}")
         if policy.batching:
             n = array.shape[0]
             if n < 1:
@@ -129,8 +123,6 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int
             if rows is None:
                 rows = n
             elif n != rows:
-                raise InvalidInput(
-                    f"input '{tensor.name}': batch size {n} differs from the other inputs' {rows}"
-                )
+                raise InvalidInput(f"input '{tensor.name}': batch size {n} differs from the other inputs' {rows}")
             signature.append(array.shape[1:])
     return (rows if rows is not None else 1), tuple(signature)

@@ -61,9 +61,7 @@ class ModelRepository:
         try:
             return versions[int(version)]
         except (ValueError, KeyError):
-            raise ModelNotFound(
-                f"model '{name}' has no version '{version}'; versions: {sorted(versions)}"
-            ) from None
+            raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {sorted(versions)}") from None
 
     def get_ready(self, name: str, version: str = "") -> ServedModel:
         model = self.resolve(name, version)
@@ -105,8 +103,12 @@ class ModelRepository:
             model.manifest = artifact.manifest
             model.load_seconds = time.perf_counter() - started
             model.batcher = Batcher(
-                model.name, model.spec.batching, artifact.runtime.run, model.stats,
-                clock=self._clock, observer=model.metrics,
+                model.name,
+                model.spec.batching,
+                artifact.runtime.run,
+                model.stats,
+                clock=self._clock,
+                observer=model.metrics,
             )
             model.batcher.start()
             if model.metrics is not None:
@@ -115,8 +117,11 @@ class ModelRepository:
             self._set_state(model, ModelState.READY)
             log.info(
                 "model '%s' ready in %.2fs (target %s, %s, device %s)",
-                model.spec.key, model.load_seconds, model.spec.target,
-                "built" if artifact.built else "cached artifact", artifact.runtime.device,
+                model.spec.key,
+                model.load_seconds,
+                model.spec.target,
+                "built" if artifact.built else "cached artifact",
+                artifact.runtime.device,
             )
 
     async def close(self, drain: bool = True) -> None:

@@ -13,7 +13,7 @@ import numpy as np
 import pluggy
 
 if TYPE_CHECKING:
-    from hub.spec import ModelSpec, Runtime, Target
+    from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
 PROJECT = "modelhub"
 hookspec = pluggy.HookspecMarker(PROJECT)
@@ -57,7 +57,7 @@ def validate_artifact(
     runtime: Runtime,
     examples: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray] | None,
-    tolerance: Any,
+    tolerance: Tolerance,
 ) -> dict[str, Any] | None:
     """Check a freshly built artifact before it is served.
 

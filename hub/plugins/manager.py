@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.metadata
@@ -66,9 +67,7 @@ def _source_files(module: ModuleType) -> tuple[Path, ...]:
     if path.name != "__init__.py":
         return (path,)
     files = [
-        p
-        for p in path.parent.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+        p for p in path.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
     ]
     return tuple(sorted(files))
 
@@ -123,9 +122,9 @@ class PluginHost:
             return
         self._loaded = True
         for name, module_name in BUILTINS.items():
-            self._add(name, "builtin", module_name, lambda m=module_name: importlib.import_module(m))
+            self._add(name, "builtin", module_name, functools.partial(importlib.import_module, module_name))
         for name, plugin in self.extra.items():
-            self._add(name, "builtin", repr(plugin), lambda p=plugin: p)
+            self._add(name, "builtin", repr(plugin), functools.partial(_identity, plugin))
         if self.entry_points:
             for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
                 self._add(ep.name, "entry-point", ep.value, ep.load)
@@ -140,9 +139,9 @@ class PluginHost:
             if path.name.startswith((".", "_")):
                 continue
             if path.is_file() and path.suffix == ".py":
-                self._add(path.stem, "directory", str(path), lambda p=path: _import_file(p))
+                self._add(path.stem, "directory", str(path), functools.partial(_import_file, path))
             elif path.is_dir() and (path / "__init__.py").is_file():
-                self._add(path.name, "directory", str(path), lambda p=path: _import_file(p / "__init__.py"))
+                self._add(path.name, "directory", str(path), functools.partial(_import_file, path / "__init__.py"))
 
     def _add(self, name: str, source: str, location: str, importer: Callable[[], object]) -> None:
         record = PluginRecord(name=name, source=source, location=location)
@@ -186,7 +185,7 @@ class PluginHost:
     def _impls(self, hook: Any) -> Iterable[tuple[PluginRecord, Any]]:
         """Each implementation of a hook with its plugin's record, in registration order, so
         that every result and every error belongs to one plugin."""
-        for impl in reversed(hook.get_hookimpls()):
+        for impl in hook.get_hookimpls():
             yield self.records[impl.plugin_name], impl
 
     def collect_targets(self) -> dict[str, Target]:
@@ -199,8 +198,7 @@ class PluginHost:
                     raise SpecError(f"register_targets: expected a hub.Target, got {target!r}")
                 if target.name in targets:
                     raise SpecError(
-                        f"target '{target.name}' is already registered by plugin "
-                        f'"{targets[target.name].plugin}"'
+                        f"target '{target.name}' is already registered by plugin \"{targets[target.name].plugin}\""
                     )
                 targets[target.name] = dataclasses.replace(target, plugin=record.name)
                 record.targets.append(target.name)
@@ -279,6 +277,10 @@ class PluginHost:
 def _invoke(impl: Any, **kwargs: Any) -> Any:
     """Call one hook implementation with the arguments it asks for (pluggy allows a subset)."""
     return impl.function(*[kwargs[arg] for arg in impl.argnames])
+
+
+def _identity(plugin: object) -> object:
+    return plugin
 
 
 def _import_file(path: Path) -> ModuleType:

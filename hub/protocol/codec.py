@@ -103,8 +103,7 @@ def _from_typed(
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidInput(
-            f"input '{name}': expected {count} values in contents.{field} for shape {list(shape)}, "
-            f"got {len(values)}"
+            f"input '{name}': expected {count} values in contents.{field} for shape {list(shape)}, got {len(values)}"
         )
     if datatype == "BYTES":
         array = np.empty(count, dtype=np.object_)

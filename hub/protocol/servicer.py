@@ -90,9 +90,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return pb.ModelConfigResponse(config=model_config(model))
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: Any
-    ) -> pb.ModelStatisticsResponse:
+    async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
             if request.name:
                 models = (
@@ -108,9 +106,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await _abort(context, exc)
         return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Any
-    ) -> pb.RepositoryIndexResponse:
+    async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         entries = [
             pb.RepositoryIndexResponse.ModelIndex(
                 name=m.name, version=str(m.version), state=m.state.triton, reason=m.reason
@@ -264,4 +260,3 @@ def model_statistics(model: ServedModel) -> pb.ModelStatistics:
             for size, b in sorted(s.batches.items())
         ],
     )
-

@@ -27,7 +27,7 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     its details belong in the log (the caller logs them), not on the wire.
     """
     for cls in type(exc).__mro__:
-        code = _CODES.get(cls)  # type: ignore[call-overload]
+        code = _CODES.get(cls)
         if code is not None:
             return code, str(exc)
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"

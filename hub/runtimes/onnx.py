@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import warnings
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -19,7 +20,7 @@ FILENAME = "model.onnx"
 OPSET = 18
 
 
-def export_onnx(module: object, spec: ModelSpec, path: str) -> None:
+def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
     """torch.onnx.export (the dynamo exporter) with every -1 dimension declared dynamic."""
     import torch
 
@@ -29,13 +30,11 @@ def export_onnx(module: object, spec: ModelSpec, path: str) -> None:
     if spec.batching.batching:
         # torch.export specialises a dimension of size 1; give the batch at least two rows.
         examples = {
-            name: np.concatenate([value, value]) if value.shape[0] == 1 else value
-            for name, value in examples.items()
+            name: np.concatenate([value, value]) if value.shape[0] == 1 else value for name, value in examples.items()
         }
     args = tuple(to_tensor(examples[t.name], "cpu") for t in spec.inputs)
     dynamic_shapes = tuple(
-        {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1} or None
-        for t in spec.inputs
+        {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1} or None for t in spec.inputs
     )
     with warnings.catch_warnings():
         # The exporter warns about its own internals (treespec deprecations); not actionable here.

@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, str(Path(__file__).parent))
-from model import WEIGHTS, DigitsCNN  # noqa: E402
+from model import WEIGHTS, DigitsCNN
 
 SEED = 0
 EPOCHS = 20

@@ -45,7 +45,7 @@ def sample(datatype: str, shape: tuple[int, ...] = (2, 3)) -> np.ndarray:
         flat = np.array([f"s{i}-é".encode() for i in range(count)], dtype=np.object_)
         return flat.reshape(shape)
     if datatype == "BOOL":
-        return (values % 2 == 0)
+        return values % 2 == 0
     if datatype == "BF16":
         return values.astype(ml_dtypes.bfloat16)
     dtype = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64}.get(datatype)

@@ -1,0 +1,46 @@
+# modelhub: `make serve` and `make test` are the quick start; everything installs into .venv.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONSTRAINTS := requirements/constraints.txt
+STAMP := $(VENV)/.installed-stamp
+PA := tools/perf_analyzer/perf_analyzer
+
+.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench bench-gpu clean
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The constraints pin torch to the CPU wheel (and protobuf < 7); see requirements/constraints.txt.
+	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+serve: install  ## serve plugins/ on gRPC :8001, metrics on :8002
+	$(BIN)/modelhub serve
+
+$(PA): | $(STAMP)
+	PIP=$(BIN)/pip bash scripts/install_perf_analyzer.sh
+
+perf-analyzer: $(PA)
+
+test: install $(PA)  ## the whole suite (what CI runs)
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check hub tests plugins scripts
+	$(BIN)/ruff format --check hub tests plugins scripts
+	$(BIN)/mypy
+
+protos: install  ## regenerate hub/protocol/generated from protos/
+	$(BIN)/python scripts/gen_protos.py
+
+protos-check: install
+	$(BIN)/python scripts/gen_protos.py --check
+
+bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; see docs/benchmarks.md)
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) tools .pytest_cache .mypy_cache .ruff_cache

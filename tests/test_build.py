@@ -1,0 +1,234 @@
+"""The build pipeline: manifest, parity against eager, the cache, and refused artifacts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from hub.build.pipeline import Builder
+from hub.errors import BuildError
+from hub.plugins.manager import PluginHost
+
+from .conftest import ROOT, RunningServer
+
+AFFINE = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+SCALE = {scale}
+
+class Scale(torch.nn.Module):
+    def forward(self, x):
+        return x * SCALE
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="scale",
+        build=lambda: Scale().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))],
+        outputs=[TensorSpec("y", "FP32", (-1, 3))],
+        example_inputs={{"x": np.arange(6, dtype=np.float32).reshape(2, 3)}},
+        target="onnx",
+        batching=BatchPolicy(max_batch_size=8),
+    ))
+"""
+
+SKEWED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, Target, TensorSpec, hookimpl
+from hub.runtimes.torch import TorchRuntime
+
+class Skewed(TorchRuntime):
+    def run(self, inputs):
+        return {name: value + 0.5 for name, value in super().run(inputs).items()}
+
+@hookimpl
+def register_targets(register):
+    register(Target(name="skewed", build=lambda ctx: None,
+                    load=lambda ctx: Skewed(ctx.module(), ctx.spec, "cpu")))
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="drifting",
+        build=lambda: torch.nn.Identity(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="skewed",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def builder_for(plugins: Path, repository: Path) -> tuple[Builder, list[Any]]:
+    host = PluginHost(plugins, entry_points=False)
+    targets = host.collect_targets()
+    return Builder(repository, targets, host, device="cpu"), host.collect_models()
+
+
+def test_digits_manifest_records_hashes_versions_and_parity(hub_server: RunningServer, model_repository: Path) -> None:
+    manifest = json.loads((model_repository / "digits" / "1" / "manifest.json").read_text())
+    assert manifest["status"] == "ok" and manifest["target"] == "onnx"
+    assert set(manifest["key_parts"]["versions"]) >= {"torch", "onnx", "onnxruntime"}
+    assert "digits.safetensors" in manifest["key_parts"]["sources"]
+    assert "model.onnx" in manifest["files"]
+    validation = manifest["validation"]
+    assert validation["problems"] == []
+    assert 0 <= validation["max_abs_err"] < 1e-4
+    assert validation["outputs"]["logits"]["top1_agreement"] == 1.0
+    assert (model_repository / "digits" / "1" / "model.onnx").stat().st_size > 1000
+
+
+def test_unchanged_model_is_not_rebuilt_and_a_changed_one_is(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    source = plugins / "scale.py"
+    source.write_text(textwrap.dedent(AFFINE.format(scale=2.0)))
+    repository = tmp_path / "models"
+
+    builder, (spec,) = builder_for(plugins, repository)
+    first = builder.ensure(spec)
+    assert first.built
+    onnx = repository / "scale" / "1" / "model.onnx"
+    stamp = onnx.stat().st_mtime_ns
+    np.testing.assert_allclose(first.runtime.run({"x": np.ones((3, 3), np.float32)})["y"], 2.0)
+
+    builder, (spec,) = builder_for(plugins, repository)  # a fresh start
+    again = builder.ensure(spec)
+    assert not again.built
+    assert onnx.stat().st_mtime_ns == stamp
+
+    source.write_text(textwrap.dedent(AFFINE.format(scale=3.0)))
+    os.utime(source)
+    builder, (spec,) = builder_for(plugins, repository)
+    changed = builder.ensure(spec)
+    assert changed.built
+    np.testing.assert_allclose(changed.runtime.run({"x": np.ones((1, 3), np.float32)})["y"], 3.0)
+
+
+def test_artifact_outside_tolerance_is_refused(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "skewed.py").write_text(textwrap.dedent(SKEWED))
+    builder, (spec,) = builder_for(plugins, tmp_path / "models")
+    with pytest.raises(BuildError) as err:
+        builder.ensure(spec)
+    assert "drifting" in str(err.value) and "strays from eager" in str(err.value)
+    manifest = json.loads((tmp_path / "models" / "drifting" / "1" / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+    assert manifest["validation"]["max_abs_err"] == pytest.approx(0.5)
+    # The refusal is cached too: no rebuild, same answer.
+    builder, (spec,) = builder_for(plugins, tmp_path / "models")
+    with pytest.raises(BuildError):
+        builder.ensure(spec)
+
+
+def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server: Any) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "skewed.py").write_text(textwrap.dedent(SKEWED))
+    (plugins / "scale.py").write_text(textwrap.dedent(AFFINE.format(scale=2.0)))
+    server = start_server(plugins)
+    client = tc.InferenceServerClient(server.url)
+    assert client.is_model_ready("scale")
+    assert not client.is_model_ready("drifting")
+    assert client.is_server_ready()  # failed models do not hold readiness (see --require-all-models)
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index["drifting"]["state"] == "UNAVAILABLE"
+    assert "strays from eager" in index["drifting"]["reason"]
+    with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
+        request = service_pb2.ModelInferRequest(model_name="drifting")
+        service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "strays from eager" in err.value.details()
+    listing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "hub.cli",
+            "models",
+            "--plugins-dir",
+            str(plugins),
+            "--no-entry-points",
+            "--model-repository",
+            str(server.config.model_repository),
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    models = {m["model"]: m for m in json.loads(listing.stdout)}
+    assert models["drifting"]["artifact"] == "failed"
+    assert models["scale"]["artifact"] == "ok"
+
+
+def test_require_all_models_makes_a_failure_unready(tmp_path: Path, start_server: Any) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "skewed.py").write_text(textwrap.dedent(SKEWED))
+    server = start_server(plugins, require_all_models=True)
+    assert not tc.InferenceServerClient(server.url).is_server_ready()
+
+
+def test_unknown_target_fails_only_that_model(tmp_path: Path, start_server: Any) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "scale.py").write_text(textwrap.dedent(AFFINE.format(scale=2.0)).replace('"onnx"', '"tensorrt"'))
+    (plugins / "digits").symlink_to(ROOT / "plugins" / "digits")
+    server = start_server(plugins)
+    index = {
+        m["name"]: m for m in tc.InferenceServerClient(server.url).get_model_repository_index(as_json=True)["models"]
+    }
+    assert index["digits"]["state"] == "READY"
+    assert index["scale"]["state"] == "UNAVAILABLE" and "tensorrt" in index["scale"]["reason"]
+
+
+def test_third_party_validation_adds_figures_and_can_refuse(tmp_path: Path) -> None:
+    from hub import hookimpl
+
+    class Inspector:
+        def __init__(self, refuse: bool) -> None:
+            self.refuse = refuse
+            self.seen: list[Any] = []
+
+        @hookimpl
+        def validate_artifact(self, spec, runtime, examples, reference, tolerance):  # type: ignore[no-untyped-def]
+            self.seen.append((spec.name, sorted(examples), reference is not None, tolerance.atol))
+            outputs = runtime.run(examples)
+            report: dict[str, Any] = {"mean_output": float(np.mean(outputs["y"]))}
+            if self.refuse:
+                report["problems"] = ["outputs look suspicious"]
+            return report
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "scale.py").write_text(textwrap.dedent(AFFINE.format(scale=2.0)))
+    for refuse in (False, True):
+        inspector = Inspector(refuse)
+        host = PluginHost(plugins, entry_points=False, extra={"inspector": inspector})
+        builder = Builder(tmp_path / f"models-{refuse}", host.collect_targets(), host, device="cpu")
+        (spec,) = host.collect_models()
+        if refuse:
+            with pytest.raises(BuildError, match="outputs look suspicious"):
+                builder.ensure(spec)
+        else:
+            artifact = builder.ensure(spec)
+            assert artifact.manifest["validation"]["mean_output"] == pytest.approx(5.0)
+            assert artifact.manifest["validation"]["max_abs_err"] < 1e-5  # the built-in check ran too
+        assert inspector.seen == [("scale", ["x"], True, 1e-4)]

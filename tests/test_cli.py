@@ -1,0 +1,163 @@
+"""The command line as a user runs it: serve in a subprocess, infer, health, models, clean stop."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from .conftest import ROOT
+
+
+def modelhub(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "hub.cli", *args], capture_output=True, text=True, **kwargs)
+
+
+class ServeProcess:
+    def __init__(self, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "hub.cli",
+                "serve",
+                "--host",
+                "127.0.0.1",
+                "--grpc-port",
+                "0",
+                "--metrics-port",
+                "0",
+                "--device",
+                "cpu",
+                "--no-entry-points",
+                *args,
+            ],
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        self.log: list[str] = []
+        self.port = 0
+        deadline = time.monotonic() + 120
+        assert self.proc.stderr is not None
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = re.search(r"listening: grpc 127\.0\.0\.1:(\d+)", line)
+            if match:
+                self.port = int(match.group(1))
+            if " ready in " in line or "failed to load" in line:
+                return
+        raise AssertionError("server did not come up:\n" + "".join(self.log))
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        self.proc.send_signal(signum)
+        _, rest = self.proc.communicate(timeout=60)
+        return self.proc.returncode, "".join(self.log) + rest
+
+
+@pytest.fixture(scope="module")
+def served(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    plugins = tmp_path_factory.mktemp("cli-plugins")
+    (plugins / "digits").symlink_to(ROOT / "plugins" / "digits")
+    server = ServeProcess("--plugins-dir", str(plugins), "--model-repository", str(model_repository))
+    yield server
+    if server.proc.poll() is None:
+        server.stop(signal.SIGKILL)
+
+
+def test_infer_command_prints_outputs(served: ServeProcess, tmp_path: Path, digits_heldout: Any) -> None:
+    images, labels = digits_heldout
+    np.save(tmp_path / "image.npy", images[:3])
+    result = modelhub(
+        "infer",
+        "digits",
+        "--input",
+        f"image={tmp_path / 'image.npy'}",
+        "--url",
+        served.url,
+        "--save",
+        str(tmp_path / "out"),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "logits FP32 [3, 10]" in result.stdout
+    logits = np.load(tmp_path / "out" / "logits.npy")
+    assert list(logits.argmax(1)) == list(labels[:3])
+
+
+def test_infer_command_reports_errors(served: ServeProcess, tmp_path: Path) -> None:
+    np.save(tmp_path / "bad.npy", np.zeros((1, 8, 8), np.float32))
+    result = modelhub("infer", "digits", "--input", f"image={tmp_path / 'bad.npy'}", "--url", served.url)
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr and "image" in result.stderr
+
+
+def test_health_command(served: ServeProcess) -> None:
+    assert modelhub("health", "--url", served.url).stdout.strip() == "SERVING"
+    assert modelhub("health", "--url", served.url, "--service", "digits").returncode == 0
+    assert modelhub("health", "--url", served.url, "--service", "nothing").returncode == 1
+
+
+def test_models_command(model_repository: Path, served: ServeProcess) -> None:
+    result = modelhub(
+        "models",
+        "--plugins-dir",
+        str(ROOT / "plugins"),
+        "--no-entry-points",
+        "--model-repository",
+        str(model_repository),
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"digits\s+1\s+digits\s+onnx\s+64\s+ok", result.stdout), result.stdout
+
+
+def test_help_documents_every_command() -> None:
+    text = modelhub("--help").stdout
+    for command in ("serve", "plugins", "models", "infer", "health"):
+        assert command in text
+    serve = modelhub("serve", "--help").stdout
+    for flag in ("--plugins-dir", "--model-repository", "--grpc-port", "--metrics-port", "--device"):
+        assert flag in serve
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signals_stop_cleanly(model_repository: Path, tmp_path: Path, signum: int) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "digits").symlink_to(ROOT / "plugins" / "digits")
+    server = ServeProcess("--plugins-dir", str(plugins), "--model-repository", str(model_repository))
+    code, log = server.stop(signum)
+    assert code == 0, log
+    assert "Traceback" not in log
+    assert "modelhub stopped" in log
+
+
+def test_env_configures_serve_flags() -> None:
+    env = dict(os.environ, MODELHUB_GRPC_PORT="9123", MODELHUB_DEVICE="cpu")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from hub.cli import build_parser; a = build_parser().parse_args(['serve']);print(a.grpc_port, a.device)",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout
+    assert out.split() == ["9123", "cpu"]

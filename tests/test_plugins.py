@@ -1,0 +1,205 @@
+"""Plugin discovery: a plugins directory, entry points, broken plugins, invalid specs, allow/block lists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+
+from hub import hookimpl
+from hub.plugins.manager import PluginHost
+
+from .conftest import ROOT
+
+GOOD = """
+import numpy as np
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="{name}",
+        build=lambda: (lambda inputs: {{"OUT": inputs["IN"] * 3}}),
+        inputs=[TensorSpec("IN", "INT64", (-1, 2))],
+        outputs=[TensorSpec("OUT", "INT64", (-1, 2))],
+        example_inputs={{"IN": np.ones((1, 2), np.int64)}},
+        target="numpy",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def write(folder: Path, name: str, text: str) -> Path:
+    path = folder / f"{name}.py"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def host_for(folder: Path, **kwargs: Any) -> PluginHost:
+    host = PluginHost(folder, entry_points=False, **kwargs)
+    host.collect_targets()
+    return host
+
+
+@pytest.fixture()
+def plugins(tmp_path: Path) -> Path:
+    folder = tmp_path / "plugins"
+    folder.mkdir()
+    (folder / "identity.py").symlink_to(ROOT / "tests" / "plugins" / "identity.py")  # the "numpy" target
+    return folder
+
+
+def test_dropped_in_plugin_is_served(plugins: Path, start_server: Any) -> None:
+    write(plugins, "tripler", GOOD.format(name="tripler"))
+    server = start_server(plugins)
+    client = tc.InferenceServerClient(server.url)
+    x = np.array([[1, 2], [3, 4]], np.int64)
+    tensor = tc.InferInput("IN", [2, 2], "INT64")
+    tensor.set_data_from_numpy(x)
+    np.testing.assert_array_equal(client.infer("tripler", [tensor]).as_numpy("OUT"), x * 3)
+
+
+def test_broken_plugin_beside_a_good_one(plugins: Path, start_server: Any) -> None:
+    write(plugins, "good", GOOD.format(name="good_model"))
+    write(plugins, "syntax", "def broken(:\n")
+    write(plugins, "importer", "import no_such_module_anywhere\n")
+    write(
+        plugins,
+        "raiser",
+        """
+        from hub import hookimpl
+        @hookimpl
+        def register_models(register):
+            raise RuntimeError("cannot reach the weights")
+    """,
+    )
+    server = start_server(plugins)
+    client = tc.InferenceServerClient(server.url)
+    assert client.is_model_ready("good_model")
+    assert client.is_server_ready()
+    records = server.server.plugins.records
+    assert records["syntax"].status == "failed"
+    assert "syntax" in records["syntax"].errors[0] and "syntax.py" in records["syntax"].errors[0]
+    assert "SyntaxError" in records["syntax"].errors[0]
+    assert "no_such_module_anywhere" in records["importer"].errors[0]
+    assert "cannot reach the weights" in records["raiser"].errors[0]
+
+
+def test_invalid_specs_are_reported_and_skipped(plugins: Path) -> None:
+    write(plugins, "first", GOOD.format(name="shared"))
+    write(plugins, "second", GOOD.format(name="shared"))  # duplicate name and version
+    write(
+        plugins,
+        "bad_dtype",
+        GOOD.format(name="bad_dtype").replace('TensorSpec("IN", "INT64"', 'TensorSpec("IN", "INT65"'),
+    )
+    write(plugins, "bad_example", GOOD.format(name="bad_example").replace("np.ones((1, 2)", "np.ones((1, 3)"))
+    write(plugins, "bad_example_dtype", GOOD.format(name="bad_example_dtype").replace("np.int64)}", "np.float32)}"))
+    host = host_for(plugins)
+    specs = host.collect_models()
+    assert [s.key for s in specs if s.plugin != "identity"] == ["shared/1"]
+    assert host.records["first"].models == ["shared/1"]
+    errors = {name: " ".join(r.errors) for name, r in host.records.items()}
+    assert "already registered" in errors["second"] and "first" in errors["second"]
+    assert "second.py" in errors["second"]
+    assert "INT65" in errors["bad_dtype"]
+    assert "[1, 3]" in errors["bad_example"] and "[-1, 2]" in errors["bad_example"]
+    assert "FP32" in errors["bad_example_dtype"] and "INT64" in errors["bad_example_dtype"]
+
+
+def test_misspelled_hook_is_an_error(plugins: Path) -> None:
+    write(
+        plugins,
+        "typo",
+        """
+        from hub import hookimpl
+        @hookimpl
+        def register_modles(register):
+            pass
+    """,
+    )
+    host = host_for(plugins)
+    assert host.records["typo"].status == "failed"
+    assert "register_modles" in host.records["typo"].errors[0]
+
+
+def test_block_and_allow_lists(plugins: Path) -> None:
+    write(plugins, "a", GOOD.format(name="model_a"))
+    write(plugins, "b", GOOD.format(name="model_b"))
+    blocked = host_for(plugins, block={"a"})
+    assert [s.name for s in blocked.collect_models() if s.plugin != "identity"] == ["model_b"]
+    assert blocked.records["a"].status == "disabled"
+    allowed = host_for(plugins, allow={"a", "identity"})
+    assert [s.name for s in allowed.collect_models() if s.plugin != "identity"] == ["model_a"]
+
+
+def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "ep_plugin").mkdir(parents=True)
+    (site / "ep_plugin" / "__init__.py").write_text(textwrap.dedent(GOOD.format(name="from_entry_point")))
+    dist = site / "ep_plugin-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ep-plugin\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[modelhub]\nep = ep_plugin\n")
+    monkeypatch.syspath_prepend(str(site))
+    host = PluginHost(None, entry_points=True, extra={"identity": _identity_module()})
+    host.collect_targets()
+    specs = host.collect_models()
+    assert "from_entry_point" in [s.name for s in specs]
+    assert host.records["ep"].source == "entry-point"
+    assert any(p.name == "__init__.py" for p in specs[0].sources) or specs
+
+
+def _identity_module() -> Any:
+    from .plugins import identity
+
+    return identity
+
+
+def test_object_plugins_and_lifecycle_hooks(plugins: Path, start_server: Any) -> None:
+    events: list[tuple[str, Any]] = []
+
+    class Recorder:
+        @hookimpl
+        def server_started(self, server: Any) -> None:
+            events.append(("started", server.models()))
+
+        @hookimpl
+        def server_stopping(self, server: Any) -> None:
+            events.append(("stopping", server.grpc_port))
+
+    write(plugins, "good", GOOD.format(name="watched"))
+    server = start_server(plugins, extra_plugins={"recorder": Recorder()})
+    assert events and events[0][0] == "started"
+    assert ("watched", 1, "ready") in events[0][1]
+    server.run(server.server.stop(0))
+    assert events[-1] == ("stopping", server.server.grpc_port)
+
+
+def test_plugins_command_shows_failures(plugins: Path) -> None:
+    write(plugins, "good", GOOD.format(name="listed"))
+    write(plugins, "syntax", "def broken(:\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    records = {r["name"]: r for r in json.loads(result.stdout)}
+    assert records["good"]["models"] == ["listed/1"]
+    assert records["syntax"]["status"] == "failed"
+    assert "SyntaxError" in records["syntax"]["errors"][0]
+    table = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "syntax" in table and "failed" in table and "errors:" in table
