@@ -12,9 +12,7 @@ from hub.plugins import hookspecs
 
 from .conftest import ROOT
 
-HOOKS = sorted(
-    name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, "modelhub_spec")
-)
+HOOKS = sorted(name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, "modelhub_spec"))
 
 
 def test_there_are_hooks() -> None:

@@ -1,0 +1,1 @@
+"""The build pipeline: turn a ModelSpec into a checked, cached artifact under models/."""

@@ -1,0 +1,224 @@
+"""Build (or reuse) a model's artifact in models/<name>/<version>/, check it against eager,
+and record the result in manifest.json."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hub.errors import BuildError
+from hub.plugins.manager import hash_files
+from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
+
+if TYPE_CHECKING:
+    from hub.plugins.manager import PluginHost
+
+log = logging.getLogger("modelhub.build")
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = 1
+_VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "modelhub")
+
+
+def library_versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in _VERSIONED:
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = "absent"
+    return out
+
+
+def _hash_arrays(arrays: dict[str, np.ndarray]) -> str:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        array = arrays[name]
+        digest.update(f"{name}:{array.dtype}:{array.shape}".encode())
+        if array.dtype == object:
+            digest.update(repr(array.tolist()).encode())
+        else:
+            digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A loaded, checked artifact."""
+
+    runtime: Runtime
+    manifest: dict[str, Any]
+    built: bool  # False when the cache was reused
+
+
+class Builder:
+    """Builds artifacts for one model repository; one instance per server or CLI run."""
+
+    def __init__(
+        self, repository: Path, targets: dict[str, Target], plugins: PluginHost, device: str, threads: int = 1
+    ) -> None:
+        self.repository = repository
+        self.targets = targets
+        self.plugins = plugins
+        self.device = device
+        self.threads = threads
+
+    def target_for(self, spec: ModelSpec) -> Target:
+        try:
+            return self.targets[spec.target]
+        except KeyError:
+            raise BuildError(
+                f"model '{spec.name}': unknown target '{spec.target}'; "
+                f"registered targets: {', '.join(sorted(self.targets))}"
+            ) from None
+
+    def directory(self, spec: ModelSpec) -> Path:
+        return self.repository / spec.name / str(spec.version)
+
+    def cache_key(self, spec: ModelSpec, target: Target) -> tuple[str, dict[str, Any]]:
+        """Hash of everything the artifact depends on, with the parts for the manifest."""
+        parts = {
+            "sources": hash_files(spec.sources, _common_root(spec.sources)),
+            "weights": hash_files(spec.weights),
+            "spec": {
+                "name": spec.name,
+                "version": spec.version,
+                "inputs": [asdict(t) for t in spec.inputs],
+                "outputs": [asdict(t) for t in spec.outputs],
+                "tolerance": asdict(spec.tolerance or target.tolerance),
+                "examples": _hash_arrays(spec.examples()),
+            },
+            "target": target.name,
+            "versions": library_versions(),
+        }
+        blob = json.dumps(parts, sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest(), parts
+
+    def read_manifest(self, spec: ModelSpec) -> dict[str, Any] | None:
+        path = self.directory(spec) / MANIFEST
+        try:
+            return dict(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def ensure(self, spec: ModelSpec, *, force: bool = False) -> Artifact:
+        """Load the cached artifact when its key matches, else build, check and load it.
+
+        Raises BuildError (with the validation report) when the artifact is refused.
+        """
+        target = self.target_for(spec)
+        key, parts = self.cache_key(spec, target)
+        manifest = None if force else self.read_manifest(spec)
+        if manifest is not None and manifest.get("cache_key") == key:
+            if manifest.get("status") != "ok":
+                raise BuildError(_refusal(spec, manifest))
+            runtime = target.load(self._context(spec, self.directory(spec)))
+            return Artifact(runtime, manifest, built=False)
+        return self._build(spec, target, key, parts)
+
+    def _context(self, spec: ModelSpec, directory: Path) -> ArtifactContext:
+        return ArtifactContext(spec=spec, directory=directory, device=self.device, threads=self.threads)
+
+    def _build(self, spec: ModelSpec, target: Target, key: str, parts: dict[str, Any]) -> Artifact:
+        final = self.directory(spec)
+        staging = final.with_name(f".{spec.version}.staging-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        started = time.perf_counter()
+        try:
+            ctx = self._context(spec, staging)
+            target.build(ctx)
+            build_seconds = time.perf_counter() - started
+            runtime = target.load(ctx)
+            try:
+                validation = self._validate(spec, target, ctx, runtime)
+            finally:
+                runtime.close()
+        except BuildError:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        except Exception as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            log.exception("model '%s': building target '%s' failed", spec.key, target.name)
+            raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}") from exc
+        manifest = {
+            "format": MANIFEST_FORMAT,
+            "model": spec.name,
+            "version": spec.version,
+            "plugin": spec.plugin,
+            "target": target.name,
+            "target_plugin": target.plugin,
+            "platform": target.platform,
+            "device": self.device,
+            "status": "failed" if validation.get("problems") else "ok",
+            "cache_key": key,
+            "key_parts": parts,
+            "built_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "build_seconds": round(build_seconds, 3),
+            "files": hash_files(sorted(p for p in staging.iterdir() if p.is_file()), staging),
+            "validation": validation,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(staging, final)
+        log.info(
+            "model '%s': built target '%s' in %.2fs (%s)",
+            spec.key,
+            target.name,
+            build_seconds,
+            manifest["status"],
+        )
+        if manifest["status"] != "ok":
+            raise BuildError(_refusal(spec, manifest))
+        runtime = target.load(self._context(spec, final))
+        return Artifact(runtime, manifest, built=True)
+
+    def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
+        examples = spec.examples()
+        reference = None
+        if target.check_parity:
+            from hub.runtimes.torch import eager_outputs
+
+            reference = eager_outputs(ctx.module(), spec, examples)
+        tolerance = spec.tolerance or target.tolerance
+        merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}
+        for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance):
+            for name, value in result.items():
+                if name == "problems":
+                    merged["problems"].extend(value)
+                else:
+                    merged[name] = value
+        return merged
+
+
+def _refusal(spec: ModelSpec, manifest: dict[str, Any]) -> str:
+    problems = manifest.get("validation", {}).get("problems", [])
+    return f"model '{spec.name}' version {spec.version}: artifact refused: " + "; ".join(problems)
+
+
+def _common_root(paths: tuple[Path, ...]) -> Path | None:
+    if not paths:
+        return None
+    return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def _replace_dir(staging: Path, final: Path) -> None:
+    """Move a finished build into place; the old artifact is removed only after the move."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    trash = None
+    if final.exists():
+        trash = final.with_name(f".{final.name}.old-{os.getpid()}-{time.monotonic_ns()}")
+        final.rename(trash)
+    staging.rename(final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)

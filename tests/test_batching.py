@@ -1,0 +1,251 @@
+"""The dynamic batcher, with a fake runtime and a fake clock; and a property test of batching."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hub.core.batching import Batcher
+from hub.errors import DeadlineExceeded, ModelExecutionError, QueueFull
+from hub.spec import BatchPolicy
+
+from .fakes import FakeClock, FakeRuntime, settle
+
+
+def make(policy: BatchPolicy, clock: FakeClock | None = None) -> tuple[Batcher, FakeRuntime, FakeClock]:
+    runtime = FakeRuntime()
+    clock = clock or FakeClock()
+    batcher = Batcher("fake", policy, runtime, clock=clock)
+    batcher.start()
+    return batcher, runtime, clock
+
+
+def rows(values: list[float]) -> np.ndarray:
+    return np.array(values, np.float32).reshape(-1, 1)
+
+
+def submit(batcher: Batcher, values: list[float], **kwargs: Any) -> asyncio.Task[Any]:
+    x = rows(values)
+    return asyncio.ensure_future(batcher.submit({"INPUT0": x}, rows=len(x), **kwargs))
+
+
+async def test_size_trigger_dispatches_without_waiting() -> None:
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=4, max_queue_delay=10.0))
+    tasks = [submit(batcher, [float(i)]) for i in range(4)]
+    await settle()
+    assert runtime.batches == [4]
+    for i, task in enumerate(tasks):
+        np.testing.assert_array_equal(task.result()["OUTPUT0"], [[3.0 * i + 1]])
+    await batcher.close()
+
+
+async def test_delay_trigger_waits_for_company() -> None:
+    batcher, runtime, clock = make(BatchPolicy(max_batch_size=8, max_queue_delay=1.0))
+    tasks = [submit(batcher, [1.0]), submit(batcher, [2.0])]
+    await settle()
+    assert runtime.batches == []
+    await clock.advance(0.5)
+    assert runtime.batches == []
+    tasks.append(submit(batcher, [3.0]))
+    await clock.advance(0.5)  # the oldest request has now waited the full delay
+    await asyncio.gather(*tasks)
+    assert runtime.batches == [3]
+    await batcher.close()
+
+
+async def test_preferred_size_dispatches_early() -> None:
+    batcher, runtime, _clock = make(BatchPolicy(max_batch_size=8, max_queue_delay=10.0, preferred_batch_sizes=(2, 4)))
+    first = [submit(batcher, [1.0]), submit(batcher, [2.0])]
+    await settle()
+    assert runtime.batches == [2]  # at a preferred size with an empty queue: no reason to wait
+    three = submit(batcher, [1.0, 2.0, 3.0])
+    await settle()
+    assert runtime.batches == [2]  # 3 is not preferred: wait for company
+    one = submit(batcher, [4.0])
+    await settle()
+    assert runtime.batches == [2, 4]
+    await asyncio.gather(*first, three, one)
+    await batcher.close()
+
+
+async def test_requests_are_never_split() -> None:
+    batcher, runtime, clock = make(BatchPolicy(max_batch_size=4, max_queue_delay=10.0))
+    a, b = submit(batcher, [1.0, 2.0, 3.0]), submit(batcher, [4.0, 5.0, 6.0])
+    await settle()
+    assert runtime.batches == [3]  # b does not fit beside a, and a is not cut to make room
+    await clock.advance(10.0)
+    np.testing.assert_array_equal((await b)["OUTPUT0"][:, 0], [13.0, 16.0, 19.0])
+    np.testing.assert_array_equal((await a)["OUTPUT0"][:, 0], [4.0, 7.0, 10.0])
+    assert runtime.batches == [3, 3]
+    await batcher.close()
+
+
+async def test_deadline_expires_in_the_queue_and_is_not_computed() -> None:
+    batcher, runtime, clock = make(BatchPolicy(max_batch_size=1))
+    runtime.gate.clear()
+    running = submit(batcher, [1.0])
+    await settle()
+    late = submit(batcher, [2.0], timeout=0.5)
+    default = submit(batcher, [3.0])
+    await settle()
+    await clock.advance(1.0)
+    runtime.gate.set()
+    await settle()
+    with pytest.raises(DeadlineExceeded, match="deadline"):
+        await late
+    await asyncio.gather(running, default)
+    assert runtime.seen == [1.0, 3.0]
+    await batcher.close()
+
+
+async def test_policy_timeout_applies_when_the_client_sets_none() -> None:
+    batcher, runtime, clock = make(BatchPolicy(max_batch_size=1, timeout=0.2))
+    runtime.gate.clear()
+    running = submit(batcher, [1.0])
+    await settle()
+    queued = submit(batcher, [2.0])
+    await settle()
+    await clock.advance(0.3)
+    runtime.gate.set()
+    with pytest.raises(DeadlineExceeded):
+        await queued
+    await running
+    await batcher.close()
+
+
+async def test_full_queue_rejects_at_once() -> None:
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=1, max_queue_size=2))
+    runtime.gate.clear()
+    running = submit(batcher, [1.0])
+    await settle()
+    queued = [submit(batcher, [2.0]), submit(batcher, [3.0])]
+    await settle()
+    with pytest.raises(QueueFull, match="queue is full"):
+        await batcher.submit({"INPUT0": rows([4.0])})
+    runtime.gate.set()
+    await asyncio.gather(running, *queued)
+    await batcher.close()
+
+
+async def test_cancelled_request_leaves_the_queue() -> None:
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=1))
+    runtime.gate.clear()
+    running = submit(batcher, [1.0])
+    await settle()
+    doomed = submit(batcher, [2.0])
+    await settle()
+    assert batcher.queue_depth == 1
+    doomed.cancel()
+    await settle()
+    assert batcher.queue_depth == 0
+    runtime.gate.set()
+    await running
+    await settle()
+    assert runtime.seen == [1.0]
+    await batcher.close()
+
+
+async def test_failing_forward_fails_its_batch_only() -> None:
+    batcher, _runtime, clock = make(BatchPolicy(max_batch_size=4, max_queue_delay=1.0))
+    good, bad = submit(batcher, [1.0]), submit(batcher, [FakeRuntime.POISON])
+    await settle()
+    await clock.advance(1.0)
+    for task in (good, bad):
+        with pytest.raises(ModelExecutionError, match="model 'fake' failed: ValueError: poisoned batch"):
+            await task
+    after = submit(batcher, [5.0])
+    await settle()
+    await clock.advance(1.0)
+    np.testing.assert_array_equal((await after)["OUTPUT0"], [[16.0]])
+    assert batcher.stats.execution_count == 1  # only the successful batch counts
+    await batcher.close()
+
+
+async def test_instances_let_batches_overlap() -> None:
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=1, instances=2))
+    runtime.gate.clear()
+    tasks = [submit(batcher, [float(i)]) for i in range(4)]
+    await settle()
+    assert runtime.running == 2
+    runtime.gate.set()
+    await asyncio.gather(*tasks)
+    assert runtime.max_running == 2
+    await batcher.close()
+
+
+async def test_without_batching_each_request_runs_alone() -> None:
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=0))
+    runtime.gate.clear()
+    tasks = [submit(batcher, [1.0, 2.0]) for _ in range(3)]
+    await settle()
+    runtime.gate.set()
+    await asyncio.gather(*tasks)
+    assert runtime.batches == [2, 2, 2]
+    assert batcher.stats.inference_count == 3  # a non-batching model counts one inference per request
+    await batcher.close()
+
+
+async def test_statistics_add_up() -> None:
+    batcher, _runtime, clock = make(BatchPolicy(max_batch_size=8, max_queue_delay=1.0))
+    tasks = [submit(batcher, [1.0, 2.0]), submit(batcher, [3.0]), submit(batcher, [4.0])]
+    await settle()
+    await clock.advance(1.0)
+    await asyncio.gather(*tasks)
+    stats = batcher.stats
+    assert (stats.inference_count, stats.execution_count) == (4, 1)
+    assert stats.queue.count == 3 and stats.queue.ns == 3 * 10**9
+    assert stats.compute_infer.count == 3
+    assert list(stats.batches) == [4] and stats.batches[4].compute_infer.count == 1
+    await batcher.close()
+
+
+# --- the property: whatever the arrival pattern, each request gets exactly its own rows -------
+
+requests = st.lists(
+    st.tuples(st.integers(1, 5), st.integers(0, 3)),  # (rows, event-loop turns before the next arrival)
+    min_size=1,
+    max_size=40,
+)
+policies = st.builds(
+    lambda max_batch, delay, preferred, instances: BatchPolicy(
+        max_batch_size=max_batch,
+        max_queue_delay=delay,
+        preferred_batch_sizes=tuple(p for p in preferred if p <= max_batch),
+        instances=instances,
+    ),
+    st.integers(5, 16),
+    st.sampled_from([0.0, 0.0005, 0.002]),
+    st.lists(st.integers(1, 16), max_size=3),
+    st.integers(1, 3),
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests, policies, st.integers(0, 2**31))
+def test_every_request_gets_exactly_its_own_rows(plan: list[tuple[int, int]], policy: BatchPolicy, seed: int) -> None:
+    async def scenario() -> None:
+        runtime = FakeRuntime()
+        batcher = Batcher("prop", policy, runtime)  # the real monotonic clock
+        batcher.start()
+        rng = np.random.default_rng(seed)
+        tasks, inputs = [], []
+        for count, turns in plan:
+            x = rng.standard_normal((count, 1)).astype(np.float32)
+            inputs.append(x)
+            tasks.append(asyncio.ensure_future(batcher.submit({"INPUT0": x}, rows=count)))
+            for _ in range(turns):
+                await asyncio.sleep(0)
+        results = await asyncio.gather(*tasks)
+        for x, result in zip(inputs, results, strict=True):
+            np.testing.assert_array_equal(result["OUTPUT0"], x * 3 + 1)  # exact: no mixing, no padding
+        assert sum(runtime.batches) == sum(c for c, _ in plan)
+        assert max(runtime.batches) <= policy.max_batch_size
+        assert batcher.stats.inference_count == sum(c for c, _ in plan)
+        await batcher.close()
+
+    asyncio.run(scenario())
