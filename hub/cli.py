@@ -104,6 +104,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="report the server not ready while any model has failed",
     )
     serve.add_argument(
+        "--config",
+        type=Path,
+        default=_env("CONFIG", None),
+        help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("SHUTDOWN_GRACE", 10.0)),
@@ -165,9 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from hub.config import DeploymentConfig
+    from hub.errors import SpecError
     from hub.server import Server, ServerConfig, default_threads
 
+    try:
+        deployment = DeploymentConfig.load(Path(args.config)) if args.config else DeploymentConfig()
+    except (OSError, SpecError) as exc:
+        log.error("modelhub: bad --config: %s", exc)
+        return 2
     config = ServerConfig(
+        deployment=deployment,
         plugins_dir=args.plugins_dir,
         model_repository=args.model_repository,
         host=args.host,
@@ -183,12 +197,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve(server: Any) -> int:
+    from hub.errors import HubError
+
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     try:
         await server.start()
+    except HubError as exc:
+        log.error("modelhub could not start: %s", exc)
+        await server.stop(0)
+        return 2
     except Exception as exc:
         log.error("modelhub could not start: %s", exc)
         await server.stop(0)

@@ -17,6 +17,7 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hub.build.pipeline import Builder
+from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
@@ -66,6 +67,7 @@ class ServerConfig:
     require_all_models: bool = False
     shutdown_grace: float = 10.0
     extra_plugins: Mapping[str, object] = field(default_factory=dict)
+    deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
 
 
 @dataclass
@@ -106,7 +108,7 @@ class Server:
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(_set_torch_threads, config.threads)
         targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = await asyncio.to_thread(self.plugins.collect_models)
+        specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
         builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
         self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
         self.repository.on_change(self._model_changed)

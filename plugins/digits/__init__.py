@@ -43,6 +43,8 @@ def register_models(register: Callable[[ModelSpec], None]) -> None:
             outputs=[TensorSpec("logits", "FP32", (-1, 10))],
             example_inputs=example_inputs,
             target="onnx",
-            batching=BatchPolicy(max_batch_size=64, max_queue_delay=0.0005, preferred_batch_sizes=(16, 32, 64)),
+            # No queue delay: a request never waits while an instance is idle, and batches form on
+            # their own while one is busy. Deployments that want fuller batches set a delay.
+            batching=BatchPolicy(max_batch_size=64, preferred_batch_sizes=(16, 32, 64)),
         )
     )
