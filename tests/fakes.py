@@ -5,36 +5,43 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
 
+class FakeTimer:
+    def __init__(self, deadline: float, callback: Callable[[], None]) -> None:
+        self.deadline = deadline
+        self.callback = callback
+        self.cancelled = False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
 class FakeClock:
+    """Monotonic time that moves only on `advance`, which fires the timers that fall due."""
+
     def __init__(self) -> None:
         self.t = 0.0
-        self._timers: list[tuple[float, asyncio.Future[None]]] = []
+        self._timers: list[FakeTimer] = []
 
     def now(self) -> float:
         return self.t
 
-    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
-        timer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._timers.append((self.t + timeout, timer))
-        waiter = asyncio.ensure_future(event.wait())
-        try:
-            await asyncio.wait({waiter, timer}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            waiter.cancel()
-            timer.cancel()
-        return event.is_set()
+    def call_later(self, delay: float, callback: Callable[[], None]) -> FakeTimer:
+        timer = FakeTimer(self.t + delay, callback)
+        self._timers.append(timer)
+        return timer
 
     async def advance(self, seconds: float) -> None:
         self.t += seconds
-        for deadline, timer in self._timers:
-            if deadline <= self.t and not timer.done():
-                timer.set_result(None)
-        self._timers = [(d, f) for d, f in self._timers if not f.done()]
+        due = [t for t in self._timers if t.deadline <= self.t and not t.cancelled]
+        self._timers = [t for t in self._timers if t not in due and not t.cancelled]
+        for timer in sorted(due, key=lambda t: t.deadline):
+            if not timer.cancelled:
+                timer.callback()
         await settle()
 
 

@@ -52,6 +52,7 @@ async def test_delay_trigger_waits_for_company() -> None:
     await clock.advance(0.5)
     assert runtime.batches == []
     tasks.append(submit(batcher, [3.0]))
+    await settle()
     await clock.advance(0.5)  # the oldest request has now waited the full delay
     await asyncio.gather(*tasks)
     assert runtime.batches == [3]
@@ -82,6 +83,17 @@ async def test_requests_are_never_split() -> None:
     np.testing.assert_array_equal((await b)["OUTPUT0"][:, 0], [13.0, 16.0, 19.0])
     np.testing.assert_array_equal((await a)["OUTPUT0"][:, 0], [4.0, 7.0, 10.0])
     assert runtime.batches == [3, 3]
+    await batcher.close()
+
+
+async def test_request_larger_than_the_preferred_sizes_runs_alone() -> None:
+    batcher, runtime, clock = make(BatchPolicy(max_batch_size=8, max_queue_delay=10.0, preferred_batch_sizes=(2,)))
+    big, small = submit(batcher, [1.0, 2.0, 3.0, 4.0, 5.0]), submit(batcher, [6.0])
+    await settle()
+    assert runtime.batches == [5]
+    await clock.advance(10.0)
+    await asyncio.gather(big, small)
+    assert runtime.batches == [5, 1]
     await batcher.close()
 
 

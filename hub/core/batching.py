@@ -6,11 +6,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import queue
+import threading
 import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -21,6 +22,13 @@ from hub.spec import BatchPolicy
 log = logging.getLogger("modelhub.batching")
 
 Arrays = dict[str, np.ndarray]
+#: What a worker returns for one batch: each request's outputs, then the input, infer and
+#: output stage times in nanoseconds.
+BatchResult = tuple[list[Arrays], int, int, int]
+
+
+class Timer(Protocol):
+    def cancel(self) -> None: ...
 
 
 class Clock(Protocol):
@@ -29,20 +37,16 @@ class Clock(Protocol):
     def now(self) -> float:
         """Monotonic seconds."""
 
-    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
-        """Wait until `event` is set (True) or `timeout` seconds pass (False)."""
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        """Run `callback` on the event loop after `delay` seconds."""
 
 
 class MonotonicClock:
     def now(self) -> float:
         return time.monotonic()
 
-    async def wait(self, event: asyncio.Event, timeout: float) -> bool:
-        try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
+        return asyncio.get_running_loop().call_later(delay, callback)
 
 
 class BatchObserver(Protocol):
@@ -61,6 +65,44 @@ class _NoObserver:
         pass
 
 
+class _Workers:
+    """Compute threads of one model. Lighter than run_in_executor: one queue put to start a
+    batch and one call_soon_threadsafe to finish it, with no futures chained in between."""
+
+    def __init__(self, count: int, name: str, loop: asyncio.AbstractEventLoop) -> None:
+        self._jobs: queue.SimpleQueue[
+            tuple[Callable[[], object], Callable[[object, BaseException | None], None]] | None
+        ]
+        self._jobs = queue.SimpleQueue()
+        self._loop = loop
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(count)]
+        for thread in self._threads:
+            thread.start()
+
+    def submit(self, job: Callable[[], Any], done: Callable[[Any, BaseException | None], None]) -> None:
+        """Run `job()` in a worker; then `done(result, error)` on the event loop."""
+        self._jobs.put((job, done))
+
+    def _work(self) -> None:
+        while True:
+            item = self._jobs.get()
+            if item is None:
+                return
+            job, done = item
+            try:
+                result, error = job(), None
+            except BaseException as exc:  # delivered to the requests, never lost
+                result, error = None, exc
+            try:
+                self._loop.call_soon_threadsafe(done, result, error)
+            except RuntimeError:  # the loop closed under us: nobody is waiting any more
+                return
+
+    def stop(self) -> None:
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 @dataclass(eq=False)
 class _Pending:
     inputs: Mapping[str, np.ndarray]
@@ -77,13 +119,20 @@ class Batcher:
 
     - Requests that carry their own batch (leading dim n) are concatenated along dim 0 up to
       `max_batch_size`, never split, and only with requests whose other dims match.
-    - A batch is dispatched when it reaches the largest preferred size (or `max_batch_size`),
-      when the queue is empty and the batch is at a preferred size, or when its oldest
-      request has waited `max_queue_delay`.
+    - A batch is dispatched when an instance is free and: it reached the largest preferred
+      size (or `max_batch_size`); or it sits at a preferred size with nothing else queued; or
+      the next request cannot join it; or its oldest request has waited `max_queue_delay`.
+      Requests that arrive while every instance is busy gather into the next batch.
     - Deadlines are absolute monotonic times; a request past its deadline is answered with
       DeadlineExceeded and never computed. Cancelled requests leave the queue.
     - A failing forward fails every request of its batch; the next batch runs normally.
-    - Up to `instances` batches run at once, each in a worker thread.
+    - Up to `instances` batches run at once, each in a worker thread, while the event loop
+      keeps accepting and queueing.
+
+    Scheduling is a callback (`_pump`) run on the event loop whenever something changes: a
+    request arrives (coalesced to once per loop iteration, so that requests received together
+    batch together), a batch finishes, or the queue delay runs out. No scheduler task, no
+    polling.
     """
 
     def __init__(
@@ -103,21 +152,22 @@ class Batcher:
         self._clock = clock or MonotonicClock()
         self._observer = observer or _NoObserver()
         self._queue: collections.deque[_Pending] = collections.deque()
-        self._arrived = asyncio.Event()
-        self._slots = asyncio.Semaphore(policy.instances)
-        self._running: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(policy.instances, thread_name_prefix=f"model-{name}")
-        self._scheduler: asyncio.Task[None] | None = None
+        self._free = policy.instances
+        self._workers: _Workers | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._pump_pending = False
+        self._timer: Timer | None = None
+        self._idle = asyncio.Event()
         self._closing = False
-        self._limit = policy.max_batch_size
         self._target = max(policy.preferred_batch_sizes, default=policy.max_batch_size)
         self._preferred = frozenset(policy.preferred_batch_sizes)
 
     # --- public ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        if self._scheduler is None:
-            self._scheduler = asyncio.get_running_loop().create_task(self._schedule(), name=f"batcher-{self.name}")
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+            self._workers = _Workers(self.policy.instances, f"model-{self.name}", self._loop)
 
     @property
     def queue_depth(self) -> int:
@@ -125,7 +175,8 @@ class Batcher:
 
     @property
     def in_flight(self) -> int:
-        return len(self._running)
+        """Batches computing right now."""
+        return self.policy.instances - self._free
 
     async def submit(
         self,
@@ -140,18 +191,20 @@ class Batcher:
 
         `timeout` (seconds) bounds the wait in the queue; None takes the policy's default.
         """
-        if self._closing:
-            raise ModelUnavailable(f"model '{self.name}' is unloading")
+        if self._closing or self._loop is None:
+            raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")
         if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
             raise QueueFull(f"model '{self.name}': queue is full ({self.policy.max_queue_size} requests waiting)")
         now = self._clock.now()
         if timeout is None:
             timeout = self.policy.timeout
-        future: asyncio.Future[Arrays] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Arrays] = self._loop.create_future()
         pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
         self._queue.append(pending)
-        self._arrived.set()
         self._observer.queued(len(self._queue))
+        if not self._pump_pending:
+            self._pump_pending = True
+            self._loop.call_soon(self._pump)
         try:
             return await future
         except asyncio.CancelledError:
@@ -168,43 +221,39 @@ class Batcher:
         if not drain:
             while self._queue:
                 self._fail(self._queue.popleft(), ModelUnavailable(f"model '{self.name}' is unloading"))
-        while self._queue or self._running:
-            self._arrived.set()
-            await asyncio.sleep(0.001)
-        if self._scheduler is not None:
-            self._scheduler.cancel()
-            try:
-                await self._scheduler
-            except asyncio.CancelledError:
-                pass
-        self._executor.shutdown(wait=False)
+        while self._queue or self.in_flight:
+            self._idle.clear()
+            self._pump()
+            await self._idle.wait()
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._workers is not None:
+            self._workers.stop()
 
     # --- scheduling -----------------------------------------------------------------------
 
-    async def _schedule(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            await self._slots.acquire()
-            try:
-                batch = await self._collect()
-            except BaseException:
-                self._slots.release()
-                raise
-            if not batch:
-                self._slots.release()
-                continue
-            task = loop.create_task(self._execute(batch))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    def _pump(self) -> None:
+        """Dispatch every batch that is due while an instance is free; else arm the delay timer."""
+        self._pump_pending = False
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        while self._free > 0:
+            batch = self._next_batch()
+            if batch is None:
+                break
+            self._dispatch(batch)
+        self._observer.queued(len(self._queue))
+        if not self._queue and not self.in_flight:
+            self._idle.set()
 
-    def _take_live(self) -> _Pending | None:
-        """Pop the next request that is still wanted; expire the ones past their deadline."""
+    def _head(self) -> _Pending | None:
+        """The oldest request still wanted; requests past their deadline are answered on the way."""
         while self._queue:
             pending = self._queue[0]
             if pending.future.done():  # cancelled
                 self._queue.popleft()
-                continue
-            if pending.deadline is not None and self._clock.now() >= pending.deadline:
+            elif pending.deadline is not None and self._clock.now() >= pending.deadline:
                 self._queue.popleft()
                 self._fail(
                     pending,
@@ -213,74 +262,95 @@ class Batcher:
                         f"{self._clock.now() - pending.enqueued:.3f}s in the queue"
                     ),
                 )
-                continue
-            return pending
+            else:
+                return pending
         return None
 
-    async def _collect(self) -> list[_Pending]:
-        first = self._take_live()
-        while first is None:
-            self._arrived.clear()
-            await self._arrived.wait()
-            first = self._take_live()
-        self._queue.popleft()
-        batch = [first]
+    def _next_batch(self) -> list[_Pending] | None:
+        """Pop the next batch if it is due; None when the queue is empty or the batch should wait."""
+        first = self._head()
+        if first is None:
+            return None
         if not self.policy.batching:
-            return batch
-        rows = first.rows
-        window_end = first.enqueued + self.policy.max_queue_delay
-        while rows < self._target:
-            nxt = self._take_live()
-            if nxt is not None:
-                if nxt.signature != first.signature or rows + nxt.rows > self._target:
-                    break
-                self._queue.popleft()
-                batch.append(nxt)
-                rows += nxt.rows
+            return [self._queue.popleft()]
+        rows = 0
+        count = 0
+        blocked = False  # the next request cannot join: waiting cannot grow this batch
+        for pending in self._queue:
+            if pending.future.done():
+                count += 1
                 continue
-            if rows in self._preferred:
+            if rows and (pending.signature != first.signature or rows + pending.rows > self._target):
+                blocked = True  # (the first request always goes, even if it exceeds the target)
                 break
-            remaining = window_end - self._clock.now()
-            if remaining <= 0:
+            rows += pending.rows
+            count += 1
+            if rows >= self._target:
                 break
-            self._arrived.clear()
-            await self._clock.wait(self._arrived, remaining)
-        self._observer.queued(len(self._queue))
+        due = (
+            rows >= self._target
+            or blocked
+            or (rows in self._preferred and count == len(self._queue))
+            or self._clock.now() >= first.enqueued + self.policy.max_queue_delay
+        )
+        if not due:
+            if self._timer is None:
+                wait = first.enqueued + self.policy.max_queue_delay - self._clock.now()
+                self._timer = self._clock.call_later(max(wait, 0.0), self._pump)
+            return None
+        batch = []
+        for _ in range(count):
+            pending = self._queue.popleft()
+            if not pending.future.done():
+                batch.append(pending)
         return batch
 
-    async def _execute(self, batch: list[_Pending]) -> None:
-        loop = asyncio.get_running_loop()
+    def _dispatch(self, batch: list[_Pending]) -> None:
         started = self._clock.now()
+        self._free -= 1
+        assert self._workers is not None
+        self._workers.submit(
+            lambda: self._run_batch([p.inputs for p in batch], [p.rows for p in batch]),
+            lambda result, error: self._finish(batch, started, result, error),
+        )
+
+    def _finish(
+        self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
+    ) -> None:
+        """On the event loop: hand each request its rows (or the batch's error), then schedule more."""
+        self._free += 1
+        try:
+            self._deliver(batch, started, result, error)
+        finally:
+            self._pump()
+
+    def _deliver(
+        self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
+    ) -> None:
+        rows = sum(p.rows for p in batch) if self.policy.batching else 1
+        if error is not None:
+            ids = ", ".join(p.request_id or "-" for p in batch)
+            log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
+            failure = (
+                error
+                if isinstance(error, HubError)
+                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}: {error}")
+            )
+            for pending in batch:
+                self._fail(pending, failure)
+            return
+        assert result is not None
+        results, input_ns, infer_ns, output_ns = result
         queue_seconds = [started - p.enqueued for p in batch]
         for waited in queue_seconds:
             self.stats.queue.add(int(waited * 1e9))
-        rows = sum(p.rows for p in batch) if self.policy.batching else 1
-        try:
-            results, input_ns, infer_ns, output_ns = await loop.run_in_executor(
-                self._executor, self._run_batch, [p.inputs for p in batch], [p.rows for p in batch]
-            )
-        except Exception as exc:
-            ids = ", ".join(p.request_id or "-" for p in batch)
-            log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=exc)
-            error = (
-                exc
-                if isinstance(exc, HubError)
-                else ModelExecutionError(f"model '{self.name}' failed: {type(exc).__name__}: {exc}")
-            )
-            for pending in batch:
-                self._fail(pending, error)
-            return
-        finally:
-            self._slots.release()
         self.stats.record_batch(rows, len(batch), input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
-        for pending, result in zip(batch, results, strict=True):
+        for pending, outputs in zip(batch, results, strict=True):
             if not pending.future.done():
-                pending.future.set_result(result)
+                pending.future.set_result(outputs)
 
-    def _run_batch(
-        self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]
-    ) -> tuple[list[Arrays], int, int, int]:
+    def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
         """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""
         clock = time.perf_counter_ns
         t0 = clock()
