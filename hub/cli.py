@@ -110,6 +110,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
     )
     serve.add_argument(
+        "--log-requests",
+        type=float,
+        default=float(_env("LOG_REQUESTS", 0.0)),
+        metavar="FRACTION",
+        help="write this fraction of inference requests to the access log, e.g. 0.01 (default: 0, off)",
+    )
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("SHUTDOWN_GRACE", 10.0)),
@@ -146,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     health.add_argument("--service", default="", help="a model name, or empty for the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
     _add_url_arg(health)
+    top = commands.add_parser("top", help="a live terminal view of a running server's models")
+    top.add_argument(
+        "--metrics-url",
+        default=_env("METRICS_URL", "http://localhost:8002/metrics"),
+        help="the server's metrics endpoint (default: http://localhost:8002/metrics)",
+    )
+    top.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default: 2)")
+    top.add_argument("--once", action="store_true", help="print one table over one interval, then exit")
     return parser
 
 
@@ -160,6 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "models": cmd_models,
         "infer": cmd_infer,
         "health": cmd_health,
+        "top": cmd_top,
     }[args.command]
     try:
         return handler(args)
@@ -192,6 +208,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         entry_points=not args.no_entry_points,
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
+        log_requests=args.log_requests,
     )
     return asyncio.run(_serve(Server(config)))
 
@@ -383,6 +400,16 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from hub.top import run
+
+    try:
+        return run(args.metrics_url, args.interval, args.once)
+    except OSError as exc:
+        print(f"cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ both get resolution (docs/metrics.md lists them).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -14,6 +16,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -77,6 +80,9 @@ class Metrics:
             registry=r,
         )
 
+    def watch_cuda(self) -> None:
+        self.registry.register(CudaCollector())
+
     def for_model(self, name: str, version: int) -> ModelMetrics:
         return ModelMetrics(self, name, str(version))
 
@@ -123,3 +129,39 @@ class ModelMetrics:
     def loaded(self, load_seconds: float, build_seconds: float) -> None:
         self._metrics.load_seconds.labels(*self._labels).set(load_seconds)
         self._metrics.build_seconds.labels(*self._labels).set(build_seconds)
+
+
+class CudaCollector:
+    """GPU memory per device from torch (always), and utilisation from NVML when pynvml is
+    installed. Registered only when the server runs on CUDA."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        import torch
+
+        allocated = GaugeMetricFamily(
+            "modelhub_gpu_memory_allocated_bytes", "GPU memory held by tensors, per device.", labels=["device"]
+        )
+        reserved = GaugeMetricFamily(
+            "modelhub_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator.", labels=["device"]
+        )
+        devices = range(torch.cuda.device_count())
+        for index in devices:
+            allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
+            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+        yield allocated
+        yield reserved
+        try:
+            import pynvml
+        except ImportError:
+            return
+        utilisation = GaugeMetricFamily(
+            "modelhub_gpu_utilization_ratio", "GPU busy fraction over the last sample (NVML).", labels=["device"]
+        )
+        try:
+            pynvml.nvmlInit()
+            for index in devices:
+                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+                utilisation.add_metric([str(index)], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+        except Exception:  # NVML is optional: a broken driver must not break /metrics
+            return
+        yield utilisation

@@ -68,6 +68,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     extra_plugins: Mapping[str, object] = field(default_factory=dict)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
+    log_requests: float = 0.0  # fraction of inference requests written to the access log
 
 
 @dataclass
@@ -86,7 +87,8 @@ class ServerInfo:
 class Server:
     def __init__(self, config: ServerConfig, *, clock: Clock | None = None) -> None:
         self.config = config
-        self.metrics = Metrics()
+        # With metrics off nothing is recorded at all, so `make bench` can price them.
+        self.metrics = Metrics() if config.metrics_port is not None else None
         self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
@@ -107,6 +109,8 @@ class Server:
         config = self.config
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(_set_torch_threads, config.threads)
+        if self.metrics is not None and self.device == "cuda":
+            self.metrics.watch_cuda()
         targets = await asyncio.to_thread(self.plugins.collect_targets)
         specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
         builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
@@ -121,7 +125,9 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.repository, self.is_ready), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.repository, self.is_ready, log_requests=config.log_requests), server
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -144,7 +150,7 @@ class Server:
         self._grpc = server
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if config.metrics_port is not None:
+        if self.metrics is not None and config.metrics_port is not None:
             from prometheus_client import start_http_server
 
             self._metrics_http, _ = start_http_server(

@@ -21,7 +21,7 @@ class ModelRepository:
     """Owns every ServedModel of one server. All methods run on the event loop thread;
     builds and loads run in a worker thread, one model at a time."""
 
-    def __init__(self, builder: Builder, metrics: Metrics, *, clock: Clock | None = None) -> None:
+    def __init__(self, builder: Builder, metrics: Metrics | None, *, clock: Clock | None = None) -> None:
         self.builder = builder
         self.metrics = metrics
         self._clock = clock
@@ -80,7 +80,8 @@ class ModelRepository:
     # --- loading ----------------------------------------------------------------------------
 
     def add(self, spec: ModelSpec) -> ServedModel:
-        model = ServedModel(spec=spec, metrics=self.metrics.for_model(spec.name, spec.version))
+        metrics = self.metrics.for_model(spec.name, spec.version) if self.metrics is not None else None
+        model = ServedModel(spec=spec, metrics=metrics)
         self._models.setdefault(spec.name, {})[spec.version] = model
         self._set_state(model, ModelState.LOADING)
         return model

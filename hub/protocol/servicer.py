@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -25,6 +26,7 @@ from hub.protocol.generated import model_config_pb2 as mc
 from hub.protocol.status import status_for
 
 log = logging.getLogger("modelhub.grpc")
+access = logging.getLogger("modelhub.access")
 
 EXTENSIONS = ["model_configuration", "statistics"]
 TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
@@ -45,9 +47,10 @@ def _unimplemented(method: str) -> Callable[..., Any]:
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool]) -> None:
+    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool], *, log_requests: float = 0.0) -> None:
         self.repository = repository
         self._is_ready = is_ready
+        self._log_requests = log_requests
 
     # --- health -----------------------------------------------------------------------------
 
@@ -139,11 +142,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except Exception as exc:
             error = exc
             log.exception("model '%s': request %r failed", model.spec.key, request.id or "-")
+        elapsed = time.perf_counter() - started
+        code_name = "OK" if error is None else status_for(error)[0].name
+        model.end_request(code_name, elapsed)
+        if self._log_requests and random.random() < self._log_requests:
+            access.info(
+                "%s v%d id=%s %s %.3fms",
+                model.name,
+                model.version,
+                request.id or "-",
+                code_name,
+                elapsed * 1e3,
+                extra={
+                    "model": model.name,
+                    "version": model.version,
+                    "request_id": request.id,
+                    "code": code_name,
+                    "ms": round(elapsed * 1e3, 3),
+                },
+            )
         if error is not None:
-            code, _ = status_for(error)
-            model.end_request(code.name, time.perf_counter() - started)
             await _abort(context, error)
-        model.end_request("OK", time.perf_counter() - started)
         return response
 
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# make bench: our server against the peers and the two ceilings, in one alternating run.
+#
+#   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
+#      (with and without adaptive batching) and PyTriton (the real Triton core);
+#   2. our server twice, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port 0;
+#   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
+#      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
+#   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py).
+#
+# Results: the kit's tables (printed, and under $PEERS_WORK/results), and bench-results/.
+# Knobs: ROUNDS (2), CONCURRENCY (1,4,16,64), WINDOW (3 s), KIT, MODELHUB_BENCH_TARGET (onnx).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+KIT=$(cd "${KIT:-$ROOT/../shared/bench}" && pwd)
+export PEERS_WORK=${PEERS_WORK:-$HOME/.cache/modelhub-peers}
+ROUNDS=${ROUNDS:-2}
+CONCURRENCY=${CONCURRENCY:-1,4,16,64}
+WINDOW=${WINDOW:-3}
+OUT=$ROOT/bench-results
+mkdir -p "$OUT"
+REPO=$OUT/models
+
+bash "$KIT/setup.sh" >/dev/null
+bash "$KIT/start_servers.sh"
+
+start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT ; own process group so --cpu finds it
+  local name=$1
+  setsid env REFMODELS_DIR="$KIT" .venv/bin/modelhub serve --plugins-dir bench/plugins --no-entry-points \
+    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$2" --metrics-port "$3" --device cpu --threads 1 \
+    > "$OUT/$name.log" 2>&1 < /dev/null &
+  echo $! > "$OUT/$name.pid"
+}
+stop_ours() {
+  for f in "$OUT"/*.pid; do kill -TERM -- "-$(cat "$f")" 2>/dev/null || true; rm -f "$f"; done
+}
+trap 'stop_ours; bash "$KIT/stop_servers.sh" >/dev/null 2>&1 || true' EXIT
+
+# Build the artifacts once, before either server starts (they share the repository).
+REFMODELS_DIR="$KIT" .venv/bin/python - <<PY
+import asyncio
+from pathlib import Path
+from hub.server import Server, ServerConfig
+async def main():
+    s = Server(ServerConfig(plugins_dir=Path("bench/plugins"), model_repository=Path("$REPO"), host="127.0.0.1",
+                            grpc_port=0, metrics_port=None, device="cpu", threads=1, entry_points=False))
+    await s.start(); await s.wait_until_loaded(); await s.stop(0)
+asyncio.run(main())
+PY
+start_ours ours 9000 9002
+start_ours ours_nometrics 9010 0
+
+T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
+T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
+"$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
+echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
+bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \
+  --out "$OUT/loadgen.jsonl" | tee "$OUT/loadgen.txt"
+"$PEERS_WORK/venv/client/bin/python" "$KIT/summarize.py" "$OUT/loadgen.jsonl" --ref echo_grpc_aio \
+  | tee "$OUT/loadgen-vs-echo.md"
+echo "== perf_analyzer =="
+bash "$KIT/run.sh" --tool pa --rounds 1 --concurrency "$CONCURRENCY" --window "$WINDOW" \
+  --targets echo_grpc_aio,pytriton_batch2ms \
+  --target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide \
+  --out "$OUT/pa.jsonl" | tee "$OUT/pa.txt"
+echo "== compute ceiling: in-process, best batch size =="
+REFMODELS_DIR="$KIT" .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository "$REPO" \
+  | tee "$OUT/ceiling.txt"
+echo "results in $OUT"

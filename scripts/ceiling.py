@@ -1,0 +1,54 @@
+"""The compute ceiling: each model's built artifact called in-process (no server), at batch
+sizes 1..64, with the thread count the server uses. Prints samples/s per batch size and the best.
+
+    .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository bench-results/models
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+
+from hub.build.pipeline import Builder
+from hub.plugins.manager import PluginHost
+from hub.server import _set_torch_threads
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--plugins-dir", type=Path, default=Path("plugins"))
+    parser.add_argument("--model-repository", type=Path, default=Path("models"))
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=1.5, help="per batch size")
+    parser.add_argument("--batch-sizes", default="1,4,16,32,64")
+    args = parser.parse_args()
+    _set_torch_threads(args.threads)
+    host = PluginHost(args.plugins_dir, entry_points=False)
+    builder = Builder(args.model_repository, host.collect_targets(), host, device="cpu", threads=args.threads)
+    for spec in host.collect_models():
+        artifact = builder.ensure(spec)
+        rng = np.random.default_rng(0)
+        best = (0.0, 0)
+        cells = []
+        for batch in (int(b) for b in args.batch_sizes.split(",")):
+            if spec.batching.batching and batch > spec.batching.max_batch_size:
+                continue
+            inputs = {
+                t.name: rng.standard_normal((batch, *t.shape[1:])).astype(t.dtype) for t in spec.inputs
+            }
+            artifact.runtime.run(inputs)
+            count, start = 0, time.perf_counter()
+            while time.perf_counter() - start < args.seconds:
+                artifact.runtime.run(inputs)
+                count += 1
+            rate = count * batch / (time.perf_counter() - start)
+            cells.append(f"b{batch}={rate:,.0f}/s")
+            best = max(best, (rate, batch))
+        print(f"{spec.name} ({spec.target}, {args.threads} thread): {' '.join(cells)}; best {best[0]:,.0f}/s at b{best[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,262 @@
+"""Prometheus metrics on a live server: names, agreement with ModelStatistics, the dashboard's
+queries, per-server registries; model health while loading; structured and access logs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import threading
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import prometheus_client
+import pytest
+import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from tritonclient.utils import InferenceServerException
+
+from hub import hookimpl
+from hub.logs import JsonFormatter
+from hub.server import Server, ServerConfig
+
+from .conftest import ROOT, RunningServer, link_plugins
+
+CUDA_ONLY = {
+    "modelhub_gpu_memory_allocated_bytes",
+    "modelhub_gpu_memory_reserved_bytes",
+    "modelhub_gpu_utilization_ratio",
+}
+
+
+def scrape(server: RunningServer) -> dict[str, float]:
+    """Every sample as 'name{label="v",...}' -> value."""
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            out[f"{sample.name}{{{labels}}}"] = sample.value
+    return out
+
+
+def infer_digits(client: tc.InferenceServerClient, images: np.ndarray) -> None:
+    tensor = tc.InferInput("image", list(images.shape), "FP32")
+    tensor.set_data_from_numpy(images)
+    client.infer("digits", [tensor])
+
+
+def test_metrics_agree_with_model_statistics(hub_server: RunningServer, digits_heldout: Any) -> None:
+    images, _ = digits_heldout
+    client = tc.InferenceServerClient(hub_server.url)
+    key = 'modelhub_requests_total{code="OK",model="digits",version="1"}'
+    before = scrape(hub_server)
+    stats_before = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]
+    for i in range(25):
+        infer_digits(client, images[i : i + 2])
+    after = scrape(hub_server)
+    stats = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]
+
+    def stat(s: dict[str, Any], *path: str) -> int:
+        for part in path:
+            s = s.get(part, {})
+        return int(s or 0)  # type: ignore[call-overload]
+
+    assert after[key] - before.get(key, 0) == 25
+    success = stat(stats, "inference_stats", "success", "count") - stat(
+        stats_before, "inference_stats", "success", "count"
+    )
+    assert success == 25
+    inferences = 'modelhub_inferences_total{model="digits",version="1"}'
+    executions = 'modelhub_executions_total{model="digits",version="1"}'
+    assert after[inferences] == int(stats["inference_count"])
+    assert after[executions] == int(stats["execution_count"])
+    assert after['modelhub_model_state{model="digits",state="ready",version="1"}'] == 1
+    assert after['modelhub_model_state{model="digits",state="loading",version="1"}'] == 0
+    count = 'modelhub_request_duration_seconds_count{model="digits",version="1"}'
+    assert after[count] - before.get(count, 0) == 25
+    assert any(k.startswith("process_cpu_seconds_total") for k in after)
+    assert any(k.startswith("modelhub_batch_size_bucket") for k in after)
+
+
+def test_failed_requests_are_counted_by_code(hub_server: RunningServer) -> None:
+    client = tc.InferenceServerClient(hub_server.url)
+    key = 'modelhub_requests_total{code="INVALID_ARGUMENT",model="digits",version="1"}'
+    before = scrape(hub_server).get(key, 0)
+    with pytest.raises(InferenceServerException, match="image"):
+        infer_digits(client, np.zeros((1, 8, 8, 1), np.float32))
+    assert scrape(hub_server)[key] - before == 1
+
+
+def test_dashboard_queries_only_metrics_that_exist(hub_server: RunningServer, digits_heldout: Any) -> None:
+    infer_digits(tc.InferenceServerClient(hub_server.url), digits_heldout[0][:1])
+    names = {key.split("{")[0] for key in scrape(hub_server)}
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "modelhub.json").read_text())
+    queried = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            queried |= set(re.findall(r"\b((?:modelhub|process)_[a-z_]+)", target["expr"]))
+    assert queried, "the dashboard queries nothing"
+    missing = {q for q in queried if q not in names} - CUDA_ONLY
+    assert not missing, f"the dashboard queries metrics the server does not export: {sorted(missing)}"
+    titles = " ".join(p["title"].lower() for p in dashboard["panels"])
+    for topic in ("request rate", "latency", "queue time", "batch size", "queue depth", "gpu memory"):
+        assert topic in titles
+
+
+def test_each_server_owns_its_registry(hub_server: RunningServer) -> None:
+    assert hub_server.server is not None and hub_server.server.metrics is not None
+    assert hub_server.server.metrics.registry is not prometheus_client.REGISTRY
+    assert (
+        prometheus_client.REGISTRY.get_sample_value("modelhub_inferences_total", {"model": "digits", "version": "1"})
+        is None
+    )
+
+
+def test_metrics_port_none_records_nothing(start_server: Any, tmp_path: Path) -> None:
+    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), metrics_port=None)
+    assert server.server.metrics is None and server.server.metrics_port is None
+    assert server.model("digits").metrics is None
+    infer_digits(tc.InferenceServerClient(server.url), np.zeros((1, 1, 8, 8), np.float32))
+
+
+def test_health_is_not_serving_while_a_model_loads(tmp_path: Path, model_repository: Path) -> None:
+    gate = threading.Event()
+    entered = threading.Event()
+
+    class SlowTarget:
+        @hookimpl
+        def register_targets(self, register: Any) -> None:
+            from hub import Target
+            from tests.plugins.identity import NumpyRuntime
+
+            def load(ctx: Any) -> Any:
+                entered.set()
+                gate.wait(30)
+                return NumpyRuntime(lambda inputs: {"OUTPUT0": inputs["INPUT0"]})
+
+            register(Target(name="slow", build=lambda ctx: None, load=load, check_parity=False))
+
+        @hookimpl
+        def register_models(self, register: Any) -> None:
+            from hub import ModelSpec, TensorSpec
+
+            register(
+                ModelSpec(
+                    name="slowpoke",
+                    build=lambda: None,
+                    inputs=[TensorSpec("INPUT0", "FP32", (2,))],
+                    outputs=[TensorSpec("OUTPUT0", "FP32", (2,))],
+                    example_inputs={"INPUT0": np.zeros(2, np.float32)},
+                    target="slow",
+                )
+            )
+
+    config = ServerConfig(
+        plugins_dir=None,
+        model_repository=tmp_path / "models",
+        host="127.0.0.1",
+        grpc_port=0,
+        metrics_port=None,
+        device="cpu",
+        threads=1,
+        entry_points=False,
+        extra_plugins={"slow": SlowTarget()},
+    )
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    server = Server(config)
+    try:
+        asyncio.run_coroutine_threadsafe(server.start(), loop).result(30)
+        assert entered.wait(30)
+        url = f"127.0.0.1:{server.grpc_port}"
+        with grpc.insecure_channel(url) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+            assert check("") == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert check("slowpoke") == health_pb2.HealthCheckResponse.NOT_SERVING
+            client = tc.InferenceServerClient(url)
+            assert client.is_server_live() and not client.is_server_ready()
+            assert client.get_model_repository_index(as_json=True)["models"][0]["state"] == "LOADING"
+            gate.set()
+            asyncio.run_coroutine_threadsafe(server.wait_until_loaded(), loop).result(30)
+            assert check("slowpoke") == health_pb2.HealthCheckResponse.SERVING
+            for _ in range(50):  # the overall status follows on the loop
+                if check("") == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                threading.Event().wait(0.05)
+            assert check("") == health_pb2.HealthCheckResponse.SERVING
+            assert client.is_server_ready()
+    finally:
+        gate.set()
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+
+
+def test_access_log_sampling(start_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), log_requests=1.0)
+    client = tc.InferenceServerClient(server.url)
+    tensor = tc.InferInput("image", [1, 1, 8, 8], "FP32")
+    tensor.set_data_from_numpy(np.zeros((1, 1, 8, 8), np.float32))
+    with caplog.at_level(logging.INFO, logger="modelhub.access"):
+        client.infer("digits", [tensor], request_id="logged-1")
+    records = [r for r in caplog.records if r.name == "modelhub.access"]
+    assert records and records[-1].request_id == "logged-1" and records[-1].code == "OK"  # type: ignore[attr-defined]
+    line = json.loads(JsonFormatter().format(records[-1]))
+    assert line["model"] == "digits" and line["request_id"] == "logged-1" and line["level"] == "info"
+
+
+@pytest.mark.gpu
+def test_gpu_memory_metrics(start_server: Any, tmp_path: Path) -> None:
+    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), device="cuda")
+    names = {key.split("{")[0] for key in scrape(server)}
+    assert {"modelhub_gpu_memory_allocated_bytes", "modelhub_gpu_memory_reserved_bytes"} <= names
+
+
+def test_top_shows_rate_latency_and_batch(hub_server: RunningServer, digits_heldout: Any) -> None:
+    from hub import top
+
+    client = tc.InferenceServerClient(hub_server.url)
+    before = top.scrape(hub_server.metrics_url)
+    for i in range(20):
+        infer_digits(client, digits_heldout[0][i : i + 4])
+    after = top.scrape(hub_server.metrics_url)
+    row = next(r for r in top.rows(before, after) if r["model"] == "digits")
+    assert row["state"] == "ready" and row["rate"] > 0
+    assert row["batch"] is not None and row["batch"] >= 4
+    assert row["p99_ms"] is not None and row["p50_ms"] is not None and 0 < row["p50_ms"] <= row["p99_ms"]
+    result = __import__("subprocess").run(
+        [
+            __import__("sys").executable,
+            "-m",
+            "hub.cli",
+            "top",
+            "--metrics-url",
+            hub_server.metrics_url,
+            "--once",
+            "--interval",
+            "0.2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "digits" in result.stdout and "p99 ms" in result.stdout, result.stdout
+
+
+def test_histogram_quantile_interpolates() -> None:
+    from hub.top import quantile
+
+    before = [(0.001, 0.0), (0.01, 0.0), (float("inf"), 0.0)]
+    after = [(0.001, 50.0), (0.01, 100.0), (float("inf"), 100.0)]
+    assert quantile(0.5, before, after) == pytest.approx(0.001)
+    assert quantile(0.75, before, after) == pytest.approx(0.0055)
+    assert quantile(0.5, after, after) is None
