@@ -29,8 +29,8 @@ test: install $(PA)  ## the whole suite (what CI runs)
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check hub tests plugins scripts
-	$(BIN)/ruff format --check hub tests plugins scripts
+	$(BIN)/ruff check hub tests plugins scripts bench
+	$(BIN)/ruff format --check hub tests plugins scripts bench
 	$(BIN)/mypy
 
 protos: install  ## regenerate hub/protocol/generated from protos/

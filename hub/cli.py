@@ -132,6 +132,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repository_arg(models)
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
+    build = commands.add_parser("build", help="build, check and measure artifacts ahead of serving")
+    build.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
+    _add_plugin_args(build)
+    _add_repository_arg(build)
+    build.add_argument("--target", help="build this target instead of each spec's own")
+    build.add_argument("--compare", metavar="MODEL", help="build every registered target for MODEL and compare them")
+    build.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
+    build.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="compute threads (0: auto)")
+    build.add_argument("--force", action="store_true", help="rebuild even when the cached artifact is current")
+    build.add_argument("--no-measure", action="store_true", help="skip the in-process throughput figures")
+    build.add_argument("--config", type=Path, default=_env("CONFIG", None), help="deployment overrides, as for serve")
+    build.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
+
     infer = commands.add_parser("infer", help="send one inference request to a running server and print the outputs")
     infer.add_argument("model", help="model name")
     infer.add_argument(
@@ -176,6 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "infer": cmd_infer,
         "health": cmd_health,
         "top": cmd_top,
+        "build": cmd_build,
     }[args.command]
     try:
         return handler(args)
@@ -400,6 +414,56 @@ def cmd_health(args: argparse.Namespace) -> int:
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     print(status)
     return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from rich.console import Console
+
+    from hub.build.command import build_all, compare_specs, render
+    from hub.config import DeploymentConfig
+    from hub.errors import HubError
+    from hub.server import _set_torch_threads, default_threads, resolve_device
+
+    threads = args.threads or default_threads()
+    _set_torch_threads(threads)
+    host = _host(args)
+    try:
+        deployment = DeploymentConfig.load(Path(args.config)) if args.config else DeploymentConfig()
+        specs = deployment.apply(host.collect_models())
+        device = resolve_device(args.device)
+    except (HubError, OSError, ValueError) as exc:
+        print(f"modelhub build: {exc}", file=sys.stderr)
+        return 2
+    repository = args.model_repository
+    if args.compare:
+        chosen = [s for s in specs if s.name == args.compare]
+        if not chosen:
+            print(f"modelhub build: no model named '{args.compare}'", file=sys.stderr)
+            return 2
+        specs = compare_specs(host, chosen[-1])
+        repository = repository / ".compare"
+    else:
+        if args.models:
+            unknown = set(args.models) - {s.name for s in specs}
+            if unknown:
+                print(f"modelhub build: unknown model(s) {sorted(unknown)}", file=sys.stderr)
+                return 2
+            specs = [s for s in specs if s.name in args.models]
+        if args.target:
+            specs = [dataclasses.replace(s, target=args.target) for s in specs]
+    results = build_all(host, specs, repository, device, threads, force=args.force, measure=not args.no_measure)
+    if args.json:
+        print(json.dumps(results, indent=2, default=str))
+    else:
+        Console(width=200).print(render(results))
+    failed = [r for r in results if r["status"] == "failed"]
+    for r in failed:
+        print(f"\n{r['model']} [{r['target']}]: {r['problem']}", file=sys.stderr)
+    if args.compare:
+        return 0  # a comparison reports failures in the table; it is not a build gate
+    return 1 if failed else 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:

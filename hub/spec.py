@@ -100,10 +100,17 @@ class BatchPolicy:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """How far an artifact's outputs may stray from eager: |a - e| <= atol + rtol * |e|."""
+    """How far an artifact's outputs may stray from eager.
+
+    Every element must satisfy |a - e| <= atol + rtol * max|e| (rtol is relative to the
+    output's scale, so logits near zero do not fail a quantized model on noise). When
+    `min_top1` is set, classification-like outputs (2-D, several columns) must also agree
+    with eager's argmax on at least that fraction of rows.
+    """
 
     atol: float = 1e-4
     rtol: float = 1e-3
+    min_top1: float | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +126,9 @@ class ModelSpec:
     - `weights`: files the model reads its weights from, so that a change rebuilds it.
       Files inside a plugin package are covered already.
     - `tolerance`: parity bounds for the artifact; None takes the target's default.
+    - `validation_data`: optional function returning (inputs, labels or None): a larger set
+      the artifact is checked on, with accuracy recorded when there are labels.
+    - `options`: target options, e.g. {"compile_mode": "max-autotune"} for torch-compile.
     """
 
     name: str
@@ -131,6 +141,8 @@ class ModelSpec:
     batching: BatchPolicy = field(default_factory=BatchPolicy)
     tolerance: Tolerance | None = None
     weights: Sequence[Path] = ()
+    validation_data: Callable[[], tuple[Arrays, np.ndarray | None]] | None = None
+    options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     #: Set by the hub: the plugin that registered the spec and the files it came from.
     plugin: str = ""

@@ -36,9 +36,7 @@ def main() -> None:
         for batch in (int(b) for b in args.batch_sizes.split(",")):
             if spec.batching.batching and batch > spec.batching.max_batch_size:
                 continue
-            inputs = {
-                t.name: rng.standard_normal((batch, *t.shape[1:])).astype(t.dtype) for t in spec.inputs
-            }
+            inputs = {t.name: rng.standard_normal((batch, *t.shape[1:])).astype(t.dtype) for t in spec.inputs}
             artifact.runtime.run(inputs)
             count, start = 0, time.perf_counter()
             while time.perf_counter() - start < args.seconds:
@@ -47,7 +45,8 @@ def main() -> None:
             rate = count * batch / (time.perf_counter() - start)
             cells.append(f"b{batch}={rate:,.0f}/s")
             best = max(best, (rate, batch))
-        print(f"{spec.name} ({spec.target}, {args.threads} thread): {' '.join(cells)}; best {best[0]:,.0f}/s at b{best[1]}")
+        summary = f"best {best[0]:,.0f}/s at b{best[1]}"
+        print(f"{spec.name} ({spec.target}, {args.threads} thread): {' '.join(cells)}; {summary}")
 
 
 if __name__ == "__main__":

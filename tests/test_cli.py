@@ -23,10 +23,10 @@ def modelhub(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
 
 
 class ServeProcess:
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, python: str = sys.executable, cwd: Path = ROOT) -> None:
         self.proc = subprocess.Popen(
             [
-                sys.executable,
+                python,
                 "-m",
                 "hub.cli",
                 "serve",
@@ -43,7 +43,7 @@ class ServeProcess:
             ],
             stderr=subprocess.PIPE,
             text=True,
-            cwd=ROOT,
+            cwd=cwd,
         )
         self.log: list[str] = []
         self.port = 0

@@ -11,6 +11,7 @@ import os
 import platform
 import shutil
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +42,7 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def _hash_arrays(arrays: dict[str, np.ndarray]) -> str:
+def _hash_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     digest = hashlib.sha256()
     for name in sorted(arrays):
         array = arrays[name]
@@ -98,6 +99,8 @@ class Builder:
                 "outputs": [asdict(t) for t in spec.outputs],
                 "tolerance": asdict(spec.tolerance or target.tolerance),
                 "examples": _hash_arrays(spec.examples()),
+                "validation": _hash_arrays(spec.validation_data()[0]) if spec.validation_data else None,
+                "options": dict(spec.options),
             },
             "target": target.name,
             "versions": library_versions(),
@@ -112,25 +115,32 @@ class Builder:
         except (OSError, ValueError):
             return None
 
-    def ensure(self, spec: ModelSpec, *, force: bool = False) -> Artifact:
+    def ensure(
+        self, spec: ModelSpec, *, force: bool = False, on_stage: Callable[[str], None] | None = None
+    ) -> Artifact:
         """Load the cached artifact when its key matches, else build, check and load it.
 
         Raises BuildError (with the validation report) when the artifact is refused.
+        `on_stage(name)` is told each stage as it starts (for progress displays).
         """
+        stage = on_stage or (lambda name: None)
         target = self.target_for(spec)
         key, parts = self.cache_key(spec, target)
         manifest = None if force else self.read_manifest(spec)
         if manifest is not None and manifest.get("cache_key") == key:
             if manifest.get("status") != "ok":
                 raise BuildError(_refusal(spec, manifest))
+            stage("load (cached)")
             runtime = target.load(self._context(spec, self.directory(spec)))
             return Artifact(runtime, manifest, built=False)
-        return self._build(spec, target, key, parts)
+        return self._build(spec, target, key, parts, stage)
 
     def _context(self, spec: ModelSpec, directory: Path) -> ArtifactContext:
         return ArtifactContext(spec=spec, directory=directory, device=self.device, threads=self.threads)
 
-    def _build(self, spec: ModelSpec, target: Target, key: str, parts: dict[str, Any]) -> Artifact:
+    def _build(
+        self, spec: ModelSpec, target: Target, key: str, parts: dict[str, Any], stage: Callable[[str], None]
+    ) -> Artifact:
         final = self.directory(spec)
         staging = final.with_name(f".{spec.version}.staging-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
@@ -138,8 +148,10 @@ class Builder:
         started = time.perf_counter()
         try:
             ctx = self._context(spec, staging)
+            stage(f"build {target.name}")
             target.build(ctx)
             build_seconds = time.perf_counter() - started
+            stage("validate")
             runtime = target.load(ctx)
             try:
                 validation = self._validate(spec, target, ctx, runtime)
@@ -180,11 +192,16 @@ class Builder:
         )
         if manifest["status"] != "ok":
             raise BuildError(_refusal(spec, manifest))
+        stage("load")
         runtime = target.load(self._context(spec, final))
         return Artifact(runtime, manifest, built=True)
 
     def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
-        examples = spec.examples()
+        labels = None
+        if spec.validation_data is not None:
+            examples, labels = spec.validation_data()
+        else:
+            examples = spec.examples()
         reference = None
         if target.check_parity:
             from hub.runtimes.torch import eager_outputs
@@ -192,7 +209,7 @@ class Builder:
             reference = eager_outputs(ctx.module(), spec, examples)
         tolerance = spec.tolerance or target.tolerance
         merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}
-        for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance):
+        for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance, labels):
             for name, value in result.items():
                 if name == "problems":
                     merged["problems"].extend(value)

@@ -19,9 +19,11 @@ def validate_artifact(
     examples: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray] | None,
     tolerance: Tolerance,
+    labels: np.ndarray | None,
 ) -> dict[str, Any]:
-    """The outputs honour the spec's contract, and stay within tolerance of eager."""
-    outputs = runtime.run(examples)
+    """The outputs honour the spec's contract, stay within tolerance of eager, and (with
+    labels) score an accuracy that is recorded next to eager's."""
+    outputs = run_chunked(runtime, spec, examples)
     problems: list[str] = []
     for tensor in spec.outputs:
         if tensor.name not in outputs:
@@ -47,10 +49,15 @@ def validate_artifact(
         abs_err = float(diff.max(initial=0.0))
         scale = float(np.abs(want).max(initial=0.0))
         rel_err = abs_err / scale if scale > 0 else abs_err
-        within = bool(np.all(diff <= tolerance.atol + tolerance.rtol * np.abs(want)))
+        within = abs_err <= tolerance.atol + tolerance.rtol * scale
         entry: dict[str, Any] = {"max_abs_err": abs_err, "max_rel_err": rel_err, "within_tolerance": within}
         if got.ndim == 2 and got.shape[1] > 1:  # classification-like: does the argmax agree?
-            entry["top1_agreement"] = float(np.mean(got.argmax(1) == want.argmax(1)))
+            top1 = float(np.mean(got.argmax(1) == want.argmax(1)))
+            entry["top1_agreement"] = top1
+            if tolerance.min_top1 is not None and top1 < tolerance.min_top1:
+                problems.append(
+                    f"output '{tensor.name}': top-1 agreement with eager {top1:.3f} is below {tolerance.min_top1}"
+                )
         per_output[tensor.name] = entry
         max_abs, max_rel = max(max_abs, abs_err), max(max_rel, rel_err)
         if not within:
@@ -59,4 +66,19 @@ def validate_artifact(
                 f"max rel error {rel_err:.3g}, tolerance atol={tolerance.atol:g} rtol={tolerance.rtol:g}"
             )
     report.update(max_abs_err=max_abs, max_rel_err=max_rel, outputs=per_output)
+    first = spec.outputs[0].name
+    if labels is not None and outputs[first].ndim == 2:
+        report["accuracy"] = float(np.mean(outputs[first].argmax(1) == labels))
+        report["eager_accuracy"] = float(np.mean(np.asarray(reference[first]).argmax(1) == labels))
+        report["validation_rows"] = len(labels)
     return report
+
+
+def run_chunked(runtime: Runtime, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run a set larger than max_batch_size in batches the runtime accepts."""
+    limit = spec.batching.max_batch_size
+    rows = len(next(iter(inputs.values()))) if inputs else 0
+    if not spec.batching.batching or rows <= limit:
+        return dict(runtime.run(inputs))
+    parts = [runtime.run({k: v[i : i + limit] for k, v in inputs.items()}) for i in range(0, rows, limit)]
+    return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}

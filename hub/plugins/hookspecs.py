@@ -58,6 +58,7 @@ def validate_artifact(
     examples: Mapping[str, np.ndarray],
     reference: Mapping[str, np.ndarray] | None,
     tolerance: Tolerance,
+    labels: np.ndarray | None,
 ) -> dict[str, Any] | None:
     """Check a freshly built artifact before it is served.
 
@@ -66,10 +67,12 @@ def validate_artifact(
 
     :param spec: the model being built.
     :param runtime: the loaded artifact.
-    :param examples: the spec's example inputs.
+    :param examples: the inputs to check on: the spec's `validation_data` inputs when it has
+        some, else its example inputs.
     :param reference: the eager model's outputs on `examples`, or None when the target is
         not checked against eager.
     :param tolerance: the `hub.Tolerance` in force (the spec's, else the target's default).
+    :param labels: the labels of `examples` from `validation_data`, or None.
     :returns: None to abstain, or a dict of figures to record. A list under the key
         "problems" (human-readable strings) refuses the artifact: the model is marked failed
         with those reasons and is not served.

@@ -32,6 +32,7 @@ ENTRY_POINT_GROUP = "modelhub"
 BUILTINS: dict[str, str] = {
     "torch": "hub.runtimes.torch",
     "onnx": "hub.runtimes.onnx",
+    "variants": "hub.runtimes.variants",
     "validation": "hub.build.validation",
 }
 
@@ -253,10 +254,11 @@ class PluginHost:
         examples: Mapping[str, np.ndarray],
         reference: Mapping[str, np.ndarray] | None,
         tolerance: Tolerance,
+        labels: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
         return list(
             self.pm.hook.validate_artifact(
-                spec=spec, runtime=runtime, examples=examples, reference=reference, tolerance=tolerance
+                spec=spec, runtime=runtime, examples=examples, reference=reference, tolerance=tolerance, labels=labels
             )
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -49,8 +50,8 @@ def _as_outputs(result: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
 class TorchRuntime:
     """Runs an eager module under inference_mode; inputs positionally in the spec's order."""
 
-    def __init__(self, module: Callable[..., Any], spec: ModelSpec, device: str) -> None:
-        if isinstance(module, torch.nn.Module):
+    def __init__(self, module: Callable[..., Any], spec: ModelSpec, device: str, *, move: bool = True) -> None:
+        if isinstance(module, torch.nn.Module) and move:
             module = module.to(device).eval()
         self.module = module
         self.device = device
@@ -70,8 +71,11 @@ class TorchRuntime:
 
 
 def eager_outputs(module: Any, spec: ModelSpec, examples: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The reference: the eager module on CPU, in float32, on the example inputs."""
-    return TorchRuntime(module, spec, "cpu").run(examples)
+    """The reference: the eager module on CPU, in float32, on the example inputs.
+
+    Runs a copy, so that the module a target is serving is never moved or changed.
+    """
+    return TorchRuntime(copy.deepcopy(module), spec, "cpu").run(examples)
 
 
 def _build(ctx: ArtifactContext) -> None:

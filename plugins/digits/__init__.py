@@ -42,6 +42,7 @@ def register_models(register: Callable[[ModelSpec], None]) -> None:
             inputs=[TensorSpec("image", "FP32", (-1, 1, 8, 8))],
             outputs=[TensorSpec("logits", "FP32", (-1, 10))],
             example_inputs=example_inputs,
+            validation_data=lambda: ({"image": heldout()[0]}, heldout()[1]),
             target="onnx",
             # No queue delay: a request never waits while an instance is idle, and batches form on
             # their own while one is busy. Deployments that want fuller batches set a delay.

@@ -1,0 +1,149 @@
+"""`modelhub build`: build, check and measure artifacts ahead of serving, with a progress
+display and a closing table; `--compare MODEL` builds every target for one model."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hub.build.pipeline import Builder
+from hub.errors import HubError
+from hub.plugins.manager import PluginHost
+from hub.spec import ModelSpec
+
+
+def throughput(runtime: Any, spec: ModelSpec, batch: int, seconds: float = 0.5) -> float | None:
+    """In-process samples per second at one batch size (None when the model cannot take it)."""
+    policy = spec.batching
+    if policy.batching and batch > policy.max_batch_size:
+        return None
+    examples = spec.examples()
+    if policy.batching:
+        inputs = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in examples.items()}
+    elif batch != 1:
+        return None
+    else:
+        inputs = examples
+    runtime.run(inputs)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        runtime.run(inputs)
+        count += 1
+    return count * max(batch, 1) / (time.perf_counter() - start)
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.exists() else 0
+
+
+def build_all(
+    host: PluginHost,
+    specs: list[ModelSpec],
+    repository: Path,
+    device: str,
+    threads: int,
+    *,
+    force: bool = False,
+    measure: bool = True,
+) -> list[dict[str, Any]]:
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    targets = host.collect_targets()
+    results = []
+    progress_console = Console(stderr=True)  # stdout stays clean for the table or --json
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=progress_console
+    ) as progress:
+        for spec in specs:
+            label = f"{spec.key} [{spec.target}]"
+            task = progress.add_task(f"{label}: start", total=None)
+            builder = Builder(repository, targets, host, device, threads)
+            row: dict[str, Any] = {"model": spec.name, "version": spec.version, "target": spec.target}
+            started = time.perf_counter()
+
+            def stage(name: str, task: Any = task, label: str = label) -> None:
+                progress.update(task, description=f"{label}: {name}")
+
+            try:
+                artifact = builder.ensure(spec, force=force, on_stage=stage)
+            except HubError as exc:
+                row.update(status="failed", problem=str(exc))
+                progress.update(task, description=f"{label}: failed")
+                results.append(row)
+                continue
+            manifest = artifact.manifest
+            validation = manifest.get("validation", {})
+            outputs = validation.get("outputs", {})
+            top1 = min((o["top1_agreement"] for o in outputs.values() if "top1_agreement" in o), default=None)
+            row.update(
+                status="ok" if artifact.built else "ok (cached)",
+                size=_size(builder.directory(spec)),
+                build_seconds=manifest.get("build_seconds") if artifact.built else 0.0,
+                seconds=time.perf_counter() - started,
+                max_abs_err=validation.get("max_abs_err"),
+                max_rel_err=validation.get("max_rel_err"),
+                top1=top1,
+                accuracy=validation.get("accuracy"),
+                eager_accuracy=validation.get("eager_accuracy"),
+            )
+            if measure:
+                progress.update(task, description=f"{label}: measure")
+                row["b1"] = throughput(artifact.runtime, spec, 1)
+                row["b32"] = throughput(artifact.runtime, spec, 32)
+            artifact.runtime.close()
+            progress.update(task, description=f"{label}: {row['status']}")
+            results.append(row)
+    return results
+
+
+def compare_specs(host: PluginHost, spec: ModelSpec) -> list[ModelSpec]:
+    """One spec per registered target, for `--compare`."""
+    return [dataclasses.replace(spec, target=name) for name in sorted(host.collect_targets())]
+
+
+def render(results: list[dict[str, Any]]) -> Any:
+    from rich.table import Table
+
+    table = Table(title="modelhub build", title_justify="left")
+    for column in (
+        "model",
+        "target",
+        "status",
+        "size",
+        "build s",
+        "max abs err",
+        "max rel err",
+        "top-1 agree",
+        "accuracy (eager)",
+        "b1 /s",
+        "b32 /s",
+    ):
+        table.add_column(column, no_wrap=column in ("model", "target"))
+
+    def num(value: Any, spec: str) -> str:
+        return "-" if value is None else format(value, spec)
+
+    for r in results:
+        if r["status"] == "failed":
+            table.add_row(f"{r['model']}/{r['version']}", r["target"], "[red]failed[/red]", *["-"] * 8)
+            continue
+        accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f} ({r['eager_accuracy']:.4f})"
+        table.add_row(
+            f"{r['model']}/{r['version']}",
+            r["target"],
+            r["status"],
+            f"{r['size'] / 1024:.0f} KiB",
+            num(r.get("build_seconds"), ".1f"),
+            num(r.get("max_abs_err"), ".2g"),
+            num(r.get("max_rel_err"), ".2g"),
+            num(r.get("top1"), ".3f"),
+            accuracy,
+            num(r.get("b1"), ",.0f"),
+            num(r.get("b32"), ",.0f"),
+        )
+    return table
