@@ -59,6 +59,34 @@ def _add_url_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    """Where and how models run, and the deployment overrides: shared by serve and build."""
+    parser.add_argument(
+        "--device",
+        default=_env("DEVICE", "auto"),
+        choices=["auto", "cpu", "cuda"],
+        help="where models run: auto picks CUDA when torch sees a GPU (default: auto)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=int(_env("THREADS", 0)),
+        help="compute threads per model runtime; 0 picks one per four cores (default: 0)",
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_env("CONFIG", None),
+        help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
+    )
+
+
+def _deployment(args: argparse.Namespace) -> Any:
+    from hub.config import DeploymentConfig
+
+    return DeploymentConfig.load(Path(args.config)) if args.config else DeploymentConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelhub",
@@ -85,29 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=int(_env("METRICS_PORT", 8002)),
         help="Prometheus /metrics port; 0 disables metrics (default: 8002)",
     )
-    serve.add_argument(
-        "--device",
-        default=_env("DEVICE", "auto"),
-        choices=["auto", "cpu", "cuda"],
-        help="where models run: auto picks CUDA when torch sees a GPU (default: auto)",
-    )
-    serve.add_argument(
-        "--threads",
-        type=int,
-        default=int(_env("THREADS", 0)),
-        help="compute threads per model runtime; 0 picks one per four cores (default: 0)",
-    )
+    _add_runtime_args(serve)
     serve.add_argument(
         "--require-all-models",
         action="store_true",
         default=bool(_env("REQUIRE_ALL_MODELS", "")),
         help="report the server not ready while any model has failed",
-    )
-    serve.add_argument(
-        "--config",
-        type=Path,
-        default=_env("CONFIG", None),
-        help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
     )
     serve.add_argument(
         "--log-requests",
@@ -138,11 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_repository_arg(build)
     build.add_argument("--target", help="build this target instead of each spec's own")
     build.add_argument("--compare", metavar="MODEL", help="build every registered target for MODEL and compare them")
-    build.add_argument("--device", default=_env("DEVICE", "auto"), choices=["auto", "cpu", "cuda"])
-    build.add_argument("--threads", type=int, default=int(_env("THREADS", 0)), help="compute threads (0: auto)")
+    _add_runtime_args(build)
     build.add_argument("--force", action="store_true", help="rebuild even when the cached artifact is current")
     build.add_argument("--no-measure", action="store_true", help="skip the in-process throughput figures")
-    build.add_argument("--config", type=Path, default=_env("CONFIG", None), help="deployment overrides, as for serve")
     build.add_argument("--json", action="store_true", help="print the results as JSON instead of a table")
 
     infer = commands.add_parser("infer", help="send one inference request to a running server and print the outputs")
@@ -201,12 +210,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from hub.config import DeploymentConfig
     from hub.errors import SpecError
     from hub.server import Server, ServerConfig, default_threads
 
     try:
-        deployment = DeploymentConfig.load(Path(args.config)) if args.config else DeploymentConfig()
+        deployment = _deployment(args)
     except (OSError, SpecError) as exc:
         log.error("modelhub: bad --config: %s", exc)
         return 2
@@ -422,7 +430,6 @@ def cmd_build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from hub.build.command import build_all, compare_specs, render
-    from hub.config import DeploymentConfig
     from hub.errors import HubError
     from hub.server import _set_torch_threads, default_threads, resolve_device
 
@@ -430,8 +437,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     _set_torch_threads(threads)
     host = _host(args)
     try:
-        deployment = DeploymentConfig.load(Path(args.config)) if args.config else DeploymentConfig()
-        specs = deployment.apply(host.collect_models())
+        specs = _deployment(args).apply(host.collect_models())
         device = resolve_device(args.device)
     except (HubError, OSError, ValueError) as exc:
         print(f"modelhub build: {exc}", file=sys.stderr)
