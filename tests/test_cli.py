@@ -65,8 +65,10 @@ class ServeProcess:
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
-        self.proc.send_signal(signum)
+    def stop(self, signum: int | None = signal.SIGTERM) -> tuple[int, str]:
+        """Send `signum` (None: it was sent already) and wait for the exit."""
+        if signum is not None:
+            self.proc.send_signal(signum)
         _, rest = self.proc.communicate(timeout=60)
         return self.proc.returncode, "".join(self.log) + rest
 
@@ -161,3 +163,52 @@ def test_env_configures_serve_flags() -> None:
         check=True,
     ).stdout
     assert out.split() == ["9123", "cpu"]
+
+
+def test_sigterm_under_load_answers_every_accepted_request(model_repository: Path, tmp_path: Path) -> None:
+    """Requests in flight when SIGTERM arrives get their answers; later ones are refused cleanly."""
+    import asyncio
+
+    import tritonclient.grpc.aio as tc_aio
+    from tritonclient.utils import InferenceServerException
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "behaviour.py").symlink_to(ROOT / "tests" / "plugins" / "behaviour.py")
+    (plugins / "identity.py").symlink_to(ROOT / "tests" / "plugins" / "identity.py")
+    server = ServeProcess("--plugins-dir", str(plugins), "--model-repository", str(model_repository),
+                          "--shutdown-grace", "20")  # fmt: skip
+    import tritonclient.grpc as tc
+
+    deadline = time.monotonic() + 120
+    while not tc.InferenceServerClient(server.url).is_server_ready():
+        assert time.monotonic() < deadline, "server never became ready"
+        time.sleep(0.2)
+
+    async def scenario() -> tuple[list[Any], list[Any]]:
+        client = tc_aio.InferenceServerClient(server.url)
+
+        async def call(i: int) -> Any:
+            tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
+            try:
+                result = await client.infer("sleepy", [tensor])
+            except InferenceServerException as exc:
+                return exc.status()
+            return float(result.as_numpy("OUTPUT0")[0, 0])
+
+        # sleepy computes one request per 50 ms and queues 4: these 5 are all accepted.
+        accepted = [asyncio.ensure_future(call(i)) for i in range(5)]
+        await asyncio.sleep(0.1)
+        server.proc.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.3)
+        late = [await call(100 + i) for i in range(3)]
+        results = await asyncio.gather(*accepted)
+        await client.close()
+        return results, late
+
+    results, late = asyncio.run(scenario())
+    code, log = server.stop(None)
+    assert results == [2.0 * i for i in range(5)], (results, log)
+    assert all(isinstance(r, str) and "UNAVAILABLE" in r for r in late), late
+    assert code == 0 and "Traceback" not in log
