@@ -73,6 +73,12 @@ class Metrics:
             MODEL,
             registry=r,
         )
+        self.load_failures = Counter(
+            "modelhub_model_load_failures",
+            "Loads and reloads that failed (the previous build keeps serving).",
+            MODEL,
+            registry=r,
+        )
         self.build_seconds = Gauge(
             "modelhub_model_build_duration_seconds",
             "Time the model's artifact took to build (0 when cached).",

@@ -21,6 +21,7 @@ from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
+from hub.errors import ModelNotFound
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
@@ -101,6 +102,7 @@ class Server:
         self._loading: asyncio.Task[None] | None = None
         self._stopping = False
         self._loaded = asyncio.Event()
+        self._control = asyncio.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -126,7 +128,7 @@ class Server:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.is_ready, log_requests=config.log_requests), server
+            InferenceServicer(self.repository, self.is_ready, control=self, log_requests=config.log_requests), server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
@@ -210,6 +212,37 @@ class Server:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
         log.info("modelhub stopped")
+
+    # --- model control (RepositoryModelLoad / RepositoryModelUnload) ---------------------------
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load a model from the plugins directory as it is now, without dropping requests.
+
+        The plugins are re-imported, so an edited plugin file takes effect; the new build is
+        validated while the current one serves, then swapped in, then the old one drains.
+        """
+        assert self.repository is not None
+        async with self._control:
+            await asyncio.to_thread(self.plugins.refresh)
+            targets = await asyncio.to_thread(self.plugins.collect_targets)
+            specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+            self.repository.builder.targets = targets
+            wanted = [s for s in specs if s.name == name]
+            if not wanted:
+                problems = [e for r in self.plugins.records.values() for e in r.errors]
+                hint = f"; plugin errors: {' | '.join(problems)}" if problems else ""
+                error = f"no plugin registers a model named '{name}'{hint}"
+                for model in self.repository.versions(name):
+                    if model.ready:
+                        self.repository.note_failed_reload(model, error)
+                raise ModelNotFound(error)
+            log.info("loading model '%s' (versions %s)", name, [s.version for s in wanted])
+            await self.repository.replace(name, wanted)
+
+    async def unload_model(self, name: str) -> None:
+        assert self.repository is not None
+        async with self._control:
+            await self.repository.unload(name)
 
     # --- health -----------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "modelhub"
     assert meta.version
-    assert set(meta.extensions) == {"model_configuration", "statistics"}
+    assert set(meta.extensions) == {"model_configuration", "model_repository", "statistics"}
 
 
 def test_model_metadata_has_batch_dimension(client: tc.InferenceServerClient) -> None:
@@ -110,8 +110,6 @@ def test_unknown_model_is_not_found(client: tc.InferenceServerClient, call) -> N
 
 UNIMPLEMENTED = {
     "ModelStreamInfer": None,
-    "RepositoryModelLoad": service_pb2.RepositoryModelLoadRequest(model_name="digits"),
-    "RepositoryModelUnload": service_pb2.RepositoryModelUnloadRequest(model_name="digits"),
     "SystemSharedMemoryStatus": service_pb2.SystemSharedMemoryStatusRequest(),
     "SystemSharedMemoryRegister": service_pb2.SystemSharedMemoryRegisterRequest(name="r"),
     "SystemSharedMemoryUnregister": service_pb2.SystemSharedMemoryUnregisterRequest(name="r"),

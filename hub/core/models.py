@@ -43,10 +43,12 @@ class ServedModel:
     metrics: ModelMetrics | None = None
     load_seconds: float = 0.0
 
-    def set_state(self, state: ModelState, reason: str = "") -> None:
+    def set_state(self, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
+        """Change state; `announce=False` keeps it off the metrics (a replacement loading
+        while the current version still serves)."""
         self.state = state
         self.reason = reason
-        if self.metrics is not None:
+        if announce and self.metrics is not None:
             self.metrics.state(state.value)
 
     @property

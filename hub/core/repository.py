@@ -10,7 +10,8 @@ from collections.abc import Callable
 from hub.build.pipeline import Builder
 from hub.core.batching import Batcher, Clock
 from hub.core.models import ModelState, ServedModel
-from hub.errors import HubError, ModelNotFound, ModelUnavailable
+from hub.core.stats import ModelStats
+from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable
 from hub.metrics import Metrics
 from hub.spec import ModelSpec
 
@@ -33,10 +34,11 @@ class ModelRepository:
         """Call `listener(model)` whenever a model changes state."""
         self._listeners.append(listener)
 
-    def _set_state(self, model: ServedModel, state: ModelState, reason: str = "") -> None:
-        model.set_state(state, reason)
-        for listener in self._listeners:
-            listener(model)
+    def _set_state(self, model: ServedModel, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
+        model.set_state(state, reason, announce=announce)
+        if announce:
+            for listener in self._listeners:
+                listener(model)
 
     # --- lookups ----------------------------------------------------------------------------
 
@@ -79,24 +81,91 @@ class ModelRepository:
 
     # --- loading ----------------------------------------------------------------------------
 
-    def add(self, spec: ModelSpec) -> ServedModel:
+    def _new(self, spec: ModelSpec, stats: ModelStats | None = None) -> ServedModel:
         metrics = self.metrics.for_model(spec.name, spec.version) if self.metrics is not None else None
-        model = ServedModel(spec=spec, metrics=metrics)
+        return ServedModel(spec=spec, metrics=metrics, stats=stats if stats is not None else ModelStats())
+
+    def add(self, spec: ModelSpec) -> ServedModel:
+        model = self._new(spec)
         self._models.setdefault(spec.name, {})[spec.version] = model
         self._set_state(model, ModelState.LOADING)
         return model
 
-    async def load(self, model: ServedModel) -> None:
+    async def replace(self, name: str, specs: list[ModelSpec]) -> None:
+        """Load new versions of a model while the current ones serve, then swap and drain.
+
+        For each version: the replacement is built and validated first; only when it is ready
+        does it take the old one's place (one dict assignment on the event loop, so every
+        request goes to exactly one of them); then the old one finishes its queue and is
+        freed. A replacement that fails leaves the old version serving, with the failure in
+        its `reason`. Versions the plugin no longer registers are unloaded. Raises BuildError
+        with the failures, after every version was tried.
+        """
+        current = dict(self._models.get(name, {}))
+        failures = []
+        for spec in specs:
+            old = current.get(spec.version)
+            serving = old is not None and old.ready
+            new = self._new(spec, stats=old.stats if old is not None else None)
+            if not serving:
+                self._models.setdefault(name, {})[spec.version] = new
+            await self.load(new, announce=not serving)
+            if not new.ready:
+                failures.append(new.reason)
+                if serving and old is not None:
+                    self.note_failed_reload(old, new.reason)
+                continue
+            self._models.setdefault(name, {})[spec.version] = new
+            self._set_state(new, ModelState.READY)
+            if serving and old is not None:
+                await self._retire(old)
+        wanted = {s.version for s in specs}
+        for version, old in current.items():
+            if version not in wanted:
+                await self._retire(old, announce=True)
+        if failures:
+            raise BuildError("; ".join(failures))
+
+    def note_failed_reload(self, model: ServedModel, reason: str) -> None:
+        """A replacement failed: the model keeps serving, and says why in RepositoryIndex and metrics."""
+        model.reason = f"reload failed, still serving the previous build: {reason}"
+        if self.metrics is not None:
+            self.metrics.load_failures.labels(model.name, str(model.version)).inc()
+        log.error("model '%s': %s", model.spec.key, model.reason)
+
+    async def unload(self, name: str) -> None:
+        """Stop serving every version of a model: new requests get UNAVAILABLE, queued ones finish."""
+        versions = self._models.get(name)
+        if not versions:
+            raise ModelNotFound(f"unknown model '{name}'; served models: {', '.join(self.names()) or 'none'}")
+        for model in list(versions.values()):
+            await self._retire(model, announce=True)
+
+    async def _retire(self, model: ServedModel, *, announce: bool = False) -> None:
+        """Drain a model's batcher and free its runtime."""
+        if announce:
+            self._set_state(model, ModelState.UNLOADED, "unloaded")
+        if model.batcher is not None:
+            await model.batcher.close(drain=True)
+            model.batcher = None
+        if model.runtime is not None:
+            await asyncio.to_thread(model.runtime.close)
+            model.runtime = None
+        if not announce:
+            model.set_state(ModelState.UNLOADED, "replaced", announce=False)
+        log.info("model '%s' %s: drained and freed", model.spec.key, "unloaded" if announce else "replaced")
+
+    async def load(self, model: ServedModel, *, announce: bool = True) -> None:
         async with self._load_lock:
             started = time.perf_counter()
             try:
                 artifact = await asyncio.to_thread(self.builder.ensure, model.spec)
             except HubError as exc:
-                self._set_state(model, ModelState.FAILED, str(exc))
+                self._set_state(model, ModelState.FAILED, str(exc), announce=announce)
                 log.error("model '%s' failed to load: %s", model.spec.key, exc)
                 return
             except Exception as exc:
-                self._set_state(model, ModelState.FAILED, f"{type(exc).__name__}: {exc}")
+                self._set_state(model, ModelState.FAILED, f"{type(exc).__name__}: {exc}", announce=announce)
                 log.exception("model '%s' failed to load", model.spec.key)
                 return
             model.target = self.builder.target_for(model.spec)
@@ -115,7 +184,7 @@ class ModelRepository:
             if model.metrics is not None:
                 build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0
                 model.metrics.loaded(model.load_seconds, build)
-            self._set_state(model, ModelState.READY)
+            self._set_state(model, ModelState.READY, announce=announce)
             log.info(
                 "model '%s' ready in %.2fs (target %s, %s, device %s)",
                 model.spec.key,

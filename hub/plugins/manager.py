@@ -132,6 +132,23 @@ class PluginHost:
         if self.plugins_dir is not None:
             self._load_directory(self.plugins_dir)
 
+    def refresh(self) -> None:
+        """Re-import the plugins directory: changed files take effect, new ones are added and
+        removed ones dropped. Built-ins and entry points stay as they were loaded."""
+        self.load()
+        for name, record in list(self.records.items()):
+            if record.source != "directory":
+                continue
+            if self.pm.get_plugin(name) is not None:
+                self.pm.unregister(name=name)
+            del self.records[name]
+            for module in [
+                m for m in sys.modules if m == f"modelhub_plugins.{name}" or m.startswith(f"modelhub_plugins.{name}.")
+            ]:
+                del sys.modules[module]
+        if self.plugins_dir is not None:
+            self._load_directory(self.plugins_dir)
+
     def _load_directory(self, folder: Path) -> None:
         if not folder.is_dir():
             log.warning("plugins directory %s does not exist", folder)
@@ -191,6 +208,8 @@ class PluginHost:
 
     def collect_targets(self) -> dict[str, Target]:
         self.load()
+        for record in self.records.values():
+            record.targets = []
         targets: dict[str, Target] = {}
         for record, impl in self._impls(self.pm.hook.register_targets):
 
@@ -209,6 +228,8 @@ class PluginHost:
 
     def collect_models(self) -> list[ModelSpec]:
         self.load()
+        for record in self.records.values():
+            record.models = []
         specs: dict[tuple[str, int], ModelSpec] = {}
         for record, impl in self._impls(self.pm.hook.register_models):
 

@@ -10,7 +10,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import grpc
 
@@ -18,7 +18,7 @@ from hub import __version__
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.datatypes import CONFIG_TYPE_NAMES
-from hub.errors import HubError, ModelNotFound
+from hub.errors import HubError, ModelNotFound, Unsupported
 from hub.protocol.codec import decode_inputs, encode_response, requested_outputs
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
@@ -28,7 +28,7 @@ from hub.protocol.status import status_for
 log = logging.getLogger("modelhub.grpc")
 access = logging.getLogger("modelhub.access")
 
-EXTENSIONS = ["model_configuration", "statistics"]
+EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
 TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
 
 
@@ -46,10 +46,24 @@ def _unimplemented(method: str) -> Callable[..., Any]:
     return handler
 
 
+class ModelControl(Protocol):
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
+
+
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, repository: ModelRepository, is_ready: Callable[[], bool], *, log_requests: float = 0.0) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        is_ready: Callable[[], bool],
+        *,
+        control: ModelControl | None = None,
+        log_requests: float = 0.0,
+    ) -> None:
         self.repository = repository
         self._is_ready = is_ready
+        self._control = control
         self._log_requests = log_requests
 
     # --- health -----------------------------------------------------------------------------
@@ -119,6 +133,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ]
         return pb.RepositoryIndexResponse(models=entries)
 
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        if self._control is None:
+            await _abort(context, Unsupported("RepositoryModelLoad is not enabled on this server"))
+        try:
+            await self._control.load_model(request.model_name)
+        except HubError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        if self._control is None:
+            await _abort(context, Unsupported("RepositoryModelUnload is not enabled on this server"))
+        try:
+            await self._control.unload_model(request.model_name)
+        except HubError as exc:
+            await _abort(context, exc)
+        return pb.RepositoryModelUnloadResponse()
+
     # --- inference --------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
@@ -168,8 +204,6 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
 
     ModelStreamInfer = _unimplemented("ModelStreamInfer")
-    RepositoryModelLoad = _unimplemented("RepositoryModelLoad")
-    RepositoryModelUnload = _unimplemented("RepositoryModelUnload")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")

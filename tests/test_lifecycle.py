@@ -1,0 +1,127 @@
+"""Model control: RepositoryModelLoad / Unload through tritonclient, reloads under load with
+zero failed requests, and failed reloads that leave the previous build serving."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tc_aio
+from tritonclient.utils import InferenceServerException
+
+from .conftest import ROOT, RunningServer, link_plugins
+
+SCALER = """
+import numpy as np
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+FACTOR = {factor}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="scaler",
+        build=lambda: (lambda inputs: {{"OUTPUT0": inputs["INPUT0"] * FACTOR}}),
+        inputs=[TensorSpec("INPUT0", "FP32", (-1, 1))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1, 1))],
+        example_inputs={{"INPUT0": np.ones((1, 1), np.float32)}},
+        target="numpy",
+        batching=BatchPolicy(max_batch_size=32),
+    ))
+"""
+
+
+def write_scaler(plugins: Path, factor: float) -> None:
+    (plugins / "scaler.py").write_text(textwrap.dedent(SCALER.format(factor=factor)))
+
+
+@pytest.fixture()
+def scaler_server(start_server: Any, tmp_path: Path) -> tuple[RunningServer, Path]:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    write_scaler(plugins, 2.0)
+    return start_server(plugins, model_repository=tmp_path / "models"), plugins
+
+
+def one(value: float) -> tc_aio.InferInput:
+    tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))
+    return tensor
+
+
+async def test_reload_under_load_drops_nothing(scaler_server: tuple[RunningServer, Path]) -> None:
+    server, plugins = scaler_server
+    client = tc_aio.InferenceServerClient(server.url)
+    stop = asyncio.Event()
+    failures: list[str] = []
+    answers: list[float] = []
+
+    async def worker(seed: int) -> None:
+        value = float(seed + 1)
+        while not stop.is_set():
+            try:
+                result = await client.infer("scaler", [one(value)])
+                answers.append(float(result.as_numpy("OUTPUT0")[0, 0]) / value)
+            except InferenceServerException as exc:
+                failures.append(f"{exc.status()}: {exc.message()}")
+
+    workers = [asyncio.ensure_future(worker(i)) for i in range(64)]
+    await asyncio.sleep(0.5)
+    for factor in (3.0, 4.0, 5.0):
+        write_scaler(plugins, factor)
+        await client.load_model("scaler")
+        # Every request sent after the load returned is answered by the new build.
+        fresh = await asyncio.gather(*[client.infer("scaler", [one(1.0)]) for _ in range(8)])
+        assert {float(r.as_numpy("OUTPUT0")[0, 0]) for r in fresh} == {factor}
+        await asyncio.sleep(0.3)
+    stop.set()
+    await asyncio.gather(*workers)
+    await client.close()
+    assert failures == []
+    assert len(answers) > 200 and set(answers) <= {2.0, 3.0, 4.0, 5.0}
+    stats = tc.InferenceServerClient(server.url).get_inference_statistics("scaler", as_json=True)["model_stats"][0]
+    assert int(stats["inference_stats"]["success"]["count"]) >= len(answers)  # statistics survive reloads
+
+
+async def test_failed_reload_keeps_the_previous_build(scaler_server: tuple[RunningServer, Path]) -> None:
+    server, plugins = scaler_server
+    client = tc.InferenceServerClient(server.url)
+    (plugins / "scaler.py").write_text("def broken(:\n")
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("scaler")
+    assert "scaler" in err.value.message()
+    result = client.infer("scaler", [one(1.0)])
+    assert float(result.as_numpy("OUTPUT0")[0, 0]) == 2.0
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index["scaler"]["state"] == "READY" and "reload failed" in index["scaler"]["reason"]
+    assert client.is_model_ready("scaler")
+    text = __import__("urllib.request").request.urlopen(server.metrics_url).read().decode()
+    assert 'modelhub_model_load_failures_total{model="scaler",version="1"} 1.0' in text
+    write_scaler(plugins, 7.0)  # a fixed file loads again
+    client.load_model("scaler")
+    assert float(client.infer("scaler", [one(1.0)]).as_numpy("OUTPUT0")[0, 0]) == 7.0
+
+
+def test_unload_then_load(scaler_server: tuple[RunningServer, Path]) -> None:
+    server, _ = scaler_server
+    client = tc.InferenceServerClient(server.url)
+    client.unload_model("scaler")
+    assert not client.is_model_ready("scaler")
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("scaler", [one(1.0)])
+    assert err.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in err.value.message()
+    index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+    assert index["scaler"]["state"] == "UNAVAILABLE"
+    client.load_model("scaler")
+    assert client.is_model_ready("scaler")
+    assert float(client.infer("scaler", [one(2.0)]).as_numpy("OUTPUT0")[0, 0]) == 4.0
+    with pytest.raises(InferenceServerException) as err:
+        client.unload_model("nothing_here")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("nothing_here")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
