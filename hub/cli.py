@@ -121,6 +121,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="report the server not ready while any model has failed",
     )
     serve.add_argument(
+        "--watch",
+        nargs="?",
+        type=float,
+        const=2.0,
+        default=float(_env("WATCH", 0)) or None,
+        metavar="SECONDS",
+        help="poll the plugins directory (every 2 s, or SECONDS) and load, reload or unload what changed; "
+        "off by default, when only RepositoryModelLoad/Unload change what is served",
+    )
+    serve.add_argument(
         "--log-requests",
         type=float,
         default=float(_env("LOG_REQUESTS", 0.0)),
@@ -231,6 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
+        watch=args.watch,
     )
     return asyncio.run(_serve(Server(config)))
 

@@ -19,15 +19,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
-from hub.core.models import ServedModel
+from hub.core.models import ModelState, ServedModel
 from hub.core.repository import ModelRepository
-from hub.errors import ModelNotFound
+from hub.errors import HubError, ModelNotFound
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
 from hub.protocol.servicer import InferenceServicer
+from hub.spec import ModelSpec
 
 log = logging.getLogger("modelhub.server")
 
@@ -70,6 +71,7 @@ class ServerConfig:
     extra_plugins: Mapping[str, object] = field(default_factory=dict)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     log_requests: float = 0.0  # fraction of inference requests written to the access log
+    watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
 
 
 @dataclass
@@ -103,6 +105,7 @@ class Server:
         self._stopping = False
         self._loaded = asyncio.Event()
         self._control = asyncio.Lock()
+        self._watcher: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -170,6 +173,8 @@ class Server:
             ", ".join(m.spec.key for m in models) or "none",
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
+        if config.watch and config.plugins_dir is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self._watch(config.plugins_dir, config.watch))
 
     async def _load_all(self, models: list[ServedModel]) -> None:
         for model in models:
@@ -202,8 +207,9 @@ class Server:
         if self.repository is not None:
             await asyncio.to_thread(self.plugins.server_stopping, self.info)
         await self._health.enter_graceful_shutdown()
-        if self._loading is not None and not self._loading.done():
-            self._loading.cancel()
+        for task in (self._loading, self._watcher):
+            if task is not None and not task.done():
+                task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.repository is not None:
@@ -239,6 +245,72 @@ class Server:
             log.info("loading model '%s' (versions %s)", name, [s.version for s in wanted])
             await self.repository.replace(name, wanted)
 
+    async def _watch(self, folder: Path, interval: float) -> None:
+        """`--watch`: load, reload or unload what changed in the plugins directory.
+
+        Polls file stamps (portable, no extra dependency). Each change goes through the same
+        path as RepositoryModelLoad/Unload, so a broken file changes nothing else.
+        """
+        await self._loaded.wait()
+        seen = _stamps(folder)
+        while True:
+            await asyncio.sleep(interval)
+            now = _stamps(folder)
+            if now == seen:
+                continue
+            changed = {p for p in set(now) | set(seen) if now.get(p) != seen.get(p)}
+            seen = now
+            log.info("plugins changed: %s", ", ".join(sorted(changed)))
+            try:
+                await self._apply_plugin_changes()
+            except Exception:  # the watcher must survive any one bad change
+                log.exception("applying plugin changes failed")
+
+    async def _apply_plugin_changes(self) -> None:
+        assert self.repository is not None
+        async with self._control:
+            await asyncio.to_thread(self.plugins.refresh)
+            targets = await asyncio.to_thread(self.plugins.collect_targets)
+            specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+            self.repository.builder.targets = targets
+        by_name: dict[str, list[ModelSpec]] = {}
+        for spec in specs:
+            by_name.setdefault(spec.name, []).append(spec)
+        failed_plugins = {r.name for r in self.plugins.records.values() if r.status == "failed"}
+        for name in sorted(set(by_name) | set(self.repository.names())):
+            current = self.repository.versions(name)
+            if name not in by_name:
+                if any(m.spec.plugin in failed_plugins for m in current):
+                    for model in current:
+                        if model.ready:
+                            self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
+                    continue  # a broken file keeps the old build serving
+                if any(m.state is not ModelState.UNLOADED for m in current):
+                    async with self._control:
+                        await self.repository.unload(name)
+                continue
+            fresh = by_name[name]
+            if self._up_to_date(current, fresh, targets):
+                continue
+            try:
+                async with self._control:
+                    await self.repository.replace(name, fresh)
+            except HubError as exc:
+                log.error("watch: model '%s' did not load: %s", name, exc)
+
+    def _up_to_date(self, current: list[ServedModel], fresh: list[ModelSpec], targets: dict[str, Any]) -> bool:
+        """Whether the served versions already are these specs' builds (same versions, same cache keys)."""
+        assert self.repository is not None
+        served = {m.version: m for m in current if m.ready}
+        if set(served) != {s.version for s in fresh}:
+            return False
+        builder = self.repository.builder
+        return all(
+            s.target in targets
+            and served[s.version].manifest.get("cache_key") == builder.cache_key(s, targets[s.target])[0]
+            for s in fresh
+        )
+
     async def unload_model(self, name: str) -> None:
         assert self.repository is not None
         async with self._control:
@@ -260,6 +332,17 @@ class Server:
         await self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under the plugins directory, caches aside."""
+    if not folder.is_dir():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    }
 
 
 def _set_torch_threads(threads: int) -> None:

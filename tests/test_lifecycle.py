@@ -125,3 +125,41 @@ def test_unload_then_load(scaler_server: tuple[RunningServer, Path]) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.load_model("nothing_here")
     assert err.value.status() == "StatusCode.NOT_FOUND"
+
+
+def _until(check: Any, timeout: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if check():
+                return
+        except InferenceServerException:
+            pass
+        assert time.monotonic() < deadline, "condition never became true"
+        time.sleep(0.1)
+
+
+def reasons(client: tc.InferenceServerClient) -> str:
+    return " ".join(m.get("reason", "") for m in client.get_model_repository_index(as_json=True)["models"])
+
+
+def test_watch_loads_reloads_and_unloads_plugin_files(start_server: Any, tmp_path: Path) -> None:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = start_server(plugins, model_repository=tmp_path / "models", watch=0.2)
+    client = tc.InferenceServerClient(server.url)
+
+    def answer() -> float:
+        return float(client.infer("scaler", [one(1.0)]).as_numpy("OUTPUT0")[0, 0])
+
+    write_scaler(plugins, 2.0)  # added
+    _until(lambda: client.is_model_ready("scaler") and answer() == 2.0)
+    write_scaler(plugins, 6.0)  # changed
+    _until(lambda: answer() == 6.0)
+    (plugins / "scaler.py").write_text("def broken(:\n")  # a syntax error changes nothing else
+    _until(lambda: "reload failed" in reasons(client))
+    assert answer() == 6.0 and client.is_model_ready("identity_fp32")
+    (plugins / "scaler.py").unlink()  # removed
+    _until(lambda: not client.is_model_ready("scaler"))
+    assert client.is_model_ready("identity_fp32")
