@@ -9,6 +9,9 @@ PyYAML is installed), given to `modelhub serve --config FILE`.
     max_queue_size = 256
     timeout = 2.0                  # seconds; a client's gRPC deadline wins
     instances = 2
+
+    [models.digits.options]         # target options, e.g. for torch-compile
+    compile_mode = "max-autotune"
 """
 
 from __future__ import annotations
@@ -31,7 +34,40 @@ else:  # pragma: no cover
 log = logging.getLogger("modelhub.config")
 
 BATCHING_KEYS = {f.name for f in dataclasses.fields(BatchPolicy)}
-MODEL_KEYS = BATCHING_KEYS | {"target"}
+MODEL_KEYS = BATCHING_KEYS | {"target", "options", "version_policy"}
+
+
+@dataclasses.dataclass(frozen=True)
+class VersionPolicy:
+    """Which registered versions of a model are served, as Triton's version_policy has it:
+    the newest `latest` ones (the default: 1), all of them, or the `specific` ones listed."""
+
+    latest: int | None = 1
+    specific: tuple[int, ...] = ()
+    all: bool = False
+
+    @classmethod
+    def parse(cls, value: Any, where: str) -> VersionPolicy:
+        if not isinstance(value, Mapping) or len(value) != 1:
+            raise SpecError(
+                f"{where}: version_policy must be one of {{latest = N}}, {{all = true}}, {{specific = [..]}}"
+            )
+        ((kind, arg),) = value.items()
+        if kind == "latest" and isinstance(arg, int) and arg >= 1:
+            return cls(latest=arg)
+        if kind == "all" and arg is True:
+            return cls(latest=None, all=True)
+        if kind == "specific" and isinstance(arg, list) and arg and all(isinstance(v, int) for v in arg):
+            return cls(latest=None, specific=tuple(sorted(arg)))
+        raise SpecError(f"{where}: bad version_policy {dict(value)}")
+
+    def select(self, versions: list[int]) -> list[int]:
+        versions = sorted(versions)
+        if self.all:
+            return versions
+        if self.specific:
+            return [v for v in versions if v in self.specific]
+        return versions[-(self.latest or 1) :]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +106,28 @@ class DeploymentConfig:
                 raise SpecError(
                     f"{source}: models.{name} has unknown key(s) {sorted(bad)}; allowed: {sorted(MODEL_KEYS)}"
                 )
+            if "version_policy" in overrides:
+                VersionPolicy.parse(overrides["version_policy"], f"{source}: models.{name}")
         return cls(models=dict(models))
 
+    def version_policy(self, name: str) -> VersionPolicy:
+        value = self.models.get(name, {}).get("version_policy")
+        return VersionPolicy() if value is None else VersionPolicy.parse(value, f"models.{name}")
+
     def apply(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
-        """The specs with their overrides; SpecError names the model and the key when one is invalid."""
+        """The specs to serve, with their overrides: each model's version policy picks its
+        versions. SpecError names the model and the key when an override is invalid."""
         specs = list(specs)
         known = {s.name for s in specs}
         for name in self.models:
             if name not in known:
                 log.warning("config: no plugin registers a model named '%s' (models: %s)", name, sorted(known))
-        return [self._apply_one(spec) for spec in specs]
+        served = []
+        for name in sorted(known):
+            versions = {s.version: s for s in specs if s.name == name}
+            for version in self.version_policy(name).select(list(versions)):
+                served.append(self._apply_one(versions[version]))
+        return served
 
     def _apply_one(self, spec: ModelSpec) -> ModelSpec:
         overrides = self.models.get(spec.name)
@@ -94,7 +142,8 @@ class DeploymentConfig:
             raise SpecError(f"config for model '{spec.name}': {exc}") from None
         except TypeError as exc:
             raise SpecError(f"config for model '{spec.name}': {exc}") from None
-        changed = spec.with_(batching=policy, target=overrides.get("target", spec.target))
+        options = {**spec.options, **dict(overrides.get("options", {}))}
+        changed = spec.with_(batching=policy, target=overrides.get("target", spec.target), options=options)
         try:
             changed.validate()
         except SpecError as exc:

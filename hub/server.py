@@ -131,7 +131,14 @@ class Server:
             ]
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.repository, self.is_ready, control=self, log_requests=config.log_requests), server
+            InferenceServicer(
+                self.repository,
+                self.is_ready,
+                control=self,
+                version_policy=config.deployment.version_policy,
+                log_requests=config.log_requests,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):

@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from hub.build.pipeline import Builder
@@ -156,6 +157,12 @@ def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "strays from eager" in err.value.details()
+    with grpc.insecure_channel(server.url) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = lambda name: health.Check(health_pb2.HealthCheckRequest(service=name), timeout=5).status  # noqa: E731
+        assert check("drifting") == health_pb2.HealthCheckResponse.NOT_SERVING
+        assert check("scale") == health_pb2.HealthCheckResponse.SERVING
+        assert check("") == health_pb2.HealthCheckResponse.SERVING
     listing = subprocess.run(
         [
             sys.executable,
@@ -232,3 +239,38 @@ def test_third_party_validation_adds_figures_and_can_refuse(tmp_path: Path) -> N
             assert artifact.manifest["validation"]["mean_output"] == pytest.approx(5.0)
             assert artifact.manifest["validation"]["max_abs_err"] < 1e-5  # the built-in check ran too
         assert inspector.seen == [("scale", ["x"], True, 1e-4)]
+
+
+UNEXPORTABLE = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Leaky(torch.nn.Module):
+    def forward(self, x):
+        # Leaves torch for numpy mid-graph: eager runs it, no exporter can trace it.
+        return torch.from_numpy(np.sort(x.numpy(), axis=1))
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="leaky",
+        build=lambda: Leaky().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))],
+        outputs=[TensorSpec("y", "FP32", (-1, 3))],
+        example_inputs={"x": np.ones((2, 3), np.float32)},
+        target="onnx",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_unexportable_model_fails_naming_model_and_stage(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "leaky.py").write_text(textwrap.dedent(UNEXPORTABLE))
+    builder, (spec,) = builder_for(plugins, tmp_path / "models")
+    with pytest.raises(BuildError) as err:
+        builder.ensure(spec)
+    assert "model 'leaky'" in str(err.value) and "building target 'onnx' failed" in str(err.value)
+    assert not (tmp_path / "models" / "leaky" / "1").exists()  # nothing half-built is left behind

@@ -163,3 +163,66 @@ def test_watch_loads_reloads_and_unloads_plugin_files(start_server: Any, tmp_pat
     (plugins / "scaler.py").unlink()  # removed
     _until(lambda: not client.is_model_ready("scaler"))
     assert client.is_model_ready("identity_fp32")
+
+
+VERSIONED = """
+import numpy as np
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+def spec(version):
+    return ModelSpec(
+        name="versioned", version=version,
+        build=lambda: (lambda inputs: {"OUTPUT0": inputs["INPUT0"] * 0 + version}),
+        inputs=[TensorSpec("INPUT0", "FP32", (-1, 1))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1, 1))],
+        example_inputs={"INPUT0": np.ones((1, 1), np.float32)},
+        target="numpy",
+        batching=BatchPolicy(max_batch_size=4),
+    )
+
+@hookimpl
+def register_models(register):
+    for version in (1, 2, 3):
+        register(spec(version))
+"""
+
+
+@pytest.mark.parametrize(
+    ("policy", "served", "config_policy"),
+    [
+        (None, ["3"], {"latest": {"num_versions": 1}}),
+        ({"latest": 2}, ["2", "3"], {"latest": {"num_versions": 2}}),
+        ({"all": True}, ["1", "2", "3"], {"all": {}}),
+        ({"specific": [1, 3]}, ["1", "3"], {"specific": {"versions": ["1", "3"]}}),
+    ],
+)
+def test_version_policy(start_server: Any, tmp_path: Path, policy: Any, served: list[str], config_policy: Any) -> None:
+    from hub.config import DeploymentConfig
+
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    (plugins / "versioned.py").write_text(textwrap.dedent(VERSIONED))
+    deployment = DeploymentConfig.parse({"models": {"versioned": {"version_policy": policy}}} if policy else {})
+    server = start_server(plugins, model_repository=tmp_path / "models", deployment=deployment)
+    client = tc.InferenceServerClient(server.url)
+    assert client.get_model_metadata("versioned", as_json=True)["versions"] == served
+    assert client.get_model_config("versioned", as_json=True)["config"]["version_policy"] == config_policy
+    for version in ("1", "2", "3"):
+        if version in served:
+            result = client.infer("versioned", [one(5.0)], model_version=version)
+            assert float(result.as_numpy("OUTPUT0")[0, 0]) == float(version)
+            assert result.get_response().model_version == version
+        else:
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("versioned", [one(5.0)], model_version=version)
+            assert err.value.status() == "StatusCode.NOT_FOUND"
+    newest = client.infer("versioned", [one(5.0)])
+    assert newest.get_response().model_version == served[-1]
+
+
+def test_bad_version_policy_is_rejected() -> None:
+    from hub.config import DeploymentConfig
+    from hub.errors import SpecError
+
+    for bad in ({"latest": 0}, {"newest": 1}, {"specific": []}, {"all": True, "latest": 1}):
+        with pytest.raises(SpecError, match="version_policy"):
+            DeploymentConfig.parse({"models": {"m": {"version_policy": bad}}})

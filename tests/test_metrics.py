@@ -84,6 +84,35 @@ def test_metrics_agree_with_model_statistics(hub_server: RunningServer, digits_h
     assert any(k.startswith("modelhub_batch_size_bucket") for k in after)
 
 
+def test_histogram_sums_match_model_statistics(start_server: Any, tmp_path: Path, digits_heldout: Any) -> None:
+    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"))
+    client = tc.InferenceServerClient(server.url)
+    for i in range(30):
+        infer_digits(client, digits_heldout[0][i : i + 3])
+    with pytest.raises(InferenceServerException):
+        infer_digits(client, np.zeros((1, 8, 8), np.float32))
+    metrics = scrape(server)
+    stats = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]["inference_stats"]
+    labels = '{model="digits",version="1"}'
+
+    def seconds(name: str) -> float:
+        return int(stats[name]["ns"]) / 1e9
+
+    # Every request is observed once, with the same duration the statistics add up.
+    assert metrics[f"modelhub_request_duration_seconds_count{labels}"] == 31
+    assert metrics[f"modelhub_request_duration_seconds_sum{labels}"] == pytest.approx(
+        seconds("success") + seconds("fail"), rel=1e-6
+    )
+    assert metrics[f"modelhub_queue_duration_seconds_count{labels}"] == int(stats["queue"]["count"]) == 30
+    assert metrics[f"modelhub_queue_duration_seconds_sum{labels}"] == pytest.approx(
+        seconds("queue"), rel=1e-6, abs=1e-6
+    )
+    compute = metrics[f"modelhub_compute_duration_seconds_sum{labels}"]
+    batches = client.get_inference_statistics("digits", as_json=True)["model_stats"][0]["batch_stats"]
+    per_batch = sum(int(b[k]["ns"]) for b in batches for k in ("compute_input", "compute_infer", "compute_output"))
+    assert compute == pytest.approx(per_batch / 1e9, rel=1e-6)
+
+
 def test_failed_requests_are_counted_by_code(hub_server: RunningServer) -> None:
     client = tc.InferenceServerClient(hub_server.url)
     key = 'modelhub_requests_total{code="INVALID_ARGUMENT",model="digits",version="1"}'

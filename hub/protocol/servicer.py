@@ -15,6 +15,7 @@ from typing import Any, NoReturn, Protocol
 import grpc
 
 from hub import __version__
+from hub.config import VersionPolicy
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.datatypes import CONFIG_TYPE_NAMES
@@ -59,8 +60,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         is_ready: Callable[[], bool],
         *,
         control: ModelControl | None = None,
+        version_policy: Callable[[str], VersionPolicy] | None = None,
         log_requests: float = 0.0,
     ) -> None:
+        self._version_policy = version_policy
         self.repository = repository
         self._is_ready = is_ready
         self._control = control
@@ -105,7 +108,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             model = self.repository.resolve(request.name, request.version)
         except HubError as exc:
             await _abort(context, exc)
-        return pb.ModelConfigResponse(config=model_config(model))
+        policy = self._version_policy(model.name) if self._version_policy else None
+        return pb.ModelConfigResponse(config=model_config(model, policy))
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
@@ -218,7 +222,15 @@ def _platform(model: ServedModel) -> str:
     return model.target.platform if model.target is not None else model.spec.target
 
 
-def model_config(model: ServedModel) -> mc.ModelConfig:
+def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
+    if policy.all:
+        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
+    if policy.specific:
+        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=policy.specific))
+    return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=policy.latest or 1))
+
+
+def model_config(model: ServedModel, versions: VersionPolicy | None = None) -> mc.ModelConfig:
     """The spec and policy as Triton's ModelConfig: dims without the batch dimension."""
     spec, policy = model.spec, model.spec.batching
     skip = 1 if policy.batching else 0
@@ -245,7 +257,7 @@ def model_config(model: ServedModel) -> mc.ModelConfig:
                 else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
-        version_policy=mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=1)),
+        version_policy=_version_policy(versions or VersionPolicy()),
         default_model_filename=model.target.artifact if model.target is not None else "",
     )
     if policy.batching:
