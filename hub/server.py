@@ -236,10 +236,7 @@ class Server:
         """
         assert self.repository is not None
         async with self._control:
-            await asyncio.to_thread(self.plugins.refresh)
-            targets = await asyncio.to_thread(self.plugins.collect_targets)
-            specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-            self.repository.builder.targets = targets
+            _, specs = await self._rediscover()
             wanted = [s for s in specs if s.name == name]
             if not wanted:
                 problems = [e for r in self.plugins.records.values() for e in r.errors]
@@ -273,13 +270,19 @@ class Server:
             except Exception:  # the watcher must survive any one bad change
                 log.exception("applying plugin changes failed")
 
+    async def _rediscover(self) -> tuple[dict[str, Any], list[ModelSpec]]:
+        """Re-import the plugins directory; the targets and the specs to serve, as it is now."""
+        assert self.repository is not None
+        await asyncio.to_thread(self.plugins.refresh)
+        targets = await asyncio.to_thread(self.plugins.collect_targets)
+        specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+        self.repository.builder.targets = targets
+        return targets, specs
+
     async def _apply_plugin_changes(self) -> None:
         assert self.repository is not None
         async with self._control:
-            await asyncio.to_thread(self.plugins.refresh)
-            targets = await asyncio.to_thread(self.plugins.collect_targets)
-            specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-            self.repository.builder.targets = targets
+            targets, specs = await self._rediscover()
         by_name: dict[str, list[ModelSpec]] = {}
         for spec in specs:
             by_name.setdefault(spec.name, []).append(spec)

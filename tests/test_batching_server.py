@@ -16,6 +16,7 @@ from hub.config import DeploymentConfig
 from hub.errors import SpecError
 
 from .conftest import ROOT, RunningServer, link_plugins
+from .plugins.behaviour import call_sleepy
 
 
 def image_input(batch: np.ndarray) -> tc_aio.InferInput:
@@ -69,17 +70,7 @@ async def test_256_concurrent_requests_are_batched_and_correct(
 
 async def test_burst_beyond_the_queue_is_rejected_and_the_rest_answered(hub_server: RunningServer) -> None:
     client = tc_aio.InferenceServerClient(hub_server.url)
-
-    async def call(i: int) -> Any:
-        tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
-        tensor.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-        try:
-            result = await client.infer("sleepy", [tensor])
-        except InferenceServerException as exc:
-            return exc.status()
-        return float(result.as_numpy("OUTPUT0")[0, 0])
-
-    outcomes = await asyncio.gather(*[call(i) for i in range(24)])
+    outcomes = await asyncio.gather(*[call_sleepy(client, float(i)) for i in range(24)])
     await client.close()
     rejected = [o for o in outcomes if o == "StatusCode.RESOURCE_EXHAUSTED"]
     answered = {i: o for i, o in enumerate(outcomes) if isinstance(o, float)}

@@ -170,7 +170,8 @@ def test_sigterm_under_load_answers_every_accepted_request(model_repository: Pat
     import asyncio
 
     import tritonclient.grpc.aio as tc_aio
-    from tritonclient.utils import InferenceServerException
+
+    from .plugins.behaviour import call_sleepy
 
     plugins = tmp_path / "plugins"
     plugins.mkdir()
@@ -188,14 +189,8 @@ def test_sigterm_under_load_answers_every_accepted_request(model_repository: Pat
     async def scenario() -> tuple[list[Any], list[Any]]:
         client = tc_aio.InferenceServerClient(server.url)
 
-        async def call(i: int) -> Any:
-            tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
-            tensor.set_data_from_numpy(np.full((1, 1), float(i), np.float32))
-            try:
-                result = await client.infer("sleepy", [tensor])
-            except InferenceServerException as exc:
-                return exc.status()
-            return float(result.as_numpy("OUTPUT0")[0, 0])
+        def call(i: int) -> Any:
+            return call_sleepy(client, float(i))
 
         # sleepy computes one request per 50 ms and queues 4: these 5 are all accepted.
         accepted = [asyncio.ensure_future(call(i)) for i in range(5)]

@@ -45,3 +45,17 @@ def _spec(name: str, build: Callable[[], object], batching: BatchPolicy) -> Mode
 def register_models(register: Callable[[ModelSpec], None]) -> None:
     register(_spec("sleepy", _sleepy, BatchPolicy(max_batch_size=1, max_queue_size=4)))
     register(_spec("fragile", _fragile, BatchPolicy(max_batch_size=8, max_queue_delay=0.02)))
+
+
+async def call_sleepy(client: object, value: float) -> float | str:
+    """One request to "sleepy" with tritonclient's asyncio client: 2 * value, or the status code."""
+    import tritonclient.grpc.aio as tc_aio
+    from tritonclient.utils import InferenceServerException
+
+    tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))
+    try:
+        result = await client.infer("sleepy", [tensor])  # type: ignore[attr-defined]
+    except InferenceServerException as exc:
+        return str(exc.status())
+    return float(result.as_numpy("OUTPUT0")[0, 0])
