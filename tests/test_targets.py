@@ -177,3 +177,27 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     int8 = rows["onnx-int8"]
     assert int8["status"] == "ok" or "strays from eager" in int8["problem"], int8
     assert rows["torch-fp16"]["status"] == "failed" and "CUDA" in rows["torch-fp16"]["problem"]
+
+
+@pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])
+def test_each_cpu_target_serves_digits(start_server: Any, tmp_path: Path, digits_heldout: Any, target: str) -> None:
+    """Every target that runs on CPU builds digits, passes validation and serves it accurately."""
+    images, labels = digits_heldout
+    server = start_server(
+        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"),
+        model_repository=tmp_path / "models",
+        deployment=DeploymentConfig.parse({"models": {"digits": {"target": target}}}),
+    )
+    client = tc.InferenceServerClient(server.url)
+    if target == "torch-int8" and importlib.util.find_spec("torchao") is None:
+        index = client.get_model_repository_index(as_json=True)["models"]
+        assert "torchao" in index[0]["reason"]  # the optional dependency is named, the server still runs
+        return
+    assert client.get_model_config("digits", as_json=True)["config"]["runtime"] == target
+    predictions = []
+    for start in range(0, len(images), 64):
+        batch = images[start : start + 64]
+        tensor = tc.InferInput("image", list(batch.shape), "FP32")
+        tensor.set_data_from_numpy(batch)
+        predictions.append(client.infer("digits", [tensor]).as_numpy("logits").argmax(1))
+    assert float(np.mean(np.concatenate(predictions) == labels)) >= 0.95
