@@ -6,7 +6,7 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed-stamp
 PA := tools/perf_analyzer/perf_analyzer
 
-.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench bench-gpu clean
+.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,6 +41,12 @@ protos-check: install
 
 bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; see docs/benchmarks.md)
 	$(BIN)/python scripts/bench.py
+
+gpu-wheels:  ## wheels the GPU image lacks (Python 3.12), for scripts/gpu_check.sh on a device machine
+	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
+	  --platform manylinux_2_28_x86_64 -d wheels-gpu 'tritonclient[grpc]' safetensors rich onnxscript pytest \
+	  pytest-asyncio pytest-timeout hypothesis scikit-learn pyyaml ml-dtypes
+	$(BIN)/pip wheel -q --no-deps -w wheels-gpu .
 
 clean:
 	rm -rf $(VENV) tools .pytest_cache .mypy_cache .ruff_cache
