@@ -256,3 +256,29 @@ def test_model_failure_is_internal_and_names_the_model(client: tc.InferenceServe
     assert "Traceback" not in err.value.message()
     ok = client.infer("fragile", [infer_input("INPUT0", np.ones((1, 1), np.float32), "FP32")])
     np.testing.assert_array_equal(ok.as_numpy("OUTPUT0"), [[2.0]])
+
+
+def test_stream_infer_answers_each_request_with_its_id(hub_server: RunningServer, digits_heldout: Any) -> None:
+    """tritonclient's streaming API: responses and per-request errors come back on the stream."""
+    import queue
+
+    images, labels = digits_heldout
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = tc.InferenceServerClient(hub_server.url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    for i in range(20):
+        client.async_stream_infer("digits", [infer_input("image", images[i : i + 1], "FP32")], request_id=str(i))
+    client.async_stream_infer(
+        "digits", [infer_input("image", np.zeros((1, 8, 8), np.float32), "FP32")], request_id="bad"
+    )
+    answers, errors = {}, []
+    for _ in range(21):
+        result, error = results.get(timeout=30)
+        if error is not None:
+            errors.append(error)
+        else:
+            answers[result.get_response().id] = int(result.as_numpy("logits").argmax())
+    client.stop_stream()
+    assert sorted(answers, key=int) == [str(i) for i in range(20)]
+    assert np.mean([answers[str(i)] == labels[i] for i in range(20)]) >= 0.9
+    assert len(errors) == 1 and "image" in str(errors[0])

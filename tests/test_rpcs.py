@@ -109,7 +109,6 @@ def test_unknown_model_is_not_found(client: tc.InferenceServerClient, call) -> N
 
 
 UNIMPLEMENTED = {
-    "ModelStreamInfer": None,
     "SystemSharedMemoryStatus": service_pb2.SystemSharedMemoryStatusRequest(),
     "SystemSharedMemoryRegister": service_pb2.SystemSharedMemoryRegisterRequest(name="r"),
     "SystemSharedMemoryUnregister": service_pb2.SystemSharedMemoryUnregisterRequest(name="r"),
@@ -126,10 +125,7 @@ def test_other_rpcs_are_unimplemented_by_name(hub_server: RunningServer, method:
     with grpc.insecure_channel(hub_server.url) as channel:
         stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.RpcError) as err:
-            if method == "ModelStreamInfer":
-                list(stub.ModelStreamInfer(iter([service_pb2.ModelInferRequest(model_name="digits")]), timeout=10))
-            else:
-                getattr(stub, method)(UNIMPLEMENTED[method], timeout=10)
+            getattr(stub, method)(UNIMPLEMENTED[method], timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert method in err.value.details()
 

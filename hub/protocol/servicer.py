@@ -9,7 +9,7 @@ import asyncio
 import logging
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, NoReturn, Protocol
 
 import grpc
@@ -162,17 +162,65 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------------------
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        response, error = await self._infer(request, context.time_remaining())
+        if error is not None:
+            await _abort(context, error)
+        assert response is not None
+        return response
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests on one stream run concurrently (and batch together); each response, or its
+        error, is sent as soon as it is ready, carrying the request's id."""
+        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def answer(request: pb.ModelInferRequest) -> None:
+            response, error = await self._infer(request, context.time_remaining())
+            if error is None:
+                await done.put(pb.ModelStreamInferResponse(infer_response=response))
+                return
+            _, message = status_for(error)
+            stub = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
+            await done.put(pb.ModelStreamInferResponse(error_message=message, infer_response=stub))
+
+        async def read() -> None:
+            async for request in request_iterator:
+                task = asyncio.get_running_loop().create_task(answer(request))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks))
+            await done.put(None)
+
+        reader = asyncio.get_running_loop().create_task(read())
+        try:
+            while (item := await done.get()) is not None:
+                yield item
+        finally:
+            reader.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> tuple[pb.ModelInferResponse | None, BaseException | None]:
+        """One inference, accounted in statistics and metrics: (response, None) or (None, error)."""
         try:
             model = self.repository.get_ready(request.model_name, request.model_version)
         except HubError as exc:
-            await _abort(context, exc)
+            return None, exc
         started = time.perf_counter()
         model.begin_request()
+        response = None
         error: BaseException | None = None
         try:
             inputs = decode_inputs(request)
             names = requested_outputs(request, model.spec)
-            outputs = await model.infer(inputs, timeout=context.time_remaining(), request_id=request.id)
+            outputs = await model.infer(inputs, timeout=time_remaining, request_id=request.id)
             response = encode_response(request, model.version, outputs, names)
         except asyncio.CancelledError:
             model.end_request("CANCELLED", time.perf_counter() - started)
@@ -201,13 +249,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     "ms": round(elapsed * 1e3, 3),
                 },
             )
-        if error is not None:
-            await _abort(context, error)
-        return response
+        return response, error
 
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
 
-    ModelStreamInfer = _unimplemented("ModelStreamInfer")
     SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
     SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
     SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
