@@ -442,10 +442,10 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from hub.build.command import build_all, compare_specs, render
     from hub.errors import HubError
-    from hub.server import _set_torch_threads, default_threads, resolve_device
+    from hub.server import default_threads, resolve_device, set_torch_threads
 
     threads = args.threads or default_threads()
-    _set_torch_threads(threads)
+    set_torch_threads(threads)
     host = _host(args)
     try:
         specs = _deployment(args).apply(host.collect_models())

@@ -113,7 +113,7 @@ class Server:
         """Listen at once; build and load the models in the background (ServerReady tells when)."""
         config = self.config
         self.device = await asyncio.to_thread(resolve_device, config.device)
-        await asyncio.to_thread(_set_torch_threads, config.threads)
+        await asyncio.to_thread(set_torch_threads, config.threads)
         if self.metrics is not None and self.device == "cuda":
             self.metrics.watch_cuda()
         targets = await asyncio.to_thread(self.plugins.collect_targets)
@@ -355,7 +355,7 @@ def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
     }
 
 
-def _set_torch_threads(threads: int) -> None:
+def set_torch_threads(threads: int) -> None:
     import torch
 
     if torch.get_num_threads() != threads:

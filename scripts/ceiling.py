@@ -14,7 +14,7 @@ import numpy as np
 
 from hub.build.pipeline import Builder
 from hub.plugins.manager import PluginHost
-from hub.server import _set_torch_threads
+from hub.server import set_torch_threads
 
 
 def main() -> None:
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5, help="per batch size")
     parser.add_argument("--batch-sizes", default="1,4,16,32,64")
     args = parser.parse_args()
-    _set_torch_threads(args.threads)
+    set_torch_threads(args.threads)
     host = PluginHost(args.plugins_dir, entry_points=False)
     builder = Builder(args.model_repository, host.collect_targets(), host, device="cpu", threads=args.threads)
     for spec in host.collect_models():

@@ -201,3 +201,19 @@ def test_each_cpu_target_serves_digits(start_server: Any, tmp_path: Path, digits
         tensor.set_data_from_numpy(batch)
         predictions.append(client.infer("digits", [tensor]).as_numpy("logits").argmax(1))
     assert float(np.mean(np.concatenate(predictions) == labels)) >= 0.95
+
+
+def test_half_precision_runtime_keeps_fp32_on_the_wire(tmp_path: Path) -> None:
+    """The cast path the torch-fp16/bf16 targets use, exercised on CPU with bf16."""
+    import torch
+
+    from hub.runtimes.torch import TorchRuntime, eager_outputs
+
+    _, spec = tiny(tmp_path, "torch")
+    module = spec.build()
+    x = np.random.default_rng(2).standard_normal((3, 16)).astype(np.float32)
+    reference = eager_outputs(module, spec, {"x": x})["y"]
+    runtime = TorchRuntime(module.to(torch.bfloat16), spec, "cpu", move=False, compute_dtype=torch.bfloat16)
+    out = runtime.run({"x": x})["y"]
+    assert out.dtype == np.float32 and out.shape == (3, 4)
+    np.testing.assert_allclose(out, reference, rtol=5e-2, atol=5e-2)

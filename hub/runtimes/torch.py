@@ -48,20 +48,38 @@ def _as_outputs(result: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
 
 
 class TorchRuntime:
-    """Runs an eager module under inference_mode; inputs positionally in the spec's order."""
+    """Runs an eager module under inference_mode; inputs positionally in the spec's order.
 
-    def __init__(self, module: Callable[..., Any], spec: ModelSpec, device: str, *, move: bool = True) -> None:
+    With `compute_dtype` (fp16/bf16 targets), floating inputs are cast to it and floating
+    outputs back to FP32, so the served contract does not change.
+    """
+
+    def __init__(
+        self,
+        module: Callable[..., Any],
+        spec: ModelSpec,
+        device: str,
+        *,
+        move: bool = True,
+        compute_dtype: torch.dtype | None = None,
+    ) -> None:
         if isinstance(module, torch.nn.Module) and move:
             module = module.to(device).eval()
         self.module = module
         self.device = device
+        self.compute_dtype = compute_dtype
         self._inputs = [t.name for t in spec.inputs]
         self._outputs = [t.name for t in spec.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        cast = self.compute_dtype
         with torch.inference_mode():
             args = [to_tensor(inputs[name], self.device) for name in self._inputs]
+            if cast is not None:
+                args = [a.to(cast) if a.is_floating_point() else a for a in args]
             result = _as_outputs(self.module(*args), self._outputs)
+            if cast is not None:
+                result = {k: v.float() if v.is_floating_point() else v for k, v in result.items()}
             return {name: to_numpy(value) for name, value in result.items()}
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Mapping
-from typing import Any
 
 import numpy as np
 
@@ -126,32 +125,6 @@ def _build_compiled(ctx: ArtifactContext) -> None:
     _load_compiled(ctx).close()  # compiling once fills the Inductor cache under the artifact
 
 
-class CastRuntime:
-    """Runs a half-precision module while the served tensors stay FP32."""
-
-    def __init__(self, module: Any, spec: ModelSpec, device: str, dtype: Any) -> None:
-        from hub.runtimes.torch import TorchRuntime
-
-        # .to(dtype) works in place: convert a copy, the eager module stays the reference.
-        self.inner = TorchRuntime(copy.deepcopy(module).to(device=device, dtype=dtype), spec, device)
-        self.dtype = dtype
-        self.device = device
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from hub.runtimes.torch import _as_outputs, to_numpy, to_tensor
-
-        with torch.inference_mode():
-            args = [to_tensor(inputs[name], self.device) for name in self.inner._inputs]
-            args = [a.to(self.dtype) if a.is_floating_point() else a for a in args]
-            result = _as_outputs(self.inner.module(*args), self.inner._outputs)
-            return {k: to_numpy(v.float() if v.is_floating_point() else v) for k, v in result.items()}
-
-    def close(self) -> None:
-        self.inner.close()
-
-
 def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
     def load(ctx: ArtifactContext) -> Runtime:
         import torch
@@ -161,9 +134,12 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
                 f"model '{ctx.spec.name}': target 'torch-{dtype_name}' needs a CUDA device; this server runs on "
                 f"{ctx.device} (use torch, onnx or onnx-int8 there)"
             )
-        return CastRuntime(
-            ctx.module(), ctx.spec, ctx.device, getattr(torch, {"fp16": "float16"}.get(dtype_name, dtype_name))
-        )
+        from hub.runtimes.torch import TorchRuntime
+
+        dtype = getattr(torch, {"fp16": "float16"}.get(dtype_name, dtype_name))
+        # .to(dtype) works in place: convert a copy, the eager module stays the reference.
+        module = copy.deepcopy(ctx.module()).to(device=ctx.device, dtype=dtype).eval()
+        return TorchRuntime(module, ctx.spec, ctx.device, move=False, compute_dtype=dtype)
 
     return load
 

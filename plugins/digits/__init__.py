@@ -26,6 +26,11 @@ def heldout() -> tuple[np.ndarray, np.ndarray]:
     return images, tensors["heldout.labels"].numpy()
 
 
+def validation_data() -> tuple[dict[str, np.ndarray], np.ndarray]:
+    images, labels = heldout()
+    return {"image": images}, labels
+
+
 def example_inputs() -> dict[str, np.ndarray]:
     images, _ = heldout()
     return {"image": images[:16]}
@@ -42,7 +47,7 @@ def register_models(register: Callable[[ModelSpec], None]) -> None:
             inputs=[TensorSpec("image", "FP32", (-1, 1, 8, 8))],
             outputs=[TensorSpec("logits", "FP32", (-1, 10))],
             example_inputs=example_inputs,
-            validation_data=lambda: ({"image": heldout()[0]}, heldout()[1]),
+            validation_data=validation_data,
             target="onnx",
             # No queue delay: a request never waits while an instance is idle, and batches form on
             # their own while one is busy. Deployments that want fuller batches set a delay.
