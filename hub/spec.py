@@ -26,11 +26,18 @@ class TensorSpec:
 
     `shape` is the full shape; -1 marks a variable dimension. When the model batches
     (`BatchPolicy.max_batch_size > 0`) the first dimension is the batch and must be -1.
+
+    `padding`: for a model input with variable non-batch dims (token ids, say), the value the
+    batcher pads shorter requests with, so requests of different lengths share one batch
+    (each padded to the batch's longest). The model must ignore the padding, e.g. through an
+    attention mask that is itself padded with 0. None (the default): only requests of equal
+    shape batch together.
     """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
+    padding: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -43,6 +50,8 @@ class TensorSpec:
             )
         if any(d < -1 or d == 0 for d in self.shape):
             raise SpecError(f"tensor '{self.name}': dims must be positive or -1, got {list(self.shape)}")
+        if self.padding is not None and self.datatype == "BYTES":
+            raise SpecError(f"tensor '{self.name}': padding applies to numeric tensors, not BYTES")
 
     @property
     def dtype(self) -> np.dtype:
@@ -105,12 +114,15 @@ class Tolerance:
     Every element must satisfy |a - e| <= atol + rtol * max|e| (rtol is relative to the
     output's scale, so logits near zero do not fail a quantized model on noise). When
     `min_top1` is set, classification-like outputs (2-D, several columns) must also agree
-    with eager's argmax on at least that fraction of rows.
+    with eager's argmax on at least that fraction of rows. When `min_cosine` is set, every
+    row of a 2-D output (an embedding, say) must have at least that cosine similarity with
+    eager's row.
     """
 
     atol: float = 1e-4
     rtol: float = 1e-3
     min_top1: float | None = None
+    min_cosine: float | None = None
 
 
 @dataclass(frozen=True)
@@ -125,10 +137,20 @@ class ModelSpec:
     - `target`: the name of a registered Target: "onnx", "torch", or a plugin's own.
     - `weights`: files the model reads its weights from, so that a change rebuilds it.
       Files inside a plugin package are covered already.
-    - `tolerance`: parity bounds for the artifact; None takes the target's default.
+    - `tolerance`: parity bounds for the artifact: one Tolerance for every target, or a
+      mapping from target name to Tolerance; a target without one takes its own default.
     - `validation_data`: optional function returning (inputs, labels or None): a larger set
       the artifact is checked on, with accuracy recorded when there are labels.
     - `options`: target options, e.g. {"compile_mode": "max-autotune"} for torch-compile.
+    - `preprocess`: optional per-request step, run outside the batched forward (in a thread,
+      not on the event loop): it receives one request's `inputs` as numpy arrays (BYTES as
+      object arrays of `bytes`) and returns the arrays the model takes, described by
+      `model_inputs`, with the same number of rows. Raise ValueError for input the model
+      cannot take: the client gets INVALID_ARGUMENT with its message. Tokenisation goes here.
+    - `model_inputs`: what `build()`'s model takes when a `preprocess` turns the served
+      `inputs` into something else (token ids and a mask from text, say). Export, warm-up
+      and validation work on these; `example_inputs` and `validation_data` stay in terms of
+      the served `inputs` and pass through `preprocess`.
     """
 
     name: str
@@ -139,11 +161,13 @@ class ModelSpec:
     version: int = 1
     target: str = "onnx"
     batching: BatchPolicy = field(default_factory=BatchPolicy)
-    tolerance: Tolerance | None = None
+    tolerance: Tolerance | Mapping[str, Tolerance] | None = None
     weights: Sequence[Path] = ()
     validation_data: Callable[[], tuple[Arrays, np.ndarray | None]] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
+    preprocess: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
+    model_inputs: Sequence[TensorSpec] = ()
     #: Set by the hub: the plugin that registered the spec and the files it came from.
     plugin: str = ""
     sources: tuple[Path, ...] = ()
@@ -151,6 +175,7 @@ class ModelSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
+        object.__setattr__(self, "model_inputs", tuple(self.model_inputs))
         object.__setattr__(self, "weights", tuple(Path(p) for p in self.weights))
 
     @property
@@ -167,6 +192,28 @@ class ModelSpec:
         examples = self.example_inputs() if callable(self.example_inputs) else self.example_inputs
         return {name: np.asarray(value) for name, value in examples.items()}
 
+    @property
+    def forward_inputs(self) -> tuple[TensorSpec, ...]:
+        """The tensors the built model takes: `model_inputs` when there is a preprocess step."""
+        return tuple(self.model_inputs) if self.preprocess is not None else tuple(self.inputs)
+
+    def to_forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Served inputs as the model takes them (through `preprocess` when there is one)."""
+        if self.preprocess is None:
+            return dict(inputs)
+        return {name: np.asarray(value) for name, value in self.preprocess(dict(inputs)).items()}
+
+    def forward_examples(self) -> dict[str, np.ndarray]:
+        return self.to_forward(self.examples())
+
+    def tolerance_for(self, target: Target) -> Tolerance:
+        """The parity bounds in force for `target`: the spec's, else the target's default."""
+        if isinstance(self.tolerance, Tolerance):
+            return self.tolerance
+        if self.tolerance is not None and target.name in self.tolerance:
+            return self.tolerance[target.name]
+        return target.tolerance
+
     def validate(self) -> None:
         """Raise SpecError naming the field when the spec is inconsistent."""
         if not isinstance(self.name, str) or not _NAME.match(self.name):
@@ -177,7 +224,17 @@ class ModelSpec:
             raise SpecError(f"model '{self.name}': build must be callable")
         if not self.inputs or not self.outputs:
             raise SpecError(f"model '{self.name}': needs at least one input and one output")
-        for kind, tensors in (("input", self.inputs), ("output", self.outputs)):
+        if self.preprocess is not None and not callable(self.preprocess):
+            raise SpecError(f"model '{self.name}': preprocess must be callable")
+        if (self.preprocess is None) != (not self.model_inputs):
+            raise SpecError(f"model '{self.name}': model_inputs and preprocess go together (one is missing)")
+        if not (
+            self.tolerance is None
+            or isinstance(self.tolerance, Tolerance)
+            or (isinstance(self.tolerance, Mapping) and all(isinstance(t, Tolerance) for t in self.tolerance.values()))
+        ):
+            raise SpecError(f"model '{self.name}': tolerance must be a Tolerance or a mapping of target to Tolerance")
+        for kind, tensors in (("input", self.inputs), ("model input", self.model_inputs), ("output", self.outputs)):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
                 raise SpecError(f"model '{self.name}': duplicate {kind} names in {names}")
@@ -197,29 +254,38 @@ class ModelSpec:
             examples = self.examples()
         except Exception as exc:
             raise SpecError(f"model '{self.name}': example_inputs raised {exc!r}") from exc
-        expected = [t.name for t in self.inputs]
+        self._check_arrays("example_inputs", examples, self.inputs)
+        if self.preprocess is not None:
+            try:
+                forward = self.to_forward(examples)
+            except Exception as exc:
+                raise SpecError(f"model '{self.name}': preprocess raised {exc!r} on example_inputs") from exc
+            self._check_arrays("preprocess(example_inputs)", forward, self.model_inputs)
+
+    def _check_arrays(self, what: str, examples: Mapping[str, np.ndarray], tensors: Sequence[TensorSpec]) -> None:
+        expected = [t.name for t in tensors]
         if sorted(examples) != sorted(expected):
-            raise SpecError(f"model '{self.name}': example_inputs has {sorted(examples)}, expected {sorted(expected)}")
+            raise SpecError(f"model '{self.name}': {what} has {sorted(examples)}, expected {sorted(expected)}")
         rows = set()
-        for tensor in self.inputs:
+        for tensor in tensors:
             array = examples[tensor.name]
             try:
                 datatype = datatype_of(array)
             except TypeError as exc:
-                raise SpecError(f"model '{self.name}': example input '{tensor.name}': {exc}") from None
+                raise SpecError(f"model '{self.name}': {what} '{tensor.name}': {exc}") from None
             if datatype != tensor.datatype:
                 raise SpecError(
-                    f"model '{self.name}': example input '{tensor.name}' is {datatype}, expected {tensor.datatype}"
+                    f"model '{self.name}': {what} '{tensor.name}' is {datatype}, expected {tensor.datatype}"
                 )
             if not tensor.matches(array.shape):
                 raise SpecError(
-                    f"model '{self.name}': example input '{tensor.name}' has shape "
+                    f"model '{self.name}': {what} '{tensor.name}' has shape "
                     f"{list(array.shape)}, expected {list(tensor.shape)}"
                 )
             if self.batching.batching:
                 rows.add(array.shape[0])
         if len(rows) > 1:
-            raise SpecError(f"model '{self.name}': example inputs disagree on the batch size: {sorted(rows)}")
+            raise SpecError(f"model '{self.name}': {what} disagree on the batch size: {sorted(rows)}")
 
 
 @runtime_checkable

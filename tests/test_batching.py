@@ -261,3 +261,32 @@ def test_every_request_gets_exactly_its_own_rows(plan: list[tuple[int, int]], po
         await batcher.close()
 
     asyncio.run(scenario())
+
+
+async def test_padding_batches_requests_of_different_lengths() -> None:
+    """Inputs named in `padding` are padded to the batch's longest; the outputs keep each
+    request's rows. The signature says which requests may share a batch."""
+    seen: list[dict[str, np.ndarray]] = []
+
+    def masked_sum(inputs: Any) -> dict[str, np.ndarray]:
+        seen.append(dict(inputs))
+        return {"total": (inputs["ids"] * inputs["mask"]).sum(1, keepdims=True).astype(np.float32)}
+
+    clock = FakeClock()
+    policy = BatchPolicy(max_batch_size=8, max_queue_delay=1.0)
+    batcher = Batcher("pad", policy, masked_sum, clock=clock, padding={"ids": 0, "mask": 0})
+    batcher.start()
+    requests = [np.array([[1, 2, 3]]), np.array([[4], [5]]), np.array([[6, 7, 8, 9, 10]])]
+    tasks = [
+        asyncio.ensure_future(
+            batcher.submit({"ids": ids, "mask": np.ones_like(ids)}, rows=len(ids), signature=((None,), (None,)))
+        )
+        for ids in requests
+    ]
+    await settle()
+    await clock.advance(1.0)
+    results = await asyncio.gather(*tasks)
+    assert len(seen) == 1 and seen[0]["ids"].shape == (4, 5)  # one batch, padded to the longest
+    np.testing.assert_array_equal(seen[0]["mask"][1], [1, 0, 0, 0, 0])
+    assert [r["total"].ravel().tolist() for r in results] == [[6.0], [4.0, 5.0], [40.0]]
+    await batcher.close()

@@ -4,6 +4,7 @@ the image's install, build and start steps replayed in a clean venv from the sam
 from __future__ import annotations
 
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -34,12 +35,13 @@ def test_dockerfile_contract() -> None:
     assert (ROOT / ".dockerignore").exists()
 
 
-def _dockerfile_install_command() -> str:
-    """The pip arguments of the image's install step, so the replay cannot drift from it."""
+def _dockerfile_install_commands() -> list[list[str]]:
+    """The pip arguments of the image's install steps, so the replay cannot drift from them."""
     text = (ROOT / "Dockerfile").read_text()
     match = re.search(r'/opt/venv/bin/pip install --extra-index-url "\$MODELHUB_TORCH_INDEX" \\\n\s+(.+?) \\\n', text)
-    assert match, "the Dockerfile's install step changed; update this test"
-    return match.group(1).strip()
+    weights = re.search(r"/opt/venv/bin/pip install (--no-deps .+?) \\\n", text)
+    assert match and weights, "the Dockerfile's install steps changed; update this test"
+    return [shlex.split(match.group(1)), shlex.split(weights.group(1))]
 
 
 def test_image_steps_replayed_in_a_clean_venv(tmp_path: Path) -> None:
@@ -51,10 +53,10 @@ def test_image_steps_replayed_in_a_clean_venv(tmp_path: Path) -> None:
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     # The local pip configuration supplies the CPU torch wheel instead of the PyTorch index.
-    args = _dockerfile_install_command().split()
-    install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *args], cwd=src, capture_output=True,
-                             text=True, timeout=900)  # fmt: skip
-    assert install.returncode == 0, install.stderr[-3000:]
+    for args in _dockerfile_install_commands():
+        install = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", *args], cwd=src, capture_output=True,
+                                 text=True, timeout=900)  # fmt: skip
+        assert install.returncode == 0, install.stderr[-3000:]
     build = subprocess.run(
         [str(venv / "bin" / "modelhub"), "build", "--plugins-dir", "plugins", "--model-repository", "models",
          "--no-entry-points", "--device", "cpu", "--no-measure"],

@@ -20,6 +20,7 @@ from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.errors import BuildError
 from hub.plugins.manager import PluginHost
+from hub.spec import ArtifactContext
 
 from .conftest import ROOT, link_plugins
 
@@ -129,8 +130,12 @@ def test_half_precision_needs_cuda_and_says_so(tmp_path: Path) -> None:
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("target", ["torch-fp16", "torch-bf16", "torch-compile", "onnx"])
+@pytest.mark.parametrize("target", ["torch-fp16", "torch-bf16", "torch-compile", "onnx", "onnx-fp16", "onnx-bf16"])
 def test_gpu_targets_validate(tmp_path: Path, target: str) -> None:
+    import onnxruntime
+
+    if target in ("onnx-fp16", "onnx-bf16") and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip(f"{target} needs onnxruntime-gpu; this onnxruntime offers {onnxruntime.get_available_providers()}")
     plugins = tmp_path / "plugins"
     plugins.mkdir()
     (plugins / "tiny.py").write_text(textwrap.dedent(TINY.replace("{target}", target)))
@@ -141,6 +146,8 @@ def test_gpu_targets_validate(tmp_path: Path, target: str) -> None:
     assert artifact.manifest["status"] == "ok", artifact.manifest["validation"]
     out = artifact.runtime.run({"x": np.ones((3, 16), np.float32)})["y"]
     assert out.shape == (3, 4) and out.dtype == np.float32
+    if target.startswith("onnx-"):
+        assert artifact.runtime.device == "cuda"
 
 
 def test_build_command_table_and_json(tmp_path: Path) -> None:
@@ -217,3 +224,130 @@ def test_half_precision_runtime_keeps_fp32_on_the_wire(tmp_path: Path) -> None:
     out = runtime.run({"x": x})["y"]
     assert out.dtype == np.float32 and out.shape == (3, 4)
     np.testing.assert_allclose(out, reference, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_onnx_half_precision_needs_cuda_onnxruntime_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, dtype: str
+) -> None:
+    """Refused before anything is exported: on a CPU server, and with the CPU onnxruntime wheel."""
+    import onnxruntime
+
+    builder, spec = tiny(tmp_path, f"onnx-{dtype}")
+    with pytest.raises(BuildError, match=f"model 'tiny': target 'onnx-{dtype}' needs a CUDA device"):
+        builder.ensure(spec)
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    on_cuda = Builder(builder.repository, builder.targets, builder.plugins, device="cuda")
+    with pytest.raises(BuildError) as refused:
+        on_cuda.ensure(spec)
+    assert f"target 'onnx-{dtype}' needs onnxruntime-gpu with CUDAExecutionProvider" in str(refused.value)
+    assert "offers ['CPUExecutionProvider']" in str(refused.value)
+    assert not (tmp_path / "models" / "tiny").exists() or not any((tmp_path / "models" / "tiny").iterdir())
+
+
+def _onnx_types(path: Path) -> tuple[Any, dict[str, str], set[str]]:
+    import onnx
+
+    model = onnx.load(str(path))
+    name = onnx.TensorProto.DataType.Name
+    io = {v.name: name(v.type.tensor_type.elem_type) for v in [*model.graph.input, *model.graph.output]}
+    floats = {name(t.data_type) for t in model.graph.initializer if t.data_type in (1, 10, 11, 16)}
+    return model, io, floats
+
+
+def test_onnx_fp16_digits_validates_against_eager_on_cpu_onnxruntime(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The onnx-fp16 artifact for digits (Conv, Gemm, Relu, MaxPool), checked as the pipeline
+    checks it, on a CPU session made here: onnxruntime's CPU provider runs fp16 graphs (it
+    upcasts ops without an fp16 kernel), so the graph and its fp16 weights are checked
+    without a GPU. Serving it stays CUDA-only."""
+    import onnxruntime
+
+    from hub.runtimes.onnx import OnnxRuntime
+    from hub.runtimes.torch import eager_outputs
+    from hub.runtimes.variants import HALF, export_half_onnx
+
+    host = PluginHost(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), entry_points=False)
+    (spec,) = host.collect_models()
+    module = spec.build()
+    path = tmp_path / "model.fp16.onnx"
+    export_half_onnx(module, spec, str(path), "fp16")  # onnx.checker passes inside
+    model, io, floats = _onnx_types(path)
+    assert io == {"image": "FLOAT", "logits": "FLOAT"} and floats == {"FLOAT16"}
+    assert model.graph.node[0].op_type == "Cast" and model.graph.node[-1].op_type == "Cast"
+    assert {"Conv", "Gemm", "Relu", "MaxPool"} <= {n.op_type for n in model.graph.node}
+    assert spec.validation_data is not None
+    inputs, labels = spec.validation_data()
+    runtime = OnnxRuntime(str(path), spec, "cpu", 1)
+    (report,) = [
+        r
+        for r in host.validate_artifact(spec, runtime, inputs, eager_outputs(module, spec, inputs), HALF, labels)
+        if "max_abs_err" in r
+    ]
+    assert report["problems"] == [], report
+    assert report["outputs"]["logits"]["top1_agreement"] >= 0.99
+    assert abs(report["accuracy"] - report["eager_accuracy"]) <= 0.01
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        # A provider list that names CUDA while the session still lands on CPU is refused, not served.
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+        with pytest.raises(BuildError, match="target 'onnx-fp16': onnxruntime's CUDAExecutionProvider did not start"):
+            host.collect_targets()["onnx-fp16"].load(ArtifactContext(spec, tmp_path, "cuda"))
+
+
+def test_onnx_bf16_export_casts_only_floating_inputs_at_opset_22(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """INT64 token ids reach the graph unchanged, a floating input is cast in. bf16 graphs are
+    opset 22 (ONNX types Conv and friends for bfloat16 from there); onnxruntime's CPU provider
+    has no bf16 kernels, so the numbers are checked only where it has."""
+    import onnxruntime
+    import torch
+
+    from hub import BatchPolicy, ModelSpec, TensorSpec
+    from hub.runtimes.onnx import OnnxRuntime
+    from hub.runtimes.torch import eager_outputs
+    from hub.runtimes.variants import BF16_OPSET, _load_onnx_half, export_half_onnx
+
+    class Bag(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.embedding = torch.nn.Embedding(50, 8)
+            self.fc = torch.nn.Linear(8, 3)
+
+        def forward(self, tokens: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+            return self.fc(self.embedding(tokens).mean(1) * scale)
+
+    rng = np.random.default_rng(3)
+    examples = {"tokens": rng.integers(0, 50, (4, 6)), "scale": rng.uniform(0.5, 2, (4, 1)).astype(np.float32)}
+    spec = ModelSpec(
+        name="bag",
+        build=lambda: Bag().eval(),
+        inputs=[TensorSpec("tokens", "INT64", (-1, 6)), TensorSpec("scale", "FP32", (-1, 1))],
+        outputs=[TensorSpec("y", "FP32", (-1, 3))],
+        example_inputs=examples,
+        batching=BatchPolicy(max_batch_size=8),
+    )
+    spec.validate()
+    module = spec.build()
+    reference = eager_outputs(module, spec, examples)["y"]
+
+    bf16 = tmp_path / "model.bf16.onnx"
+    export_half_onnx(module, spec, str(bf16), "bf16")  # onnx.checker passes inside
+    model, io, floats = _onnx_types(bf16)
+    assert io == {"tokens": "INT64", "scale": "FLOAT", "y": "FLOAT"} and floats == {"BFLOAT16"}
+    casts = [n for n in model.graph.node if n.op_type == "Cast"]
+    assert "tokens" not in {i for n in casts for i in n.input} and "scale" in {i for n in casts for i in n.input}
+    assert {o.domain: o.version for o in model.opset_import}[""] == BF16_OPSET
+    try:
+        out = OnnxRuntime(str(bf16), spec, "cpu", 1).run(examples)["y"]
+    except onnxruntime.capi.onnxruntime_pybind11_state.NotImplemented as exc:
+        assert "Could not find an implementation for" in str(exc)  # onnxruntime 1.32's CPU provider
+    else:
+        np.testing.assert_allclose(out, reference, atol=5e-2, rtol=5e-2)
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        # A missing bf16 kernel is named as such, not left as onnxruntime's bare NOT_IMPLEMENTED.
+        monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
+        with pytest.raises(BuildError, match="target 'onnx-bf16': this onnxruntime has no bf16 kernel"):
+            _load_onnx_half("bf16")(ArtifactContext(spec, tmp_path, "cuda"))

@@ -21,7 +21,7 @@ def throughput(runtime: Any, spec: ModelSpec, batch: int, seconds: float = 0.5) 
     policy = spec.batching
     if policy.batching and batch > policy.max_batch_size:
         return None
-    examples = spec.examples()
+    examples = spec.forward_examples()
     if policy.batching:
         inputs = {k: np.resize(v, (batch, *v.shape[1:])) for k, v in examples.items()}
     elif batch != 1:
@@ -80,6 +80,7 @@ def build_all(
             validation = manifest.get("validation", {})
             outputs = validation.get("outputs", {})
             top1 = min((o["top1_agreement"] for o in outputs.values() if "top1_agreement" in o), default=None)
+            cosine = min((o["min_cosine"] for o in outputs.values() if "min_cosine" in o), default=None)
             row.update(
                 status="ok" if artifact.built else "ok (cached)",
                 size=_size(builder.directory(spec)),
@@ -87,7 +88,8 @@ def build_all(
                 seconds=time.perf_counter() - started,
                 max_abs_err=validation.get("max_abs_err"),
                 max_rel_err=validation.get("max_rel_err"),
-                top1=top1,
+                top1=None if cosine is not None else top1,  # an embedding's argmax means nothing
+                min_cosine=cosine,
                 accuracy=validation.get("accuracy"),
                 eager_accuracy=validation.get("eager_accuracy"),
             )
@@ -119,6 +121,7 @@ def render(results: list[dict[str, Any]]) -> Any:
         "max abs err",
         "max rel err",
         "top-1 agree",
+        "min cosine",
         "accuracy (eager)",
         "b1 /s",
         "b32 /s",
@@ -130,7 +133,7 @@ def render(results: list[dict[str, Any]]) -> Any:
 
     for r in results:
         if r["status"] == "failed":
-            table.add_row(f"{r['model']}/{r['version']}", r["target"], "[red]failed[/red]", *["-"] * 8)
+            table.add_row(f"{r['model']}/{r['version']}", r["target"], "[red]failed[/red]", *["-"] * 9)
             continue
         accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f} ({r['eager_accuracy']:.4f})"
         table.add_row(
@@ -142,6 +145,7 @@ def render(results: list[dict[str, Any]]) -> Any:
             num(r.get("max_abs_err"), ".2g"),
             num(r.get("max_rel_err"), ".2g"),
             num(r.get("top1"), ".3f"),
+            num(r.get("min_cosine"), ".4f"),
             accuracy,
             num(r.get("b1"), ",.0f"),
             num(r.get("b32"), ",.0f"),

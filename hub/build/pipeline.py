@@ -96,8 +96,9 @@ class Builder:
                 "name": spec.name,
                 "version": spec.version,
                 "inputs": [asdict(t) for t in spec.inputs],
+                "model_inputs": [asdict(t) for t in spec.model_inputs],
                 "outputs": [asdict(t) for t in spec.outputs],
-                "tolerance": asdict(spec.tolerance or target.tolerance),
+                "tolerance": asdict(spec.tolerance_for(target)),
                 "examples": _hash_arrays(spec.examples()),
                 "validation": _hash_arrays(spec.validation_data()[0]) if spec.validation_data else None,
                 "options": dict(spec.options),
@@ -202,12 +203,13 @@ class Builder:
             examples, labels = spec.validation_data()
         else:
             examples = spec.examples()
+        examples = spec.to_forward(examples)
         reference = None
         if target.check_parity:
             from hub.runtimes.torch import eager_outputs
 
             reference = eager_outputs(ctx.module(), spec, examples)
-        tolerance = spec.tolerance or target.tolerance
+        tolerance = spec.tolerance_for(target)
         merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}
         for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance, labels):
             for name, value in result.items():

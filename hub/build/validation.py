@@ -51,6 +51,17 @@ def validate_artifact(
         rel_err = abs_err / scale if scale > 0 else abs_err
         within = abs_err <= tolerance.atol + tolerance.rtol * scale
         entry: dict[str, Any] = {"max_abs_err": abs_err, "max_rel_err": rel_err, "within_tolerance": within}
+        if got.ndim == 2 and tolerance.min_cosine is not None:  # embedding-like: does each row point the same way?
+            norms = np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+            cosine = np.sum(got * want, axis=1) / np.maximum(norms, 1e-12)
+            entry["min_cosine"] = float(cosine.min(initial=1.0))
+            entry["mean_cosine"] = float(cosine.mean()) if len(cosine) else 1.0
+            if entry["min_cosine"] < tolerance.min_cosine:
+                worst = int(cosine.argmin())
+                problems.append(
+                    f"output '{tensor.name}': cosine similarity with eager {entry['min_cosine']:.4f} "
+                    f"(row {worst}) is below {tolerance.min_cosine}"
+                )
         if got.ndim == 2 and got.shape[1] > 1:  # classification-like: does the argmax agree?
             top1 = float(np.mean(got.argmax(1) == want.argmax(1)))
             entry["top1_agreement"] = top1

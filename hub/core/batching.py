@@ -118,7 +118,9 @@ class Batcher:
     """Turns concurrent requests for one model version into batched forwards.
 
     - Requests that carry their own batch (leading dim n) are concatenated along dim 0 up to
-      `max_batch_size`, never split, and only with requests whose other dims match.
+      `max_batch_size`, never split, and only with requests whose other dims match, except
+      the dims of inputs named in `padding`: shorter ones are padded with that value to the
+      batch's longest (token ids with an attention mask, say).
     - A batch is dispatched when an instance is free and: it reached the largest preferred
       size (or `max_batch_size`); or it sits at a preferred size with nothing else queued; or
       the next request cannot join it; or its oldest request has waited `max_queue_delay`.
@@ -144,6 +146,7 @@ class Batcher:
         *,
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
+        padding: Mapping[str, float] | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -151,6 +154,7 @@ class Batcher:
         self.stats = stats if stats is not None else ModelStats()
         self._clock = clock or MonotonicClock()
         self._observer = observer or _NoObserver()
+        self._padding = dict(padding or {})
         self._queue: collections.deque[_Pending] = collections.deque()
         self._free = policy.instances
         self._workers: _Workers | None = None
@@ -357,7 +361,7 @@ class Batcher:
         if len(parts) == 1:
             inputs = parts[0]
         else:
-            inputs = {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
+            inputs = {name: self._concatenate(name, [p[name] for p in parts]) for name in parts[0]}
         t1 = clock()
         outputs = self._compute(inputs)
         t2 = clock()
@@ -378,6 +382,22 @@ class Batcher:
                 start += count
         t3 = clock()
         return results, t1 - t0, t2 - t1, t3 - t2
+
+    def _concatenate(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
+        """Stack requests along the batch dim, padding `padding` inputs to the longest first."""
+        if name in self._padding:
+            longest = np.max([a.shape[1:] for a in arrays], axis=0)
+            arrays = [
+                a
+                if a.shape[1:] == tuple(longest)
+                else np.pad(
+                    a,
+                    [(0, 0), *((0, int(m) - d) for m, d in zip(longest, a.shape[1:], strict=True))],
+                    constant_values=self._padding[name],
+                )
+                for a in arrays
+            ]
+        return np.concatenate(arrays)
 
     def _fail(self, pending: _Pending, error: BaseException) -> None:
         if not pending.future.done():

@@ -3,8 +3,9 @@ must pass before it is queued."""
 
 from __future__ import annotations
 
+import asyncio
 import enum
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,9 +14,9 @@ import numpy as np
 from hub.core.batching import Arrays, Batcher
 from hub.core.stats import ModelStats
 from hub.datatypes import datatype_of
-from hub.errors import InvalidInput, ModelUnavailable
+from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable
 from hub.metrics import ModelMetrics
-from hub.spec import ModelSpec, Runtime, Target
+from hub.spec import ModelSpec, Runtime, Target, TensorSpec
 
 
 class ModelState(enum.Enum):
@@ -83,21 +84,71 @@ class ServedModel:
                 f"model '{self.name}' version {self.version} is {self.state.value}"
                 + (f": {self.reason}" if self.reason else "")
             )
-        rows, signature = check_inputs(self.spec, inputs)
+        inputs = _row_elements(self.spec, inputs)
+        rows = check_inputs(self.spec, inputs)
+        if self.spec.preprocess is not None:
+            inputs = await self._preprocess(inputs, rows)
+        signature = batch_signature(self.spec, inputs)
         return await self.batcher.submit(inputs, rows=rows, signature=signature, timeout=timeout, request_id=request_id)
 
+    async def _preprocess(self, inputs: Mapping[str, np.ndarray], rows: int) -> Mapping[str, np.ndarray]:
+        """The spec's per-request preprocess, in a thread (tokenising a long text must not stall
+        the event loop); its output is checked against `model_inputs`."""
+        try:
+            forward = await asyncio.get_running_loop().run_in_executor(None, self.spec.to_forward, inputs)
+        except HubError:
+            raise
+        except ValueError as exc:  # the documented way for a preprocess to reject its input
+            raise InvalidInput(f"model '{self.name}': {exc}") from None
+        except Exception as exc:
+            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}: {exc}") from exc
+        try:
+            got = check_inputs(self.spec, forward, self.spec.model_inputs)
+        except InvalidInput as exc:
+            raise ModelExecutionError(f"model '{self.name}': preprocess returned bad model inputs: {exc}") from None
+        if self.spec.batching.batching and got != rows:
+            raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
+        return forward
 
-def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int, tuple[object, ...]]:
-    """Validate names, datatypes, shapes and the batch size; return (rows, batch signature).
 
-    The signature is the non-batch shape of every input: only requests with equal
-    signatures are concatenated into one batch.
-    """
-    expected = spec.inputs
+def _row_elements(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
+    """Inputs of one element per row ([-1]) also arrive as [n, 1]: their ModelConfig says dims
+    [1] with reshape [] (Triton's form, which perf_analyzer and Triton clients follow)."""
+    if not spec.batching.batching:
+        return inputs
+    reshaped = None
+    for tensor in spec.inputs:
+        array = inputs.get(tensor.name)
+        if tensor.shape == (-1,) and array is not None and array.ndim == 2 and array.shape[1] == 1:
+            reshaped = dict(inputs) if reshaped is None else reshaped
+            reshaped[tensor.name] = array.reshape(-1)
+    return inputs if reshaped is None else reshaped
+
+
+def batch_signature(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
+    """What requests must share to be concatenated into one batch: the non-batch shape of
+    every model input, except the variable dims of inputs the batcher may pad."""
+    if not spec.batching.batching:
+        return ()
+    signature: list[object] = []
+    for tensor in spec.forward_inputs:
+        shape = inputs[tensor.name].shape[1:]
+        if tensor.padding is not None:
+            shape = tuple(None if want == -1 else got for want, got in zip(tensor.shape[1:], shape, strict=True))
+        signature.append(shape)
+    return tuple(signature)
+
+
+def check_inputs(
+    spec: ModelSpec, inputs: Mapping[str, np.ndarray], expected: Sequence[TensorSpec] | None = None
+) -> int:
+    """Validate names, datatypes, shapes and the batch size against `expected` (the served
+    inputs by default); return the number of rows."""
+    expected = spec.inputs if expected is None else expected
     if len(inputs) != len(expected) or any(t.name not in inputs for t in expected):
         names = [t.name for t in expected]
         missing = [n for n in names if n not in inputs]
-        extra = [n for n in inputs if spec.input(n) is None]
+        extra = [n for n in inputs if n not in names]
         problems = []
         if missing:
             problems.append(f"missing input(s) {missing}")
@@ -106,7 +157,6 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int
         raise InvalidInput(f"model '{spec.name}': {'; '.join(problems)}; expected inputs {names}")
     policy = spec.batching
     rows: int | None = None
-    signature: list[object] = []
     for tensor in expected:
         array = inputs[tensor.name]
         datatype = datatype_of(array)
@@ -126,5 +176,4 @@ def check_inputs(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[int
                 rows = n
             elif n != rows:
                 raise InvalidInput(f"input '{tensor.name}': batch size {n} differs from the other inputs' {rows}")
-            signature.append(array.shape[1:])
-    return (rows if rows is not None else 1), tuple(signature)
+    return rows if rows is not None else 1

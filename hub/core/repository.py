@@ -179,6 +179,7 @@ class ModelRepository:
                 model.stats,
                 clock=self._clock,
                 observer=model.metrics,
+                padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
             )
             model.batcher.start()
             if model.metrics is not None:

@@ -68,10 +68,12 @@ def validate_artifact(
     :param spec: the model being built.
     :param runtime: the loaded artifact.
     :param examples: the inputs to check on: the spec's `validation_data` inputs when it has
-        some, else its example inputs.
+        some, else its example inputs; as the model takes them (after the spec's
+        `preprocess`, when it has one).
     :param reference: the eager model's outputs on `examples`, or None when the target is
         not checked against eager.
-    :param tolerance: the `hub.Tolerance` in force (the spec's, else the target's default).
+    :param tolerance: the `hub.Tolerance` in force (the spec's for this target, else the
+        target's default).
     :param labels: the labels of `examples` from `validation_data`, or None.
     :returns: None to abstain, or a dict of figures to record. A list under the key
         "problems" (human-readable strings) refuses the artifact: the model is marked failed

@@ -26,15 +26,16 @@ def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
 
     from hub.runtimes.torch import to_tensor
 
-    examples = spec.examples()
+    examples = spec.forward_examples()
     if spec.batching.batching:
         # torch.export specialises a dimension of size 1; give the batch at least two rows.
         examples = {
             name: np.concatenate([value, value]) if value.shape[0] == 1 else value for name, value in examples.items()
         }
-    args = tuple(to_tensor(examples[t.name], "cpu") for t in spec.inputs)
+    tensors = spec.forward_inputs
+    args = tuple(to_tensor(examples[t.name], "cpu") for t in tensors)
     dynamic_shapes = tuple(
-        {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1} or None for t in spec.inputs
+        {axis: torch.export.Dim.DYNAMIC for axis, size in enumerate(t.shape) if size == -1} or None for t in tensors
     )
     with warnings.catch_warnings():
         # The exporter warns about its own internals (treespec deprecations); not actionable here.
@@ -43,7 +44,7 @@ def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
             module,
             args,
             path,
-            input_names=[t.name for t in spec.inputs],
+            input_names=[t.name for t in spec.forward_inputs],
             output_names=[t.name for t in spec.outputs],
             dynamic_shapes=dynamic_shapes,
             opset_version=OPSET,
@@ -87,7 +88,7 @@ class OnnxRuntime:
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self._outputs = [t.name for t in spec.outputs]
         declared = {i.name for i in self.session.get_inputs()}
-        missing = [t.name for t in spec.inputs if t.name not in declared]
+        missing = [t.name for t in spec.forward_inputs if t.name not in declared]
         if missing:
             raise BuildError(f"model '{spec.name}': {path} lacks inputs {missing}")
 

@@ -68,7 +68,7 @@ class TorchRuntime:
         self.module = module
         self.device = device
         self.compute_dtype = compute_dtype
-        self._inputs = [t.name for t in spec.inputs]
+        self._inputs = [t.name for t in spec.forward_inputs]
         self._outputs = [t.name for t in spec.outputs]
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -6,6 +6,7 @@
 | torch-compile | torch.compile (Inductor), cache in models/<name>/<version>/inductor; CUDA graphs per bucket |
 | torch-int8 | torchao's int8 dynamic-activation/int8-weight quantisation (torch's own quantize_dynamic is deprecated) |
 | torch-fp16, torch-bf16 | half-precision eager on CUDA; the served tensors stay FP32 |
+| onnx-fp16, onnx-bf16 | fp16/bf16 ONNX export served by onnxruntime-gpu's CUDA provider; the served tensors stay FP32 |
 
 Every one is validated against eager like any other target; each has a default tolerance that
 a spec can tighten or loosen.
@@ -17,6 +18,7 @@ import copy
 import logging
 import os
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
@@ -46,24 +48,195 @@ def _build_onnx_int8(ctx: ArtifactContext) -> None:
         op_types_to_quantize=["MatMul", "Gemm"],
         per_channel=True,
         weight_type=QuantType.QInt8,
+        nodes_to_exclude=_excluded_nodes(ctx, str(fp32)),
     )
     fp32.unlink()
+
+
+def _excluded_nodes(ctx: ArtifactContext, path: str) -> list[str]:
+    """ONNX nodes of the modules named by the spec's `int8_exclude` option (torch module paths,
+    glob patterns: "encoder.layer.*.intermediate.dense"), which stay fp32.
+
+    Patterns name torch modules, not ONNX nodes, because node names are the exporter's own and
+    change between torch releases; the exporter records each node's module path in its
+    `pkg.torch.onnx.name_scopes` metadata.
+    """
+    import ast
+    import fnmatch
+
+    import onnx
+
+    patterns = [str(p) for p in ctx.spec.options.get("int8_exclude", ())]
+    if not patterns:
+        return []
+    graph = onnx.load(path, load_external_data=False).graph
+    excluded: list[str] = []
+    used: set[str] = set()
+    for node in graph.node:
+        scopes: list[str] = next(
+            (ast.literal_eval(p.value) for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), []
+        )
+        module = scopes[-2] if len(scopes) > 1 else ""  # the last scope is the op itself
+        hits = [p for p in patterns if fnmatch.fnmatchcase(module, p)]
+        if hits:
+            excluded.append(node.name)
+            used.update(hits)
+    unmatched = [p for p in patterns if p not in used]
+    if unmatched:
+        raise BuildError(f"model '{ctx.spec.name}': option int8_exclude: {unmatched} match no module of the export")
+    log.info("model '%s': onnx-int8 keeps %d nodes fp32 (int8_exclude)", ctx.spec.key, len(excluded))
+    return excluded
 
 
 def _load_onnx_int8(ctx: ArtifactContext) -> Runtime:
     return OnnxRuntime(str(ctx.directory / INT8_FILENAME), ctx.spec, ctx.device, ctx.threads)
 
 
+# --- onnx-fp16, onnx-bf16 ----------------------------------------------------------------------
+#
+# How: export an fp16/bf16 copy of the module, with hooks that cast its floating inputs in and
+# its floating outputs back to the spec's datatypes, through the same export_onnx as the onnx
+# target. The exporter then types every weight and intermediate itself, puts the Casts at the
+# graph's edges and keeps the dynamic dims. (Hooks, not a wrapper module: the copy keeps the
+# module's own forward signature, which export_onnx's dynamic shapes follow.) Rewriting the
+# fp32 graph afterwards (onnx's float16 converters) re-types ops and constants by heuristics,
+# and does not do bf16 at all.
+
+HALF_ONNX_FILENAMES = {"fp16": "model.fp16.onnx", "bf16": "model.bf16.onnx"}
+#: ONNX types Conv, MaxPool, AveragePool... for bfloat16 only from opset 22; the exporter writes
+#: opset 18 (torchlib's), so a bf16 graph is converted up the way torch.onnx does it itself.
+BF16_OPSET = 22
+_TORCH_FLOATS = {"FP16": "float16", "FP32": "float32", "FP64": "float64", "BF16": "bfloat16"}
+
+
+def _half_module(module: Any, spec: ModelSpec, dtype_name: str) -> Any:
+    """A copy of `module` in fp16/bf16 that takes and returns the spec's datatypes."""
+    import torch
+
+    compute = torch.float16 if dtype_name == "fp16" else torch.bfloat16
+    names = [t.name for t in spec.outputs]
+    served = {t.name: getattr(torch, _TORCH_FLOATS.get(t.datatype, "float32")) for t in spec.outputs}
+
+    def cast_in(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        # Only floating inputs: UINT8 pixels or INT64 token ids stay what they are.
+        return tuple(a.to(compute) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args)
+
+    def cast_out(_: Any, __: Any, result: Any) -> Any:
+        def out(name: str, value: torch.Tensor) -> torch.Tensor:
+            return value.to(served[name]) if value.is_floating_point() else value
+
+        if isinstance(result, torch.Tensor):
+            return out(names[0], result)
+        if isinstance(result, Mapping):
+            return {name: out(name, result[name]) for name in names}
+        return tuple(out(name, value) for name, value in zip(names, result, strict=True))
+
+    # .to(dtype) works in place: convert a copy, the eager module stays the reference.
+    half = copy.deepcopy(module).to(compute).eval()
+    half.register_forward_pre_hook(cast_in)
+    half.register_forward_hook(cast_out)
+    return half
+
+
+def export_half_onnx(module: Any, spec: ModelSpec, path: str, dtype_name: str) -> None:
+    """Export `module` with fp16 or bf16 weights and compute and the spec's datatypes at the
+    graph's inputs and outputs; checked with onnx.checker. Runs on CPU (nothing is computed)."""
+    import onnx
+
+    export_onnx(_half_module(module, spec, dtype_name), spec, path)
+    if dtype_name == "bf16":
+        from onnxscript import ir
+        from onnxscript.version_converter import convert_version
+
+        model = ir.load(path)
+        convert_version(model, BF16_OPSET)
+        ir.save(model, path)
+    where = f"model '{spec.name}': target 'onnx-{dtype_name}'"
+    try:
+        onnx.checker.check_model(path, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise BuildError(f"{where}: the exported graph is not valid ONNX: {exc}") from None
+    graph = onnx.load(path, load_external_data=False).graph
+    declared = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
+    for tensor in (*spec.forward_inputs, *spec.outputs):
+        elem_type = declared.get(tensor.name)
+        if elem_type is not None and onnx.helper.tensor_dtype_to_np_dtype(elem_type) != tensor.dtype:
+            raise BuildError(
+                f"{where}: graph tensor '{tensor.name}' is {onnx.TensorProto.DataType.Name(elem_type)}, "
+                f"the spec declares {tensor.datatype}"
+            )
+
+
+def _needs_cuda_onnxruntime(ctx: ArtifactContext, target: str) -> None:
+    """Refuse, before any work, where the half-precision graph cannot run on CUDA."""
+    import onnxruntime as ort
+
+    where = f"model '{ctx.spec.name}': target '{target}'"
+    if ctx.device != "cuda":
+        raise BuildError(
+            f"{where} needs a CUDA device and onnxruntime-gpu; this server runs on {ctx.device} "
+            f"(use onnx or onnx-int8 there)"
+        )
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise BuildError(
+            f"{where} needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime "
+            f"{ort.__version__} offers {available} (install onnxruntime-gpu in place of onnxruntime)"
+        )
+
+
+def _build_onnx_half(dtype_name: str) -> Callable[[ArtifactContext], None]:
+    def build(ctx: ArtifactContext) -> None:
+        _needs_cuda_onnxruntime(ctx, f"onnx-{dtype_name}")
+        export_half_onnx(ctx.module(), ctx.spec, str(ctx.directory / HALF_ONNX_FILENAMES[dtype_name]), dtype_name)
+
+    return build
+
+
+def _load_onnx_half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
+    def load(ctx: ArtifactContext) -> Runtime:
+        target = f"onnx-{dtype_name}"
+        _needs_cuda_onnxruntime(ctx, target)
+        path = str(ctx.directory / HALF_ONNX_FILENAMES[dtype_name])
+        try:
+            runtime = OnnxRuntime(path, ctx.spec, ctx.device, ctx.threads)
+        except Exception as exc:
+            if "NOT_IMPLEMENTED" not in str(exc):
+                raise
+            # No CUDA kernel for an op in this dtype, and none on the CPU provider to fall back to.
+            raise BuildError(
+                f"model '{ctx.spec.name}': target '{target}': this onnxruntime has no {dtype_name} kernel for an "
+                f"op of the model ({exc}); use onnx-fp16 or torch-{dtype_name}"
+            ) from None
+        if runtime.device != "cuda":
+            runtime.close()
+            raise BuildError(
+                f"model '{ctx.spec.name}': target '{target}': onnxruntime's CUDAExecutionProvider did not start "
+                f"(see onnxruntime's log: CUDA and cuDNN libraries)"
+            )
+        return runtime
+
+    return load
+
+
 # --- torch variants ----------------------------------------------------------------------------
 
 
-def _warm_batches(spec: ModelSpec) -> list[int]:
+def _warm_batches(spec: ModelSpec, cuda_graphs: bool = False) -> list[int]:
     """Batch sizes worth compiling before the model reports ready: 1, 2 and 16 cover Inductor's
     dynamic-shape guards on CPU (STACK-NOTES); preferred sizes and the maximum are what the
-    batcher will send."""
+    batcher will send.
+
+    With CUDA graphs they are the buckets every batch is padded up to, one graph each: powers of
+    two from 2 (padding at most doubles a batch), the preferred sizes and the maximum. No bucket
+    of 1: torch always specialises a dim of size 1, so it would cost a second Inductor compile;
+    a batch of 1 runs padded to 2."""
     policy = spec.batching
     if not policy.batching:
         return [0]
+    if cuda_graphs and policy.max_batch_size > 1:
+        powers = (2**i for i in range(1, policy.max_batch_size.bit_length()))
+        return sorted({*powers, *policy.preferred_batch_sizes, policy.max_batch_size} - {1})
     sizes = {1, 2, 16, *policy.preferred_batch_sizes, policy.max_batch_size}
     return sorted(s for s in sizes if s <= policy.max_batch_size)
 
@@ -109,12 +282,23 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
     module = ctx.module()
     if isinstance(module, torch.nn.Module):
         module = module.to(ctx.device).eval()
-    compiled = torch.compile(module, mode=mode, dynamic=not cuda_graphs)
-    runtime: Runtime = TorchRuntime(compiled, ctx.spec, ctx.device)
-    batches = _warm_batches(ctx.spec)
+    batches = _warm_batches(ctx.spec, cuda_graphs)
     if cuda_graphs and ctx.spec.batching.batching:
-        runtime = BucketedRuntime(runtime, batches)
-    examples = ctx.spec.examples()
+        # One Inductor compile for every bucket: the batch dim is marked dynamic on each call (the
+        # other dims stay static), and cudagraph trees (mode="reduce-overhead") still record one
+        # CUDA graph per distinct shape, that is per bucket, as BucketedRuntime pads each batch to
+        # one. A static compile (dynamic=False) ran Inductor once per bucket: minutes for ResNet-50.
+        graphed = torch.compile(module, mode=mode, dynamic=None)
+
+        def forward(*args: object) -> object:
+            for arg in args:
+                torch._dynamo.maybe_mark_dynamic(arg, 0)
+            return graphed(*args)
+
+        runtime: Runtime = BucketedRuntime(TorchRuntime(forward, ctx.spec, ctx.device), batches)
+    else:  # no CUDA graphs (CPU): dynamic=True, one compile serves every batch size
+        runtime = TorchRuntime(torch.compile(module, mode=mode, dynamic=not cuda_graphs), ctx.spec, ctx.device)
+    examples = ctx.spec.forward_examples()
     for rows in batches:  # compile now, so that no client request pays for it
         runtime.run(_tile(examples, rows))
     log.info("model '%s': torch.compile(mode=%s) warmed up at batch sizes %s", ctx.spec.key, mode, batches)
@@ -213,5 +397,17 @@ def register_targets(register: Callable[[Target], None]) -> None:
                 f"eager {dtype} on CUDA",
                 platform="pytorch_libtorch",
                 tolerance=HALF,
+            )
+        )
+    for dtype in ("fp16", "bf16"):
+        register(
+            Target(
+                f"onnx-{dtype}",
+                _build_onnx_half(dtype),
+                _load_onnx_half(dtype),
+                f"ONNX Runtime {dtype} on CUDA (onnxruntime-gpu)",
+                platform="onnxruntime_onnx",
+                tolerance=HALF,
+                artifact=HALF_ONNX_FILENAMES[dtype],
             )
         )
