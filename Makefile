@@ -6,7 +6,7 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed-stamp
 PA := tools/perf_analyzer/perf_analyzer
 
-.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench gpu-wheels clean
+.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench bench-gpu gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,13 +42,33 @@ protos-check: install
 	$(BIN)/python scripts/gen_protos.py --check
 
 bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; see docs/benchmarks.md)
-	$(BIN)/python scripts/bench.py
+	bash scripts/bench.sh
 
-gpu-wheels:  ## wheels the GPU image lacks (Python 3.12), for scripts/gpu_check.sh on a device machine
-	$(BIN)/pip download -q --only-binary=:all: --python-version 3.12 --platform manylinux2014_x86_64 \
-	  --platform manylinux_2_28_x86_64 -d wheels-gpu 'tritonclient[grpc]' safetensors rich onnxscript pytest \
-	  pytest-asyncio pytest-timeout hypothesis scikit-learn pyyaml ml-dtypes
+bench-gpu: install $(PA)  ## ResNet-50 served (perf_analyzer) and in-process, eager vs compiled; GPU when there is one
+	$(BIN)/python scripts/bench_gpu.py --out bench-results/gpu-bench.json
+
+# What the GPU image lacks (it has torch, numpy, sympy, grpcio, protobuf, pluggy, prometheus-client,
+# onnx, onnxruntime), without dependencies: a device call carries 64 MiB in all, and with them
+# scipy and scikit-learn alone (no gpu test needs them) took 45 MB. Beside them, perf_analyzer
+# without the duplicates tools/ holds (perf_client, static CUDA libraries): carry wheels-gpu alone.
+GPU_WHEELS := 'tritonclient[grpc]' python-rapidjson urllib3 safetensors rich markdown-it-py mdurl pygments \
+  onnxscript onnx-ir 'ml-dtypes<=0.5.4' pytest iniconfig pluggy packaging typing-extensions pytest-asyncio \
+  pytest-timeout hypothesis sortedcontainers grpcio grpcio-health-checking grpcio-reflection protobuf pyyaml
+
+gpu-wheels: $(PA)  ## wheels the GPU image lacks (Python 3.12) and perf_analyzer, for scripts/gpu_check.sh
+	rm -rf wheels-gpu
+	$(BIN)/pip download -q --no-deps -c $(CONSTRAINTS) --only-binary=:all: --python-version 3.12 \
+	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels-gpu $(GPU_WHEELS)
 	$(BIN)/pip wheel -q --no-deps -w wheels-gpu .
+	mkdir -p wheels-gpu/perf_analyzer/bin wheels-gpu/perf_analyzer/lib
+	cp tools/perf_analyzer/tc/bin/perf_analyzer wheels-gpu/perf_analyzer/bin/
+	cp tools/perf_analyzer/cudart/nvidia/cuda_runtime/lib/libcudart.so.12 wheels-gpu/perf_analyzer/lib/
+	cp "$$(ls tools/perf_analyzer/b64/usr/lib/x86_64-linux-gnu/libb64.so.0d /usr/lib/x86_64-linux-gnu/libb64.so.0d \
+	  2>/dev/null | head -1)" wheels-gpu/perf_analyzer/lib/
+	printf '#!/bin/sh\nD=$$(dirname "$$(readlink -f "$$0")")\nLD_LIBRARY_PATH="$$D/lib$${LD_LIBRARY_PATH:+:$$LD_LIBRARY_PATH}" exec "$$D/bin/perf_analyzer" "$$@"\n' \
+	  > wheels-gpu/perf_analyzer/perf_analyzer
+	chmod +x wheels-gpu/perf_analyzer/perf_analyzer
+	du -sh wheels-gpu
 
 clean:
 	rm -rf $(VENV) tools .pytest_cache .mypy_cache .ruff_cache

@@ -7,7 +7,9 @@
 #      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port 0;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
-#   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py).
+#   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py);
+#   5. text: plugins/embeddings (minilm, BYTES in) under perf_analyzer with real sentences as
+#      --input-data, against its own in-process ceiling (no peer serves it).
 #
 # Results: the kit's tables (printed, and under $PEERS_WORK/results), and bench-results/.
 # Knobs: ROUNDS (2), CONCURRENCY (1,4,16,64), WINDOW (3 s), KIT, MODELHUB_BENCH_TARGET (onnx).
@@ -68,4 +70,27 @@ bash "$KIT/run.sh" --tool pa --rounds 1 --concurrency "$CONCURRENCY" --window "$
 echo "== compute ceiling: in-process, best batch size =="
 REFMODELS_DIR="$KIT" .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository "$REPO" \
   | tee "$OUT/ceiling.txt"
+echo "== text: minilm (BYTES) under perf_analyzer, and its in-process ceiling =="
+TEXT_PLUGINS=$OUT/text-plugins
+mkdir -p "$TEXT_PLUGINS" && ln -sfn "$ROOT/plugins/embeddings" "$TEXT_PLUGINS/embeddings"
+.venv/bin/python scripts/ceiling.py --plugins-dir "$TEXT_PLUGINS" --model-repository "$REPO" --batch-sizes 1,8,32,64 \
+  | tee "$OUT/text-ceiling.txt"
+setsid .venv/bin/modelhub serve --plugins-dir "$TEXT_PLUGINS" --no-entry-points --model-repository "$REPO" \
+  --host 127.0.0.1 --grpc-port 9020 --metrics-port 0 --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
+echo $! > "$OUT/ours_text.pid"
+.venv/bin/python - "$OUT/sentences.json" <<'PY'
+import json, sys
+sys.path.insert(0, "plugins")
+from embeddings.sentences import SENTENCES
+json.dump({"data": [{"text": [s]} for s in SENTENCES]}, open(sys.argv[1], "w"))
+PY
+for _ in $(seq 180); do
+  .venv/bin/modelhub health --url 127.0.0.1:9020 --service minilm >/dev/null 2>&1 && break
+  sleep 1
+done
+for c in ${CONCURRENCY//,/ }; do
+  tools/perf_analyzer/perf_analyzer -m minilm -i grpc -u 127.0.0.1:9020 --input-data "$OUT/sentences.json" \
+    --concurrency-range "$c" -p "$((WINDOW * 1000))" -s 50 2>&1 | grep -E "Concurrency:|Avg latency|p99 latency" \
+    | tee -a "$OUT/text-pa.txt"
+done
 echo "results in $OUT"

@@ -7,11 +7,9 @@ sizes 1..64, with the thread count the server uses. Prints samples/s per batch s
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
-import numpy as np
-
+from hub.build.command import throughput
 from hub.build.pipeline import Builder
 from hub.plugins.manager import PluginHost
 from hub.server import set_torch_threads
@@ -30,19 +28,13 @@ def main() -> None:
     builder = Builder(args.model_repository, host.collect_targets(), host, device="cpu", threads=args.threads)
     for spec in host.collect_models():
         artifact = builder.ensure(spec)
-        rng = np.random.default_rng(0)
         best = (0.0, 0)
         cells = []
         for batch in (int(b) for b in args.batch_sizes.split(",")):
-            if spec.batching.batching and batch > spec.batching.max_batch_size:
+            # The spec's own examples (after its preprocess), tiled to the batch size.
+            rate = throughput(artifact.runtime, spec, batch, args.seconds)
+            if rate is None:
                 continue
-            inputs = {t.name: rng.standard_normal((batch, *t.shape[1:])).astype(t.dtype) for t in spec.inputs}
-            artifact.runtime.run(inputs)
-            count, start = 0, time.perf_counter()
-            while time.perf_counter() - start < args.seconds:
-                artifact.runtime.run(inputs)
-                count += 1
-            rate = count * batch / (time.perf_counter() - start)
             cells.append(f"b{batch}={rate:,.0f}/s")
             best = max(best, (rate, batch))
         summary = f"best {best[0]:,.0f}/s at b{best[1]}"

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,8 +71,15 @@ def test_image_steps_replayed_in_a_clean_venv(tmp_path: Path) -> None:
     )  # fmt: skip
     try:
         assert "cached artifact" in "".join(server.log)  # the image starts from the built cache
-        health = subprocess.run([str(venv / "bin" / "modelhub"), "health", "--url", server.url],
-                                capture_output=True, text=True, timeout=30)  # fmt: skip
+        # ServeProcess returns when the first model is ready; the others (ResNet-50's ONNX session
+        # takes seconds) may still be loading, and the server is SERVING once all of them are.
+        deadline = time.monotonic() + 60
+        while True:
+            health = subprocess.run([str(venv / "bin" / "modelhub"), "health", "--url", server.url],
+                                    capture_output=True, text=True, timeout=30)  # fmt: skip
+            if health.stdout.strip() == "SERVING" or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
         assert health.stdout.strip() == "SERVING"
     finally:
         code, log = server.stop()

@@ -1,0 +1,429 @@
+"""ResNet-50 throughput on one machine (GPU or CPU): served, bare, and eager against compiled.
+
+    python3 scripts/bench_gpu.py --out bench-results/gpu-bench.json          # make bench-gpu
+
+1. served: `modelhub serve` in a subprocess (free ports, only plugins/resnet), driven by
+   Triton's perf_analyzer (tools/perf_analyzer, `make perf-analyzer`) at each client
+   concurrency, one image per request: the dynamic batcher forms the batches. Throughput,
+   p50/p99 latency and the average batch the server executed.
+2. bare: the same target's artifact in-process (Runtime.run: numpy uint8 in, logits out, so host
+   to device copies included, no RPC), at each batch size. On CUDA torch-compile runs through
+   BucketedRuntime: a batch of 1 is padded to the bucket of 2.
+3. compare (issue 4): eager fp32, eager fp16, compiled fp32 and compiled fp16 (the torch-compile
+   target's own path: one Inductor compile, a CUDA graph per bucket) at batch 1 and 128. On CPU
+   only eager fp32 against the served target.
+
+Default target: torch-compile on CUDA, onnx on CPU (--target). Defaults on CPU are smaller
+(concurrency 1,4,8, batches 1,4,16, shorter windows), so the script can be checked end to end
+without a GPU. Results: a table on stdout and JSON at --out, rewritten after each step so that
+a run cut short still leaves what it measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # hub/ and plugins/ from this checkout, also when run as a script
+
+MODEL = "resnet"
+PLUGIN = ROOT / "plugins" / "resnet"
+#: `make perf-analyzer` installs it under tools/; `make gpu-wheels` stages a slim copy for a device machine.
+PERF_ANALYZERS = (
+    ROOT / "tools" / "perf_analyzer" / "perf_analyzer",
+    ROOT / "wheels-gpu" / "perf_analyzer" / "perf_analyzer",
+)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def device_name(device: str) -> str:
+    import torch
+
+    if device == "cuda":
+        return f"{torch.cuda.get_device_name(0)} (torch {torch.__version__}, CUDA {torch.version.cuda})"
+    model = platform.processor() or "CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    return f"{model}, {os.cpu_count()} cores (torch {torch.__version__})"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def ints(text: str) -> list[int]:
+    return [int(part) for part in text.split(",") if part.strip()]
+
+
+class Results:
+    """What was measured so far; written to --out after every step."""
+
+    def __init__(self, path: Path, header: dict[str, Any]) -> None:
+        self.path = path
+        self.data: dict[str, Any] = {**header, "served": [], "bare": [], "compare": [], "loads": [], "errors": []}
+
+    def add(self, section: str, row: dict[str, Any]) -> None:
+        self.data[section].append(row)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+
+
+# --- served ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: Path) -> Iterator[str]:
+    """`modelhub serve` in its own process group, until the model is ready; stopped on exit."""
+    import tritonclient.grpc as tc
+
+    grpc_port, metrics_port = free_port(), free_port()
+    command = [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--no-entry-points",
+               "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
+               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", args.device,
+               "--threads", str(args.threads), "--config", str(config)]  # fmt: skip
+    log(f"starting: {' '.join(command)} (log: {server_log})")
+    server_log.parent.mkdir(parents=True, exist_ok=True)
+    with server_log.open("w") as out:
+        process = subprocess.Popen(command, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"127.0.0.1:{grpc_port}"
+    try:
+        started = time.perf_counter()
+        client = tc.InferenceServerClient(url)
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"the server exited with {process.returncode}; see {server_log}")
+            with contextlib.suppress(Exception):
+                if client.is_model_ready(MODEL):
+                    break
+            if time.perf_counter() - started > args.ready_timeout:
+                raise RuntimeError(f"'{MODEL}' not ready after {args.ready_timeout:.0f}s; see {server_log}")
+            time.sleep(0.5)
+        log(f"server ready in {time.perf_counter() - started:.1f}s (build, validation and load included)")
+        yield url
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+def warm_served(url: str, sizes: list[int], images: np.ndarray) -> None:
+    """One request per batch size, twice: each bucket's CUDA graph is recorded in the server's
+    worker thread before perf_analyzer measures (cudagraph trees are per thread)."""
+    import tritonclient.grpc as tc
+
+    client = tc.InferenceServerClient(url)
+    for size in sizes:
+        batch = np.resize(images, (size, *images.shape[1:]))
+        tensor = tc.InferInput("image", list(batch.shape), "UINT8")
+        tensor.set_data_from_numpy(batch)
+        for _ in range(2):
+            client.infer(MODEL, [tensor], client_timeout=300)
+
+
+def perf_analyzer(binary: Path, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+    """perf_analyzer at one concurrency: three windows of seconds/3 (a lenient stability check,
+    so that it ends after three), asynchronous requests of one image each."""
+    window_ms = max(500, int(seconds * 1000 / 3))
+    command = ["sh", str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1", "--async",
+               "--concurrency-range", str(concurrency), "-p", str(window_ms), "-r", "3", "-s", "1000",
+               "--input-data", "random"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=seconds * 4 + 120)
+    text = result.stdout + result.stderr
+    if result.returncode != 0:
+        raise RuntimeError(f"perf_analyzer exited {result.returncode}: {text[-2000:]}")
+
+    def number(pattern: str) -> float | None:
+        found = re.findall(pattern, text)
+        return float(found[-1]) if found else None
+
+    inferences = number(r"Inference count: (\d+)")
+    executions = number(r"Execution count: (\d+)")
+    p50, p99 = number(r"p50 latency: (\d+) usec"), number(r"p99 latency: (\d+) usec")
+    return {
+        "concurrency": concurrency,
+        "images_per_s": number(r"Throughput: ([\d.]+) infer/sec"),
+        "p50_ms": p50 / 1000 if p50 is not None else None,
+        "p99_ms": p99 / 1000 if p99 is not None else None,
+        "avg_batch": round(inferences / executions, 1) if inferences and executions else None,
+        "window_ms": window_ms,
+    }
+
+
+def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -> None:
+    binary = args.perf_analyzer or next((p for p in PERF_ANALYZERS if p.exists()), PERF_ANALYZERS[0])
+    if not binary.exists():
+        results.data["errors"].append(f"served: {binary} is missing (make perf-analyzer)")
+        log(f"served: skipped, {binary} is missing (make perf-analyzer)")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        plugins = Path(tmp) / "plugins"
+        plugins.mkdir()
+        (plugins / PLUGIN.name).symlink_to(PLUGIN)
+        config = Path(tmp) / "deploy.toml"
+        config.write_text(f'[models.{MODEL}]\ntarget = "{args.target}"\n')
+        with serving(args, plugins, config, args.out.with_suffix(".server.log")) as url:
+            if args.device == "cuda":
+                top = max(args.concurrency)
+                warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
+            else:
+                warm_served(url, [1], images)
+            for concurrency in args.concurrency:
+                try:
+                    row = perf_analyzer(binary, url, concurrency, args.seconds)
+                except RuntimeError as exc:  # too few completions per window: once more, 3x longer
+                    log(f"served c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
+                    try:
+                        row = perf_analyzer(binary, url, concurrency, args.seconds * 3)
+                    except RuntimeError as again:
+                        results.data["errors"].append(f"served c={concurrency}: {again}")
+                        log(f"served c={concurrency}: FAILED {again}")
+                        continue
+                results.add("served", row)
+                log(f"served c={concurrency}: {row}")
+
+
+# --- in-process --------------------------------------------------------------------------------------
+
+
+def measure(run: Callable[[dict[str, np.ndarray]], Any], images: np.ndarray, batch: int, seconds: float) -> float:
+    """Images per second through run() at one batch size (warm calls first: compiles and
+    CUDA-graph recordings happen there)."""
+    inputs = {"image": np.resize(images, (batch, *images.shape[1:]))}
+    for _ in range(3):
+        run(inputs)
+    count, start = 0, time.perf_counter()
+    while count < 3 or time.perf_counter() - start < seconds:
+        run(inputs)
+        count += 1
+    return count * batch / (time.perf_counter() - start)
+
+
+def compiled_graphs() -> int:
+    with contextlib.suppress(Exception):
+        from torch._dynamo.utils import counters
+
+        return int(counters["stats"]["unique_graphs"])
+    return -1
+
+
+def load_variant(name: str, load: Callable[[], Any], results: Results) -> Any:
+    before, started = compiled_graphs(), time.perf_counter()
+    runtime = load()
+    row = {"variant": name, "seconds": round(time.perf_counter() - started, 1)}
+    if compiled_graphs() >= 0:
+        row["dynamo_graphs_compiled"] = compiled_graphs() - before
+    if hasattr(runtime, "buckets"):
+        row["cuda_graph_buckets"] = list(runtime.buckets)
+    results.add("loads", row)
+    log(f"loaded {name}: {row}")
+    return runtime
+
+
+def run_in_process(args: argparse.Namespace, results: Results, images: np.ndarray) -> None:
+    import torch
+
+    from hub.build.pipeline import Builder
+    from hub.config import DeploymentConfig
+    from hub.plugins.manager import PluginHost
+    from hub.server import set_torch_threads
+    from hub.spec import ArtifactContext
+
+    set_torch_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        plugins = Path(tmp) / "plugins"
+        plugins.mkdir()
+        (plugins / PLUGIN.name).symlink_to(PLUGIN)
+        host = PluginHost(plugins, entry_points=False)
+        targets = host.collect_targets()
+        (spec,) = DeploymentConfig.parse({"models": {MODEL: {"target": args.target}}}).apply(host.collect_models())
+        builder = Builder(args.model_repository, targets, host, args.device, args.threads)
+        served = {}
+        if args.bare:
+            # The served artifact (built by the server above, or now): the cache makes this a load.
+            runtime = load_variant(f"{args.target} (served artifact)", lambda: builder.ensure(spec).runtime, results)
+            for batch in args.batches:
+                rate = measure(runtime.run, images, batch, args.bare_seconds)
+                served[batch] = rate
+                results.add("bare", {"target": args.target, "batch": batch, "images_per_s": round(rate, 1)})
+                log(f"bare {args.target} b{batch}: {rate:,.1f} images/s")
+            runtime.close()
+        if not args.compare:
+            return
+        cuda = args.device == "cuda"
+        variants: list[tuple[str, str, Callable[[], Any]]] = [("eager fp32", "torch", spec.build)]
+        if cuda:
+            variants.append(("eager fp16", "torch-fp16", spec.build))
+            variants.append(("compiled fp32", "torch-compile", spec.build))
+            # Half weights and buffers: the model casts its uint8 input to its buffers' dtype.
+            variants.append(("compiled fp16", "torch-compile", lambda: spec.build().half()))
+        else:
+            variants.append((f"{args.target} (served target)", args.target, spec.build))
+        for index, (name, target, build) in enumerate(variants):
+            reuse = target == args.target and build is spec.build and served
+            if reuse and all(b in served for b in args.compare_batches):
+                for batch in args.compare_batches:
+                    row = {"variant": name, "target": target, "batch": batch, "images_per_s": round(served[batch], 1)}
+                    results.add("compare", row)
+                    log(f"compare {name} b{batch}: {served[batch]:,.1f} images/s (the bare run above)")
+                continue
+            variant_spec = spec.with_(build=build, target=target)
+            ctx = ArtifactContext(spec=variant_spec, directory=Path(tmp) / f"variant{index}", device=args.device,
+                                  threads=args.threads)  # fmt: skip
+            ctx.directory.mkdir()
+            try:
+                runtime = load_variant(name, lambda t=target, c=ctx: targets[t].load(c), results)
+                for batch in args.compare_batches:
+                    rate = measure(runtime.run, images, batch, args.bare_seconds)
+                    results.add("compare", {"variant": name, "target": target, "batch": batch,
+                                            "images_per_s": round(rate, 1)})  # fmt: skip
+                    log(f"compare {name} b{batch}: {rate:,.1f} images/s")
+                runtime.close()
+            except Exception as exc:  # one variant failing leaves the others to measure
+                results.data["errors"].append(f"compare {name}: {exc!r}")
+                results.save()
+                log(f"compare {name}: FAILED {exc!r}")
+            if cuda:
+                torch.cuda.empty_cache()
+
+
+# --- report ----------------------------------------------------------------------------------------
+
+
+def report(data: dict[str, Any]) -> str:
+    def fmt(value: Any, spec: str = "") -> str:
+        if value is None:
+            return "-"
+        return format(value, spec or (",.0f" if value >= 100 else ".1f"))
+
+    lines = [f"ResNet-50 ({MODEL}, UINT8 224x224x3 -> 1000 logits) on {data['device_name']}",
+             f"target {data['target']}, {data['threads']} threads per runtime"]  # fmt: skip
+    if data["served"]:
+        lines += ["", "served (perf_analyzer, 1 image per request, the batcher forms batches)",
+                  "| concurrency | images/s | p50 ms | p99 ms | avg batch |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in data["served"]:
+            lines.append(
+                f"| {row['concurrency']} | {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
+                f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} |"
+            )
+    if data["bare"]:
+        lines += ["", f"bare {data['target']} in-process (Runtime.run, numpy in and out)", "| batch | images/s |",
+                  "|---|---|"]  # fmt: skip
+        lines += [f"| {row['batch']} | {fmt(row['images_per_s'])} |" for row in data["bare"]]
+    if data["compare"]:
+        batches = sorted({row["batch"] for row in data["compare"]})
+        names = list(dict.fromkeys(row["variant"] for row in data["compare"]))
+        cells = {(row["variant"], row["batch"]): row["images_per_s"] for row in data["compare"]}
+        lines += ["", "eager against compiled, in-process, images/s",
+                  "| variant | " + " | ".join(f"b{b}" for b in batches) + " |",
+                  "|---|" + "---|" * len(batches)]  # fmt: skip
+        lines += [f"| {name} | " + " | ".join(fmt(cells.get((name, b))) for b in batches) + " |" for name in names]
+    if data["loads"]:
+        lines += ["", "loads: " + "; ".join(f"{row['variant']} {row['seconds']}s" for row in data["loads"])]
+    lines += [f"error: {error}" for error in data["errors"]]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--target", help="default: torch-compile on CUDA, onnx on CPU")
+    parser.add_argument("--seconds", type=float, help="per served concurrency (default: 10 on CUDA, 6 on CPU)")
+    parser.add_argument("--bare-seconds", type=float, help="per in-process batch size (default: 3 on CUDA, 2 on CPU)")
+    parser.add_argument("--concurrency", type=ints, help="default: 1,16,128 on CUDA; 1,4,8 on CPU")
+    parser.add_argument("--batches", type=ints, help="bare batch sizes (default: 1,16,128 on CUDA; 1,4,16 on CPU)")
+    parser.add_argument("--compare-batches", type=ints, help="default: 1,128 on CUDA; 1,4 on CPU")
+    parser.add_argument("--no-served", dest="served", action="store_false", help="skip the served measurement")
+    parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare measurement")
+    parser.add_argument("--no-compare", dest="compare", action="store_false", help="skip eager against compiled")
+    parser.add_argument("--threads", type=int, default=0, help="compute threads per runtime (default: the server's)")
+    parser.add_argument("--model-repository", type=Path, default=ROOT / "bench-results" / "gpu-bench-models")
+    parser.add_argument("--perf-analyzer", type=Path, help="default: tools/ (make perf-analyzer), else wheels-gpu/")
+    parser.add_argument("--ready-timeout", type=float, default=900.0, help="seconds for the server to get ready")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "gpu-bench.json")
+    args = parser.parse_args()
+    # `timeout` sends SIGTERM: exit through the finally blocks, so the server subprocess stops too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+
+    from hub.server import default_threads, resolve_device
+
+    args.device = resolve_device(args.device)
+    cuda = args.device == "cuda"
+    args.target = args.target or ("torch-compile" if cuda else "onnx")
+    args.seconds = args.seconds or (10.0 if cuda else 6.0)
+    args.bare_seconds = args.bare_seconds or (3.0 if cuda else 2.0)
+    args.concurrency = args.concurrency or ([1, 16, 128] if cuda else [1, 4, 8])
+    args.batches = args.batches or ([1, 16, 128] if cuda else [1, 4, 16])
+    args.compare_batches = args.compare_batches or ([1, 128] if cuda else [1, 4])
+    args.threads = args.threads or default_threads()
+    args.model_repository = args.model_repository.resolve()
+    # Inductor compiles Triton kernels in parallel worker processes; the default here is the
+    # runtime's thread count, far fewer than the cores a one-off benchmark box has.
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(os.cpu_count() or 1))
+
+    sys.path.insert(0, str(PLUGIN.parent))
+    from resnet.model import example_images
+
+    images = example_images(4)
+    results = Results(
+        args.out,
+        {
+            "model": MODEL,
+            "device": args.device,
+            "device_name": device_name(args.device),
+            "target": args.target,
+            "threads": args.threads,
+            "seconds_per_served_point": args.seconds,
+            "seconds_per_bare_point": args.bare_seconds,
+            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        },
+    )
+    results.save()
+    log(f"{results.data['device_name']}: target {args.target}, results to {args.out}")
+    steps = [("served", args.served, run_served), ("in-process", args.bare or args.compare, run_in_process)]
+    for name, wanted, step in steps:
+        if not wanted:
+            continue
+        try:
+            step(args, results, images)
+        except Exception as exc:  # report it, and go on with the next step
+            results.data["errors"].append(f"{name}: {exc!r}")
+            results.save()
+            log(f"{name}: FAILED {exc!r}")
+    log("")
+    log(report(results.data))
+    return 1 if results.data["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
