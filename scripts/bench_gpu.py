@@ -8,7 +8,7 @@
    p50/p99 latency and the average batch the server executed.
 2. bare: the same target's artifact in-process (Runtime.run: numpy uint8 in, logits out, so host
    to device copies included, no RPC), at each batch size. On CUDA torch-compile runs through
-   BucketedRuntime: a batch of 1 is padded to the bucket of 2.
+   CudaGraphRuntime: a batch of 1 is padded to the bucket of 2.
 3. compare (issue 4): eager fp32, eager fp16, compiled fp32 and compiled fp16 (the torch-compile
    target's own path: one Inductor compile, a CUDA graph per bucket) at batch 1 and 128. On CPU
    only eager fp32 against the served target.

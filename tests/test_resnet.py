@@ -168,7 +168,7 @@ def test_gpu_targets_serve_resnet(
     runtime = server.model("resnet").runtime
     assert runtime.device == "cuda"
     if target == "torch-compile":
-        assert runtime.buckets == [2, 4, 8, 16, 32, 64, 128]  # BucketedRuntime: one CUDA graph each
+        assert runtime.buckets == [2, 4, 8, 16, 32, 64, 128]  # CudaGraphRuntime: one CUDA graph each
     scale = float(np.abs(reference).max())
     for rows in (1, 3, 5):  # padded to the buckets 2, 4 and 8
         logits = _infer(server.url, images[:rows])

@@ -247,24 +247,65 @@ def _tile(examples: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray
     return {k: np.resize(v, (rows, *v.shape[1:])) for k, v in examples.items()}
 
 
-class BucketedRuntime:
-    """Pads each batch up to the next bucket (CUDA graphs replay fixed shapes) and slices the
-    padding off the outputs."""
+class CudaGraphRuntime:
+    """A compiled module replayed from CUDA graphs captured explicitly, one per batch bucket.
 
-    def __init__(self, inner: Runtime, buckets: list[int]) -> None:
-        self.inner = inner
+    Each batch is copied into its bucket's static input tensors (rows past the batch keep
+    whatever the last batch left there: valid numbers, whose outputs are sliced off) and the
+    graph is replayed. Explicit capture rather than mode="reduce-overhead": cudagraph trees keep
+    their state per thread and asserted when the worker thread that serves was not the thread
+    that compiled (seen on an H200, torch 2.11); a torch.cuda.CUDAGraph replays from any thread,
+    and every bucket is captured at load, so no request pays for a capture.
+    """
+
+    def __init__(self, module: Any, spec: ModelSpec, buckets: list[int], examples: Mapping[str, np.ndarray]) -> None:
+        import threading
+
+        import torch
+
+        from hub.runtimes.torch import _as_outputs, to_tensor
+
+        self.device = "cuda"
         self.buckets = buckets
-        self.device = inner.device
+        self._inputs = [t.name for t in spec.forward_inputs]
+        self._lock = threading.Lock()
+        self._graphs: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
+        self._pool = torch.cuda.graph_pool_handle()  # buckets share one memory pool
+        side = torch.cuda.Stream()
+        with torch.inference_mode():
+            for bucket in sorted(buckets, reverse=True):  # largest first: the pool is sized once
+                static = [to_tensor(_tile(examples, bucket)[name], "cuda").clone() for name in self._inputs]
+                for tensor in static:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)  # one Inductor compile for all buckets
+                side.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(side):
+                    for _ in range(2):  # compile and warm up outside the capture
+                        module(*static)
+                torch.cuda.current_stream().wait_stream(side)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self._pool):
+                    outputs = _as_outputs(module(*static), [t.name for t in spec.outputs])
+                self._graphs[bucket] = (graph, static, outputs)
+        torch.cuda.synchronize()
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        from hub.runtimes.torch import to_tensor  # copies read-only request buffers
+
         rows = len(next(iter(inputs.values())))
-        bucket = next((b for b in self.buckets if b >= rows), rows)
-        if bucket != rows:
-            inputs = {k: np.concatenate([v, np.repeat(v[-1:], bucket - rows, axis=0)]) for k, v in inputs.items()}
-        return {k: v[:rows] for k, v in self.inner.run(inputs).items()}
+        bucket = next((b for b in self.buckets if b >= rows), None)
+        if bucket is None:
+            raise BuildError(f"batch of {rows} rows is larger than the largest CUDA graph bucket {self.buckets[-1]}")
+        graph, static, outputs = self._graphs[bucket]
+        with self._lock, torch.inference_mode():  # one replay at a time: the buffers are shared
+            for name, tensor in zip(self._inputs, static, strict=True):
+                tensor[:rows].copy_(to_tensor(inputs[name], "cpu"))
+            graph.replay()
+            return {name: value[:rows].float().cpu().numpy() for name, value in outputs.items()}
 
     def close(self) -> None:
-        self.inner.close()
+        self._graphs.clear()
 
 
 def _load_compiled(ctx: ArtifactContext) -> Runtime:
@@ -278,29 +319,25 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
     os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, ctx.threads)))
     cuda_graphs = ctx.device == "cuda" and bool(ctx.spec.options.get("cuda_graphs", True))
-    mode = str(ctx.spec.options.get("compile_mode", "reduce-overhead" if cuda_graphs else "default"))
+    mode = str(ctx.spec.options.get("compile_mode", "default"))
     module = ctx.module()
     if isinstance(module, torch.nn.Module):
         module = module.to(ctx.device).eval()
     batches = _warm_batches(ctx.spec, cuda_graphs)
+    examples = ctx.spec.forward_examples()
     if cuda_graphs and ctx.spec.batching.batching:
-        # One Inductor compile for every bucket: the batch dim is marked dynamic on each call (the
-        # other dims stay static), and cudagraph trees (mode="reduce-overhead") still record one
-        # CUDA graph per distinct shape, that is per bucket, as BucketedRuntime pads each batch to
-        # one. A static compile (dynamic=False) ran Inductor once per bucket: minutes for ResNet-50.
-        graphed = torch.compile(module, mode=mode, dynamic=None)
-
-        def forward(*args: object) -> object:
-            for arg in args:
-                torch._dynamo.maybe_mark_dynamic(arg, 0)
-            return graphed(*args)
-
-        runtime: Runtime = BucketedRuntime(TorchRuntime(forward, ctx.spec, ctx.device), batches)
+        # One Inductor compile for every bucket (the batch dim is marked dynamic, the others stay
+        # static; a static compile ran Inductor once per bucket: minutes for ResNet-50), then one
+        # CUDA graph captured per bucket. "reduce-overhead" is Inductor's own CUDA graphs, which
+        # cannot nest inside an explicit capture: the capture here takes its place.
+        if mode == "reduce-overhead":
+            mode = "default"
+        compiled = torch.compile(module, mode=mode, dynamic=None)
+        runtime: Runtime = CudaGraphRuntime(compiled, ctx.spec, batches, examples)
     else:  # no CUDA graphs (CPU): dynamic=True, one compile serves every batch size
         runtime = TorchRuntime(torch.compile(module, mode=mode, dynamic=not cuda_graphs), ctx.spec, ctx.device)
-    examples = ctx.spec.forward_examples()
-    for rows in batches:  # compile now, so that no client request pays for it
-        runtime.run(_tile(examples, rows))
+        for rows in batches:  # compile now, so that no client request pays for it
+            runtime.run(_tile(examples, rows))
     log.info("model '%s': torch.compile(mode=%s) warmed up at batch sizes %s", ctx.spec.key, mode, batches)
     return runtime
 
@@ -320,7 +357,7 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
             )
         from hub.runtimes.torch import TorchRuntime
 
-        dtype = getattr(torch, {"fp16": "float16"}.get(dtype_name, dtype_name))
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
         # .to(dtype) works in place: convert a copy, the eager module stays the reference.
         module = copy.deepcopy(ctx.module()).to(device=ctx.device, dtype=dtype).eval()
         return TorchRuntime(module, ctx.spec, ctx.device, move=False, compute_dtype=dtype)
