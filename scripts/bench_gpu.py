@@ -138,8 +138,8 @@ def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: P
 
 
 def warm_served(url: str, sizes: list[int], images: np.ndarray) -> None:
-    """One request per batch size, twice: each bucket's CUDA graph is recorded in the server's
-    worker thread before perf_analyzer measures (cudagraph trees are per thread)."""
+    """One request per batch size, twice, before perf_analyzer measures: the server's graphs are
+    captured at load, but the first requests still warm the gRPC and allocator paths."""
     import tritonclient.grpc as tc
 
     client = tc.InferenceServerClient(url)
