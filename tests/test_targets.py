@@ -351,3 +351,34 @@ def test_onnx_bf16_export_casts_only_floating_inputs_at_opset_22(
         monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CUDAExecutionProvider"])
         with pytest.raises(BuildError, match="target 'onnx-bf16': this onnxruntime has no bf16 kernel"):
             _load_onnx_half("bf16")(ArtifactContext(spec, tmp_path, "cuda"))
+
+
+def test_int8_exclude_keeps_named_modules_fp32(tmp_path: Path) -> None:
+    import onnx
+
+    from hub.spec import Tolerance
+
+    builder, spec = tiny(tmp_path, "onnx-int8")
+    with pytest.raises(BuildError, match=r"int8_exclude: \['encoder\.\*'\] match no module"):
+        builder.ensure(spec.with_(options={"int8_exclude": ["encoder.*"]}))
+    artifact = builder.ensure(spec.with_(options={"int8_exclude": ["fc"]}))
+    graph = onnx.load(str(builder.directory(spec) / "model.int8.onnx")).graph
+    assert artifact.manifest["status"] == "ok"
+    assert not [n.op_type for n in graph.node if "Integer" in n.op_type or "DynamicQuantize" in n.op_type]
+    # A change of options rebuilds; everything quantised, this toy model strays far (loose bounds).
+    quantised = builder.ensure(spec.with_(options={}, tolerance=Tolerance(atol=2.0, rtol=1.0)))
+    graph = onnx.load(str(builder.directory(spec) / "model.int8.onnx")).graph
+    assert quantised.built and any("Integer" in n.op_type for n in graph.node)
+
+
+def test_per_target_tolerance_and_min_cosine_refusal(tmp_path: Path) -> None:
+    from hub.spec import Tolerance
+
+    builder, spec = tiny(tmp_path, "onnx-int8")
+    strict = {"onnx-int8": Tolerance(atol=1.0, rtol=0.0, min_cosine=0.999999999), "onnx": Tolerance()}
+    with pytest.raises(BuildError, match=r"cosine similarity with eager 0\.\d+ \(row \d+\) is below 0\.999999999"):
+        builder.ensure(spec.with_(tolerance=strict))
+    manifest = json.loads((builder.directory(spec) / "manifest.json").read_text())
+    assert manifest["validation"]["tolerance"]["min_cosine"] == 0.999999999  # the refusal is on record
+    relaxed = builder.ensure(spec.with_(tolerance={**strict, "onnx-int8": Tolerance(atol=1.0, min_cosine=0.5)}))
+    assert 0.5 <= relaxed.manifest["validation"]["outputs"]["y"]["min_cosine"] < 0.999999999

@@ -80,6 +80,8 @@ def _excluded_nodes(ctx: ArtifactContext, path: str) -> list[str]:
         hits = [p for p in patterns if fnmatch.fnmatchcase(module, p)]
         if hits:
             excluded.append(node.name)
+            if node.op_type == "Gemm":  # the quantiser first rewrites a Gemm as <name>_MatMul + Add
+                excluded.append(f"{node.name}_MatMul")
             used.update(hits)
     unmatched = [p for p in patterns if p not in used]
     if unmatched:
