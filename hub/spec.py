@@ -185,8 +185,11 @@ class ModelSpec:
     def with_(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
 
-    def input(self, name: str) -> TensorSpec | None:
-        return next((t for t in self.inputs if t.name == name), None)
+    def one_per_row(self, tensor: TensorSpec) -> bool:
+        """A batched input of one element per row ([-1], a sentence per row, say). On the wire it
+        is what Triton calls dims [1] with reshape []: described as [-1, 1] (Triton's tools,
+        perf_analyzer among them, need a per-row dim), and taken as [n] or [n, 1]."""
+        return self.batching.batching and tensor.shape == (-1,)
 
     def examples(self) -> dict[str, np.ndarray]:
         examples = self.example_inputs() if callable(self.example_inputs) else self.example_inputs

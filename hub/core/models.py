@@ -112,14 +112,11 @@ class ServedModel:
 
 
 def _row_elements(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """Inputs of one element per row ([-1]) also arrive as [n, 1]: their ModelConfig says dims
-    [1] with reshape [] (Triton's form, which perf_analyzer and Triton clients follow)."""
-    if not spec.batching.batching:
-        return inputs
+    """Inputs of one element per row may arrive as [n, 1] (see ModelSpec.one_per_row)."""
     reshaped = None
     for tensor in spec.inputs:
         array = inputs.get(tensor.name)
-        if tensor.shape == (-1,) and array is not None and array.ndim == 2 and array.shape[1] == 1:
+        if array is not None and array.ndim == 2 and array.shape[1] == 1 and spec.one_per_row(tensor):
             reshaped = dict(inputs) if reshaped is None else reshaped
             reshaped[tensor.name] = array.reshape(-1)
     return inputs if reshaped is None else reshaped

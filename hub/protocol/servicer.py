@@ -25,7 +25,7 @@ from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated import model_config_pb2 as mc
 from hub.protocol.status import status_for
-from hub.spec import TensorSpec
+from hub.spec import ModelSpec, TensorSpec
 
 log = logging.getLogger("modelhub.grpc")
 access = logging.getLogger("modelhub.access")
@@ -101,7 +101,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             versions=[str(m.version) for m in self.repository.versions(spec.name)],
             platform=_platform(model),
             inputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=_wire_shape(t, spec.batching.batching))
+                TensorMetadata(name=t.name, datatype=t.datatype, shape=(-1, 1) if spec.one_per_row(t) else t.shape)
                 for t in spec.inputs
             ],
             outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.outputs],
@@ -279,23 +279,15 @@ def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
     return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=policy.latest or 1))
 
 
-def _wire_shape(tensor: TensorSpec, batching: bool) -> tuple[int, ...]:
-    """One element per row ([-1], e.g. a sentence per row) is described the way Triton describes
-    dims [1] with reshape []: [-1, 1]. Triton's tools need a per-row dim (perf_analyzer refuses an
-    empty one); the server takes both [n] and [n, 1] for such inputs."""
-    return (-1, 1) if batching and tensor.shape == (-1,) else tensor.shape
-
-
-def _config_input(tensor: TensorSpec, skip: int) -> mc.ModelInput:
-    dims = tensor.shape[skip:]
-    if skip and not dims:  # see _wire_shape
+def _config_input(spec: ModelSpec, tensor: TensorSpec, skip: int) -> mc.ModelInput:
+    if spec.one_per_row(tensor):
         return mc.ModelInput(
             name=tensor.name,
             data_type=CONFIG_TYPE_NAMES[tensor.datatype],
             dims=[1],
             reshape=mc.ModelTensorReshape(shape=[]),
         )
-    return mc.ModelInput(name=tensor.name, data_type=CONFIG_TYPE_NAMES[tensor.datatype], dims=dims)
+    return mc.ModelInput(name=tensor.name, data_type=CONFIG_TYPE_NAMES[tensor.datatype], dims=tensor.shape[skip:])
 
 
 def model_config(model: ServedModel, versions: VersionPolicy | None = None) -> mc.ModelConfig:
@@ -308,7 +300,7 @@ def model_config(model: ServedModel, versions: VersionPolicy | None = None) -> m
         backend="modelhub",
         runtime=spec.target,
         max_batch_size=policy.max_batch_size,
-        input=[_config_input(t, skip) for t in spec.inputs],
+        input=[_config_input(spec, t, skip) for t in spec.inputs],
         output=[
             mc.ModelOutput(name=t.name, data_type=CONFIG_TYPE_NAMES[t.datatype], dims=t.shape[skip:])
             for t in spec.outputs

@@ -104,6 +104,8 @@ def _load_onnx_int8(ctx: ArtifactContext) -> Runtime:
 # fp32 graph afterwards (onnx's float16 converters) re-types ops and constants by heuristics,
 # and does not do bf16 at all.
 
+#: The half-precision targets' suffixes, as torch dtype names.
+HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 HALF_ONNX_FILENAMES = {"fp16": "model.fp16.onnx", "bf16": "model.bf16.onnx"}
 #: ONNX types Conv, MaxPool, AveragePool... for bfloat16 only from opset 22; the exporter writes
 #: opset 18 (torchlib's), so a bf16 graph is converted up the way torch.onnx does it itself.
@@ -115,7 +117,7 @@ def _half_module(module: Any, spec: ModelSpec, dtype_name: str) -> Any:
     """A copy of `module` in fp16/bf16 that takes and returns the spec's datatypes."""
     import torch
 
-    compute = torch.float16 if dtype_name == "fp16" else torch.bfloat16
+    compute = getattr(torch, HALF_DTYPES[dtype_name])
     names = [t.name for t in spec.outputs]
     served = {t.name: getattr(torch, _TORCH_FLOATS.get(t.datatype, "float32")) for t in spec.outputs}
 
@@ -359,7 +361,7 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
             )
         from hub.runtimes.torch import TorchRuntime
 
-        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype_name]
+        dtype = getattr(torch, HALF_DTYPES[dtype_name])
         # .to(dtype) works in place: convert a copy, the eager module stays the reference.
         module = copy.deepcopy(ctx.module()).to(device=ctx.device, dtype=dtype).eval()
         return TorchRuntime(module, ctx.spec, ctx.device, move=False, compute_dtype=dtype)
@@ -438,7 +440,6 @@ def register_targets(register: Callable[[Target], None]) -> None:
                 tolerance=HALF,
             )
         )
-    for dtype in ("fp16", "bf16"):
         register(
             Target(
                 f"onnx-{dtype}",
