@@ -1,5 +1,6 @@
-"""The Server: owns its plugins, model repository, batchers, Prometheus registry and gRPC
-server. Nothing is global, so tests run several in one process."""
+"""The Server: wires one data plane (hub/core) to its frontends, health and metrics. It owns
+its plugins, model repository, Prometheus registry and listeners; nothing is global, so
+tests run several in one process."""
 
 from __future__ import annotations
 
@@ -19,16 +20,16 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
-from hub.core.models import ModelState, ServedModel
+from hub.core.control import ModelController
+from hub.core.dataplane import DataPlane
+from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
-from hub.errors import HubError, ModelNotFound
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
 from hub.protocol.servicer import InferenceServicer
-from hub.spec import ModelSpec
 
 log = logging.getLogger("modelhub.server")
 
@@ -95,6 +96,8 @@ class Server:
         self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
+        self.plane: DataPlane | None = None
+        self.control: ModelController | None = None
         self.device = "cpu"
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -104,7 +107,6 @@ class Server:
         self._loading: asyncio.Task[None] | None = None
         self._stopping = False
         self._loaded = asyncio.Event()
-        self._control = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -122,6 +124,14 @@ class Server:
         self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
         self.repository.on_change(self._model_changed)
         models = [self.repository.add(spec) for spec in specs]
+        self.control = ModelController(self.repository, self.plugins, config.deployment, config.plugins_dir)
+        self.plane = DataPlane(
+            self.repository,
+            self.is_ready,
+            control=self.control,
+            version_policy=config.deployment.version_policy,
+            log_requests=config.log_requests,
+        )
 
         server = grpc.aio.server(
             options=[
@@ -130,16 +140,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.repository,
-                self.is_ready,
-                control=self,
-                version_policy=config.deployment.version_policy,
-                log_requests=config.log_requests,
-            ),
-            server,
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -181,7 +182,7 @@ class Server:
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
         if config.watch and config.plugins_dir is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch(config.plugins_dir, config.watch))
+            self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
 
     async def _load_all(self, models: list[ServedModel]) -> None:
         for model in models:
@@ -226,106 +227,6 @@ class Server:
             self._metrics_http.server_close()
         log.info("modelhub stopped")
 
-    # --- model control (RepositoryModelLoad / RepositoryModelUnload) ---------------------------
-
-    async def load_model(self, name: str) -> None:
-        """(Re)load a model from the plugins directory as it is now, without dropping requests.
-
-        The plugins are re-imported, so an edited plugin file takes effect; the new build is
-        validated while the current one serves, then swapped in, then the old one drains.
-        """
-        assert self.repository is not None
-        async with self._control:
-            _, specs = await self._rediscover()
-            wanted = [s for s in specs if s.name == name]
-            if not wanted:
-                problems = [e for r in self.plugins.records.values() for e in r.errors]
-                hint = f"; plugin errors: {' | '.join(problems)}" if problems else ""
-                error = f"no plugin registers a model named '{name}'{hint}"
-                for model in self.repository.versions(name):
-                    if model.ready:
-                        self.repository.note_failed_reload(model, error)
-                raise ModelNotFound(error)
-            log.info("loading model '%s' (versions %s)", name, [s.version for s in wanted])
-            await self.repository.replace(name, wanted)
-
-    async def _watch(self, folder: Path, interval: float) -> None:
-        """`--watch`: load, reload or unload what changed in the plugins directory.
-
-        Polls file stamps (portable, no extra dependency). Each change goes through the same
-        path as RepositoryModelLoad/Unload, so a broken file changes nothing else.
-        """
-        await self._loaded.wait()
-        seen = _stamps(folder)
-        while True:
-            await asyncio.sleep(interval)
-            now = _stamps(folder)
-            if now == seen:
-                continue
-            changed = {p for p in set(now) | set(seen) if now.get(p) != seen.get(p)}
-            seen = now
-            log.info("plugins changed: %s", ", ".join(sorted(changed)))
-            try:
-                await self._apply_plugin_changes()
-            except Exception:  # the watcher must survive any one bad change
-                log.exception("applying plugin changes failed")
-
-    async def _rediscover(self) -> tuple[dict[str, Any], list[ModelSpec]]:
-        """Re-import the plugins directory; the targets and the specs to serve, as it is now."""
-        assert self.repository is not None
-        await asyncio.to_thread(self.plugins.refresh)
-        targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-        self.repository.builder.targets = targets
-        return targets, specs
-
-    async def _apply_plugin_changes(self) -> None:
-        assert self.repository is not None
-        async with self._control:
-            targets, specs = await self._rediscover()
-        by_name: dict[str, list[ModelSpec]] = {}
-        for spec in specs:
-            by_name.setdefault(spec.name, []).append(spec)
-        failed_plugins = {r.name for r in self.plugins.records.values() if r.status == "failed"}
-        for name in sorted(set(by_name) | set(self.repository.names())):
-            current = self.repository.versions(name)
-            if name not in by_name:
-                if any(m.spec.plugin in failed_plugins for m in current):
-                    for model in current:
-                        if model.ready:
-                            self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
-                    continue  # a broken file keeps the old build serving
-                if any(m.state is not ModelState.UNLOADED for m in current):
-                    async with self._control:
-                        await self.repository.unload(name)
-                continue
-            fresh = by_name[name]
-            if self._up_to_date(current, fresh, targets):
-                continue
-            try:
-                async with self._control:
-                    await self.repository.replace(name, fresh)
-            except HubError as exc:
-                log.error("watch: model '%s' did not load: %s", name, exc)
-
-    def _up_to_date(self, current: list[ServedModel], fresh: list[ModelSpec], targets: dict[str, Any]) -> bool:
-        """Whether the served versions already are these specs' builds (same versions, same cache keys)."""
-        assert self.repository is not None
-        served = {m.version: m for m in current if m.ready}
-        if set(served) != {s.version for s in fresh}:
-            return False
-        builder = self.repository.builder
-        return all(
-            s.target in targets
-            and served[s.version].manifest.get("cache_key") == builder.cache_key(s, targets[s.target])[0]
-            for s in fresh
-        )
-
-    async def unload_model(self, name: str) -> None:
-        assert self.repository is not None
-        async with self._control:
-            await self.repository.unload(name)
-
     # --- health -----------------------------------------------------------------------------
 
     def _model_changed(self, model: ServedModel) -> None:
@@ -342,17 +243,6 @@ class Server:
         await self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-
-
-def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of every file under the plugins directory, caches aside."""
-    if not folder.is_dir():
-        return {}
-    return {
-        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
-    }
 
 
 def set_torch_threads(threads: int) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.core.batching import Arrays, Batcher
+from hub.core.batching import Batcher, Delivery
 from hub.core.stats import ModelStats
 from hub.datatypes import datatype_of
 from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable
@@ -24,11 +24,6 @@ class ModelState(enum.Enum):
     READY = "ready"
     FAILED = "failed"
     UNLOADED = "unloaded"
-
-    @property
-    def triton(self) -> str:
-        """The state name Triton's RepositoryIndex uses."""
-        return {"loading": "LOADING", "ready": "READY"}.get(self.value, "UNAVAILABLE")
 
 
 @dataclass(eq=False)
@@ -69,22 +64,21 @@ class ServedModel:
             self.metrics.in_flight.inc()
 
     def end_request(self, code: str, seconds: float) -> None:
-        """Account one finished request: Triton-style statistics and Prometheus metrics."""
-        (self.stats.success if code == "OK" else self.stats.fail).add(int(seconds * 1e9))
+        """Account one finished request in the Prometheus metrics (the data plane counts the
+        statistics, which need the request's batch)."""
         if self.metrics is not None:
             self.metrics.in_flight.dec()
             self.metrics.request_done(code, seconds)
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], *, timeout: float | None = None, request_id: str = ""
-    ) -> Arrays:
+    ) -> Delivery:
         """Check a request against the spec and run it through the batcher."""
         if self.batcher is None or self.state is not ModelState.READY:
             raise ModelUnavailable(
                 f"model '{self.name}' version {self.version} is {self.state.value}"
                 + (f": {self.reason}" if self.reason else "")
             )
-        inputs = _row_elements(self.spec, inputs)
         rows = check_inputs(self.spec, inputs)
         if self.spec.preprocess is not None:
             inputs = await self._preprocess(inputs, rows)
@@ -109,17 +103,6 @@ class ServedModel:
         if self.spec.batching.batching and got != rows:
             raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
         return forward
-
-
-def _row_elements(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """Inputs of one element per row may arrive as [n, 1] (see ModelSpec.one_per_row)."""
-    reshaped = None
-    for tensor in spec.inputs:
-        array = inputs.get(tensor.name)
-        if array is not None and array.ndim == 2 and array.shape[1] == 1 and spec.one_per_row(tensor):
-            reshaped = dict(inputs) if reshaped is None else reshaped
-            reshaped[tensor.name] = array.reshape(-1)
-    return inputs if reshaped is None else reshaped
 
 
 def batch_signature(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:

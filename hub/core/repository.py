@@ -74,11 +74,6 @@ class ModelRepository:
             )
         return model
 
-    @property
-    def settled(self) -> bool:
-        """Every model has finished loading, one way or the other."""
-        return all(m.state is not ModelState.LOADING for m in self.models())
-
     # --- loading ----------------------------------------------------------------------------
 
     def _new(self, spec: ModelSpec, stats: ModelStats | None = None) -> ServedModel:
@@ -176,7 +171,6 @@ class ModelRepository:
                 model.name,
                 model.spec.batching,
                 artifact.runtime.run,
-                model.stats,
                 clock=self._clock,
                 observer=model.metrics,
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},

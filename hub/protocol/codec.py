@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
 from hub.datatypes import NUMPY_DTYPES, datatype_of, decode_bytes, encode_bytes
 from hub.errors import InvalidInput
 from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.triton import model_inputs
 from hub.spec import ModelSpec
 
 if sys.byteorder != "little":  # pragma: no cover - every platform we ship on is little-endian
@@ -115,36 +116,34 @@ def _from_typed(
         raise InvalidInput(f"input '{name}': a value in contents.{field} does not fit {datatype}") from None
 
 
-def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
-    """The output names to return: the requested ones, or all of the model's."""
-    declared = [t.name for t in spec.outputs]
-    if not request.outputs:
-        return declared
-    names = []
+def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
+    """The outputs the request names, with the classification extension's `class_count`
+    (tritonclient sends it as the output parameter `classification`)."""
+    out = []
     for output in request.outputs:
-        if output.name not in declared:
-            raise InvalidInput(
-                f"requested output '{output.name}' is not an output of model '{spec.name}'; outputs: {declared}"
-            )
-        names.append(output.name)
-    return names
+        count = 0
+        if "classification" in output.parameters:
+            count = int(output.parameters["classification"].int64_param)
+        out.append(RequestedOutput(output.name, count))
+    return out
 
 
-def encode_response(
-    request: pb.ModelInferRequest, version: int, outputs: Mapping[str, np.ndarray], names: Sequence[str]
-) -> pb.ModelInferResponse:
-    """A response with every requested output as raw contents, echoing the request's id."""
+def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferRequest:
+    return InferRequest(model_inputs(spec, decode_inputs(request)), requested_outputs(request))
+
+
+def encode_response(response: InferResponse) -> pb.ModelInferResponse:
+    """A response with every output as raw contents, echoing the request's id."""
     tensors = []
     raw = []
-    for name in names:
-        array = outputs[name]
+    for name, array in response.outputs:
         datatype = datatype_of(array)
         tensors.append(OutputTensor(name=name, datatype=datatype, shape=array.shape))
         raw.append(encode_bytes(array) if datatype == "BYTES" else array.tobytes())
     return pb.ModelInferResponse(
-        model_name=request.model_name,
-        model_version=str(version),
-        id=request.id,
+        model_name=response.model_name,
+        model_version=response.model_version,
+        id=response.id,
         outputs=tensors,
         raw_output_contents=raw,
     )
