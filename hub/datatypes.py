@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import struct
 
 import ml_dtypes
@@ -52,6 +53,32 @@ def datatype_of(array: np.ndarray) -> str:
 def element_size(datatype: str) -> int:
     """Bytes per element on the wire; 0 for BYTES, whose elements vary in length."""
     return 0 if datatype == "BYTES" else WIRE_DTYPES[datatype].itemsize
+
+
+def element_count(name: str, shape: tuple[int, ...]) -> int:
+    """The number of elements of a tensor's shape, checked (InvalidInput naming the input)."""
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
+    return math.prod(shape)
+
+
+def from_buffer(name: str, datatype: str, shape: tuple[int, ...], data: bytes | memoryview) -> np.ndarray:
+    """An input tensor from its raw little-endian bytes: a zero-copy, read-only view, except
+    BYTES, whose elements are split out. Both frontends (gRPC raw contents, REST binary data)
+    decode through here. Raises InvalidInput naming the input."""
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(NUMPY_DTYPES)}")
+    count = element_count(name, shape)
+    if datatype == "BYTES":
+        return decode_bytes(data, count, name).reshape(shape)
+    expected = count * dtype.itemsize
+    if len(data) != expected:
+        raise InvalidInput(
+            f"input '{name}': expected {expected} bytes of raw contents for {datatype} shape "
+            f"{list(shape)}, got {len(data)}"
+        )
+    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def decode_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray:

@@ -3,13 +3,12 @@ and the BYTES length-prefix encoding."""
 
 from __future__ import annotations
 
-import math
 import sys
 
 import numpy as np
 
 from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
-from hub.datatypes import NUMPY_DTYPES, datatype_of, decode_bytes, encode_bytes
+from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes, from_buffer
 from hub.errors import InvalidInput
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.triton import model_inputs
@@ -64,14 +63,12 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
                 f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(NUMPY_DTYPES)}"
             )
         shape = tuple(tensor.shape)
-        if any(d < 0 for d in shape):
-            raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
-        count = math.prod(shape)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(_mixed_message(name))
-            arrays[name] = _from_raw(name, datatype, dtype, shape, count, raw[index])
+            arrays[name] = from_buffer(name, datatype, shape, raw[index])
         else:
+            count = element_count(name, shape)
             arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents)
     return arrays
 
@@ -81,18 +78,6 @@ def _mixed_message(name: str) -> str:
         f"input '{name}' has typed contents but the request also carries raw_input_contents; "
         "use raw contents for every input or for none"
     )
-
-
-def _from_raw(name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, data: bytes) -> np.ndarray:
-    if datatype == "BYTES":
-        return decode_bytes(data, count, name).reshape(shape)
-    expected = count * dtype.itemsize
-    if len(data) != expected:
-        raise InvalidInput(
-            f"input '{name}': expected {expected} bytes of raw contents for {datatype} shape "
-            f"{list(shape)}, got {len(data)}"
-        )
-    return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 def _from_typed(
