@@ -29,6 +29,9 @@ from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
+from hub.protocol.rest.app import DEFAULT_MAX_BODY, RestFrontend
+from hub.protocol.rest.listener import HttpListener
+from hub.protocol.rest.metrics import metrics_app
 from hub.protocol.servicer import InferenceServicer
 
 log = logging.getLogger("modelhub.server")
@@ -57,13 +60,16 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class ServerConfig:
-    """What `modelhub serve` configures. `metrics_port` None disables metrics; 0 picks a free port."""
+    """What `modelhub serve` configures. One rule for the three ports: 0 picks a free port and
+    None turns that listener off (metrics off records nothing at all)."""
 
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
-    grpc_port: int = 8001
+    grpc_port: int | None = 8001
+    http_port: int | None = 8000
     metrics_port: int | None = 8002
+    http_max_body: int = DEFAULT_MAX_BODY  # bytes; a larger REST request is refused with 413
     device: str = "auto"
     threads: int = field(default_factory=default_threads)
     entry_points: bool = True
@@ -79,10 +85,11 @@ class ServerConfig:
 class ServerInfo:
     """The facade plugins receive in `server_started` / `server_stopping`."""
 
-    grpc_port: int
+    grpc_port: int | None
     metrics_port: int | None
     device: str
     _repository: ModelRepository
+    http_port: int | None = None
 
     def models(self) -> list[tuple[str, int, str]]:
         return [(m.name, m.version, m.state.value) for m in self._repository.models()]
@@ -99,11 +106,13 @@ class Server:
         self.plane: DataPlane | None = None
         self.control: ModelController | None = None
         self.device = "cpu"
-        self.grpc_port = 0
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._health = health_aio.HealthServicer()
-        self._metrics_http: Any = None
+        self._http: HttpListener | None = None
+        self._metrics_http: HttpListener | None = None
         self._loading: asyncio.Task[None] | None = None
         self._stopping = False
         self._loaded = asyncio.Event()
@@ -133,6 +142,34 @@ class Server:
             log_requests=config.log_requests,
         )
 
+        if config.grpc_port is not None:
+            await self._start_grpc(self.plane, config.host, config.grpc_port)
+        if config.http_port is not None:
+            rest = RestFrontend(self.plane, max_body=config.http_max_body)
+            self._http = HttpListener(rest.app())
+            self.http_port = await self._http.start(
+                config.host, config.http_port, shutdown_timeout=config.shutdown_grace
+            )
+        if self.metrics is not None and config.metrics_port is not None:
+            self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
+            self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
+        log.info(
+            "modelhub listening on %s: grpc %s, http %s, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            config.host,
+            self.grpc_port or "off",
+            self.http_port or "off",
+            self.metrics_port or "off",
+            self.device,
+            config.threads,
+            ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
+            ", ".join(m.spec.key for m in models) or "none",
+        )
+        self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
+        if config.watch and config.plugins_dir is not None:
+            self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
+
+    async def _start_grpc(self, plane: DataPlane, host: str, port: int) -> None:
+        """gRPC inference, health and reflection on host:port (0: a free port)."""
         server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE),
@@ -140,7 +177,7 @@ class Server:
                 ("grpc.so_reuseport", 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -156,33 +193,13 @@ class Server:
             server,
             pool=POOL,
         )
-        self.grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
+        self.grpc_port = server.add_insecure_port(f"{host}:{port}")
         if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
         await server.start()
         self._grpc = server
-        for name in ["", *self.repository.names()]:
+        for name in ["", *plane.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.metrics is not None and config.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._metrics_http, _ = start_http_server(
-                config.metrics_port, addr=config.host, registry=self.metrics.registry
-            )
-            self.metrics_port = self._metrics_http.server_port
-        log.info(
-            "modelhub listening: grpc %s:%d, metrics %s, device %s, %d threads per model, plugins %s, models %s",
-            config.host,
-            self.grpc_port,
-            self.metrics_port or "off",
-            self.device,
-            config.threads,
-            ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
-            ", ".join(m.spec.key for m in models) or "none",
-        )
-        self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
-        if config.watch and config.plugins_dir is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
 
     async def _load_all(self, models: list[ServedModel]) -> None:
         for model in models:
@@ -204,7 +221,7 @@ class Server:
     @property
     def info(self) -> ServerInfo:
         assert self.repository is not None
-        return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository)
+        return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository, self.http_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking RPCs, let in-flight ones finish within `grace` seconds, then free everything."""
@@ -218,13 +235,15 @@ class Server:
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        # gRPC and REST drain together, each within `grace`.
+        await asyncio.gather(
+            *([self._grpc.stop(grace)] if self._grpc is not None else []),
+            *([self._http.stop()] if self._http is not None else []),
+        )
         if self.repository is not None:
             await self.repository.close(drain=False)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await self._metrics_http.stop()
         log.info("modelhub stopped")
 
     # --- health -----------------------------------------------------------------------------
