@@ -27,6 +27,8 @@ DEFAULT_MAX_BODY = 64 << 20
 #: What REST adds to the data plane's extensions.
 REST_EXTENSIONS = ("binary_tensor_data",)
 
+MAX_BODY = web.AppKey("max_body", int)
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -53,9 +55,10 @@ def _guarded(handler: Handler) -> Handler:
             return await handler(request)
         except HubError as exc:
             return error_response(exc)
-        except web.HTTPRequestEntityTooLarge as exc:
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[MAX_BODY]
             return web.Response(
-                body=error_body(f"request body is larger than the server's limit of {exc.max_size} bytes"),
+                body=error_body(f"request body is larger than the server's limit of {limit} bytes (--http-max-body)"),
                 status=413,
                 headers={"Content-Type": "application/json"},
             )
@@ -76,6 +79,7 @@ class RestFrontend:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
+        app[MAX_BODY] = self.max_body
         routes: list[tuple[str, str, Handler]] = [
             ("GET", "/v2/health/live", self.live),
             ("GET", "/v2/health/ready", self.ready),
