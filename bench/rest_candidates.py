@@ -192,8 +192,24 @@ def measure(name: str, concurrency: int, window_ms: int) -> dict[str, object]:
                 time.sleep(0.1)
         before_cpu, before_n, started = cpu_seconds(proc.pid), served(port), time.monotonic()
         out = subprocess.run(
-            [str(PA), "-m", "echo", "-i", "http", "-u", f"127.0.0.1:{port}", "-a", "--concurrency-range",
-             str(concurrency), "-p", str(window_ms), "-s", "25", "-r", "6"],  # fmt: skip
+            [
+                str(PA),
+                "-m",
+                "echo",
+                "-i",
+                "http",
+                "-u",
+                f"127.0.0.1:{port}",
+                "-a",
+                "--concurrency-range",
+                str(concurrency),
+                "-p",
+                str(window_ms),
+                "-s",
+                "25",
+                "-r",
+                "6",
+            ],
             capture_output=True,
             text=True,
             timeout=300,

@@ -10,7 +10,6 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -154,7 +153,8 @@ class Server:
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
             self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
         log.info(
-            "modelhub listening on %s: grpc %s, http %s, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            "modelhub listening on %s: grpc %s, http %s, metrics %s, device %s, %d threads per model, "
+            "plugins %s, models %s",
             config.host,
             self.grpc_port or "off",
             self.http_port or "off",

@@ -150,7 +150,9 @@ def test_digits_accuracy(client: th.InferenceServerClient, digits_heldout: Any, 
     predictions = []
     for start in range(0, 256, 64):
         outputs = [th.InferRequestedOutput("logits", binary_data=binary)]
-        result = client.infer("digits", [http_input("image", images[start : start + 64], "FP32", binary)], outputs=outputs)
+        result = client.infer(
+            "digits", [http_input("image", images[start : start + 64], "FP32", binary)], outputs=outputs
+        )
         predictions.append(result.as_numpy("logits").argmax(1))
         assert ("binary_data_size" in str(result.get_response())) == binary
     assert float(np.mean(np.concatenate(predictions) == labels[:256])) >= 0.95
@@ -175,7 +177,9 @@ def test_every_datatype_round_trips_binary(client: th.InferenceServerClient, dat
 def test_every_datatype_round_trips_json(client: th.InferenceServerClient, datatype: str) -> None:
     array = sample(datatype, (2, 3))
     outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=False)]
-    result = client.infer(f"identity_{datatype.lower()}", [http_input("INPUT0", array, datatype, False)], outputs=outputs)
+    result = client.infer(
+        f"identity_{datatype.lower()}", [http_input("INPUT0", array, datatype, False)], outputs=outputs
+    )
     assert "data" in result.get_output("OUTPUT0")
     got = result.as_numpy("OUTPUT0")
     if datatype == "BYTES":  # JSON carries text: tritonclient gives back str elements
@@ -186,7 +190,9 @@ def test_every_datatype_round_trips_json(client: th.InferenceServerClient, datat
 @pytest.mark.parametrize("datatype", ["FP16", "BF16"])
 def test_half_types_as_json_are_refused_naming_the_input(hub_server: RunningServer, datatype: str) -> None:
     body = {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": [1, 1], "data": [1.0]}]}
-    status, reply = call(hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", json.dumps(body).encode())
+    status, reply = call(
+        hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", json.dumps(body).encode()
+    )
     assert status == 400 and "INPUT0" in reply["error"] and "binary" in reply["error"]
 
 
@@ -263,12 +269,25 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
         (b"[1, 2]", {}, "JSON object"),
         (b'{"inputs": []}', {}, "inputs"),
         (b'{"id": 5, "inputs": [{}]}', {}, "'id'"),
-        (b'{"inputs": [{"name": "image"}]}', {"Inference-Header-Content-Length": "x"}, "Inference-Header-Content-Length"),
+        (
+            b'{"inputs": [{"name": "image"}]}',
+            {"Inference-Header-Content-Length": "x"},
+            "Inference-Header-Content-Length",
+        ),
         (b'{"inputs": [{"name": "image"}]}', {"Inference-Header-Content-Length": "999"}, "999"),
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": "1x64", "data": []}]}', {}, "'shape'"),
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8]}]}', {}, "neither"),
     ],
-    ids=["bad json", "not an object", "no inputs", "id type", "header length type", "header length", "shape", "no data"],
+    ids=[
+        "bad json",
+        "not an object",
+        "no inputs",
+        "id type",
+        "header length type",
+        "header length",
+        "shape",
+        "no data",
+    ],
 )
 def test_malformed_bodies_are_400_naming_the_field(
     hub_server: RunningServer, body: bytes, headers: dict[str, str], fragment: str
@@ -287,7 +306,9 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
 
 
 def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:
-    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), http_max_body=4096, metrics_port=None)
+    server = start_server(
+        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), http_max_body=4096, metrics_port=None
+    )
     client = th.InferenceServerClient(server.http_url)
     small = np.zeros((2, 1, 8, 8), np.float32)  # 512 bytes: under the cap
     assert client.infer("digits", [http_input("image", small, "FP32")]).as_numpy("logits").shape == (2, 10)
