@@ -57,11 +57,12 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODELHUB_PLUGINS_DIR=/app/plugins \
     MODELHUB_MODEL_REPOSITORY=/app/models \
     MODELHUB_HOST=0.0.0.0 \
+    MODELHUB_HTTP_PORT=8000 \
     MODELHUB_GRPC_PORT=8001 \
     MODELHUB_METRICS_PORT=8002 \
     MODELHUB_SHUTDOWN_GRACE=20
 VOLUME ["/app/plugins", "/app/models"]
-EXPOSE 8001 8002
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["modelhub", "health", "--url", "localhost:8001"]
 STOPSIGNAL SIGTERM

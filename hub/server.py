@@ -152,13 +152,14 @@ class Server:
         if self.metrics is not None and config.metrics_port is not None:
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
             self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
+        def where(port: int | None) -> str:
+            return f"{config.host}:{port}" if port is not None else "off"
+
         log.info(
-            "modelhub listening on %s: grpc %s, http %s, metrics %s, device %s, %d threads per model, "
-            "plugins %s, models %s",
-            config.host,
-            self.grpc_port or "off",
-            self.http_port or "off",
-            self.metrics_port or "off",
+            "modelhub listening: grpc %s, http %s, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            where(self.grpc_port),
+            where(self.http_port),
+            where(self.metrics_port),
             self.device,
             config.threads,
             ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),

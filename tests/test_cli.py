@@ -34,6 +34,8 @@ class ServeProcess:
                 "127.0.0.1",
                 "--grpc-port",
                 "0",
+                "--http-port",
+                "0",
                 "--metrics-port",
                 "0",
                 "--device",

@@ -314,7 +314,9 @@ async def test_queue_full_on_both_frontends(hub_server: RunningServer) -> None:
         ):
             assert rejected in outcomes, outcomes
             assert set(outcomes) == {"OK", rejected}, outcomes
-            assert outcomes.count("OK") >= 5  # one running plus a full queue of four, at least
+            # a full queue of four at least (plus the one running, when the batcher took it
+            # before the burst's last request arrived: REST requests can all land first)
+            assert outcomes.count("OK") >= 4, outcomes
     finally:
         await grpc_client.close()
         await http_client.close()

@@ -29,7 +29,7 @@ def test_dockerfile_contract() -> None:
     assert re.search(r"^ARG BASE=cpu$", text, re.M)
     assert "FROM base-${BASE} AS runtime" in text and "AS base-cuda" in text
     assert re.search(r"^USER 10001", text, re.M)
-    assert "EXPOSE 8001 8002" in text
+    assert "EXPOSE 8000 8001 8002" in text
     assert 'CMD ["modelhub", "health"' in text
     assert 'VOLUME ["/app/plugins", "/app/models"]' in text
     assert "modelhub build" in text  # artifacts are built into the image
