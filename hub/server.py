@@ -152,6 +152,7 @@ class Server:
         if self.metrics is not None and config.metrics_port is not None:
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
             self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
+
         def where(port: int | None) -> str:
             return f"{config.host}:{port}" if port is not None else "off"
 
