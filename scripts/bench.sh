@@ -4,9 +4,13 @@
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
 #   2. our server twice, serving the kit's reference models (digits_cnn, mlp_wide) with the
-#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port 0;
+#      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
+#      --metrics-port off;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
+#   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
+#      alternating, with server CPU per inference (bench/rest_bench.py); and the two HTTP
+#      libraries we measured for the REST frontend (bench/rest_candidates.py);
 #   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py);
 #   5. text: plugins/embeddings (minilm, BYTES in) under perf_analyzer with real sentences as
 #      --input-data, against its own in-process ceiling (no peer serves it).
@@ -28,10 +32,11 @@ REPO=$OUT/models
 bash "$KIT/setup.sh" >/dev/null
 bash "$KIT/start_servers.sh"
 
-start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT ; own process group so --cpu finds it
+start_ours() {  # start_ours NAME GRPC_PORT HTTP_PORT METRICS_PORT ; own process group so --cpu finds it
   local name=$1
   setsid env REFMODELS_DIR="$KIT" .venv/bin/modelhub serve --plugins-dir bench/plugins --no-entry-points \
-    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$2" --metrics-port "$3" --device cpu --threads 1 \
+    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$2" --http-port "$3" --metrics-port "$4" \
+    --device cpu --threads 1 \
     > "$OUT/$name.log" 2>&1 < /dev/null &
   echo $! > "$OUT/$name.pid"
 }
@@ -51,8 +56,8 @@ async def main():
     await s.start(); await s.wait_until_loaded(); await s.stop(0)
 asyncio.run(main())
 PY
-start_ours ours 9000 9002
-start_ours ours_nometrics 9010 0
+start_ours ours 9000 9001 9002
+start_ours ours_nometrics 9010 off off
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
@@ -67,6 +72,14 @@ bash "$KIT/run.sh" --tool pa --rounds 1 --concurrency "$CONCURRENCY" --window "$
   --targets echo_grpc_aio,pytriton_batch2ms \
   --target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide \
   --out "$OUT/pa.jsonl" | tee "$OUT/pa.txt"
+echo "== REST: perf_analyzer -i http / -i grpc, ours and PyTriton, server CPU per inference =="
+.venv/bin/python bench/rest_bench.py --rounds "$ROUNDS" --concurrency "${REST_CONCURRENCY:-16,64}" \
+  --window "$((WINDOW * 1000))" --out "$OUT/rest.jsonl" \
+  --target ours_http=http:127.0.0.1:9001:digits_cnn:9001 --target ours_grpc=grpc:127.0.0.1:9000:digits_cnn:9001 \
+  --target pytriton_http=http:127.0.0.1:8300:digits_cnn:8300 \
+  --target pytriton_grpc=grpc:127.0.0.1:8301:digits_cnn:8300 | tee "$OUT/rest.txt"
+echo "== REST library candidates: the same echo server in aiohttp and uvicorn+starlette =="
+.venv/bin/python bench/rest_candidates.py --rounds "$ROUNDS" --window "$((WINDOW * 1000))" | tee "$OUT/rest-candidates.txt"
 echo "== compute ceiling: in-process, best batch size =="
 REFMODELS_DIR="$KIT" .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository "$REPO" \
   | tee "$OUT/ceiling.txt"
@@ -76,7 +89,7 @@ mkdir -p "$TEXT_PLUGINS" && ln -sfn "$ROOT/plugins/embeddings" "$TEXT_PLUGINS/em
 .venv/bin/python scripts/ceiling.py --plugins-dir "$TEXT_PLUGINS" --model-repository "$REPO" --batch-sizes 1,8,32,64 \
   | tee "$OUT/text-ceiling.txt"
 setsid .venv/bin/modelhub serve --plugins-dir "$TEXT_PLUGINS" --no-entry-points --model-repository "$REPO" \
-  --host 127.0.0.1 --grpc-port 9020 --metrics-port 0 --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
+  --host 127.0.0.1 --grpc-port 9020 --http-port off --metrics-port off --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
 echo $! > "$OUT/ours_text.pid"
 .venv/bin/python - "$OUT/sentences.json" <<'PY'
 import json, sys

@@ -106,8 +106,8 @@ def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: P
     grpc_port, metrics_port = free_port(), free_port()
     command = [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--no-entry-points",
                "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
-               "--grpc-port", str(grpc_port), "--metrics-port", str(metrics_port), "--device", args.device,
-               "--threads", str(args.threads), "--config", str(config)]  # fmt: skip
+               "--grpc-port", str(grpc_port), "--http-port", "0", "--metrics-port", str(metrics_port),
+               "--device", args.device, "--threads", str(args.threads), "--config", str(config)]  # fmt: skip
     log(f"starting: {' '.join(command)} (log: {server_log})")
     server_log.parent.mkdir(parents=True, exist_ok=True)
     with server_log.open("w") as out:
