@@ -100,3 +100,24 @@ def client_message(exc: BaseException) -> str:
     if isinstance(exc, HubError):
         return str(exc)
     return f"internal error ({type(exc).__name__}); see the server log"
+
+
+_BY_CODE: dict[str, type[HubError]] = {
+    cls.code: cls
+    for cls in (
+        ModelNotFound,
+        ModelUnavailable,
+        InvalidInput,
+        QueueFull,
+        DeadlineExceeded,
+        ModelExecutionError,
+        Unsupported,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> HubError:
+    """The domain error for a code (an error that crossed from another process)."""
+    return _BY_CODE.get(code, HubError)(message)

@@ -38,6 +38,7 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     metrics: ModelMetrics | None = None
     load_seconds: float = 0.0
+    device: str = ""  # where the runtime computes ("cpu", "cuda"), once loaded
 
     def set_state(self, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
         """Change state; `announce=False` keeps it off the metrics (a replacement loading
@@ -63,9 +64,19 @@ class ServedModel:
         if self.metrics is not None:
             self.metrics.in_flight.inc()
 
-    def end_request(self, code: str, seconds: float) -> None:
-        """Account one finished request in the Prometheus metrics (the data plane counts the
-        statistics, which need the request's batch)."""
+    def abandon_request(self) -> None:
+        """A request left this process unanswered (it is counted where it is answered)."""
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
+        """Account one answered request: statistics (with its batch, from the batcher's
+        delivery, when it succeeded) and Prometheus metrics."""
+        ns = int(seconds * 1e9)
+        if code == "OK" and delivery is not None:
+            self.stats.request_succeeded(ns, delivery.inferences, delivery.queue_ns, delivery.batch)
+        else:
+            self.stats.request_failed(ns)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
             self.metrics.request_done(code, seconds)

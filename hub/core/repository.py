@@ -65,6 +65,9 @@ class ModelRepository:
         except (ValueError, KeyError):
             raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {sorted(versions)}") from None
 
+    async def refresh_statistics(self, models: list[ServedModel]) -> None:
+        """Make these models' `stats` current (they are, in one process; see hub/workers)."""
+
     def get_ready(self, name: str, version: str = "") -> ServedModel:
         model = self.resolve(name, version)
         if not model.ready:
@@ -165,6 +168,7 @@ class ModelRepository:
                 return
             model.target = self.builder.target_for(model.spec)
             model.runtime = artifact.runtime
+            model.device = artifact.runtime.device
             model.manifest = artifact.manifest
             model.load_seconds = time.perf_counter() - started
             model.batcher = Batcher(

@@ -71,7 +71,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
-            models = self.plane.statistics(request.name, request.version)
+            models = await self.plane.statistics(request.name, request.version)
         except HubError as exc:
             await _abort(context, exc)
         return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])

@@ -112,7 +112,7 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
                 name=f"{spec.name}_0",
                 count=policy.instances,
                 kind=mc.ModelInstanceGroup.KIND_GPU
-                if model.runtime is not None and model.runtime.device == "cuda"
+                if model.device == "cuda"
                 else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
