@@ -289,27 +289,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host(args)
     host.collect_targets()
     host.collect_models()
-    records = list(host.records.values())
+    described = [record.describe() for record in host.records.values()]
     if args.json:
-        print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
+        print(json.dumps(described, indent=2))
         return 0
-    rows = [
-        [
-            r.name,
-            r.source,
-            r.status if not r.errors or r.status != "loaded" else "loaded with errors",
-            ", ".join(r.models) or "-",
-            ", ".join(r.targets) or "-",
-            ", ".join(r.hooks) or "-",
-        ]
-        for r in records
-    ]
-    print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
-    errors = [(r, e) for r in records for e in r.errors]
-    if errors:
-        print("\nerrors:")
-        for record, error in errors:
-            print(f"  {record.name} ({record.location}): {error}")
+    # The table prints every field of the JSON: one row per plugin, then its location, errors
+    # and warnings beneath, so neither view knows something the other does not.
+    columns = ["name", "source", "status", "hooks", "models", "targets"]
+
+    def cell(value: str | list[str]) -> str:
+        return (", ".join(value) or "-") if isinstance(value, list) else value
+
+    rows = [[cell(d[c]) for c in columns] for d in described]
+    print(_table(rows, ["plugin", *columns[1:]]))
+    print("\nlocations:")
+    for d in described:
+        print(f"  {d['name']}: {d['location']}")
+    for kind in ("errors", "warnings"):
+        notes = [(d["name"], note) for d in described for note in d[kind]]
+        if notes:
+            print(f"\n{kind}:")
+            for name, note in notes:
+                print(f"  {name}: {note}")
     return 0
 
 

@@ -14,7 +14,7 @@ import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -225,6 +225,14 @@ class PluginHost:
             plugin = importer()
         except Exception as exc:
             self._fail(record, f'Error importing plugin "{name}" from {location}: {exc!r}', exc)
+            return
+        if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
+            record.status = "failed"
+            record.errors.append(
+                f'plugin "{name}" ({location}) is an unhashable {type(plugin).__name__}; register a module or an '
+                "ordinary class instance (a dataclass plugin needs eq=False)"
+            )
+            log.error("%s", record.errors[-1])
             return
         unknown = self._unknown_hooks(plugin)
         if unknown:
