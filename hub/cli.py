@@ -455,12 +455,37 @@ def cmd_health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+            if not (args.service and exc.code() == grpc.StatusCode.NOT_FOUND):
+                print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            status = "NOT_FOUND"
+        print(status)
+        if args.service:
+            for line in _model_states(channel, args.service, args.timeout):
+                print(f"  {line}")
+    return 0 if status == "SERVING" else 1
+
+
+def _model_states(channel: Any, name: str, timeout: float) -> list[str]:
+    """Each version of model `name` with its state and reason, from the server's RepositoryIndex."""
+    import grpc
+
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    try:
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return [f"model states unavailable: RepositoryIndex: {exc.code().name}: {exc.details()}"]
+    versions = [m for m in index.models if m.name == name]
+    if not versions:
+        known = ", ".join(sorted({m.name for m in index.models})) or "none"
+        return [f"no model named '{name}' on this server (models: {known})"]
+    return [
+        f"model '{m.name}' version {m.version}: {m.state}" + (f" ({m.reason})" if m.reason else "") for m in versions
+    ]
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -512,12 +537,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    import http.client
+
     from hub.top import run
 
     try:
         return run(args.metrics_url, args.interval, args.once)
-    except OSError as exc:
-        print(f"cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
+        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
 
 
