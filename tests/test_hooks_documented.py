@@ -5,6 +5,7 @@ test plugin that implements it (tests/plugins/hook_recorder)."""
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any
 
 import pytest
@@ -67,3 +68,42 @@ def test_hooks_are_called_in_lifecycle_order(recorded: tuple[PluginRecord, list[
     hooks = [hook for hook, _ in recorded[1]]
     assert hooks.index("register_targets") < hooks.index("register_models") < hooks.index("validate_artifact")
     assert hooks.index("validate_artifact") < hooks.index("server_started") < hooks.index("server_stopping")
+
+
+def test_every_name_importable_from_hub_is_documented() -> None:
+    import hub
+
+    section = (ROOT / "docs" / "plugins.md").read_text().split("## Importable from `hub`", 1)[1].split("\n## ", 1)[0]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+    assert documented == set(hub.__all__)
+    for name in hub.__all__:
+        assert hasattr(hub, name)
+
+
+def test_every_deployment_config_key_is_documented() -> None:
+    from hub.config import MODEL_KEYS
+
+    text = (ROOT / "docs" / "config.md").read_text()
+    documented = set(re.findall(r"^\| `(\w+)` \| (?:string|integer|number|list|table|one of|boolean)", text, re.M))
+    assert documented >= MODEL_KEYS, MODEL_KEYS - documented
+
+
+def test_every_target_default_tolerance_is_documented() -> None:
+    from hub.plugins.manager import PluginHost
+
+    targets = PluginHost(None, entry_points=False).collect_targets()
+    rows = {
+        name: line
+        for line in (ROOT / "docs" / "plugins.md").read_text().splitlines()
+        if line.startswith("| `")
+        for name in re.findall(r"`([\w-]+)`", line.split("|")[1])
+    }
+    for name, target in targets.items():
+        row = rows[name]
+        tolerance = target.tolerance
+        if not target.check_parity:
+            assert "not checked" in row, row
+            continue
+        stated = {key: float(value) for key, value in re.findall(r"(atol|rtol|min_top1|min_cosine) ([\d.e+-]+)", row)}
+        expected = {key: value for key, value in vars(tolerance).items() if value is not None}
+        assert stated == expected, row
