@@ -289,27 +289,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host(args)
     host.collect_targets()
     host.collect_models()
-    records = list(host.records.values())
+    described = [record.describe() for record in host.records.values()]
     if args.json:
-        print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
+        print(json.dumps(described, indent=2))
         return 0
-    rows = [
-        [
-            r.name,
-            r.source,
-            r.status if not r.errors or r.status != "loaded" else "loaded with errors",
-            ", ".join(r.models) or "-",
-            ", ".join(r.targets) or "-",
-            ", ".join(r.hooks) or "-",
-        ]
-        for r in records
-    ]
-    print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
-    errors = [(r, e) for r in records for e in r.errors]
-    if errors:
-        print("\nerrors:")
-        for record, error in errors:
-            print(f"  {record.name} ({record.location}): {error}")
+    # The table prints every field of the JSON: one row per plugin, then its location, errors
+    # and warnings beneath, so neither view knows something the other does not.
+    columns = ["name", "source", "status", "hooks", "models", "targets"]
+
+    def cell(value: str | list[str]) -> str:
+        return (", ".join(value) or "-") if isinstance(value, list) else value
+
+    rows = [[cell(d[c]) for c in columns] for d in described]
+    print(_table(rows, ["plugin", *columns[1:]]))
+    print("\nlocations:")
+    for d in described:
+        print(f"  {d['name']}: {d['location']}")
+    for kind in ("errors", "warnings"):
+        notes = [(d["name"], note) for d in described for note in d[kind]]
+        if notes:
+            print(f"\n{kind}:")
+            for name, note in notes:
+                print(f"  {name}: {note}")
     return 0
 
 
@@ -454,12 +455,37 @@ def cmd_health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+            if not (args.service and exc.code() == grpc.StatusCode.NOT_FOUND):
+                print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            status = "NOT_FOUND"
+        print(status)
+        if args.service:
+            for line in _model_states(channel, args.service, args.timeout):
+                print(f"  {line}")
+    return 0 if status == "SERVING" else 1
+
+
+def _model_states(channel: Any, name: str, timeout: float) -> list[str]:
+    """Each version of model `name` with its state and reason, from the server's RepositoryIndex."""
+    import grpc
+
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    try:
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return [f"model states unavailable: RepositoryIndex: {exc.code().name}: {exc.details()}"]
+    versions = [m for m in index.models if m.name == name]
+    if not versions:
+        known = ", ".join(sorted({m.name for m in index.models})) or "none"
+        return [f"no model named '{name}' on this server (models: {known})"]
+    return [
+        f"model '{m.name}' version {m.version}: {m.state}" + (f" ({m.reason})" if m.reason else "") for m in versions
+    ]
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -511,12 +537,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    import http.client
+
     from hub.top import run
 
     try:
         return run(args.metrics_url, args.interval, args.once)
-    except OSError as exc:
-        print(f"cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
+        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
 
 
