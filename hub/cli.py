@@ -81,6 +81,13 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(value: str) -> int | None:
+    """A port flag: a number (0 picks a free port), or off/none to turn the listener off."""
+    if str(value).lower() in ("off", "none", ""):
+        return None
+    return int(value)
+
+
 def _deployment(args: argparse.Namespace) -> Any:
     from hub.config import DeploymentConfig
 
@@ -106,12 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_args(serve)
     _add_repository_arg(serve)
     serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
-    serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)), help="gRPC port (default: 8001)")
+    serve.add_argument(
+        "--grpc-port",
+        type=_port,
+        default=_port(_env("GRPC_PORT", "8001")),
+        help="gRPC port; 0 picks a free one, 'off' turns gRPC off (default: 8001)",
+    )
     serve.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", 8002)),
-        help="Prometheus /metrics port; 0 disables metrics (default: 8002)",
+        type=_port,
+        default=_port(_env("METRICS_PORT", "8002")),
+        help="Prometheus /metrics port; 0 picks a free one, 'off' turns metrics off (default: 8002)",
     )
     _add_runtime_args(serve)
     serve.add_argument(
@@ -137,6 +149,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FRACTION",
         help="write this fraction of inference requests to the access log, e.g. 0.01 (default: 0, off)",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", 0)),
+        help="frontend processes sharing the ports (SO_REUSEPORT) in front of one model process; "
+        "0 picks 1 on 2 cores or fewer, else one per two cores, at most 8 (env MODELHUB_WORKERS)",
+    )
+    serve.add_argument(
+        "--port-file",
+        type=Path,
+        default=_env("PORT_FILE", None),
+        help="write the ports listened on as JSON to this file once listening (useful with port 0)",
+    )
+    # Set by the supervisor of --workers N for the processes it starts.
+    serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
+    serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
     serve.add_argument(
         "--shutdown-grace",
         type=float,
@@ -198,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     from hub import logs
 
     logs.configure(args.log_level, args.log_format)
@@ -228,25 +257,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         log.error("modelhub: bad --config: %s", exc)
         return 2
+    from hub.workers.supervisor import Supervisor, default_workers
+
+    workers = args.workers or default_workers()
+    if args.role == "all" and workers > 1:
+        argv = list(sys.argv[1:] if args.argv is None else args.argv)
+        return Supervisor(
+            argv,
+            workers,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=getattr(args, "http_port", False),
+            port_file=args.port_file,
+            shutdown_grace=args.shutdown_grace,
+        ).run()
     config = ServerConfig(
         deployment=deployment,
         plugins_dir=args.plugins_dir,
         model_repository=args.model_repository,
         host=args.host,
         grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port or None,
+        metrics_port=args.metrics_port,
         device=args.device,
         threads=args.threads or default_threads(),
         entry_points=not args.no_entry_points,
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
-        watch=args.watch,
+        watch=args.watch if args.role != "frontend" else None,
+        serve_engine=args.engine_socket if args.role == "engine" else None,
+        engine_socket=args.engine_socket if args.role == "frontend" else None,
+        reuse_port=args.role == "frontend",
     )
-    return asyncio.run(_serve(Server(config)))
+    return asyncio.run(_serve(Server(config), args.port_file))
 
 
-async def _serve(server: Any) -> int:
+async def _serve(server: Any, port_file: Path | None = None) -> int:
     from hub.errors import HubError
 
     stop = asyncio.Event()
@@ -263,6 +309,10 @@ async def _serve(server: Any) -> int:
         log.error("modelhub could not start: %s", exc)
         await server.stop(0)
         return 1
+    if port_file is not None:
+        from hub.workers.supervisor import write_port_file
+
+        write_port_file(port_file, {"grpc": server.grpc_port or None, "metrics": server.metrics_port})
     await stop.wait()
     log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
     await server.stop()

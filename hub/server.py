@@ -10,18 +10,19 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from hub import logs
 from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController
-from hub.core.dataplane import DataPlane
+from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.metrics import Metrics
@@ -30,6 +31,10 @@ from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
 from hub.protocol.servicer import InferenceServicer
+from hub.workers.frontend import RemoteControl, RemoteRepository
+
+if TYPE_CHECKING:
+    from hub.workers.engine import EngineService
 
 log = logging.getLogger("modelhub.server")
 
@@ -62,7 +67,7 @@ class ServerConfig:
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
-    grpc_port: int = 8001
+    grpc_port: int | None = 8001
     metrics_port: int | None = 8002
     device: str = "auto"
     threads: int = field(default_factory=default_threads)
@@ -73,6 +78,11 @@ class ServerConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     log_requests: float = 0.0  # fraction of inference requests written to the access log
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
+    #: Several processes (hub/workers): a frontend hands its requests to the model process
+    #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
+    engine_socket: Path | None = None
+    serve_engine: Path | None = None
+    reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
 
 
 @dataclass
@@ -98,6 +108,7 @@ class Server:
         self.repository: ModelRepository | None = None
         self.plane: DataPlane | None = None
         self.control: ModelController | None = None
+        self.engine: EngineService | None = None
         self.device = "cpu"
         self.grpc_port = 0
         self.metrics_port: int | None = None
@@ -114,53 +125,43 @@ class Server:
     async def start(self) -> None:
         """Listen at once; build and load the models in the background (ServerReady tells when)."""
         config = self.config
+        logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(set_torch_threads, config.threads)
         if self.metrics is not None and self.device == "cuda":
             self.metrics.watch_cuda()
-        targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-        builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
-        self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+        models: list[ServedModel] = []
+        control: ModelControl
+        if config.engine_socket is not None:
+            remote = RemoteRepository(config.engine_socket, self._collect_specs)
+            self.repository = remote
+            control = RemoteControl(remote.client)
+        else:
+            targets = await asyncio.to_thread(self.plugins.collect_targets)
+            specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+            builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
+            self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+            models = [self.repository.add(spec) for spec in specs]
+            control = self.control = ModelController(
+                self.repository, self.plugins, config.deployment, config.plugins_dir
+            )
         self.repository.on_change(self._model_changed)
-        models = [self.repository.add(spec) for spec in specs]
-        self.control = ModelController(self.repository, self.plugins, config.deployment, config.plugins_dir)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
-            control=self.control,
+            control=control,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
         )
+        if config.serve_engine is not None:
+            from hub.workers.engine import EngineService
 
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
-            try:
-                POOL.AddSerializedFile(descriptor.serialized_pb)
-            except TypeError:  # already added by another Server in this process
-                pass
-        reflection.enable_server_reflection(
-            [
-                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-            pool=POOL,
-        )
-        self.grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
-        await server.start()
-        self._grpc = server
+            self.engine = EngineService(self, config.serve_engine)
+            await self.engine.start()
+        if isinstance(self.repository, RemoteRepository):
+            self.repository.start()
+        if config.grpc_port is not None:
+            await self._start_grpc(config.host, config.grpc_port)
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.metrics is not None and config.metrics_port is not None:
@@ -181,10 +182,51 @@ class Server:
             ", ".join(m.spec.key for m in models) or "none",
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
-        if config.watch and config.plugins_dir is not None:
+        if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
             self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
 
+    async def _start_grpc(self, host: str, port: int) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+            ]
+        )
+        assert self.plane is not None
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            try:
+                POOL.AddSerializedFile(descriptor.serialized_pb)
+            except TypeError:  # already added by another Server in this process
+                pass
+        reflection.enable_server_reflection(
+            [
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+            pool=POOL,
+        )
+        self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        await server.start()
+        self._grpc = server
+
+    def _collect_specs(self) -> tuple[dict[str, Any], list[Any]]:
+        """This process's import of the plugins, as it is now: targets and the specs to serve."""
+        self.plugins.refresh()
+        return self.plugins.collect_targets(), self.config.deployment.apply(self.plugins.collect_models())
+
     async def _load_all(self, models: list[ServedModel]) -> None:
+        if isinstance(self.repository, RemoteRepository):
+            await self.repository.loaded.wait()  # the model process loads; `server_started` runs there
+            self._loaded.set()
+            await self._update_server_health()
+            return
         for model in models:
             await self.repository.load(model)  # type: ignore[union-attr]
         await asyncio.to_thread(self.plugins.server_started, self.info)
@@ -197,6 +239,8 @@ class Server:
     def is_ready(self) -> bool:
         if self._stopping or self.repository is None or not self._loaded.is_set():
             return False
+        if isinstance(self.repository, RemoteRepository) and not self.repository.loaded.is_set():
+            return False  # the model process is away (restarting)
         if self.config.require_all_models:
             return all(m.ready for m in self.repository.models())
         return True
@@ -220,11 +264,14 @@ class Server:
                 task.cancel()
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.engine is not None:
+            await self.engine.close()
         if self.repository is not None:
             await self.repository.close(drain=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self.plugins.close()
         log.info("modelhub stopped")
 
     # --- health -----------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
 #   2. our server twice, serving the kit's reference models (digits_cnn, mlp_wide) with the
-#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port 0;
+#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port off;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
 #   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py);
@@ -52,7 +52,7 @@ async def main():
 asyncio.run(main())
 PY
 start_ours ours 9000 9002
-start_ours ours_nometrics 9010 0
+start_ours ours_nometrics 9010 off
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
@@ -76,7 +76,7 @@ mkdir -p "$TEXT_PLUGINS" && ln -sfn "$ROOT/plugins/embeddings" "$TEXT_PLUGINS/em
 .venv/bin/python scripts/ceiling.py --plugins-dir "$TEXT_PLUGINS" --model-repository "$REPO" --batch-sizes 1,8,32,64 \
   | tee "$OUT/text-ceiling.txt"
 setsid .venv/bin/modelhub serve --plugins-dir "$TEXT_PLUGINS" --no-entry-points --model-repository "$REPO" \
-  --host 127.0.0.1 --grpc-port 9020 --metrics-port 0 --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
+  --host 127.0.0.1 --grpc-port 9020 --metrics-port off --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
 echo $! > "$OUT/ours_text.pid"
 .venv/bin/python - "$OUT/sentences.json" <<'PY'
 import json, sys

@@ -111,9 +111,7 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",
                 count=policy.instances,
-                kind=mc.ModelInstanceGroup.KIND_GPU
-                if model.device == "cuda"
-                else mc.ModelInstanceGroup.KIND_CPU,
+                kind=mc.ModelInstanceGroup.KIND_GPU if model.device == "cuda" else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
         version_policy=_version_policy(plane.version_policy(model.name)),
