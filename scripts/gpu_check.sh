@@ -53,13 +53,18 @@ timeout -k 10 "$(cap 190)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -r
   --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py > "$OUT/gpu-tests.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-tests.txt"
 
-# 2. ResNet-50 throughput: served under perf_analyzer at concurrency 1, 16 and 128 (three 2 s
-#    windows each); the torch-compile artifact in-process at batch 1, 16 and 128; then eager fp32,
+# 2. ResNet-50 throughput (issue 12): served as torch-compile with 1, 4 and 8 frontend processes
+#    (--workers) under perf_analyzer at concurrency 1, 16, 128 and 256 (three windows each); the
+#    torch-compile artifact in-process at batch 1, 16 and 128 (the bare model); then eager fp32,
 #    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4).
-timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 6 --bare-seconds 2 \
+timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 4 --bare-seconds 2 \
+  --workers 1,4,8 --concurrency 1,16,128,256 \
   --perf-analyzer wheels-gpu/perf_analyzer/perf_analyzer --model-repository /tmp/modelhub-gpu-bench/models \
   --out "$OUT/gpu-bench.json" > "$OUT/gpu-bench.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-bench.txt"
-# The server's log: its last lines only (compile and validation reports, errors).
-tail -n 200 "$OUT/gpu-bench.server.log" > "$OUT/gpu-bench.server.log.tail" 2>/dev/null \
-  && mv "$OUT/gpu-bench.server.log.tail" "$OUT/gpu-bench.server.log"
+# The servers' logs, in one file (8 files come back at most): the last lines of each.
+for f in "$OUT"/gpu-bench.server-w*.log; do
+  [ -f "$f" ] || continue
+  { echo "== $f"; tail -n 80 "$f"; } >> "$OUT/gpu-bench.server.log"
+  rm -f "$f"
+done
