@@ -132,6 +132,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def drained(self, timeout: float) -> bool:
         """Wait until every accepted inference request is answered; False if `timeout` ran out."""
+        if self._idle.is_set():
+            return True
         try:
             await asyncio.wait_for(self._idle.wait(), timeout)
         except TimeoutError:
