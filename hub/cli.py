@@ -171,6 +171,26 @@ def build_parser() -> argparse.ArgumentParser:
         default=float(_env("SHUTDOWN_GRACE", 10.0)),
         help="seconds in-flight requests get to finish after SIGTERM (default: 10)",
     )
+    from hub.limits import DEFAULT_LIMITS
+
+    limits = serve.add_argument_group("limits on one request (see docs/deploy.md)")
+    for flag, field, what in (
+        ("--max-request-bytes", "request_bytes", "largest request message in bytes"),
+        ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes"),
+        ("--max-elements", "elements", "most tensor elements in one request"),
+        ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),
+        ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream"),
+    ):
+        default = getattr(DEFAULT_LIMITS, field)
+        env = flag[2:].upper().replace("-", "_")
+        limits.add_argument(
+            flag,
+            dest=f"limit_{field}",
+            type=int,
+            default=int(_env(env, default)),
+            metavar="N",
+            help=f"{what} (env MODELHUB_{env}; default: {default})",
+        )
 
     plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
     _add_plugin_args(plugins)
@@ -250,12 +270,18 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.errors import SpecError
+    from hub.limits import Limits
     from hub.server import Server, ServerConfig, default_threads
 
     try:
         deployment = _deployment(args)
     except (OSError, SpecError) as exc:
         log.error("modelhub: bad --config: %s", exc)
+        return 2
+    try:
+        limits = Limits(**{k[len("limit_") :]: v for k, v in vars(args).items() if k.startswith("limit_")})
+    except ValueError as exc:
+        log.error("modelhub: bad limit: %s", exc)
         return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
@@ -288,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         reuse_port=args.role == "frontend",
+        limits=limits,
     )
     return asyncio.run(_serve(Server(config), args.port_file))
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,12 +26,12 @@ from hub.core.control import ModelController
 from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
+from hub.limits import Limits
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
-from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
-from hub.protocol.servicer import InferenceServicer
+from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.workers.frontend import RemoteControl, RemoteRepository
 
 if TYPE_CHECKING:
@@ -38,6 +39,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelhub.server")
 
+#: What the server sends at most (a response); what it receives is `Limits.request_bytes`.
 MAX_MESSAGE = 256 << 20
 
 
@@ -83,6 +85,7 @@ class ServerConfig:
     engine_socket: Path | None = None
     serve_engine: Path | None = None
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
 
 
 @dataclass
@@ -113,6 +116,7 @@ class Server:
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
         self._metrics_http: Any = None
         self._loading: asyncio.Task[None] | None = None
@@ -188,13 +192,14 @@ class Server:
     async def _start_grpc(self, host: str, port: int) -> None:
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", self.config.limits.request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
             ]
         )
         assert self.plane is not None
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(self.plane), server)
+        self._servicer = InferenceServicer(self.plane, self.config.limits)
+        add_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -262,6 +267,15 @@ class Server:
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
+        if self._servicer is not None:
+            # Answer every inference request accepted so far, and refuse later ones at once
+            # (UNAVAILABLE) while the listener is still up, rather than leave them to grpc's
+            # shutdown, which cancels the ones it has not handed to a handler yet.
+            self._servicer.refuse_new()
+            started = time.monotonic()
+            if not await self._servicer.drained(grace):
+                log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
+            grace = max(0.0, grace - (time.monotonic() - started))
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.engine is not None:
