@@ -223,11 +223,9 @@ def _farthest(rows: Sequence[Mapping[str, np.ndarray]], index: int, padded: set[
     return int(np.argmax(np.abs(magnitudes - magnitudes[index])))
 
 
-def rows_of(spec: ModelSpec, inputs: Mapping[str, np.ndarray], chunk: int) -> list[dict[str, np.ndarray]]:
-    """`inputs` as batches a runtime takes: a row at a time, trimmed to its own length, when
-    some input is padded (each row then looks as it does served alone), else `chunk` rows."""
-    tensors = {t.name: t for t in spec.forward_inputs}
+def rows_of(spec: ModelSpec, inputs: Mapping[str, np.ndarray], *, trim: bool) -> list[dict[str, np.ndarray]]:
+    """`inputs` one row at a time; with `trim`, padded inputs cut to the row's own length (the
+    row then looks as it does served alone)."""
+    tensors = {t.name: t for t in spec.forward_inputs} if trim else {}
     rows = len(next(iter(inputs.values()))) if inputs else 0
-    if any(t.padding is not None for t in tensors.values()):
-        return [_row(inputs, i, tensors) for i in range(rows)]
-    return [{name: value[i : i + chunk] for name, value in inputs.items()} for i in range(0, rows, chunk)]
+    return [_row(inputs, i, tensors) for i in range(rows)]

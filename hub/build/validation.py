@@ -40,7 +40,7 @@ def validate_artifact(
     if problems:
         return report
     invariance = check_batch_invariance(spec, runtime, examples, tolerance)
-    problems.extend(invariance.pop("problems"))
+    problems.extend(invariance.pop("problems", []))
     report["batch_invariance"] = invariance
     if reference is None:
         return report

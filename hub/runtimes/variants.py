@@ -88,22 +88,19 @@ def _prepare_for_quantization(ctx: ArtifactContext, source: Path, prepared: Path
 
 
 class _CalibrationReader:
-    """Feeds the spec's calibration inputs (after `preprocess`) to ONNX Runtime's calibrator,
-    a row at a time with padding trimmed when inputs are padded (a row is then seen at its own
-    length, as when served alone), else in chunks of CALIBRATION_CHUNK rows."""
+    """Feeds the spec's calibration inputs (after `preprocess`) to ONNX Runtime's calibrator a
+    row at a time. With "minmax" a padded row is trimmed to its own length, as when served
+    alone; the histogram methods stack what they observe, so their rows keep one shape."""
 
     def __init__(self, spec: ModelSpec) -> None:
         from hub.build.invariance import rows_of
 
         _, inputs = spec.calibration()
         forward = spec.to_forward(inputs)
-        self._batches = iter(rows_of(spec, forward, CALIBRATION_CHUNK))
+        self._batches = iter(rows_of(spec, forward, trim=spec.calibration_method == "minmax"))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._batches, None)
-
-
-CALIBRATION_CHUNK = 16
 
 
 def _build_onnx_int8_dynamic(ctx: ArtifactContext) -> None:
