@@ -97,7 +97,8 @@ def register_models(register):
         batching=BatchPolicy(max_batch_size=8),
     )
     four = [TensorSpec("y", "FP32", (-1, 4))]
-    register(ModelSpec(name="batchnorm", build=lambda: BatchNorm().eval(), outputs=[TensorSpec("y", "FP32", (-1, 8))], **dense))
+    eight = [TensorSpec("y", "FP32", (-1, 8))]
+    register(ModelSpec(name="batchnorm", build=lambda: BatchNorm().eval(), outputs=eight, **dense))
     register(ModelSpec(name="linear", build=lambda: Linear().eval(), outputs=four, **dense))
     register(ModelSpec(
         name="labelled", build=lambda: Linear().eval(), outputs=four,
@@ -311,6 +312,8 @@ def test_report_parameters_flattens_the_whole_report() -> None:
     }
     assert set(params) <= set(REPORT_KEYS)
     assert all(isinstance(v, str) for v in params.values())
-    unbatched = report_parameters({"validation": {"batch_invariance": {"checked": False, "reason": "max_batch_size is 0"}}})
+    unbatched = report_parameters(
+        {"validation": {"batch_invariance": {"checked": False, "reason": "max_batch_size is 0"}}}
+    )
     assert unbatched == {"batch_invariance": "not checked (max_batch_size is 0)"}
     assert report_parameters({}) == {}

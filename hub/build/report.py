@@ -97,3 +97,69 @@ def report_parameters(manifest: Mapping[str, Any]) -> dict[str, str]:
     if validation.get("problems"):
         out["problems"] = "; ".join(str(p) for p in validation["problems"])
     return out
+
+
+def summary(params: Mapping[str, str]) -> str:
+    """One line from report_parameters' keys (a manifest's, or a server's ModelConfig
+    parameters): parity, accuracy against eager, batch invariance, calibration. Keys a server
+    does not report are left out, and a missing invariance verdict says so."""
+    parts = []
+    if "parity_min_cosine" in params:
+        parts.append(f"cos>={params['parity_min_cosine']}")
+    elif "parity_top1_agreement" in params:
+        parts.append(f"top1 {params['parity_top1_agreement']}")
+    if "parity_max_abs_err" in params:
+        parts.append(f"abs {params['parity_max_abs_err']}")
+    if "accuracy" in params:
+        parts.append(f"acc {params['accuracy']} (eager {params.get('eager_accuracy', '?')})")
+    verdict = params.get("batch_invariance")
+    if verdict is None:
+        parts.append("batch invariance not reported")
+    elif verdict in ("pass", "fail"):
+        figure = params.get("batch_invariance_min_cosine")
+        measure = f"cos>={figure}" if figure else f"abs {params.get('batch_invariance_max_abs_err', '?')}"
+        parts.append(f"batch-invariant {verdict} at {params.get('batch_invariance_batch_size', '?')} ({measure})")
+    else:
+        parts.append(f"batch invariance {verdict}")
+    if "calibration_method" in params:
+        parts.append(
+            f"calibrated {params['calibration_method']} on {params.get('calibration_rows', '?')} rows "
+            f"of {params.get('calibration_source', '?')}"
+        )
+    return ", ".join(parts)
+
+
+def server_reports(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+    """Every model a running server lists (RepositoryIndex), with its ModelConfig parameters:
+    what `modelhub models --url` shows. Raises OSError naming the URL when it cannot be read."""
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.InferenceServerClient(url)
+    try:
+        index = client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
+        entries = []
+        for model in index:
+            name, version = model["name"], model.get("version", "")
+            entry: dict[str, Any] = {
+                "model": name,
+                "version": version,
+                "state": model.get("state", ""),
+                "reason": model.get("reason", ""),
+            }
+            try:
+                config = client.get_model_config(name, version, as_json=True, client_timeout=timeout)["config"]
+            except InferenceServerException as exc:  # an unavailable model has no config to read
+                entry.update(parameters={}, max_batch_size=None, problem=exc.message())
+            else:
+                raw = config.get("parameters", {})
+                entry["parameters"] = {k: str(v.get("string_value", "")) for k, v in raw.items()}
+                entry["max_batch_size"] = int(config.get("max_batch_size", 0))
+                entry["runtime"] = config.get("runtime", "")
+            entry["report"] = summary(entry["parameters"]) if entry["parameters"] else ""
+            entries.append(entry)
+        return entries
+    except InferenceServerException as exc:
+        raise OSError(f"cannot read the models of {url}: {exc.message()}") from None
+    finally:
+        client.close()

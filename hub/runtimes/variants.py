@@ -2,8 +2,9 @@
 
 | target | what it is |
 | --- | --- |
-| onnx-int8 | the ONNX export, statically quantised to int8 by ONNX Runtime (QDQ, per-channel weights, Conv included), activation scales calibrated on the spec's calibration inputs |
-| onnx-int8-dynamic | the ONNX export, dynamically quantised (MatMul/Gemm, per channel): activation scales per tensor, per batch |
+| onnx-int8 | the ONNX export, static int8 by ONNX Runtime (QDQ, per-channel weights, Conv included), |
+| | activation scales fixed by calibration on the spec's calibration inputs |
+| onnx-int8-dynamic | the ONNX export, dynamic int8 (MatMul/Gemm, per channel): activation scales per batch |
 | torch-compile | torch.compile (Inductor), cache in models/<name>/<version>/inductor; CUDA graphs per bucket |
 | torch-int8 | torchao's int8 dynamic-activation/int8-weight quantisation (torch's own quantize_dynamic is deprecated) |
 | torch-fp16, torch-bf16 | half-precision eager on CUDA; the served tensors stay FP32 |
@@ -70,6 +71,9 @@ def _build_onnx_int8(ctx: ArtifactContext) -> None:
         reduce_range=bool(ctx.spec.options.get("int8_reduce_range", True)),
         calibrate_method=methods[ctx.spec.calibration_method],
         nodes_to_exclude=_excluded_nodes(ctx, str(prepared)),
+        # Option int8_op_types: quantise only these ONNX op types (say ["MatMul", "Gemm"] for a
+        # transformer, whose additive attention mask and LayerNorms lose too much at 8 bits).
+        op_types_to_quantize=list(ctx.spec.options["int8_op_types"]) if "int8_op_types" in ctx.spec.options else None,
     )
     fp32.unlink()
     prepared.unlink()
