@@ -162,6 +162,7 @@ def test_build_command_table_and_json(tmp_path: Path) -> None:
     again = subprocess.run([*command, "digits"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "ok (cached)" in again.stdout
     assert "max abs err" in again.stdout and "b32 /s" in again.stdout
+    assert "batch-invariant" in again.stdout and "yes 0" in again.stdout
     bad = subprocess.run([*command, "--target", "torch-fp16"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "needs a CUDA device" in bad.stderr
 
@@ -176,10 +177,12 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = {r["target"]: r for r in json.loads(result.stdout)}
-    assert {"torch", "onnx", "onnx-int8", "torch-compile", "torch-fp16"} <= set(rows)
+    assert {"torch", "onnx", "onnx-int8", "onnx-int8-dynamic", "torch-compile", "torch-fp16"} <= set(rows)
     for target in ("torch", "onnx", "torch-compile"):
         assert rows[target]["status"] == "ok", rows[target]
         assert rows[target]["b1"] > 0
+        assert rows[target]["batch_invariant"] is True and rows[target]["batch_max_abs_err"] < 1e-4
+    assert rows["onnx-int8"]["calibration"] == "minmax/4"  # the 4 example rows: tiny has no validation data
     # int8 on a 16x4 random layer is far from eager; the comparison shows the refusal and why.
     int8 = rows["onnx-int8"]
     assert int8["status"] == "ok" or "strays from eager" in int8["problem"], int8
