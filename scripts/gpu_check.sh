@@ -6,7 +6,9 @@
 # Then, in ONE device call, carrying them (64 MiB at most travel; tools/ alone is 45 MB, so not it):
 #   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=480)
 # Results land in $OUT, written as they come (a step cut short still leaves its output):
-#   env.txt, gpu-tests.txt, gpu-bench.txt (the tables at its end), gpu-bench.json, gpu-bench.server.log.
+#   env.txt, gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
+#   torch-compile on resnet; the prediction is in scripts/gpu_fidelity.py), gpu-bench.txt (the
+#   tables at its end), gpu-bench.json, gpu-bench.server.log.
 # Every step has a timeout; the whole script ends within BUDGET seconds (default 420).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -53,7 +55,14 @@ timeout -k 10 "$(cap 190)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -r
   --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py > "$OUT/gpu-tests.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-tests.txt"
 
-# 2. ResNet-50 throughput: served under perf_analyzer at concurrency 1, 16 and 128 (three 2 s
+# 2. Fidelity (issue 14): resnet built as torch-fp16, torch-bf16 and torch-compile, each checked
+#    for parity and batch invariance (probe images alone against in a batch of 128 and a pair).
+#    torch-compile builds into the benchmark's repository, so step 3 reuses its artifact.
+timeout -k 10 "$(cap 100)" python3 scripts/gpu_fidelity.py --out "$OUT/gpu-fidelity.json" \
+  --compile-repository /tmp/modelhub-gpu-bench/models > "$OUT/gpu-fidelity.txt" 2>&1
+echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
+
+# 3. ResNet-50 throughput: served under perf_analyzer at concurrency 1, 16 and 128 (three 2 s
 #    windows each); the torch-compile artifact in-process at batch 1, 16 and 128; then eager fp32,
 #    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4).
 timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 6 --bare-seconds 2 \
