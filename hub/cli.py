@@ -200,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_args(models)
     _add_repository_arg(models)
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.add_argument(
+        "--url", help="read a running server's models and build reports (gRPC, e.g. localhost:8001) instead"
+    )
 
     build = commands.add_parser("build", help="build, check and measure artifacts ahead of serving")
     build.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
@@ -404,9 +407,39 @@ def _parity(validation: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def cmd_models_url(args: argparse.Namespace) -> int:
+    """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
+    from hub.build.report import server_reports
+
+    try:
+        entries = server_reports(args.url)
+    except OSError as exc:
+        print(f"modelhub models: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [
+        [
+            e["model"],
+            e["version"] or "-",
+            e["state"],
+            e.get("parameters", {}).get("target", e.get("runtime", "")) or "-",
+            "-" if e.get("max_batch_size") is None else str(e["max_batch_size"]),
+            e["report"] or e.get("problem") or e["reason"] or "-",
+        ]
+        for e in entries
+    ]
+    print(_table(rows, ["model", "ver", "state", "target", "max_batch", "report"]))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hub.build.pipeline import Builder
+    from hub.build.report import report_parameters, summary
 
+    if args.url:
+        return cmd_models_url(args)
     host = _host(args)
     targets = host.collect_targets()
     specs = host.collect_models()
@@ -431,6 +464,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "max_abs_err": validation.get("max_abs_err"),
                 "max_rel_err": validation.get("max_rel_err"),
                 "parity": _parity(validation),
+                "report": summary(report_parameters(manifest)) if manifest else "",
+                "report_parameters": report_parameters(manifest),
                 "problems": validation.get("problems", []),
                 "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
                 "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
@@ -453,7 +488,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             e["artifact"],
             fmt(e["max_abs_err"]),
             fmt(e["max_rel_err"]),
-            e["parity"] or "-",
+            e["report"] or "-",
             "; ".join(e["inputs"]),
             "; ".join(e["outputs"]),
         ]
@@ -471,7 +506,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "artifact",
                 "abs_err",
                 "rel_err",
-                "parity",
+                "report",
                 "inputs",
                 "outputs",
             ],

@@ -55,6 +55,13 @@ def _hash_arrays(arrays: Mapping[str, np.ndarray]) -> str:
     return digest.hexdigest()
 
 
+def calibration_record(spec: ModelSpec) -> dict[str, Any]:
+    """What a calibrating target observes: the data's source, rows and hash, and the method."""
+    source, inputs = spec.calibration()
+    rows = len(next(iter(inputs.values()))) if inputs else 0
+    return {"source": source, "rows": rows, "inputs": _hash_arrays(inputs), "method": spec.calibration_method}
+
+
 @dataclass
 class Artifact:
     """A loaded, checked artifact."""
@@ -107,6 +114,8 @@ class Builder:
             "target": target.name,
             "versions": library_versions(),
         }
+        if target.calibrated:
+            parts["calibration"] = calibration_record(spec)
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest(), parts
 
@@ -192,6 +201,8 @@ class Builder:
             "files": hash_files(sorted(p for p in staging.iterdir() if p.is_file()), staging),
             "validation": validation,
         }
+        if "calibration" in parts:
+            manifest["calibration"] = parts["calibration"]
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(staging, final)
         log.info(
