@@ -10,7 +10,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 
@@ -76,35 +76,42 @@ def _tolerant(method: str, handler: Any) -> Any:
         return handler._replace(request_deserializer=deserialize)
     behaviour = handler.unary_unary
 
+    serialize = handler.response_serializer
+
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            await _refuse_undecodable(request, context)
+            log.warning("%s from %s: undecodable request of %d bytes refused", method, context.peer(), request.size)
+            return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
         return await behaviour(request, context)
 
-    return handler._replace(request_deserializer=deserialize, unary_unary=guarded)
+    def serialize_or_nothing(response: Any) -> bytes:
+        return b"" if response is None else serialize(response)
 
-
-async def _refuse_undecodable(request: Undecodable, context: grpc.aio.ServicerContext) -> NoReturn:
-    log.warning("%s from %s: undecodable request of %d bytes refused", request.method, context.peer(), request.size)
-    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-    raise AssertionError("unreachable")  # abort raises
+    return handler._replace(
+        request_deserializer=deserialize, unary_unary=guarded, response_serializer=serialize_or_nothing
+    )
 
 
 def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status for a caught error. Call it inside the `except` block and abort after it:
-    aborting inside would chain the error (its traceback, its frames, the request's arrays)
-    to grpc.aio's AbortError, which outlives the request."""
+    """The status for a caught error. Call it inside the `except` block and end the RPC after
+    it: ending it inside would keep the error (its traceback, its frames, the request's
+    arrays) alive for as long as the RPC's own objects."""
     return status_for(exc)
 
 
-async def _abort(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str]) -> NoReturn:
-    await context.abort(*status)
-    raise AssertionError("unreachable")  # abort raises
+def _fail(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str]) -> Any:
+    """End a unary RPC with `status`: set it and return None, which the tolerant serializer
+    (add_to_server) sends as nothing. Unlike `context.abort`, nothing is raised: an AbortError's
+    traceback holds the handler's frames (and so the request, its bytes and its arrays) in a
+    reference cycle inside grpc.aio until the cyclic collector runs."""
+    context.set_code(status[0])
+    context.set_details(status[1])
+    return None
 
 
 def _unimplemented(method: str) -> Callable[..., Any]:
     async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub")
+        return _fail(context, (grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub"))
 
     handler.__name__ = method
     return handler
@@ -171,7 +178,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return triton.model_metadata(self.plane, self.plane.model(request.name, request.version))
         except HubError as exc:
             failure = _status(exc)
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         try:
@@ -180,7 +187,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             failure = _status(exc)
         else:
             return pb.ModelConfigResponse(config=triton.model_config(self.plane, model))
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
@@ -189,7 +196,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             failure = _status(exc)
         else:
             return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(models=[triton.index_entry(m) for m in self.plane.index(request.ready)])
@@ -203,7 +210,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             failure = _status(exc)
         else:
             return pb.RepositoryModelLoadResponse()
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
@@ -214,7 +221,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             failure = _status(exc)
         else:
             return pb.RepositoryModelUnloadResponse()
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     # --- inference --------------------------------------------------------------------------
 
@@ -232,7 +239,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if self._draining:
-            await _abort(context, SHUTTING_DOWN)
+            return _fail(context, SHUTTING_DOWN)
         self._begin()
         try:
             try:
@@ -241,7 +248,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 failure = _status(exc)
         finally:
             self._end()
-        await _abort(context, failure)
+        return _fail(context, failure)
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
@@ -314,7 +321,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             if item.status is not None:
                 if item.error_on_stream:
                     yield pb.ModelStreamInferResponse(error_message=item.status[1])
-                await _abort(context, item.status)
+                _fail(context, item.status)  # the stream ends when this generator returns
         finally:
             reader.cancel()
             for task in list(tasks):
