@@ -28,6 +28,30 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def port(value: str) -> int | None:
+    """A --*-port value: a port number, 0 for any free port, or off/none to turn it off."""
+    if value.strip().lower() in ("off", "none", "disabled"):
+        return None
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, 0 (any free port) or off, got {value!r}") from None
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"port {number} is outside 0-65535")
+    return number
+
+
+def _add_port_arg(parser: argparse.ArgumentParser, name: str, default: int, what: str) -> None:
+    env = f"{name.upper()}_PORT"
+    parser.add_argument(
+        f"--{name}-port",
+        type=port,
+        default=port(str(_env(env, default))),
+        metavar="PORT|0|off",
+        help=f"{what} port; 0 picks a free port, off turns it off (env MODELHUB_{env}; default: {default})",
+    )
+
+
 def _add_plugin_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--plugins-dir",
@@ -81,13 +105,6 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _port(value: str) -> int | None:
-    """A port flag: a number (0 picks a free port), or off/none to turn the listener off."""
-    if str(value).lower() in ("off", "none", ""):
-        return None
-    return int(value)
-
-
 def _deployment(args: argparse.Namespace) -> Any:
     from hub.config import DeploymentConfig
 
@@ -97,7 +114,7 @@ def _deployment(args: argparse.Namespace) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="modelhub",
-        description="A plugin-based model hub and Triton-compatible (KServe V2) gRPC inference server.",
+        description="A plugin-based model hub and Triton-compatible (KServe V2) gRPC and REST inference server.",
     )
     parser.add_argument("--version", action="version", version=f"modelhub {__version__}")
     parser.add_argument("--log-level", default=_env("LOG_LEVEL", "info"), choices=["debug", "info", "warning", "error"])
@@ -109,22 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = commands.add_parser("serve", help="build, load and serve every plugin's models over gRPC")
+    serve = commands.add_parser("serve", help="build, load and serve every plugin's models over gRPC and HTTP/REST")
     _add_plugin_args(serve)
     _add_repository_arg(serve)
     serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
-    serve.add_argument(
-        "--grpc-port",
-        type=_port,
-        default=_port(_env("GRPC_PORT", "8001")),
-        help="gRPC port; 0 picks a free one, 'off' turns gRPC off (default: 8001)",
-    )
-    serve.add_argument(
-        "--metrics-port",
-        type=_port,
-        default=_port(_env("METRICS_PORT", "8002")),
-        help="Prometheus /metrics port; 0 picks a free one, 'off' turns metrics off (default: 8002)",
-    )
+    _add_port_arg(serve, "grpc", 8001, "gRPC (KServe V2 / Triton)")
+    _add_port_arg(serve, "http", 8000, "HTTP/REST (KServe V2 / Triton)")
+    _add_port_arg(serve, "metrics", 8002, "Prometheus /metrics (off records no metrics at all)")
     _add_runtime_args(serve)
     serve.add_argument(
         "--require-all-models",
@@ -306,6 +314,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model_repository=args.model_repository,
         host=args.host,
         grpc_port=args.grpc_port,
+        http_port=args.http_port,
         metrics_port=args.metrics_port,
         device=args.device,
         threads=args.threads or default_threads(),

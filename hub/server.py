@@ -31,6 +31,9 @@ from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated._pool import POOL
+from hub.protocol.rest.app import RestFrontend
+from hub.protocol.rest.listener import HttpListener
+from hub.protocol.rest.metrics import metrics_app
 from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.workers.frontend import RemoteControl, RemoteRepository
 
@@ -64,12 +67,14 @@ def resolve_device(device: str) -> str:
 
 @dataclass
 class ServerConfig:
-    """What `modelhub serve` configures. `metrics_port` None disables metrics; 0 picks a free port."""
+    """What `modelhub serve` configures. One rule for the three ports: 0 picks a free port and
+    None turns that listener off (metrics off records nothing at all)."""
 
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
     grpc_port: int | None = 8001
+    http_port: int | None = 8000
     metrics_port: int | None = 8002
     device: str = "auto"
     threads: int = field(default_factory=default_threads)
@@ -92,10 +97,11 @@ class ServerConfig:
 class ServerInfo:
     """The facade plugins receive in `server_started` / `server_stopping`."""
 
-    grpc_port: int
+    grpc_port: int | None
     metrics_port: int | None
     device: str
     _repository: ModelRepository
+    http_port: int | None = None
 
     def models(self) -> list[tuple[str, int, str]]:
         return [(m.name, m.version, m.state.value) for m in self._repository.models()]
@@ -113,12 +119,14 @@ class Server:
         self.control: ModelController | None = None
         self.engine: EngineService | None = None
         self.device = "cpu"
-        self.grpc_port = 0
+        self.grpc_port: int | None = None
+        self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
         self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
-        self._metrics_http: Any = None
+        self._http: HttpListener | None = None
+        self._metrics_http: HttpListener | None = None
         self._loading: asyncio.Task[None] | None = None
         self._stopping = False
         self._loaded = asyncio.Event()
@@ -168,17 +176,21 @@ class Server:
             await self._start_grpc(config.host, config.grpc_port)
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.metrics is not None and config.metrics_port is not None:
-            from prometheus_client import start_http_server
-
-            self._metrics_http, _ = start_http_server(
-                config.metrics_port, addr=config.host, registry=self.metrics.registry
+        if config.http_port is not None:
+            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes)
+            self._http = HttpListener(rest.app())
+            self.http_port = await self._http.start(
+                config.host, config.http_port, shutdown_timeout=config.shutdown_grace, reuse_port=config.reuse_port
             )
-            self.metrics_port = self._metrics_http.server_port
+        if self.metrics is not None and config.metrics_port is not None:
+            self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
+            self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
         log.info(
-            "modelhub listening: grpc %s:%d, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            "modelhub listening on %s: grpc %s, http %s, metrics %s, device %s, %d threads per model, "
+            "plugins %s, models %s",
             config.host,
-            self.grpc_port,
+            self.grpc_port or "off",
+            self.http_port or "off",
             self.metrics_port or "off",
             self.device,
             config.threads,
@@ -253,7 +265,7 @@ class Server:
     @property
     def info(self) -> ServerInfo:
         assert self.repository is not None
-        return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository)
+        return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository, self.http_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop taking RPCs, let in-flight ones finish within `grace` seconds, then free everything."""
@@ -276,15 +288,17 @@ class Server:
             if not await self._servicer.drained(grace):
                 log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
             grace = max(0.0, grace - (time.monotonic() - started))
-        if self._grpc is not None:
-            await self._grpc.stop(grace)
+        # gRPC and REST drain together, each within `grace`.
+        await asyncio.gather(
+            *([self._grpc.stop(grace)] if self._grpc is not None else []),
+            *([self._http.stop()] if self._http is not None else []),
+        )
         if self.engine is not None:
             await self.engine.close()
         if self.repository is not None:
             await self.repository.close(drain=False)
         if self._metrics_http is not None:
-            self._metrics_http.shutdown()
-            self._metrics_http.server_close()
+            await self._metrics_http.stop()
         self.plugins.close()
         log.info("modelhub stopped")
 

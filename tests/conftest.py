@@ -53,6 +53,12 @@ class RunningServer:
         return f"127.0.0.1:{self.server.grpc_port}"
 
     @property
+    def http_url(self) -> str:
+        """host:port of the REST frontend, as tritonclient.http takes it."""
+        assert self.server is not None
+        return f"127.0.0.1:{self.server.http_port}"
+
+    @property
     def metrics_url(self) -> str:
         assert self.server is not None
         return f"http://127.0.0.1:{self.server.metrics_port}/metrics"
@@ -91,6 +97,7 @@ def start_server(model_repository: Path) -> Iterator[Any]:
             "model_repository": model_repository,
             "host": "127.0.0.1",
             "grpc_port": 0,
+            "http_port": 0,
             "metrics_port": 0,
             "device": "cpu",
             "threads": 1,

@@ -201,7 +201,10 @@ def as_json(message: Message) -> dict[str, Any]:
     """A message as Triton's HTTP API writes it: proto field names, and 64-bit integers as
     JSON numbers (protobuf's JSON mapping makes them strings, which Triton's clients and
     perf_analyzer do not read)."""
-    return _numbers(message, MessageToDict(message, preserving_proto_field_name=True))
+    # Zero counts and empty strings are printed, as Triton does: clients read
+    # stats["inference_stats"]["fail"]["count"] without checking for it.
+    data = MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+    return _numbers(message, data)
 
 
 def _numbers(message: Message, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,206 @@
+"""The REST routes (aiohttp): HTTP in, data-plane calls, JSON or binary bodies out. Nothing else.
+
+Statuses come from hub.protocol.rest.status, Triton's views of a model from
+hub.protocol.triton (sent as JSON by `as_json`), tensors from hub.protocol.rest.codec.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from hub.core.dataplane import DataPlane
+from hub.errors import HubError, InvalidInput, Unsupported
+from hub.protocol import triton
+from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, parse_request
+from hub.protocol.rest.status import error_body, status_for
+
+log = logging.getLogger("modelhub.rest")
+
+#: Triton's default cap on an HTTP request body.
+DEFAULT_MAX_BODY = 64 << 20
+
+#: What REST adds to the data plane's extensions.
+REST_EXTENSIONS = ("binary_tensor_data",)
+
+MAX_BODY = web.AppKey("max_body", int)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def json_response(payload: Any, status: int = 200) -> web.Response:
+    # content_type without a charset: the KServe SDK parses error bodies only when the
+    # header reads exactly "application/json".
+    return web.Response(
+        body=json.dumps(payload, separators=(",", ":")).encode(),
+        status=status,
+        headers={"Content-Type": "application/json"},
+    )
+
+
+def error_response(exc: BaseException) -> web.Response:
+    status, message = status_for(exc)
+    return web.Response(body=error_body(message), status=status, headers={"Content-Type": "application/json"})
+
+
+def _guarded(handler: Handler) -> Handler:
+    """Domain errors become their HTTP status; anything else is logged and answered 500."""
+
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except HubError as exc:
+            return error_response(exc)
+        except web.HTTPRequestEntityTooLarge:
+            limit = request.app[MAX_BODY]
+            return web.Response(
+                body=error_body(f"request body is larger than the server's limit of {limit} bytes (--http-max-body)"),
+                status=413,
+                headers={"Content-Type": "application/json"},
+            )
+        except Exception as exc:
+            log.exception("%s %s failed", request.method, request.path)
+            return error_response(exc)
+
+    guarded.__name__ = handler.__name__
+    return guarded
+
+
+class RestFrontend:
+    """The KServe V2 REST API over one DataPlane. `max_body` caps a request body in bytes."""
+
+    def __init__(self, plane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+        self.plane = plane
+        self.max_body = max_body
+
+    def app(self) -> web.Application:
+        app = web.Application(client_max_size=self.max_body)
+        app[MAX_BODY] = self.max_body
+        routes: list[tuple[str, str, Handler]] = [
+            ("GET", "/v2/health/live", self.live),
+            ("GET", "/v2/health/ready", self.ready),
+            ("GET", "/v2", self.server_metadata),
+            ("GET", "/v2/models/stats", self.statistics),
+            ("POST", "/v2/repository/index", self.index),
+            ("POST", "/v2/repository/models/{model}/load", self.load),
+            ("POST", "/v2/repository/models/{model}/unload", self.unload),
+        ]
+        for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
+            routes += [
+                ("GET", prefix, self.model_metadata),
+                ("GET", prefix + "/ready", self.model_ready),
+                ("GET", prefix + "/config", self.model_config),
+                ("GET", prefix + "/stats", self.statistics),
+                ("POST", prefix + "/infer", self.infer),
+            ]
+        for method, path, handler in routes:
+            app.router.add_route(method, path, _guarded(handler))
+        for area in ("systemsharedmemory", "cudasharedmemory", "trace", "logging"):
+            app.router.add_route("*", f"/v2/{area}{{tail:.*}}", _guarded(self.unimplemented))
+        app.router.add_route("*", "/{tail:.*}", self.not_found)
+        return app
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    async def live(self, request: web.Request) -> web.Response:
+        return json_response({"live": self.plane.live()})
+
+    async def ready(self, request: web.Request) -> web.Response:
+        ready = self.plane.ready()
+        return json_response({"ready": ready}, 200 if ready else 503)
+
+    async def server_metadata(self, request: web.Request) -> web.Response:
+        name, version, extensions = self.plane.server_metadata()
+        return json_response({"name": name, "version": version, "extensions": [*extensions, *REST_EXTENSIONS]})
+
+    def _model(self, request: web.Request) -> Any:
+        info = request.match_info
+        return self.plane.model(info["model"], info.get("version", ""))
+
+    async def model_metadata(self, request: web.Request) -> web.Response:
+        return json_response(triton.as_json(triton.model_metadata(self.plane, self._model(request))))
+
+    async def model_ready(self, request: web.Request) -> web.Response:
+        model = self._model(request)  # 404 for an unknown name or version
+        info = request.match_info
+        ready = self.plane.model_ready(info["model"], info.get("version", ""))
+        return json_response({"name": model.name, "ready": ready}, 200 if ready else 503)
+
+    async def model_config(self, request: web.Request) -> web.Response:
+        return json_response(triton.as_json(triton.model_config(self.plane, self._model(request))))
+
+    async def statistics(self, request: web.Request) -> web.Response:
+        info = request.match_info
+        models = await self.plane.statistics(info.get("model", ""), info.get("version", ""))
+        return json_response({"model_stats": [triton.as_json(triton.model_statistics(m)) for m in models]})
+
+    # --- repository -------------------------------------------------------------------------
+
+    async def index(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        ready = body.get("ready", False)
+        if not isinstance(ready, bool):
+            raise InvalidInput("'ready' must be true or false")
+        return json_response([triton.as_json(triton.index_entry(m)) for m in self.plane.index(ready)])
+
+    async def load(self, request: web.Request) -> web.Response:
+        parameters = (await _json_body(request)).get("parameters") or {}
+        if not isinstance(parameters, dict):
+            raise InvalidInput("'parameters' must be a JSON object")
+        await self.plane.load(request.match_info["model"], parameters)
+        return web.Response(status=200)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        await _json_body(request)  # `unload_dependents` has no meaning here: models have none
+        await self.plane.unload(request.match_info["model"])
+        return web.Response(status=200)
+
+    # --- inference --------------------------------------------------------------------------
+
+    async def infer(self, request: web.Request) -> web.Response:
+        parsed = parse_request(await request.read(), request.headers.get(HEADER_LENGTH))
+        info = request.match_info
+        body, header_length = await self.plane.infer(
+            info["model"],
+            info.get("version", ""),
+            parsed.id,
+            lambda spec: decode_request(parsed, spec),
+            lambda response: encode_response(parsed, response),
+            timeout=parsed.timeout,
+        )
+        if header_length is None:
+            return web.Response(body=body, headers={"Content-Type": "application/json"})
+        return web.Response(
+            body=body,
+            headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)},
+        )
+
+    # --- everything else --------------------------------------------------------------------
+
+    async def unimplemented(self, request: web.Request) -> web.Response:
+        raise Unsupported(f"{request.method} {request.path[:128]} is not implemented by modelhub")
+
+    async def not_found(self, request: web.Request) -> web.Response:
+        return web.Response(
+            body=error_body(f"no such endpoint: {request.method} {request.path[:128]}"),
+            status=404,
+            headers={"Content-Type": "application/json"},
+        )
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    """An optional JSON object body (an empty body reads as {})."""
+    raw = await request.read()
+    if not raw.strip():
+        return {}
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    if not isinstance(body, dict):
+        raise InvalidInput("the request body must be a JSON object")
+    return body

@@ -1,0 +1,277 @@
+"""REST bodies <-> numpy arrays: JSON tensors, and Triton's binary tensor extension.
+
+A binary request is a JSON header (its length in the `Inference-Header-Content-Length` HTTP
+header) followed by each binary input's bytes, in the order of `inputs`, each input giving
+its size in `parameters.binary_data_size`. Binary inputs become zero-copy, read-only numpy
+views of the request body (through hub.datatypes.from_buffer, as gRPC's raw contents do).
+Outputs go back as binary when the request asks (`parameters.binary_data_output`, or an
+output's `parameters.binary_data`), else as JSON `data`. FP16 and BF16 have no JSON form.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
+from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes, from_buffer
+from hub.errors import InvalidInput
+from hub.protocol.triton import model_inputs
+from hub.spec import ModelSpec
+
+HEADER_LENGTH = "Inference-Header-Content-Length"
+
+#: Datatypes that travel only as binary data (the spec gives them no JSON representation).
+BINARY_ONLY = frozenset({"FP16", "BF16"})
+
+
+@dataclass
+class RestRequest:
+    """An inference request's JSON header, parsed and checked, with the body its binary
+    inputs are read from."""
+
+    id: str
+    inputs: list[Mapping[str, Any]]
+    outputs: list[RequestedOutput]
+    binary_outputs: dict[str, bool]  # per requested output; missing: `binary_default`
+    binary_default: bool
+    body: memoryview
+    binary_start: int
+    parameters: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def timeout(self) -> float | None:
+        """Triton's `timeout` request parameter (microseconds) as seconds, or None."""
+        value = self.parameters.get("timeout")
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInput(f"parameters.timeout must be a non-negative integer of microseconds, got {value!r}")
+        return value / 1e6 if value else None
+
+
+def _object(value: Any, what: str) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+    return value
+
+
+def parse_request(body: bytes, header_length: str | None) -> RestRequest:
+    """The request's JSON header, checked; InvalidInput (400) naming the field otherwise."""
+    view = memoryview(body)
+    if header_length is None:
+        length = len(view)
+    else:
+        try:
+            length = int(header_length)
+        except ValueError:
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}") from None
+        if not 0 < length <= len(view):
+            raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the request body has {len(view)} bytes")
+    try:
+        header = json.loads(view[:length].tobytes() if header_length is not None else body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    header = _object(header, "the request body")
+    request_id = header.get("id", "")
+    if not isinstance(request_id, str):
+        raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
+    parameters = _object(header.get("parameters") or {}, "'parameters'")
+    inputs = header.get("inputs")
+    if not isinstance(inputs, list) or not inputs:
+        raise InvalidInput("'inputs' must be a non-empty list of tensors")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise InvalidInput("parameters.binary_data_output must be true or false")
+    outputs, binary = _requested_outputs(header.get("outputs"))
+    return RestRequest(
+        request_id,
+        [_object(t, f"inputs[{i}]") for i, t in enumerate(inputs)],
+        outputs,
+        binary,
+        binary_default,
+        view,
+        length,
+        parameters,
+    )
+
+
+def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, bool]]:
+    if value is None:
+        return [], {}
+    if not isinstance(value, list):
+        raise InvalidInput("'outputs' must be a list of requested outputs")
+    outputs, binary = [], {}
+    for index, item in enumerate(value):
+        item = _object(item, f"outputs[{index}]")
+        name = item.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput(f"outputs[{index}].name must be a string")
+        parameters = _object(item.get("parameters") or {}, f"output '{name[:128]}' parameters")
+        if "shared_memory_region" in parameters:
+            raise InvalidInput(f"output '{name[:128]}': shared memory is not supported by modelhub")
+        count = parameters.get("classification", 0)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise InvalidInput(f"output '{name[:128]}': parameters.classification must be an integer")
+        flag = parameters.get("binary_data")
+        if flag is not None:
+            if not isinstance(flag, bool):
+                raise InvalidInput(f"output '{name[:128]}': parameters.binary_data must be true or false")
+            binary[name] = flag
+        outputs.append(RequestedOutput(name, count))
+    return outputs, binary
+
+
+def decode_inputs(request: RestRequest) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays: binary ones as views of the body, JSON ones
+    converted once. Raises InvalidInput naming the input."""
+    arrays: dict[str, np.ndarray] = {}
+    body, offset = request.body, request.binary_start
+    for index, tensor in enumerate(request.inputs):
+        name = tensor.get("name")
+        if not isinstance(name, str):
+            raise InvalidInput(f"inputs[{index}].name must be a string")
+        if name in arrays:
+            raise InvalidInput(f"input '{name[:128]}' appears more than once")
+        datatype = tensor.get("datatype")
+        if not isinstance(datatype, str):
+            raise InvalidInput(f"input '{name[:128]}': 'datatype' must be a string")
+        shape = _shape(name, tensor.get("shape"))
+        parameters = _object(tensor.get("parameters") or {}, f"input '{name[:128]}' parameters")
+        if "shared_memory_region" in parameters:
+            raise InvalidInput(f"input '{name[:128]}': shared memory is not supported by modelhub")
+        size = parameters.get("binary_data_size")
+        if size is not None:
+            if "data" in tensor:
+                raise InvalidInput(
+                    f"input '{name[:128]}' has both 'data' and parameters.binary_data_size; send one or the other"
+                )
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"input '{name[:128]}': binary_data_size must be a non-negative integer")
+            if offset + size > len(body):
+                raise InvalidInput(
+                    f"input '{name[:128]}': binary_data_size {size} runs past the end of the request body "
+                    f"({len(body) - offset} bytes of binary data left)"
+                )
+            arrays[name] = from_buffer(name, datatype, shape, body[offset : offset + size])
+            offset += size
+        elif "data" in tensor:
+            arrays[name] = _from_json(name, datatype, shape, tensor["data"])
+        else:
+            raise InvalidInput(f"input '{name[:128]}' has neither 'data' nor parameters.binary_data_size")
+    if offset != len(body):
+        raise InvalidInput(
+            f"the request body has {len(body) - offset} bytes after the binary inputs; "
+            "the binary_data_size of the inputs must add up to the binary data sent"
+        )
+    return arrays
+
+
+def _shape(name: str, value: Any) -> tuple[int, ...]:
+    if not isinstance(value, list) or not all(isinstance(d, int) and not isinstance(d, bool) for d in value):
+        raise InvalidInput(f"input '{name[:128]}': 'shape' must be a list of integers, got {str(value)[:64]}")
+    return tuple(value)
+
+
+def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None:
+        raise InvalidInput(
+            f"input '{name[:128]}': unknown datatype '{datatype[:32]}'; expected one of {', '.join(NUMPY_DTYPES)}"
+        )
+    if datatype in BINARY_ONLY:
+        raise InvalidInput(
+            f"input '{name[:128]}': {datatype} has no JSON representation; send it as binary data "
+            "(parameters.binary_data_size)"
+        )
+    count = element_count(name, shape)
+    if not isinstance(data, list):
+        data = [data]
+    try:
+        if datatype == "BYTES":
+            flat = np.empty(count, dtype=np.object_)
+            values = _flatten(data)
+            if len(values) != count:
+                raise InvalidInput(_count_message(name, count, shape, len(values)))
+            for i, value in enumerate(values):
+                if not isinstance(value, str):
+                    raise InvalidInput(f"input '{name[:128]}': BYTES data must be strings, element {i} is not")
+                flat[i] = value.encode()
+            return flat.reshape(shape)
+        array = np.array(data, dtype=dtype)
+    except (OverflowError, TypeError, ValueError):
+        raise InvalidInput(f"input '{name[:128]}': a value in 'data' does not fit {datatype}") from None
+    if datatype == "BOOL" and not _all_bools(data):
+        raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
+    if array.size != count:
+        raise InvalidInput(_count_message(name, count, shape, array.size))
+    return array.reshape(shape)
+
+
+def _count_message(name: str, count: int, shape: tuple[int, ...], got: int) -> str:
+    return f"input '{name[:128]}': expected {count} values in 'data' for shape {list(shape)}, got {got}"
+
+
+def _flatten(data: list[Any]) -> list[Any]:
+    out: list[Any] = []
+    for item in data:
+        if isinstance(item, list):
+            out.extend(_flatten(item))
+        else:
+            out.append(item)
+    return out
+
+
+def _all_bools(data: list[Any]) -> bool:
+    return all(isinstance(v, bool) for v in _flatten(data))
+
+
+def decode_request(request: RestRequest, spec: ModelSpec) -> InferRequest:
+    return InferRequest(model_inputs(spec, decode_inputs(request)), request.outputs, request.parameters)
+
+
+def encode_response(request: RestRequest, response: InferResponse) -> tuple[bytes, int | None]:
+    """The response body and, when it carries binary outputs, the JSON header's length."""
+    outputs = []
+    chunks: list[bytes] = []
+    for name, array in response.outputs:
+        datatype = datatype_of(array)
+        tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        data = None
+        if not request.binary_outputs.get(name, request.binary_default) and datatype not in BINARY_ONLY:
+            data = _to_json(array, datatype)
+        if data is None:
+            raw = encode_bytes(array) if datatype == "BYTES" else array.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(raw)}
+            chunks.append(raw)
+        else:
+            tensor["data"] = data
+        outputs.append(tensor)
+    header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
+    if response.id:
+        header["id"] = response.id
+    header["outputs"] = outputs
+    text = json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
+    if not chunks:
+        return text, None
+    return b"".join([text, *chunks]), len(text)
+
+
+def _to_json(array: np.ndarray, datatype: str) -> list[Any] | None:
+    """An output as a flat JSON list; None when it has no JSON form (BYTES that are not
+    UTF-8), so that it goes back as binary instead."""
+    flat = array.reshape(-1)
+    if datatype == "BYTES":
+        try:
+            return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
+        except UnicodeDecodeError:
+            return None
+    values = flat.tolist()
+    if array.dtype.kind == "f" and not all(math.isfinite(v) for v in values):
+        return None  # JSON has no NaN or infinity
+    return values

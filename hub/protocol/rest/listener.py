@@ -1,0 +1,44 @@
+"""An aiohttp application listening on one port of the running event loop (the loop that
+also runs grpc.aio): bind, report the port (0 picks a free one), stop with a grace period."""
+
+from __future__ import annotations
+
+import socket
+
+from aiohttp import web
+
+
+class HttpListener:
+    def __init__(self, app: web.Application) -> None:
+        self._app = app
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    async def start(self, host: str, port: int, *, shutdown_timeout: float = 10.0, reuse_port: bool = False) -> int:
+        """Listen on host:port and return the bound port. We bind the socket ourselves so the
+        port a 0 picked is known without reaching into the server's internals."""
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # several frontend processes on one port (hub/workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+        except OSError:
+            sock.close()
+            raise
+        self._runner = web.AppRunner(
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+        )
+        await self._runner.setup()
+        await web.SockSite(self._runner, sock, backlog=1024).start()
+        self.port = sock.getsockname()[1]
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; in-flight requests get the runner's shutdown_timeout to finish."""
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None

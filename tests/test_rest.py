@@ -1,0 +1,411 @@
+"""The REST frontend through the clients users have: tritonclient.http (sync and aio, JSON and
+binary tensors, every datatype), plain HTTP as curl sends it, and the KServe SDK."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as th
+import tritonclient.http.aio as th_aio
+from tritonclient.utils import InferenceServerException
+
+from hub.cli import build_parser
+from hub.limits import Limits
+
+from .conftest import ROOT, RunningServer, link_plugins
+from .plugins.identity import DATATYPES, sample
+
+
+@pytest.fixture()
+def client(hub_server: RunningServer) -> th.InferenceServerClient:
+    return th.InferenceServerClient(hub_server.http_url)
+
+
+def http_input(name: str, array: np.ndarray, datatype: str, binary: bool = True) -> th.InferInput:
+    tensor = th.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array, binary_data=binary)
+    return tensor
+
+
+def call(url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One plain HTTP request (what curl sends): (status, parsed JSON body or raw bytes)."""
+    request = urllib.request.Request(f"http://{url}{path}", data=body, headers=headers or {})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as err:
+        status, raw = err.code, err.read()
+    try:
+        return status, json.loads(raw) if raw else None
+    except ValueError:
+        return status, raw
+
+
+# --- health, metadata, config, statistics, repository ---------------------------------------
+
+
+def test_health_and_server_metadata(client: th.InferenceServerClient, hub_server: RunningServer) -> None:
+    assert client.is_server_live() and client.is_server_ready()
+    assert call(hub_server.http_url, "/v2/health/live") == (200, {"live": True})
+    assert call(hub_server.http_url, "/v2/health/ready") == (200, {"ready": True})
+    metadata = client.get_server_metadata()
+    assert metadata["name"] == "modelhub"
+    assert {"binary_tensor_data", "classification", "statistics", "model_repository"} <= set(metadata["extensions"])
+
+
+def test_model_metadata_and_readiness(client: th.InferenceServerClient, hub_server: RunningServer) -> None:
+    metadata = client.get_model_metadata("digits")
+    assert metadata["versions"] == ["1"]
+    assert metadata["inputs"] == [{"name": "image", "datatype": "FP32", "shape": [-1, 1, 8, 8]}]
+    assert client.get_model_metadata("digits", "1") == metadata
+    assert client.is_model_ready("digits") and client.is_model_ready("digits", "1")
+    assert not client.is_model_ready("digits", "7")
+    assert call(hub_server.http_url, "/v2/models/digits/ready") == (200, {"name": "digits", "ready": True})
+    status, body = call(hub_server.http_url, "/v2/models/nope/ready")
+    assert status == 404 and "nope" in body["error"]
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("nope")
+    assert err.value.status() == "404" and "nope" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.get_model_metadata("digits", "3")
+    assert err.value.status() == "404" and "'3'" in err.value.message()
+
+
+def test_model_config_is_triton_json_with_numbers(client: th.InferenceServerClient) -> None:
+    config = client.get_model_config("digits")
+    assert config["name"] == "digits" and config["max_batch_size"] == 64
+    (image,) = config["input"]
+    assert (image["name"], image["data_type"], image["dims"]) == ("image", "TYPE_FP32", [1, 8, 8])
+    assert image["format"] == "FORMAT_NONE"  # defaults are printed, as Triton prints them
+    # 64-bit fields are JSON numbers on REST (protobuf's JSON mapping would make them strings)
+    fragile = client.get_model_config("fragile")
+    assert fragile["dynamic_batching"]["max_queue_delay_microseconds"] == 20000
+    text = client.get_model_config("addsub")
+    assert text["output"][0]["label_filename"] == "labels"
+
+
+def test_statistics_count_rest_requests(client: th.InferenceServerClient, hub_server: RunningServer) -> None:
+    def success() -> int:
+        stats = client.get_inference_statistics("digits")["model_stats"]
+        return int(stats[0]["inference_stats"]["success"]["count"])
+
+    before = success()
+    for _ in range(3):
+        client.infer("digits", [http_input("image", np.zeros((2, 1, 8, 8), np.float32), "FP32")])
+    assert success() == before + 3
+    stats = client.get_inference_statistics("digits", "1")["model_stats"]
+    assert [(s["name"], s["version"]) for s in stats] == [("digits", "1")]
+    assert isinstance(stats[0]["inference_count"], int)
+    every = {s["name"] for s in client.get_inference_statistics()["model_stats"]}
+    assert {"digits", "addsub"} <= every
+    with pytest.raises(InferenceServerException) as err:
+        client.get_inference_statistics("nope")
+    assert err.value.status() == "404"
+
+
+def test_repository_index(client: th.InferenceServerClient, hub_server: RunningServer) -> None:
+    index = {m["name"]: m for m in client.get_model_repository_index()}
+    assert index["digits"] == {"name": "digits", "version": "1", "state": "READY", "reason": ""}
+    status, ready = call(hub_server.http_url, "/v2/repository/index", b'{"ready": true}')
+    assert status == 200 and {m["name"] for m in ready} <= set(index)
+    status, body = call(hub_server.http_url, "/v2/repository/index", b'{"ready": 3}')
+    assert status == 400 and "ready" in body["error"]
+
+
+def test_load_and_unload(start_server: Any, tmp_path: Path) -> None:
+    from .test_lifecycle import write_scaler
+
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    write_scaler(plugins, 2.0)
+    server = start_server(plugins, model_repository=tmp_path / "models")
+    client = th.InferenceServerClient(server.http_url)
+    one = http_input("INPUT0", np.ones((1, 1), np.float32), "FP32")
+    client.unload_model("scaler")
+    assert not client.is_model_ready("scaler")
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("scaler", [one])
+    assert err.value.status() == "503" and "unloaded" in err.value.message()
+    write_scaler(plugins, 3.0)
+    client.load_model("scaler")
+    assert float(client.infer("scaler", [one]).as_numpy("OUTPUT0")[0, 0]) == 3.0
+    with pytest.raises(InferenceServerException) as err:
+        client.load_model("scaler", config='{"max_batch_size": 4}')
+    assert err.value.status() == "400" and "config" in err.value.message()
+    with pytest.raises(InferenceServerException) as err:
+        client.unload_model("nothing_here")
+    assert err.value.status() == "404"
+
+
+# --- inference --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_digits_accuracy(client: th.InferenceServerClient, digits_heldout: Any, binary: bool) -> None:
+    images, labels = digits_heldout
+    predictions = []
+    for start in range(0, 256, 64):
+        outputs = [th.InferRequestedOutput("logits", binary_data=binary)]
+        result = client.infer(
+            "digits", [http_input("image", images[start : start + 64], "FP32", binary)], outputs=outputs
+        )
+        predictions.append(result.as_numpy("logits").argmax(1))
+        assert ("binary_data_size" in str(result.get_response())) == binary
+    assert float(np.mean(np.concatenate(predictions) == labels[:256])) >= 0.95
+
+
+def test_request_id_is_echoed(client: th.InferenceServerClient) -> None:
+    result = client.infer("digits", [http_input("image", np.zeros((1, 1, 8, 8), np.float32), "FP32")], request_id="r-7")
+    assert result.get_response()["id"] == "r-7"
+    assert result.get_response()["model_version"] == "1"
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+def test_every_datatype_round_trips_binary(client: th.InferenceServerClient, datatype: str) -> None:
+    array = sample(datatype, (3, 5))
+    result = client.infer(f"identity_{datatype.lower()}", [http_input("INPUT0", array, datatype)])
+    out = result.get_output("OUTPUT0")
+    assert out["datatype"] == datatype and out["shape"] == [3, 5]
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
+@pytest.mark.parametrize("datatype", [d for d in DATATYPES if d not in ("FP16", "BF16")])
+def test_every_datatype_round_trips_json(client: th.InferenceServerClient, datatype: str) -> None:
+    array = sample(datatype, (2, 3))
+    outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=False)]
+    result = client.infer(
+        f"identity_{datatype.lower()}", [http_input("INPUT0", array, datatype, False)], outputs=outputs
+    )
+    assert "data" in result.get_output("OUTPUT0")
+    got = result.as_numpy("OUTPUT0")
+    if datatype == "BYTES":  # JSON carries text: tritonclient gives back str elements
+        got = np.vectorize(lambda s: s.encode(), otypes=[object])(got)
+    np.testing.assert_array_equal(got, array)
+
+
+@pytest.mark.parametrize("datatype", ["FP16", "BF16"])
+def test_half_types_as_json_are_refused_naming_the_input(hub_server: RunningServer, datatype: str) -> None:
+    body = {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": [1, 1], "data": [1.0]}]}
+    status, reply = call(
+        hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", json.dumps(body).encode()
+    )
+    assert status == 400 and "INPUT0" in reply["error"] and "binary" in reply["error"]
+
+
+def test_half_types_come_back_binary_even_when_json_is_asked(client: th.InferenceServerClient) -> None:
+    array = sample("FP16", (2, 2))
+    outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=False)]
+    result = client.infer("identity_fp16", [http_input("INPUT0", array, "FP16")], outputs=outputs)
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
+def test_mixed_binary_and_json_inputs(client: th.InferenceServerClient) -> None:
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.ones((2, 4), np.float32)
+    result = client.infer("addsub", [http_input("INPUT0", a, "FP32", True), http_input("INPUT1", b, "FP32", False)])
+    np.testing.assert_array_equal(result.as_numpy("SUM"), a + b)
+    np.testing.assert_array_equal(result.as_numpy("DIFF"), a - b)
+
+
+def test_classification_extension(client: th.InferenceServerClient) -> None:
+    a = np.array([[1, 9, 3, 5], [8, 0, 2, 1]], dtype=np.float32)
+    inputs = [http_input("INPUT0", a, "FP32"), http_input("INPUT1", np.zeros_like(a), "FP32")]
+    for binary in (True, False):
+        outputs = [th.InferRequestedOutput("SUM", binary_data=binary, class_count=2)]
+        top = client.infer("addsub", inputs, outputs=outputs).as_numpy("SUM")
+        top = [[e.decode() if isinstance(e, bytes) else e for e in row] for row in top]
+        assert top == [["9.000000:1:b", "5.000000:3:d"], ["8.000000:0:a", "2.000000:2:c"]]
+
+
+def test_curl_style_json_request(hub_server: RunningServer) -> None:
+    """What the README's curl call sends: plain JSON in, plain JSON out."""
+    body = {
+        "id": "curl-1",
+        "inputs": [{"name": "image", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.0] * 64}],
+    }
+    status, reply = call(hub_server.http_url, "/v2/models/digits/infer", json.dumps(body).encode())
+    assert status == 200
+    assert reply["id"] == "curl-1" and reply["model_name"] == "digits"
+    assert reply["outputs"][0]["shape"] == [1, 10] and len(reply["outputs"][0]["data"]) == 10
+    nested = dict(body, inputs=[dict(body["inputs"][0], data=np.zeros((1, 1, 8, 8)).tolist())])
+    assert call(hub_server.http_url, "/v2/models/digits/versions/1/infer", json.dumps(nested).encode())[0] == 200
+
+
+async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_heldout: Any) -> None:
+    import asyncio
+
+    images, labels = digits_heldout
+    client = th_aio.InferenceServerClient(hub_server.http_url)
+    try:
+        assert await client.is_server_ready()
+
+        async def one(i: int, binary: bool) -> int:
+            inputs = [http_input("image", images[i : i + 1], "FP32", binary)]
+            outputs = [th.InferRequestedOutput("logits", binary_data=binary)]
+            result = await client.infer("digits", inputs, outputs=outputs, request_id=str(i))
+            assert result.get_response()["id"] == str(i)
+            return int(result.as_numpy("logits").argmax())
+
+        predictions = await asyncio.gather(*[one(i, i % 2 == 0) for i in range(100)])
+        assert np.mean(np.array(predictions) == labels[:100]) >= 0.95
+        with pytest.raises(InferenceServerException) as err:
+            await client.infer("digits", [http_input("image", np.zeros((1, 8, 8), np.float32), "FP32")])
+        assert err.value.status() == "400" and "image" in err.value.message()
+    finally:
+        await client.close()
+
+
+# --- bodies, paths, limits ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "fragment"),
+    [
+        (b"{not json", {}, "not valid JSON"),
+        (b"[1, 2]", {}, "JSON object"),
+        (b'{"inputs": []}', {}, "inputs"),
+        (b'{"id": 5, "inputs": [{}]}', {}, "'id'"),
+        (
+            b'{"inputs": [{"name": "image"}]}',
+            {"Inference-Header-Content-Length": "x"},
+            "Inference-Header-Content-Length",
+        ),
+        (b'{"inputs": [{"name": "image"}]}', {"Inference-Header-Content-Length": "999"}, "999"),
+        (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": "1x64", "data": []}]}', {}, "'shape'"),
+        (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8]}]}', {}, "neither"),
+    ],
+    ids=[
+        "bad json",
+        "not an object",
+        "no inputs",
+        "id type",
+        "header length type",
+        "header length",
+        "shape",
+        "no data",
+    ],
+)
+def test_malformed_bodies_are_400_naming_the_field(
+    hub_server: RunningServer, body: bytes, headers: dict[str, str], fragment: str
+) -> None:
+    status, reply = call(hub_server.http_url, "/v2/models/digits/infer", body, headers)
+    assert status == 400, reply
+    assert fragment in reply["error"] and "Traceback" not in reply["error"]
+
+
+def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
+    for path in ("/", "/v1/models/digits", "/v2/nowhere", "/metrics"):
+        status, reply = call(hub_server.http_url, path)
+        assert status == 404 and path in reply["error"]
+    status, reply = call(hub_server.http_url, "/v2/systemsharedmemory/status")
+    assert status == 501 and "not implemented" in reply["error"]
+
+
+def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:
+    server = start_server(
+        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), limits=Limits(request_bytes=4096), metrics_port=None
+    )
+    client = th.InferenceServerClient(server.http_url)
+    small = np.zeros((2, 1, 8, 8), np.float32)  # 512 bytes: under the cap
+    assert client.infer("digits", [http_input("image", small, "FP32")]).as_numpy("logits").shape == (2, 10)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", [http_input("image", np.zeros((32, 1, 8, 8), np.float32), "FP32")])
+    assert err.value.status() == "413" and "4096" in err.value.message()
+
+
+def test_metrics_port_serves_metrics_only(hub_server: RunningServer) -> None:
+    base = hub_server.metrics_url.removesuffix("/metrics")
+    with urllib.request.urlopen(hub_server.metrics_url, timeout=10) as response:
+        assert b"modelhub_" in response.read()
+    for path in ("/", "/v2/health/ready", "/metricsx"):
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(base + path, timeout=10)
+        assert err.value.code == 404
+
+
+def test_ports_off_and_free(start_server: Any, tmp_path: Path) -> None:
+    server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), grpc_port=None, metrics_port=None)
+    assert server.server.grpc_port is None and server.server.metrics_port is None and server.server.http_port
+    assert th.InferenceServerClient(server.http_url).is_model_ready("digits")
+    rest_off = start_server(link_plugins(tmp_path / "q", ROOT / "plugins" / "digits"), http_port=None)
+    assert rest_off.server.http_port is None and rest_off.server.grpc_port
+
+
+def test_cli_port_rule() -> None:
+    parse = build_parser().parse_args
+    args = parse(["serve", "--http-port", "0", "--grpc-port", "off", "--metrics-port", "none"])
+    assert (args.http_port, args.grpc_port, args.metrics_port) == (0, None, None)
+    defaults = parse(["serve"])
+    assert (defaults.grpc_port, defaults.http_port, defaults.metrics_port) == (8001, 8000, 8002)
+    with pytest.raises(SystemExit):
+        parse(["serve", "--http-port", "eighty"])
+
+
+# --- the KServe SDK's REST client (protocol v2) ---------------------------------------------
+
+
+KSERVE_SCRIPT = """
+import asyncio, json, sys
+import httpx
+import numpy as np
+from kserve import InferInput, InferRequest, InferenceRESTClient, RESTConfig
+
+async def main(base, images):
+    client = InferenceRESTClient(RESTConfig(protocol="v2", timeout=30))
+    out = {}
+    try:
+        out["live"] = await client.is_server_live(base)
+        out["ready"] = await client.is_server_ready(base)
+        out["model_ready"] = await client.is_model_ready(base, "digits")
+        tensor = InferInput("image", list(images.shape), "FP32")
+        tensor.set_data_from_numpy(images, binary_data=False)
+        response = await client.infer(base, InferRequest("digits", [tensor], request_id="k-1"), model_name="digits")
+        out["id"] = response.id
+        out["json"] = response.outputs[0].as_numpy().tolist()
+        tensor.set_data_from_numpy(images, binary_data=True)
+        response = await client.infer(base, InferRequest("digits", [tensor]), model_name="digits")
+        out["binary"] = response.outputs[0].as_numpy().tolist()
+        try:
+            await client.infer(base, InferRequest("nope", [tensor]), model_name="nope")
+        except httpx.HTTPStatusError as exc:
+            out["error"] = [exc.response.status_code, str(exc)]
+    finally:
+        await client.close()
+    print(json.dumps(out))
+
+asyncio.run(main(sys.argv[1], np.load(sys.argv[2])))
+"""
+
+
+def test_kserve_rest_client(hub_server: RunningServer, digits_heldout: Any, tmp_path: Path) -> None:
+    """The KServe SDK's InferenceRESTClient (protocol v2). It runs in its own interpreter:
+    kserve's generated protos and tritonclient's both claim the `inference` package in
+    protobuf's default pool, so the two cannot be imported into one process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("kserve") is None:
+        pytest.skip("the KServe SDK is not installed (pip install kserve, in the test extras)")
+    images, labels = digits_heldout
+    np.save(tmp_path / "images.npy", images[:8])
+    result = subprocess.run(
+        [sys.executable, "-c", KSERVE_SCRIPT, f"http://{hub_server.http_url}", str(tmp_path / "images.npy")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["live"] and out["ready"] and out["model_ready"]
+    assert out["id"] == "k-1"
+    logits = np.array(out["json"])
+    assert logits.shape == (8, 10) and np.mean(logits.argmax(1) == labels[:8]) >= 0.75
+    np.testing.assert_allclose(np.array(out["binary"]), logits, rtol=1e-6)
+    status, message = out["error"]
+    assert status == 404 and "nope" in message
