@@ -351,7 +351,7 @@ async def _serve(server: Any, port_file: Path | None = None) -> int:
     if port_file is not None:
         from hub.workers.supervisor import write_port_file
 
-        write_port_file(port_file, {"grpc": server.grpc_port or None, "metrics": server.metrics_port})
+        write_port_file(port_file, {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port})
     await stop.wait()
     log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
     await server.stop()
