@@ -81,6 +81,13 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _port(value: str) -> int | None:
+    """A port flag: a number (0 picks a free port), or off/none to turn the listener off."""
+    if str(value).lower() in ("off", "none", ""):
+        return None
+    return int(value)
+
+
 def _deployment(args: argparse.Namespace) -> Any:
     from hub.config import DeploymentConfig
 
@@ -106,12 +113,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_args(serve)
     _add_repository_arg(serve)
     serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
-    serve.add_argument("--grpc-port", type=int, default=int(_env("GRPC_PORT", 8001)), help="gRPC port (default: 8001)")
+    serve.add_argument(
+        "--grpc-port",
+        type=_port,
+        default=_port(_env("GRPC_PORT", "8001")),
+        help="gRPC port; 0 picks a free one, 'off' turns gRPC off (default: 8001)",
+    )
     serve.add_argument(
         "--metrics-port",
-        type=int,
-        default=int(_env("METRICS_PORT", 8002)),
-        help="Prometheus /metrics port; 0 disables metrics (default: 8002)",
+        type=_port,
+        default=_port(_env("METRICS_PORT", "8002")),
+        help="Prometheus /metrics port; 0 picks a free one, 'off' turns metrics off (default: 8002)",
     )
     _add_runtime_args(serve)
     serve.add_argument(
@@ -138,11 +150,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="write this fraction of inference requests to the access log, e.g. 0.01 (default: 0, off)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", 0)),
+        help="frontend processes sharing the ports (SO_REUSEPORT) in front of one model process; "
+        "0 picks 1 on 2 cores or fewer, else one per two cores, at most 8 (env MODELHUB_WORKERS)",
+    )
+    serve.add_argument(
+        "--port-file",
+        type=Path,
+        default=_env("PORT_FILE", None),
+        help="write the ports listened on as JSON to this file once listening (useful with port 0)",
+    )
+    # Set by the supervisor of --workers N for the processes it starts.
+    serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
+    serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("SHUTDOWN_GRACE", 10.0)),
         help="seconds in-flight requests get to finish after SIGTERM (default: 10)",
     )
+    from hub.limits import DEFAULT_LIMITS
+
+    limits = serve.add_argument_group("limits on one request (see docs/deploy.md)")
+    for flag, field, what in (
+        ("--max-request-bytes", "request_bytes", "largest request message in bytes"),
+        ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes"),
+        ("--max-elements", "elements", "most tensor elements in one request"),
+        ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),
+        ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream"),
+    ):
+        default = getattr(DEFAULT_LIMITS, field)
+        env = flag[2:].upper().replace("-", "_")
+        limits.add_argument(
+            flag,
+            dest=f"limit_{field}",
+            type=int,
+            default=int(_env(env, default)),
+            metavar="N",
+            help=f"{what} (env MODELHUB_{env}; default: {default})",
+        )
 
     plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
     _add_plugin_args(plugins)
@@ -201,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     from hub import logs
 
     logs.configure(args.log_level, args.log_format)
@@ -224,6 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.errors import SpecError
+    from hub.limits import Limits
     from hub.server import Server, ServerConfig, default_threads
 
     try:
@@ -231,25 +281,48 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         log.error("modelhub: bad --config: %s", exc)
         return 2
+    try:
+        limits = Limits(**{k[len("limit_") :]: v for k, v in vars(args).items() if k.startswith("limit_")})
+    except ValueError as exc:
+        log.error("modelhub: bad limit: %s", exc)
+        return 2
+    from hub.workers.supervisor import Supervisor, default_workers
+
+    workers = args.workers or default_workers()
+    if args.role == "all" and workers > 1:
+        argv = list(sys.argv[1:] if args.argv is None else args.argv)
+        return Supervisor(
+            argv,
+            workers,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=getattr(args, "http_port", False),
+            port_file=args.port_file,
+            shutdown_grace=args.shutdown_grace,
+        ).run()
     config = ServerConfig(
         deployment=deployment,
         plugins_dir=args.plugins_dir,
         model_repository=args.model_repository,
         host=args.host,
         grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port or None,
+        metrics_port=args.metrics_port,
         device=args.device,
         threads=args.threads or default_threads(),
         entry_points=not args.no_entry_points,
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
-        watch=args.watch,
+        watch=args.watch if args.role != "frontend" else None,
+        serve_engine=args.engine_socket if args.role == "engine" else None,
+        engine_socket=args.engine_socket if args.role == "frontend" else None,
+        reuse_port=args.role == "frontend",
+        limits=limits,
     )
-    return asyncio.run(_serve(Server(config)))
+    return asyncio.run(_serve(Server(config), args.port_file))
 
 
-async def _serve(server: Any) -> int:
+async def _serve(server: Any, port_file: Path | None = None) -> int:
     from hub.errors import HubError
 
     stop = asyncio.Event()
@@ -266,6 +339,10 @@ async def _serve(server: Any) -> int:
         log.error("modelhub could not start: %s", exc)
         await server.stop(0)
         return 1
+    if port_file is not None:
+        from hub.workers.supervisor import write_port_file
+
+        write_port_file(port_file, {"grpc": server.grpc_port or None, "metrics": server.metrics_port})
     await stop.wait()
     log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
     await server.stop()
@@ -292,27 +369,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host(args)
     host.collect_targets()
     host.collect_models()
-    records = list(host.records.values())
+    described = [record.describe() for record in host.records.values()]
     if args.json:
-        print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
+        print(json.dumps(described, indent=2))
         return 0
-    rows = [
-        [
-            r.name,
-            r.source,
-            r.status if not r.errors or r.status != "loaded" else "loaded with errors",
-            ", ".join(r.models) or "-",
-            ", ".join(r.targets) or "-",
-            ", ".join(r.hooks) or "-",
-        ]
-        for r in records
-    ]
-    print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
-    errors = [(r, e) for r in records for e in r.errors]
-    if errors:
-        print("\nerrors:")
-        for record, error in errors:
-            print(f"  {record.name} ({record.location}): {error}")
+    # The table prints every field of the JSON: one row per plugin, then its location, errors
+    # and warnings beneath, so neither view knows something the other does not.
+    columns = ["name", "source", "status", "hooks", "models", "targets"]
+
+    def cell(value: str | list[str]) -> str:
+        return (", ".join(value) or "-") if isinstance(value, list) else value
+
+    rows = [[cell(d[c]) for c in columns] for d in described]
+    print(_table(rows, ["plugin", *columns[1:]]))
+    print("\nlocations:")
+    for d in described:
+        print(f"  {d['name']}: {d['location']}")
+    for kind in ("errors", "warnings"):
+        notes = [(d["name"], note) for d in described for note in d[kind]]
+        if notes:
+            print(f"\n{kind}:")
+            for name, note in notes:
+                print(f"  {name}: {note}")
     return 0
 
 
@@ -489,12 +567,37 @@ def cmd_health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+            if not (args.service and exc.code() == grpc.StatusCode.NOT_FOUND):
+                print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            status = "NOT_FOUND"
+        print(status)
+        if args.service:
+            for line in _model_states(channel, args.service, args.timeout):
+                print(f"  {line}")
+    return 0 if status == "SERVING" else 1
+
+
+def _model_states(channel: Any, name: str, timeout: float) -> list[str]:
+    """Each version of model `name` with its state and reason, from the server's RepositoryIndex."""
+    import grpc
+
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    try:
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return [f"model states unavailable: RepositoryIndex: {exc.code().name}: {exc.details()}"]
+    versions = [m for m in index.models if m.name == name]
+    if not versions:
+        known = ", ".join(sorted({m.name for m in index.models})) or "none"
+        return [f"no model named '{name}' on this server (models: {known})"]
+    return [
+        f"model '{m.name}' version {m.version}: {m.state}" + (f" ({m.reason})" if m.reason else "") for m in versions
+    ]
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -546,12 +649,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    import http.client
+
     from hub.top import run
 
     try:
         return run(args.metrics_url, args.interval, args.once)
-    except OSError as exc:
-        print(f"cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
+        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
 
 

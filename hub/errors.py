@@ -1,48 +1,145 @@
-"""Domain errors. The protocol layer maps each class to a status code in one place
-(hub/protocol/status.py); nothing here knows about gRPC."""
+"""Domain errors. Each class carries a protocol-neutral `code` (the KServe V2 vocabulary,
+which Triton's gRPC statuses and our metrics' `code` label share); each frontend maps codes
+to its own statuses in one place (hub/protocol/status.py for gRPC, hub/protocol/rest/status.py
+for HTTP). Nothing here knows about gRPC or HTTP."""
 
 from __future__ import annotations
+
+#: The code of a successful request, and of anything that is not a HubError (a bug or a
+#: plugin crash, whose details go to the log only).
+OK = "OK"
+INTERNAL = "INTERNAL"
+CANCELLED = "CANCELLED"
 
 
 class HubError(Exception):
     """Base class: the message is safe to send to a client (no traceback, no internals)."""
 
+    code = INTERNAL
+
 
 class ModelNotFound(HubError):
     """No such model, or no such version of it."""
+
+    code = "NOT_FOUND"
 
 
 class ModelUnavailable(HubError):
     """The model exists but is loading, unloading or failed."""
 
+    code = "UNAVAILABLE"
+
 
 class InvalidInput(HubError):
     """The request does not match the model's contract; the message names the field."""
+
+    code = "INVALID_ARGUMENT"
 
 
 class QueueFull(HubError):
     """The model's queue is at `max_queue_size`."""
 
+    code = "RESOURCE_EXHAUSTED"
+
 
 class DeadlineExceeded(HubError):
     """The request's deadline passed before it was computed."""
+
+    code = "DEADLINE_EXCEEDED"
 
 
 class ModelExecutionError(HubError):
     """Plugin or runtime code raised while serving a request; the message names the model."""
 
+    code = "INTERNAL"
+
 
 class Unsupported(HubError):
     """The server does not implement this operation."""
+
+    code = "UNIMPLEMENTED"
 
 
 class PluginError(HubError):
     """A plugin could not be imported, or registered something invalid."""
 
+    code = "INTERNAL"
+
 
 class SpecError(HubError):
     """A ModelSpec (or a deployment override of it) is invalid."""
 
+    code = "INVALID_ARGUMENT"
+
 
 class BuildError(HubError):
     """Building or validating an artifact failed."""
+
+    code = "INTERNAL"
+
+
+class Unauthenticated(HubError):
+    """The request lacks the token this endpoint requires."""
+
+    code = "UNAUTHENTICATED"
+
+
+class PermissionDenied(HubError):
+    """The operation is turned off on this server (model control, say)."""
+
+    code = "PERMISSION_DENIED"
+
+
+def code_of(exc: BaseException) -> str:
+    """The protocol-neutral code for an exception: its class's, or INTERNAL for non-HubErrors."""
+    return exc.code if isinstance(exc, HubError) else INTERNAL
+
+
+#: The longest name (model, input, output) echoed in an error message, and the longest message
+#: sent to a client at all. gRPC carries the message in a trailer, and a default client refuses
+#: metadata over 8 KiB (tritonclient reports RESOURCE_EXHAUSTED): both stay far below it.
+NAME_LIMIT = 128
+MESSAGE_LIMIT = 1024
+
+
+def shorten(text: str, limit: int = NAME_LIMIT) -> str:
+    """`text` cut to at most about `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} chars)"
+
+
+def name_list(names: list[str], count: int = 8) -> str:
+    """A bounded rendering of a list of names: at most `count` of them, each shortened."""
+    shown = ", ".join(repr(shorten(n)) for n in names[:count])
+    more = f", ... ({len(names) - count} more)" if len(names) > count else ""
+    return f"[{shown}{more}]"
+
+
+def client_message(exc: BaseException) -> str:
+    """What a client may read: a HubError's message (capped at MESSAGE_LIMIT characters);
+    for anything else only its type."""
+    if isinstance(exc, HubError):
+        return shorten(str(exc), MESSAGE_LIMIT)
+    return f"internal error ({type(exc).__name__}); see the server log"
+
+
+_BY_CODE: dict[str, type[HubError]] = {
+    cls.code: cls
+    for cls in (
+        ModelNotFound,
+        ModelUnavailable,
+        InvalidInput,
+        QueueFull,
+        DeadlineExceeded,
+        ModelExecutionError,
+        Unsupported,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> HubError:
+    """The domain error for a code (an error that crossed from another process)."""
+    return _BY_CODE.get(code, HubError)(message)

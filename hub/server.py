@@ -1,37 +1,45 @@
-"""The Server: owns its plugins, model repository, batchers, Prometheus registry and gRPC
-server. Nothing is global, so tests run several in one process."""
+"""The Server: wires one data plane (hub/core) to its frontends, health and metrics. It owns
+its plugins, model repository, Prometheus registry and listeners; nothing is global, so
+tests run several in one process."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from hub import logs
 from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
-from hub.core.models import ModelState, ServedModel
+from hub.core.control import ModelController
+from hub.core.dataplane import DataPlane, ModelControl
+from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
-from hub.errors import HubError, ModelNotFound
+from hub.limits import Limits
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
-from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
-from hub.protocol.servicer import InferenceServicer
-from hub.spec import ModelSpec
+from hub.protocol.servicer import InferenceServicer, add_to_server
+from hub.workers.frontend import RemoteControl, RemoteRepository
+
+if TYPE_CHECKING:
+    from hub.workers.engine import EngineService
 
 log = logging.getLogger("modelhub.server")
 
+#: What the server sends at most (a response); what it receives is `Limits.request_bytes`.
 MAX_MESSAGE = 256 << 20
 
 
@@ -61,7 +69,7 @@ class ServerConfig:
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
     host: str = "0.0.0.0"
-    grpc_port: int = 8001
+    grpc_port: int | None = 8001
     metrics_port: int | None = 8002
     device: str = "auto"
     threads: int = field(default_factory=default_threads)
@@ -72,6 +80,12 @@ class ServerConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     log_requests: float = 0.0  # fraction of inference requests written to the access log
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
+    #: Several processes (hub/workers): a frontend hands its requests to the model process
+    #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
+    engine_socket: Path | None = None
+    serve_engine: Path | None = None
+    reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
 
 
 @dataclass
@@ -95,16 +109,19 @@ class Server:
         self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
+        self.plane: DataPlane | None = None
+        self.control: ModelController | None = None
+        self.engine: EngineService | None = None
         self.device = "cpu"
         self.grpc_port = 0
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
         self._metrics_http: Any = None
         self._loading: asyncio.Task[None] | None = None
         self._stopping = False
         self._loaded = asyncio.Event()
-        self._control = asyncio.Lock()
         self._watcher: asyncio.Task[None] | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -112,54 +129,43 @@ class Server:
     async def start(self) -> None:
         """Listen at once; build and load the models in the background (ServerReady tells when)."""
         config = self.config
+        logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(set_torch_threads, config.threads)
         if self.metrics is not None and self.device == "cuda":
             self.metrics.watch_cuda()
-        targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-        builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
-        self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+        models: list[ServedModel] = []
+        control: ModelControl
+        if config.engine_socket is not None:
+            remote = RemoteRepository(config.engine_socket, self._collect_specs)
+            self.repository = remote
+            control = RemoteControl(remote.client)
+        else:
+            targets = await asyncio.to_thread(self.plugins.collect_targets)
+            specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+            builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
+            self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+            models = [self.repository.add(spec) for spec in specs]
+            control = self.control = ModelController(
+                self.repository, self.plugins, config.deployment, config.plugins_dir
+            )
         self.repository.on_change(self._model_changed)
-        models = [self.repository.add(spec) for spec in specs]
+        self.plane = DataPlane(
+            self.repository,
+            self.is_ready,
+            control=control,
+            version_policy=config.deployment.version_policy,
+            log_requests=config.log_requests,
+        )
+        if config.serve_engine is not None:
+            from hub.workers.engine import EngineService
 
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(
-                self.repository,
-                self.is_ready,
-                control=self,
-                version_policy=config.deployment.version_policy,
-                log_requests=config.log_requests,
-            ),
-            server,
-        )
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
-            try:
-                POOL.AddSerializedFile(descriptor.serialized_pb)
-            except TypeError:  # already added by another Server in this process
-                pass
-        reflection.enable_server_reflection(
-            [
-                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                reflection.SERVICE_NAME,
-            ],
-            server,
-            pool=POOL,
-        )
-        self.grpc_port = server.add_insecure_port(f"{config.host}:{config.grpc_port}")
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {config.host}:{config.grpc_port}")
-        await server.start()
-        self._grpc = server
+            self.engine = EngineService(self, config.serve_engine)
+            await self.engine.start()
+        if isinstance(self.repository, RemoteRepository):
+            self.repository.start()
+        if config.grpc_port is not None:
+            await self._start_grpc(config.host, config.grpc_port)
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if self.metrics is not None and config.metrics_port is not None:
@@ -180,10 +186,52 @@ class Server:
             ", ".join(m.spec.key for m in models) or "none",
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
-        if config.watch and config.plugins_dir is not None:
-            self._watcher = asyncio.get_running_loop().create_task(self._watch(config.plugins_dir, config.watch))
+        if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
+            self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
+
+    async def _start_grpc(self, host: str, port: int) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", self.config.limits.request_bytes),
+                ("grpc.max_send_message_length", MAX_MESSAGE),
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+            ]
+        )
+        assert self.plane is not None
+        self._servicer = InferenceServicer(self.plane, self.config.limits)
+        add_to_server(self._servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            try:
+                POOL.AddSerializedFile(descriptor.serialized_pb)
+            except TypeError:  # already added by another Server in this process
+                pass
+        reflection.enable_server_reflection(
+            [
+                pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ],
+            server,
+            pool=POOL,
+        )
+        self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        if self.grpc_port == 0:
+            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        await server.start()
+        self._grpc = server
+
+    def _collect_specs(self) -> tuple[dict[str, Any], list[Any]]:
+        """This process's import of the plugins, as it is now: targets and the specs to serve."""
+        self.plugins.refresh()
+        return self.plugins.collect_targets(), self.config.deployment.apply(self.plugins.collect_models())
 
     async def _load_all(self, models: list[ServedModel]) -> None:
+        if isinstance(self.repository, RemoteRepository):
+            await self.repository.loaded.wait()  # the model process loads; `server_started` runs there
+            self._loaded.set()
+            await self._update_server_health()
+            return
         for model in models:
             await self.repository.load(model)  # type: ignore[union-attr]
         await asyncio.to_thread(self.plugins.server_started, self.info)
@@ -196,6 +244,8 @@ class Server:
     def is_ready(self) -> bool:
         if self._stopping or self.repository is None or not self._loaded.is_set():
             return False
+        if isinstance(self.repository, RemoteRepository) and not self.repository.loaded.is_set():
+            return False  # the model process is away (restarting)
         if self.config.require_all_models:
             return all(m.ready for m in self.repository.models())
         return True
@@ -217,114 +267,26 @@ class Server:
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
+        if self._servicer is not None:
+            # Answer every inference request accepted so far, and refuse later ones at once
+            # (UNAVAILABLE) while the listener is still up, rather than leave them to grpc's
+            # shutdown, which cancels the ones it has not handed to a handler yet.
+            self._servicer.refuse_new()
+            started = time.monotonic()
+            if not await self._servicer.drained(grace):
+                log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
+            grace = max(0.0, grace - (time.monotonic() - started))
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        if self.engine is not None:
+            await self.engine.close()
         if self.repository is not None:
             await self.repository.close(drain=False)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()
+        self.plugins.close()
         log.info("modelhub stopped")
-
-    # --- model control (RepositoryModelLoad / RepositoryModelUnload) ---------------------------
-
-    async def load_model(self, name: str) -> None:
-        """(Re)load a model from the plugins directory as it is now, without dropping requests.
-
-        The plugins are re-imported, so an edited plugin file takes effect; the new build is
-        validated while the current one serves, then swapped in, then the old one drains.
-        """
-        assert self.repository is not None
-        async with self._control:
-            _, specs = await self._rediscover()
-            wanted = [s for s in specs if s.name == name]
-            if not wanted:
-                problems = [e for r in self.plugins.records.values() for e in r.errors]
-                hint = f"; plugin errors: {' | '.join(problems)}" if problems else ""
-                error = f"no plugin registers a model named '{name}'{hint}"
-                for model in self.repository.versions(name):
-                    if model.ready:
-                        self.repository.note_failed_reload(model, error)
-                raise ModelNotFound(error)
-            log.info("loading model '%s' (versions %s)", name, [s.version for s in wanted])
-            await self.repository.replace(name, wanted)
-
-    async def _watch(self, folder: Path, interval: float) -> None:
-        """`--watch`: load, reload or unload what changed in the plugins directory.
-
-        Polls file stamps (portable, no extra dependency). Each change goes through the same
-        path as RepositoryModelLoad/Unload, so a broken file changes nothing else.
-        """
-        await self._loaded.wait()
-        seen = _stamps(folder)
-        while True:
-            await asyncio.sleep(interval)
-            now = _stamps(folder)
-            if now == seen:
-                continue
-            changed = {p for p in set(now) | set(seen) if now.get(p) != seen.get(p)}
-            seen = now
-            log.info("plugins changed: %s", ", ".join(sorted(changed)))
-            try:
-                await self._apply_plugin_changes()
-            except Exception:  # the watcher must survive any one bad change
-                log.exception("applying plugin changes failed")
-
-    async def _rediscover(self) -> tuple[dict[str, Any], list[ModelSpec]]:
-        """Re-import the plugins directory; the targets and the specs to serve, as it is now."""
-        assert self.repository is not None
-        await asyncio.to_thread(self.plugins.refresh)
-        targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = self.config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-        self.repository.builder.targets = targets
-        return targets, specs
-
-    async def _apply_plugin_changes(self) -> None:
-        assert self.repository is not None
-        async with self._control:
-            targets, specs = await self._rediscover()
-        by_name: dict[str, list[ModelSpec]] = {}
-        for spec in specs:
-            by_name.setdefault(spec.name, []).append(spec)
-        failed_plugins = {r.name for r in self.plugins.records.values() if r.status == "failed"}
-        for name in sorted(set(by_name) | set(self.repository.names())):
-            current = self.repository.versions(name)
-            if name not in by_name:
-                if any(m.spec.plugin in failed_plugins for m in current):
-                    for model in current:
-                        if model.ready:
-                            self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
-                    continue  # a broken file keeps the old build serving
-                if any(m.state is not ModelState.UNLOADED for m in current):
-                    async with self._control:
-                        await self.repository.unload(name)
-                continue
-            fresh = by_name[name]
-            if self._up_to_date(current, fresh, targets):
-                continue
-            try:
-                async with self._control:
-                    await self.repository.replace(name, fresh)
-            except HubError as exc:
-                log.error("watch: model '%s' did not load: %s", name, exc)
-
-    def _up_to_date(self, current: list[ServedModel], fresh: list[ModelSpec], targets: dict[str, Any]) -> bool:
-        """Whether the served versions already are these specs' builds (same versions, same cache keys)."""
-        assert self.repository is not None
-        served = {m.version: m for m in current if m.ready}
-        if set(served) != {s.version for s in fresh}:
-            return False
-        builder = self.repository.builder
-        return all(
-            s.target in targets
-            and served[s.version].manifest.get("cache_key") == builder.cache_key(s, targets[s.target])[0]
-            for s in fresh
-        )
-
-    async def unload_model(self, name: str) -> None:
-        assert self.repository is not None
-        async with self._control:
-            await self.repository.unload(name)
 
     # --- health -----------------------------------------------------------------------------
 
@@ -342,17 +304,6 @@ class Server:
         await self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-
-
-def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of every file under the plugins directory, caches aside."""
-    if not folder.is_dir():
-        return {}
-    return {
-        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
-    }
 
 
 def set_torch_threads(threads: int) -> None:

@@ -37,12 +37,17 @@ class TensorSpec:
     (each padded to the batch's longest). The model must ignore the padding, e.g. through an
     attention mask that is itself padded with 0. None (the default): only requests of equal
     shape batch together.
+
+    `labels`: for a classifier's output, the name of each class (index i names entry i of a
+    row). Clients that ask for the classification extension (tritonclient's
+    `InferRequestedOutput(name, class_count=N)`) then get "value:index:label" for the top N.
     """
 
     name: str
     datatype: str
     shape: tuple[int, ...]
     padding: float | None = None
+    labels: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
@@ -55,6 +60,8 @@ class TensorSpec:
             )
         if any(d < -1 or d == 0 for d in self.shape):
             raise SpecError(f"tensor '{self.name}': dims must be positive or -1, got {list(self.shape)}")
+        if self.labels is not None:
+            object.__setattr__(self, "labels", tuple(str(label) for label in self.labels))
         if self.padding is not None and self.datatype == "BYTES":
             raise SpecError(f"tensor '{self.name}': padding applies to numeric tensors, not BYTES")
 
@@ -210,12 +217,6 @@ class ModelSpec:
 
     def with_(self, **changes: Any) -> ModelSpec:
         return dataclasses.replace(self, **changes)
-
-    def one_per_row(self, tensor: TensorSpec) -> bool:
-        """A batched input of one element per row ([-1], a sentence per row, say). On the wire it
-        is what Triton calls dims [1] with reshape []: described as [-1, 1] (Triton's tools,
-        perf_analyzer among them, need a per-row dim), and taken as [n] or [n, 1]."""
-        return self.batching.batching and tensor.shape == (-1,)
 
     def examples(self) -> dict[str, np.ndarray]:
         examples = self.example_inputs() if callable(self.example_inputs) else self.example_inputs

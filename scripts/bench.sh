@@ -3,8 +3,9 @@
 #
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
-#   2. our server twice, serving the kit's reference models (digits_cnn, mlp_wide) with the
-#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port 0;
+#   2. our server three times, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#      same tensor names: "ours" with metrics on, "ours_nometrics" with --metrics-port off, and
+#      "ours_w2" with --workers 2 (two frontend processes, one model process);
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
 #   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py);
@@ -28,11 +29,12 @@ REPO=$OUT/models
 bash "$KIT/setup.sh" >/dev/null
 bash "$KIT/start_servers.sh"
 
-start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT ; own process group so --cpu finds it
-  local name=$1
+start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT [FLAGS...]; own process group so --cpu finds it
+  local name=$1 grpc=$2 metrics=$3
+  shift 3
   setsid env REFMODELS_DIR="$KIT" .venv/bin/modelhub serve --plugins-dir bench/plugins --no-entry-points \
-    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$2" --metrics-port "$3" --device cpu --threads 1 \
-    > "$OUT/$name.log" 2>&1 < /dev/null &
+    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$grpc" --metrics-port "$metrics" --device cpu --threads 1 \
+    "$@" > "$OUT/$name.log" 2>&1 < /dev/null &
   echo $! > "$OUT/$name.pid"
 }
 stop_ours() {
@@ -52,10 +54,12 @@ async def main():
 asyncio.run(main())
 PY
 start_ours ours 9000 9002
-start_ours ours_nometrics 9010 0
+start_ours ours_nometrics 9010 off
+start_ours ours_w2 9030 9032 --workers 2  # one model process behind two frontends (issue 12)
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
+T="$T --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
 echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
 bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \
@@ -76,7 +80,7 @@ mkdir -p "$TEXT_PLUGINS" && ln -sfn "$ROOT/plugins/embeddings" "$TEXT_PLUGINS/em
 .venv/bin/python scripts/ceiling.py --plugins-dir "$TEXT_PLUGINS" --model-repository "$REPO" --batch-sizes 1,8,32,64 \
   | tee "$OUT/text-ceiling.txt"
 setsid .venv/bin/modelhub serve --plugins-dir "$TEXT_PLUGINS" --no-entry-points --model-repository "$REPO" \
-  --host 127.0.0.1 --grpc-port 9020 --metrics-port 0 --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
+  --host 127.0.0.1 --grpc-port 9020 --metrics-port off --device cpu --threads 1 > "$OUT/ours_text.log" 2>&1 < /dev/null &
 echo $! > "$OUT/ours_text.pid"
 .venv/bin/python - "$OUT/sentences.json" <<'PY'
 import json, sys

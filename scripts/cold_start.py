@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def time_to_ready(plugins: Path, repository: Path, config: Path | None, port: int) -> float:
     args = [sys.executable, "-m", "hub.cli", "--log-level", "warning", "serve", "--plugins-dir", str(plugins),
             "--no-entry-points", "--model-repository", str(repository), "--host", "127.0.0.1",
-            "--grpc-port", str(port), "--metrics-port", "0", "--device", "cpu"]  # fmt: skip
+            "--grpc-port", str(port), "--metrics-port", "off", "--device", "cpu"]  # fmt: skip
     if config is not None:
         args += ["--config", str(config)]
     started = time.perf_counter()

@@ -47,6 +47,21 @@ def test_request_id_is_echoed(client: tc.InferenceServerClient, digits_heldout: 
     assert result.get_response().model_version == "1"
 
 
+def test_classification_extension_top_n(client: tc.InferenceServerClient) -> None:
+    """InferRequestedOutput(class_count=N): the top N of each row as "value:index[:label]"."""
+    a = np.array([[1, 9, 3, 5], [8, 0, 2, 1]], dtype=np.float32)
+    inputs = [infer_input("INPUT0", a, "FP32"), infer_input("INPUT1", np.zeros_like(a), "FP32")]
+    outputs = [tc.InferRequestedOutput("SUM", class_count=2), tc.InferRequestedOutput("DIFF", class_count=1)]
+    result = client.infer("addsub", inputs, outputs=outputs)
+    top = result.as_numpy("SUM")
+    assert top.shape == (2, 2)
+    assert [[e.decode() for e in row] for row in top] == [
+        ["9.000000:1:b", "5.000000:3:d"],
+        ["8.000000:0:a", "2.000000:2:c"],
+    ]
+    assert [e.decode() for e in result.as_numpy("DIFF").ravel()] == ["9.000000:1", "8.000000:0"]  # no labels
+
+
 def test_requested_outputs_are_honoured(client: tc.InferenceServerClient) -> None:
     a = np.arange(8, dtype=np.float32).reshape(2, 4)
     b = np.ones((2, 4), dtype=np.float32)

@@ -31,7 +31,7 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "modelhub"
     assert meta.version
-    assert set(meta.extensions) == {"model_configuration", "model_repository", "statistics"}
+    assert set(meta.extensions) == {"classification", "model_configuration", "model_repository", "statistics"}
 
 
 def test_model_metadata_has_batch_dimension(client: tc.InferenceServerClient) -> None:

@@ -65,8 +65,9 @@ def validate_artifact(
             entry["mean_cosine"] = float(cosine.mean()) if len(cosine) else 1.0
             if entry["min_cosine"] < tolerance.min_cosine:
                 worst = int(cosine.argmin())
+                figure = against(entry["min_cosine"], tolerance.min_cosine)
                 problems.append(
-                    f"output '{tensor.name}': cosine similarity with eager {entry['min_cosine']:.4f} "
+                    f"output '{tensor.name}': cosine similarity with eager {figure} "
                     f"(row {worst}) is below {tolerance.min_cosine}"
                 )
         if got.ndim == 2 and got.shape[1] > 1:  # classification-like: does the argmax agree?
@@ -97,6 +98,14 @@ def validate_artifact(
                 f"{100 * tolerance.max_accuracy_drop:.2f} (max_accuracy_drop={tolerance.max_accuracy_drop:g})"
             )
     return report
+
+
+def against(value: float, bound: float, digits: int = 4) -> str:
+    """`value` with enough decimals to tell it from `bound` (0.99999999 against 0.999999999
+    must not read 1.0000)."""
+    while digits < 15 and f"{value:.{digits}f}" in (f"{bound:.{digits}f}", f"{round(bound):.{digits}f}"):
+        digits += 1
+    return f"{value:.{digits}f}"
 
 
 def run_chunked(runtime: Runtime, spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

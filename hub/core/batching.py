@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from hub.core.stats import ModelStats
+from hub.core.stats import BatchRecord
 from hub.errors import DeadlineExceeded, HubError, ModelExecutionError, ModelUnavailable, QueueFull
 from hub.spec import BatchPolicy
 
@@ -25,6 +25,17 @@ Arrays = dict[str, np.ndarray]
 #: What a worker returns for one batch: each request's outputs, then the input, infer and
 #: output stage times in nanoseconds.
 BatchResult = tuple[list[Arrays], int, int, int]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One request's answer from the batcher: its own rows of the outputs, and what its
+    statistics need (counted by whoever answers the client: ModelStats.request_succeeded)."""
+
+    outputs: Arrays
+    inferences: int  # rows (1 per request for a model that does not batch)
+    queue_ns: int
+    batch: BatchRecord
 
 
 class Timer(Protocol):
@@ -97,6 +108,9 @@ class _Workers:
                 self._loop.call_soon_threadsafe(done, result, error)
             except RuntimeError:  # the loop closed under us: nobody is waiting any more
                 return
+            # This frame lives as long as the thread: holding the last batch (its inputs, or an
+            # error whose traceback reaches them) until the next one arrives would pin it.
+            item = job = done = result = error = None  # type: ignore[assignment]
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -111,7 +125,7 @@ class _Pending:
     deadline: float | None
     enqueued: float
     request_id: str
-    future: asyncio.Future[Arrays] = field(repr=False)
+    future: asyncio.Future[Delivery] = field(repr=False)
 
 
 class Batcher:
@@ -142,7 +156,6 @@ class Batcher:
         name: str,
         policy: BatchPolicy,
         compute: Callable[[Mapping[str, np.ndarray]], Mapping[str, np.ndarray]],
-        stats: ModelStats | None = None,
         *,
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
@@ -151,7 +164,6 @@ class Batcher:
         self.name = name
         self.policy = policy
         self._compute = compute
-        self.stats = stats if stats is not None else ModelStats()
         self._clock = clock or MonotonicClock()
         self._observer = observer or _NoObserver()
         self._padding = dict(padding or {})
@@ -190,7 +202,7 @@ class Batcher:
         signature: tuple[object, ...] = (),
         timeout: float | None = None,
         request_id: str = "",
-    ) -> Arrays:
+    ) -> Delivery:
         """Queue one request and wait for its outputs (exactly its own rows).
 
         `timeout` (seconds) bounds the wait in the queue; None takes the policy's default.
@@ -202,7 +214,7 @@ class Batcher:
         now = self._clock.now()
         if timeout is None:
             timeout = self.policy.timeout
-        future: asyncio.Future[Arrays] = self._loop.create_future()
+        future: asyncio.Future[Delivery] = self._loop.create_future()
         pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
         self._queue.append(pending)
         self._observer.queued(len(self._queue))
@@ -335,10 +347,14 @@ class Batcher:
         if error is not None:
             ids = ", ".join(p.request_id or "-" for p in batch)
             log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
+            # The client reads the model and the error type only (no runtime internals: source
+            # paths, graph node names); the log above has the rest. The traceback goes: it
+            # reaches the worker's frames, and through them this batch's inputs.
+            error.__traceback__ = None
             failure = (
                 error
                 if isinstance(error, HubError)
-                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}: {error}")
+                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
             )
             for pending in batch:
                 self._fail(pending, failure)
@@ -346,13 +362,12 @@ class Batcher:
         assert result is not None
         results, input_ns, infer_ns, output_ns = result
         queue_seconds = [started - p.enqueued for p in batch]
-        for waited in queue_seconds:
-            self.stats.queue.add(int(waited * 1e9))
-        self.stats.record_batch(rows, len(batch), input_ns, infer_ns, output_ns)
+        record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
-        for pending, outputs in zip(batch, results, strict=True):
+        for pending, outputs, waited in zip(batch, results, queue_seconds, strict=True):
             if not pending.future.done():
-                pending.future.set_result(outputs)
+                inferences = pending.rows if self.policy.batching else 1
+                pending.future.set_result(Delivery(outputs, inferences, int(waited * 1e9), record))
 
     def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
         """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""

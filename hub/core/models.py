@@ -5,18 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from hub.core.batching import Arrays, Batcher
+from hub.core.batching import Batcher, Delivery
 from hub.core.stats import ModelStats
 from hub.datatypes import datatype_of
-from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable
+from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable, name_list
 from hub.metrics import ModelMetrics
 from hub.spec import ModelSpec, Runtime, Target, TensorSpec
+
+log = logging.getLogger("modelhub.models")
 
 
 class ModelState(enum.Enum):
@@ -24,11 +27,6 @@ class ModelState(enum.Enum):
     READY = "ready"
     FAILED = "failed"
     UNLOADED = "unloaded"
-
-    @property
-    def triton(self) -> str:
-        """The state name Triton's RepositoryIndex uses."""
-        return {"loading": "LOADING", "ready": "READY"}.get(self.value, "UNAVAILABLE")
 
 
 @dataclass(eq=False)
@@ -43,6 +41,7 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     metrics: ModelMetrics | None = None
     load_seconds: float = 0.0
+    device: str = ""  # where the runtime computes ("cpu", "cuda"), once loaded
 
     def set_state(self, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
         """Change state; `announce=False` keeps it off the metrics (a replacement loading
@@ -68,23 +67,32 @@ class ServedModel:
         if self.metrics is not None:
             self.metrics.in_flight.inc()
 
-    def end_request(self, code: str, seconds: float) -> None:
-        """Account one finished request: Triton-style statistics and Prometheus metrics."""
-        (self.stats.success if code == "OK" else self.stats.fail).add(int(seconds * 1e9))
+    def abandon_request(self) -> None:
+        """A request left this process unanswered (it is counted where it is answered)."""
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
+        """Account one answered request: statistics (with its batch, from the batcher's
+        delivery, when it succeeded) and Prometheus metrics."""
+        ns = int(seconds * 1e9)
+        if code == "OK" and delivery is not None:
+            self.stats.request_succeeded(ns, delivery.inferences, delivery.queue_ns, delivery.batch)
+        else:
+            self.stats.request_failed(ns)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
             self.metrics.request_done(code, seconds)
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], *, timeout: float | None = None, request_id: str = ""
-    ) -> Arrays:
+    ) -> Delivery:
         """Check a request against the spec and run it through the batcher."""
         if self.batcher is None or self.state is not ModelState.READY:
             raise ModelUnavailable(
                 f"model '{self.name}' version {self.version} is {self.state.value}"
                 + (f": {self.reason}" if self.reason else "")
             )
-        inputs = _row_elements(self.spec, inputs)
         rows = check_inputs(self.spec, inputs)
         if self.spec.preprocess is not None:
             inputs = await self._preprocess(inputs, rows)
@@ -101,7 +109,9 @@ class ServedModel:
         except ValueError as exc:  # the documented way for a preprocess to reject its input
             raise InvalidInput(f"model '{self.name}': {exc}") from None
         except Exception as exc:
-            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}: {exc}") from exc
+            # The client learns the model and the error type; the details go to the log.
+            log.error("model '%s': preprocess failed", self.spec.key, exc_info=exc)
+            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}") from None
         try:
             got = check_inputs(self.spec, forward, self.spec.model_inputs)
         except InvalidInput as exc:
@@ -109,17 +119,6 @@ class ServedModel:
         if self.spec.batching.batching and got != rows:
             raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
         return forward
-
-
-def _row_elements(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> Mapping[str, np.ndarray]:
-    """Inputs of one element per row may arrive as [n, 1] (see ModelSpec.one_per_row)."""
-    reshaped = None
-    for tensor in spec.inputs:
-        array = inputs.get(tensor.name)
-        if array is not None and array.ndim == 2 and array.shape[1] == 1 and spec.one_per_row(tensor):
-            reshaped = dict(inputs) if reshaped is None else reshaped
-            reshaped[tensor.name] = array.reshape(-1)
-    return inputs if reshaped is None else reshaped
 
 
 def batch_signature(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:
@@ -148,10 +147,10 @@ def check_inputs(
         extra = [n for n in inputs if n not in names]
         problems = []
         if missing:
-            problems.append(f"missing input(s) {missing}")
+            problems.append(f"missing input(s) {name_list(missing)}")
         if extra:
-            problems.append(f"unexpected input(s) {extra}")
-        raise InvalidInput(f"model '{spec.name}': {'; '.join(problems)}; expected inputs {names}")
+            problems.append(f"unexpected input(s) {name_list(extra)}")
+        raise InvalidInput(f"model '{spec.name}': {'; '.join(problems)}; expected inputs {name_list(names)}")
     policy = spec.batching
     rows: int | None = None
     for tensor in expected:

@@ -65,6 +65,9 @@ class ModelRepository:
         except (ValueError, KeyError):
             raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {sorted(versions)}") from None
 
+    async def refresh_statistics(self, models: list[ServedModel]) -> None:
+        """Make these models' `stats` current (they are, in one process; see hub/workers)."""
+
     def get_ready(self, name: str, version: str = "") -> ServedModel:
         model = self.resolve(name, version)
         if not model.ready:
@@ -73,11 +76,6 @@ class ModelRepository:
                 + (f": {model.reason}" if model.reason else "")
             )
         return model
-
-    @property
-    def settled(self) -> bool:
-        """Every model has finished loading, one way or the other."""
-        return all(m.state is not ModelState.LOADING for m in self.models())
 
     # --- loading ----------------------------------------------------------------------------
 
@@ -170,13 +168,13 @@ class ModelRepository:
                 return
             model.target = self.builder.target_for(model.spec)
             model.runtime = artifact.runtime
+            model.device = artifact.runtime.device
             model.manifest = artifact.manifest
             model.load_seconds = time.perf_counter() - started
             model.batcher = Batcher(
                 model.name,
                 model.spec.batching,
                 artifact.runtime.run,
-                model.stats,
                 clock=self._clock,
                 observer=model.metrics,
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},

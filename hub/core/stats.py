@@ -1,6 +1,8 @@
 """Cumulative per-model-version statistics, in the shape of Triton's ModelStatistics.
 
-Updated only from the event loop thread, so plain integers suffice.
+Updated only from the event loop thread, so plain integers suffice. A request and its batch
+are counted in one step, when the request is answered, so that a snapshot taken at any
+instant adds up: `inference_count` is the rows of the requests counted in `success`.
 """
 
 from __future__ import annotations
@@ -26,13 +28,25 @@ class BatchStats:
     compute_output: Duration = field(default_factory=Duration)
 
 
+@dataclass(eq=False)
+class BatchRecord:
+    """One batched forward's figures, counted once, with the first of its requests answered."""
+
+    rows: int
+    input_ns: int
+    infer_ns: int
+    output_ns: int
+    counted: bool = False
+
+
 @dataclass
 class ModelStats:
     """Counters that add up the way perf_analyzer expects.
 
-    Per request: success or fail (with the request's total server time), queue time, and the
-    compute stages of the batch it ran in. Per batch: `execution_count`, `inference_count`
-    (rows) and `batch_stats[rows]`.
+    Per successful request: `success` (its total server time), `queue`, the compute stages of
+    the batch it ran in (every request waited for its whole batch, as in Triton) and its rows
+    in `inference_count`. Per batch, with its first request: `execution_count` and
+    `batch_stats[rows]`. Per failed request: `fail`.
     """
 
     inference_count: int = 0
@@ -46,17 +60,25 @@ class ModelStats:
     compute_output: Duration = field(default_factory=Duration)
     batches: dict[int, BatchStats] = field(default_factory=dict)
 
-    def record_batch(self, rows: int, requests: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
-        self.execution_count += 1
-        self.inference_count += rows
+    def request_failed(self, total_ns: int) -> None:
+        self.fail.add(total_ns)
+
+    def request_succeeded(self, total_ns: int, inferences: int, queue_ns: int, batch: BatchRecord) -> None:
+        """Count one answered request, and its batch if no other request of it was counted yet."""
+        self.success.add(total_ns)
+        self.inference_count += inferences
+        self.queue.add(queue_ns)
+        self.compute_input.add(batch.input_ns)
+        self.compute_infer.add(batch.infer_ns)
+        self.compute_output.add(batch.output_ns)
         self.last_inference_ms = time.time_ns() // 1_000_000
-        per_size = self.batches.get(rows)
+        if batch.counted:
+            return
+        batch.counted = True
+        self.execution_count += 1
+        per_size = self.batches.get(batch.rows)
         if per_size is None:
-            per_size = self.batches[rows] = BatchStats()
-        per_size.compute_input.add(input_ns)
-        per_size.compute_infer.add(infer_ns)
-        per_size.compute_output.add(output_ns)
-        # Every request of the batch waited for the whole batch's compute, as in Triton.
-        self.compute_input.add(input_ns * requests, requests)
-        self.compute_infer.add(infer_ns * requests, requests)
-        self.compute_output.add(output_ns * requests, requests)
+            per_size = self.batches[batch.rows] = BatchStats()
+        per_size.compute_input.add(batch.input_ns)
+        per_size.compute_infer.add(batch.infer_ns)
+        per_size.compute_output.add(batch.output_ns)

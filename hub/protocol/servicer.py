@@ -1,259 +1,331 @@
-"""inference.GRPCInferenceService: protobuf in, domain calls, protobuf out. Nothing else.
+"""inference.GRPCInferenceService: protobuf in, data-plane calls, protobuf out. Nothing else.
 
-No torch here; status codes come from hub.protocol.status.
+No torch here; status codes come from hub.protocol.status, Triton's views of a model from
+hub.protocol.triton.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
-import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn, Protocol
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
-from hub import __version__
-from hub.config import VersionPolicy
-from hub.core.models import ServedModel
-from hub.core.repository import ModelRepository
-from hub.datatypes import CONFIG_TYPE_NAMES
-from hub.errors import HubError, ModelNotFound, Unsupported
-from hub.protocol.codec import decode_inputs, encode_response, requested_outputs
+from hub.core.dataplane import DataPlane
+from hub.errors import HubError
+from hub.limits import DEFAULT_LIMITS, Limits
+from hub.protocol import triton
+from hub.protocol.codec import decode_request, encode_response
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
-from hub.protocol.generated import model_config_pb2 as mc
 from hub.protocol.status import status_for
-from hub.spec import ModelSpec, TensorSpec
 
 log = logging.getLogger("modelhub.grpc")
-access = logging.getLogger("modelhub.access")
 
-EXTENSIONS = ["model_configuration", "model_repository", "statistics"]
-TensorMetadata = pb.ModelMetadataResponse.TensorMetadata
+SERVICE = "inference.GRPCInferenceService"
+SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the server is shutting down and takes no new requests")
 
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    code, message = status_for(exc)
-    await context.abort(code, message)
-    raise AssertionError("unreachable")  # abort raises
+@dataclass(frozen=True)
+class Undecodable:
+    """What a handler receives in place of a request whose protobuf did not parse."""
+
+    method: str
+    size: int
+
+    @property
+    def message(self) -> str:
+        return f"{self.method}: the request ({self.size} bytes) is not a valid protobuf message of its type"
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated `add_GRPCInferenceServiceServicer_to_server`
+    does, but with deserializers that never raise: a request that does not parse reaches the
+    handler as `Undecodable` and is answered INVALID_ARGUMENT with one log line (grpc.aio
+    would log a traceback per request and answer UNKNOWN; a stream would hang)."""
+    captured: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            captured.update(handlers)
+
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Capture())
+    handlers = {method: _tolerant(method, handler) for method, handler in captured.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _tolerant(method: str, handler: Any) -> Any:
+    """`handler` with a deserializer that returns Undecodable instead of raising. A unary
+    method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream."""
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, mostly; whatever it is, the bytes are the client's fault
+            return Undecodable(method, len(data))
+
+    if handler.request_streaming or handler.unary_unary is None:
+        return handler._replace(request_deserializer=deserialize)
+    behaviour = handler.unary_unary
+
+    serialize = handler.response_serializer
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            log.warning("%s from %s: undecodable request of %d bytes refused", method, context.peer(), request.size)
+            return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
+        return await behaviour(request, context)
+
+    def serialize_or_nothing(response: Any) -> bytes:
+        return b"" if response is None else serialize(response)
+
+    return handler._replace(
+        request_deserializer=deserialize, unary_unary=guarded, response_serializer=serialize_or_nothing
+    )
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status for a caught error. Call it inside the `except` block and end the RPC after
+    it: ending it inside would keep the error (its traceback, its frames, the request's
+    arrays) alive for as long as the RPC's own objects."""
+    return status_for(exc)
+
+
+def _fail(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str]) -> Any:
+    """End a unary RPC with `status`: set it and return None, which the tolerant serializer
+    (add_to_server) sends as nothing. Unlike `context.abort`, nothing is raised: an AbortError's
+    traceback holds the handler's frames (and so the request, its bytes and its arrays) in a
+    reference cycle inside grpc.aio until the cyclic collector runs."""
+    context.set_code(status[0])
+    context.set_details(status[1])
+    return None
 
 
 def _unimplemented(method: str) -> Callable[..., Any]:
     async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub")
+        return _fail(context, (grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub"))
 
     handler.__name__ = method
     return handler
 
 
-class ModelControl(Protocol):
-    async def load_model(self, name: str) -> None: ...
-
-    async def unload_model(self, name: str) -> None: ...
-
-
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(
-        self,
-        repository: ModelRepository,
-        is_ready: Callable[[], bool],
-        *,
-        control: ModelControl | None = None,
-        version_policy: Callable[[str], VersionPolicy] | None = None,
-        log_requests: float = 0.0,
-    ) -> None:
-        self._version_policy = version_policy
-        self.repository = repository
-        self._is_ready = is_ready
-        self._control = control
-        self._log_requests = log_requests
+    def __init__(self, plane: DataPlane, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.plane = plane
+        self.limits = limits
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    # --- draining (SIGTERM) -------------------------------------------------------------------
+
+    def refuse_new(self) -> None:
+        """From now on refuse new inference requests at once (UNAVAILABLE, which clients may
+        retry elsewhere); those already accepted, unary or on a stream, are still answered.
+        Streams stop reading and end with UNAVAILABLE once their accepted requests are answered."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until every accepted inference request is answered; False if `timeout` ran out."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     # --- health -----------------------------------------------------------------------------
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+        return pb.ServerLiveResponse(live=self.plane.live())
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=self._is_ready())
+        return pb.ServerReadyResponse(ready=self.plane.ready())
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
-        try:
-            model = self.repository.resolve(request.name, request.version)
-        except ModelNotFound:
-            return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=model.ready)
+        return pb.ModelReadyResponse(ready=self.plane.model_ready(request.name, request.version))
 
     # --- metadata ---------------------------------------------------------------------------
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: Any) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="modelhub", version=__version__, extensions=EXTENSIONS)
+        name, version, extensions = self.plane.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
         try:
-            model = self.repository.resolve(request.name, request.version)
+            return triton.model_metadata(self.plane, self.plane.model(request.name, request.version))
         except HubError as exc:
-            await _abort(context, exc)
-        spec = model.spec
-        return pb.ModelMetadataResponse(
-            name=spec.name,
-            versions=[str(m.version) for m in self.repository.versions(spec.name)],
-            platform=_platform(model),
-            inputs=[
-                TensorMetadata(name=t.name, datatype=t.datatype, shape=(-1, 1) if spec.one_per_row(t) else t.shape)
-                for t in spec.inputs
-            ],
-            outputs=[TensorMetadata(name=t.name, datatype=t.datatype, shape=t.shape) for t in spec.outputs],
-        )
+            failure = _status(exc)
+        return _fail(context, failure)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         try:
-            model = self.repository.resolve(request.name, request.version)
+            model = self.plane.model(request.name, request.version)
         except HubError as exc:
-            await _abort(context, exc)
-        policy = self._version_policy(model.name) if self._version_policy else None
-        return pb.ModelConfigResponse(config=model_config(model, policy))
+            failure = _status(exc)
+        else:
+            return pb.ModelConfigResponse(config=triton.model_config(self.plane, model))
+        return _fail(context, failure)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
-            if request.name:
-                models = (
-                    [self.repository.resolve(request.name, request.version)]
-                    if request.version
-                    else self.repository.versions(request.name)
-                )
-                if not models:
-                    self.repository.resolve(request.name)  # raises NOT_FOUND with the known names
-            else:
-                models = self.repository.models()
+            models = await self.plane.statistics(request.name, request.version)
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.ModelStatisticsResponse(model_stats=[model_statistics(m) for m in models])
+            failure = _status(exc)
+        else:
+            return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
+        return _fail(context, failure)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
-        entries = [
-            pb.RepositoryIndexResponse.ModelIndex(
-                name=m.name, version=str(m.version), state=m.state.triton, reason=m.reason
-            )
-            for m in self.repository.models()
-            if m.ready or not request.ready
-        ]
-        return pb.RepositoryIndexResponse(models=entries)
+        return pb.RepositoryIndexResponse(models=[triton.index_entry(m) for m in self.plane.index(request.ready)])
 
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: Any
     ) -> pb.RepositoryModelLoadResponse:
-        if self._control is None:
-            await _abort(context, Unsupported("RepositoryModelLoad is not enabled on this server"))
         try:
-            await self._control.load_model(request.model_name)
+            await self.plane.load(request.model_name, dict(request.parameters))
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.RepositoryModelLoadResponse()
+            failure = _status(exc)
+        else:
+            return pb.RepositoryModelLoadResponse()
+        return _fail(context, failure)
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
-        if self._control is None:
-            await _abort(context, Unsupported("RepositoryModelUnload is not enabled on this server"))
         try:
-            await self._control.unload_model(request.model_name)
+            await self.plane.unload(request.model_name)
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.RepositoryModelUnloadResponse()
+            failure = _status(exc)
+        else:
+            return pb.RepositoryModelUnloadResponse()
+        return _fail(context, failure)
 
     # --- inference --------------------------------------------------------------------------
 
+    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
+        plane = self.plane
+        limits = self.limits
+        return await plane.infer(
+            request.model_name,
+            request.model_version,
+            request.id,
+            lambda spec: decode_request(request, spec, limits),
+            encode_response,
+            timeout=time_remaining,
+        )
+
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        response, error = await self._infer(request, context.time_remaining())
-        if error is not None:
-            await _abort(context, error)
-        assert response is not None
-        return response
+        if self._draining:
+            return _fail(context, SHUTTING_DOWN)
+        self._begin()
+        try:
+            try:
+                return await self._infer(request, context.time_remaining())
+            except HubError as exc:
+                failure = _status(exc)
+        finally:
+            self._end()
+        return _fail(context, failure)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently (and batch together); each response, or its
-        error, is sent as soon as it is ready, carrying the request's id."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        error, is sent as soon as it is ready, carrying the request's id.
+
+        At most `limits.stream_in_flight` requests of a stream are computing or waiting for
+        the client to read their responses; past that the stream is not read, so a client that
+        writes without reading is held back by flow control. An undecodable message gets an
+        error on the stream, and the stream ends with INVALID_ARGUMENT once the requests before
+        it are answered; during shutdown it ends with UNAVAILABLE the same way.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.limits.stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
-            response, error = await self._infer(request, context.time_remaining())
-            if error is None:
-                await done.put(pb.ModelStreamInferResponse(infer_response=response))
-                return
-            _, message = status_for(error)
-            stub = pb.ModelInferResponse(
-                model_name=request.model_name, model_version=request.model_version, id=request.id
-            )
-            await done.put(pb.ModelStreamInferResponse(error_message=message, infer_response=stub))
+            try:
+                try:
+                    response = pb.ModelStreamInferResponse(
+                        infer_response=await self._infer(request, context.time_remaining())
+                    )
+                except HubError as exc:
+                    stub = pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    )
+                    response = pb.ModelStreamInferResponse(error_message=_status(exc)[1], infer_response=stub)
+            finally:
+                self._end()
+            await done.put(response)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.get_running_loop().create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            end = _StreamEnd()
+            try:
+                async for request in request_iterator:
+                    if isinstance(request, Undecodable):
+                        log.warning(
+                            "%s from %s: undecodable message of %d bytes; ending the stream",
+                            request.method,
+                            context.peer(),
+                            request.size,
+                        )
+                        end = _StreamEnd((grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=True)
+                        break
+                    if self._draining:
+                        end = _StreamEnd(SHUTTING_DOWN)
+                        break
+                    await slots.acquire()
+                    self._begin()
+                    task = loop.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except asyncio.CancelledError:
+                if not self._draining:
+                    raise
+                end = _StreamEnd(SHUTTING_DOWN)  # refuse_new() stopped the reading
             while tasks:
                 await asyncio.gather(*list(tasks))
-            await done.put(None)
+            await done.put(end)
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
-            while (item := await done.get()) is not None:
+            while not isinstance(item := await done.get(), _StreamEnd):
                 yield item
+                slots.release()
+            if item.status is not None:
+                if item.error_on_stream:
+                    yield pb.ModelStreamInferResponse(error_message=item.status[1])
+                _fail(context, item.status)  # the stream ends when this generator returns
         finally:
             reader.cancel()
             for task in list(tasks):
                 task.cancel()
-
-    async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
-    ) -> tuple[pb.ModelInferResponse | None, BaseException | None]:
-        """One inference, accounted in statistics and metrics: (response, None) or (None, error)."""
-        try:
-            model = self.repository.get_ready(request.model_name, request.model_version)
-        except HubError as exc:
-            return None, exc
-        started = time.perf_counter()
-        model.begin_request()
-        response = None
-        error: BaseException | None = None
-        try:
-            inputs = decode_inputs(request)
-            names = requested_outputs(request, model.spec)
-            outputs = await model.infer(inputs, timeout=time_remaining, request_id=request.id)
-            response = encode_response(request, model.version, outputs, names)
-        except asyncio.CancelledError:
-            model.end_request("CANCELLED", time.perf_counter() - started)
-            raise
-        except HubError as exc:
-            error = exc
-        except Exception as exc:
-            error = exc
-            log.exception("model '%s': request %r failed", model.spec.key, request.id or "-")
-        elapsed = time.perf_counter() - started
-        code_name = "OK" if error is None else status_for(error)[0].name
-        model.end_request(code_name, elapsed)
-        if self._log_requests and random.random() < self._log_requests:
-            access.info(
-                "%s v%d id=%s %s %.3fms",
-                model.name,
-                model.version,
-                request.id or "-",
-                code_name,
-                elapsed * 1e3,
-                extra={
-                    "model": model.name,
-                    "version": model.version,
-                    "request_id": request.id,
-                    "code": code_name,
-                    "ms": round(elapsed * 1e3, 3),
-                },
-            )
-        return response, error
 
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
 
@@ -267,118 +339,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     LogSettings = _unimplemented("LogSettings")
 
 
-def _platform(model: ServedModel) -> str:
-    return model.target.platform if model.target is not None else model.spec.target
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The last item of a stream's queue: end normally, or with `status`."""
 
-
-def _version_policy(policy: VersionPolicy) -> mc.ModelVersionPolicy:
-    if policy.all:
-        return mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All())
-    if policy.specific:
-        return mc.ModelVersionPolicy(specific=mc.ModelVersionPolicy.Specific(versions=policy.specific))
-    return mc.ModelVersionPolicy(latest=mc.ModelVersionPolicy.Latest(num_versions=policy.latest or 1))
-
-
-def _config_input(spec: ModelSpec, tensor: TensorSpec, skip: int) -> mc.ModelInput:
-    if spec.one_per_row(tensor):
-        return mc.ModelInput(
-            name=tensor.name,
-            data_type=CONFIG_TYPE_NAMES[tensor.datatype],
-            dims=[1],
-            reshape=mc.ModelTensorReshape(shape=[]),
-        )
-    return mc.ModelInput(name=tensor.name, data_type=CONFIG_TYPE_NAMES[tensor.datatype], dims=tensor.shape[skip:])
-
-
-def model_config(model: ServedModel, versions: VersionPolicy | None = None) -> mc.ModelConfig:
-    """The spec and policy as Triton's ModelConfig: dims without the batch dimension."""
-    spec, policy = model.spec, model.spec.batching
-    skip = 1 if policy.batching else 0
-    config = mc.ModelConfig(
-        name=spec.name,
-        platform=_platform(model),
-        backend="modelhub",
-        runtime=spec.target,
-        max_batch_size=policy.max_batch_size,
-        input=[_config_input(spec, t, skip) for t in spec.inputs],
-        output=[
-            mc.ModelOutput(name=t.name, data_type=CONFIG_TYPE_NAMES[t.datatype], dims=t.shape[skip:])
-            for t in spec.outputs
-        ],
-        instance_group=[
-            mc.ModelInstanceGroup(
-                name=f"{spec.name}_0",
-                count=policy.instances,
-                kind=mc.ModelInstanceGroup.KIND_GPU
-                if model.runtime is not None and model.runtime.device == "cuda"
-                else mc.ModelInstanceGroup.KIND_CPU,
-            )
-        ],
-        version_policy=_version_policy(versions or VersionPolicy()),
-        default_model_filename=model.target.artifact if model.target is not None else "",
-    )
-    if policy.batching:
-        config.dynamic_batching.CopyFrom(
-            mc.ModelDynamicBatching(
-                preferred_batch_size=policy.preferred_batch_sizes,
-                max_queue_delay_microseconds=round(policy.max_queue_delay * 1e6),
-                default_queue_policy=mc.ModelQueuePolicy(
-                    timeout_action=mc.ModelQueuePolicy.REJECT,
-                    default_timeout_microseconds=round((policy.timeout or 0) * 1e6),
-                    allow_timeout_override=True,
-                    max_queue_size=policy.max_queue_size,
-                ),
-            )
-        )
-    for key, value in _manifest_parameters(model).items():
-        config.parameters[key].string_value = value
-    return config
-
-
-def _manifest_parameters(model: ServedModel) -> dict[str, str]:
-    """The build report, flattened into ModelConfig parameters."""
-    out = {"state": model.state.value}
-    if model.reason:
-        out["reason"] = model.reason
-    manifest = model.manifest
-    if manifest:
-        out["target"] = str(manifest.get("target", ""))
-        out["built_at"] = str(manifest.get("built_at", ""))
-        out["cache_key"] = str(manifest.get("cache_key", ""))
-        validation = manifest.get("validation", {})
-        for key in ("max_abs_err", "max_rel_err"):
-            if key in validation:
-                out[f"parity_{key}"] = f"{validation[key]:.3g}"
-    return out
-
-
-def _duration(d: Any) -> pb.StatisticDuration:
-    return pb.StatisticDuration(count=d.count, ns=d.ns)
-
-
-def model_statistics(model: ServedModel) -> pb.ModelStatistics:
-    s = model.stats
-    return pb.ModelStatistics(
-        name=model.name,
-        version=str(model.version),
-        last_inference=s.last_inference_ms,
-        inference_count=s.inference_count,
-        execution_count=s.execution_count,
-        inference_stats=pb.InferStatistics(
-            success=_duration(s.success),
-            fail=_duration(s.fail),
-            queue=_duration(s.queue),
-            compute_input=_duration(s.compute_input),
-            compute_infer=_duration(s.compute_infer),
-            compute_output=_duration(s.compute_output),
-        ),
-        batch_stats=[
-            pb.InferBatchStatistics(
-                batch_size=size,
-                compute_input=_duration(b.compute_input),
-                compute_infer=_duration(b.compute_infer),
-                compute_output=_duration(b.compute_output),
-            )
-            for size, b in sorted(s.batches.items())
-        ],
-    )
+    status: tuple[grpc.StatusCode, str] | None = None
+    error_on_stream: bool = False

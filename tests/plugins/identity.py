@@ -86,7 +86,10 @@ def register_models(register: Callable[[ModelSpec], None]) -> None:
             name="addsub",
             build=_addsub,
             inputs=[TensorSpec("INPUT0", "FP32", (-1, 4)), TensorSpec("INPUT1", "FP32", (-1, 4))],
-            outputs=[TensorSpec("SUM", "FP32", (-1, 4)), TensorSpec("DIFF", "FP32", (-1, 4))],
+            outputs=[
+                TensorSpec("SUM", "FP32", (-1, 4), labels=("a", "b", "c", "d")),
+                TensorSpec("DIFF", "FP32", (-1, 4)),
+            ],
             example_inputs={"INPUT0": np.ones((1, 4), np.float32), "INPUT1": np.ones((1, 4), np.float32)},
             target="numpy",
             batching=BatchPolicy(max_batch_size=16),

@@ -1,0 +1,145 @@
+"""Model control: load, reload and unload from the plugins directory (the RepositoryModelLoad
+and Unload calls of either frontend), and `--watch`'s reconciliation of what changed."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from hub.config import DeploymentConfig
+from hub.core.models import ModelState, ServedModel
+from hub.core.repository import ModelRepository
+from hub.errors import HubError, ModelNotFound
+from hub.plugins.manager import PluginHost
+from hub.spec import ModelSpec
+
+log = logging.getLogger("modelhub.control")
+
+
+class ModelController:
+    """Changes what a repository serves, one change at a time, without dropping requests."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        plugins: PluginHost,
+        deployment: DeploymentConfig,
+        plugins_dir: Path | None,
+    ) -> None:
+        self.repository = repository
+        self.plugins = plugins
+        self.deployment = deployment
+        self.plugins_dir = plugins_dir
+        self._lock = asyncio.Lock()
+
+    async def load_model(self, name: str) -> None:
+        """(Re)load a model from the plugins directory as it is now, without dropping requests.
+
+        The plugins are re-imported, so an edited plugin file takes effect; the new build is
+        validated while the current one serves, then swapped in, then the old one drains.
+        """
+        async with self._lock:
+            _, specs = await self._rediscover()
+            wanted = [s for s in specs if s.name == name]
+            if not wanted:
+                problems = [e for r in self.plugins.records.values() for e in r.errors]
+                hint = f"; plugin errors: {' | '.join(problems)}" if problems else ""
+                error = f"no plugin registers a model named '{name[:128]}'{hint}"
+                for model in self.repository.versions(name):
+                    if model.ready:
+                        self.repository.note_failed_reload(model, error)
+                raise ModelNotFound(error)
+            log.info("loading model '%s' (versions %s)", name, [s.version for s in wanted])
+            await self.repository.replace(name, wanted)
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock:
+            await self.repository.unload(name)
+
+    async def watch(self, interval: float, started: Callable[[], Awaitable[Any]]) -> None:
+        """`--watch`: load, reload or unload what changed in the plugins directory.
+
+        Polls file stamps (portable, no extra dependency), off the event loop. Each change goes
+        through the same path as RepositoryModelLoad/Unload, so a broken file changes nothing
+        else.
+        """
+        folder = self.plugins_dir
+        if folder is None:
+            return
+        await started()
+        seen = await asyncio.to_thread(_stamps, folder)
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(_stamps, folder)
+            if now == seen:
+                continue
+            changed = {p for p in set(now) | set(seen) if now.get(p) != seen.get(p)}
+            seen = now
+            log.info("plugins changed: %s", ", ".join(sorted(changed)))
+            try:
+                await self.apply_plugin_changes()
+            except Exception:  # the watcher must survive any one bad change
+                log.exception("applying plugin changes failed")
+
+    async def _rediscover(self) -> tuple[dict[str, Any], list[ModelSpec]]:
+        """Re-import the plugins directory; the targets and the specs to serve, as it is now."""
+        await asyncio.to_thread(self.plugins.refresh)
+        targets = await asyncio.to_thread(self.plugins.collect_targets)
+        specs = self.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+        self.repository.builder.targets = targets
+        return targets, specs
+
+    async def apply_plugin_changes(self) -> None:
+        async with self._lock:
+            targets, specs = await self._rediscover()
+        by_name: dict[str, list[ModelSpec]] = {}
+        for spec in specs:
+            by_name.setdefault(spec.name, []).append(spec)
+        failed_plugins = {r.name for r in self.plugins.records.values() if r.status == "failed"}
+        for name in sorted(set(by_name) | set(self.repository.names())):
+            current = self.repository.versions(name)
+            if name not in by_name:
+                if any(m.spec.plugin in failed_plugins for m in current):
+                    for model in current:
+                        if model.ready:
+                            self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
+                    continue  # a broken file keeps the old build serving
+                if any(m.state is not ModelState.UNLOADED for m in current):
+                    async with self._lock:
+                        await self.repository.unload(name)
+                continue
+            fresh = by_name[name]
+            if await asyncio.to_thread(self._up_to_date, current, fresh, targets):
+                continue
+            try:
+                async with self._lock:
+                    await self.repository.replace(name, fresh)
+            except HubError as exc:
+                log.error("watch: model '%s' did not load: %s", name, exc)
+
+    def _up_to_date(self, current: list[ServedModel], fresh: list[ModelSpec], targets: dict[str, Any]) -> bool:
+        """Whether the served versions already are these specs' builds (same versions, same
+        cache keys). Hashes files: run it in a thread."""
+        served = {m.version: m for m in current if m.ready}
+        if set(served) != {s.version for s in fresh}:
+            return False
+        builder = self.repository.builder
+        return all(
+            s.target in targets
+            and served[s.version].manifest.get("cache_key") == builder.cache_key(s, targets[s.target])[0]
+            for s in fresh
+        )
+
+
+def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under the plugins directory, caches aside."""
+    if not folder.is_dir():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+    }

@@ -1,0 +1,279 @@
+"""The protocol-neutral data plane: everything a frontend (gRPC, REST) does, in domain terms.
+
+Frontends translate their wire format into calls on one DataPlane and its results back; the
+accounting of a request (statistics, metrics, in-flight, the sampled access log) happens
+here, once, whichever frontend the request came through. No protobuf or HTTP here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import numpy as np
+
+from hub import __version__
+from hub.config import VersionPolicy
+from hub.core.models import ServedModel
+from hub.core.repository import ModelRepository
+from hub.errors import (
+    CANCELLED,
+    OK,
+    HubError,
+    InvalidInput,
+    ModelExecutionError,
+    ModelNotFound,
+    PermissionDenied,
+    code_of,
+)
+from hub.spec import ModelSpec
+
+log = logging.getLogger("modelhub.dataplane")
+access = logging.getLogger("modelhub.access")
+
+T = TypeVar("T")
+
+#: The V2 protocol extensions this server implements, as ServerMetadata lists them.
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    """An output a client asked for. `class_count` > 0 asks for the classification extension:
+    the top N entries of each row as BYTES "value:index" (or "value:index:label")."""
+
+    name: str
+    class_count: int = 0
+
+
+@dataclass
+class InferRequest:
+    """One decoded inference request. `outputs` empty means every output of the model."""
+
+    inputs: Mapping[str, np.ndarray]
+    outputs: Sequence[RequestedOutput] = ()
+    parameters: Mapping[str, object] = field(default_factory=dict)
+
+
+@dataclass
+class InferResponse:
+    model_name: str
+    model_version: str
+    id: str
+    outputs: list[tuple[str, np.ndarray]]  # in the order requested (or the model's order)
+
+
+class ModelControl(Protocol):
+    """Load, reload and unload (hub/core/control.py implements it)."""
+
+    async def load_model(self, name: str) -> None: ...
+
+    async def unload_model(self, name: str) -> None: ...
+
+
+class DataPlane:
+    """What every frontend calls. One per server; owns no models (the repository does)."""
+
+    def __init__(
+        self,
+        repository: ModelRepository,
+        is_ready: Callable[[], bool],
+        *,
+        control: ModelControl | None = None,
+        version_policy: Callable[[str], VersionPolicy] | None = None,
+        log_requests: float = 0.0,
+    ) -> None:
+        self.repository = repository
+        self._is_ready = is_ready
+        self._control = control
+        self._version_policy = version_policy
+        self._log_requests = log_requests
+
+    # --- health and metadata ----------------------------------------------------------------
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._is_ready()
+
+    def model_ready(self, name: str, version: str = "") -> bool:
+        try:
+            return self.repository.resolve(name, version).ready
+        except ModelNotFound:
+            return False
+
+    def server_metadata(self) -> tuple[str, str, Sequence[str]]:
+        """(name, version, extensions)."""
+        return "modelhub", __version__, EXTENSIONS
+
+    def model(self, name: str, version: str = "") -> ServedModel:
+        """The model a request names (NOT_FOUND for an unknown name or version)."""
+        return self.repository.resolve(name, version)
+
+    def versions(self, name: str) -> list[ServedModel]:
+        return self.repository.versions(name)
+
+    def version_policy(self, name: str) -> VersionPolicy:
+        return self._version_policy(name) if self._version_policy else VersionPolicy()
+
+    async def statistics(self, name: str = "", version: str = "") -> list[ServedModel]:
+        """The models whose statistics a request asks for: one version, every version of one
+        model, or (no name) every model; their `stats` are current when this returns (with
+        several worker processes they are fetched from the model process)."""
+        if not name:
+            models = self.repository.models()
+        elif version:
+            models = [self.repository.resolve(name, version)]
+        else:
+            models = self.repository.versions(name)
+            if not models:
+                self.repository.resolve(name)  # raises NOT_FOUND with the known names
+        await self.repository.refresh_statistics(models)
+        return models
+
+    def index(self, ready_only: bool = False) -> list[ServedModel]:
+        return [m for m in self.repository.models() if m.ready or not ready_only]
+
+    # --- model control ----------------------------------------------------------------------
+
+    async def load(self, name: str, parameters: Mapping[str, object] | None = None) -> None:
+        """(Re)load a model. Triton's `config` and `file:` overrides are refused: a client must
+        not hand the server a model configuration or files (CVE-2023-31036)."""
+        for key in parameters or {}:
+            if key == "config" or key.startswith("file:"):
+                raise InvalidInput(
+                    f"load parameter '{key[:64]}' is not supported: modelhub builds models from its plugins "
+                    "directory only, and takes no configuration or files in a load request"
+                )
+        if self._control is None:
+            raise PermissionDenied("model control is not enabled on this server")
+        await self._control.load_model(name)
+
+    async def unload(self, name: str) -> None:
+        if self._control is None:
+            raise PermissionDenied("model control is not enabled on this server")
+        await self._control.unload_model(name)
+
+    # --- inference --------------------------------------------------------------------------
+
+    async def infer(
+        self,
+        name: str,
+        version: str,
+        request_id: str,
+        decode: Callable[[ModelSpec], InferRequest],
+        encode: Callable[[InferResponse], T],
+        *,
+        timeout: float | None = None,
+    ) -> T:
+        """One inference, accounted in statistics and metrics. `decode` (given the model's
+        spec) and `encode` are the frontend's; their time and their errors count as the
+        request's.
+
+        Raises a HubError (or, for a crash, ModelExecutionError) without its traceback, so a
+        rejected request's arrays are freed as soon as it is answered.
+        """
+        model = self.repository.get_ready(name, version)
+        started = time.perf_counter()
+        model.begin_request()
+        code = OK
+        delivery = None
+        try:
+            request = decode(model.spec)
+            names = resolve_outputs(request.outputs, model)
+            delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
+            outputs = [(n, _classify(model, n, delivery.outputs[n], c) if c else delivery.outputs[n]) for n, c in names]
+            return encode(InferResponse(model.name, str(model.version), request_id, outputs))
+        except asyncio.CancelledError:
+            code = CANCELLED
+            raise
+        except HubError as exc:
+            code = exc.code
+            raise _bare(exc) from None
+        except Exception as exc:
+            code = code_of(exc)
+            log.exception("model '%s': request %r failed", model.spec.key, request_id or "-")
+            raise _bare(_crash(model, exc)) from None
+        finally:
+            elapsed = time.perf_counter() - started
+            model.end_request(code, elapsed, delivery)
+            if self._log_requests and random.random() < self._log_requests:
+                self._access(model, request_id, code, elapsed)
+
+    def _access(self, model: ServedModel, request_id: str, code: str, elapsed: float) -> None:
+        access.info(
+            "%s v%d id=%s %s %.3fms",
+            model.name,
+            model.version,
+            request_id or "-",
+            code,
+            elapsed * 1e3,
+            extra={
+                "model": model.name,
+                "version": model.version,
+                "request_id": request_id,
+                "code": code,
+                "ms": round(elapsed * 1e3, 3),
+            },
+        )
+
+
+def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) -> list[tuple[str, int]]:
+    """(name, class_count) of every output to return: the requested ones, or all of the model's."""
+    spec = model.spec
+    declared = [t.name for t in spec.outputs]
+    if not requested:
+        return [(n, 0) for n in declared]
+    names = []
+    for output in requested:
+        if output.name not in declared:
+            raise InvalidInput(
+                f"requested output '{output.name[:128]}' is not an output of model '{spec.name}'; outputs: {declared}"
+            )
+        if output.class_count < 0:
+            raise InvalidInput(
+                f"requested output '{output.name}': class_count must be positive, got {output.class_count}"
+            )
+        names.append((output.name, output.class_count))
+    return names
+
+
+def _classify(model: ServedModel, name: str, array: np.ndarray, count: int) -> np.ndarray:
+    """Triton's classification extension: per row, the top `count` entries as BYTES
+    "value:index[:label]", highest first."""
+    tensor = next(t for t in model.spec.outputs if t.name == name)
+    if array.dtype.kind not in "fiub":
+        raise InvalidInput(f"output '{tensor.name}' is {tensor.datatype}: classification needs a numeric output")
+    batched = model.spec.batching.batching
+    rows = array.reshape(array.shape[0], -1) if batched else array.reshape(1, -1)
+    count = min(count, rows.shape[1])
+    top = np.argsort(-rows.astype(np.float64), axis=1, kind="stable")[:, :count]
+    labels = tensor.labels
+    out = np.empty(top.shape, dtype=np.object_)
+    for r in range(top.shape[0]):
+        for k, index in enumerate(top[r]):
+            value = rows[r, index]
+            text = f"{float(value):f}:{int(index)}" if array.dtype.kind == "f" else f"{int(value)}:{int(index)}"
+            if labels is not None and index < len(labels):
+                text += f":{labels[index]}"
+            out[r, k] = text.encode()
+    return out if batched else out.reshape(-1)
+
+
+def _crash(model: ServedModel, exc: BaseException) -> HubError:
+    return ModelExecutionError(f"model '{model.name}' failed: {type(exc).__name__}")
+
+
+def _bare(exc: HubError) -> HubError:
+    """The error without the traceback and context that would keep the request's frames (and
+    their arrays) alive until the cyclic garbage collector runs."""
+    exc.__traceback__ = None
+    exc.__context__ = None
+    exc.__cause__ = None
+    return exc
