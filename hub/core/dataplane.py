@@ -30,6 +30,7 @@ from hub.errors import (
     ModelNotFound,
     PermissionDenied,
     code_of,
+    shorten,
 )
 from hub.spec import ModelSpec
 
@@ -234,11 +235,12 @@ def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) ->
     for output in requested:
         if output.name not in declared:
             raise InvalidInput(
-                f"requested output '{output.name[:128]}' is not an output of model '{spec.name}'; outputs: {declared}"
+                f"requested output '{shorten(output.name)}' is not an output of model '{spec.name}'; "
+                f"outputs: {declared}"
             )
         if output.class_count < 0:
             raise InvalidInput(
-                f"requested output '{output.name}': class_count must be positive, got {output.class_count}"
+                f"requested output '{shorten(output.name)}': class_count must be positive, got {output.class_count}"
             )
         names.append((output.name, output.class_count))
     return names
