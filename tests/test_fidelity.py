@@ -360,3 +360,49 @@ def test_models_lists_the_report_locally_and_from_a_running_server(
 
     assert main(["models", "--url", "127.0.0.1:1"]) == 1
     assert "cannot read the models of 127.0.0.1:1" in capsys.readouterr().err
+
+
+BYTES_MODELS = """
+import numpy as np
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+TEXTS = np.array([[b"a"], [b"much longer text"], [b""]], dtype=object)
+
+def echo():
+    return lambda inputs: {"OUT": inputs["IN"]}
+
+def batch_size():
+    "Answers each row with the size of the batch it came in: batch-dependent on purpose."
+    return lambda inputs: {"OUT": np.array([[str(len(inputs["IN"])).encode()]] * len(inputs["IN"]), dtype=object)}
+
+@hookimpl
+def register_models(register):
+    for name, build in (("echo", echo), ("batchsize", batch_size)):
+        register(ModelSpec(
+            name=name, build=build, target="numpy",
+            inputs=[TensorSpec("IN", "BYTES", (-1, 1))], outputs=[TensorSpec("OUT", "BYTES", (-1, 1))],
+            example_inputs={"IN": TEXTS}, batching=BatchPolicy(max_batch_size=4),
+        ))
+"""
+
+
+def test_bytes_outputs_are_compared_exactly(tmp_path: Path) -> None:
+    from .conftest import ROOT
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "identity.py").symlink_to(ROOT / "tests" / "plugins" / "identity.py")
+    (plugins / "bytes_models.py").write_text(textwrap.dedent(BYTES_MODELS))
+    host = PluginHost(plugins, entry_points=False)
+    builder = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu")
+    specs = {s.name: s for s in host.collect_models()}
+    echo = builder.ensure(specs["echo"])
+    echo.runtime.close()
+    assert echo.manifest["validation"]["batch_invariance"]["outputs"]["OUT"] == {
+        "changed": 0,
+        # first, longest ("much longer text") and shortest (""): each in the batch of 4 and in a pair
+        "compared": 6,
+        "within_tolerance": True,
+    }
+    with pytest.raises(BuildError, match=r"batch invariance: BYTES output 'OUT' of row \d differs between alone and"):
+        builder.ensure(specs["batchsize"])
