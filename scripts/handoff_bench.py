@@ -77,7 +77,7 @@ async def client(path: str, seconds: float) -> list[dict[str, float]]:
             stop = time.perf_counter() + seconds
             done = 0
 
-            async def loop_calls() -> None:
+            async def loop_calls(stop: float = stop, described: list = described, frames: list = frames) -> None:
                 nonlocal done
                 while time.perf_counter() < stop:
                     header, out = await call({"k": "infer", "inputs": described}, frames)
