@@ -6,7 +6,7 @@ CONSTRAINTS := requirements/constraints.txt
 STAMP := $(VENV)/.installed-stamp
 PA := tools/perf_analyzer/perf_analyzer
 
-.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench bench-gpu gpu-wheels clean
+.PHONY: install serve test test-all lint protos protos-check perf-analyzer bench bench-gpu fuzz soak gpu-wheels clean
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -46,6 +46,12 @@ bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; s
 
 bench-gpu: install $(PA)  ## ResNet-50 served (perf_analyzer) and in-process, eager vs compiled; GPU when there is one
 	$(BIN)/python scripts/bench_gpu.py --out bench-results/gpu-bench.json
+
+fuzz: install  ## 100,000 mutated ModelInfer requests against `modelhub serve` on 127.0.0.1; prints the rate
+	$(BIN)/python scripts/fuzz.py --cases 100000 --out bench-results/fuzz.json
+
+soak: install  ## 120 s at concurrency 32, good and bad requests; fails on any error or RSS growth over 5%
+	$(BIN)/python scripts/soak.py --seconds 120 --concurrency 32 --out bench-results/soak.json
 
 # What the GPU image lacks (it has torch, numpy, sympy, grpcio, protobuf, pluggy, prometheus-client,
 # onnx, onnxruntime), without dependencies: a device call carries 64 MiB in all, and with them

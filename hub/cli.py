@@ -133,14 +133,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_port_arg(serve, "grpc", 8001, "gRPC (KServe V2 / Triton)")
     _add_port_arg(serve, "http", 8000, "HTTP/REST (KServe V2 / Triton)")
     _add_port_arg(serve, "metrics", 8002, "Prometheus /metrics (off records no metrics at all)")
-    serve.add_argument(
-        "--http-max-body",
-        type=int,
-        default=int(_env("HTTP_MAX_BODY", 64)),
-        metavar="MIB",
-        help="largest REST request body accepted, in MiB; larger ones get 413 (env MODELHUB_HTTP_MAX_BODY; "
-        "default: 64, as Triton)",
-    )
     _add_runtime_args(serve)
     serve.add_argument(
         "--require-all-models",
@@ -166,11 +158,47 @@ def build_parser() -> argparse.ArgumentParser:
         help="write this fraction of inference requests to the access log, e.g. 0.01 (default: 0, off)",
     )
     serve.add_argument(
+        "--workers",
+        type=int,
+        default=int(_env("WORKERS", 0)),
+        help="frontend processes sharing the ports (SO_REUSEPORT) in front of one model process; "
+        "0 picks 1 on 2 cores or fewer, else one per two cores, at most 8 (env MODELHUB_WORKERS)",
+    )
+    serve.add_argument(
+        "--port-file",
+        type=Path,
+        default=_env("PORT_FILE", None),
+        help="write the ports listened on as JSON to this file once listening (useful with port 0)",
+    )
+    # Set by the supervisor of --workers N for the processes it starts.
+    serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
+    serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
+    serve.add_argument(
         "--shutdown-grace",
         type=float,
         default=float(_env("SHUTDOWN_GRACE", 10.0)),
         help="seconds in-flight requests get to finish after SIGTERM (default: 10)",
     )
+    from hub.limits import DEFAULT_LIMITS
+
+    limits = serve.add_argument_group("limits on one request (see docs/deploy.md)")
+    for flag, field, what in (
+        ("--max-request-bytes", "request_bytes", "largest request message in bytes"),
+        ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes"),
+        ("--max-elements", "elements", "most tensor elements in one request"),
+        ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),
+        ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream"),
+    ):
+        default = getattr(DEFAULT_LIMITS, field)
+        env = flag[2:].upper().replace("-", "_")
+        limits.add_argument(
+            flag,
+            dest=f"limit_{field}",
+            type=int,
+            default=int(_env(env, default)),
+            metavar="N",
+            help=f"{what} (env MODELHUB_{env}; default: {default})",
+        )
 
     plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
     _add_plugin_args(plugins)
@@ -180,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plugin_args(models)
     _add_repository_arg(models)
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    models.add_argument(
+        "--url", help="read a running server's models and build reports (gRPC, e.g. localhost:8001) instead"
+    )
 
     build = commands.add_parser("build", help="build, check and measure artifacts ahead of serving")
     build.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
@@ -226,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     from hub import logs
 
     logs.configure(args.log_level, args.log_format)
@@ -249,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.errors import SpecError
+    from hub.limits import Limits
     from hub.server import Server, ServerConfig, default_threads
 
     try:
@@ -256,6 +289,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, SpecError) as exc:
         log.error("modelhub: bad --config: %s", exc)
         return 2
+    try:
+        limits = Limits(**{k[len("limit_") :]: v for k, v in vars(args).items() if k.startswith("limit_")})
+    except ValueError as exc:
+        log.error("modelhub: bad limit: %s", exc)
+        return 2
+    from hub.workers.supervisor import Supervisor, default_workers
+
+    workers = args.workers or default_workers()
+    if args.role == "all" and workers > 1:
+        argv = list(sys.argv[1:] if args.argv is None else args.argv)
+        return Supervisor(
+            argv,
+            workers,
+            host=args.host,
+            grpc_port=args.grpc_port,
+            http_port=getattr(args, "http_port", False),
+            port_file=args.port_file,
+            shutdown_grace=args.shutdown_grace,
+        ).run()
     config = ServerConfig(
         deployment=deployment,
         plugins_dir=args.plugins_dir,
@@ -264,19 +316,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grpc_port=args.grpc_port,
         http_port=args.http_port,
         metrics_port=args.metrics_port,
-        http_max_body=args.http_max_body << 20,
         device=args.device,
         threads=args.threads or default_threads(),
         entry_points=not args.no_entry_points,
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
-        watch=args.watch,
+        watch=args.watch if args.role != "frontend" else None,
+        serve_engine=args.engine_socket if args.role == "engine" else None,
+        engine_socket=args.engine_socket if args.role == "frontend" else None,
+        reuse_port=args.role == "frontend",
+        limits=limits,
     )
-    return asyncio.run(_serve(Server(config)))
+    return asyncio.run(_serve(Server(config), args.port_file))
 
 
-async def _serve(server: Any) -> int:
+async def _serve(server: Any, port_file: Path | None = None) -> int:
     from hub.errors import HubError
 
     stop = asyncio.Event()
@@ -293,6 +348,10 @@ async def _serve(server: Any) -> int:
         log.error("modelhub could not start: %s", exc)
         await server.stop(0)
         return 1
+    if port_file is not None:
+        from hub.workers.supervisor import write_port_file
+
+        write_port_file(port_file, {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port})
     await stop.wait()
     log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
     await server.stop()
@@ -319,27 +378,28 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host = _host(args)
     host.collect_targets()
     host.collect_models()
-    records = list(host.records.values())
+    described = [record.describe() for record in host.records.values()]
     if args.json:
-        print(json.dumps([{k: v for k, v in vars(r).items() if k != "files"} for r in records], indent=2))
+        print(json.dumps(described, indent=2))
         return 0
-    rows = [
-        [
-            r.name,
-            r.source,
-            r.status if not r.errors or r.status != "loaded" else "loaded with errors",
-            ", ".join(r.models) or "-",
-            ", ".join(r.targets) or "-",
-            ", ".join(r.hooks) or "-",
-        ]
-        for r in records
-    ]
-    print(_table(rows, ["plugin", "source", "status", "models", "targets", "hooks"]))
-    errors = [(r, e) for r in records for e in r.errors]
-    if errors:
-        print("\nerrors:")
-        for record, error in errors:
-            print(f"  {record.name} ({record.location}): {error}")
+    # The table prints every field of the JSON: one row per plugin, then its location, errors
+    # and warnings beneath, so neither view knows something the other does not.
+    columns = ["name", "source", "status", "hooks", "models", "targets"]
+
+    def cell(value: str | list[str]) -> str:
+        return (", ".join(value) or "-") if isinstance(value, list) else value
+
+    rows = [[cell(d[c]) for c in columns] for d in described]
+    print(_table(rows, ["plugin", *columns[1:]]))
+    print("\nlocations:")
+    for d in described:
+        print(f"  {d['name']}: {d['location']}")
+    for kind in ("errors", "warnings"):
+        notes = [(d["name"], note) for d in described for note in d[kind]]
+        if notes:
+            print(f"\n{kind}:")
+            for name, note in notes:
+                print(f"  {name}: {note}")
     return 0
 
 
@@ -356,9 +416,39 @@ def _parity(validation: dict[str, Any]) -> str:
     return ", ".join(parts)
 
 
+def cmd_models_url(args: argparse.Namespace) -> int:
+    """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
+    from hub.build.report import server_reports
+
+    try:
+        entries = server_reports(args.url)
+    except OSError as exc:
+        print(f"modelhub models: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(entries, indent=2))
+        return 0
+    rows = [
+        [
+            e["model"],
+            e["version"] or "-",
+            e["state"],
+            e.get("parameters", {}).get("target", e.get("runtime", "")) or "-",
+            "-" if e.get("max_batch_size") is None else str(e["max_batch_size"]),
+            e["report"] or e.get("problem") or e["reason"] or "-",
+        ]
+        for e in entries
+    ]
+    print(_table(rows, ["model", "ver", "state", "target", "max_batch", "report"]))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from hub.build.pipeline import Builder
+    from hub.build.report import report_parameters, summary
 
+    if args.url:
+        return cmd_models_url(args)
     host = _host(args)
     targets = host.collect_targets()
     specs = host.collect_models()
@@ -383,6 +473,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "max_abs_err": validation.get("max_abs_err"),
                 "max_rel_err": validation.get("max_rel_err"),
                 "parity": _parity(validation),
+                "report": summary(report_parameters(manifest)) if manifest else "",
+                "report_parameters": report_parameters(manifest),
                 "problems": validation.get("problems", []),
                 "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
                 "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
@@ -405,7 +497,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             e["artifact"],
             fmt(e["max_abs_err"]),
             fmt(e["max_rel_err"]),
-            e["parity"] or "-",
+            e["report"] or "-",
             "; ".join(e["inputs"]),
             "; ".join(e["outputs"]),
         ]
@@ -423,7 +515,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "artifact",
                 "abs_err",
                 "rel_err",
-                "parity",
+                "report",
                 "inputs",
                 "outputs",
             ],
@@ -484,12 +576,37 @@ def cmd_health(args: argparse.Namespace) -> int:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
             )
+            status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
         except grpc.RpcError as exc:
-            print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
-            return 1
-    status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
-    print(status)
-    return 0 if reply.status == health_pb2.HealthCheckResponse.SERVING else 1
+            if not (args.service and exc.code() == grpc.StatusCode.NOT_FOUND):
+                print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
+                return 1
+            status = "NOT_FOUND"
+        print(status)
+        if args.service:
+            for line in _model_states(channel, args.service, args.timeout):
+                print(f"  {line}")
+    return 0 if status == "SERVING" else 1
+
+
+def _model_states(channel: Any, name: str, timeout: float) -> list[str]:
+    """Each version of model `name` with its state and reason, from the server's RepositoryIndex."""
+    import grpc
+
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
+
+    try:
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+    except grpc.RpcError as exc:
+        return [f"model states unavailable: RepositoryIndex: {exc.code().name}: {exc.details()}"]
+    versions = [m for m in index.models if m.name == name]
+    if not versions:
+        known = ", ".join(sorted({m.name for m in index.models})) or "none"
+        return [f"no model named '{name}' on this server (models: {known})"]
+    return [
+        f"model '{m.name}' version {m.version}: {m.state}" + (f" ({m.reason})" if m.reason else "") for m in versions
+    ]
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -541,12 +658,15 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 
 def cmd_top(args: argparse.Namespace) -> int:
+    import http.client
+
     from hub.top import run
 
     try:
         return run(args.metrics_url, args.interval, args.once)
-    except OSError as exc:
-        print(f"cannot read {args.metrics_url}: {exc}", file=sys.stderr)
+    except (OSError, http.client.HTTPException, ValueError) as exc:
+        # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
+        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
 
 

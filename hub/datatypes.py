@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import struct
 
 import ml_dtypes
 import numpy as np
 
-from hub.errors import InvalidInput
+from hub.errors import InvalidInput, shorten
+from hub.limits import DEFAULT_LIMITS, Limits
 
 #: V2 datatype name -> numpy dtype. BYTES travels as an object array of `bytes`.
 NUMPY_DTYPES: dict[str, np.dtype] = {
@@ -55,60 +55,117 @@ def element_size(datatype: str) -> int:
     return 0 if datatype == "BYTES" else WIRE_DTYPES[datatype].itemsize
 
 
-def element_count(name: str, shape: tuple[int, ...]) -> int:
-    """The number of elements of a tensor's shape, checked (InvalidInput naming the input)."""
+def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LIMITS) -> int:
+    """The number of elements of a tensor's shape, checked before anything is allocated
+    (InvalidInput naming the input): no negative dimension, and no dimension, nor product of
+    the non-zero dimensions, above `limits.elements` (a shape with a zero dim holds nothing,
+    but numpy cannot represent one whose other dims overflow)."""
+    name = shorten(name)
     if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}': shape {list(shape)} has a negative dimension")
-    return math.prod(shape)
+        raise InvalidInput(f"input '{name}': shape {_shape_text(shape)} has a negative dimension")
+    nonzero = 1
+    for d in shape:
+        if d:
+            nonzero *= d
+            if nonzero > limits.elements:
+                raise InvalidInput(
+                    f"input '{name}': shape {_shape_text(shape)} has more than {limits.elements} elements, "
+                    "this server's limit per request"
+                )
+    return 0 if 0 in shape else nonzero
 
 
-def from_buffer(name: str, datatype: str, shape: tuple[int, ...], data: bytes | memoryview) -> np.ndarray:
+def _shape_text(shape: tuple[int, ...]) -> str:
+    """A shape for an error message, bounded however many dims the request sent."""
+    if len(shape) <= 16:
+        return str(list(shape))
+    return f"[{', '.join(map(str, shape[:16]))}, ... ({len(shape)} dims)]"
+
+
+def from_buffer(
+    name: str,
+    datatype: str,
+    shape: tuple[int, ...],
+    data: bytes | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+) -> np.ndarray:
     """An input tensor from its raw little-endian bytes: a zero-copy, read-only view, except
     BYTES, whose elements are split out. Both frontends (gRPC raw contents, REST binary data)
-    decode through here. Raises InvalidInput naming the input."""
+    decode through here. The shape is checked against `limits` and the buffer before
+    anything is allocated. Raises InvalidInput naming the input."""
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
-        raise InvalidInput(f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(NUMPY_DTYPES)}")
-    count = element_count(name, shape)
+        raise InvalidInput(
+            f"input '{shorten(name)}': unknown datatype '{shorten(datatype, 32)}'; "
+            f"expected one of {', '.join(NUMPY_DTYPES)}"
+        )
+    count = element_count(name, shape, limits)
     if datatype == "BYTES":
-        return decode_bytes(data, count, name).reshape(shape)
+        return decode_bytes(data, count, name, limits).reshape(shape)
     expected = count * dtype.itemsize
     if len(data) != expected:
         raise InvalidInput(
-            f"input '{name}': expected {expected} bytes of raw contents for {datatype} shape "
-            f"{list(shape)}, got {len(data)}"
+            f"input '{shorten(name)}': expected {expected} bytes of raw contents for {datatype} shape "
+            f"{_shape_text(shape)}, got {len(data)}"
         )
     return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
-def decode_bytes(buffer: bytes | memoryview, count: int, name: str) -> np.ndarray:
+def check_bytes_count(name: str, count: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse more BYTES elements than `limits.bytes_elements` (InvalidInput naming the input)."""
+    if count > limits.bytes_elements:
+        raise InvalidInput(
+            f"input '{shorten(name)}': {count} BYTES elements exceed this server's limit of "
+            f"{limits.bytes_elements} per request"
+        )
+
+
+def check_bytes_element(name: str, index: int, length: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse a BYTES element longer than `limits.bytes_element` (InvalidInput naming the input)."""
+    if length > limits.bytes_element:
+        raise InvalidInput(
+            f"input '{shorten(name)}': BYTES element {index} is {length} bytes, over this server's "
+            f"limit of {limits.bytes_element}"
+        )
+
+
+def decode_bytes(buffer: bytes | memoryview, count: int, name: str, limits: Limits = DEFAULT_LIMITS) -> np.ndarray:
     """Split a BYTES raw buffer (4-byte little-endian length, then the bytes) into `count` elements.
 
-    Raises InvalidInput naming the input when the buffer and the shape disagree.
+    Every element needs at least its 4-byte prefix, so a count the buffer cannot hold is
+    refused before the element array is allocated. Raises InvalidInput naming the input when
+    the buffer and the shape disagree, or an element or the count is over `limits`.
     """
     view = memoryview(buffer)
     total = len(view)
+    if count > total // 4:
+        raise InvalidInput(
+            f"input '{shorten(name)}': shape declares {count} BYTES elements, but a {total}-byte buffer "
+            f"holds at most {total // 4} (each element has a 4-byte length prefix)"
+        )
+    check_bytes_count(name, count, limits)
     out = np.empty(count, dtype=np.object_)
     offset = 0
     unpack = struct.Struct("<I").unpack_from
     for index in range(count):
         if offset + 4 > total:
             raise InvalidInput(
-                f"input '{name}': BYTES element {index} has no length prefix: "
+                f"input '{shorten(name)}': BYTES element {index} has no length prefix: "
                 f"expected {count} elements, the buffer ends after {index}"
             )
         (length,) = unpack(view, offset)
         offset += 4
         if offset + length > total:
             raise InvalidInput(
-                f"input '{name}': BYTES element {index} declares {length} bytes "
+                f"input '{shorten(name)}': BYTES element {index} declares {length} bytes "
                 f"but only {total - offset} remain in the buffer"
             )
+        check_bytes_element(name, index, length, limits)
         out[index] = bytes(view[offset : offset + length])
         offset += length
     if offset != total:
         raise InvalidInput(
-            f"input '{name}': BYTES buffer has {total - offset} bytes left over "
+            f"input '{shorten(name)}': BYTES buffer has {total - offset} bytes left over "
             f"after the {count} elements its shape declares"
         )
     return out

@@ -95,8 +95,51 @@ def code_of(exc: BaseException) -> str:
     return exc.code if isinstance(exc, HubError) else INTERNAL
 
 
+#: The longest name (model, input, output) echoed in an error message, and the longest message
+#: sent to a client at all. gRPC carries the message in a trailer, and a default client refuses
+#: metadata over 8 KiB (tritonclient reports RESOURCE_EXHAUSTED): both stay far below it.
+NAME_LIMIT = 128
+MESSAGE_LIMIT = 1024
+
+
+def shorten(text: str, limit: int = NAME_LIMIT) -> str:
+    """`text` cut to at most about `limit` characters, saying how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}...({len(text)} chars)"
+
+
+def name_list(names: list[str], count: int = 8) -> str:
+    """A bounded rendering of a list of names: at most `count` of them, each shortened."""
+    shown = ", ".join(repr(shorten(n)) for n in names[:count])
+    more = f", ... ({len(names) - count} more)" if len(names) > count else ""
+    return f"[{shown}{more}]"
+
+
 def client_message(exc: BaseException) -> str:
-    """What a client may read: a HubError's message; for anything else only its type."""
+    """What a client may read: a HubError's message (capped at MESSAGE_LIMIT characters);
+    for anything else only its type."""
     if isinstance(exc, HubError):
-        return str(exc)
+        return shorten(str(exc), MESSAGE_LIMIT)
     return f"internal error ({type(exc).__name__}); see the server log"
+
+
+_BY_CODE: dict[str, type[HubError]] = {
+    cls.code: cls
+    for cls in (
+        ModelNotFound,
+        ModelUnavailable,
+        InvalidInput,
+        QueueFull,
+        DeadlineExceeded,
+        ModelExecutionError,
+        Unsupported,
+        Unauthenticated,
+        PermissionDenied,
+    )
+}
+
+
+def error_for_code(code: str, message: str) -> HubError:
+    """The domain error for a code (an error that crossed from another process)."""
+    return _BY_CODE.get(code, HubError)(message)

@@ -7,34 +7,42 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
+from hub import logs
 from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController
-from hub.core.dataplane import DataPlane
+from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
+from hub.limits import Limits
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
 from hub.protocol.generated import grpc_service_pb2 as pb
-from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.generated._pool import POOL
-from hub.protocol.rest.app import DEFAULT_MAX_BODY, RestFrontend
+from hub.protocol.rest.app import RestFrontend
 from hub.protocol.rest.listener import HttpListener
 from hub.protocol.rest.metrics import metrics_app
-from hub.protocol.servicer import InferenceServicer
+from hub.protocol.servicer import InferenceServicer, add_to_server
+from hub.workers.frontend import RemoteControl, RemoteRepository
+
+if TYPE_CHECKING:
+    from hub.workers.engine import EngineService
 
 log = logging.getLogger("modelhub.server")
 
+#: What the server sends at most (a response); what it receives is `Limits.request_bytes`.
 MAX_MESSAGE = 256 << 20
 
 
@@ -68,7 +76,6 @@ class ServerConfig:
     grpc_port: int | None = 8001
     http_port: int | None = 8000
     metrics_port: int | None = 8002
-    http_max_body: int = DEFAULT_MAX_BODY  # bytes; a larger REST request is refused with 413
     device: str = "auto"
     threads: int = field(default_factory=default_threads)
     entry_points: bool = True
@@ -78,6 +85,12 @@ class ServerConfig:
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     log_requests: float = 0.0  # fraction of inference requests written to the access log
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
+    #: Several processes (hub/workers): a frontend hands its requests to the model process
+    #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
+    engine_socket: Path | None = None
+    serve_engine: Path | None = None
+    reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
 
 
 @dataclass
@@ -104,11 +117,13 @@ class Server:
         self.repository: ModelRepository | None = None
         self.plane: DataPlane | None = None
         self.control: ModelController | None = None
+        self.engine: EngineService | None = None
         self.device = "cpu"
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | None = None
+        self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
         self._http: HttpListener | None = None
         self._metrics_http: HttpListener | None = None
@@ -122,32 +137,50 @@ class Server:
     async def start(self) -> None:
         """Listen at once; build and load the models in the background (ServerReady tells when)."""
         config = self.config
+        logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(set_torch_threads, config.threads)
         if self.metrics is not None and self.device == "cuda":
             self.metrics.watch_cuda()
-        targets = await asyncio.to_thread(self.plugins.collect_targets)
-        specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
-        builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
-        self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+        models: list[ServedModel] = []
+        control: ModelControl
+        if config.engine_socket is not None:
+            remote = RemoteRepository(config.engine_socket, self._collect_specs)
+            self.repository = remote
+            control = RemoteControl(remote.client)
+        else:
+            targets = await asyncio.to_thread(self.plugins.collect_targets)
+            specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
+            builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
+            self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+            models = [self.repository.add(spec) for spec in specs]
+            control = self.control = ModelController(
+                self.repository, self.plugins, config.deployment, config.plugins_dir
+            )
         self.repository.on_change(self._model_changed)
-        models = [self.repository.add(spec) for spec in specs]
-        self.control = ModelController(self.repository, self.plugins, config.deployment, config.plugins_dir)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
-            control=self.control,
+            control=control,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
         )
+        if config.serve_engine is not None:
+            from hub.workers.engine import EngineService
 
+            self.engine = EngineService(self, config.serve_engine)
+            await self.engine.start()
+        if isinstance(self.repository, RemoteRepository):
+            self.repository.start()
         if config.grpc_port is not None:
-            await self._start_grpc(self.plane, config.host, config.grpc_port)
+            await self._start_grpc(config.host, config.grpc_port)
+        for name in ["", *self.repository.names()]:
+            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.http_port is not None:
-            rest = RestFrontend(self.plane, max_body=config.http_max_body)
+            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes)
             self._http = HttpListener(rest.app())
             self.http_port = await self._http.start(
-                config.host, config.http_port, shutdown_timeout=config.shutdown_grace
+                config.host, config.http_port, shutdown_timeout=config.shutdown_grace, reuse_port=config.reuse_port
             )
         if self.metrics is not None and config.metrics_port is not None:
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
@@ -167,19 +200,20 @@ class Server:
             ", ".join(m.spec.key for m in models) or "none",
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
-        if config.watch and config.plugins_dir is not None:
+        if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
             self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
 
-    async def _start_grpc(self, plane: DataPlane, host: str, port: int) -> None:
-        """gRPC inference, health and reflection on host:port (0: a free port)."""
+    async def _start_grpc(self, host: str, port: int) -> None:
         server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE),
+                ("grpc.max_receive_message_length", self.config.limits.request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 0),
+                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
             ]
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(plane), server)
+        assert self.plane is not None
+        self._servicer = InferenceServicer(self.plane, self.config.limits)
+        add_to_server(self._servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
@@ -200,10 +234,18 @@ class Server:
             raise OSError(f"cannot bind gRPC to {host}:{port}")
         await server.start()
         self._grpc = server
-        for name in ["", *plane.repository.names()]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _collect_specs(self) -> tuple[dict[str, Any], list[Any]]:
+        """This process's import of the plugins, as it is now: targets and the specs to serve."""
+        self.plugins.refresh()
+        return self.plugins.collect_targets(), self.config.deployment.apply(self.plugins.collect_models())
 
     async def _load_all(self, models: list[ServedModel]) -> None:
+        if isinstance(self.repository, RemoteRepository):
+            await self.repository.loaded.wait()  # the model process loads; `server_started` runs there
+            self._loaded.set()
+            await self._update_server_health()
+            return
         for model in models:
             await self.repository.load(model)  # type: ignore[union-attr]
         await asyncio.to_thread(self.plugins.server_started, self.info)
@@ -216,6 +258,8 @@ class Server:
     def is_ready(self) -> bool:
         if self._stopping or self.repository is None or not self._loaded.is_set():
             return False
+        if isinstance(self.repository, RemoteRepository) and not self.repository.loaded.is_set():
+            return False  # the model process is away (restarting)
         if self.config.require_all_models:
             return all(m.ready for m in self.repository.models())
         return True
@@ -237,15 +281,27 @@ class Server:
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
+        if self._servicer is not None:
+            # Answer every inference request accepted so far, and refuse later ones at once
+            # (UNAVAILABLE) while the listener is still up, rather than leave them to grpc's
+            # shutdown, which cancels the ones it has not handed to a handler yet.
+            self._servicer.refuse_new()
+            started = time.monotonic()
+            if not await self._servicer.drained(grace):
+                log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
+            grace = max(0.0, grace - (time.monotonic() - started))
         # gRPC and REST drain together, each within `grace`.
         await asyncio.gather(
             *([self._grpc.stop(grace)] if self._grpc is not None else []),
             *([self._http.stop()] if self._http is not None else []),
         )
+        if self.engine is not None:
+            await self.engine.close()
         if self.repository is not None:
             await self.repository.close(drain=False)
         if self._metrics_http is not None:
             await self._metrics_http.stop()
+        self.plugins.close()
         log.info("modelhub stopped")
 
     # --- health -----------------------------------------------------------------------------

@@ -19,6 +19,11 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 Arrays = Mapping[str, np.ndarray]
 
+#: How a calibrating target (onnx-int8) picks activation ranges from the calibration inputs:
+#: the spec's `calibration_method` option, one of these (ONNX Runtime's calibrators).
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
+DEFAULT_CALIBRATION_METHOD = "minmax"
+
 
 @dataclass(frozen=True)
 class TensorSpec:
@@ -123,13 +128,26 @@ class Tolerance:
     `min_top1` is set, classification-like outputs (2-D, several columns) must also agree
     with eager's argmax on at least that fraction of rows. When `min_cosine` is set, every
     row of a 2-D output (an embedding, say) must have at least that cosine similarity with
-    eager's row.
+    eager's row. When `max_accuracy_drop` is set and the spec's `validation_data` has labels,
+    the artifact's accuracy may be at most that much below eager's, as a fraction (0.01 is one
+    percentage point); the quantised and half-precision targets default to 0.01.
+
+    The same bounds judge batch invariance: each checked row's outputs inside a mixed batch of
+    the largest served size must stay within them of the row's outputs alone (the alone answer
+    takes eager's place).
     """
 
     atol: float = 1e-4
     rtol: float = 1e-3
     min_top1: float | None = None
     min_cosine: float | None = None
+    max_accuracy_drop: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_accuracy_drop is not None and not 0 <= self.max_accuracy_drop <= 1:
+            raise SpecError(
+                f"tolerance.max_accuracy_drop is a fraction (0.01 = one point), got {self.max_accuracy_drop}"
+            )
 
 
 @dataclass(frozen=True)
@@ -147,8 +165,15 @@ class ModelSpec:
     - `tolerance`: parity bounds for the artifact: one Tolerance for every target, or a
       mapping from target name to Tolerance; a target without one takes its own default.
     - `validation_data`: optional function returning (inputs, labels or None): a larger set
-      the artifact is checked on, with accuracy recorded when there are labels.
-    - `options`: target options, e.g. {"compile_mode": "max-autotune"} for torch-compile.
+      the artifact is checked on, with accuracy recorded when there are labels. Include the
+      extremes clients send (the largest and smallest inputs, the longest and shortest texts):
+      the batch-invariance check puts them next to other rows.
+    - `calibration_data`: optional arrays (or a function returning them) keyed by served input
+      name, that calibrating targets (`onnx-int8`: static activation scales) observe. Default:
+      the `validation_data` inputs, else `example_inputs`. Covered by the cache key.
+    - `options`: target options, e.g. {"compile_mode": "max-autotune"} for torch-compile,
+      {"calibration_method": "percentile"} for onnx-int8 (one of CALIBRATION_METHODS; default
+      "minmax"), {"int8_exclude": [...]} (torch module paths kept fp32 by the int8 targets).
     - `preprocess`: optional per-request step, run outside the batched forward (in a thread,
       not on the event loop): it receives one request's `inputs` as numpy arrays (BYTES as
       object arrays of `bytes`) and returns the arrays the model takes, described by
@@ -171,6 +196,7 @@ class ModelSpec:
     tolerance: Tolerance | Mapping[str, Tolerance] | None = None
     weights: Sequence[Path] = ()
     validation_data: Callable[[], tuple[Arrays, np.ndarray | None]] | None = None
+    calibration_data: Arrays | Callable[[], Arrays] | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     description: str = ""
     preprocess: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
@@ -210,6 +236,20 @@ class ModelSpec:
     def forward_examples(self) -> dict[str, np.ndarray]:
         return self.to_forward(self.examples())
 
+    @property
+    def calibration_method(self) -> str:
+        return str(self.options.get("calibration_method", DEFAULT_CALIBRATION_METHOD))
+
+    def calibration(self) -> tuple[str, dict[str, np.ndarray]]:
+        """Where the calibration inputs come from ("calibration_data", "validation_data" or
+        "example_inputs") and the inputs themselves, as served (before `preprocess`)."""
+        if self.calibration_data is not None:
+            data = self.calibration_data() if callable(self.calibration_data) else self.calibration_data
+            return "calibration_data", {name: np.asarray(value) for name, value in data.items()}
+        if self.validation_data is not None:
+            return "validation_data", {name: np.asarray(v) for name, v in self.validation_data()[0].items()}
+        return "example_inputs", self.examples()
+
     def tolerance_for(self, target: Target) -> Tolerance:
         """The parity bounds in force for `target`: the spec's, else the target's default."""
         if isinstance(self.tolerance, Tolerance):
@@ -228,6 +268,15 @@ class ModelSpec:
             raise SpecError(f"model '{self.name}': build must be callable")
         if not self.inputs or not self.outputs:
             raise SpecError(f"model '{self.name}': needs at least one input and one output")
+        if self.calibration_data is not None and not (
+            callable(self.calibration_data) or isinstance(self.calibration_data, Mapping)
+        ):
+            raise SpecError(f"model '{self.name}': calibration_data must be a mapping of arrays or a function")
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise SpecError(
+                f"model '{self.name}': option calibration_method {self.calibration_method!r} is not one of "
+                f"{', '.join(CALIBRATION_METHODS)}"
+            )
         if self.preprocess is not None and not callable(self.preprocess):
             raise SpecError(f"model '{self.name}': preprocess must be callable")
         if (self.preprocess is None) != (not self.model_inputs):
@@ -334,6 +383,8 @@ class Target:
     - `build(ctx)`: write the artifact's files into `ctx.directory` (may write none).
     - `load(ctx)`: return a Runtime over those files.
     - `check_parity`: compare the artifact with eager on the example inputs after building.
+    - `calibrated`: the build observes the spec's calibration inputs (`ModelSpec.calibration`),
+      so they and the `calibration_method` option are part of the cache key and the manifest.
     - `tolerance`: the default parity bounds for this target.
     - `artifact`: the main file's name, for listings ("" when there is none).
     """
@@ -347,3 +398,4 @@ class Target:
     tolerance: Tolerance = field(default_factory=Tolerance)
     artifact: str = ""
     plugin: str = ""
+    calibrated: bool = False

@@ -3,9 +3,9 @@
 #
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
-#   2. our server twice, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#   2. our server three times, serving the kit's reference models (digits_cnn, mlp_wide) with the
 #      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
-#      --metrics-port off;
+#      --metrics-port off, and "ours_w2" with --workers 2 (two frontend processes, one model process);
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
 #   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
@@ -32,12 +32,12 @@ REPO=$OUT/models
 bash "$KIT/setup.sh" >/dev/null
 bash "$KIT/start_servers.sh"
 
-start_ours() {  # start_ours NAME GRPC_PORT HTTP_PORT METRICS_PORT ; own process group so --cpu finds it
-  local name=$1
+start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT [FLAGS...]; own process group so --cpu finds it
+  local name=$1 grpc=$2 metrics=$3
+  shift 3
   setsid env REFMODELS_DIR="$KIT" .venv/bin/modelhub serve --plugins-dir bench/plugins --no-entry-points \
-    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$2" --http-port "$3" --metrics-port "$4" \
-    --device cpu --threads 1 \
-    > "$OUT/$name.log" 2>&1 < /dev/null &
+    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$grpc" --metrics-port "$metrics" --device cpu --threads 1 \
+    "$@" > "$OUT/$name.log" 2>&1 < /dev/null &
   echo $! > "$OUT/$name.pid"
 }
 stop_ours() {
@@ -56,11 +56,13 @@ async def main():
     await s.start(); await s.wait_until_loaded(); await s.stop(0)
 asyncio.run(main())
 PY
-start_ours ours 9000 9001 9002
-start_ours ours_nometrics 9010 off off
+start_ours ours 9000 9002 --http-port 9001
+start_ours ours_nometrics 9010 off --http-port off
+start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # one model process behind two frontends (issue 12)
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
+T="$T --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
 echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
 bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \

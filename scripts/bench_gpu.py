@@ -99,7 +99,7 @@ class Results:
 
 
 @contextlib.contextmanager
-def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: Path) -> Iterator[str]:
+def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: Path, workers: int = 1) -> Iterator[str]:
     """`modelhub serve` in its own process group, until the model is ready; stopped on exit."""
     import tritonclient.grpc as tc
 
@@ -107,7 +107,8 @@ def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: P
     command = [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--no-entry-points",
                "--model-repository", str(args.model_repository), "--host", "127.0.0.1",
                "--grpc-port", str(grpc_port), "--http-port", "0", "--metrics-port", str(metrics_port),
-               "--device", args.device, "--threads", str(args.threads), "--config", str(config)]  # fmt: skip
+               "--device", args.device, "--threads", str(args.threads), "--config", str(config),
+               "--workers", str(workers)]  # fmt: skip
     log(f"starting: {' '.join(command)} (log: {server_log})")
     server_log.parent.mkdir(parents=True, exist_ok=True)
     with server_log.open("w") as out:
@@ -192,25 +193,33 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
         (plugins / PLUGIN.name).symlink_to(PLUGIN)
         config = Path(tmp) / "deploy.toml"
         config.write_text(f'[models.{MODEL}]\ntarget = "{args.target}"\n')
-        with serving(args, plugins, config, args.out.with_suffix(".server.log")) as url:
-            if args.device == "cuda":
-                top = max(args.concurrency)
-                warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
-            else:
-                warm_served(url, [1], images)
-            for concurrency in args.concurrency:
-                try:
-                    row = perf_analyzer(binary, url, concurrency, args.seconds)
-                except RuntimeError as exc:  # too few completions per window: once more, 3x longer
-                    log(f"served c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
-                    try:
-                        row = perf_analyzer(binary, url, concurrency, args.seconds * 3)
-                    except RuntimeError as again:
-                        results.data["errors"].append(f"served c={concurrency}: {again}")
-                        log(f"served c={concurrency}: FAILED {again}")
-                        continue
-                results.add("served", row)
-                log(f"served c={concurrency}: {row}")
+        for workers in args.workers:
+            served_log = args.out.with_suffix(f".server-w{workers}.log")
+            with serving(args, plugins, config, served_log, workers) as url:
+                if args.device == "cuda":
+                    top = max(args.concurrency)
+                    warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
+                else:
+                    warm_served(url, [1], images)
+                measure_served(args, binary, url, workers, results)
+
+
+def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
+    """perf_analyzer at each concurrency against one running server."""
+    for concurrency in args.concurrency:
+        try:
+            row = perf_analyzer(binary, url, concurrency, args.seconds)
+        except RuntimeError as exc:  # too few completions per window: once more, 3x longer
+            log(f"served c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
+            try:
+                row = perf_analyzer(binary, url, concurrency, args.seconds * 3)
+            except RuntimeError as again:
+                results.data["errors"].append(f"served c={concurrency}: {again}")
+                log(f"served c={concurrency}: FAILED {again}")
+                continue
+        row["workers"] = workers
+        results.add("served", row)
+        log(f"served workers={workers} c={concurrency}: {row}")
 
 
 # --- in-process --------------------------------------------------------------------------------------
@@ -361,6 +370,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, help="per served concurrency (default: 10 on CUDA, 6 on CPU)")
     parser.add_argument("--bare-seconds", type=float, help="per in-process batch size (default: 3 on CUDA, 2 on CPU)")
     parser.add_argument("--concurrency", type=ints, help="default: 1,16,128 on CUDA; 1,4,8 on CPU")
+    parser.add_argument("--workers", type=ints, default=[1], help="frontend processes to serve with, one run each")
     parser.add_argument("--batches", type=ints, help="bare batch sizes (default: 1,16,128 on CUDA; 1,4,16 on CPU)")
     parser.add_argument("--compare-batches", type=ints, help="default: 1,128 on CUDA; 1,4 on CPU")
     parser.add_argument("--no-served", dest="served", action="store_false", help="skip the served measurement")

@@ -4,14 +4,16 @@
 # Prepare here first (the GPU image reaches no registry, and its Python is 3.12):
 #   make gpu-wheels          # what the image lacks, and a slim perf_analyzer, into wheels-gpu/ (~38 MB)
 # Then, in ONE device call, carrying them (64 MiB at most travel; tools/ alone is 45 MB, so not it):
-#   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=480)
+#   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=600)
 # Results land in $OUT, written as they come (a step cut short still leaves its output):
-#   env.txt, gpu-tests.txt, gpu-bench.txt (the tables at its end), gpu-bench.json, gpu-bench.server.log.
-# Every step has a timeout; the whole script ends within BUDGET seconds (default 420).
+#   env.txt, gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
+#   torch-compile on resnet; the prediction is in scripts/gpu_fidelity.py), gpu-bench.txt (the
+#   tables at its end), gpu-bench.json, gpu-bench.server.log.
+# Every step has a timeout; the whole script ends within BUDGET seconds (default 540: run it with timeout_s=600).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-gpu-results}
-BUDGET=${BUDGET:-420}
+BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
 # Inductor compiles Triton kernels in parallel workers (its default here would be the runtime's
@@ -53,13 +55,25 @@ timeout -k 10 "$(cap 190)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -r
   --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py > "$OUT/gpu-tests.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-tests.txt"
 
-# 2. ResNet-50 throughput: served under perf_analyzer at concurrency 1, 16 and 128 (three 2 s
-#    windows each); the torch-compile artifact in-process at batch 1, 16 and 128; then eager fp32,
+# 2. Fidelity (issue 14): resnet built as torch-fp16, torch-bf16 and torch-compile, each checked
+#    for parity and batch invariance (probe images alone against in a batch of 128 and a pair).
+#    torch-compile builds into the benchmark's repository, so step 3 reuses its artifact.
+timeout -k 10 "$(cap 100)" python3 scripts/gpu_fidelity.py --out "$OUT/gpu-fidelity.json" \
+  --compile-repository /tmp/modelhub-gpu-bench/models > "$OUT/gpu-fidelity.txt" 2>&1
+echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
+
+# 3. ResNet-50 throughput (issue 12): served as torch-compile with 1, 4 and 8 frontend processes
+#    (--workers) under perf_analyzer at concurrency 1, 16, 128 and 256 (three windows each); the
+#    torch-compile artifact in-process at batch 1, 16 and 128 (the bare model); then eager fp32,
 #    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4).
-timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 6 --bare-seconds 2 \
+timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 4 --bare-seconds 2 \
+  --workers 1,4,8 --concurrency 1,16,128,256 \
   --perf-analyzer wheels-gpu/perf_analyzer/perf_analyzer --model-repository /tmp/modelhub-gpu-bench/models \
   --out "$OUT/gpu-bench.json" > "$OUT/gpu-bench.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-bench.txt"
-# The server's log: its last lines only (compile and validation reports, errors).
-tail -n 200 "$OUT/gpu-bench.server.log" > "$OUT/gpu-bench.server.log.tail" 2>/dev/null \
-  && mv "$OUT/gpu-bench.server.log.tail" "$OUT/gpu-bench.server.log"
+# The servers' logs, in one file (8 files come back at most): the last lines of each.
+for f in "$OUT"/gpu-bench.server-w*.log; do
+  [ -f "$f" ] || continue
+  { echo "== $f"; tail -n 80 "$f"; } >> "$OUT/gpu-bench.server.log"
+  rm -f "$f"
+done

@@ -4,8 +4,13 @@ tritonclient's sync and asyncio clients can talk to them from the test."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -68,6 +73,62 @@ class RunningServer:
         return self.server.repository.resolve(name, str(version))
 
 
+class Workers:
+    """A `modelhub serve --workers N` subprocess on port 0, with its ports from --port-file."""
+
+    def __init__(self, plugins: Path, repository: Path, tmp: Path, workers: int = 2, *extra: str) -> None:
+        self.port_file = tmp / "ports.json"
+        self.log = open(tmp / "serve.log", "w+b")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--model-repository",
+             str(repository), "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
+             "--device", "cpu",
+             "--threads", "1", "--no-entry-points", "--workers", str(workers), "--port-file", str(self.port_file),
+             "--shutdown-grace", "5", *extra],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 240
+        while not self.port_file.exists():
+            assert self.process.poll() is None, self.output()
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.1)
+        self.ports = json.loads(self.port_file.read_text())
+        self.url = f"127.0.0.1:{self.ports['grpc']}"
+        self.http_url = f"127.0.0.1:{self.ports['http']}"
+        import tritonclient.grpc as tc
+
+        client = tc.InferenceServerClient(self.url)
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.2)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-4000:]
+
+    def children(self, role: str) -> list[int]:
+        """The live child processes of this role (from /proc: their parent and command line)."""
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except (OSError, IndexError, ValueError):
+                continue
+            if parent == self.process.pid and b"--role" in argv and argv[argv.index(b"--role") + 1] == role.encode():
+                found.append(int(entry.name))
+        return found
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        code = self.process.wait(60)
+        self.log.close()
+        return code
+
+
 def link_plugins(folder: Path, *sources: Path) -> Path:
     """A plugins directory holding symlinks to the given plugin files and packages."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -123,6 +184,17 @@ def hub_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> R
         *sorted(TEST_PLUGINS.glob("*.py")),
     )
     return start_server(folder)
+
+
+@pytest.fixture(scope="session")
+def workers_server(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Workers]:
+    """`modelhub serve --workers 2` (a model process behind two frontends) with the shared
+    server's plugins: digits plus the test plugins."""
+    tmp = tmp_path_factory.mktemp("workers")
+    plugins = link_plugins(tmp / "plugins", ROOT / "plugins" / "digits", *sorted(TEST_PLUGINS.glob("*.py")))
+    server = Workers(plugins, model_repository, tmp)
+    yield server
+    assert server.stop() == 0, server.output()
 
 
 @pytest.fixture(scope="session")

@@ -270,12 +270,18 @@ def run_http(server: RunningServer, case: Case) -> tuple[int, str]:
     return 200, ""
 
 
+@pytest.fixture(params=["one-process", "workers-2"])
+def served(request: pytest.FixtureRequest) -> Any:
+    """The shared server, and the same plugins behind `--workers 2`: every case must hold for both."""
+    return request.getfixturevalue("hub_server" if request.param == "one-process" else "workers_server")
+
+
 @pytest.mark.parametrize("name", list(CASES))
-def test_case_gives_the_same_code_on_both_frontends(hub_server: RunningServer, name: str) -> None:
+def test_case_gives_the_same_code_on_both_frontends(served: Any, name: str) -> None:
     case = CASES[name]
     grpc_code, http_status = EXPECTED[case.code]
-    got_grpc, grpc_message = run_grpc(hub_server, case)
-    got_http, http_message = run_http(hub_server, case)
+    got_grpc, grpc_message = run_grpc(served, case)
+    got_http, http_message = run_http(served, case)
     assert (got_grpc, got_http) == (grpc_code, http_status), (grpc_message, http_message)
     for fragment in case.fragments:
         assert fragment in grpc_message, (fragment, grpc_message)
@@ -303,10 +309,10 @@ async def burst(client: Any, module: Any, n: int = 24) -> list[str]:
     return await asyncio.gather(*[call(i) for i in range(n)])
 
 
-async def test_queue_full_on_both_frontends(hub_server: RunningServer) -> None:
+async def test_queue_full_on_both_frontends(served: Any) -> None:
     grpc_code, http_status = EXPECTED["RESOURCE_EXHAUSTED"]
-    grpc_client = tc_aio.InferenceServerClient(hub_server.url)
-    http_client = th_aio.InferenceServerClient(hub_server.http_url, conn_limit=64)
+    grpc_client = tc_aio.InferenceServerClient(served.url)
+    http_client = th_aio.InferenceServerClient(served.http_url, conn_limit=64)
     try:
         for outcomes, rejected in (
             (await burst(grpc_client, tc_aio), str(grpc_code)),
@@ -322,12 +328,12 @@ async def test_queue_full_on_both_frontends(hub_server: RunningServer) -> None:
         await http_client.close()
 
 
-async def test_deadline_on_both_frontends(hub_server: RunningServer) -> None:
+async def test_deadline_on_both_frontends(served: Any) -> None:
     """A request whose deadline passes in the queue is answered, not run: gRPC's deadline,
     and REST's `timeout` parameter (microseconds, as tritonclient.http sends it)."""
     grpc_code, http_status = EXPECTED["DEADLINE_EXCEEDED"]
-    grpc_client = tc_aio.InferenceServerClient(hub_server.url)
-    http_client = th_aio.InferenceServerClient(hub_server.http_url, conn_limit=16)
+    grpc_client = tc_aio.InferenceServerClient(served.url)
+    http_client = th_aio.InferenceServerClient(served.http_url, conn_limit=16)
     try:
         busy = [asyncio.ensure_future(grpc_client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(3)]
         await asyncio.sleep(0.01)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -105,10 +106,12 @@ def test_invalid_specs_are_reported_and_skipped(plugins: Path) -> None:
     host = host_for(plugins)
     specs = host.collect_models()
     assert [s.key for s in specs if s.plugin != "identity"] == ["shared/1"]
-    assert host.records["first"].models == ["shared/1"]
+    # pluggy calls the newest registration first, and directory plugins register in name order
+    assert host.records["second"].models == ["shared/1"]
+    assert host.records["first"].models == []
     errors = {name: " ".join(r.errors) for name, r in host.records.items()}
-    assert "already registered" in errors["second"] and "first" in errors["second"]
-    assert "second.py" in errors["second"]
+    assert "already registered" in errors["first"] and '"second"' in errors["first"]
+    assert "first.py" in errors["first"]
     assert "INT65" in errors["bad_dtype"]
     assert "[1, 3]" in errors["bad_example"] and "[-1, 2]" in errors["bad_example"]
     assert "FP32" in errors["bad_example_dtype"] and "INT64" in errors["bad_example_dtype"]
@@ -125,9 +128,155 @@ def test_misspelled_hook_is_an_error(plugins: Path) -> None:
             pass
     """,
     )
+    write(
+        plugins,
+        "singular",
+        """
+        from hub import hookimpl
+        @hookimpl
+        def register_model(register):
+            pass
+    """,
+    )
     host = host_for(plugins)
     assert host.records["typo"].status == "failed"
     assert "register_modles" in host.records["typo"].errors[0]
+    assert 'did you mean "register_models"?' in host.records["typo"].errors[0]
+    assert host.records["singular"].status == "failed"
+    (error,) = host.records["singular"].errors
+    assert 'unknown hook "register_model" (did you mean "register_models"?)' in error and "singular.py" in error
+    assert host.pm.get_plugin("singular") is None  # not half-registered
+
+
+def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> None:
+    path = write(
+        plugins,
+        "unmarked",
+        """
+        from hub import hookimpl
+        def register_models(register):
+            raise AssertionError("pluggy never calls an unmarked function")
+        @hookimpl
+        def register_targets(register):
+            pass
+    """,
+    )
+    host = host_for(plugins)
+    host.collect_models()
+    record = host.records["unmarked"]
+    assert record.status == "loaded" and not record.errors
+    assert record.hooks == ["register_targets"]
+    (warning,) = record.warnings
+    assert '"register_models"' in warning and "@hookimpl" in warning and str(path) in warning
+    assert not host.records["identity"].warnings  # its hooks are all marked
+
+
+def test_package_plugin_relative_imports(plugins: Path) -> None:
+    package = plugins / "relative"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        textwrap.dedent(
+            """
+            from hub import hookimpl
+            from . import shapes
+            from .model import spec
+
+            @hookimpl
+            def register_models(register):
+                register(spec(shapes.ROW))
+            """
+        )
+    )
+    (package / "shapes.py").write_text("ROW = (-1, 2)\n")
+    (package / "model.py").write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            from hub import ModelSpec, TensorSpec
+            from .shapes import ROW
+
+            def spec(shape):
+                assert shape == ROW
+                return ModelSpec(
+                    name="relative",
+                    build=lambda: (lambda inputs: {"OUT": inputs["IN"] + 1}),
+                    inputs=[TensorSpec("IN", "INT64", shape)],
+                    outputs=[TensorSpec("OUT", "INT64", shape)],
+                    example_inputs={"IN": np.ones((1, 2), np.int64)},
+                    target="numpy",
+                )
+            """
+        )
+    )
+    host = host_for(plugins)
+    (spec,) = [s for s in host.collect_models() if s.name == "relative"]
+    assert host.records["relative"].errors == []
+    forward: Any = spec.build()
+    np.testing.assert_array_equal(forward({"IN": np.array([[1, 2]])})["OUT"], [[2, 3]])
+    assert {p.name for p in spec.sources} == {"__init__.py", "model.py", "shapes.py"}
+
+
+def test_two_hosts_do_not_share_plugin_modules(plugins: Path) -> None:
+    write(
+        plugins,
+        "counter",
+        """
+        from hub import hookimpl
+        LOADS = []
+        @hookimpl
+        def register_targets(register):
+            LOADS.append(1)
+    """,
+    )
+    first, second = host_for(plugins), host_for(plugins)
+    one, two = first.pm.get_plugin("counter"), second.pm.get_plugin("counter")
+    assert one is not two and one.__name__ != two.__name__
+    assert sys.modules[one.__name__] is one and sys.modules[two.__name__] is two
+    assert one.LOADS == [1] and two.LOADS == [1]  # each host's call reached only its own module
+    first.close()
+    assert one.__name__ not in sys.modules and sys.modules[two.__name__] is two
+    second.close()
+
+
+BAD_VALIDATORS = {
+    "raises": "raise RuntimeError('validator crashed')",
+    "returns_a_string": "return 'looks fine'",
+    "problems_not_a_list": "return {'problems': 'too far from eager'}",
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALIDATORS))
+def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_path: Path, case: str) -> None:
+    from hub.build.pipeline import Builder
+    from hub.errors import BuildError, PluginError
+
+    write(plugins, "good", GOOD.format(name="validated"))
+    path = write(
+        plugins,
+        "checker",
+        f"""
+        from hub import hookimpl
+        @hookimpl
+        def validate_artifact(spec, runtime):
+            {BAD_VALIDATORS[case]}
+    """,
+    )
+    host = host_for(plugins)
+    targets = host.collect_targets()
+    (spec,) = [s for s in host.collect_models() if s.name == "validated"]
+    with pytest.raises(PluginError, match='plugin "checker"') as caught:
+        host.validate_artifact(spec, _numpy_runtime(), spec.examples(), None, spec.tolerance_for(targets["numpy"]))
+    assert str(path) in str(caught.value) and "validated/1" in str(caught.value)
+    builder = Builder(tmp_path / "models", targets, host, device="cpu")
+    with pytest.raises(BuildError, match='plugin "checker"'):
+        builder.ensure(spec)
+    assert builder.read_manifest(spec) is None  # no verdict was recorded: a fixed validator rebuilds
+
+
+def _numpy_runtime() -> Any:
+    from .plugins.identity import NumpyRuntime
+
+    return NumpyRuntime(lambda inputs: {"OUT": inputs["IN"] * 3})
 
 
 def test_block_and_allow_lists(plugins: Path) -> None:
@@ -152,9 +301,11 @@ def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.
     host = PluginHost(None, entry_points=True, extra={"identity": _identity_module()})
     host.collect_targets()
     specs = host.collect_models()
-    assert "from_entry_point" in [s.name for s in specs]
+    (spec,) = [s for s in specs if s.name == "from_entry_point"]
+    assert spec.plugin == "ep"
     assert host.records["ep"].source == "entry-point"
-    assert any(p.name == "__init__.py" for p in specs[0].sources) or specs
+    assert host.records["ep"].models == ["from_entry_point/1"]
+    assert (site / "ep_plugin" / "__init__.py").resolve() in spec.sources  # the cache key covers its files
 
 
 def _identity_module() -> Any:
@@ -183,23 +334,25 @@ def test_object_plugins_and_lifecycle_hooks(plugins: Path, start_server: Any) ->
     assert events[-1] == ("stopping", server.server.grpc_port)
 
 
-def test_plugins_command_shows_failures(plugins: Path) -> None:
+def test_plugins_command_table_and_json_say_the_same(plugins: Path) -> None:
     write(plugins, "good", GOOD.format(name="listed"))
     write(plugins, "syntax", "def broken(:\n")
-    result = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    write(plugins, "unmarked", "def server_started(server):\n    pass\n")
+    command = [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points"]
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
     records = {r["name"]: r for r in json.loads(result.stdout)}
     assert records["good"]["models"] == ["listed/1"]
     assert records["syntax"]["status"] == "failed"
     assert "SyntaxError" in records["syntax"]["errors"][0]
-    table = subprocess.run(
-        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert "syntax" in table and "failed" in table and "errors:" in table
+    assert "@hookimpl" in records["unmarked"]["warnings"][0]
+    table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    rows = {line.split()[0]: line for line in table.splitlines()[2:] if line and not line.startswith(" ")}
+    for name, record in records.items():
+        row = re.split(r"\s{2,}", rows[name].strip())
+        assert record["source"] in row and record["status"] in row, rows[name]
+        for key in ("hooks", "models", "targets"):
+            assert (", ".join(record[key]) or "-") in row, (key, rows[name])
+        assert f"  {name}: {record['location']}" in table
+        for note in record["errors"] + record["warnings"]:
+            assert f"  {name}: {note}" in table
+    assert "\nerrors:" in table and "\nwarnings:" in table

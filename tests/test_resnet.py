@@ -136,7 +136,7 @@ def test_onnx_serves_eager_logits_and_batches_like_single_requests(
 def test_onnx_int8_builds_and_serves(
     start_server: Any, tmp_path_factory: pytest.TempPathFactory, reference: np.ndarray, images: np.ndarray
 ) -> None:
-    """Only the final Linear is int8 (the built-in quantises MatMul/Gemm, not Conv)."""
+    """Static int8, Conv included, calibrated on the 16 validation images; batch-invariant."""
     folder = tmp_path_factory.mktemp("resnet-int8")
     server, seconds = _serve(start_server, folder, "onnx-int8")
     print(f"resnet onnx-int8: built, validated and served in {seconds:.1f}s")
@@ -146,6 +146,16 @@ def test_onnx_int8_builds_and_serves(
     manifest = _manifest(folder)
     assert manifest["status"] == "ok", manifest["validation"]
     assert manifest["validation"]["outputs"]["logits"]["top1_agreement"] >= 0.95
+    assert manifest["calibration"]["source"] == "validation_data" and manifest["calibration"]["rows"] == 16
+    invariance = manifest["validation"]["batch_invariance"]
+    assert invariance["batch_size"] == 128 and invariance["batched_serving"] is True
+    assert invariance["max_abs_err"] < 1e-3  # fixed activation scales: a row's answer is its own
+    import onnx
+
+    graph = onnx.load(str(folder / "models" / "resnet" / "1" / "model.int8.onnx"), load_external_data=False).graph
+    dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    assert len(convs) == 53 and all(set(n.input) & dequantised for n in convs)  # every Conv is int8 (QDQ)
     logits = _infer(server.url, images)
     assert (logits.argmax(1) == reference.argmax(1)).all()
     assert float(np.abs(logits - reference).max()) <= 0.1 * float(np.abs(reference).max())

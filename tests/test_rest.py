@@ -16,6 +16,7 @@ import tritonclient.http.aio as th_aio
 from tritonclient.utils import InferenceServerException
 
 from hub.cli import build_parser
+from hub.limits import Limits
 
 from .conftest import ROOT, RunningServer, link_plugins
 from .plugins.identity import DATATYPES, sample
@@ -307,7 +308,7 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
 
 def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:
     server = start_server(
-        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), http_max_body=4096, metrics_port=None
+        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), limits=Limits(request_bytes=4096), metrics_port=None
     )
     client = th.InferenceServerClient(server.http_url)
     small = np.zeros((2, 1, 8, 8), np.float32)  # 512 bytes: under the cap

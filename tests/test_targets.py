@@ -162,6 +162,7 @@ def test_build_command_table_and_json(tmp_path: Path) -> None:
     again = subprocess.run([*command, "digits"], capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "ok (cached)" in again.stdout
     assert "max abs err" in again.stdout and "b32 /s" in again.stdout
+    assert "batch-invariant" in again.stdout and "yes 0" in again.stdout
     bad = subprocess.run([*command, "--target", "torch-fp16"], capture_output=True, text=True, timeout=300)
     assert bad.returncode == 1 and "needs a CUDA device" in bad.stderr
 
@@ -176,10 +177,12 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     rows = {r["target"]: r for r in json.loads(result.stdout)}
-    assert {"torch", "onnx", "onnx-int8", "torch-compile", "torch-fp16"} <= set(rows)
+    assert {"torch", "onnx", "onnx-int8", "onnx-int8-dynamic", "torch-compile", "torch-fp16"} <= set(rows)
     for target in ("torch", "onnx", "torch-compile"):
         assert rows[target]["status"] == "ok", rows[target]
         assert rows[target]["b1"] > 0
+        assert rows[target]["batch_invariant"] is True and rows[target]["batch_max_abs_err"] < 1e-4
+    assert rows["onnx-int8"]["calibration"] == "minmax/4"  # the 4 example rows: tiny has no validation data
     # int8 on a 16x4 random layer is far from eager; the comparison shows the refusal and why.
     int8 = rows["onnx-int8"]
     assert int8["status"] == "ok" or "strays from eager" in int8["problem"], int8
@@ -353,22 +356,30 @@ def test_onnx_bf16_export_casts_only_floating_inputs_at_opset_22(
             _load_onnx_half("bf16")(ArtifactContext(spec, tmp_path, "cuda"))
 
 
-def test_int8_exclude_keeps_named_modules_fp32(tmp_path: Path) -> None:
+@pytest.mark.parametrize("target", ["onnx-int8", "onnx-int8-dynamic"])
+def test_int8_exclude_keeps_named_modules_fp32(tmp_path: Path, target: str) -> None:
     import onnx
 
+    from hub.runtimes.variants import INT8_DYNAMIC_FILENAME, INT8_FILENAME
     from hub.spec import Tolerance
 
-    builder, spec = tiny(tmp_path, "onnx-int8")
+    filename = INT8_FILENAME if target == "onnx-int8" else INT8_DYNAMIC_FILENAME
+
+    def fc_is_int8(graph: Any) -> bool:
+        if target == "onnx-int8-dynamic":  # MatMulInteger fed by DynamicQuantizeLinear
+            return any("Integer" in n.op_type for n in graph.node)
+        dequantised = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        return any(set(n.input) & dequantised for n in graph.node if n.op_type in ("Gemm", "MatMul"))  # QDQ
+
+    builder, spec = tiny(tmp_path, target)
     with pytest.raises(BuildError, match=r"int8_exclude: \['encoder\.\*'\] match no module"):
         builder.ensure(spec.with_(options={"int8_exclude": ["encoder.*"]}))
     artifact = builder.ensure(spec.with_(options={"int8_exclude": ["fc"]}))
-    graph = onnx.load(str(builder.directory(spec) / "model.int8.onnx")).graph
     assert artifact.manifest["status"] == "ok"
-    assert not [n.op_type for n in graph.node if "Integer" in n.op_type or "DynamicQuantize" in n.op_type]
+    assert not fc_is_int8(onnx.load(str(builder.directory(spec) / filename)).graph)
     # A change of options rebuilds; everything quantised, this toy model strays far (loose bounds).
     quantised = builder.ensure(spec.with_(options={}, tolerance=Tolerance(atol=2.0, rtol=1.0)))
-    graph = onnx.load(str(builder.directory(spec) / "model.int8.onnx")).graph
-    assert quantised.built and any("Integer" in n.op_type for n in graph.node)
+    assert quantised.built and fc_is_int8(onnx.load(str(builder.directory(spec) / filename)).graph)
 
 
 def test_per_target_tolerance_and_min_cosine_refusal(tmp_path: Path) -> None:

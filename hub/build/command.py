@@ -73,25 +73,22 @@ def build_all(
                 artifact = builder.ensure(spec, force=force, on_stage=stage)
             except HubError as exc:
                 row.update(status="failed", problem=str(exc))
+                refused = builder.read_manifest(spec)  # a refusal after validation keeps its figures
+                if (
+                    refused is not None
+                    and refused.get("cache_key") == builder.cache_key(spec, builder.target_for(spec))[0]
+                ):
+                    row.update(_figures(refused))
                 progress.update(task, description=f"{label}: failed")
                 results.append(row)
                 continue
             manifest = artifact.manifest
-            validation = manifest.get("validation", {})
-            outputs = validation.get("outputs", {})
-            top1 = min((o["top1_agreement"] for o in outputs.values() if "top1_agreement" in o), default=None)
-            cosine = min((o["min_cosine"] for o in outputs.values() if "min_cosine" in o), default=None)
             row.update(
                 status="ok" if artifact.built else "ok (cached)",
                 size=_size(builder.directory(spec)),
                 build_seconds=manifest.get("build_seconds") if artifact.built else 0.0,
                 seconds=time.perf_counter() - started,
-                max_abs_err=validation.get("max_abs_err"),
-                max_rel_err=validation.get("max_rel_err"),
-                top1=None if cosine is not None else top1,  # an embedding's argmax means nothing
-                min_cosine=cosine,
-                accuracy=validation.get("accuracy"),
-                eager_accuracy=validation.get("eager_accuracy"),
+                **_figures(manifest),
             )
             if measure:
                 progress.update(task, description=f"{label}: measure")
@@ -101,6 +98,38 @@ def build_all(
             progress.update(task, description=f"{label}: {row['status']}")
             results.append(row)
     return results
+
+
+def _figures(manifest: dict[str, Any]) -> dict[str, Any]:
+    """The table's figures from a manifest: parity, accuracy, batch invariance, calibration."""
+    validation = manifest.get("validation", {})
+    outputs = validation.get("outputs", {})
+    top1 = min((o["top1_agreement"] for o in outputs.values() if "top1_agreement" in o), default=None)
+    cosine = min((o["min_cosine"] for o in outputs.values() if "min_cosine" in o), default=None)
+    invariance = validation.get("batch_invariance") or {}
+    inv_outputs = invariance.get("outputs", {})
+    calibration = manifest.get("calibration")
+    return {
+        "max_abs_err": validation.get("max_abs_err"),
+        "max_rel_err": validation.get("max_rel_err"),
+        "top1": None if cosine is not None else top1,  # an embedding's argmax means nothing
+        "min_cosine": cosine,
+        "accuracy": validation.get("accuracy"),
+        "eager_accuracy": validation.get("eager_accuracy"),
+        "batch_invariant": invariance.get("batched_serving") if invariance.get("checked") else None,
+        "batch_max_abs_err": invariance.get("max_abs_err"),
+        "batch_min_cosine": min((o["min_cosine"] for o in inv_outputs.values() if "min_cosine" in o), default=None),
+        "calibration": f"{calibration['method']}/{calibration['rows']}" if calibration else None,
+    }
+
+
+def _invariance_cell(r: dict[str, Any]) -> str:
+    if r.get("batch_invariant") is None:
+        return "-"
+    verdict = "yes" if r["batch_invariant"] else "[red]NO[/red]"
+    if r.get("batch_min_cosine") is not None:
+        return f"{verdict} cos {r['batch_min_cosine']:.4f}"
+    return f"{verdict} {r['batch_max_abs_err']:.2g}"
 
 
 def compare_specs(host: PluginHost, spec: ModelSpec) -> list[ModelSpec]:
@@ -123,6 +152,8 @@ def render(results: list[dict[str, Any]]) -> Any:
         "top-1 agree",
         "min cosine",
         "accuracy (eager)",
+        "batch-invariant (worst)",
+        "calibration",
         "b1 /s",
         "b32 /s",
     ):
@@ -132,21 +163,21 @@ def render(results: list[dict[str, Any]]) -> Any:
         return "-" if value is None else format(value, spec)
 
     for r in results:
-        if r["status"] == "failed":
-            table.add_row(f"{r['model']}/{r['version']}", r["target"], "[red]failed[/red]", *["-"] * 9)
-            continue
         accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f} ({r['eager_accuracy']:.4f})"
+        failed = r["status"] == "failed"
         table.add_row(
             f"{r['model']}/{r['version']}",
             r["target"],
-            r["status"],
-            f"{r['size'] / 1024:.0f} KiB",
+            "[red]failed[/red]" if failed else r["status"],
+            "-" if failed else f"{r['size'] / 1024:.0f} KiB",
             num(r.get("build_seconds"), ".1f"),
             num(r.get("max_abs_err"), ".2g"),
             num(r.get("max_rel_err"), ".2g"),
             num(r.get("top1"), ".3f"),
             num(r.get("min_cosine"), ".4f"),
             accuracy,
+            _invariance_cell(r),
+            r.get("calibration") or "-",
             num(r.get("b1"), ",.0f"),
             num(r.get("b32"), ",.0f"),
         )

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,13 @@ def _hash_arrays(arrays: Mapping[str, np.ndarray]) -> str:
         else:
             digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
+
+
+def calibration_record(spec: ModelSpec) -> dict[str, Any]:
+    """What a calibrating target observes: the data's source, rows and hash, and the method."""
+    source, inputs = spec.calibration()
+    rows = len(next(iter(inputs.values()))) if inputs else 0
+    return {"source": source, "rows": rows, "inputs": _hash_arrays(inputs), "method": spec.calibration_method}
 
 
 @dataclass
@@ -106,6 +114,8 @@ class Builder:
             "target": target.name,
             "versions": library_versions(),
         }
+        if target.calibrated:
+            parts["calibration"] = calibration_record(spec)
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest(), parts
 
@@ -126,11 +136,20 @@ class Builder:
         """
         stage = on_stage or (lambda name: None)
         target = self.target_for(spec)
+        clean_stale_staging(self.directory(spec))
         key, parts = self.cache_key(spec, target)
         manifest = None if force else self.read_manifest(spec)
         if manifest is not None and manifest.get("cache_key") == key:
             if manifest.get("status") != "ok":
                 raise BuildError(_refusal(spec, manifest))
+            changed = artifact_changes(self.directory(spec), manifest)
+            if changed:
+                log.warning(
+                    "model '%s': artifact files differ from their manifest hashes (%s); rebuilding",
+                    spec.key,
+                    ", ".join(changed[:8]),
+                )
+                return self._build(spec, target, key, parts, stage)
             stage("load (cached)")
             runtime = target.load(self._context(spec, self.directory(spec)))
             return Artifact(runtime, manifest, built=False)
@@ -182,6 +201,8 @@ class Builder:
             "files": hash_files(sorted(p for p in staging.iterdir() if p.is_file()), staging),
             "validation": validation,
         }
+        if "calibration" in parts:
+            manifest["calibration"] = parts["calibration"]
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _replace_dir(staging, final)
         log.info(
@@ -229,6 +250,59 @@ def _common_root(paths: tuple[Path, ...]) -> Path | None:
     if not paths:
         return None
     return Path(os.path.commonpath([str(p.parent) for p in paths]))
+
+
+def artifact_changes(directory: Path, manifest: Mapping[str, Any]) -> list[str]:
+    """The artifact files whose sha256 is not the one the manifest recorded (missing ones
+    included), so that a file swapped on disk is rebuilt, never served."""
+    recorded = manifest.get("files")
+    if not isinstance(recorded, dict):
+        return ["the manifest lists no files"]
+    changed = []
+    for name, digest in sorted(recorded.items()):
+        path = directory / name
+        if not path.is_file():
+            changed.append(f"{name} missing")
+        elif hash_files([path], directory).get(name) != digest:
+            changed.append(name)
+    return changed
+
+
+#: A build writes into models/<name>/.<version>.staging-<pid> and moves the replaced artifact
+#: to .<version>.old-<pid>-<ns> before deleting it: both are left behind by a killed build.
+_LEFTOVER = re.compile(r"^\.(?P<version>[^.]+)\.(?:staging-(?P<spid>\d+)|old-(?P<opid>\d+)-\d+)$")
+
+
+def clean_stale_staging(final: Path) -> list[Path]:
+    """Remove the staging and replaced-artifact folders that builds of this version left
+    behind when they were killed: those of processes that no longer run. A live process's
+    (this one's included: another server in it may be building) are its own business."""
+    removed: list[Path] = []
+    try:
+        siblings = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for path in siblings:
+        match = _LEFTOVER.match(path.name)
+        if match is None or match["version"] != final.name or not path.is_dir():
+            continue
+        pid = int(match["spid"] or match["opid"])
+        if pid == os.getpid() or _process_alive(pid):
+            continue
+        shutil.rmtree(path, ignore_errors=True)
+        log.info("removed %s, left by an interrupted build", path)
+        removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 def _replace_dir(staging: Path, final: Path) -> None:

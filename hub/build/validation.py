@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.build.invariance import check_batch_invariance
 from hub.datatypes import datatype_of
 from hub.plugins.hookspecs import hookimpl
 from hub.spec import ModelSpec, Runtime, Tolerance
@@ -21,8 +22,9 @@ def validate_artifact(
     tolerance: Tolerance,
     labels: np.ndarray | None,
 ) -> dict[str, Any]:
-    """The outputs honour the spec's contract, stay within tolerance of eager, and (with
-    labels) score an accuracy that is recorded next to eager's."""
+    """The outputs honour the spec's contract, stay within tolerance of eager, (with labels)
+    score an accuracy no further below eager's than the tolerance allows, and each row's
+    answer does not depend on its batch-mates (hub/build/invariance.py)."""
     outputs = run_chunked(runtime, spec, examples)
     problems: list[str] = []
     for tensor in spec.outputs:
@@ -35,7 +37,12 @@ def validate_artifact(
         if not tensor.matches(got.shape):
             problems.append(f"output '{tensor.name}': expected shape {list(tensor.shape)}, got {list(got.shape)}")
     report: dict[str, Any] = {"problems": problems}
-    if reference is None or problems:
+    if problems:
+        return report
+    invariance = check_batch_invariance(spec, runtime, examples, tolerance)
+    problems.extend(invariance.pop("problems", []))
+    report["batch_invariance"] = invariance
+    if reference is None:
         return report
     max_abs = max_rel = 0.0
     per_output: dict[str, Any] = {}
@@ -83,6 +90,13 @@ def validate_artifact(
         report["accuracy"] = float(np.mean(outputs[first].argmax(1) == labels))
         report["eager_accuracy"] = float(np.mean(np.asarray(reference[first]).argmax(1) == labels))
         report["validation_rows"] = len(labels)
+        drop = report["eager_accuracy"] - report["accuracy"]
+        if tolerance.max_accuracy_drop is not None and drop > tolerance.max_accuracy_drop + 1e-12:
+            problems.append(
+                f"accuracy {report['accuracy']:.4f} is {100 * drop:.2f} points below eager's "
+                f"{report['eager_accuracy']:.4f} on {len(labels)} labelled rows; the tolerance allows "
+                f"{100 * tolerance.max_accuracy_drop:.2f} (max_accuracy_drop={tolerance.max_accuracy_drop:g})"
+            )
     return report
 
 

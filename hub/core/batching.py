@@ -108,6 +108,9 @@ class _Workers:
                 self._loop.call_soon_threadsafe(done, result, error)
             except RuntimeError:  # the loop closed under us: nobody is waiting any more
                 return
+            # This frame lives as long as the thread: holding the last batch (its inputs, or an
+            # error whose traceback reaches them) until the next one arrives would pin it.
+            item = job = done = result = error = None  # type: ignore[assignment]
 
     def stop(self) -> None:
         for _ in self._threads:
@@ -344,10 +347,14 @@ class Batcher:
         if error is not None:
             ids = ", ".join(p.request_id or "-" for p in batch)
             log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
+            # The client reads the model and the error type only (no runtime internals: source
+            # paths, graph node names); the log above has the rest. The traceback goes: it
+            # reaches the worker's frames, and through them this batch's inputs.
+            error.__traceback__ = None
             failure = (
                 error
                 if isinstance(error, HubError)
-                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}: {error}")
+                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
             )
             for pending in batch:
                 self._fail(pending, failure)

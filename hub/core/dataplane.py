@@ -30,6 +30,7 @@ from hub.errors import (
     ModelNotFound,
     PermissionDenied,
     code_of,
+    shorten,
 )
 from hub.spec import ModelSpec
 
@@ -122,16 +123,19 @@ class DataPlane:
     def version_policy(self, name: str) -> VersionPolicy:
         return self._version_policy(name) if self._version_policy else VersionPolicy()
 
-    def statistics(self, name: str = "", version: str = "") -> list[ServedModel]:
+    async def statistics(self, name: str = "", version: str = "") -> list[ServedModel]:
         """The models whose statistics a request asks for: one version, every version of one
-        model, or (no name) every model."""
+        model, or (no name) every model; their `stats` are current when this returns (with
+        several worker processes they are fetched from the model process)."""
         if not name:
-            return self.repository.models()
-        if version:
-            return [self.repository.resolve(name, version)]
-        models = self.repository.versions(name)
-        if not models:
-            self.repository.resolve(name)  # raises NOT_FOUND with the known names
+            models = self.repository.models()
+        elif version:
+            models = [self.repository.resolve(name, version)]
+        else:
+            models = self.repository.versions(name)
+            if not models:
+                self.repository.resolve(name)  # raises NOT_FOUND with the known names
+        await self.repository.refresh_statistics(models)
         return models
 
     def index(self, ready_only: bool = False) -> list[ServedModel]:
@@ -199,12 +203,7 @@ class DataPlane:
             raise _bare(_crash(model, exc)) from None
         finally:
             elapsed = time.perf_counter() - started
-            ns = int(elapsed * 1e9)
-            if code == OK and delivery is not None:
-                model.stats.request_succeeded(ns, delivery.inferences, delivery.queue_ns, delivery.batch)
-            else:
-                model.stats.request_failed(ns)
-            model.end_request(code, elapsed)
+            model.end_request(code, elapsed, delivery)
             if self._log_requests and random.random() < self._log_requests:
                 self._access(model, request_id, code, elapsed)
 
@@ -236,11 +235,12 @@ def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) ->
     for output in requested:
         if output.name not in declared:
             raise InvalidInput(
-                f"requested output '{output.name[:128]}' is not an output of model '{spec.name}'; outputs: {declared}"
+                f"requested output '{shorten(output.name)}' is not an output of model '{spec.name}'; "
+                f"outputs: {declared}"
             )
         if output.class_count < 0:
             raise InvalidInput(
-                f"requested output '{output.name}': class_count must be positive, got {output.class_count}"
+                f"requested output '{shorten(output.name)}': class_count must be positive, got {output.class_count}"
             )
         names.append((output.name, output.class_count))
     return names

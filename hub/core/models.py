@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,9 +15,11 @@ import numpy as np
 from hub.core.batching import Batcher, Delivery
 from hub.core.stats import ModelStats
 from hub.datatypes import datatype_of
-from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable
+from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable, name_list
 from hub.metrics import ModelMetrics
 from hub.spec import ModelSpec, Runtime, Target, TensorSpec
+
+log = logging.getLogger("modelhub.models")
 
 
 class ModelState(enum.Enum):
@@ -38,6 +41,7 @@ class ServedModel:
     stats: ModelStats = field(default_factory=ModelStats)
     metrics: ModelMetrics | None = None
     load_seconds: float = 0.0
+    device: str = ""  # where the runtime computes ("cpu", "cuda"), once loaded
 
     def set_state(self, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
         """Change state; `announce=False` keeps it off the metrics (a replacement loading
@@ -63,9 +67,19 @@ class ServedModel:
         if self.metrics is not None:
             self.metrics.in_flight.inc()
 
-    def end_request(self, code: str, seconds: float) -> None:
-        """Account one finished request in the Prometheus metrics (the data plane counts the
-        statistics, which need the request's batch)."""
+    def abandon_request(self) -> None:
+        """A request left this process unanswered (it is counted where it is answered)."""
+        if self.metrics is not None:
+            self.metrics.in_flight.dec()
+
+    def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
+        """Account one answered request: statistics (with its batch, from the batcher's
+        delivery, when it succeeded) and Prometheus metrics."""
+        ns = int(seconds * 1e9)
+        if code == "OK" and delivery is not None:
+            self.stats.request_succeeded(ns, delivery.inferences, delivery.queue_ns, delivery.batch)
+        else:
+            self.stats.request_failed(ns)
         if self.metrics is not None:
             self.metrics.in_flight.dec()
             self.metrics.request_done(code, seconds)
@@ -95,7 +109,9 @@ class ServedModel:
         except ValueError as exc:  # the documented way for a preprocess to reject its input
             raise InvalidInput(f"model '{self.name}': {exc}") from None
         except Exception as exc:
-            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}: {exc}") from exc
+            # The client learns the model and the error type; the details go to the log.
+            log.error("model '%s': preprocess failed", self.spec.key, exc_info=exc)
+            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}") from None
         try:
             got = check_inputs(self.spec, forward, self.spec.model_inputs)
         except InvalidInput as exc:
@@ -131,10 +147,10 @@ def check_inputs(
         extra = [n for n in inputs if n not in names]
         problems = []
         if missing:
-            problems.append(f"missing input(s) {missing}")
+            problems.append(f"missing input(s) {name_list(missing)}")
         if extra:
-            problems.append(f"unexpected input(s) {extra}")
-        raise InvalidInput(f"model '{spec.name}': {'; '.join(problems)}; expected inputs {names}")
+            problems.append(f"unexpected input(s) {name_list(extra)}")
+        raise InvalidInput(f"model '{spec.name}': {'; '.join(problems)}; expected inputs {name_list(names)}")
     policy = spec.batching
     rows: int | None = None
     for tensor in expected:

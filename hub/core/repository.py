@@ -11,7 +11,7 @@ from hub.build.pipeline import Builder
 from hub.core.batching import Batcher, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
-from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable
+from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
 from hub.metrics import Metrics
 from hub.spec import ModelSpec
 
@@ -55,15 +55,20 @@ class ModelRepository:
         """The model a request names; "" picks the newest ready version (else the newest)."""
         versions = self._models.get(name)
         if not versions:
-            known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"unknown model '{name}'; served models: {known}")
+            known = name_list(self.names())
+            raise ModelNotFound(f"unknown model '{shorten(name)}'; served models: {known}")
         if not version:
             ready = [v for v, m in versions.items() if m.ready]
             return versions[max(ready or versions)]
         try:
             return versions[int(version)]
         except (ValueError, KeyError):
-            raise ModelNotFound(f"model '{name}' has no version '{version}'; versions: {sorted(versions)}") from None
+            raise ModelNotFound(
+                f"model '{name}' has no version '{shorten(version)}'; versions: {sorted(versions)}"
+            ) from None
+
+    async def refresh_statistics(self, models: list[ServedModel]) -> None:
+        """Make these models' `stats` current (they are, in one process; see hub/workers)."""
 
     def get_ready(self, name: str, version: str = "") -> ServedModel:
         model = self.resolve(name, version)
@@ -132,7 +137,7 @@ class ModelRepository:
         """Stop serving every version of a model: new requests get UNAVAILABLE, queued ones finish."""
         versions = self._models.get(name)
         if not versions:
-            raise ModelNotFound(f"unknown model '{name}'; served models: {', '.join(self.names()) or 'none'}")
+            raise ModelNotFound(f"unknown model '{shorten(name)}'; served models: {name_list(self.names())}")
         for model in list(versions.values()):
             await self._retire(model, announce=True)
 
@@ -165,6 +170,7 @@ class ModelRepository:
                 return
             model.target = self.builder.target_for(model.spec)
             model.runtime = artifact.runtime
+            model.device = artifact.runtime.device
             model.manifest = artifact.manifest
             model.load_seconds = time.perf_counter() - started
             model.batcher = Batcher(

@@ -2,6 +2,11 @@
 
 Mark implementations with `hub.hookimpl`. Each docstring below is the documentation of its
 hook (docs/plugins.md repeats the signatures; a test keeps the two in step).
+
+Every hook is called through pluggy, one plugin at a time: `@hookimpl(tryfirst=True)`
+implementations first, then the unmarked ones newest registration first, then
+`@hookimpl(trylast=True)`. An exception is reported against the plugin that raised it. No
+hook is `firstresult`: every implementation runs.
 """
 
 from __future__ import annotations
@@ -75,9 +80,10 @@ def validate_artifact(
     :param tolerance: the `hub.Tolerance` in force (the spec's for this target, else the
         target's default).
     :param labels: the labels of `examples` from `validation_data`, or None.
-    :returns: None to abstain, or a dict of figures to record. A list under the key
-        "problems" (human-readable strings) refuses the artifact: the model is marked failed
-        with those reasons and is not served.
+    :returns: None to abstain, or a dict of figures to record (string keys). A list under the
+        key "problems" (human-readable strings) refuses the artifact: the model is marked
+        failed with those reasons and is not served. Raising, or returning anything else,
+        fails the build with a message naming this plugin, and no manifest is written.
     """
 
 

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import itertools
 import logging
 import os
 import sys
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -21,7 +23,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import HubError, SpecError
+from hub.errors import HubError, PluginError, SpecError
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -46,10 +48,40 @@ class PluginRecord:
     location: str
     status: str = "loaded"  # "loaded", "failed" or "disabled"
     errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     files: tuple[Path, ...] = ()
+
+    def describe(self) -> dict[str, Any]:
+        """Everything `modelhub plugins` prints about this plugin, for its table and its --json alike."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "location": self.location,
+            "status": self.status,
+            "hooks": list(self.hooks),
+            "models": list(self.models),
+            "targets": list(self.targets),
+            "errors": list(self.errors),
+            "warnings": list(self.warnings),
+        }
+
+
+#: The hooks a plugin may implement, from the spec module.
+HOOK_NAMES: frozenset[str] = frozenset(
+    name for name, obj in vars(hookspecs).items() if callable(obj) and hasattr(obj, f"{hookspecs.PROJECT}_spec")
+)
+#: Each PluginHost imports its directory plugins under its own package in sys.modules.
+_HOST_NUMBERS = itertools.count(1)
+_NAMESPACE_ROOT = "modelhub_plugins"
+
+
+def did_you_mean(name: str) -> str:
+    """' (did you mean "x"?)' for the hook nearest to a misspelt name, or ''."""
+    close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1, cutoff=0.6)
+    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -92,6 +124,10 @@ class PluginHost:
     Loading is explicit (`load()`), idempotent, and never done at import time. A plugin that
     fails to import or registers something invalid is recorded with its name, file and
     reason, and the others carry on.
+
+    Every hook is called through pluggy, one plugin at a time (`_per_plugin`), so pluggy's
+    order (tryfirst, then registration order newest first, then trylast), hookwrappers and
+    `MODELHUB_TRACE_HOOKS` tracing apply, and each result or error belongs to one plugin.
     """
 
     def __init__(
@@ -111,6 +147,9 @@ class PluginHost:
         self.pm = pluggy.PluginManager(hookspecs.PROJECT)
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
+        #: This host's package in sys.modules for directory plugins: two hosts loading the same
+        #: folder get their own module objects (and a package plugin's relative imports work).
+        self.namespace = f"{_NAMESPACE_ROOT}.host{next(_HOST_NUMBERS)}"
         self._loaded = False
         if os.environ.get("MODELHUB_TRACE_HOOKS"):
             self.pm.trace.root.setwriter(lambda msg: log.info("hook: %s", msg.rstrip()))
@@ -142,12 +181,17 @@ class PluginHost:
             if self.pm.get_plugin(name) is not None:
                 self.pm.unregister(name=name)
             del self.records[name]
-            for module in [
-                m for m in sys.modules if m == f"modelhub_plugins.{name}" or m.startswith(f"modelhub_plugins.{name}.")
-            ]:
-                del sys.modules[module]
+            self._forget_modules(f"{self.namespace}.{name}")
         if self.plugins_dir is not None:
             self._load_directory(self.plugins_dir)
+
+    def close(self) -> None:
+        """Drop this host's directory plugins from sys.modules (the host is not used again)."""
+        self._forget_modules(self.namespace)
+
+    def _forget_modules(self, prefix: str) -> None:
+        for module in [m for m in sys.modules if m == prefix or m.startswith(prefix + ".")]:
+            del sys.modules[module]
 
     def _load_directory(self, folder: Path) -> None:
         if not folder.is_dir():
@@ -157,9 +201,11 @@ class PluginHost:
             if path.name.startswith((".", "_")):
                 continue
             if path.is_file() and path.suffix == ".py":
-                self._add(path.stem, "directory", str(path), functools.partial(_import_file, path))
+                importer = functools.partial(_import_file, path, self.namespace)
+                self._add(path.stem, "directory", str(path), importer)
             elif path.is_dir() and (path / "__init__.py").is_file():
-                self._add(path.name, "directory", str(path), functools.partial(_import_file, path / "__init__.py"))
+                importer = functools.partial(_import_file, path / "__init__.py", self.namespace)
+                self._add(path.name, "directory", str(path), importer)
 
     def _add(self, name: str, source: str, location: str, importer: Callable[[], object]) -> None:
         record = PluginRecord(name=name, source=source, location=location)
@@ -180,6 +226,23 @@ class PluginHost:
         except Exception as exc:
             self._fail(record, f'Error importing plugin "{name}" from {location}: {exc!r}', exc)
             return
+        if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
+            record.status = "failed"
+            record.errors.append(
+                f'plugin "{name}" ({location}) is an unhashable {type(plugin).__name__}; register a module or an '
+                "ordinary class instance (a dataclass plugin needs eq=False)"
+            )
+            log.error("%s", record.errors[-1])
+            return
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            record.status = "failed"
+            for hook in unknown:
+                record.errors.append(
+                    f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook)}'
+                )
+                log.error("%s", record.errors[-1])
+            return
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
@@ -190,28 +253,59 @@ class PluginHost:
             return
         if isinstance(plugin, ModuleType):
             record.files = _source_files(plugin)
+            for hook in self._unmarked_hooks(plugin):
+                record.warnings.append(
+                    f'plugin "{name}" ({getattr(plugin, "__file__", location)}): function "{hook}" is named like '
+                    f"a hook but is not marked @hookimpl, so it is never called; add `@hookimpl` "
+                    f"(from hub import hookimpl) above it, or rename it"
+                )
+                log.warning("%s", record.warnings[-1])
         record.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         log.debug("loaded plugin %s from %s", name, location)
+
+    def _unknown_hooks(self, plugin: object) -> list[str]:
+        """Names marked @hookimpl that are no hook (pluggy's check_pending would say so without a hint)."""
+        unknown = []
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts is not None and (opts.get("specname") or attr) not in HOOK_NAMES:
+                unknown.append(opts.get("specname") or attr)
+        return unknown
+
+    def _unmarked_hooks(self, module: ModuleType) -> list[str]:
+        """Module-level functions named like a hook but not marked, which pluggy silently ignores."""
+        return sorted(
+            hook
+            for hook in HOOK_NAMES
+            if callable(getattr(module, hook, None)) and self.pm.parse_hookimpl_opts(module, hook) is None
+        )
 
     def _fail(self, record: PluginRecord, message: str, exc: BaseException) -> None:
         record.status = "failed"
         record.errors.append(message)
         log.error("%s\n%s", message, "".join(traceback.format_exception(exc)).rstrip())
 
-    # --- registration ---------------------------------------------------------------------
+    # --- calling hooks ----------------------------------------------------------------------
 
-    def _impls(self, hook: Any) -> Iterable[tuple[PluginRecord, Any]]:
-        """Each implementation of a hook with its plugin's record, in registration order, so
-        that every result and every error belongs to one plugin."""
-        for impl in hook.get_hookimpls():
-            yield self.records[impl.plugin_name], impl
+    def _per_plugin(self, hook_name: str) -> Iterator[tuple[PluginRecord, pluggy.HookCaller]]:
+        """Each plugin implementing `hook_name`, in the order pluggy calls them, with a hook
+        caller that runs that plugin's implementation alone (hookwrappers still wrap it).
+
+        One `pm.hook.X()` call for all plugins would stop at the first exception, hiding every
+        later plugin's contribution, and would not say whose implementation raised; pluggy's
+        subset callers keep the ordering, tracing and argument handling and give both.
+        """
+        impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if not (i.hookwrapper or i.wrapper)]
+        for impl in reversed(impls):  # pluggy runs its list from the end: tryfirst first, trylast last
+            others = [other.plugin for other in impls if other is not impl]
+            yield self.records[impl.plugin_name], self.pm.subset_hook_caller(hook_name, others)
 
     def collect_targets(self) -> dict[str, Target]:
         self.load()
         for record in self.records.values():
             record.targets = []
         targets: dict[str, Target] = {}
-        for record, impl in self._impls(self.pm.hook.register_targets):
+        for record, call in self._per_plugin("register_targets"):
 
             def register(target: Target, record: PluginRecord = record) -> None:
                 if not isinstance(target, Target):
@@ -223,7 +317,7 @@ class PluginHost:
                 targets[target.name] = dataclasses.replace(target, plugin=record.name)
                 record.targets.append(target.name)
 
-            self._guarded(record, "register_targets", impl, register=register)
+            self._guarded(record, "register_targets", call, register=register)
         return targets
 
     def collect_models(self) -> list[ModelSpec]:
@@ -231,7 +325,7 @@ class PluginHost:
         for record in self.records.values():
             record.models = []
         specs: dict[tuple[str, int], ModelSpec] = {}
-        for record, impl in self._impls(self.pm.hook.register_models):
+        for record, call in self._per_plugin("register_models"):
 
             def register(spec: ModelSpec, record: PluginRecord = record) -> None:
                 try:
@@ -250,12 +344,12 @@ class PluginHost:
                 specs[key] = spec.with_(plugin=record.name, sources=record.files)
                 record.models.append(spec.key)
 
-            self._guarded(record, "register_models", impl, register=register)
+            self._guarded(record, "register_models", call, register=register)
         return sorted(specs.values(), key=lambda s: (s.name, s.version))
 
-    def _guarded(self, record: PluginRecord, hook: str, impl: Any, **kwargs: Any) -> None:
+    def _guarded(self, record: PluginRecord, hook: str, call: pluggy.HookCaller, **kwargs: Any) -> None:
         try:
-            _invoke(impl, **kwargs)
+            call(**kwargs)
         except HubError as exc:
             self._spec_error(record, str(exc))
         except Exception as exc:
@@ -277,44 +371,77 @@ class PluginHost:
         tolerance: Tolerance,
         labels: np.ndarray | None = None,
     ) -> list[dict[str, Any]]:
-        return list(
-            self.pm.hook.validate_artifact(
-                spec=spec, runtime=runtime, examples=examples, reference=reference, tolerance=tolerance, labels=labels
-            )
-        )
+        """Every validator's figures, in hook order (None results left out).
+
+        Raises PluginError, naming the plugin and its file, when a validator raises or returns
+        something other than None or a dict whose "problems" (if present) is a list of strings:
+        a validator that cannot give a verdict must fail the build, not pass the artifact.
+        """
+        results: list[dict[str, Any]] = []
+        for record, call in self._per_plugin("validate_artifact"):
+            where = f'plugin "{record.name}" ({record.location})'
+            try:
+                returned = call(
+                    spec=spec,
+                    runtime=runtime,
+                    examples=examples,
+                    reference=reference,
+                    tolerance=tolerance,
+                    labels=labels,
+                )
+            except Exception as exc:
+                log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
+                raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc
+            for result in returned:
+                problem = _malformed_validation(result)
+                if problem:
+                    raise PluginError(f"{where}: validate_artifact for model '{spec.key}' {problem}")
+                results.append(result)
+        return results
 
     def server_started(self, server: Any) -> None:
-        self._notify(self.pm.hook.server_started, "server_started", server=server)
+        self._notify("server_started", server=server)
 
     def server_stopping(self, server: Any) -> None:
-        self._notify(self.pm.hook.server_stopping, "server_stopping", server=server)
+        self._notify("server_stopping", server=server)
 
-    def _notify(self, hook: Any, hook_name: str, **kwargs: Any) -> None:
-        for record, impl in self._impls(hook):
+    def _notify(self, hook_name: str, **kwargs: Any) -> None:
+        for record, call in self._per_plugin(hook_name):
             try:
-                _invoke(impl, **kwargs)
+                call(**kwargs)
             except Exception:
-                log.exception('plugin "%s" raised in %s', record.name, hook_name)
+                log.exception('plugin "%s" (%s) raised in %s', record.name, record.location, hook_name)
 
 
-def _invoke(impl: Any, **kwargs: Any) -> Any:
-    """Call one hook implementation with the arguments it asks for (pluggy allows a subset)."""
-    return impl.function(*[kwargs[arg] for arg in impl.argnames])
+def _malformed_validation(result: object) -> str:
+    """Why a validate_artifact result breaks the hook's contract, or '' when it keeps it."""
+    if not isinstance(result, dict):
+        return f"returned {type(result).__name__} {result!r:.80}; expected None or a dict"
+    if any(not isinstance(key, str) for key in result):
+        return f"returned a dict with non-string keys {sorted(map(repr, result))}"
+    problems = result.get("problems", [])
+    if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
+        return f'returned "problems" = {problems!r:.80}; expected a list of strings'
+    return ""
 
 
 def _identity(plugin: object) -> object:
     return plugin
 
 
-def _import_file(path: Path) -> ModuleType:
-    """Import a loose plugin file or package under a private name, so it cannot shadow real modules."""
+def _import_file(path: Path, namespace: str) -> ModuleType:
+    """Import a loose plugin file or package as `<namespace>.<name>`, so that it cannot shadow
+    real modules, a package plugin's relative imports resolve, and hosts do not share modules."""
     is_package = path.name == "__init__.py"
     stem = path.parent.name if is_package else path.stem
-    module_name = f"modelhub_plugins.{stem}"
-    if "modelhub_plugins" not in sys.modules:
-        namespace = ModuleType("modelhub_plugins")
-        namespace.__path__ = []
-        sys.modules["modelhub_plugins"] = namespace
+    module_name = f"{namespace}.{stem}"
+    parts = namespace.split(".")
+    for depth in range(1, len(parts) + 1):
+        package = ".".join(parts[:depth])
+        if package not in sys.modules:
+            holder = ModuleType(package)
+            holder.__path__ = []
+            sys.modules[package] = holder
     spec = importlib.util.spec_from_file_location(
         module_name, path, submodule_search_locations=[str(path.parent)] if is_package else None
     )

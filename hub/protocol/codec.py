@@ -8,8 +8,17 @@ import sys
 import numpy as np
 
 from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
-from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes, from_buffer
-from hub.errors import InvalidInput
+from hub.datatypes import (
+    NUMPY_DTYPES,
+    check_bytes_count,
+    check_bytes_element,
+    datatype_of,
+    element_count,
+    encode_bytes,
+    from_buffer,
+)
+from hub.errors import InvalidInput, shorten
+from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.triton import model_inputs
 from hub.spec import ModelSpec
@@ -36,11 +45,12 @@ TYPED_FIELDS = {
 OutputTensor = pb.ModelInferResponse.InferOutputTensor
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+def decode_inputs(request: pb.ModelInferRequest, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """The request's inputs as numpy arrays, keyed by name.
 
-    Raw contents are wrapped without copying (read-only views of the request's bytes).
-    Raises InvalidInput naming the input for any inconsistency.
+    Raw contents are wrapped without copying (read-only views of the request's bytes). Every
+    shape is checked against `limits` (and the whole request's element count) before its
+    tensor is decoded. Raises InvalidInput naming the input for any inconsistency.
     """
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
@@ -52,53 +62,71 @@ def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
             "a request that uses raw contents must send one entry per input, in order"
         )
     arrays: dict[str, np.ndarray] = {}
+    total = 0
     for index, tensor in enumerate(request.inputs):
         name = tensor.name
         if name in arrays:
-            raise InvalidInput(f"input '{name}' appears more than once")
+            raise InvalidInput(f"input '{shorten(name)}' appears more than once")
         datatype = tensor.datatype
         dtype = NUMPY_DTYPES.get(datatype)
         if dtype is None:
             raise InvalidInput(
-                f"input '{name}': unknown datatype '{datatype}'; expected one of {', '.join(NUMPY_DTYPES)}"
+                f"input '{shorten(name)}': unknown datatype '{shorten(datatype, 32)}'; "
+                f"expected one of {', '.join(NUMPY_DTYPES)}"
             )
         shape = tuple(tensor.shape)
+        count = element_count(name, shape, limits)
+        total += count
+        if total > limits.elements:
+            raise InvalidInput(
+                f"input '{shorten(name)}': the request's inputs hold more than {limits.elements} elements, "
+                "this server's limit per request"
+            )
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(_mixed_message(name))
-            arrays[name] = from_buffer(name, datatype, shape, raw[index])
+            arrays[name] = from_buffer(name, datatype, shape, raw[index], limits)
         else:
-            count = element_count(name, shape)
-            arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents)
+            arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents, limits)
     return arrays
 
 
 def _mixed_message(name: str) -> str:
     return (
-        f"input '{name}' has typed contents but the request also carries raw_input_contents; "
+        f"input '{shorten(name)}' has typed contents but the request also carries raw_input_contents; "
         "use raw contents for every input or for none"
     )
 
 
 def _from_typed(
-    name: str, datatype: str, dtype: np.dtype, shape: tuple[int, ...], count: int, contents: pb.InferTensorContents
+    name: str,
+    datatype: str,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    count: int,
+    contents: pb.InferTensorContents,
+    limits: Limits,
 ) -> np.ndarray:
     field = TYPED_FIELDS.get(datatype)
     if field is None:
-        raise InvalidInput(f"input '{name}': {datatype} has no typed contents field; send it as raw contents")
+        raise InvalidInput(f"input '{shorten(name)}': {datatype} has no typed contents field; send it as raw contents")
     values = getattr(contents, field)
     if len(values) != count:
         raise InvalidInput(
-            f"input '{name}': expected {count} values in contents.{field} for shape {list(shape)}, got {len(values)}"
+            f"input '{shorten(name)}': expected {count} values in contents.{field} for shape "
+            f"{list(shape)[:16]}, got {len(values)}"
         )
     if datatype == "BYTES":
+        check_bytes_count(name, count, limits)
         array = np.empty(count, dtype=np.object_)
-        array[:] = list(values)
+        for index, value in enumerate(values):
+            check_bytes_element(name, index, len(value), limits)
+            array[index] = value
         return array.reshape(shape)
     try:
         return np.array(values, dtype=dtype).reshape(shape)
     except OverflowError:
-        raise InvalidInput(f"input '{name}': a value in contents.{field} does not fit {datatype}") from None
+        raise InvalidInput(f"input '{shorten(name)}': a value in contents.{field} does not fit {datatype}") from None
 
 
 def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
@@ -113,8 +141,8 @@ def requested_outputs(request: pb.ModelInferRequest) -> list[RequestedOutput]:
     return out
 
 
-def decode_request(request: pb.ModelInferRequest, spec: ModelSpec) -> InferRequest:
-    return InferRequest(model_inputs(spec, decode_inputs(request)), requested_outputs(request))
+def decode_request(request: pb.ModelInferRequest, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> InferRequest:
+    return InferRequest(model_inputs(spec, decode_inputs(request, limits)), requested_outputs(request))
 
 
 def encode_response(response: InferResponse) -> pb.ModelInferResponse:

@@ -7,37 +7,154 @@ hub.protocol.triton.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Callable
-from typing import Any, NoReturn
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
 from hub.core.dataplane import DataPlane
 from hub.errors import HubError
+from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.codec import decode_request, encode_response
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.status import status_for
 
+log = logging.getLogger("modelhub.grpc")
 
-async def _abort(context: grpc.aio.ServicerContext, exc: BaseException) -> NoReturn:
-    code, message = status_for(exc)
-    await context.abort(code, message)
-    raise AssertionError("unreachable")  # abort raises
+SERVICE = "inference.GRPCInferenceService"
+SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the server is shutting down and takes no new requests")
+
+
+@dataclass(frozen=True)
+class Undecodable:
+    """What a handler receives in place of a request whose protobuf did not parse."""
+
+    method: str
+    size: int
+
+    @property
+    def message(self) -> str:
+        return f"{self.method}: the request ({self.size} bytes) is not a valid protobuf message of its type"
+
+
+def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register the service as the generated `add_GRPCInferenceServiceServicer_to_server`
+    does, but with deserializers that never raise: a request that does not parse reaches the
+    handler as `Undecodable` and is answered INVALID_ARGUMENT with one log line (grpc.aio
+    would log a traceback per request and answer UNKNOWN; a stream would hang)."""
+    captured: dict[str, grpc.RpcMethodHandler] = {}
+
+    class _Capture:
+        def add_generic_rpc_handlers(self, handlers: object) -> None:
+            pass
+
+        def add_registered_method_handlers(self, service: str, handlers: dict[str, grpc.RpcMethodHandler]) -> None:
+            captured.update(handlers)
+
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Capture())
+    handlers = {method: _tolerant(method, handler) for method, handler in captured.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+def _tolerant(method: str, handler: Any) -> Any:
+    """`handler` with a deserializer that returns Undecodable instead of raising. A unary
+    method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream."""
+    parse = handler.request_deserializer
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception:  # DecodeError, mostly; whatever it is, the bytes are the client's fault
+            return Undecodable(method, len(data))
+
+    if handler.request_streaming or handler.unary_unary is None:
+        return handler._replace(request_deserializer=deserialize)
+    behaviour = handler.unary_unary
+
+    serialize = handler.response_serializer
+
+    async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            log.warning("%s from %s: undecodable request of %d bytes refused", method, context.peer(), request.size)
+            return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
+        return await behaviour(request, context)
+
+    def serialize_or_nothing(response: Any) -> bytes:
+        return b"" if response is None else serialize(response)
+
+    return handler._replace(
+        request_deserializer=deserialize, unary_unary=guarded, response_serializer=serialize_or_nothing
+    )
+
+
+def _status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    """The status for a caught error. Call it inside the `except` block and end the RPC after
+    it: ending it inside would keep the error (its traceback, its frames, the request's
+    arrays) alive for as long as the RPC's own objects."""
+    return status_for(exc)
+
+
+def _fail(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str]) -> Any:
+    """End a unary RPC with `status`: set it and return None, which the tolerant serializer
+    (add_to_server) sends as nothing. Unlike `context.abort`, nothing is raised: an AbortError's
+    traceback holds the handler's frames (and so the request, its bytes and its arrays) in a
+    reference cycle inside grpc.aio until the cyclic collector runs."""
+    context.set_code(status[0])
+    context.set_details(status[1])
+    return None
 
 
 def _unimplemented(method: str) -> Callable[..., Any]:
     async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub")
+        return _fail(context, (grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub"))
 
     handler.__name__ = method
     return handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, plane: DataPlane) -> None:
+    def __init__(self, plane: DataPlane, limits: Limits = DEFAULT_LIMITS) -> None:
         self.plane = plane
+        self.limits = limits
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._readers: set[asyncio.Task[None]] = set()
+
+    # --- draining (SIGTERM) -------------------------------------------------------------------
+
+    def refuse_new(self) -> None:
+        """From now on refuse new inference requests at once (UNAVAILABLE, which clients may
+        retry elsewhere); those already accepted, unary or on a stream, are still answered.
+        Streams stop reading and end with UNAVAILABLE once their accepted requests are answered."""
+        self._draining = True
+        for reader in list(self._readers):
+            reader.cancel()
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until every accepted inference request is answered; False if `timeout` ran out."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def _begin(self) -> None:
+        self._in_flight += 1
+        self._idle.clear()
+
+    def _end(self) -> None:
+        self._in_flight -= 1
+        if self._in_flight == 0:
+            self._idle.set()
 
     # --- health -----------------------------------------------------------------------------
 
@@ -60,21 +177,26 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             return triton.model_metadata(self.plane, self.plane.model(request.name, request.version))
         except HubError as exc:
-            await _abort(context, exc)
+            failure = _status(exc)
+        return _fail(context, failure)
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
         try:
             model = self.plane.model(request.name, request.version)
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.ModelConfigResponse(config=triton.model_config(self.plane, model))
+            failure = _status(exc)
+        else:
+            return pb.ModelConfigResponse(config=triton.model_config(self.plane, model))
+        return _fail(context, failure)
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: Any) -> pb.ModelStatisticsResponse:
         try:
-            models = self.plane.statistics(request.name, request.version)
+            models = await self.plane.statistics(request.name, request.version)
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
+            failure = _status(exc)
+        else:
+            return pb.ModelStatisticsResponse(model_stats=[triton.model_statistics(m) for m in models])
+        return _fail(context, failure)
 
     async def RepositoryIndex(self, request: pb.RepositoryIndexRequest, context: Any) -> pb.RepositoryIndexResponse:
         return pb.RepositoryIndexResponse(models=[triton.index_entry(m) for m in self.plane.index(request.ready)])
@@ -85,8 +207,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await self.plane.load(request.model_name, dict(request.parameters))
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.RepositoryModelLoadResponse()
+            failure = _status(exc)
+        else:
+            return pb.RepositoryModelLoadResponse()
+        return _fail(context, failure)
 
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
@@ -94,61 +218,110 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             await self.plane.unload(request.model_name)
         except HubError as exc:
-            await _abort(context, exc)
-        return pb.RepositoryModelUnloadResponse()
+            failure = _status(exc)
+        else:
+            return pb.RepositoryModelUnloadResponse()
+        return _fail(context, failure)
 
     # --- inference --------------------------------------------------------------------------
 
     async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
         plane = self.plane
+        limits = self.limits
         return await plane.infer(
             request.model_name,
             request.model_version,
             request.id,
-            lambda spec: decode_request(request, spec),
+            lambda spec: decode_request(request, spec, limits),
             encode_response,
             timeout=time_remaining,
         )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        if self._draining:
+            return _fail(context, SHUTTING_DOWN)
+        self._begin()
         try:
-            return await self._infer(request, context.time_remaining())
-        except HubError as exc:
-            await _abort(context, exc)
+            try:
+                return await self._infer(request, context.time_remaining())
+            except HubError as exc:
+                failure = _status(exc)
+        finally:
+            self._end()
+        return _fail(context, failure)
 
     async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest | Undecodable], context: Any
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests on one stream run concurrently (and batch together); each response, or its
-        error, is sent as soon as it is ready, carrying the request's id."""
-        done: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        error, is sent as soon as it is ready, carrying the request's id.
+
+        At most `limits.stream_in_flight` requests of a stream are computing or waiting for
+        the client to read their responses; past that the stream is not read, so a client that
+        writes without reading is held back by flow control. An undecodable message gets an
+        error on the stream, and the stream ends with INVALID_ARGUMENT once the requests before
+        it are answered; during shutdown it ends with UNAVAILABLE the same way.
+        """
+        loop = asyncio.get_running_loop()
+        done: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.limits.stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self._infer(request, context.time_remaining())
-            except HubError as exc:
-                _, message = status_for(exc)
-                stub = pb.ModelInferResponse(
-                    model_name=request.model_name, model_version=request.model_version, id=request.id
-                )
-                await done.put(pb.ModelStreamInferResponse(error_message=message, infer_response=stub))
-                return
-            await done.put(pb.ModelStreamInferResponse(infer_response=response))
+                try:
+                    response = pb.ModelStreamInferResponse(
+                        infer_response=await self._infer(request, context.time_remaining())
+                    )
+                except HubError as exc:
+                    stub = pb.ModelInferResponse(
+                        model_name=request.model_name, model_version=request.model_version, id=request.id
+                    )
+                    response = pb.ModelStreamInferResponse(error_message=_status(exc)[1], infer_response=stub)
+            finally:
+                self._end()
+            await done.put(response)
 
         async def read() -> None:
-            async for request in request_iterator:
-                task = asyncio.get_running_loop().create_task(answer(request))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
+            end = _StreamEnd()
+            try:
+                async for request in request_iterator:
+                    if isinstance(request, Undecodable):
+                        log.warning(
+                            "%s from %s: undecodable message of %d bytes; ending the stream",
+                            request.method,
+                            context.peer(),
+                            request.size,
+                        )
+                        end = _StreamEnd((grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=True)
+                        break
+                    if self._draining:
+                        end = _StreamEnd(SHUTTING_DOWN)
+                        break
+                    await slots.acquire()
+                    self._begin()
+                    task = loop.create_task(answer(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+            except asyncio.CancelledError:
+                if not self._draining:
+                    raise
+                end = _StreamEnd(SHUTTING_DOWN)  # refuse_new() stopped the reading
             while tasks:
                 await asyncio.gather(*list(tasks))
-            await done.put(None)
+            await done.put(end)
 
-        reader = asyncio.get_running_loop().create_task(read())
+        reader = loop.create_task(read())
+        self._readers.add(reader)
+        reader.add_done_callback(self._readers.discard)
         try:
-            while (item := await done.get()) is not None:
+            while not isinstance(item := await done.get(), _StreamEnd):
                 yield item
+                slots.release()
+            if item.status is not None:
+                if item.error_on_stream:
+                    yield pb.ModelStreamInferResponse(error_message=item.status[1])
+                _fail(context, item.status)  # the stream ends when this generator returns
         finally:
             reader.cancel()
             for task in list(tasks):
@@ -164,3 +337,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
+
+
+@dataclass(frozen=True)
+class _StreamEnd:
+    """The last item of a stream's queue: end normally, or with `status`."""
+
+    status: tuple[grpc.StatusCode, str] | None = None
+    error_on_stream: bool = False

@@ -13,6 +13,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from hub.build.report import report_parameters
 from hub.config import VersionPolicy
 from hub.core.dataplane import DataPlane
 from hub.core.models import ModelState, ServedModel
@@ -111,9 +112,7 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
             mc.ModelInstanceGroup(
                 name=f"{spec.name}_0",
                 count=policy.instances,
-                kind=mc.ModelInstanceGroup.KIND_GPU
-                if model.runtime is not None and model.runtime.device == "cuda"
-                else mc.ModelInstanceGroup.KIND_CPU,
+                kind=mc.ModelInstanceGroup.KIND_GPU if model.device == "cuda" else mc.ModelInstanceGroup.KIND_CPU,
             )
         ],
         version_policy=_version_policy(plane.version_policy(model.name)),
@@ -138,19 +137,16 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
 
 
 def manifest_parameters(model: ServedModel) -> dict[str, str]:
-    """The build report, flattened into ModelConfig parameters."""
+    """The model's state and its whole build report (hub/build/report.py), flattened into
+    ModelConfig parameters so that any Triton client can read them."""
     out = {"state": model.state.value}
     if model.reason:
         out["reason"] = model.reason
     manifest = model.manifest
     if manifest:
-        out["target"] = str(manifest.get("target", ""))
         out["built_at"] = str(manifest.get("built_at", ""))
         out["cache_key"] = str(manifest.get("cache_key", ""))
-        validation = manifest.get("validation", {})
-        for key in ("max_abs_err", "max_rel_err"):
-            if key in validation:
-                out[f"parity_{key}"] = f"{validation[key]:.3g}"
+        out.update(report_parameters(manifest))
     return out
 
 

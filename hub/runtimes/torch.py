@@ -115,6 +115,9 @@ def register_targets(register: Callable[[Target], None]) -> None:
             description="eager PyTorch, on CUDA when available",
             platform="pytorch_libtorch",
             check_parity=False,  # it is the reference
-            tolerance=Tolerance(atol=0.0, rtol=0.0),
+            # Eager is its own parity reference, but its kernels block differently by batch size:
+            # a digits row alone and in a batch of 64 differed by 3e-6. The batch-invariance check
+            # allows it the float rounding any fp32 target gets.
+            tolerance=Tolerance(atol=1e-4, rtol=1e-3),
         )
     )

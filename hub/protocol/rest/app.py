@@ -135,7 +135,7 @@ class RestFrontend:
 
     async def statistics(self, request: web.Request) -> web.Response:
         info = request.match_info
-        models = self.plane.statistics(info.get("model", ""), info.get("version", ""))
+        models = await self.plane.statistics(info.get("model", ""), info.get("version", ""))
         return json_response({"model_stats": [triton.as_json(triton.model_statistics(m)) for m in models]})
 
     # --- repository -------------------------------------------------------------------------

@@ -14,7 +14,7 @@ class HttpListener:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int, *, shutdown_timeout: float = 10.0) -> int:
+    async def start(self, host: str, port: int, *, shutdown_timeout: float = 10.0, reuse_port: bool = False) -> int:
         """Listen on host:port and return the bound port. We bind the socket ourselves so the
         port a 0 picked is known without reaching into the server's internals."""
         family, kind, proto, _, address = socket.getaddrinfo(
@@ -23,6 +23,8 @@ class HttpListener:
         sock = socket.socket(family, kind, proto)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if reuse_port:  # several frontend processes on one port (hub/workers)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
         except OSError:
             sock.close()

@@ -1,0 +1,47 @@
+"""The limits on what one request may cost, shared by every frontend (gRPC, REST).
+
+A request is refused with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED, for its size in bytes,
+which the transport enforces) before anything proportional to what it *claims* is
+allocated: a shape is only a claim until the buffer that backs it has been checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-request limits. The defaults serve every bundled model (ResNet-50 at batch 128 is
+    19.3 M UINT8 elements, 19 MB) with room to spare; `modelhub serve --max-*` and the
+    MODELHUB_MAX_* variables change them.
+
+    - `request_bytes`: the largest request message (gRPC's max receive length; the REST
+      frontend's body limit). 64 MiB, as Triton's HTTP default.
+    - `bytes_element`: the largest single BYTES element. 1 MiB fits an encoded image; for
+      text-only deployments set it lower (tokenising 1 MiB of text for minilm costs about
+      0.8 s of CPU and 170 MB).
+    - `elements`: the most tensor elements in one request, over all its inputs, and the
+      largest any one dimension, or the product of a shape's non-zero dimensions, may be.
+    - `bytes_elements`: the most BYTES elements in one request. Each costs a Python object
+      (about 40 bytes) and a step of a Python loop, so this is much lower than `elements`.
+    - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
+      being computed or whose responses the client has not read yet. Past it the server stops
+      reading the stream, and HTTP/2 flow control holds the client back.
+    """
+
+    request_bytes: int = 64 << 20
+    bytes_element: int = 1 << 20
+    elements: int = 1 << 26
+    bytes_elements: int = 1 << 16
+    stream_in_flight: int = 64
+
+    def __post_init__(self) -> None:
+        for name in ("request_bytes", "bytes_element", "elements", "bytes_elements", "stream_in_flight"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+
+
+#: The limits a server uses when it is given none.
+DEFAULT_LIMITS = Limits()

@@ -1,0 +1,216 @@
+"""The model process of a multi-process server: one copy of every model, its batcher and its
+statistics, fed by every frontend process over a Unix socket (hub/workers/wire.py).
+
+It runs a Server with no frontends of its own (it owns the models, the model control and the
+metrics port); `EngineService` answers the frontends:
+
+- `submit`: a request's forward inputs, already checked and preprocessed by the frontend,
+  into the model's batcher; the answer carries the request's rows of the outputs and a
+  ticket for its batch.
+- `commit`: a frontend answered these requests; count them (and, with the first of a batch,
+  the batch) in the statistics and metrics, in one step, as one process would.
+- `stats`, `load`, `unload`: the statistics snapshot and model control, for any frontend.
+- `state` (sent to every frontend): a model changed state, or the first load finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import itertools
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hub.core.batching import Delivery
+from hub.core.models import ServedModel, batch_signature
+from hub.core.stats import BatchRecord
+from hub.errors import HubError, ModelUnavailable, client_message, code_of
+from hub.server import Server
+from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
+
+log = logging.getLogger("modelhub.engine")
+
+
+def model_view(model: ServedModel) -> dict[str, Any]:
+    """What a frontend mirrors of a model: its state and its build report."""
+    return {
+        "name": model.name,
+        "version": model.version,
+        "state": model.state.value,
+        "reason": model.reason,
+        "manifest": model.manifest,
+        "device": model.device,
+        "cache_key": model.manifest.get("cache_key", ""),
+    }
+
+
+class _Connection:
+    """One frontend: its channel and the batches its answered-but-uncounted requests ran in."""
+
+    def __init__(self, service: EngineService) -> None:
+        self.service = service
+        self.channel = Channel(self._received, self._lost)
+        self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
+        self.tasks: set[asyncio.Task[None]] = set()
+
+    def _received(self, header: Header, frames: list[memoryview]) -> None:
+        kind = header["k"]
+        if kind == "commit":
+            self.service.commit(self, header["items"])
+            return
+        task = asyncio.get_running_loop().create_task(self.service.handle(self, header, frames))
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def _lost(self, exc: BaseException | None) -> None:
+        self.service.connections.discard(self)
+        for task in list(self.tasks):
+            task.cancel()
+        for model, _ in self.tickets.values():  # that frontend's requests went with it
+            model.abandon_request()
+        self.tickets.clear()
+
+    def send(self, header: Header, frames: list[Any] | None = None) -> None:
+        try:
+            self.channel.send(header, frames or ())
+        except ConnectionError:
+            pass  # the frontend went away; its requests went with it
+
+
+class EngineService:
+    def __init__(self, server: Server, socket_path: Path) -> None:
+        self.server = server
+        self.socket_path = socket_path
+        self.connections: set[_Connection] = set()
+        self._tickets = itertools.count(1)
+        self._listener: asyncio.AbstractServer | None = None
+        self._announcing: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        assert self.server.repository is not None
+        self.server.repository.on_change(self._changed)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_unix_server(self._connect, str(self.socket_path))
+        os.chmod(self.socket_path, 0o600)
+        self._announcing = loop.create_task(self._announce_loaded())
+
+    def _connect(self) -> Channel:
+        connection = _Connection(self)
+        self.connections.add(connection)
+        return connection.channel
+
+    async def _announce_loaded(self) -> None:
+        await self.server.wait_until_loaded()
+        self.broadcast()
+
+    def snapshot(self) -> Header:
+        assert self.server.repository is not None
+        return {
+            "k": "state",
+            "loaded": self.server.is_ready() or self.server._loaded.is_set(),
+            "models": [model_view(m) for m in self.server.repository.models()],
+        }
+
+    def broadcast(self) -> None:
+        header = self.snapshot()
+        for connection in list(self.connections):
+            connection.send(header)
+
+    def _changed(self, model: ServedModel) -> None:
+        self.broadcast()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+        for connection in list(self.connections):
+            if connection.channel.transport is not None:
+                connection.channel.transport.close()
+
+    # --- requests ---------------------------------------------------------------------------
+
+    async def handle(self, connection: _Connection, header: Header, frames: list[memoryview]) -> None:
+        kind, ticket = header["k"], header.get("t", 0)
+        try:
+            if kind == "submit":
+                reply, out = await self._submit(connection, header, frames)
+            elif kind == "hello":
+                reply, out = self.snapshot(), []
+            elif kind == "stats":
+                reply, out = self._stats(header), []
+            elif kind == "load":
+                await self.server.plane.load(header["name"], header.get("parameters") or {})  # type: ignore[union-attr]
+                reply, out = {}, []
+            elif kind == "unload":
+                await self.server.plane.unload(header["name"])  # type: ignore[union-attr]
+                reply, out = {}, []
+            else:
+                raise HubError(f"unknown message kind {kind!r}")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not isinstance(exc, HubError):
+                log.exception("engine: %s failed", kind)
+            connection.send({"k": "error", "t": ticket, "code": code_of(exc), "message": client_message(exc)})
+            return
+        reply.setdefault("k", "reply")
+        reply["t"] = ticket
+        connection.send(reply, out)
+
+    async def _submit(
+        self, connection: _Connection, header: Header, frames: list[memoryview]
+    ) -> tuple[Header, list[Any]]:
+        assert self.server.repository is not None
+        model = self.server.repository.get_ready(header["m"], str(header["v"]))
+        if model.batcher is None:
+            raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
+        inputs = unpack_arrays(header["inputs"], frames)
+        model.begin_request()
+        delivery: Delivery = await model.batcher.submit(
+            inputs,
+            rows=header["rows"],
+            signature=batch_signature(model.spec, inputs),
+            timeout=header.get("timeout"),
+            request_id=header.get("id", ""),
+        )
+        ticket = next(self._tickets)
+        connection.tickets[ticket] = (model, delivery.batch)
+        described, out = pack_arrays(list(delivery.outputs.items()))
+        return {
+            "outputs": described,
+            "inferences": delivery.inferences,
+            "queue_ns": delivery.queue_ns,
+            "b": ticket,
+        }, out
+
+    def commit(self, connection: _Connection, items: list[list[Any]]) -> None:
+        """Count answered requests: [name, version, code, ns, inferences, queue_ns, batch ticket
+        (0 when the request never reached the batcher)]."""
+        assert self.server.repository is not None
+        for name, version, code, ns, inferences, queue_ns, ticket in items:
+            entry = connection.tickets.pop(ticket, None) if ticket else None
+            if entry is not None:
+                model, batch = entry
+            else:
+                try:
+                    model, batch = self.server.repository.resolve(name, str(version)), None
+                except HubError:
+                    continue  # unloaded meanwhile
+                if ticket == 0:
+                    model.begin_request()  # it never reached submit: count it in flight now
+            delivery = Delivery({}, inferences, queue_ns, batch) if batch is not None else None
+            model.end_request(code, ns / 1e9, delivery)
+
+    def _stats(self, header: Header) -> Header:
+        assert self.server.repository is not None
+        out = []
+        for name, version in header["models"]:
+            try:
+                model = self.server.repository.resolve(name, str(version))
+            except HubError:
+                continue
+            out.append([name, version, dataclasses.asdict(model.stats)])
+        return {"stats": out}

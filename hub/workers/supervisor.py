@@ -1,0 +1,222 @@
+"""`modelhub serve --workers N`: one model process and N frontend processes, kept running.
+
+The supervisor (this process) starts the model process (`--role engine`: every model, its
+batcher, statistics, model control, metrics) and N frontends (`--role frontend`: gRPC and
+REST on the same ports through SO_REUSEPORT, each doing the protocol work for the
+connections the kernel gives it). It restarts a process that dies, and on SIGTERM drains
+the frontends first (each answers what it accepted), then stops the model process.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("modelhub.supervisor")
+
+#: How long a process may take to listen before the supervisor gives up on the start.
+START_TIMEOUT = 600.0
+
+
+def default_workers() -> int:
+    """Frontend processes by default: 1 on a box of 2 cores or fewer (the model needs the
+    other core), then one per two cores, at most 8."""
+    cores = os.cpu_count() or 1
+    return 1 if cores <= 2 else min(8, cores // 2)
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    """Children get SIGTERM if the supervisor dies (Linux prctl(PR_SET_PDEATHSIG))."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+    """A concrete port for `port` (0: a free one), held by a bound, non-listening
+    SO_REUSEPORT socket so that every frontend can bind the same number."""
+    if port != 0:
+        return port, None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind((host, 0))
+    return holder.getsockname()[1], holder
+
+
+@dataclass
+class _Child:
+    role: str
+    argv: list[str]
+    port_file: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+    ports: dict[str, Any] = field(default_factory=dict)
+
+    def start(self) -> None:
+        self.port_file.unlink(missing_ok=True)
+        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+class Supervisor:
+    def __init__(
+        self,
+        argv: Sequence[str],
+        workers: int,
+        *,
+        host: str,
+        grpc_port: int | None,
+        http_port: int | bool | None,
+        port_file: Path | None,
+        shutdown_grace: float,
+    ) -> None:
+        self.argv = list(argv)
+        self.workers = workers
+        self.host = host
+        self.grpc_port = grpc_port
+        self.http_port = http_port
+        self.port_file = port_file
+        self.shutdown_grace = shutdown_grace
+        self._stop = False
+        self._holders: list[socket.socket] = []
+        self._dir = Path(tempfile.mkdtemp(prefix="modelhub-"))
+
+    def _command(self, *extra: str) -> list[str]:
+        # Later flags win in argparse, so the role's settings override the user's.
+        return [sys.executable, "-m", "hub.cli", *self.argv, "--workers", "1", *extra]
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._signalled)
+        socket_path = self._dir / "engine.sock"
+        ports: dict[str, int | None] = {}
+        for name, port in (("grpc", self.grpc_port), ("http", self.http_port)):
+            if port is None or port is False:
+                ports[name] = None
+                continue
+            number, holder = reserve_port(self.host, port)
+            ports[name] = number
+            if holder is not None:
+                self._holders.append(holder)
+        http = self.http_port is not False  # False: this build has no REST frontend
+        common = ["--engine-socket", str(socket_path)]
+        engine = _Child(
+            "engine",
+            self._command("--role", "engine", *common, "--grpc-port", "off", *(["--http-port", "off"] if http else []),
+                          "--port-file", str(self._dir / "engine.json")),
+            self._dir / "engine.json",
+        )  # fmt: skip
+        common += ["--metrics-port", "off", "--grpc-port", _flag(ports["grpc"])]
+        common += ["--http-port", _flag(ports["http"])] if http else []
+        frontends = [
+            _Child(
+                f"frontend-{i}",
+                self._command("--role", "frontend", *common, "--port-file", str(self._dir / f"frontend-{i}.json")),
+                self._dir / f"frontend-{i}.json",
+            )
+            for i in range(self.workers)
+        ]
+        children = [engine, *frontends]
+        try:
+            for child in children:
+                child.start()
+            if not self._wait_listening(children):
+                return 1
+            self._announce(engine, ports)
+            while not self._stop:
+                time.sleep(0.2)
+                for child in children:
+                    if not self._stop and not child.alive():
+                        code = child.process.returncode if child.process is not None else None
+                        child.restarts += 1
+                        log.error("%s exited (code %s); restarting it (restart %d)", child.role, code, child.restarts)
+                        child.start()
+            return self._shutdown(engine, frontends)
+        finally:
+            for child in children:
+                if child.alive() and child.process is not None:
+                    child.process.kill()
+            for holder in self._holders:
+                holder.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def _signalled(self, signum: int, frame: Any) -> None:
+        self._stop = True
+
+    def _wait_listening(self, children: list[_Child]) -> bool:
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline and not self._stop:
+            for child in children:
+                if not child.alive():
+                    log.error(
+                        "%s exited during start (code %s)", child.role, child.process and child.process.returncode
+                    )
+                    return False
+                if not child.ports and child.port_file.exists():
+                    with contextlib.suppress(ValueError):
+                        child.ports = json.loads(child.port_file.read_text())
+            if all(child.ports for child in children):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def _announce(self, engine: _Child, ports: dict[str, int | None]) -> None:
+        listening = {**ports, "metrics": engine.ports.get("metrics"), "workers": self.workers, "pid": os.getpid()}
+        log.info(
+            "modelhub supervisor: %d frontends on grpc %s:%s, http %s, metrics %s (model process pid %d)",
+            self.workers,
+            self.host,
+            ports["grpc"] or "off",
+            ports["http"] or "off",
+            listening["metrics"] or "off",
+            engine.process.pid if engine.process is not None else -1,
+        )
+        if self.port_file is not None:
+            write_port_file(self.port_file, listening)
+
+    def _shutdown(self, engine: _Child, frontends: list[_Child]) -> int:
+        """Drain the frontends (they still reach the model process), then stop it."""
+        codes = [_terminate(child, self.shutdown_grace + 10) for child in frontends]
+        codes.append(_terminate(engine, self.shutdown_grace + 10))
+        log.info("modelhub supervisor stopped (exit codes %s)", codes)
+        return 0 if all(code == 0 for code in codes) else 1
+
+
+def _terminate(child: _Child, timeout: float) -> int | None:
+    process = child.process
+    if process is None or process.poll() is not None:
+        return process.returncode if process is not None else None
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        log.error("%s did not stop within %.0fs; killing it", child.role, timeout)
+        process.kill()
+        return process.wait()
+
+
+def _flag(port: int | None) -> str:
+    return "off" if port is None else str(port)
+
+
+def write_port_file(path: Path, ports: dict[str, Any]) -> None:
+    """Write the listening ports atomically (a reader never sees half a file)."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(ports))
+    staging.replace(path)

@@ -1,0 +1,184 @@
+"""`make fuzz`: 100,000+ mutated ModelInfer requests against `modelhub serve` on 127.0.0.1.
+
+Starts the server in a subprocess (digits and the test plugins), sends the cases of
+tests/fuzzing.py (the default suite's fuzzer, unbounded here), judges every answer (a defined
+status with a bounded message, or a result equal to the model's, computed here), and samples
+the server's RSS. Prints the rate; exits 1 on any problem, if the server dies, or if its RSS
+grew more than --max-growth after the warm-up.
+
+    .venv/bin/python scripts/fuzz.py --cases 100000
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from tests import fuzzing  # noqa: E402
+
+
+class ServedProcess:
+    """`modelhub serve` on 127.0.0.1 with an OS-chosen port; its log goes to a file (a pipe
+    nobody reads would fill and block the server)."""
+
+    def __init__(self, plugins: list[Path], work: Path, *extra: str) -> None:
+        folder = work / "plugins"
+        folder.mkdir(parents=True, exist_ok=True)
+        for source in plugins:
+            link = folder / source.name
+            if not link.exists():
+                link.symlink_to(source)
+        self.models = work / "models"
+        self.log_path = work / "server.log"
+        self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
+        command = [sys.executable, "-m", "hub.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
+                   "--metrics-port", "0", "--device", "cpu", "--no-entry-points", "--plugins-dir", str(folder),
+                   "--model-repository", str(self.models), *extra]  # fmt: skip
+        self.proc = subprocess.Popen(command, stderr=self.log, cwd=ROOT)
+        self.port = 0
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            text = self.log_path.read_text()
+            match = re.search(r"listening: grpc 127\.0\.0\.1:(\d+)", text)
+            if match:
+                self.port = int(match.group(1))
+            if self.port and _server_ready(self.url):
+                return
+            time.sleep(0.2)
+        raise SystemExit("server did not come up:\n" + self.log_path.read_text()[-4000:])
+
+    @property
+    def url(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def rss_mib(self) -> float:
+        with open(f"/proc/{self.proc.pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) / 1024
+        return 0.0
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self) -> int:
+        self.proc.terminate()
+        code = self.proc.wait(60)
+        self.log.close()
+        return code
+
+
+def _server_ready(url: str) -> bool:
+    import grpc
+
+    from hub.protocol.generated import grpc_service_pb2 as pb
+
+    with grpc.insecure_channel(url) as channel:
+        ready = channel.unary_unary("/inference.GRPCInferenceService/ServerReady")
+        try:
+            return bool(pb.ServerReadyResponse.FromString(ready(b"", timeout=2)).ready)
+        except grpc.RpcError:
+            return False
+
+
+def test_plugins() -> list[Path]:
+    return [ROOT / "plugins" / "digits", *sorted((ROOT / "tests" / "plugins").glob("*.py"))]
+
+
+def references(models: Path) -> dict[str, Any]:
+    """The fuzzer's references, digits from its built ONNX artifact run here."""
+    refs: dict[str, Any] = {name: fuzzing.REFERENCES.get(name) for name in fuzzing.REFERENCES}
+    refs["sleepy"] = None
+    onnx_file = models / "digits" / "1" / "model.onnx"
+    refs["digits"] = None
+    if onnx_file.exists():
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+        names = [o.name for o in session.get_outputs()]
+        refs["digits"] = lambda inputs: dict(zip(names, session.run(None, {"image": inputs["image"]}), strict=True))
+    return refs
+
+
+def _chunks(cases: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
+    chunk: list[bytes] = []
+    for case in cases:
+        chunk.append(case)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=13)
+    parser.add_argument("--max-growth", type=float, default=0.10, help="RSS growth allowed after warm-up")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fuzz.json")
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="modelhub-fuzz-") as work:
+        server = ServedProcess(test_plugins(), Path(work))
+        refs = references(server.models)
+        rng = random.Random(args.seed)
+        seeds = fuzzing.seed_requests(rng)
+        total = fuzzing.Verdicts()
+        samples: list[tuple[int, float]] = []
+        warm = max(1000, args.cases // 20)
+        started = time.monotonic()
+        sent = 0
+        for chunk in _chunks(iter(fuzzing.mutations(seeds, args.cases, rng)), 5000):
+            verdicts = asyncio.run(fuzzing.run(server.url, chunk, refs, concurrency=args.concurrency))
+            sent += len(chunk)
+            total.codes.update(verdicts.codes)
+            total.checked += verdicts.checked
+            total.problems.extend(verdicts.problems)
+            if not server.alive():
+                total.problems.append("the server died")
+                break
+            samples.append((sent, server.rss_mib()))
+            print(f"{sent:>8} cases  {sent / (time.monotonic() - started):7.0f}/s  rss {samples[-1][1]:.0f} MiB",
+                  flush=True)  # fmt: skip
+        elapsed = time.monotonic() - started
+        baseline = next((rss for n, rss in samples if n >= warm), samples[0][1])
+        final = samples[-1][1]
+        growth = final / baseline - 1
+        code = server.stop()
+        log_text = server.log_path.read_text()
+    result = {
+        "cases": sent,
+        "seconds": round(elapsed, 1),
+        "rate_per_s": round(sent / elapsed),
+        "concurrency": args.concurrency,
+        "codes": dict(total.codes),
+        "checked_results": total.checked,
+        "rss_mib": {"after_warmup": round(baseline), "final": round(final), "growth": round(growth, 4)},
+        "tracebacks_in_log": log_text.count("Traceback"),
+        "exit_code": code,
+        "problems": total.problems[:20],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(result, indent=2))
+    failed = total.problems or growth > args.max_growth or result["tracebacks_in_log"] or code != 0
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
