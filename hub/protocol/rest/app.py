@@ -58,7 +58,9 @@ def _guarded(handler: Handler) -> Handler:
         except web.HTTPRequestEntityTooLarge:
             limit = request.app[MAX_BODY]
             return web.Response(
-                body=error_body(f"request body is larger than the server's limit of {limit} bytes (--max-request-bytes)"),
+                body=error_body(
+                    f"request body is larger than the server's limit of {limit} bytes (--max-request-bytes)"
+                ),
                 status=413,
                 headers={"Content-Type": "application/json"},
             )
