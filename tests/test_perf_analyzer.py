@@ -1,4 +1,5 @@
-"""Triton's own perf_analyzer completes a measurement against digits (a few seconds).
+"""Triton's own perf_analyzer completes a measurement against digits (a few seconds), over
+gRPC and over REST, and the server-side statistics it reads add up.
 
 `make perf-analyzer` installs the binary under tools/; `.ci/run` sets
 MODELHUB_REQUIRE_PERF_ANALYZER=1 so that CI fails instead of skipping when it is missing.
@@ -18,39 +19,21 @@ BINARY = ROOT / "tools" / "perf_analyzer" / "perf_analyzer"
 
 
 @pytest.mark.perf_analyzer
-def test_perf_analyzer_measures_digits(hub_server: RunningServer) -> None:
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_perf_analyzer_measures_digits(hub_server: RunningServer, protocol: str) -> None:
     if not BINARY.exists():
         if os.environ.get("MODELHUB_REQUIRE_PERF_ANALYZER"):
             pytest.fail(f"{BINARY} is missing; run `make perf-analyzer`")
         pytest.skip("perf_analyzer not installed (make perf-analyzer)")
-    result = subprocess.run(
-        [
-            str(BINARY),
-            "-m",
-            "digits",
-            "-i",
-            "grpc",
-            "-u",
-            hub_server.url,
-            "--concurrency-range",
-            "4",
-            "-p",
-            "1000",
-            "-r",
-            "10",
-            "-s",
-            "50",
-            "-b",
-            "2",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
+    url = hub_server.url if protocol == "grpc" else hub_server.http_url
+    command = [str(BINARY), "-m", "digits", "-i", protocol, "-u", url, "--concurrency-range", "4",
+               "-p", "1000", "-r", "10", "-s", "50", "-b", "2"]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr
     match = re.search(r"Throughput: ([\d.]+) infer/sec", result.stdout)
     assert match and float(match.group(1)) > 0, result.stdout
-    # Server-side statistics were read and add up: every request succeeded and was executed.
+    # Server-side statistics were read and add up: every request succeeded and was executed,
+    # and a request's rows were counted with it (coherent snapshots).
     server = re.search(
         r"Inference count: (\d+)\s+Execution count: (\d+)\s+Successful request count: (\d+)", result.stdout
     )
