@@ -177,7 +177,7 @@ class Server:
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.http_port is not None:
-            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes)
+            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes, limits=config.limits)
             self._http = HttpListener(rest.app())
             self.http_port = await self._http.start(
                 config.host, config.http_port, shutdown_timeout=config.shutdown_grace, reuse_port=config.reuse_port

@@ -4,6 +4,7 @@ binary tensors, every datatype), plain HTTP as curl sends it, and the KServe SDK
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -409,3 +410,17 @@ def test_kserve_rest_client(hub_server: RunningServer, digits_heldout: Any, tmp_
     np.testing.assert_allclose(np.array(out["binary"]), logits, rtol=1e-6)
     status, message = out["error"]
     assert status == 404 and "nope" in message
+
+
+@pytest.mark.parametrize("datatype", ["BYTES", "FP32"])
+def test_json_claiming_many_elements_is_refused_before_allocating(hub_server: RunningServer, datatype: str) -> None:
+    """A 100-byte body claiming 2^25 elements (512 MB of BYTES slots) is a 400 naming the
+    input, answered at once; beyond the elements limit it is refused from the shape alone."""
+    for shape in ([1, 1 << 25], [1, 1 << 40]):
+        body = {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": shape, "data": ["a"]}]}
+        started = time.perf_counter()
+        status, reply = call(
+            hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", json.dumps(body).encode()
+        )
+        assert status == 400 and "INPUT0" in reply["error"], reply
+        assert time.perf_counter() - started < 1.0

@@ -15,6 +15,7 @@ from aiohttp import web
 
 from hub.core.dataplane import DataPlane
 from hub.errors import HubError, InvalidInput, Unsupported
+from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, parse_request
 from hub.protocol.rest.status import error_body, status_for
@@ -75,9 +76,10 @@ def _guarded(handler: Handler) -> Handler:
 class RestFrontend:
     """The KServe V2 REST API over one DataPlane. `max_body` caps a request body in bytes."""
 
-    def __init__(self, plane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY) -> None:
+    def __init__(self, plane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY, limits: Limits = DEFAULT_LIMITS) -> None:
         self.plane = plane
         self.max_body = max_body
+        self.limits = limits
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=self.max_body)
@@ -170,7 +172,7 @@ class RestFrontend:
             info["model"],
             info.get("version", ""),
             parsed.id,
-            lambda spec: decode_request(parsed, spec),
+            lambda spec: decode_request(parsed, spec, self.limits),
             lambda response: encode_response(parsed, response),
             timeout=parsed.timeout,
         )

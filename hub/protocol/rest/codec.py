@@ -21,6 +21,7 @@ import numpy as np
 from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
 from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes, from_buffer
 from hub.errors import InvalidInput
+from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.triton import model_inputs
 from hub.spec import ModelSpec
 
@@ -127,7 +128,7 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, boo
     return outputs, binary
 
 
-def decode_inputs(request: RestRequest) -> dict[str, np.ndarray]:
+def decode_inputs(request: RestRequest, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
     """The request's inputs as numpy arrays: binary ones as views of the body, JSON ones
     converted once. Raises InvalidInput naming the input."""
     arrays: dict[str, np.ndarray] = {}
@@ -158,10 +159,10 @@ def decode_inputs(request: RestRequest) -> dict[str, np.ndarray]:
                     f"input '{name[:128]}': binary_data_size {size} runs past the end of the request body "
                     f"({len(body) - offset} bytes of binary data left)"
                 )
-            arrays[name] = from_buffer(name, datatype, shape, body[offset : offset + size])
+            arrays[name] = from_buffer(name, datatype, shape, body[offset : offset + size], limits)
             offset += size
         elif "data" in tensor:
-            arrays[name] = _from_json(name, datatype, shape, tensor["data"])
+            arrays[name] = _from_json(name, datatype, shape, tensor["data"], limits)
         else:
             raise InvalidInput(f"input '{name[:128]}' has neither 'data' nor parameters.binary_data_size")
     if offset != len(body):
@@ -178,7 +179,7 @@ def _shape(name: str, value: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> np.ndarray:
+def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limits: Limits) -> np.ndarray:
     dtype = NUMPY_DTYPES.get(datatype)
     if dtype is None:
         raise InvalidInput(
@@ -189,15 +190,15 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any) -> n
             f"input '{name[:128]}': {datatype} has no JSON representation; send it as binary data "
             "(parameters.binary_data_size)"
         )
-    count = element_count(name, shape)
+    count = element_count(name, shape, limits)
     if not isinstance(data, list):
         data = [data]
     try:
         if datatype == "BYTES":
-            flat = np.empty(count, dtype=np.object_)
-            values = _flatten(data)
+            values = _flatten(data)  # bounded by the body; checked before the array is allocated
             if len(values) != count:
                 raise InvalidInput(_count_message(name, count, shape, len(values)))
+            flat = np.empty(count, dtype=np.object_)
             for i, value in enumerate(values):
                 if not isinstance(value, str):
                     raise InvalidInput(f"input '{name[:128]}': BYTES data must be strings, element {i} is not")
@@ -231,8 +232,8 @@ def _all_bools(data: list[Any]) -> bool:
     return all(isinstance(v, bool) for v in _flatten(data))
 
 
-def decode_request(request: RestRequest, spec: ModelSpec) -> InferRequest:
-    return InferRequest(model_inputs(spec, decode_inputs(request)), request.outputs, request.parameters)
+def decode_request(request: RestRequest, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> InferRequest:
+    return InferRequest(model_inputs(spec, decode_inputs(request, limits)), request.outputs, request.parameters)
 
 
 def encode_response(request: RestRequest, response: InferResponse) -> tuple[bytes, int | None]:
