@@ -60,7 +60,10 @@ ENV PATH=/opt/venv/bin:$PATH \
     MODELHUB_HTTP_PORT=8000 \
     MODELHUB_GRPC_PORT=8001 \
     MODELHUB_METRICS_PORT=8002 \
-    MODELHUB_SHUTDOWN_GRACE=20
+    MODELHUB_SHUTDOWN_GRACE=20 \
+    # 0: one frontend process per two CPUs the container sees (1 on 2 or fewer), at most 8;
+    # set it to the pod's CPU request minus what the models need (docs/workers.md).
+    MODELHUB_WORKERS=0
 VOLUME ["/app/plugins", "/app/models"]
 EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
