@@ -94,8 +94,9 @@ def validate_artifact(
 def server_started(server: Any) -> None:
     """The server is listening and every model has finished loading (or failed).
 
-    :param server: the `hub.server.ServerInfo` facade: `grpc_port`, `metrics_port`, `device`
-        and `models()`, a list of (name, version, state) triples.
+    :param server: the `hub.server.ServerInfo` facade: `grpc_port`, `http_port` and
+        `metrics_port` (each None when that listener is off), `device` and `models()`, a list of
+        (name, version, state) triples. With `--workers N` this runs once, in the model process.
     :returns: nothing. An exception is logged and does not stop the server.
     """
 
