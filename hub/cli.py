@@ -129,7 +129,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="build, load and serve every plugin's models over gRPC and HTTP/REST")
     _add_plugin_args(serve)
     _add_repository_arg(serve)
-    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
+    serve.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="address to bind; 0.0.0.0 for every interface, as the container image does (default: 127.0.0.1)",
+    )
+    serve.add_argument(
+        "--model-control",
+        action="store_true",
+        default=bool(_env("MODEL_CONTROL", "")),
+        help="accept load and unload requests (RepositoryModelLoad/Unload, /v2/repository/models/*); "
+        "off by default; --watch turns it on (env MODELHUB_MODEL_CONTROL)",
+    )
     _add_port_arg(serve, "grpc", 8001, "gRPC (KServe V2 / Triton)")
     _add_port_arg(serve, "http", 8000, "HTTP/REST (KServe V2 / Triton)")
     _add_port_arg(serve, "metrics", 8002, "Prometheus /metrics (off records no metrics at all)")
@@ -327,6 +338,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         reuse_port=args.role == "frontend",
         limits=limits,
+        model_control=args.model_control,
     )
     return asyncio.run(_serve(Server(config), args.port_file))
 

@@ -72,7 +72,7 @@ class ServerConfig:
 
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
-    host: str = "0.0.0.0"
+    host: str = "127.0.0.1"  # loopback unless asked: containers and manifests bind 0.0.0.0 explicitly
     grpc_port: int | None = 8001
     http_port: int | None = 8000
     metrics_port: int | None = 8002
@@ -90,6 +90,10 @@ class ServerConfig:
     engine_socket: Path | None = None
     serve_engine: Path | None = None
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    #: Load and unload requests (either protocol). Off by default, as Triton's explicit model
+    #: control is: anyone who reaches the port could otherwise rebuild what is served.
+    #: `watch` turns it on.
+    model_control: bool = False
     limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
 
 
@@ -161,7 +165,7 @@ class Server:
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
-            control=control,
+            control=control if config.model_control or config.watch else None,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
         )
@@ -190,10 +194,12 @@ class Server:
             return f"{config.host}:{port}" if port is not None else "off"
 
         log.info(
-            "modelhub listening: grpc %s, http %s, metrics %s, device %s, %d threads per model, plugins %s, models %s",
+            "modelhub listening: grpc %s, http %s, metrics %s (%s), device %s, %d threads per model, "
+            "plugins %s, models %s",
             where(self.grpc_port),
             where(self.http_port),
             where(self.metrics_port),
+            _scope(config.host),
             self.device,
             config.threads,
             ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
@@ -320,6 +326,15 @@ class Server:
         await self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+
+
+def _scope(host: str) -> str:
+    """What binding `host` exposes, for the start-up log line."""
+    if host in ("0.0.0.0", "::", ""):
+        return "all interfaces"
+    if host in ("127.0.0.1", "::1", "localhost"):
+        return "loopback only"
+    return "one interface"
 
 
 def set_torch_threads(threads: int) -> None:

@@ -70,7 +70,7 @@ def _requests(workers: Workers) -> int:
 async def test_reload_under_load_drops_nothing_across_workers(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
     write_scaler(plugins, 2.0)
-    server = Workers(plugins, tmp_path / "models", tmp_path)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
     try:
         clients = [tc_aio.InferenceServerClient(server.url) for _ in range(4)]
         stop = asyncio.Event()

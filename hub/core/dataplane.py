@@ -153,12 +153,18 @@ class DataPlane:
                     "directory only, and takes no configuration or files in a load request"
                 )
         if self._control is None:
-            raise PermissionDenied("model control is not enabled on this server")
+            raise PermissionDenied(
+                "model control is off on this server: start it with --model-control (MODELHUB_MODEL_CONTROL=1) "
+                "or --watch to accept load and unload requests"
+            )
         await self._control.load_model(name)
 
     async def unload(self, name: str) -> None:
         if self._control is None:
-            raise PermissionDenied("model control is not enabled on this server")
+            raise PermissionDenied(
+                "model control is off on this server: start it with --model-control (MODELHUB_MODEL_CONTROL=1) "
+                "or --watch to accept load and unload requests"
+            )
         await self._control.unload_model(name)
 
     # --- inference --------------------------------------------------------------------------
