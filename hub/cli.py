@@ -28,6 +28,11 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean MODELHUB_<name>: set and not 0/false/no/off."""
+    return str(_env(name, "")).strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def port(value: str) -> int | None:
     """A --*-port value: a port number, 0 for any free port, or off/none to turn it off."""
     if value.strip().lower() in ("off", "none", "disabled"):
@@ -129,7 +134,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="build, load and serve every plugin's models over gRPC and HTTP/REST")
     _add_plugin_args(serve)
     _add_repository_arg(serve)
-    serve.add_argument("--host", default=_env("HOST", "0.0.0.0"), help="address to bind (default: 0.0.0.0)")
+    serve.add_argument(
+        "--host",
+        default=_env("HOST", "127.0.0.1"),
+        help="address to bind; 0.0.0.0 for every interface, as containers need (env MODELHUB_HOST; "
+        "default: 127.0.0.1, loopback only)",
+    )
     _add_port_arg(serve, "grpc", 8001, "gRPC (KServe V2 / Triton)")
     _add_port_arg(serve, "http", 8000, "HTTP/REST (KServe V2 / Triton)")
     _add_port_arg(serve, "metrics", 8002, "Prometheus /metrics (off records no metrics at all)")
@@ -149,6 +159,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="poll the plugins directory (every 2 s, or SECONDS) and load, reload or unload what changed; "
         "off by default, when only RepositoryModelLoad/Unload change what is served",
+    )
+    security = serve.add_argument_group("security (see docs/deploy.md)")
+    security.add_argument(
+        "--model-control",
+        action="store_true",
+        default=_env_flag("MODEL_CONTROL"),
+        help="allow RepositoryModelLoad/Unload and REST load/unload; off by default (--watch implies it) "
+        "(env MODELHUB_MODEL_CONTROL)",
+    )
+    security.add_argument(
+        "--model-control-token",
+        default=_env("MODEL_CONTROL_TOKEN", None),
+        metavar="TOKEN",
+        help="bearer token that load/unload require, separate from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
+    )
+    security.add_argument(
+        "--auth-token",
+        default=_env("AUTH_TOKEN", None),
+        metavar="TOKEN",
+        help="bearer token ('authorization: Bearer TOKEN') that everything but health requires "
+        "(env MODELHUB_AUTH_TOKEN; default: none)",
+    )
+    security.add_argument(
+        "--tls-cert", type=Path, default=_env("TLS_CERT", None), help="PEM certificate chain (env MODELHUB_TLS_CERT)"
+    )
+    security.add_argument(
+        "--tls-key", type=Path, default=_env("TLS_KEY", None), help="PEM private key (env MODELHUB_TLS_KEY)"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("TLS_CLIENT_CA", None),
+        help="PEM CA bundle; clients must present a certificate it signed (mutual TLS) (env MODELHUB_TLS_CLIENT_CA)",
+    )
+    security.add_argument(
+        "--metrics-auth",
+        action="store_true",
+        default=_env_flag("METRICS_AUTH"),
+        help="/metrics requires --auth-token too (env MODELHUB_METRICS_AUTH)",
+    )
+    security.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST", None),
+        help="bind the metrics port here instead of --host, e.g. 127.0.0.1 (env MODELHUB_METRICS_HOST)",
     )
     serve.add_argument(
         "--log-requests",
@@ -294,6 +348,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("modelhub: bad limit: %s", exc)
         return 2
+    from hub.security import TlsConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
+        log.error("modelhub: TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
+        return 2
+    tls = None if args.tls_cert is None else TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
@@ -327,6 +387,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         reuse_port=args.role == "frontend",
         limits=limits,
+        # the frontends of --workers N get no `watch`, so --watch's implied control is explicit
+        model_control=args.model_control or bool(args.watch),
+        auth_token=args.auth_token,
+        model_control_token=args.model_control_token,
+        tls=tls,
+        metrics_auth=args.metrics_auth,
+        metrics_host=args.metrics_host,
     )
     return asyncio.run(_serve(Server(config), args.port_file))
 
