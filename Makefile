@@ -19,8 +19,8 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
-serve: install  ## serve plugins/ on gRPC :8001, metrics on :8002
-	$(BIN)/modelhub serve
+serve: install  ## serve plugins/ on every interface: gRPC :8001, HTTP :8000, metrics :8002
+	$(BIN)/modelhub serve --host 0.0.0.0
 
 $(PA): | $(STAMP)
 	PIP=$(BIN)/pip bash scripts/install_perf_analyzer.sh

@@ -297,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING (for container probes)")
     health.add_argument("--service", default="", help="a model name, or empty for the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
+    # Its own variables: in a container MODELHUB_TLS_* are the server's certificate, not a client's.
+    for flag, what in (
+        ("ca", "PEM CA bundle that signed the server's certificate: speak TLS"),
+        ("cert", "PEM client certificate, for a server with --tls-client-ca"),
+        ("key", "PEM key of --tls-cert"),
+    ):
+        env = f"HEALTH_TLS_{flag.upper()}"
+        health.add_argument(f"--tls-{flag}", type=Path, default=_env(env, None), help=f"{what} (env MODELHUB_{env})")
     _add_url_arg(health)
     top = commands.add_parser("top", help="a live terminal view of a running server's models")
     top.add_argument(
@@ -638,7 +646,19 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    if args.tls_ca is None and args.tls_cert is not None:
+        print("--tls-cert needs --tls-ca (the CA that signed the server's certificate)", file=sys.stderr)
+        return 2
+    if args.tls_ca is None:
+        channel = grpc.insecure_channel(args.url)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            args.tls_ca.read_bytes(),
+            args.tls_key.read_bytes() if args.tls_key else None,
+            args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(args.url, credentials)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -44,7 +44,7 @@ def write_scaler(plugins: Path, factor: float) -> None:
 def scaler_server(start_server: Any, tmp_path: Path) -> tuple[RunningServer, Path]:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
     write_scaler(plugins, 2.0)
-    return start_server(plugins, model_repository=tmp_path / "models"), plugins
+    return start_server(plugins, model_repository=tmp_path / "models", model_control=True), plugins
 
 
 def one(value: float) -> tc_aio.InferInput:

@@ -123,7 +123,7 @@ def test_load_and_unload(start_server: Any, tmp_path: Path) -> None:
 
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
     write_scaler(plugins, 2.0)
-    server = start_server(plugins, model_repository=tmp_path / "models")
+    server = start_server(plugins, model_repository=tmp_path / "models", model_control=True)
     client = th.InferenceServerClient(server.http_url)
     one = http_input("INPUT0", np.ones((1, 1), np.float32), "FP32")
     client.unload_model("scaler")

@@ -28,6 +28,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from hub.cli import build_parser
+from hub.cli import main as cli_main
 from hub.security import TlsConfig
 from hub.server import Server, ServerConfig, describe_bind
 from tests.conftest import TEST_PLUGINS, RunningServer, link_plugins
@@ -331,3 +332,7 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(start_server: Any, pl
         },
     )
     np.testing.assert_array_equal(_http_infer(http), EXPECTED)
+    # the exec probe for mutual TLS: `modelhub health` with a client certificate
+    probe = ["health", "--url", server.url, "--tls-ca", ca, "--timeout", "5"]
+    assert cli_main(probe) == 1  # no client certificate: refused
+    assert cli_main([*probe, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]) == 0
