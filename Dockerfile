@@ -53,6 +53,7 @@ COPY --from=build --chown=modelhub:modelhub /app /app
 USER 10001:10001
 WORKDIR /app
 # Every `modelhub serve` flag reads MODELHUB_<FLAG>; override any of these with `docker run -e`.
+# MODELHUB_HOST=0.0.0.0: a container is reached from outside it (a bare `modelhub serve` binds loopback).
 ENV PATH=/opt/venv/bin:$PATH \
     MODELHUB_PLUGINS_DIR=/app/plugins \
     MODELHUB_MODEL_REPOSITORY=/app/models \

@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
-serve: install  ## serve plugins/ on every interface: HTTP :8000, gRPC :8001, metrics :8002
+serve: install  ## serve plugins/ on every interface: gRPC :8001, HTTP :8000, metrics :8002
 	$(BIN)/modelhub serve --host 0.0.0.0
 
 $(PA): | $(STAMP)

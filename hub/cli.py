@@ -28,6 +28,11 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def _env_flag(name: str) -> bool:
+    """A boolean MODELHUB_<name>: set and not 0/false/no/off."""
+    return str(_env(name, "")).strip().lower() not in ("", "0", "false", "no", "off")
+
+
 def port(value: str) -> int | None:
     """A --*-port value: a port number, 0 for any free port, or off/none to turn it off."""
     if value.strip().lower() in ("off", "none", "disabled"):
@@ -132,14 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--host",
         default=_env("HOST", "127.0.0.1"),
-        help="address to bind; 0.0.0.0 for every interface, as the container image does (default: 127.0.0.1)",
-    )
-    serve.add_argument(
-        "--model-control",
-        action="store_true",
-        default=bool(_env("MODEL_CONTROL", "")),
-        help="accept load and unload requests (RepositoryModelLoad/Unload, /v2/repository/models/*); "
-        "off by default; --watch turns it on (env MODELHUB_MODEL_CONTROL)",
+        help="address to bind; 0.0.0.0 for every interface, as containers need (env MODELHUB_HOST; "
+        "default: 127.0.0.1, loopback only)",
     )
     _add_port_arg(serve, "grpc", 8001, "gRPC (KServe V2 / Triton)")
     _add_port_arg(serve, "http", 8000, "HTTP/REST (KServe V2 / Triton)")
@@ -160,6 +159,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="poll the plugins directory (every 2 s, or SECONDS) and load, reload or unload what changed; "
         "off by default, when only RepositoryModelLoad/Unload change what is served",
+    )
+    security = serve.add_argument_group("security (see docs/deploy.md)")
+    security.add_argument(
+        "--model-control",
+        action="store_true",
+        default=_env_flag("MODEL_CONTROL"),
+        help="allow RepositoryModelLoad/Unload and REST load/unload; off by default (--watch implies it) "
+        "(env MODELHUB_MODEL_CONTROL)",
+    )
+    security.add_argument(
+        "--model-control-token",
+        default=_env("MODEL_CONTROL_TOKEN", None),
+        metavar="TOKEN",
+        help="bearer token that load/unload require, separate from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
+    )
+    security.add_argument(
+        "--auth-token",
+        default=_env("AUTH_TOKEN", None),
+        metavar="TOKEN",
+        help="bearer token ('authorization: Bearer TOKEN') that everything but health requires "
+        "(env MODELHUB_AUTH_TOKEN; default: none)",
+    )
+    security.add_argument(
+        "--tls-cert", type=Path, default=_env("TLS_CERT", None), help="PEM certificate chain (env MODELHUB_TLS_CERT)"
+    )
+    security.add_argument(
+        "--tls-key", type=Path, default=_env("TLS_KEY", None), help="PEM private key (env MODELHUB_TLS_KEY)"
+    )
+    security.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=_env("TLS_CLIENT_CA", None),
+        help="PEM CA bundle; clients must present a certificate it signed (mutual TLS) (env MODELHUB_TLS_CLIENT_CA)",
+    )
+    security.add_argument(
+        "--metrics-auth",
+        action="store_true",
+        default=_env_flag("METRICS_AUTH"),
+        help="/metrics requires --auth-token too (env MODELHUB_METRICS_AUTH)",
+    )
+    security.add_argument(
+        "--metrics-host",
+        default=_env("METRICS_HOST", None),
+        help="bind the metrics port here instead of --host, e.g. 127.0.0.1 (env MODELHUB_METRICS_HOST)",
     )
     serve.add_argument(
         "--log-requests",
@@ -254,6 +297,14 @@ def build_parser() -> argparse.ArgumentParser:
     health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING (for container probes)")
     health.add_argument("--service", default="", help="a model name, or empty for the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
+    # Its own variables: in a container MODELHUB_TLS_* are the server's certificate, not a client's.
+    for flag, what in (
+        ("ca", "PEM CA bundle that signed the server's certificate: speak TLS"),
+        ("cert", "PEM client certificate, for a server with --tls-client-ca"),
+        ("key", "PEM key of --tls-cert"),
+    ):
+        env = f"HEALTH_TLS_{flag.upper()}"
+        health.add_argument(f"--tls-{flag}", type=Path, default=_env(env, None), help=f"{what} (env MODELHUB_{env})")
     _add_url_arg(health)
     top = commands.add_parser("top", help="a live terminal view of a running server's models")
     top.add_argument(
@@ -305,6 +356,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("modelhub: bad limit: %s", exc)
         return 2
+    from hub.security import TlsConfig
+
+    if (args.tls_cert is None) != (args.tls_key is None) or (args.tls_client_ca and args.tls_cert is None):
+        log.error("modelhub: TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
+        return 2
+    tls = None if args.tls_cert is None else TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
@@ -338,7 +395,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         reuse_port=args.role == "frontend",
         limits=limits,
-        model_control=args.model_control,
+        # the frontends of --workers N get no `watch`, so --watch's implied control is explicit
+        model_control=args.model_control or bool(args.watch),
+        auth_token=args.auth_token,
+        model_control_token=args.model_control_token,
+        tls=tls,
+        metrics_auth=args.metrics_auth,
+        metrics_host=args.metrics_host,
     )
     return asyncio.run(_serve(Server(config), args.port_file))
 
@@ -583,7 +646,19 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(args.url) as channel:
+    if args.tls_ca is None and args.tls_cert is not None:
+        print("--tls-cert needs --tls-ca (the CA that signed the server's certificate)", file=sys.stderr)
+        return 2
+    if args.tls_ca is None:
+        channel = grpc.insecure_channel(args.url)
+    else:
+        credentials = grpc.ssl_channel_credentials(
+            args.tls_ca.read_bytes(),
+            args.tls_key.read_bytes() if args.tls_key else None,
+            args.tls_cert.read_bytes() if args.tls_cert else None,
+        )
+        channel = grpc.secure_channel(args.url, credentials)
+    with channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout

@@ -29,12 +29,14 @@ from hub.core.repository import ModelRepository
 from hub.limits import Limits
 from hub.metrics import Metrics
 from hub.plugins.manager import PluginHost
+from hub.protocol.auth import TokenInterceptor
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated._pool import POOL
 from hub.protocol.rest.app import RestFrontend
 from hub.protocol.rest.listener import HttpListener
 from hub.protocol.rest.metrics import metrics_app
 from hub.protocol.servicer import InferenceServicer, add_to_server
+from hub.security import TlsConfig, Tokens
 from hub.workers.frontend import RemoteControl, RemoteRepository
 
 if TYPE_CHECKING:
@@ -68,11 +70,12 @@ def resolve_device(device: str) -> str:
 @dataclass
 class ServerConfig:
     """What `modelhub serve` configures. One rule for the three ports: 0 picks a free port and
-    None turns that listener off (metrics off records nothing at all)."""
+    None turns that listener off (metrics off records nothing at all). The defaults are the
+    safe ones: loopback only, no model control, and (with no tokens) no auth."""
 
     plugins_dir: Path | None = Path("plugins")
     model_repository: Path = Path("models")
-    host: str = "127.0.0.1"  # loopback unless asked: containers and manifests bind 0.0.0.0 explicitly
+    host: str = "127.0.0.1"
     grpc_port: int | None = 8001
     http_port: int | None = 8000
     metrics_port: int | None = 8002
@@ -90,11 +93,21 @@ class ServerConfig:
     engine_socket: Path | None = None
     serve_engine: Path | None = None
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
-    #: Load and unload requests (either protocol). Off by default, as Triton's explicit model
-    #: control is: anyone who reaches the port could otherwise rebuild what is served.
-    #: `watch` turns it on.
-    model_control: bool = False
     limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
+    model_control: bool = False  # RepositoryModelLoad/Unload and REST load/unload; `watch` implies it
+    auth_token: str | None = None  # bearer token for everything but health
+    model_control_token: str | None = None  # its own token for load/unload (else `auth_token`)
+    tls: TlsConfig | None = None  # TLS (mutual with a client CA) on gRPC, REST and metrics
+    metrics_auth: bool = False  # /metrics needs `auth_token` too
+    metrics_host: str | None = None  # bind metrics here rather than on `host`
+
+    @property
+    def tokens(self) -> Tokens:
+        return Tokens(self.auth_token, self.model_control_token)
+
+    @property
+    def control_enabled(self) -> bool:
+        return self.model_control or bool(self.watch)
 
 
 @dataclass
@@ -146,6 +159,12 @@ class Server:
         await asyncio.to_thread(set_torch_threads, config.threads)
         if self.metrics is not None and self.device == "cuda":
             self.metrics.watch_cuda()
+        tokens = config.tokens  # checks the tokens before anything listens
+        if config.metrics_auth and config.auth_token is None:
+            raise ValueError("--metrics-auth requires --auth-token: it is the token /metrics then asks for")
+        if config.model_control_token is not None and not config.control_enabled:
+            raise ValueError("--model-control-token is set but model control is off: add --model-control")
+        ssl_context = config.tls.server_context() if config.tls is not None else None
         models: list[ServedModel] = []
         control: ModelControl
         if config.engine_socket is not None:
@@ -165,7 +184,7 @@ class Server:
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
-            control=control if config.model_control or config.watch else None,
+            control=control if config.control_enabled else None,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
         )
@@ -181,14 +200,21 @@ class Server:
         for name in ["", *self.repository.names()]:
             await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.http_port is not None:
-            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes, limits=config.limits)
+            rest = RestFrontend(self.plane, max_body=config.limits.request_bytes, limits=config.limits, tokens=tokens)
             self._http = HttpListener(rest.app())
             self.http_port = await self._http.start(
-                config.host, config.http_port, shutdown_timeout=config.shutdown_grace, reuse_port=config.reuse_port
+                config.host,
+                config.http_port,
+                shutdown_timeout=config.shutdown_grace,
+                reuse_port=config.reuse_port,
+                ssl_context=ssl_context,
             )
         if self.metrics is not None and config.metrics_port is not None:
-            self._metrics_http = HttpListener(metrics_app(self.metrics.registry))
-            self.metrics_port = await self._metrics_http.start(config.host, config.metrics_port, shutdown_timeout=1.0)
+            metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
+            self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
+            self.metrics_port = await self._metrics_http.start(
+                config.metrics_host or config.host, config.metrics_port, shutdown_timeout=1.0, ssl_context=ssl_context
+            )
 
         def where(port: int | None) -> str:
             return f"{config.host}:{port}" if port is not None else "off"
@@ -199,23 +225,39 @@ class Server:
             where(self.grpc_port),
             where(self.http_port),
             where(self.metrics_port),
-            _scope(config.host),
+            describe_bind(config.host),
             self.device,
             config.threads,
             ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
             ", ".join(m.spec.key for m in models) or "none",
+        )
+        log.info(
+            "security: tls %s, auth token %s, model control %s, metrics %s",
+            "off" if config.tls is None else "mutual" if config.tls.client_ca is not None else "on",
+            "required" if config.auth_token is not None else "off (anyone who reaches the port may infer)",
+            "off"
+            if not config.control_enabled
+            else "on, its own token"
+            if config.model_control_token is not None
+            else "on, the auth token"
+            if config.auth_token is not None
+            else "on, no token",
+            describe_bind(config.metrics_host or config.host)
+            + (", auth token required" if config.metrics_auth else ""),
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
         if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
             self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
 
     async def _start_grpc(self, host: str, port: int) -> None:
+        tokens = self.config.tokens
         server = grpc.aio.server(
+            interceptors=[TokenInterceptor(tokens)] if tokens.required else None,
             options=[
                 ("grpc.max_receive_message_length", self.config.limits.request_bytes),
                 ("grpc.max_send_message_length", MAX_MESSAGE),
                 ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
-            ]
+            ],
         )
         assert self.plane is not None
         self._servicer = InferenceServicer(self.plane, self.config.limits)
@@ -235,7 +277,15 @@ class Server:
             server,
             pool=POOL,
         )
-        self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        tls = self.config.tls
+        if tls is None:
+            self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+        else:
+            cert, key, client_ca = tls.read()
+            credentials = grpc.ssl_server_credentials(
+                [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
+            )
+            self.grpc_port = server.add_secure_port(f"{host}:{port}", credentials)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {host}:{port}")
         await server.start()
@@ -328,13 +378,13 @@ class Server:
         )
 
 
-def _scope(host: str) -> str:
-    """What binding `host` exposes, for the start-up log line."""
-    if host in ("0.0.0.0", "::", ""):
-        return "all interfaces"
-    if host in ("127.0.0.1", "::1", "localhost"):
-        return "loopback only"
-    return "one interface"
+def describe_bind(host: str) -> str:
+    """Which interfaces `host` is, in the words of the start-up log line."""
+    if host in ("", "0.0.0.0", "::"):
+        return f"all interfaces ({host or '0.0.0.0'})"
+    if host in ("localhost", "::1") or host.startswith("127."):
+        return f"loopback only ({host})"
+    return host
 
 
 def set_torch_threads(threads: int) -> None:

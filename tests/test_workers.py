@@ -70,9 +70,14 @@ def _requests(workers: Workers) -> int:
 async def test_reload_under_load_drops_nothing_across_workers(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
     write_scaler(plugins, 2.0)
-    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    # the control flags reach the frontends (the supervisor re-runs this argv)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control", "--model-control-token", "ctl")
+    control = {"authorization": "Bearer ctl"}
     try:
         clients = [tc_aio.InferenceServerClient(server.url) for _ in range(4)]
+        for client in clients:
+            with pytest.raises(InferenceServerException, match="--model-control-token"):
+                await client.load_model("scaler")
         stop = asyncio.Event()
         failures: list[str] = []
         answered = 0
@@ -90,14 +95,14 @@ async def test_reload_under_load_drops_nothing_across_workers(tmp_path: Path) ->
         await asyncio.sleep(0.5)
         for factor in (3.0, 4.0):
             write_scaler(plugins, factor)
-            await clients[0].load_model("scaler")
+            await clients[0].load_model("scaler", headers=control)
             # Every frontend serves the new build once the load returned.
             fresh = await asyncio.gather(*[c.infer("scaler", [one(1.0)]) for c in clients for _ in range(4)])
             assert {float(r.as_numpy("OUTPUT0")[0, 0]) for r in fresh} == {factor}
         stop.set()
         await asyncio.gather(*tasks)
         assert failures == [] and answered > 0
-        await clients[1].unload_model("scaler")
+        await clients[1].unload_model("scaler", headers=control)
         assert not await clients[2].is_model_ready("scaler")
         for client in clients:
             await client.close()

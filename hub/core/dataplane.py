@@ -40,6 +40,12 @@ access = logging.getLogger("modelhub.access")
 T = TypeVar("T")
 
 #: The V2 protocol extensions this server implements, as ServerMetadata lists them.
+#: Why load and unload are refused when the server was started without model control.
+CONTROL_OFF = (
+    "model control (load and unload) is off on this server; start it with --model-control "
+    "(env MODELHUB_MODEL_CONTROL=1) or --watch"
+)
+
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 
 
@@ -153,18 +159,12 @@ class DataPlane:
                     "directory only, and takes no configuration or files in a load request"
                 )
         if self._control is None:
-            raise PermissionDenied(
-                "model control is off on this server: start it with --model-control (MODELHUB_MODEL_CONTROL=1) "
-                "or --watch to accept load and unload requests"
-            )
+            raise PermissionDenied(CONTROL_OFF)
         await self._control.load_model(name)
 
     async def unload(self, name: str) -> None:
         if self._control is None:
-            raise PermissionDenied(
-                "model control is off on this server: start it with --model-control (MODELHUB_MODEL_CONTROL=1) "
-                "or --watch to accept load and unload requests"
-            )
+            raise PermissionDenied(CONTROL_OFF)
         await self._control.unload_model(name)
 
     # --- inference --------------------------------------------------------------------------

@@ -17,8 +17,10 @@ from hub.core.dataplane import DataPlane
 from hub.errors import HubError, InvalidInput, Unsupported
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
+from hub.protocol.rest.auth import token_middleware
 from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, parse_request
 from hub.protocol.rest.status import error_body, status_for
+from hub.security import Tokens
 
 log = logging.getLogger("modelhub.rest")
 
@@ -74,15 +76,25 @@ def _guarded(handler: Handler) -> Handler:
 
 
 class RestFrontend:
-    """The KServe V2 REST API over one DataPlane. `max_body` caps a request body in bytes."""
+    """The KServe V2 REST API over one DataPlane. `max_body` caps a request body in bytes;
+    `tokens` are the bearer tokens required (hub.security), none by default."""
 
-    def __init__(self, plane: DataPlane, *, max_body: int = DEFAULT_MAX_BODY, limits: Limits = DEFAULT_LIMITS) -> None:
+    def __init__(
+        self,
+        plane: DataPlane,
+        *,
+        max_body: int = DEFAULT_MAX_BODY,
+        limits: Limits = DEFAULT_LIMITS,
+        tokens: Tokens | None = None,
+    ) -> None:
         self.plane = plane
         self.max_body = max_body
         self.limits = limits
+        self.tokens = tokens or Tokens()
 
     def app(self) -> web.Application:
-        app = web.Application(client_max_size=self.max_body)
+        middlewares = [token_middleware(self.tokens)] if self.tokens.required else []
+        app = web.Application(client_max_size=self.max_body, middlewares=middlewares)
         app[MAX_BODY] = self.max_body
         routes: list[tuple[str, str, Handler]] = [
             ("GET", "/v2/health/live", self.live),

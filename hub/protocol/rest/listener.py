@@ -4,6 +4,7 @@ also runs grpc.aio): bind, report the port (0 picks a free one), stop with a gra
 from __future__ import annotations
 
 import socket
+import ssl
 
 from aiohttp import web
 
@@ -14,9 +15,18 @@ class HttpListener:
         self._runner: web.AppRunner | None = None
         self.port = 0
 
-    async def start(self, host: str, port: int, *, shutdown_timeout: float = 10.0, reuse_port: bool = False) -> int:
+    async def start(
+        self,
+        host: str,
+        port: int,
+        *,
+        shutdown_timeout: float = 10.0,
+        reuse_port: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> int:
         """Listen on host:port and return the bound port. We bind the socket ourselves so the
-        port a 0 picked is known without reaching into the server's internals."""
+        port a 0 picked is known without reaching into the server's internals. With
+        `ssl_context` it speaks HTTPS only."""
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -33,7 +43,7 @@ class HttpListener:
             self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
         )
         await self._runner.setup()
-        await web.SockSite(self._runner, sock, backlog=1024).start()
+        await web.SockSite(self._runner, sock, backlog=1024, ssl_context=ssl_context).start()
         self.port = sock.getsockname()[1]
         return self.port
 

@@ -1,0 +1,88 @@
+"""The gRPC side of the bearer tokens: a grpc.aio interceptor that reads `authorization` from
+the call's metadata and refuses what hub.security refuses, with the status hub.protocol.status
+gives. Health (grpc.health.v1 and ServerLive/ServerReady/ModelReady) stays open for probes."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from hub.errors import Unauthenticated
+from hub.protocol.servicer import SERVICE
+from hub.protocol.status import status_for
+from hub.security import Access, Tokens
+
+HEALTH_SERVICE = "grpc.health.v1.Health"
+
+_OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/",)
+_OPEN = frozenset(f"/{SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ModelReady"))
+_CONTROL = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
+
+
+def access_of(method: str) -> Access:
+    """What a full gRPC method name ("/package.Service/Method") is; anything unlisted,
+    reflection included, needs the inference token."""
+    if method in _OPEN or method.startswith(_OPEN_PREFIXES):
+        return Access.OPEN
+    if method in _CONTROL:
+        return Access.CONTROL
+    return Access.INFERENCE
+
+
+def _authorization(metadata: Any) -> str | None:
+    for key, value in metadata or ():
+        if key == "authorization":
+            return value if isinstance(value, str) else value.decode("latin-1")
+    return None
+
+
+class TokenInterceptor(grpc.aio.ServerInterceptor):
+    """Refuse calls without the token their method requires (UNAUTHENTICATED)."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        access = access_of(handler_call_details.method)
+        status: tuple[grpc.StatusCode, str] | None = None
+        if access is not Access.OPEN:
+            try:
+                self.tokens.check(access, _authorization(handler_call_details.invocation_metadata))
+            except Unauthenticated as exc:
+                status = status_for(exc)  # the exception is not kept past its block
+        handler = await continuation(handler_call_details)
+        return handler if status is None else _refusal(handler, status)
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, status: tuple[grpc.StatusCode, str]) -> Any:
+    """A handler of the same shape as `handler` that ends the call with `status` (set, not
+    raised, as hub.protocol.servicer's `_fail`) without reading the request."""
+    if handler is None:  # no such method: grpc answers UNIMPLEMENTED itself
+        return None
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+        context.set_code(status[0])
+        context.set_details(status[1])
+
+    def nothing(response: Any) -> bytes:
+        return b""
+
+    def ignore(data: bytes) -> None:
+        return None
+
+    kind = (
+        grpc.unary_unary_rpc_method_handler
+        if handler.unary_unary
+        else grpc.unary_stream_rpc_method_handler
+        if handler.unary_stream
+        else grpc.stream_unary_rpc_method_handler
+        if handler.stream_unary
+        else grpc.stream_stream_rpc_method_handler
+    )
+    return kind(refuse, request_deserializer=ignore, response_serializer=nothing)

@@ -1,0 +1,46 @@
+"""The REST side of the bearer tokens: an aiohttp middleware that reads `Authorization` and
+refuses what hub.security refuses, with the status hub.protocol.rest.status gives. Health
+(`/v2/health/*` and a model's `/ready`) stays open for probes."""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from hub.errors import Unauthenticated
+from hub.protocol.rest.status import error_body, status_for
+from hub.security import Access, Tokens
+
+_OPEN = re.compile(r"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
+_CONTROL = re.compile(r"/v2/repository/models/[^/]+/(load|unload)")
+
+
+def access_of(path: str) -> Access:
+    """What a request path is; anything unlisted needs the inference token."""
+    if _OPEN.fullmatch(path):
+        return Access.OPEN
+    if _CONTROL.fullmatch(path):
+        return Access.CONTROL
+    return Access.INFERENCE
+
+
+def token_middleware(tokens: Tokens, *, access: Access | None = None) -> Middleware:
+    """Refuse requests without the token their path requires (401). `access` fixes one kind
+    for every path (the metrics port: INFERENCE)."""
+
+    @web.middleware
+    async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            tokens.check(access or access_of(request.path), request.headers.get("Authorization"))
+        except Unauthenticated as exc:
+            status, message = status_for(exc)
+            return web.Response(
+                body=error_body(message),
+                status=status,
+                headers={"Content-Type": "application/json", "WWW-Authenticate": "Bearer"},
+            )
+        return await handler(request)
+
+    return require_token
