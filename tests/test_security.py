@@ -96,8 +96,8 @@ def test_model_control_is_off_by_default(start_server: Any, plugins: Path) -> No
 def test_start_up_log_names_the_interfaces(start_server: Any, plugins: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.INFO, logger="modelhub.server"):
         start_server(plugins, grpc_port=None, metrics_port=None)
-    assert "listening on loopback only (127.0.0.1)" in caplog.text
-    assert "model control off" in caplog.text
+    assert "(loopback only (127.0.0.1))" in caplog.text
+    assert "security: tls off, auth token off" in caplog.text and "model control off" in caplog.text
 
 
 # --- tokens -------------------------------------------------------------------------------------
