@@ -36,7 +36,9 @@ def test_deployment_probes_the_v2_health_endpoints() -> None:
     assert {p["name"]: p["port"] for p in service["spec"]["ports"]} == ports
     grace = deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     env = {e["name"]: e["value"] for e in container["env"]}
+    assert len(env) == len(container["env"]), "a variable is set twice"
     assert grace > float(env["MODELHUB_SHUTDOWN_GRACE"])
+    assert env["MODELHUB_HOST"] == "0.0.0.0"  # a bare serve binds loopback, which no probe reaches
     hpa = yaml.safe_load((K8S / "hpa.yaml").read_text())
     assert hpa["spec"]["metrics"][0]["pods"]["metric"]["name"] == "modelhub_queue_depth"
 

@@ -27,8 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from hub.cli import build_parser
-from hub.cli import main as cli_main
+from hub.cli import build_parser, cmd_health, cmd_serve
 from hub.security import TlsConfig
 from hub.server import Server, ServerConfig, describe_bind
 from tests.conftest import TEST_PLUGINS, RunningServer, link_plugins
@@ -97,7 +96,7 @@ def test_start_up_log_names_the_interfaces(start_server: Any, plugins: Path, cap
     with caplog.at_level(logging.INFO, logger="modelhub.server"):
         start_server(plugins, grpc_port=None, metrics_port=None)
     assert "(loopback only (127.0.0.1))" in caplog.text
-    assert "model control off" in caplog.text
+    assert "security: tls off, auth token off" in caplog.text and "model control off" in caplog.text
 
 
 # --- tokens -------------------------------------------------------------------------------------
@@ -334,5 +333,36 @@ def test_mutual_tls_refuses_a_client_without_a_certificate(start_server: Any, pl
     np.testing.assert_array_equal(_http_infer(http), EXPECTED)
     # the exec probe for mutual TLS: `modelhub health` with a client certificate
     probe = ["health", "--url", server.url, "--tls-ca", ca, "--timeout", "5"]
-    assert cli_main(probe) == 1  # no client certificate: refused
-    assert cli_main([*probe, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]) == 0
+    assert cmd_health(build_parser().parse_args(probe)) == 1  # no client certificate: refused
+    with_cert = [*probe, "--tls-cert", str(pki / "client.pem"), "--tls-key", str(pki / "client.key")]
+    assert cmd_health(build_parser().parse_args(with_cert)) == 0
+
+
+def test_security_flags_read_their_variables(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name, value in (
+        ("AUTH_TOKEN", TOKEN),
+        ("MODEL_CONTROL_TOKEN", CONTROL_TOKEN),
+        ("MODEL_CONTROL", "1"),
+        ("METRICS_AUTH", "true"),
+        ("METRICS_HOST", "127.0.0.1"),
+        ("TLS_CERT", str(tmp_path / "c.pem")),
+        ("TLS_KEY", str(tmp_path / "k.pem")),
+        ("TLS_CLIENT_CA", str(tmp_path / "ca.pem")),
+    ):
+        monkeypatch.setenv(f"MODELHUB_{name}", value)
+    args = build_parser().parse_args(["serve"])
+    assert (args.auth_token, args.model_control_token) == (TOKEN, CONTROL_TOKEN)
+    assert args.model_control and args.metrics_auth and args.metrics_host == "127.0.0.1"
+    assert (args.tls_cert, args.tls_key, args.tls_client_ca) == (
+        tmp_path / "c.pem",
+        tmp_path / "k.pem",
+        tmp_path / "ca.pem",
+    )
+    monkeypatch.setenv("MODELHUB_MODEL_CONTROL", "0")  # a 0 turns it off, not on
+    assert not build_parser().parse_args(["serve"]).model_control
+
+
+def test_serve_refuses_half_a_tls_configuration(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.ERROR, logger="modelhub.cli"):
+        assert cmd_serve(build_parser().parse_args(["serve", "--tls-cert", str(tmp_path / "c.pem")])) == 2
+    assert "--tls-key" in caplog.text
