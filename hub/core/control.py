@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zlib
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -134,12 +135,17 @@ class ModelController:
         )
 
 
-def _stamps(folder: Path) -> dict[str, tuple[int, int]]:
-    """(mtime, size) of every file under the plugins directory, caches aside."""
+def _stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+    """(mtime, size, crc32 of small files) of every file under the plugins directory, caches
+    aside. The checksum catches an edit of the same length within one tick of the file
+    system's clock, which mtime and size alone miss. Runs in a thread."""
     if not folder.is_dir():
         return {}
-    return {
-        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size)
-        for p in folder.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
-    }
+    out = {}
+    for path in folder.rglob("*"):
+        if not path.is_file() or "__pycache__" in path.parts or path.name.startswith("."):
+            continue
+        stat = path.stat()
+        checksum = zlib.crc32(path.read_bytes()) if stat.st_size <= 1 << 20 else 0
+        out[str(path.relative_to(folder))] = (stat.st_mtime_ns, stat.st_size, checksum)
+    return out
