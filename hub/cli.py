@@ -212,6 +212,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="write this fraction of inference requests to the access log, e.g. 0.01 (default: 0, off)",
     )
     serve.add_argument(
+        "--inline-compute-us",
+        type=float,
+        default=float(_env("INLINE_COMPUTE_US", 100)),
+        metavar="MICROSECONDS",
+        help="a lone request to an idle model whose measured compute is under this runs on the event loop, "
+        "without a worker thread's hand-off; 0 turns it off (default: 100; docs/config.md)",
+    )
+    serve.add_argument(
         "--workers",
         type=int,
         default=int(_env("WORKERS", 0)),
@@ -390,6 +398,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         require_all_models=args.require_all_models,
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
+        inline_compute=args.inline_compute_us / 1e6,
         watch=args.watch if args.role != "frontend" else None,
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,

@@ -87,6 +87,9 @@ class ServerConfig:
     extra_plugins: Mapping[str, object] = field(default_factory=dict)
     deployment: DeploymentConfig = field(default_factory=DeploymentConfig)
     log_requests: float = 0.0  # fraction of inference requests written to the access log
+    #: Seconds: a lone request to an idle model that computes faster than this runs on the
+    #: event loop instead of a worker thread (hub/core/batching.py, Batcher.submit); 0: never.
+    inline_compute: float = 100e-6
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
     #: Several processes (hub/workers): a frontend hands its requests to the model process
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
@@ -175,7 +178,9 @@ class Server:
             targets = await asyncio.to_thread(self.plugins.collect_targets)
             specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
             builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
-            self.repository = ModelRepository(builder, self.metrics, clock=self._clock)
+            self.repository = ModelRepository(
+                builder, self.metrics, clock=self._clock, inline_compute=config.inline_compute
+            )
             models = [self.repository.add(spec) for spec in specs]
             control = self.control = ModelController(
                 self.repository, self.plugins, config.deployment, config.plugins_dir

@@ -301,3 +301,68 @@ async def test_padding_batches_requests_of_different_lengths() -> None:
     np.testing.assert_array_equal(seen[0]["mask"][1], [1, 0, 0, 0, 0])
     assert [r.outputs["total"].ravel().tolist() for r in results] == [[6.0], [4.0, 5.0], [40.0]]
     await batcher.close()
+
+
+async def test_cheap_lone_requests_run_inline_without_suspending() -> None:
+    """Once a lone request's compute is measured under `inline_below`, the next lone request to
+    an idle batcher is computed inside `submit`, which returns without suspending; a request
+    that finds the model busy is queued for the worker threads as before."""
+    runtime = FakeRuntime()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), runtime, clock=FakeClock(), inline_below=1.0)
+    batcher.start()
+    measured = await batcher.submit({"INPUT0": rows([1.0])}, rows=1)  # through a worker: measures
+    assert measured.outputs["OUTPUT0"].tolist() == [[4.0]]
+    runtime_threads: list[str] = []
+    original = runtime.__call__
+
+    def recording(inputs: Any) -> dict[str, np.ndarray]:
+        import threading
+
+        runtime_threads.append(threading.current_thread().name)
+        return original(inputs)
+
+    batcher._compute = recording  # type: ignore[method-assign]
+    coroutine = batcher.submit({"INPUT0": rows([2.0])}, rows=1)
+    with pytest.raises(StopIteration) as finished:  # done at the first step: it never suspended
+        coroutine.send(None)
+    delivery = finished.value.value
+    assert delivery.outputs["OUTPUT0"].tolist() == [[7.0]]
+    assert delivery.batch.rows == 1 and delivery.queue_ns == 0
+    assert runtime_threads == ["MainThread"]
+
+    # Not measured for 3 rows: the worker thread, as before (and that measures it).
+    await batcher.submit({"INPUT0": rows([1.0, 2.0, 3.0])}, rows=3)
+    assert runtime_threads[-1].startswith("model-fake")
+
+    # A busy model (5 rows, never measured, go to a worker): lone requests queue meanwhile, and
+    # then batch together; 3 rows were measured cheap, so that batch runs on the loop.
+    runtime.gate.clear()
+    first = submit(batcher, [1.0] * 5)
+    await settle()
+    rest = [submit(batcher, [float(i)]) for i in range(3)]
+    await settle()
+    runtime.gate.set()
+    await asyncio.gather(first, *rest)
+    assert runtime.batches[-2:] == [5, 3]
+    assert runtime_threads[-2].startswith("model-fake") and runtime_threads[-1] == "MainThread"
+    await batcher.close()
+
+
+async def test_inline_is_off_with_a_queue_delay_or_a_failing_model() -> None:
+    runtime = FakeRuntime()
+    delayed = Batcher("fake", BatchPolicy(max_batch_size=8, max_queue_delay=0.001), runtime, inline_below=1.0)
+    delayed.start()
+    for _ in range(3):
+        await delayed.submit({"INPUT0": rows([1.0])}, rows=1)
+    coroutine = delayed.submit({"INPUT0": rows([1.0])}, rows=1)
+    assert coroutine.send(None) is not None  # it suspends: the policy asks to wait for company
+    coroutine.close()
+    await delayed.close()
+
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), runtime, clock=FakeClock(), inline_below=1.0)
+    batcher.start()
+    await batcher.submit({"INPUT0": rows([1.0])}, rows=1)
+    with pytest.raises(ModelExecutionError, match="ValueError"):  # inline, the error is the worker's
+        await batcher.submit({"INPUT0": rows([FakeRuntime.POISON])}, rows=1)
+    assert (await batcher.submit({"INPUT0": rows([2.0])}, rows=1)).outputs["OUTPUT0"].tolist() == [[7.0]]
+    await batcher.close()

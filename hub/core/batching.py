@@ -160,6 +160,7 @@ class Batcher:
         clock: Clock | None = None,
         observer: BatchObserver | None = None,
         padding: Mapping[str, float] | None = None,
+        inline_below: float = 0.0,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -177,6 +178,10 @@ class Batcher:
         self._closing = False
         self._target = max(policy.preferred_batch_sizes, default=policy.max_batch_size)
         self._preferred = frozenset(policy.preferred_batch_sizes)
+        # The inline path (see `submit`): the measured compute seconds of a batch by its rows,
+        # and the bound below which a batch runs on the loop.
+        self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
+        self._cost: dict[int, float] = {}
 
     # --- public ---------------------------------------------------------------------------
 
@@ -206,6 +211,13 @@ class Batcher:
         """Queue one request and wait for its outputs (exactly its own rows).
 
         `timeout` (seconds) bounds the wait in the queue; None takes the policy's default.
+
+        The inline path: a batch of a size measured to compute in under `inline_below`
+        seconds runs on the event loop instead of a worker thread. A worker's hand-off (a
+        queue put, a wake-up, `call_soon_threadsafe`, and the handler suspending and resuming
+        inside grpc.aio) costs more CPU than such a batch. When nothing is queued or
+        computing, such a request runs right here and `submit` returns without suspending; a
+        queue delay in the policy turns the inline path off.
         """
         if self._closing or self._loop is None:
             raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")
@@ -216,6 +228,9 @@ class Batcher:
             timeout = self.policy.timeout
         future: asyncio.Future[Delivery] = self._loop.create_future()
         pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
+        if self._cheap(rows if self.policy.batching else 1) and not self._queue and self._free == self.policy.instances:
+            self._run_inline([pending])
+            return future.result()
         self._queue.append(pending)
         self._observer.queued(len(self._queue))
         if not self._pump_pending:
@@ -258,7 +273,10 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 break
-            self._dispatch(batch)
+            if self._cheap(self._rows(batch)):
+                self._run_inline(batch)
+            else:
+                self._dispatch(batch)
         self._observer.queued(len(self._queue))
         if not self._queue and not self.in_flight:
             self._idle.set()
@@ -330,6 +348,26 @@ class Batcher:
             lambda result, error: self._finish(batch, started, result, error),
         )
 
+    def _rows(self, batch: list[_Pending]) -> int:
+        return sum(p.rows for p in batch) if self.policy.batching else 1
+
+    def _cheap(self, rows: int) -> bool:
+        """Whether a batch of `rows` was measured to compute in under `inline_below`."""
+        return self._cost.get(rows, self._inline_below) < self._inline_below
+
+    def _run_inline(self, batch: list[_Pending]) -> None:
+        """Compute a batch on the event loop (see `submit`); its futures are done after."""
+        started = self._clock.now()
+        self._free -= 1
+        try:
+            result: BatchResult | None = self._run_batch([p.inputs for p in batch], [p.rows for p in batch])
+            error = None
+        except Exception as exc:  # delivered to the requests, as from a worker
+            result, error = None, exc
+        finally:
+            self._free += 1
+        self._deliver(batch, started, result, error)
+
     def _finish(
         self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
     ) -> None:
@@ -343,7 +381,7 @@ class Batcher:
     def _deliver(
         self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
     ) -> None:
-        rows = sum(p.rows for p in batch) if self.policy.batching else 1
+        rows = self._rows(batch)
         if error is not None:
             ids = ", ".join(p.request_id or "-" for p in batch)
             log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
@@ -361,6 +399,12 @@ class Batcher:
             return
         assert result is not None
         results, input_ns, infer_ns, output_ns = result
+        if self._inline_below:
+            cost = (input_ns + infer_ns + output_ns) / 1e9
+            seen = self._cost.get(rows, cost)
+            # Down at once, up slowly: a thread's wall time includes waiting for the GIL and
+            # for a core, which the same batch run on the loop would not pay.
+            self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)

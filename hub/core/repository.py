@@ -22,10 +22,13 @@ class ModelRepository:
     """Owns every ServedModel of one server. All methods run on the event loop thread;
     builds and loads run in a worker thread, one model at a time."""
 
-    def __init__(self, builder: Builder, metrics: Metrics | None, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self, builder: Builder, metrics: Metrics | None, *, clock: Clock | None = None, inline_compute: float = 0.0
+    ) -> None:
         self.builder = builder
         self.metrics = metrics
         self._clock = clock
+        self._inline_compute = inline_compute
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._listeners: list[Callable[[ServedModel], None]] = []
         self._load_lock = asyncio.Lock()
@@ -180,6 +183,7 @@ class ModelRepository:
                 clock=self._clock,
                 observer=model.metrics,
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
+                inline_below=self._inline_compute,
             )
             model.batcher.start()
             if model.metrics is not None:
