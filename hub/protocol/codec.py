@@ -69,6 +69,10 @@ def shared_memory_parameters(what: str, parameters: object) -> tuple[str, int, i
     return region.string_param, offset, _integer(what, SHM_BYTE_SIZE, parameters[SHM_BYTE_SIZE])  # type: ignore[index]
 
 
+def _names_shared_memory(parameters: object) -> bool:
+    return SHM_REGION in parameters or SHM_BYTE_SIZE in parameters or SHM_OFFSET in parameters  # type: ignore[operator]
+
+
 def _integer(what: str, key: str, parameter: pb.InferParameter) -> int:
     choice = parameter.WhichOneof("parameter_choice")
     if choice not in ("int64_param", "uint64_param"):
@@ -90,7 +94,7 @@ def decode_inputs(
     tensor is decoded. Raises InvalidInput naming the input for any inconsistency.
     """
     raw = request.raw_input_contents
-    shared = [t for t in request.inputs if t.parameters and SHM_REGION in t.parameters]
+    shared = [t for t in request.inputs if t.parameters and _names_shared_memory(t.parameters)]
     if shared:
         return _decode_shared(request, shared, limits, holds)
     if raw and len(raw) != len(request.inputs):

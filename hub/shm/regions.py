@@ -281,15 +281,16 @@ class SharedMemoryRegistry:
         return out
 
     def require(self, kind: str) -> None:
+        """Unsupported when `kind` is off; for CUDA on a server without a CUDA device, ModelUnavailable."""
         if kind not in self.kinds:
             raise Unsupported(_OFF[kind])
-
-    def _cuda_ipc(self) -> CudaIpc:
-        if self.device != "cuda":
+        if kind == CUDA and self.device != "cuda":
             raise ModelUnavailable(
                 "CUDA shared memory needs a CUDA device, and this server runs on CPU only (--device cpu, "
                 "or torch sees no GPU)"
             )
+
+    def _cuda_ipc(self) -> CudaIpc:
         if self._cuda is None:
             from hub.shm.cuda import CudaIpc
 
