@@ -189,7 +189,13 @@ class Server:
             )
         self.repository.on_change(self._model_changed)
         if config.shared_memory:
-            self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device)
+            refuse = None
+            if config.engine_socket is not None:
+                refuse = (
+                    "shared memory registration is not available with --workers N > 1: a region registered "
+                    "through one frontend process would be unknown to the others; serve with --workers 1"
+                )
+            self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device, refuse=refuse)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException, serialize_byte_tensor
 
-from .conftest import TEST_PLUGINS, RunningServer, link_plugins
+from .conftest import TEST_PLUGINS, RunningServer, Workers, link_plugins
 from .plugins.identity import DATATYPES, sample
 
 PROTOCOLS = ("grpc", "http")
@@ -402,6 +402,8 @@ def test_extensions_and_cuda_on_a_cpu_server(side: Side) -> None:
         "CUDA device",
     )
     side.expect("UNAVAILABLE", lambda: side.client.get_cuda_shared_memory_status(), "CUDA device")
+    side.expect("UNAVAILABLE", lambda: side.client.unregister_cuda_shared_memory("gpu"), "CUDA device")
+    side.client.unregister_cuda_shared_memory()  # all of none: OK, as perf_analyzer needs when it ends
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
@@ -491,3 +493,27 @@ def test_fuzz_offsets_and_sizes(
         assert start >= 0
     finally:
         client.unregister_system_shared_memory("fuzz")
+
+
+def test_workers_refuse_registration_naming_why(tmp_path: Path, model_repository: Path) -> None:
+    """--workers 2: a region registered through one frontend would be unknown to the other, so
+    registration is refused (UNAVAILABLE, saying why and what to do) on both protocols."""
+    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    server = Workers(plugins, model_repository, tmp_path, 2, "--shared-memory", "system")
+    try:
+        key = new_key()
+        handle = shm.create_shared_memory_region("w", key, 24)
+        for client in (tc.InferenceServerClient(server.url), th.InferenceServerClient(server.http_url)):
+            with pytest.raises(InferenceServerException) as err:
+                client.register_system_shared_memory("w", key, 24)
+            assert err.value.status() in ("StatusCode.UNAVAILABLE", "503")
+            assert "--workers 1" in err.value.message() and key.lstrip("/") not in err.value.message()
+            metadata = client.get_server_metadata()
+            assert "system_shared_memory" in (
+                metadata.extensions
+                if isinstance(metadata, service_pb2.ServerMetadataResponse)
+                else metadata["extensions"]
+            )
+        shm.destroy_shared_memory_region(handle)
+    finally:
+        assert server.stop() == 0, server.output()

@@ -88,15 +88,6 @@ class ModelControl(Protocol):
     async def unload_model(self, name: str) -> None: ...
 
 
-class SharedMemoryControl(Protocol):
-    """Registering and unregistering shared memory where it is not this process's own
-    registry (hub/workers/frontend.py: the model process keeps it for every frontend)."""
-
-    async def register(self, kind: str, name: str, arguments: Mapping[str, Any]) -> None: ...
-
-    async def unregister(self, kind: str, name: str) -> None: ...
-
-
 class DataPlane:
     """What every frontend calls. One per server; owns no models (the repository does)."""
 
@@ -109,12 +100,10 @@ class DataPlane:
         version_policy: Callable[[str], VersionPolicy] | None = None,
         log_requests: float = 0.0,
         shared_memory: SharedMemoryRegistry | None = None,
-        shared_memory_control: SharedMemoryControl | None = None,
     ) -> None:
         self.repository = repository
         #: The regions requests may name (None: shared memory is off); frontends look them up.
         self.shared_memory = shared_memory
-        self._shm_control = shared_memory_control
         self._is_ready = is_ready
         self._control = control
         self._version_policy = version_policy
@@ -200,20 +189,14 @@ class DataPlane:
         device_id, byte_size (CUDA). AlreadyExists for a registered name; InvalidInput when
         the key, handle, offset or size do not make a region."""
         registry = self._registry(kind)
-        if self._shm_control is not None:
-            await self._shm_control.register(kind, name, arguments)
-        elif kind == "system":
+        if kind == "system":
             registry.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
         else:
             registry.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
 
     async def unregister_shared_memory(self, kind: str, name: str = "") -> None:
         """Unregister one region (an unknown name is no error) or, with no name, all of `kind`."""
-        registry = self._registry(kind)
-        if self._shm_control is not None:
-            await self._shm_control.unregister(kind, name)
-        else:
-            registry.unregister(kind, name)
+        (self.shared_memory or SharedMemoryRegistry()).unregister(kind, name)
 
     def shared_memory_status(self, kind: str, name: str = "") -> list[dict[str, Any]]:
         """Each region's status as Triton reports it; NOT_FOUND for an unknown name."""

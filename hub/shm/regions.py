@@ -264,9 +264,11 @@ class SharedMemoryRegistry:
     """The regions of one server, by name (one namespace for both kinds, as in Triton).
     `kinds` are the kinds this server takes (--shared-memory); `device` where its models run."""
 
-    def __init__(self, kinds: frozenset[str] = frozenset(), *, device: str = "cpu") -> None:
+    def __init__(self, kinds: frozenset[str] = frozenset(), *, device: str = "cpu", refuse: str | None = None) -> None:
         self.kinds = kinds
         self.device = device
+        #: Why registration is refused here (UNAVAILABLE), when it is: a frontend of --workers N.
+        self.refuse = refuse
         self._regions: dict[str, Region] = {}
         self._cuda: CudaIpc | None = None
 
@@ -279,6 +281,10 @@ class SharedMemoryRegistry:
         if CUDA in self.kinds and self.device == "cuda":
             out.append("cuda_shared_memory")
         return out
+
+    def extension_kinds(self) -> set[str]:
+        """The kinds clients can use here: on, and (CUDA) with a CUDA device."""
+        return {k for k in self.kinds if k != CUDA or self.device == "cuda"}
 
     def require(self, kind: str) -> None:
         """Unsupported when `kind` is off; for CUDA on a server without a CUDA device, ModelUnavailable."""
@@ -300,6 +306,8 @@ class SharedMemoryRegistry:
     # --- register, unregister, status -------------------------------------------------------
 
     def _check_new(self, name: str) -> None:
+        if self.refuse is not None:
+            raise ModelUnavailable(self.refuse)
         if not name:
             raise InvalidInput("a shared memory region needs a name")
         if len(name) > NAME_MAX:
@@ -335,7 +343,13 @@ class SharedMemoryRegistry:
 
     def unregister(self, kind: str, name: str = "") -> None:
         """Unregister one region of `kind` (an unknown name is not an error, as in Triton), or
-        every region of it when `name` is empty. Requests holding a region keep it until answered."""
+        every region of it when `name` is empty. Requests holding a region keep it until answered.
+
+        Unregistering all of a kind this server does not take is a no-op, not an error, while
+        the other kind is on: perf_analyzer --shared-memory system unregisters both kinds when
+        it ends (Triton's CPU build answers OK too, having none)."""
+        if not name and self.kinds and kind not in self.extension_kinds():
+            return
         self.require(kind)
         names = [n for n, r in self._regions.items() if r.kind == kind] if not name else [name]
         for region_name in names:
