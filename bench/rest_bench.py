@@ -8,6 +8,8 @@ count in that time).
 
 A target is NAME=PROTOCOL:HOST:PORT:MODEL:STATS_HTTP_PORT (the REST port whose
 /v2/models/MODEL/stats counts that server's inferences, whichever protocol they came by).
+PROTOCOL grpc+shm is gRPC with inputs and outputs in system shared memory (perf_analyzer
+--shared-memory system), for a server started with --shared-memory system.
 Prints one JSON line per measurement, then a Markdown table (median over rounds).
 """
 
@@ -42,6 +44,13 @@ class Target:
         name, _, rest = spec.partition("=")
         protocol, host, port, model, stats = rest.split(":")
         return cls(name, protocol, host, int(port), model, int(stats))
+
+    def flags(self) -> list[str]:
+        """perf_analyzer's protocol flags: -i, and shared memory for grpc+shm (64 KiB per
+        output holds every bundled model's batch-1 output)."""
+        if self.protocol == "grpc+shm":
+            return ["-i", "grpc", "--shared-memory", "system", "--output-shared-memory-size", "65536"]
+        return ["-i", self.protocol]
 
     def inferences(self) -> int:
         url = f"http://{self.host}:{self.stats_port}/v2/models/{self.model}/stats"
@@ -87,7 +96,7 @@ def measure(pa: str, target: Target, concurrency: int, window_ms: int) -> dict[s
     pgid = listen_pgid(target.port)
     before_cpu = group_cpu_seconds(pgid) if pgid else 0.0
     before_n = target.inferences()
-    command = [pa, "-m", target.model, "-i", target.protocol, "-u", f"{target.host}:{target.port}", "-a",
+    command = [pa, "-m", target.model, *target.flags(), "-u", f"{target.host}:{target.port}", "-a",
                "--concurrency-range", str(concurrency), "-p", str(window_ms), "-s", "25", "-r", "8"]  # fmt: skip
     started = time.monotonic()
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)

@@ -175,6 +175,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="bearer token that load/unload require, separate from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
     )
     security.add_argument(
+        "--shared-memory",
+        default=_env("SHARED_MEMORY", "off"),
+        metavar="off|system|cuda|system,cuda",
+        help="Triton's shared-memory extension: let clients register system (/dev/shm) and/or CUDA IPC "
+        "regions for inputs and outputs; off by default (env MODELHUB_SHARED_MEMORY; see docs/shared-memory.md)",
+    )
+    security.add_argument(
         "--auth-token",
         default=_env("AUTH_TOKEN", None),
         metavar="TOKEN",
@@ -370,6 +377,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log.error("modelhub: TLS needs both --tls-cert and --tls-key (and --tls-client-ca only with them)")
         return 2
     tls = None if args.tls_cert is None else TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca)
+    from hub.shm import parse_kinds
+
+    try:
+        shared_memory = parse_kinds(args.shared_memory)
+    except ValueError as exc:
+        log.error("modelhub: %s", exc)
+        return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
@@ -411,6 +425,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         tls=tls,
         metrics_auth=args.metrics_auth,
         metrics_host=args.metrics_host,
+        shared_memory=shared_memory,
     )
     return asyncio.run(_serve(Server(config), args.port_file))
 

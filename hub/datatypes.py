@@ -40,8 +40,32 @@ CONFIG_TYPE_NAMES: dict[str, str] = {name: f"TYPE_{name}" for name in DATATYPES}
 CONFIG_TYPE_NAMES["BYTES"] = "TYPE_STRING"
 
 
+#: torch dtypes by name, for inputs that stay on the device (CUDA shared memory): no torch import here.
+_TORCH_TYPES = {
+    "torch.bool": "BOOL",
+    "torch.uint8": "UINT8",
+    "torch.uint16": "UINT16",
+    "torch.uint32": "UINT32",
+    "torch.uint64": "UINT64",
+    "torch.int8": "INT8",
+    "torch.int16": "INT16",
+    "torch.int32": "INT32",
+    "torch.int64": "INT64",
+    "torch.float16": "FP16",
+    "torch.float32": "FP32",
+    "torch.float64": "FP64",
+    "torch.bfloat16": "BF16",
+}
+
+
 def datatype_of(array: np.ndarray) -> str:
-    """The V2 datatype name of a numpy array; TypeError when it has none."""
+    """The V2 datatype name of a numpy array (or of a torch tensor on the device); TypeError
+    when it has none."""
+    if not isinstance(array, np.ndarray):
+        name = _TORCH_TYPES.get(str(getattr(array, "dtype", "")))
+        if name is None:
+            raise TypeError(f"{type(array).__name__} of dtype {getattr(array, 'dtype', '?')} has no V2 datatype")
+        return name
     try:
         return _BY_DTYPE[array.dtype]
     except KeyError:

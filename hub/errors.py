@@ -42,6 +42,24 @@ class QueueFull(HubError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class LimitReached(HubError):
+    """A server-wide limit is reached (the number of shared memory regions, say)."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
+class AlreadyExists(HubError):
+    """Something by this name exists already (a registered shared memory region)."""
+
+    code = "ALREADY_EXISTS"
+
+
+class RegionNotFound(HubError):
+    """No shared memory region by this name is registered (a status request)."""
+
+    code = "NOT_FOUND"
+
+
 class DeadlineExceeded(HubError):
     """The request's deadline passed before it was computed."""
 
@@ -136,6 +154,7 @@ _BY_CODE: dict[str, type[HubError]] = {
         Unsupported,
         Unauthenticated,
         PermissionDenied,
+        AlreadyExists,
     )
 }
 

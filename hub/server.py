@@ -37,6 +37,7 @@ from hub.protocol.rest.listener import HttpListener
 from hub.protocol.rest.metrics import metrics_app
 from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.security import TlsConfig, Tokens
+from hub.shm import SharedMemoryRegistry
 from hub.workers.frontend import RemoteControl, RemoteRepository
 
 if TYPE_CHECKING:
@@ -103,6 +104,9 @@ class ServerConfig:
     tls: TlsConfig | None = None  # TLS (mutual with a client CA) on gRPC, REST and metrics
     metrics_auth: bool = False  # /metrics needs `auth_token` too
     metrics_host: str | None = None  # bind metrics here rather than on `host`
+    #: Triton's shared-memory extension: the kinds clients may register ("system", "cuda");
+    #: none by default (hub/shm, docs/shared-memory.md).
+    shared_memory: frozenset[str] = frozenset()
 
     @property
     def tokens(self) -> Tokens:
@@ -151,6 +155,7 @@ class Server:
         self._stopping = False
         self._loaded = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self.shared_memory: SharedMemoryRegistry | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -165,8 +170,10 @@ class Server:
         tokens = config.tokens  # checks the tokens before anything listens
         if config.metrics_auth and config.auth_token is None:
             raise ValueError("--metrics-auth requires --auth-token: it is the token /metrics then asks for")
-        if config.model_control_token is not None and not config.control_enabled:
-            raise ValueError("--model-control-token is set but model control is off: add --model-control")
+        if config.model_control_token is not None and not (config.control_enabled or config.shared_memory):
+            raise ValueError(
+                "--model-control-token is set but model control and shared memory are off: add --model-control"
+            )
         ssl_context = config.tls.server_context() if config.tls is not None else None
         models: list[ServedModel] = []
         control: ModelControl
@@ -186,12 +193,21 @@ class Server:
                 self.repository, self.plugins, config.deployment, config.plugins_dir
             )
         self.repository.on_change(self._model_changed)
+        if config.shared_memory:
+            refuse = None
+            if config.engine_socket is not None:
+                refuse = (
+                    "shared memory registration is not available with --workers N > 1: a region registered "
+                    "through one frontend process would be unknown to the others; serve with --workers 1"
+                )
+            self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device, refuse=refuse)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
             control=control if config.control_enabled else None,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
+            shared_memory=self.shared_memory,
         )
         if config.serve_engine is not None:
             from hub.workers.engine import EngineService
@@ -237,7 +253,7 @@ class Server:
             ", ".join(m.spec.key for m in models) or "none",
         )
         log.info(
-            "security: tls %s, auth token %s, model control %s, metrics %s",
+            "security: tls %s, auth token %s, model control %s, metrics %s, shared memory %s",
             "off" if config.tls is None else "mutual" if config.tls.client_ca is not None else "on",
             "required" if config.auth_token is not None else "off (anyone who reaches the port may infer)",
             "off"
@@ -249,6 +265,7 @@ class Server:
             else "on, no token",
             describe_bind(config.metrics_host or config.host)
             + (", auth token required" if config.metrics_auth else ""),
+            ", ".join(sorted(config.shared_memory)) or "off",
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
         if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
@@ -360,6 +377,8 @@ class Server:
             await self.engine.close()
         if self.repository is not None:
             await self.repository.close(drain=False)
+        if self.shared_memory is not None:
+            self.shared_memory.close()  # every region unmapped (a request still holding one unmaps it last)
         if self._metrics_http is not None:
             await self._metrics_http.stop()
         self.plugins.close()

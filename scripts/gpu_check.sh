@@ -49,10 +49,13 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
   echo "setup took ${SECONDS}s"
 } >> "$OUT/env.txt" 2>&1
 
-# 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, and ResNet-50 served as
-#    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16.
+# 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, ResNet-50 served as
+#    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16, and CUDA shared
+#    memory (issue 16: a client process's cudaIpcMemHandle_t, inputs and outputs on the device;
+#    two tiny models, a few seconds).
 timeout -k 10 "$(cap 190)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs \
-  --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py > "$OUT/gpu-tests.txt" 2>&1
+  --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py tests/test_shared_memory_cuda.py \
+  > "$OUT/gpu-tests.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-tests.txt"
 
 # 2. Fidelity (issue 14): resnet built as torch-fp16, torch-bf16 and torch-compile, each checked

@@ -304,6 +304,8 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
         status, reply = call(hub_server.http_url, path)
         assert status == 404 and path in reply["error"]
     status, reply = call(hub_server.http_url, "/v2/systemsharedmemory/status")
+    assert status == 501 and "--shared-memory system" in reply["error"]  # off unless turned on
+    status, reply = call(hub_server.http_url, "/v2/trace/setting")
     assert status == 501 and "not implemented" in reply["error"]
 
 

@@ -109,15 +109,29 @@ def test_unknown_model_is_not_found(client: tc.InferenceServerClient, call) -> N
 
 
 UNIMPLEMENTED = {
-    "SystemSharedMemoryStatus": service_pb2.SystemSharedMemoryStatusRequest(),
-    "SystemSharedMemoryRegister": service_pb2.SystemSharedMemoryRegisterRequest(name="r"),
-    "SystemSharedMemoryUnregister": service_pb2.SystemSharedMemoryUnregisterRequest(name="r"),
-    "CudaSharedMemoryStatus": service_pb2.CudaSharedMemoryStatusRequest(),
-    "CudaSharedMemoryRegister": service_pb2.CudaSharedMemoryRegisterRequest(name="r"),
-    "CudaSharedMemoryUnregister": service_pb2.CudaSharedMemoryUnregisterRequest(name="r"),
     "TraceSetting": service_pb2.TraceSettingRequest(),
     "LogSettings": service_pb2.LogSettingsRequest(),
 }
+#: Off unless --shared-memory (tests/test_shared_memory.py has them on): UNIMPLEMENTED, saying so.
+SHARED_MEMORY_OFF = {
+    "SystemSharedMemoryStatus": (service_pb2.SystemSharedMemoryStatusRequest(), "--shared-memory system"),
+    "SystemSharedMemoryRegister": (service_pb2.SystemSharedMemoryRegisterRequest(name="r"), "--shared-memory system"),
+    "SystemSharedMemoryUnregister": (service_pb2.SystemSharedMemoryUnregisterRequest(name="r"), "--shared-memory"),
+    "CudaSharedMemoryStatus": (service_pb2.CudaSharedMemoryStatusRequest(), "--shared-memory cuda"),
+    "CudaSharedMemoryRegister": (service_pb2.CudaSharedMemoryRegisterRequest(name="r"), "--shared-memory cuda"),
+    "CudaSharedMemoryUnregister": (service_pb2.CudaSharedMemoryUnregisterRequest(name="r"), "--shared-memory cuda"),
+}
+
+
+@pytest.mark.parametrize("method", sorted(SHARED_MEMORY_OFF))
+def test_shared_memory_rpcs_are_off_by_default(hub_server: RunningServer, method: str) -> None:
+    request, flag = SHARED_MEMORY_OFF[method]
+    with grpc.insecure_channel(hub_server.url) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.RpcError) as err:
+            getattr(stub, method)(request, timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert flag in err.value.details() and "off on this server" in err.value.details()
 
 
 @pytest.mark.parametrize("method", sorted(UNIMPLEMENTED))

@@ -443,7 +443,10 @@ class Batcher:
         return results, t1 - t0, t2 - t1, t3 - t2
 
     def _concatenate(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
-        """Stack requests along the batch dim, padding `padding` inputs to the longest first."""
+        """Stack requests along the batch dim, padding `padding` inputs to the longest first.
+        Inputs on the device (CUDA shared memory) are stacked there, with the others copied up."""
+        if not all(isinstance(a, np.ndarray) for a in arrays):
+            return _concatenate_on_device(arrays)
         if name in self._padding:
             longest = np.max([a.shape[1:] for a in arrays], axis=0)
             arrays = [
@@ -461,3 +464,11 @@ class Batcher:
     def _fail(self, pending: _Pending, error: BaseException) -> None:
         if not pending.future.done():
             pending.future.set_exception(error)
+
+
+def _concatenate_on_device(arrays: list[Any]) -> Any:
+    """torch.cat on the device of the first tensor among `arrays` (numpy ones copied there)."""
+    import torch
+
+    device = next(a.device for a in arrays if not isinstance(a, np.ndarray))
+    return torch.cat([torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays])

@@ -13,7 +13,7 @@ import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from hub.errors import (
     code_of,
     shorten,
 )
+from hub.shm import OutputTarget, SharedMemoryRegistry
 from hub.spec import ModelSpec
 
 log = logging.getLogger("modelhub.dataplane")
@@ -56,6 +57,7 @@ class RequestedOutput:
 
     name: str
     class_count: int = 0
+    target: OutputTarget | None = None  # shared memory to write it into (the response carries no data)
 
 
 @dataclass
@@ -73,6 +75,9 @@ class InferResponse:
     model_version: str
     id: str
     outputs: list[tuple[str, np.ndarray]]  # in the order requested (or the model's order)
+    #: Outputs already written into the shared memory the request gave them: the frontend
+    #: describes them (name, datatype, shape) but sends no data.
+    in_shared_memory: frozenset[str] = frozenset()
 
 
 class ModelControl(Protocol):
@@ -94,8 +99,11 @@ class DataPlane:
         control: ModelControl | None = None,
         version_policy: Callable[[str], VersionPolicy] | None = None,
         log_requests: float = 0.0,
+        shared_memory: SharedMemoryRegistry | None = None,
     ) -> None:
         self.repository = repository
+        #: The regions requests may name (None: shared memory is off); frontends look them up.
+        self.shared_memory = shared_memory
         self._is_ready = is_ready
         self._control = control
         self._version_policy = version_policy
@@ -117,7 +125,9 @@ class DataPlane:
 
     def server_metadata(self) -> tuple[str, str, Sequence[str]]:
         """(name, version, extensions)."""
-        return "modelhub", __version__, EXTENSIONS
+        if self.shared_memory is None:
+            return "modelhub", __version__, EXTENSIONS
+        return "modelhub", __version__, (*EXTENSIONS, *self.shared_memory.extensions())
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The model a request names (NOT_FOUND for an unknown name or version)."""
@@ -167,6 +177,31 @@ class DataPlane:
             raise PermissionDenied(CONTROL_OFF)
         await self._control.unload_model(name)
 
+    # --- shared memory (Triton's extension) -------------------------------------------------
+
+    def _registry(self, kind: str) -> SharedMemoryRegistry:
+        registry = self.shared_memory or SharedMemoryRegistry()
+        registry.require(kind)  # Unsupported, saying how to turn it on
+        return registry
+
+    async def register_shared_memory(self, kind: str, name: str, arguments: Mapping[str, Any]) -> None:
+        """Register a region: `arguments` are key, offset, byte_size (system) or raw_handle,
+        device_id, byte_size (CUDA). AlreadyExists for a registered name; InvalidInput when
+        the key, handle, offset or size do not make a region."""
+        registry = self._registry(kind)
+        if kind == "system":
+            registry.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
+        else:
+            registry.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
+
+    async def unregister_shared_memory(self, kind: str, name: str = "") -> None:
+        """Unregister one region (an unknown name is no error) or, with no name, all of `kind`."""
+        (self.shared_memory or SharedMemoryRegistry()).unregister(kind, name)
+
+    def shared_memory_status(self, kind: str, name: str = "") -> list[dict[str, Any]]:
+        """Each region's status as Triton reports it; NOT_FOUND for an unknown name."""
+        return self._registry(kind).status(kind, name)
+
     # --- inference --------------------------------------------------------------------------
 
     async def infer(
@@ -196,7 +231,10 @@ class DataPlane:
             names = resolve_outputs(request.outputs, model)
             delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
             outputs = [(n, _classify(model, n, delivery.outputs[n], c) if c else delivery.outputs[n]) for n, c in names]
-            return encode(InferResponse(model.name, str(model.version), request_id, outputs))
+            written: frozenset[str] = frozenset()
+            if any(o.target is not None for o in request.outputs):
+                written = _write_shared(request.outputs, outputs)
+            return encode(InferResponse(model.name, str(model.version), request_id, outputs, written))
         except asyncio.CancelledError:
             code = CANCELLED
             raise
@@ -244,12 +282,26 @@ def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) ->
                 f"requested output '{shorten(output.name)}' is not an output of model '{spec.name}'; "
                 f"outputs: {declared}"
             )
+        if output.class_count and output.target is not None:
+            raise InvalidInput(
+                f"requested output '{shorten(output.name)}': classification and shared memory cannot be combined"
+            )
         if output.class_count < 0:
             raise InvalidInput(
                 f"requested output '{shorten(output.name)}': class_count must be positive, got {output.class_count}"
             )
         names.append((output.name, output.class_count))
     return names
+
+
+def _write_shared(requested: Sequence[RequestedOutput], outputs: list[tuple[str, np.ndarray]]) -> frozenset[str]:
+    """Write the outputs that asked for shared memory into it; their names."""
+    targets = {o.name: o.target for o in requested if o.target is not None}
+    for name, array in outputs:
+        target = targets.get(name)
+        if target is not None:
+            target.write(name, array)
+    return frozenset(targets)
 
 
 def _classify(model: ServedModel, name: str, array: np.ndarray, count: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import numpy as np
 
 from hub.core.batching import Batcher, Delivery
 from hub.core.stats import ModelStats
-from hub.datatypes import datatype_of
+from hub.datatypes import NUMPY_DTYPES, datatype_of
 from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable, name_list
 from hub.metrics import ModelMetrics
 from hub.spec import ModelSpec, Runtime, Target, TensorSpec
@@ -94,6 +94,10 @@ class ServedModel:
                 + (f": {self.reason}" if self.reason else "")
             )
         rows = check_inputs(self.spec, inputs)
+        if not getattr(self.runtime, "takes_device_tensors", False) and not all(
+            isinstance(a, np.ndarray) for a in inputs.values()
+        ):
+            inputs = {name: on_host(array) for name, array in inputs.items()}
         if self.spec.preprocess is not None:
             inputs = await self._preprocess(inputs, rows)
         signature = batch_signature(self.spec, inputs)
@@ -119,6 +123,18 @@ class ServedModel:
         if self.spec.batching.batching and got != rows:
             raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
         return forward
+
+
+def on_host(array: Any) -> np.ndarray:
+    """An input as a numpy array: a tensor on the device (CUDA shared memory) copied to the
+    host, for runtimes that take numpy only (ONNX Runtime, plugins' own)."""
+    if isinstance(array, np.ndarray):
+        return array
+    import torch
+
+    if array.dtype == torch.bfloat16:
+        return array.view(torch.uint16).cpu().numpy().view(NUMPY_DTYPES["BF16"])
+    return array.cpu().numpy()
 
 
 def batch_signature(spec: ModelSpec, inputs: Mapping[str, np.ndarray]) -> tuple[object, ...]:

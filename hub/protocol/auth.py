@@ -18,7 +18,18 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/",)
 _OPEN = frozenset(f"/{SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ModelReady"))
-_CONTROL = frozenset(f"/{SERVICE}/{name}" for name in ("RepositoryModelLoad", "RepositoryModelUnload"))
+#: Model control, and registering shared memory (which lets a client point the server at memory).
+_CONTROL = frozenset(
+    f"/{SERVICE}/{name}"
+    for name in (
+        "RepositoryModelLoad",
+        "RepositoryModelUnload",
+        "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister",
+        "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
+    )
+)
 
 
 def access_of(method: str) -> Access:

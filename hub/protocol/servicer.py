@@ -22,6 +22,7 @@ from hub.protocol.codec import decode_request, encode_response
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.status import status_for
+from hub.shm import CUDA, SYSTEM, Holds
 
 log = logging.getLogger("modelhub.grpc")
 
@@ -228,14 +229,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
-        return await plane.infer(
-            request.model_name,
-            request.model_version,
-            request.id,
-            lambda spec: decode_request(request, spec, limits),
-            encode_response,
-            timeout=time_remaining,
-        )
+        with Holds(plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
+            return await plane.infer(
+                request.model_name,
+                request.model_version,
+                request.id,
+                lambda spec: decode_request(request, spec, limits, holds),
+                encode_response,
+                timeout=time_remaining,
+            )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         if self._draining:
@@ -327,14 +329,80 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             for task in list(tasks):
                 task.cancel()
 
+    # --- shared memory ----------------------------------------------------------------------
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: Any
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            regions = self.plane.shared_memory_status(SYSTEM, request.name)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            Status = pb.SystemSharedMemoryStatusResponse.RegionStatus
+            return pb.SystemSharedMemoryStatusResponse(regions={r["name"]: Status(**r) for r in regions})
+        return _fail(context, failure)
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        arguments = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
+        try:
+            await self.plane.register_shared_memory(SYSTEM, request.name, arguments)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return pb.SystemSharedMemoryRegisterResponse()
+        return _fail(context, failure)
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            await self.plane.unregister_shared_memory(SYSTEM, request.name)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return pb.SystemSharedMemoryUnregisterResponse()
+        return _fail(context, failure)
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: Any
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        try:
+            regions = self.plane.shared_memory_status(CUDA, request.name)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            Status = pb.CudaSharedMemoryStatusResponse.RegionStatus
+            return pb.CudaSharedMemoryStatusResponse(regions={r["name"]: Status(**r) for r in regions})
+        return _fail(context, failure)
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        arguments = {"raw_handle": request.raw_handle, "device_id": request.device_id, "byte_size": request.byte_size}
+        try:
+            await self.plane.register_shared_memory(CUDA, request.name, arguments)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return pb.CudaSharedMemoryRegisterResponse()
+        return _fail(context, failure)
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        try:
+            await self.plane.unregister_shared_memory(CUDA, request.name)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return pb.CudaSharedMemoryUnregisterResponse()
+        return _fail(context, failure)
+
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
 
-    SystemSharedMemoryStatus = _unimplemented("SystemSharedMemoryStatus")
-    SystemSharedMemoryRegister = _unimplemented("SystemSharedMemoryRegister")
-    SystemSharedMemoryUnregister = _unimplemented("SystemSharedMemoryUnregister")
-    CudaSharedMemoryStatus = _unimplemented("CudaSharedMemoryStatus")
-    CudaSharedMemoryRegister = _unimplemented("CudaSharedMemoryRegister")
-    CudaSharedMemoryUnregister = _unimplemented("CudaSharedMemoryUnregister")
     TraceSetting = _unimplemented("TraceSetting")
     LogSettings = _unimplemented("LogSettings")
 

@@ -21,6 +21,7 @@ _CODES: dict[str, grpc.StatusCode] = {
         grpc.StatusCode.UNAUTHENTICATED,
         grpc.StatusCode.PERMISSION_DENIED,
         grpc.StatusCode.CANCELLED,
+        grpc.StatusCode.ALREADY_EXISTS,
     )
 }
 

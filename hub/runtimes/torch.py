@@ -16,7 +16,10 @@ from hub.spec import ArtifactContext, ModelSpec, Runtime, Target, Tolerance
 
 
 def to_tensor(array: np.ndarray, device: str) -> torch.Tensor:
-    """numpy -> torch without a Python-level copy where torch can share the buffer."""
+    """numpy -> torch without a Python-level copy where torch can share the buffer. A tensor
+    already on the device (an input in CUDA shared memory) is used as it is."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device, non_blocking=True)
     if array.dtype == np.object_:
         raise BuildError("BYTES tensors cannot be passed to a torch module; preprocess them first")
     if not array.flags.writeable:  # frombuffer views of request bytes: torch wants writable memory
@@ -53,6 +56,9 @@ class TorchRuntime:
     With `compute_dtype` (fp16/bf16 targets), floating inputs are cast to it and floating
     outputs back to FP32, so the served contract does not change.
     """
+
+    #: Inputs may be torch tensors on the device (CUDA shared memory), not only numpy arrays.
+    takes_device_tensors = True
 
     def __init__(
         self,

@@ -6,6 +6,8 @@ hub.protocol.triton (sent as JSON by `as_json`), tensors from hub.protocol.rest.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -21,6 +23,7 @@ from hub.protocol.rest.auth import token_middleware
 from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, parse_request
 from hub.protocol.rest.status import error_body, status_for
 from hub.security import Tokens
+from hub.shm import CUDA, SYSTEM, Holds
 
 log = logging.getLogger("modelhub.rest")
 
@@ -113,6 +116,15 @@ class RestFrontend:
                 ("GET", prefix + "/stats", self.statistics),
                 ("POST", prefix + "/infer", self.infer),
             ]
+        for area in ("systemsharedmemory", "cudasharedmemory"):
+            # A region name may hold '/' (percent-encoded): {name:.+} takes the rest of the path.
+            routes += [
+                ("GET", f"/v2/{area}/status", self.shm_status),
+                ("GET", f"/v2/{area}/region/{{name:.+}}/status", self.shm_status),
+                ("POST", f"/v2/{area}/region/{{name:.+}}/register", self.shm_register),
+                ("POST", f"/v2/{area}/unregister", self.shm_unregister),
+                ("POST", f"/v2/{area}/region/{{name:.+}}/unregister", self.shm_unregister),
+            ]
         for method, path, handler in routes:
             app.router.add_route(method, path, _guarded(handler))
         for area in ("systemsharedmemory", "cudasharedmemory", "trace", "logging"):
@@ -175,19 +187,54 @@ class RestFrontend:
         await self.plane.unload(request.match_info["model"])
         return web.Response(status=200)
 
+    # --- shared memory ----------------------------------------------------------------------
+
+    async def shm_status(self, request: web.Request) -> web.Response:
+        kind = _shm_kind(request)
+        return json_response(self.plane.shared_memory_status(kind, request.match_info.get("name", "")))
+
+    async def shm_register(self, request: web.Request) -> web.Response:
+        kind = _shm_kind(request)
+        body = await _json_body(request)
+        name = request.match_info["name"]
+        if kind == SYSTEM:
+            key = body.get("key")
+            if not isinstance(key, str):
+                raise InvalidInput("'key' must be a string: the key of the shared memory object")
+            arguments: dict[str, Any] = {"key": key, "offset": _count(body, "offset", 0)}
+        else:
+            raw = body.get("raw_handle")
+            encoded = raw.get("b64") if isinstance(raw, dict) else None
+            if not isinstance(encoded, str):
+                raise InvalidInput("'raw_handle' must be {\"b64\": the base64 of the cudaIpcMemHandle_t}")
+            try:
+                handle = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidInput("'raw_handle.b64' is not valid base64") from None
+            arguments = {"raw_handle": handle, "device_id": _count(body, "device_id", 0)}
+        arguments["byte_size"] = _count(body, "byte_size", None)
+        await self.plane.register_shared_memory(kind, name, arguments)
+        return web.Response(status=200)
+
+    async def shm_unregister(self, request: web.Request) -> web.Response:
+        kind = _shm_kind(request)
+        await self.plane.unregister_shared_memory(kind, request.match_info.get("name", ""))
+        return web.Response(status=200)
+
     # --- inference --------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
         parsed = parse_request(await request.read(), request.headers.get(HEADER_LENGTH))
         info = request.match_info
-        body, header_length = await self.plane.infer(
-            info["model"],
-            info.get("version", ""),
-            parsed.id,
-            lambda spec: decode_request(parsed, spec, self.limits),
-            lambda response: encode_response(parsed, response),
-            timeout=parsed.timeout,
-        )
+        with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
+            body, header_length = await self.plane.infer(
+                info["model"],
+                info.get("version", ""),
+                parsed.id,
+                lambda spec: decode_request(parsed, spec, self.limits, holds),
+                lambda response: encode_response(parsed, response),
+                timeout=parsed.timeout,
+            )
         if header_length is None:
             return web.Response(body=body, headers={"Content-Type": "application/json"})
         return web.Response(
@@ -206,6 +253,18 @@ class RestFrontend:
             status=404,
             headers={"Content-Type": "application/json"},
         )
+
+
+def _shm_kind(request: web.Request) -> str:
+    return SYSTEM if request.path.startswith("/v2/systemsharedmemory") else CUDA
+
+
+def _count(body: dict[str, Any], key: str, default: int | None) -> int:
+    """A non-negative integer field of a JSON body (required when `default` is None)."""
+    value = body.get(key, default)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise InvalidInput(f"'{key}' must be a non-negative integer")
+    return value
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:

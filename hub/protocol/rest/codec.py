@@ -6,6 +6,11 @@ its size in `parameters.binary_data_size`. Binary inputs become zero-copy, read-
 views of the request body (through hub.datatypes.from_buffer, as gRPC's raw contents do).
 Outputs go back as binary when the request asks (`parameters.binary_data_output`, or an
 output's `parameters.binary_data`), else as JSON `data`. FP16 and BF16 have no JSON form.
+
+Triton's shared-memory extension: an input or requested output whose parameters carry
+`shared_memory_region` and `shared_memory_byte_size` (and optionally `shared_memory_offset`)
+is read from, or written into, that registered region; such an output comes back with no
+`data` and no binary part.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes
 from hub.errors import InvalidInput
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.triton import model_inputs
+from hub.shm import Holds
 from hub.spec import ModelSpec
 
 HEADER_LENGTH = "Inference-Header-Content-Length"
@@ -44,6 +50,8 @@ class RestRequest:
     body: memoryview
     binary_start: int
     parameters: Mapping[str, Any] = field(default_factory=dict)
+    #: Requested outputs to write into shared memory: name -> (region, offset, byte_size).
+    shared_outputs: dict[str, tuple[str, int, int]] = field(default_factory=dict)
 
     @property
     def timeout(self) -> float | None:
@@ -89,7 +97,7 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
         raise InvalidInput("parameters.binary_data_output must be true or false")
-    outputs, binary = _requested_outputs(header.get("outputs"))
+    outputs, binary, shared = _requested_outputs(header.get("outputs"))
     return RestRequest(
         request_id,
         [_object(t, f"inputs[{i}]") for i, t in enumerate(inputs)],
@@ -99,23 +107,51 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
         view,
         length,
         parameters,
+        shared,
     )
 
 
-def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, bool]]:
+SHM_REGION = "shared_memory_region"
+SHM_OFFSET = "shared_memory_offset"
+SHM_BYTE_SIZE = "shared_memory_byte_size"
+
+
+def shared_memory_parameters(what: str, parameters: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """(region, offset, byte_size) when a tensor's parameters name shared memory, else None;
+    InvalidInput when they are incomplete or of the wrong JSON types."""
+    if SHM_REGION not in parameters and SHM_BYTE_SIZE not in parameters:
+        if SHM_OFFSET in parameters:
+            raise InvalidInput(f"{what}: {SHM_OFFSET} without {SHM_REGION} and {SHM_BYTE_SIZE}")
+        return None
+    if SHM_REGION not in parameters or SHM_BYTE_SIZE not in parameters:
+        raise InvalidInput(f"{what}: shared memory needs both {SHM_REGION} and {SHM_BYTE_SIZE}")
+    region = parameters[SHM_REGION]
+    if not isinstance(region, str):
+        raise InvalidInput(f"{what}: {SHM_REGION} must be a string")
+    values = []
+    for key, default in ((SHM_OFFSET, 0), (SHM_BYTE_SIZE, None)):
+        value = parameters.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise InvalidInput(f"{what}: {key} must be a non-negative integer")
+        values.append(value)
+    return region, values[0], values[1]
+
+
+def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, bool], dict[str, tuple[str, int, int]]]:
     if value is None:
-        return [], {}
+        return [], {}, {}
     if not isinstance(value, list):
         raise InvalidInput("'outputs' must be a list of requested outputs")
-    outputs, binary = [], {}
+    outputs, binary, shared = [], {}, {}
     for index, item in enumerate(value):
         item = _object(item, f"outputs[{index}]")
         name = item.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"outputs[{index}].name must be a string")
         parameters = _object(item.get("parameters") or {}, f"output '{name[:128]}' parameters")
-        if "shared_memory_region" in parameters:
-            raise InvalidInput(f"output '{name[:128]}': shared memory is not supported by modelhub")
+        location = shared_memory_parameters(f"output '{name[:128]}'", parameters)
+        if location is not None:
+            shared[name] = location
         count = parameters.get("classification", 0)
         if not isinstance(count, int) or isinstance(count, bool):
             raise InvalidInput(f"output '{name[:128]}': parameters.classification must be an integer")
@@ -125,12 +161,15 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, boo
                 raise InvalidInput(f"output '{name[:128]}': parameters.binary_data must be true or false")
             binary[name] = flag
         outputs.append(RequestedOutput(name, count))
-    return outputs, binary
+    return outputs, binary, shared
 
 
-def decode_inputs(request: RestRequest, limits: Limits = DEFAULT_LIMITS) -> dict[str, np.ndarray]:
-    """The request's inputs as numpy arrays: binary ones as views of the body, JSON ones
-    converted once. Raises InvalidInput naming the input."""
+def decode_inputs(
+    request: RestRequest, limits: Limits = DEFAULT_LIMITS, holds: Holds | None = None
+) -> dict[str, np.ndarray]:
+    """The request's inputs as numpy arrays: binary ones as views of the body, those in shared
+    memory as views of their region (held by `holds`), JSON ones converted once. Raises
+    InvalidInput naming the input."""
     arrays: dict[str, np.ndarray] = {}
     body, offset = request.body, request.binary_start
     for index, tensor in enumerate(request.inputs):
@@ -144,8 +183,12 @@ def decode_inputs(request: RestRequest, limits: Limits = DEFAULT_LIMITS) -> dict
             raise InvalidInput(f"input '{name[:128]}': 'datatype' must be a string")
         shape = _shape(name, tensor.get("shape"))
         parameters = _object(tensor.get("parameters") or {}, f"input '{name[:128]}' parameters")
-        if "shared_memory_region" in parameters:
-            raise InvalidInput(f"input '{name[:128]}': shared memory is not supported by modelhub")
+        location = shared_memory_parameters(f"input '{name[:128]}'", parameters) if parameters else None
+        if location is not None:
+            if "data" in tensor or "binary_data_size" in parameters:
+                raise InvalidInput(f"input '{name[:128]}' is in shared memory and also has data; send one or the other")
+            arrays[name] = (holds or Holds(None)).read(name, datatype, shape, *location, limits)
+            continue
         size = parameters.get("binary_data_size")
         if size is not None:
             if "data" in tensor:
@@ -232,17 +275,33 @@ def _all_bools(data: list[Any]) -> bool:
     return all(isinstance(v, bool) for v in _flatten(data))
 
 
-def decode_request(request: RestRequest, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS) -> InferRequest:
-    return InferRequest(model_inputs(spec, decode_inputs(request, limits)), request.outputs, request.parameters)
+def decode_request(
+    request: RestRequest, spec: ModelSpec, limits: Limits = DEFAULT_LIMITS, holds: Holds | None = None
+) -> InferRequest:
+    inputs = model_inputs(spec, decode_inputs(request, limits, holds))
+    outputs = request.outputs
+    if request.shared_outputs:
+        holds = holds or Holds(None)
+        outputs = [
+            RequestedOutput(o.name, o.class_count, holds.output(o.name, *request.shared_outputs[o.name]))
+            if o.name in request.shared_outputs
+            else o
+            for o in outputs
+        ]
+    return InferRequest(inputs, outputs, request.parameters)
 
 
 def encode_response(request: RestRequest, response: InferResponse) -> tuple[bytes, int | None]:
     """The response body and, when it carries binary outputs, the JSON header's length."""
     outputs = []
     chunks: list[bytes] = []
+    shared = response.in_shared_memory
     for name, array in response.outputs:
         datatype = datatype_of(array)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        if shared and name in shared:
+            outputs.append(tensor)  # written into its shared memory: no data here
+            continue
         data = None
         if not request.binary_outputs.get(name, request.binary_default) and datatype not in BINARY_ONLY:
             data = _to_json(array, datatype)

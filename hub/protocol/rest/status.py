@@ -13,6 +13,7 @@ HTTP_STATUS: dict[str, int] = {
     "UNAUTHENTICATED": 401,
     "PERMISSION_DENIED": 403,
     "NOT_FOUND": 404,
+    "ALREADY_EXISTS": 409,
     "RESOURCE_EXHAUSTED": 429,
     "CANCELLED": 499,  # nginx's "client closed request"; the client has gone and reads nothing
     "INTERNAL": 500,

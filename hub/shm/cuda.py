@@ -1,0 +1,220 @@
+"""CUDA shared memory: a client's cudaIpcMemHandle_t opened in this process, checked against
+the allocation it names, viewed as a torch tensor on the device (no host copy) for inputs and
+written with cudaMemcpy for outputs.
+
+Through ctypes on the CUDA runtime torch loaded (the same library, so the same primary
+context), and the driver's cuMemGetAddressRange for the allocation's size, as Triton does.
+Only imported when a client registers a CUDA region on a server with a CUDA device.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from typing import Any
+
+import numpy as np
+
+from hub.datatypes import NUMPY_DTYPES, encode_bytes
+from hub.errors import InvalidInput, ModelExecutionError, ModelUnavailable, shorten
+from hub.limits import Limits
+from hub.shm.regions import CUDA, CUDA_HANDLE_BYTES, Region, _check_input_size, _check_output_size, _name
+
+log = logging.getLogger("modelhub.shm")
+
+_LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
+_MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+
+
+class _IpcHandle(ctypes.Structure):
+    _fields_ = [("reserved", ctypes.c_char * CUDA_HANDLE_BYTES)]
+
+
+def _loaded_runtime() -> str | None:
+    """The path of the libcudart this process already mapped (torch's), if any."""
+    try:
+        with open("/proc/self/maps") as maps:
+            for line in maps:
+                path = line.rsplit(None, 1)[-1]
+                if os.path.basename(path).startswith("libcudart.so"):
+                    return path
+    except OSError:
+        pass
+    return None
+
+
+class CudaIpc:
+    """The CUDA runtime and driver entry points CUDA shared memory needs."""
+
+    def __init__(self, runtime: ctypes.CDLL, driver: ctypes.CDLL, devices: int) -> None:
+        self._rt = runtime
+        self._driver = driver
+        self.devices = devices
+        runtime.cudaSetDevice.argtypes = [ctypes.c_int]
+        runtime.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
+        runtime.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
+        runtime.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        runtime.cudaGetErrorString.argtypes = [ctypes.c_int]
+        runtime.cudaGetErrorString.restype = ctypes.c_char_p
+        driver.cuMemGetAddressRange_v2.argtypes = [
+            ctypes.POINTER(ctypes.c_uint64),
+            ctypes.POINTER(ctypes.c_size_t),
+            ctypes.c_uint64,
+        ]
+
+    @classmethod
+    def load(cls) -> CudaIpc:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ModelUnavailable("CUDA shared memory needs a CUDA device, and torch sees none on this server")
+        torch.cuda.init()
+        names = [p for p in (_loaded_runtime(),) if p] + ["libcudart.so.13", "libcudart.so.12", "libcudart.so"]
+        runtime = None
+        for name in names:
+            try:
+                runtime = ctypes.CDLL(name)
+                break
+            except OSError:
+                continue
+        try:
+            driver = ctypes.CDLL("libcuda.so.1")
+        except OSError:
+            driver = None
+        if runtime is None or driver is None:
+            raise ModelUnavailable("CUDA shared memory: the CUDA runtime or driver library cannot be loaded here")
+        return cls(runtime, driver, torch.cuda.device_count())
+
+    def _error(self, code: int) -> str:
+        text = self._rt.cudaGetErrorString(code)
+        return text.decode() if text else f"error {code}"
+
+    def _device(self, device_id: int) -> None:
+        code = self._rt.cudaSetDevice(device_id)
+        if code:
+            raise ModelExecutionError(f"cudaSetDevice({device_id}) failed: {self._error(code)}")
+
+    def open(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> CudaRegion:
+        label = f"shared memory region '{_name(name)}'"
+        if not 0 <= device_id < self.devices:
+            raise InvalidInput(
+                f"{label}: device_id {device_id} is not a CUDA device of this server (0-{self.devices - 1})"
+            )
+        self._device(device_id)
+        pointer = ctypes.c_void_p()
+        code = self._rt.cudaIpcOpenMemHandle(
+            ctypes.byref(pointer), _IpcHandle.from_buffer_copy(raw_handle), _LAZY_ENABLE_PEER_ACCESS
+        )
+        if code or not pointer.value:
+            log.warning("CUDA shared memory region %r: cudaIpcOpenMemHandle: %s", shorten(name, 64), self._error(code))
+            raise InvalidInput(
+                f"{label}: the CUDA IPC handle cannot be opened on device {device_id} (it must come from "
+                "cudaIpcGetMemHandle in another process, for memory on that device)"
+            )
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        result = self._driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer.value)
+        available = size.value - (pointer.value - base.value) if result == 0 else -1
+        if available < byte_size:
+            self.close(pointer.value, device_id)
+            if result:
+                log.warning("CUDA shared memory region %r: cuMemGetAddressRange failed (%d)", shorten(name, 64), result)
+            raise InvalidInput(f"{label}: the CUDA allocation behind the handle is smaller than byte_size {byte_size}")
+        return CudaRegion(name, device_id, byte_size, pointer.value, self)
+
+    def close(self, pointer: int, device_id: int) -> None:
+        self._device(device_id)
+        code = self._rt.cudaIpcCloseMemHandle(pointer)
+        if code:
+            log.warning("cudaIpcCloseMemHandle failed: %s", self._error(code))
+
+    def copy(self, destination: int, source: int, count: int) -> None:
+        code = self._rt.cudaMemcpy(destination, source, count, _MEMCPY_DEFAULT)
+        if code:
+            raise ModelExecutionError(f"copying into CUDA shared memory failed: {self._error(code)}")
+
+
+class _DeviceArray:
+    """Device memory described by __cuda_array_interface__, for torch.as_tensor. It holds its
+    region until the tensor viewing it is freed (a batch may outlive its request)."""
+
+    def __init__(self, region: CudaRegion, pointer: int, shape: tuple[int, ...], typestr: str) -> None:
+        self.region = region
+        region.acquire()
+        self.__cuda_array_interface__ = {
+            "shape": shape,
+            "typestr": typestr,
+            "data": (pointer, True),
+            "version": 2,
+            "strides": None,
+        }
+
+    def __del__(self) -> None:
+        self.region.release()
+
+
+class CudaRegion(Region):
+    """An opened CUDA IPC handle: `byte_size` bytes at `pointer` on device `device_id`."""
+
+    kind = CUDA
+
+    def __init__(self, name: str, device_id: int, byte_size: int, pointer: int, ipc: CudaIpc) -> None:
+        super().__init__(name, byte_size)
+        self.device_id = device_id
+        self.pointer = pointer
+        self._ipc = ipc
+        self._lock = threading.Lock()  # a tensor's deleter may release from a compute thread
+
+    def acquire(self) -> None:
+        with self._lock:
+            self.users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self.users -= 1
+            last = self.retired and self.users == 0
+        if last:
+            self._close()
+
+    def retire(self) -> None:
+        with self._lock:
+            self.retired = True
+            last = self.users == 0
+        if last:
+            self._close()
+
+    def read(
+        self, name: str, datatype: str, shape: tuple[int, ...], offset: int, byte_size: int, limits: Limits
+    ) -> Any:
+        """The input as a torch tensor on the region's device, viewing the client's memory."""
+        if datatype == "BYTES":
+            raise InvalidInput(
+                f"input '{shorten(name)}': BYTES inputs are not taken from CUDA shared memory; use system "
+                "shared memory or raw contents"
+            )
+        _check_input_size(name, datatype, shape, byte_size, limits)
+        import torch
+
+        bf16 = datatype == "BF16"
+        typestr = "<u2" if bf16 else NUMPY_DTYPES[datatype].newbyteorder("<").str
+        tensor = torch.as_tensor(
+            _DeviceArray(self, self.pointer + offset, shape, typestr), device=f"cuda:{self.device_id}"
+        )
+        return tensor.view(torch.bfloat16) if bf16 else tensor
+
+    def write(self, name: str, array: Any, offset: int, byte_size: int) -> None:
+        data = encode_bytes(array) if getattr(array, "dtype", None) == np.object_ else np.ascontiguousarray(array)
+        host = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.reshape(-1).view(np.uint8)
+        _check_output_size(name, self.name, host.nbytes, byte_size)
+        if host.nbytes:
+            self._ipc.copy(self.pointer + offset, host.ctypes.data, host.nbytes)
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        super()._close()
+        self._ipc.close(self.pointer, self.device_id)

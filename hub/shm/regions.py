@@ -1,0 +1,454 @@
+"""The shared-memory registry: regions by client-given name, their bounds-checked views, and
+the holds that keep a region mapped while a request uses it.
+
+Safety rules (Triton had out-of-bounds CVEs here):
+- A key names an object directly in /dev/shm: one path component, opened without following
+  links and only if it is a regular file; a region must lie inside the object as it is now.
+- Every view is checked against the registered region (offset and size, no overflow) and
+  against the object's current size (a client that truncated it gets INVALID_ARGUMENT, not
+  a SIGBUS), before anything is read or written.
+- Unregistering retires a region: new requests cannot name it, requests holding it keep
+  their mapping until they are answered, and the last of them unmaps it.
+- Error messages name the client's region name (shortened), never its key: the key is the
+  client's business (it is in the status the protocol defines, and nowhere else).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from hub.datatypes import NUMPY_DTYPES, element_count, encode_bytes, from_buffer
+from hub.errors import (
+    AlreadyExists,
+    InvalidInput,
+    LimitReached,
+    ModelUnavailable,
+    RegionNotFound,
+    Unsupported,
+    shorten,
+)
+from hub.limits import DEFAULT_LIMITS, Limits
+
+if TYPE_CHECKING:
+    from hub.shm.cuda import CudaIpc
+
+SYSTEM = "system"
+CUDA = "cuda"
+KINDS = (SYSTEM, CUDA)
+#: Where POSIX shared-memory objects live (glibc's shm_open opens the key's file here).
+SHM_DIR = Path("/dev/shm")
+#: The most regions registered at once (each holds a file descriptor and a mapping).
+MAX_REGIONS = 1024
+#: Longest region name and key accepted (a key is one file name: NAME_MAX).
+NAME_MAX = 256
+KEY_MAX = 255
+#: What a CUDA IPC handle is on the wire (sizeof(cudaIpcMemHandle_t)).
+CUDA_HANDLE_BYTES = 64
+
+_OFF = {
+    SYSTEM: "system shared memory is off on this server; start it with --shared-memory system "
+    "(env MODELHUB_SHARED_MEMORY=system)",
+    CUDA: "CUDA shared memory is off on this server; start it with --shared-memory cuda "
+    "(env MODELHUB_SHARED_MEMORY=cuda; 'system,cuda' for both)",
+}
+_LABEL = {SYSTEM: "system", CUDA: "CUDA"}
+
+
+def parse_kinds(value: str) -> frozenset[str]:
+    """`--shared-memory` as a set of kinds: off (or empty), system, cuda, a comma list, or all."""
+    words = {w.strip().lower() for w in value.split(",") if w.strip()}
+    if not words or words <= {"off", "none", "0", "false", "no"}:
+        return frozenset()
+    if "all" in words:
+        return frozenset(KINDS)
+    unknown = words - set(KINDS)
+    if unknown:
+        raise ValueError(f"--shared-memory takes off, system, cuda, system,cuda or all; got {value!r}")
+    return frozenset(words)
+
+
+def _name(name: str) -> str:
+    return shorten(name, 64)
+
+
+class Region:
+    """A registered region. `users` requests hold it; once retired (unregistered, or the
+    server stopping) the last of them closes it."""
+
+    kind = SYSTEM
+
+    def __init__(self, name: str, byte_size: int) -> None:
+        self.name = name
+        self.byte_size = byte_size
+        self.users = 0
+        self.retired = False
+        self.closed = False
+
+    def acquire(self) -> None:
+        self.users += 1
+
+    def release(self) -> None:
+        self.users -= 1
+        if self.retired and self.users == 0:
+            self._close()
+
+    def retire(self) -> None:
+        self.retired = True
+        if self.users == 0:
+            self._close()
+
+    def check(self, offset: int, byte_size: int, what: str) -> None:
+        """Refuse (InvalidInput) a tensor's [offset, offset + byte_size) outside the region."""
+        label = f"{what}: shared memory region '{_name(self.name)}'"
+        if offset < 0 or byte_size < 0:
+            raise InvalidInput(f"{label}: offset and byte size must not be negative, got {offset} and {byte_size}")
+        if offset >= self.byte_size:
+            raise InvalidInput(f"{label}: offset {offset} is outside the region's {self.byte_size} bytes")
+        if byte_size > self.byte_size - offset:
+            raise InvalidInput(
+                f"{label}: offset {offset} + byte size {byte_size} runs past the region's {self.byte_size} bytes"
+            )
+
+    def status(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def _close(self) -> None:
+        self.closed = True
+
+
+class SystemRegion(Region):
+    """A POSIX shared-memory object (its key's file in /dev/shm), mapped from `offset` for
+    `byte_size` bytes. The file descriptor stays open, so that each use can check the
+    object still holds the region."""
+
+    kind = SYSTEM
+
+    def __init__(self, name: str, key: str, offset: int, byte_size: int, fd: int, mapping: mmap.mmap, delta: int):
+        super().__init__(name, byte_size)
+        self.key = key
+        self.offset = offset
+        self._fd = fd
+        self._map = mapping
+        self._delta = delta  # where the region starts in the mapping (mmap offsets are page-aligned)
+
+    @classmethod
+    def open(cls, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
+        label = f"shared memory region '{_name(name)}'"
+        path = SHM_DIR / _key_file(key, label)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise InvalidInput(f"{label}: its key names no shared memory object on this host") from None
+        except PermissionError:
+            raise InvalidInput(f"{label}: the server may not open the object its key names (permissions)") from None
+        except OSError as exc:
+            # ELOOP: a link, which is never followed. Name the errno only, not the path.
+            raise InvalidInput(f"{label}: the object its key names cannot be opened ({exc.strerror})") from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise InvalidInput(f"{label}: its key does not name a shared memory object")
+            if offset + byte_size > info.st_size:
+                raise InvalidInput(
+                    f"{label}: offset {offset} + byte size {byte_size} is larger than the shared memory "
+                    f"object ({info.st_size} bytes)"
+                )
+            start = offset - offset % mmap.ALLOCATIONGRANULARITY
+            delta = offset - start
+            mapping = mmap.mmap(fd, delta + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(name, key, offset, byte_size, fd, mapping, delta)
+
+    def view(self, offset: int, byte_size: int, what: str, *, writable: bool = False) -> memoryview:
+        """Bytes [offset, offset + byte_size) of the region, without a copy; read-only unless
+        `writable`. InvalidInput when they lie outside it or the object has shrunk."""
+        self.check(offset, byte_size, what)
+        if os.fstat(self._fd).st_size < self.offset + self.byte_size:
+            raise InvalidInput(
+                f"{what}: shared memory region '{_name(self.name)}' was truncated below its registered "
+                f"{self.byte_size} bytes; unregister it and register it again"
+            )
+        start = self._delta + offset
+        view = memoryview(self._map)[start : start + byte_size]
+        return view if writable else view.toreadonly()
+
+    def read(
+        self, name: str, datatype: str, shape: tuple[int, ...], offset: int, byte_size: int, limits: Limits
+    ) -> np.ndarray:
+        """An input tensor viewing the region (BYTES elements are split out, as from raw contents)."""
+        _check_input_size(name, datatype, shape, byte_size, limits)
+        return from_buffer(name, datatype, shape, self.view(offset, byte_size, f"input '{shorten(name)}'"), limits)
+
+    def write(self, name: str, array: np.ndarray, offset: int, byte_size: int) -> None:
+        data: Any = encode_bytes(array) if array.dtype == np.object_ else np.ascontiguousarray(array)
+        size = len(data) if isinstance(data, bytes) else data.nbytes
+        _check_output_size(name, self.name, size, byte_size)
+        if size == 0:
+            return
+        view = self.view(offset, size, f"output '{shorten(name)}'", writable=True)
+        if isinstance(data, bytes):
+            view[:] = data
+        else:
+            np.frombuffer(view, dtype=data.dtype).reshape(data.shape)[...] = data
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}
+
+    def _close(self) -> None:
+        if self.closed:
+            return
+        super()._close()
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view outlived its request (a cancelled batch still computing): freed with it
+        os.close(self._fd)
+
+
+def _key_file(key: str, label: str) -> str:
+    """The file in /dev/shm that a key names, as shm_open takes it: leading slashes dropped,
+    then one path component."""
+    name = key.lstrip("/")
+    if not name or len(name) > KEY_MAX or "/" in name or "\0" in name or name in (".", ".."):
+        raise InvalidInput(
+            f"{label}: the key must name a shared memory object: one name of 1 to {KEY_MAX} characters "
+            "after an optional leading '/', without '/' or NUL"
+        )
+    return name
+
+
+def _check_input_size(name: str, datatype: str, shape: tuple[int, ...], byte_size: int, limits: Limits) -> None:
+    dtype = NUMPY_DTYPES.get(datatype)
+    if dtype is None or datatype == "BYTES":
+        return  # from_buffer names the datatype; BYTES is checked element by element
+    needed = element_count(name, shape, limits) * dtype.itemsize
+    if byte_size != needed:
+        raise InvalidInput(
+            f"input '{shorten(name)}': shared_memory_byte_size is {byte_size}, but {datatype} shape "
+            f"{list(shape)[:16]} needs {needed} bytes"
+        )
+
+
+def _check_output_size(name: str, region: str, needed: int, byte_size: int) -> None:
+    if needed > byte_size:
+        raise InvalidInput(
+            f"output '{shorten(name)}' needs {needed} bytes, but the shared memory it was given in region "
+            f"'{_name(region)}' is {byte_size} bytes (shared_memory_byte_size)"
+        )
+
+
+@dataclass(frozen=True)
+class OutputTarget:
+    """Where a requested output goes: `byte_size` bytes at `offset` of a region the request holds."""
+
+    region: Any  # SystemRegion or hub.shm.cuda.CudaRegion
+    offset: int
+    byte_size: int
+
+    def write(self, name: str, array: np.ndarray) -> None:
+        """Write the output (BYTES length-prefixed); InvalidInput when it does not fit."""
+        self.region.write(name, array, self.offset, self.byte_size)
+
+
+class SharedMemoryRegistry:
+    """The regions of one server, by name (one namespace for both kinds, as in Triton).
+    `kinds` are the kinds this server takes (--shared-memory); `device` where its models run."""
+
+    def __init__(self, kinds: frozenset[str] = frozenset(), *, device: str = "cpu", refuse: str | None = None) -> None:
+        self.kinds = kinds
+        self.device = device
+        #: Why registration is refused here (UNAVAILABLE), when it is: a frontend of --workers N.
+        self.refuse = refuse
+        self._regions: dict[str, Region] = {}
+        self._cuda: CudaIpc | None = None
+
+    # --- what is on -----------------------------------------------------------------------
+
+    def extensions(self) -> list[str]:
+        out = []
+        if SYSTEM in self.kinds:
+            out.append("system_shared_memory")
+        if CUDA in self.kinds and self.device == "cuda":
+            out.append("cuda_shared_memory")
+        return out
+
+    def extension_kinds(self) -> set[str]:
+        """The kinds clients can use here: on, and (CUDA) with a CUDA device."""
+        return {k for k in self.kinds if k != CUDA or self.device == "cuda"}
+
+    def require(self, kind: str) -> None:
+        """Unsupported when `kind` is off; for CUDA on a server without a CUDA device, ModelUnavailable."""
+        if kind not in self.kinds:
+            raise Unsupported(_OFF[kind])
+        if kind == CUDA and self.device != "cuda":
+            raise ModelUnavailable(
+                "CUDA shared memory needs a CUDA device, and this server runs on CPU only (--device cpu, "
+                "or torch sees no GPU)"
+            )
+
+    def _cuda_ipc(self) -> CudaIpc:
+        if self._cuda is None:
+            from hub.shm.cuda import CudaIpc
+
+            self._cuda = CudaIpc.load()
+        return self._cuda
+
+    # --- register, unregister, status -------------------------------------------------------
+
+    def _check_new(self, name: str) -> None:
+        if self.refuse is not None:
+            raise ModelUnavailable(self.refuse)
+        if not name:
+            raise InvalidInput("a shared memory region needs a name")
+        if len(name) > NAME_MAX:
+            raise InvalidInput(f"shared memory region name '{_name(name)}' is longer than {NAME_MAX} characters")
+        if name in self._regions:
+            raise AlreadyExists(f"shared memory region '{_name(name)}' is already registered")
+        if len(self._regions) >= MAX_REGIONS:
+            raise LimitReached(
+                f"this server holds {MAX_REGIONS} shared memory regions, its limit; unregister some first"
+            )
+
+    def register_system(self, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
+        self.require(SYSTEM)
+        self._check_new(name)
+        _check_extent(name, offset, byte_size)
+        region = SystemRegion.open(name, key, offset, byte_size)
+        self._regions[name] = region
+        return region
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> Region:
+        self.require(CUDA)
+        ipc = self._cuda_ipc()
+        self._check_new(name)
+        _check_extent(name, 0, byte_size)
+        if len(raw_handle) != CUDA_HANDLE_BYTES:
+            raise InvalidInput(
+                f"shared memory region '{_name(name)}': raw_handle must be the {CUDA_HANDLE_BYTES}-byte "
+                f"cudaIpcMemHandle_t, got {len(raw_handle)} bytes"
+            )
+        region = ipc.open(name, raw_handle, device_id, byte_size)
+        self._regions[name] = region
+        return region
+
+    def unregister(self, kind: str, name: str = "") -> None:
+        """Unregister one region of `kind` (an unknown name is not an error, as in Triton), or
+        every region of it when `name` is empty. Requests holding a region keep it until answered.
+
+        Unregistering all of a kind this server does not take is a no-op, not an error, while
+        the other kind is on: perf_analyzer --shared-memory system unregisters both kinds when
+        it ends (Triton's CPU build answers OK too, having none)."""
+        if not name and self.kinds and kind not in self.extension_kinds():
+            return
+        self.require(kind)
+        names = [n for n, r in self._regions.items() if r.kind == kind] if not name else [name]
+        for region_name in names:
+            region = self._regions.get(region_name)
+            if region is not None and region.kind == kind:
+                del self._regions[region_name]
+                region.retire()
+
+    def status(self, kind: str, name: str = "") -> list[dict[str, Any]]:
+        self.require(kind)
+        if not name:
+            return [r.status() for r in self._regions.values() if r.kind == kind]
+        region = self._regions.get(name)
+        if region is None:
+            raise RegionNotFound(f"no {_LABEL[kind]} shared memory region '{_name(name)}' is registered")
+        if region.kind != kind:
+            raise RegionNotFound(
+                f"shared memory region '{_name(name)}' is registered as {_LABEL[region.kind]} shared memory, "
+                f"not {_LABEL[kind]}"
+            )
+        return [region.status()]
+
+    def regions(self) -> list[Region]:
+        return list(self._regions.values())
+
+    def find(self, name: str, what: str) -> Region:
+        region = self._regions.get(name)
+        if region is None:
+            if not self.kinds:
+                raise Unsupported(f"{what} names a shared memory region, but {_OFF[SYSTEM]}")
+            raise InvalidInput(f"{what}: shared memory region '{_name(name)}' is not registered")
+        return region
+
+    def close(self) -> None:
+        """Unregister everything (the server is stopping)."""
+        for region in self._regions.values():
+            region.retire()
+        self._regions.clear()
+
+
+def _check_extent(name: str, offset: int, byte_size: int) -> None:
+    if byte_size <= 0:
+        raise InvalidInput(f"shared memory region '{_name(name)}': byte_size must be positive, got {byte_size}")
+    if offset < 0:
+        raise InvalidInput(f"shared memory region '{_name(name)}': offset must not be negative, got {offset}")
+    if offset + byte_size > 1 << 62:
+        raise InvalidInput(f"shared memory region '{_name(name)}': offset + byte_size is out of range")
+
+
+class Holds:
+    """The regions one request uses. Each is held from the moment the request names it until
+    `release()` (the request answered, failed or cancelled), so an unregister meanwhile does
+    not unmap it. Use as a context manager around the whole request."""
+
+    __slots__ = ("_held", "registry")
+
+    def __init__(self, registry: SharedMemoryRegistry | None) -> None:
+        self.registry = registry
+        self._held: list[Region] = []
+
+    def __enter__(self) -> Holds:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for region in held:
+            region.release()
+
+    def _hold(self, region_name: str, what: str) -> Region:
+        if self.registry is None:
+            raise Unsupported(f"{what} names a shared memory region, but {_OFF[SYSTEM]}")
+        region = self.registry.find(region_name, what)
+        region.acquire()
+        self._held.append(region)
+        return region
+
+    def read(
+        self,
+        name: str,
+        datatype: str,
+        shape: Sequence[int],
+        region_name: str,
+        offset: int,
+        byte_size: int,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> Any:
+        """Input `name` from a region: a numpy view of system shared memory (no copy), or a
+        tensor on the device for CUDA shared memory."""
+        what = f"input '{shorten(name)}'"
+        region = self._hold(region_name, what)
+        region.check(offset, byte_size, what)
+        return region.read(name, datatype, tuple(shape), offset, byte_size, limits)  # type: ignore[attr-defined]
+
+    def output(self, name: str, region_name: str, offset: int, byte_size: int) -> OutputTarget:
+        """Where output `name` goes, checked against its region now (before the request runs)."""
+        what = f"output '{shorten(name)}'"
+        region = self._hold(region_name, what)
+        region.check(offset, byte_size, what)
+        return OutputTarget(region, offset, byte_size)

@@ -1,0 +1,519 @@
+"""Triton's shared-memory extension (issue 16) through the real server, driven by tritonclient's
+own helpers (tritonclient.utils.shared_memory) over gRPC and REST: every datatype in and out,
+the six RPCs, every refusal, holds across an unregister, the tokens, and a bounded fuzz of
+offsets and sizes."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import os
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as tc
+import tritonclient.http as th
+import tritonclient.utils.shared_memory as shm
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.utils import InferenceServerException, serialize_byte_tensor
+
+from .conftest import TEST_PLUGINS, RunningServer, Workers, link_plugins
+from .plugins.identity import DATATYPES, sample
+
+PROTOCOLS = ("grpc", "http")
+#: Domain code -> what tritonclient reports as the status on (gRPC, REST).
+STATUS = {
+    "INVALID_ARGUMENT": ("StatusCode.INVALID_ARGUMENT", "400"),
+    "NOT_FOUND": ("StatusCode.NOT_FOUND", "404"),
+    "ALREADY_EXISTS": ("StatusCode.ALREADY_EXISTS", "409"),
+    "UNIMPLEMENTED": ("StatusCode.UNIMPLEMENTED", "501"),
+    "UNAVAILABLE": ("StatusCode.UNAVAILABLE", "503"),
+    "UNAUTHENTICATED": ("StatusCode.UNAUTHENTICATED", "401"),
+}
+_keys = itertools.count()
+
+
+def new_key() -> str:
+    return f"/modelhub_test_{os.getpid()}_{next(_keys)}"
+
+
+@pytest.fixture(scope="module")
+def shm_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    folder = link_plugins(
+        tmp_path_factory.mktemp("shm-plugins"), TEST_PLUGINS / "identity.py", TEST_PLUGINS / "behaviour.py"
+    )
+    return start_server(folder, metrics_port=None, shared_memory=frozenset({"system", "cuda"}))
+
+
+class Side:
+    """One protocol's client, tritonclient module and region bookkeeping for a test."""
+
+    def __init__(self, protocol: str, server: RunningServer, **kwargs: Any) -> None:
+        self.protocol = protocol
+        self.mod: Any = tc if protocol == "grpc" else th
+        url = server.url if protocol == "grpc" else server.http_url
+        self.client: Any = self.mod.InferenceServerClient(url, **kwargs)
+        self.handles: list[Any] = []
+
+    def region(self, name: str, byte_size: int, *, register: bool = True, offset: int = 0) -> Any:
+        """A new system shared memory object of `byte_size` bytes, registered as `name`."""
+        key = new_key()
+        handle = shm.create_shared_memory_region(name, key, byte_size)
+        handle.key = key
+        self.handles.append(handle)
+        if register:
+            self.client.register_system_shared_memory(name, key, byte_size - offset, offset=offset)
+        return handle
+
+    def status(self, exc: InferenceServerException) -> str:
+        return str(exc.status())
+
+    def expect(self, code: str, call: Any, *fragments: str) -> str:
+        with pytest.raises(InferenceServerException) as err:
+            call()
+        assert self.status(err.value) == STATUS[code][0 if self.protocol == "grpc" else 1], err.value.message()
+        message = err.value.message()
+        for fragment in fragments:
+            assert fragment in message, message
+        for handle in self.handles:
+            assert handle.key.lstrip("/") not in message, message  # the key is never echoed
+        return message
+
+    def close(self) -> None:
+        self.client.unregister_system_shared_memory()
+        for handle in self.handles:
+            shm.destroy_shared_memory_region(handle)
+        self.client.close()
+
+
+@pytest.fixture(params=PROTOCOLS)
+def side(request: pytest.FixtureRequest, shm_server: RunningServer) -> Iterator[Side]:
+    current = Side(request.param, shm_server)
+    yield current
+    current.close()
+    assert shm_server.server is not None and shm_server.server.shared_memory is not None
+    assert shm_server.server.shared_memory.regions() == []
+
+
+def shm_input(side: Side, name: str, shape: list[int], datatype: str, region: str, size: int, offset: int = 0) -> Any:
+    tensor = side.mod.InferInput(name, shape, datatype)
+    tensor.set_shared_memory(region, size, offset)
+    return tensor
+
+
+def shm_output(side: Side, name: str, region: str, size: int, offset: int = 0) -> Any:
+    output = side.mod.InferRequestedOutput(name)
+    output.set_shared_memory(region, size, offset)
+    return output
+
+
+# --- correct answers ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("datatype", DATATYPES)
+def test_every_datatype_in_and_out_of_shared_memory(side: Side, datatype: str) -> None:
+    values = sample(datatype)
+    if datatype == "BYTES":
+        serialized = serialize_byte_tensor(values)
+        size, staged = len(serialized.item()), [serialized]
+    else:
+        size, staged = values.nbytes, [values]
+    region_in = side.region(f"in_{datatype}", size)
+    side.region(f"out_{datatype}", size + 64)
+    shm.set_shared_memory_region(region_in, staged)
+    result = side.client.infer(
+        f"identity_{datatype.lower()}",
+        [shm_input(side, "INPUT0", list(values.shape), datatype, f"in_{datatype}", size)],
+        outputs=[shm_output(side, "OUTPUT0", f"out_{datatype}", size + 64)],
+    )
+    output = result.get_output("OUTPUT0")
+    shape = list(output.shape) if side.protocol == "grpc" else output["shape"]
+    assert shape == list(values.shape)
+    # The data is in the region, not in the response (as Triton: an empty raw entry on gRPC,
+    # neither data nor binary_data_size on REST).
+    if side.protocol == "grpc":
+        assert result.get_response().raw_output_contents[0] == b""
+    else:
+        assert "data" not in output and "parameters" not in output
+    dtype = np.object_ if datatype == "BYTES" else values.dtype
+    got = shm.get_contents_as_numpy(side.handles[1], dtype, values.shape)
+    np.testing.assert_array_equal(got, values)
+
+
+def test_mixed_shared_and_raw_tensors_with_offsets(side: Side) -> None:
+    """INPUT0 from a region registered at a non-page offset, INPUT1 as raw/binary data; SUM into
+    a region at a tensor offset, DIFF back in the response."""
+    a = np.arange(8, dtype=np.float32).reshape(2, 4)
+    b = np.full((2, 4), 10, np.float32)
+    base = side.region("mixed_in", 100 + a.nbytes + 8, offset=100)
+    shm.set_shared_memory_region(base, [a], offset=100 + 8)
+    out = side.region("mixed_out", 4096)
+    second = side.mod.InferInput("INPUT1", [2, 4], "FP32")
+    second.set_data_from_numpy(b)
+    result = side.client.infer(
+        "addsub",
+        [shm_input(side, "INPUT0", [2, 4], "FP32", "mixed_in", a.nbytes, offset=8), second],
+        outputs=[shm_output(side, "SUM", "mixed_out", a.nbytes, offset=1000), side.mod.InferRequestedOutput("DIFF")],
+    )
+    np.testing.assert_array_equal(result.as_numpy("DIFF"), a - b)
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(out, np.float32, [2, 4], offset=1000), a + b)
+
+
+def test_status_register_unregister_all(side: Side) -> None:
+    side.region("first", 64)
+    side.region("second", 4096, offset=512)
+    status = side.client.get_system_shared_memory_status()
+    if side.protocol == "grpc":
+        regions = {name: (r.key, r.offset, r.byte_size) for name, r in status.regions.items()}
+    else:
+        regions = {r["name"]: (r["key"], r["offset"], r["byte_size"]) for r in status}
+    assert regions == {"first": (side.handles[0].key, 0, 64), "second": (side.handles[1].key, 512, 3584)}
+    one = side.client.get_system_shared_memory_status("second")
+    assert len(one.regions if side.protocol == "grpc" else one) == 1
+    side.client.unregister_system_shared_memory("first")
+    side.client.unregister_system_shared_memory("never_registered")  # no error, as in Triton
+    side.expect("NOT_FOUND", lambda: side.client.get_system_shared_memory_status("first"), "first")
+    side.client.unregister_system_shared_memory()  # every region
+    status = side.client.get_system_shared_memory_status()
+    assert len(status.regions if side.protocol == "grpc" else status) == 0
+
+
+# --- refusals -------------------------------------------------------------------------------------
+
+
+def test_registration_refusals(side: Side) -> None:
+    region = side.region("taken", 256)
+    register = side.client.register_system_shared_memory
+    side.expect("ALREADY_EXISTS", lambda: register("taken", region.key, 256), "taken", "already registered")
+    side.expect("INVALID_ARGUMENT", lambda: register("nokey", "/modelhub_no_such_object", 16), "nokey", "no shared")
+    side.expect("INVALID_ARGUMENT", lambda: register("big", region.key, 257), "big", "larger than")
+    side.expect("INVALID_ARGUMENT", lambda: register("big", region.key, 200, offset=100), "big", "larger than")
+    side.expect("INVALID_ARGUMENT", lambda: register("empty", region.key, 0), "byte_size must be positive")
+    for key in ("../etc/passwd", "/a/b", "", "/", "x" * 300):
+        side.expect("INVALID_ARGUMENT", lambda k=key: register("bad", k, 8), "key must name")  # type: ignore[misc]
+
+
+def test_symlinks_and_non_files_are_refused(side: Side, tmp_path: Path) -> None:
+    target = tmp_path / "secret"
+    target.write_bytes(b"x" * 64)
+    link = Path("/dev/shm") / f"modelhub_link_{os.getpid()}_{side.protocol}"
+    link.symlink_to(target)
+    try:
+        side.expect(
+            "INVALID_ARGUMENT", lambda: side.client.register_system_shared_memory("link", "/" + link.name, 8), "link"
+        )
+    finally:
+        link.unlink()
+
+
+def test_inference_refusals(side: Side, shm_server: RunningServer) -> None:
+    x = sample("FP32")
+    side.region("r24", x.nbytes)
+    side.region("small_out", 8)
+    model = "identity_fp32"
+
+    def infer(size: int = x.nbytes, offset: int = 0, region: str = "r24", outputs: list[Any] | None = None) -> Any:
+        return side.client.infer(
+            model, [shm_input(side, "INPUT0", [2, 3], "FP32", region, size, offset)], outputs=outputs
+        )
+
+    side.expect("INVALID_ARGUMENT", lambda: infer(size=20), "needs 24 bytes")
+    side.expect("INVALID_ARGUMENT", lambda: infer(size=28), "runs past")
+    side.expect("INVALID_ARGUMENT", lambda: infer(offset=4), "runs past")
+    side.expect("INVALID_ARGUMENT", lambda: infer(offset=24), "outside the region")
+    side.expect("INVALID_ARGUMENT", lambda: infer(offset=1 << 62), "outside the region")
+    side.expect("INVALID_ARGUMENT", lambda: infer(region="nowhere"), "'nowhere' is not registered")
+    side.expect("INVALID_ARGUMENT", lambda: infer(size=24 + (1 << 40)), "runs past")
+    side.expect(
+        "INVALID_ARGUMENT",
+        lambda: infer(outputs=[shm_output(side, "OUTPUT0", "small_out", 8)]),
+        "output 'OUTPUT0' needs 24 bytes",
+        "'small_out' is 8 bytes",
+    )
+    side.expect("INVALID_ARGUMENT", lambda: infer(outputs=[shm_output(side, "OUTPUT0", "small_out", 16)]), "runs past")
+    registry = shm_server.server.shared_memory  # type: ignore[union-attr]
+    assert all(r.users == 0 for r in registry.regions())  # refused requests hold nothing
+
+
+def test_incomplete_parameters_on_the_wire(shm_server: RunningServer) -> None:
+    """What tritonclient never sends: a region without a byte size, a byte size of the wrong
+    type, shared memory together with contents."""
+    key = new_key()
+    handle = shm.create_shared_memory_region("wire", key, 24)
+    client = tc.InferenceServerClient(shm_server.url)
+    client.register_system_shared_memory("wire", key, 24)
+    try:
+        with grpc.insecure_channel(shm_server.url) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            cases = {
+                "needs both": {"shared_memory_region": service_pb2.InferParameter(string_param="wire")},
+                "must be an int64_param": {
+                    "shared_memory_region": service_pb2.InferParameter(string_param="wire"),
+                    "shared_memory_byte_size": service_pb2.InferParameter(string_param="24"),
+                },
+                "without shared_memory_region": {"shared_memory_offset": service_pb2.InferParameter(int64_param=0)},
+            }
+            for fragment, parameters in cases.items():
+                tensor = service_pb2.ModelInferRequest.InferInputTensor(
+                    name="INPUT0", datatype="FP32", shape=[2, 3], parameters=parameters
+                )
+                request = service_pb2.ModelInferRequest(model_name="identity_fp32", inputs=[tensor])
+                with pytest.raises(grpc.RpcError) as err:
+                    stub.ModelInfer(request, timeout=10)
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and fragment in err.value.details()
+            both = service_pb2.ModelInferRequest.InferInputTensor(
+                name="INPUT0",
+                datatype="FP32",
+                shape=[2, 3],
+                parameters={
+                    "shared_memory_region": service_pb2.InferParameter(string_param="wire"),
+                    "shared_memory_byte_size": service_pb2.InferParameter(int64_param=24),
+                },
+                contents=service_pb2.InferTensorContents(fp32_contents=[0] * 6),
+            )
+            with pytest.raises(grpc.RpcError) as err:
+                stub.ModelInfer(service_pb2.ModelInferRequest(model_name="identity_fp32", inputs=[both]), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "also has contents" in err.value.details()
+    finally:
+        client.unregister_system_shared_memory()
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_a_truncated_object_is_refused_not_a_crash(side: Side) -> None:
+    handle = side.region("shrinks", 4096)
+    os.truncate(Path("/dev/shm") / handle.key.lstrip("/"), 16)
+    tensor = shm_input(side, "INPUT0", [2, 3], "FP32", "shrinks", 24)
+    side.expect("INVALID_ARGUMENT", lambda: side.client.infer("identity_fp32", [tensor]), "truncated")
+    assert side.client.is_server_live()
+
+
+def test_classification_and_shared_memory_cannot_combine(side: Side) -> None:
+    side.region("cls", 64)
+    if side.protocol == "http":
+        return  # tritonclient.http builds the request, and the server refuses it the same way
+    output = side.mod.InferRequestedOutput("SUM", class_count=2)
+    output._output.parameters["shared_memory_region"].string_param = "cls"
+    output._output.parameters["shared_memory_byte_size"].int64_param = 64
+    tensors = [side.mod.InferInput(n, [1, 4], "FP32") for n in ("INPUT0", "INPUT1")]
+    for t in tensors:
+        t.set_data_from_numpy(np.ones((1, 4), np.float32))
+    side.expect(
+        "INVALID_ARGUMENT", lambda: side.client.infer("addsub", tensors, outputs=[output]), "cannot be combined"
+    )
+
+
+# --- lifetime -------------------------------------------------------------------------------------
+
+
+def test_unregister_while_a_request_is_pending(side: Side, shm_server: RunningServer) -> None:
+    """The request holds its regions: it is answered correctly, and the last holder unmaps them."""
+    value = np.full((1, 1), 3.0, np.float32)
+    handle = side.region("pending_in", 4)
+    out = side.region("pending_out", 4)
+    shm.set_shared_memory_region(handle, [value])
+    registry = shm_server.server.shared_memory  # type: ignore[union-attr]
+    regions = {r.name: r for r in registry.regions()}
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        caller = Side(side.protocol, shm_server)  # tritonclient.http's client stays in its own thread
+        try:
+            outcome["result"] = caller.client.infer(
+                "sleepy",
+                [shm_input(side, "INPUT0", [1, 1], "FP32", "pending_in", 4)],
+                outputs=[shm_output(side, "OUTPUT0", "pending_out", 4)],
+            )
+        except Exception as exc:
+            outcome["error"] = exc
+        caller.client.close()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while regions["pending_in"].users == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert regions["pending_in"].users == 1
+    side.client.unregister_system_shared_memory()
+    assert registry.regions() == [] and not regions["pending_in"].closed
+    thread.join(10)
+    assert "result" in outcome, outcome
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(out, np.float32, [1, 1]), value * 2)
+    assert regions["pending_in"].closed and regions["pending_out"].closed
+
+
+def test_stopping_the_server_releases_every_region(start_server: Any, tmp_path: Path) -> None:
+    server = start_server(
+        link_plugins(tmp_path / "p", TEST_PLUGINS / "identity.py"),
+        metrics_port=None,
+        shared_memory=frozenset({"system"}),
+    )
+    side = Side("grpc", server)
+    side.region("kept", 64)
+    region = server.server.shared_memory.regions()[0]  # type: ignore[union-attr]
+    server.run(server.server.stop(0))  # type: ignore[union-attr]
+    assert region.closed
+    shm.destroy_shared_memory_region(side.handles[0])
+
+
+# --- switches and tokens --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_off_by_default(hub_server: RunningServer, protocol: str) -> None:
+    side = Side(protocol, hub_server)
+    key = new_key()
+    handle = shm.create_shared_memory_region("off", key, 24)
+    handle.key = key
+    side.handles.append(handle)
+    try:
+        for call in (
+            lambda: side.client.register_system_shared_memory("off", key, 24),
+            lambda: side.client.get_system_shared_memory_status(),
+            lambda: side.client.unregister_system_shared_memory(),
+            lambda: side.client.infer("identity_fp32", [shm_input(side, "INPUT0", [2, 3], "FP32", "off", 24)]),
+        ):
+            side.expect("UNIMPLEMENTED", call, "--shared-memory system", "MODELHUB_SHARED_MEMORY")
+        side.expect("UNIMPLEMENTED", lambda: side.client.get_cuda_shared_memory_status(), "--shared-memory cuda")
+        metadata = side.client.get_server_metadata()
+        extensions = metadata.extensions if protocol == "grpc" else metadata["extensions"]
+        assert "system_shared_memory" not in extensions
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_extensions_and_cuda_on_a_cpu_server(side: Side) -> None:
+    metadata = side.client.get_server_metadata()
+    extensions = list(metadata.extensions if side.protocol == "grpc" else metadata["extensions"])
+    assert "system_shared_memory" in extensions and "cuda_shared_memory" not in extensions
+    handle = base64.b64encode(bytes(64))  # what tritonclient.utils.cuda_shared_memory.get_raw_handle gives
+    side.expect(
+        "UNAVAILABLE",
+        lambda: side.client.register_cuda_shared_memory(
+            "gpu", handle if side.protocol == "grpc" else handle.decode(), 0, 64
+        ),
+        "CUDA device",
+    )
+    side.expect("UNAVAILABLE", lambda: side.client.get_cuda_shared_memory_status(), "CUDA device")
+    side.expect("UNAVAILABLE", lambda: side.client.unregister_cuda_shared_memory("gpu"), "CUDA device")
+    side.client.unregister_cuda_shared_memory()  # all of none: OK, as perf_analyzer needs when it ends
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_registration_takes_the_model_control_token(start_server: Any, tmp_path: Path, protocol: str) -> None:
+    server = start_server(
+        link_plugins(tmp_path / "p", TEST_PLUGINS / "identity.py"),
+        metrics_port=None,
+        shared_memory=frozenset({"system"}),
+        auth_token="infer-token",
+        model_control_token="control-token",
+    )
+    grpc_headers = {"authorization": "Bearer infer-token"}
+    inference = Side(protocol, server)
+    control = Side(protocol, server)
+    key = new_key()
+    handle = shm.create_shared_memory_region("guarded", key, 24)
+    handle.key = key
+    inference.handles.append(handle)
+    headers = {"authorization": "Bearer infer-token"}
+    control_headers = {"authorization": "Bearer control-token"}
+    register = inference.client.register_system_shared_memory
+    inference.expect("UNAUTHENTICATED", lambda: register("guarded", key, 24, headers=headers), "--model-control-token")
+    control.client.register_system_shared_memory("guarded", key, 24, headers=control_headers)
+    status = inference.client.get_system_shared_memory_status(headers=grpc_headers)
+    assert len(status.regions if protocol == "grpc" else status) == 1
+    inference.expect(
+        "UNAUTHENTICATED",
+        lambda: inference.client.unregister_system_shared_memory("guarded", headers=headers),
+        "--model-control-token",
+    )
+    control.client.unregister_system_shared_memory("guarded", headers=control_headers)
+    shm.destroy_shared_memory_region(handle)
+
+
+# --- fuzz -----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_region(shm_server: RunningServer) -> Iterator[tuple[Any, tc.InferenceServerClient]]:
+    key = new_key()
+    handle = shm.create_shared_memory_region("fuzz_object", key, 8192)
+    shm.set_shared_memory_region(handle, [np.arange(2048, dtype=np.float32)])
+    client = tc.InferenceServerClient(shm_server.url)
+    handle.key = key
+    yield handle, client
+    client.unregister_system_shared_memory()
+    shm.destroy_shared_memory_region(handle)
+
+
+_sizes = st.one_of(st.integers(0, 9000), st.sampled_from([1 << 31, (1 << 63) - 1, 4095, 4096, 4097]))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    registered=st.tuples(st.integers(0, 8300), _sizes),
+    tensor=st.tuples(_sizes, _sizes),
+    rows=st.integers(1, 4),
+)
+def test_fuzz_offsets_and_sizes(
+    fuzz_region: tuple[Any, tc.InferenceServerClient], registered: tuple[int, int], tensor: tuple[int, int], rows: int
+) -> None:
+    """Any registered extent and any tensor extent: either the right values or INVALID_ARGUMENT,
+    never a read outside the object, and the server stays up."""
+    handle, client = fuzz_region
+    reg_offset, reg_size = registered
+    try:
+        client.register_system_shared_memory("fuzz", handle.key, reg_size, offset=reg_offset)
+    except InferenceServerException as exc:
+        assert exc.status() == "StatusCode.INVALID_ARGUMENT", exc.message()
+        assert reg_size == 0 or reg_offset + reg_size > 8192
+        return
+    try:
+        offset, size = tensor
+        shape = [rows, 3]
+        inputs = [tc.InferInput("INPUT0", shape, "FP32")]
+        inputs[0].set_shared_memory("fuzz", size, offset)
+        try:
+            result = client.infer("identity_fp32", inputs)
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.INVALID_ARGUMENT", exc.message()
+            assert size != rows * 12 or offset + size > reg_size or offset >= reg_size
+            return
+        assert size == rows * 12 and offset + size <= reg_size
+        start = (reg_offset + offset) // 4
+        expected = np.arange(2048, dtype=np.float32).view(np.uint8)[reg_offset + offset : reg_offset + offset + size]
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0").view(np.uint8).reshape(-1), expected)
+        assert start >= 0
+    finally:
+        client.unregister_system_shared_memory("fuzz")
+
+
+def test_workers_refuse_registration_naming_why(tmp_path: Path, model_repository: Path) -> None:
+    """--workers 2: a region registered through one frontend would be unknown to the other, so
+    registration is refused (UNAVAILABLE, saying why and what to do) on both protocols."""
+    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    server = Workers(plugins, model_repository, tmp_path, 2, "--shared-memory", "system")
+    try:
+        key = new_key()
+        handle = shm.create_shared_memory_region("w", key, 24)
+        for client in (tc.InferenceServerClient(server.url), th.InferenceServerClient(server.http_url)):
+            with pytest.raises(InferenceServerException) as err:
+                client.register_system_shared_memory("w", key, 24)
+            assert err.value.status() in ("StatusCode.UNAVAILABLE", "503")
+            assert "--workers 1" in err.value.message() and key.lstrip("/") not in err.value.message()
+            metadata = client.get_server_metadata()
+            assert "system_shared_memory" in (
+                metadata.extensions
+                if isinstance(metadata, service_pb2.ServerMetadataResponse)
+                else metadata["extensions"]
+            )
+        shm.destroy_shared_memory_region(handle)
+    finally:
+        assert server.stop() == 0, server.output()
