@@ -11,7 +11,7 @@
 #   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
 #      alternating, with server CPU per inference (bench/rest_bench.py); and the two HTTP
 #      libraries we measured for the REST frontend (bench/rest_candidates.py);
-#   3c. shared memory (issue 16): digits and resnet over raw gRPC against gRPC with system shared
+#   3c. shared memory (issue 16): digits, resnet and pixels (an image in, no compute) over raw gRPC against gRPC with system shared
 #      memory (perf_analyzer --shared-memory system), alternating, server CPU per inference;
 #   4. the compute ceiling: each model in-process at its best batch size (scripts/ceiling.py);
 #   5. text: plugins/embeddings (minilm, BYTES in) under perf_analyzer with real sentences as
@@ -86,7 +86,8 @@ echo "== REST library candidates: the same echo server in aiohttp and uvicorn+st
 .venv/bin/python bench/rest_candidates.py --rounds "$ROUNDS" --window "$((WINDOW * 1000))" | tee "$OUT/rest-candidates.txt"
 echo "== shared memory: raw gRPC against system shared memory, digits and resnet =="
 SHM_PLUGINS=$OUT/shm-plugins
-mkdir -p "$SHM_PLUGINS" && ln -sfn "$ROOT/plugins/digits" "$SHM_PLUGINS/digits" && ln -sfn "$ROOT/plugins/resnet" "$SHM_PLUGINS/resnet"
+mkdir -p "$SHM_PLUGINS" && ln -sfn "$ROOT/plugins/digits" "$SHM_PLUGINS/digits" && ln -sfn "$ROOT/plugins/resnet" "$SHM_PLUGINS/resnet" \
+  && ln -sfn "$ROOT/bench/plugins/pixels.py" "$SHM_PLUGINS/pixels.py"
 setsid .venv/bin/modelhub serve --plugins-dir "$SHM_PLUGINS" --no-entry-points --model-repository "$REPO" \
   --host 127.0.0.1 --grpc-port 9040 --http-port 9041 --metrics-port off --device cpu --threads 1 \
   --shared-memory system > "$OUT/ours_shm.log" 2>&1 < /dev/null &
@@ -99,6 +100,7 @@ done
   --window "$((WINDOW * 1000))" --perf-analyzer tools/perf_analyzer/perf_analyzer --out "$OUT/shm.jsonl" \
   --target digits_grpc=grpc:127.0.0.1:9040:digits:9041 --target digits_shm=grpc+shm:127.0.0.1:9040:digits:9041 \
   --target resnet_grpc=grpc:127.0.0.1:9040:resnet:9041 --target resnet_shm=grpc+shm:127.0.0.1:9040:resnet:9041 \
+  --target pixels_grpc=grpc:127.0.0.1:9040:pixels:9041 --target pixels_shm=grpc+shm:127.0.0.1:9040:pixels:9041 \
   | tee "$OUT/shm.txt"
 echo "== compute ceiling: in-process, best batch size =="
 REFMODELS_DIR="$KIT" .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository "$REPO" \
