@@ -493,7 +493,7 @@ def _parity(validation: dict[str, Any]) -> str:
 
 def cmd_models_url(args: argparse.Namespace) -> int:
     """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
-    from hub.build.report import server_reports
+    from hub.pipeline.report import server_reports
 
     try:
         entries = server_reports(args.url)
@@ -519,8 +519,8 @@ def cmd_models_url(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from hub.build.pipeline import Builder
-    from hub.build.report import report_parameters, summary
+    from hub.pipeline.builder import Builder
+    from hub.pipeline.report import report_parameters, summary
 
     if args.url:
         return cmd_models_url(args)
@@ -701,8 +701,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from hub.build.command import build_all, compare_specs, render
     from hub.errors import HubError
+    from hub.pipeline.command import build_all, compare_specs, render
     from hub.server import default_threads, resolve_device, set_torch_threads
 
     threads = args.threads or default_threads()

@@ -19,7 +19,6 @@ from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from hub import logs
-from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController
@@ -28,6 +27,7 @@ from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.limits import Limits
 from hub.metrics import Metrics
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.protocol.auth import TokenInterceptor
 from hub.protocol.generated import grpc_service_pb2 as pb

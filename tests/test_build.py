@@ -17,8 +17,8 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from hub.build.pipeline import Builder
 from hub.errors import BuildError
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 
 from .conftest import ROOT, RunningServer

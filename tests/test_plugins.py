@@ -247,8 +247,8 @@ BAD_VALIDATORS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_VALIDATORS))
 def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_path: Path, case: str) -> None:
-    from hub.build.pipeline import Builder
     from hub.errors import BuildError, PluginError
+    from hub.pipeline.builder import Builder
 
     write(plugins, "good", GOOD.format(name="validated"))
     path = write(

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 
-from hub.build.pipeline import Builder
 from hub.config import DeploymentConfig
 from hub.errors import BuildError
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.spec import ArtifactContext
 

@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from hub.build.pipeline import Builder
 from hub.core.batching import Batcher, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
 from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
 from hub.metrics import Metrics
+from hub.pipeline.builder import Builder
 from hub.spec import ModelSpec
 
 log = logging.getLogger("modelhub.repository")

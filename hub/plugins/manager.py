@@ -35,7 +35,7 @@ BUILTINS: dict[str, str] = {
     "torch": "hub.runtimes.torch",
     "onnx": "hub.runtimes.onnx",
     "variants": "hub.runtimes.variants",
-    "validation": "hub.build.validation",
+    "validation": "hub.pipeline.validation",
 }
 
 

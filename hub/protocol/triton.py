@@ -13,12 +13,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from hub.build.report import report_parameters
 from hub.config import VersionPolicy
 from hub.core.dataplane import DataPlane
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import Duration
 from hub.datatypes import CONFIG_TYPE_NAMES
+from hub.pipeline.report import report_parameters
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import model_config_pb2 as mc
 from hub.spec import ModelSpec, TensorSpec

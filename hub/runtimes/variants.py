@@ -97,7 +97,7 @@ class _CalibrationReader:
     alone; the histogram methods stack what they observe, so their rows keep one shape."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        from hub.build.invariance import rows_of
+        from hub.pipeline.invariance import rows_of
 
         _, inputs = spec.calibration()
         forward = spec.to_forward(inputs)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.build.pipeline import Builder
 from hub.errors import HubError
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.spec import ModelSpec
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.build.invariance import check_batch_invariance
 from hub.datatypes import datatype_of
+from hub.pipeline.invariance import check_batch_invariance
 from hub.plugins.hookspecs import hookimpl
 from hub.spec import ModelSpec, Runtime, Tolerance
 
