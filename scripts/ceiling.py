@@ -9,8 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from hub.cli.build import throughput
 from hub.pipeline.builder import Builder
-from hub.pipeline.command import throughput
 from hub.plugins.manager import PluginHost
 from hub.server import set_torch_threads
 

@@ -1,4 +1,7 @@
-"""The `modelhub` command line: serve, plugins, models, infer, health.
+"""The `modelhub` command line: serve, plugins, models, infer, health, build, top.
+
+This package is the CLI; `hub.cli.build` renders `modelhub build`. `python -m hub.cli` runs it
+(`__main__.py`), as the `modelhub` entry point (`hub.cli:main`) does.
 
 Every server flag also reads an environment variable (MODELHUB_<FLAG>), so containers are
 configured without rewriting the command.
@@ -701,8 +704,8 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from hub.cli.build import build_all, compare_specs, render
     from hub.errors import HubError
-    from hub.pipeline.command import build_all, compare_specs, render
     from hub.server import default_threads, resolve_device, set_torch_threads
 
     threads = args.threads or default_threads()
@@ -755,7 +758,3 @@ def cmd_top(args: argparse.Namespace) -> int:
         # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
         print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())
