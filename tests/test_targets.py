@@ -268,8 +268,9 @@ def test_onnx_fp16_digits_validates_against_eager_on_cpu_onnxruntime(
     import onnxruntime
 
     from hub.runtimes.onnx import OnnxRuntime
+    from hub.runtimes.onnx_variants import export_half_onnx
+    from hub.runtimes.tolerances import HALF
     from hub.runtimes.torch import eager_outputs
-    from hub.runtimes.variants import HALF, export_half_onnx
 
     host = PluginHost(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), entry_points=False)
     (spec,) = host.collect_models()
@@ -309,8 +310,8 @@ def test_onnx_bf16_export_casts_only_floating_inputs_at_opset_22(
 
     from hub import BatchPolicy, ModelSpec, TensorSpec
     from hub.runtimes.onnx import OnnxRuntime
+    from hub.runtimes.onnx_variants import BF16_OPSET, _load_onnx_half, export_half_onnx
     from hub.runtimes.torch import eager_outputs
-    from hub.runtimes.variants import BF16_OPSET, _load_onnx_half, export_half_onnx
 
     class Bag(torch.nn.Module):
         def __init__(self) -> None:
@@ -360,7 +361,7 @@ def test_onnx_bf16_export_casts_only_floating_inputs_at_opset_22(
 def test_int8_exclude_keeps_named_modules_fp32(tmp_path: Path, target: str) -> None:
     import onnx
 
-    from hub.runtimes.variants import INT8_DYNAMIC_FILENAME, INT8_FILENAME
+    from hub.runtimes.onnx_variants import INT8_DYNAMIC_FILENAME, INT8_FILENAME
     from hub.spec import Tolerance
 
     filename = INT8_FILENAME if target == "onnx-int8" else INT8_DYNAMIC_FILENAME

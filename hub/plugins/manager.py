@@ -34,7 +34,8 @@ ENTRY_POINT_GROUP = "modelhub"
 BUILTINS: dict[str, str] = {
     "torch": "hub.runtimes.torch",
     "onnx": "hub.runtimes.onnx",
-    "variants": "hub.runtimes.variants",
+    "torch-variants": "hub.runtimes.torch_variants",
+    "onnx-variants": "hub.runtimes.onnx_variants",
     "validation": "hub.pipeline.validation",
 }
 
