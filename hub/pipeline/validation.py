@@ -24,7 +24,7 @@ def validate_artifact(
 ) -> dict[str, Any]:
     """The outputs honour the spec's contract, stay within tolerance of eager, (with labels)
     score an accuracy no further below eager's than the tolerance allows, and each row's
-    answer does not depend on its batch-mates (hub/build/invariance.py)."""
+    answer does not depend on its batch-mates (hub/pipeline/invariance.py)."""
     outputs = run_chunked(runtime, spec, examples)
     problems: list[str] = []
     for tensor in spec.outputs:

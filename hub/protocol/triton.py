@@ -137,7 +137,7 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
 
 
 def manifest_parameters(model: ServedModel) -> dict[str, str]:
-    """The model's state and its whole build report (hub/build/report.py), flattened into
+    """The model's state and its whole build report (hub/pipeline/report.py), flattened into
     ModelConfig parameters so that any Triton client can read them."""
     out = {"state": model.state.value}
     if model.reason:
