@@ -26,7 +26,7 @@ from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.limits import Limits
-from hub.metrics import Metrics
+from hub.metrics import Metrics, NullMetrics
 from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.protocol.auth import TokenInterceptor
@@ -128,7 +128,7 @@ class Server:
     def __init__(self, config: ServerConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         # With metrics off nothing is recorded at all, so `make bench` can price them.
-        self.metrics = Metrics() if config.metrics_port is not None else None
+        self.metrics: Metrics | NullMetrics = Metrics() if config.metrics_port is not None else NullMetrics()
         self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
@@ -157,7 +157,7 @@ class Server:
         logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
         await asyncio.to_thread(set_torch_threads, config.threads)
-        if self.metrics is not None and self.device == "cuda":
+        if self.device == "cuda":
             self.metrics.watch_cuda()
         tokens = config.tokens  # checks the tokens before anything listens
         if config.metrics_auth and config.auth_token is None:
@@ -209,7 +209,7 @@ class Server:
                 reuse_port=config.reuse_port,
                 ssl_context=ssl_context,
             )
-        if self.metrics is not None and config.metrics_port is not None:
+        if isinstance(self.metrics, Metrics) and config.metrics_port is not None:
             metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
             self.metrics_port = await self._metrics_http.start(
