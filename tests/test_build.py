@@ -152,6 +152,10 @@ def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
     assert index["drifting"]["state"] == "UNAVAILABLE"
     assert "strays from eager" in index["drifting"]["reason"]
+    # The platform is the target's whether the model loaded or not ("skewed" declares none: "python").
+    assert client.get_model_metadata("drifting").platform == "python"
+    assert client.get_model_config("drifting").config.platform == "python"
+    assert client.get_model_metadata("scale").platform == "onnxruntime_onnx"
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
         request = service_pb2.ModelInferRequest(model_name="drifting")
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
@@ -182,7 +186,13 @@ def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server
     )
     models = {m["model"]: m for m in json.loads(listing.stdout)}
     assert models["drifting"]["artifact"] == "failed"
-    assert models["scale"]["artifact"] == "ok"
+    assert any("strays from eager" in p for p in models["drifting"]["problems"]), models["drifting"]
+    assert models["scale"]["artifact"] == "ok" and models["scale"]["problems"] == []
+    assert "parity" not in models["scale"]  # the report is told once: report and report_parameters
+    assert float(models["scale"]["report_parameters"]["parity_max_abs_err"]) < 1e-4
+    table = subprocess.run(listing.args[:-1], capture_output=True, text=True, check=True).stdout
+    (drifting,) = [line for line in table.splitlines() if line.startswith("drifting")]
+    assert "failed" in drifting and "refused:" in drifting and "strays from eager" in drifting
 
 
 def test_require_all_models_makes_a_failure_unready(tmp_path: Path, start_server: Any) -> None:

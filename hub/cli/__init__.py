@@ -481,19 +481,6 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parity(validation: dict[str, Any]) -> str:
-    """The artifact's headline figures against eager: worst cosine, top-1 agreement, accuracy."""
-    parts = []
-    for name, figures in validation.get("outputs", {}).items():
-        if "min_cosine" in figures:
-            parts.append(f"{name} cos>={figures['min_cosine']:.4f}")
-        elif "top1_agreement" in figures:
-            parts.append(f"{name} top1 {figures['top1_agreement']:.3f}")
-    if "accuracy" in validation:
-        parts.append(f"acc {validation['accuracy']:.3f} (eager {validation['eager_accuracy']:.3f})")
-    return ", ".join(parts)
-
-
 def cmd_models_url(args: argparse.Namespace) -> int:
     """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
     from hub.pipeline.report import server_reports
@@ -548,9 +535,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "target": spec.target,
                 "max_batch_size": spec.batching.max_batch_size,
                 "artifact": state,
-                "max_abs_err": validation.get("max_abs_err"),
-                "max_rel_err": validation.get("max_rel_err"),
-                "parity": _parity(validation),
+                # One account of the build: the figures (report_parameters, as a server's
+                # ModelConfig parameters carry them) and their one-line summary.
                 "report": summary(report_parameters(manifest)) if manifest else "",
                 "report_parameters": report_parameters(manifest),
                 "problems": validation.get("problems", []),
@@ -562,9 +548,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
 
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.2g}"
-
     rows = [
         [
             e["model"],
@@ -573,9 +556,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             e["target"],
             str(e["max_batch_size"]),
             e["artifact"],
-            fmt(e["max_abs_err"]),
-            fmt(e["max_rel_err"]),
-            e["report"] or "-",
+            ("refused: " + "; ".join(e["problems"]) + " | " if e["problems"] else "") + (e["report"] or "-"),
             "; ".join(e["inputs"]),
             "; ".join(e["outputs"]),
         ]
@@ -591,8 +572,6 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "target",
                 "max_batch",
                 "artifact",
-                "abs_err",
-                "rel_err",
                 "report",
                 "inputs",
                 "outputs",

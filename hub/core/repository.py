@@ -83,7 +83,14 @@ class ModelRepository:
 
     def _new(self, spec: ModelSpec, stats: ModelStats | None = None) -> ServedModel:
         metrics = self.metrics.for_model(spec.name, spec.version)
-        return ServedModel(spec=spec, metrics=metrics, stats=stats if stats is not None else ModelStats())
+        # The target is known before the build, so the platform a model reports is the same
+        # whether it loads or fails.
+        return ServedModel(
+            spec=spec,
+            target=self.builder.targets.get(spec.target),
+            metrics=metrics,
+            stats=stats if stats is not None else ModelStats(),
+        )
 
     def add(self, spec: ModelSpec) -> ServedModel:
         model = self._new(spec)

@@ -52,6 +52,7 @@ def model_inputs(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, np
 
 
 def platform(model: ServedModel) -> str:
+    """The target's platform, loaded or not; a target no plugin registers has only its name."""
     return model.target.platform if model.target is not None else model.spec.target
 
 
