@@ -18,7 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from hub import logs
+from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController
@@ -156,7 +156,7 @@ class Server:
         config = self.config
         logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
-        await asyncio.to_thread(set_torch_threads, config.threads)
+        await asyncio.to_thread(process.configure, config.threads, config.model_repository)
         if self.device == "cuda":
             self.metrics.watch_cuda()
         tokens = config.tokens  # checks the tokens before anything listens
@@ -386,9 +386,3 @@ def describe_bind(host: str) -> str:
         return f"loopback only ({host})"
     return host
 
-
-def set_torch_threads(threads: int) -> None:
-    import torch
-
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)

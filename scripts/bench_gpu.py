@@ -265,7 +265,7 @@ def run_in_process(args: argparse.Namespace, results: Results, images: np.ndarra
     from hub.config import DeploymentConfig
     from hub.pipeline.builder import Builder
     from hub.plugins.manager import PluginHost
-    from hub.server import set_torch_threads
+    from hub.process import set_torch_threads
     from hub.spec import ArtifactContext
 
     set_torch_threads(args.threads)

@@ -50,7 +50,7 @@ def main() -> int:
     from hub.pipeline.builder import Builder
     from hub.pipeline.report import report_parameters
     from hub.plugins.manager import PluginHost
-    from hub.server import set_torch_threads
+    from hub.process import set_torch_threads
 
     set_torch_threads(args.threads)
     plugins = args.repository / "plugins"

@@ -17,6 +17,7 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from hub import hookimpl
 from hub.errors import BuildError
 from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
@@ -284,3 +285,108 @@ def test_unexportable_model_fails_naming_model_and_stage(tmp_path: Path) -> None
         builder.ensure(spec)
     assert "model 'leaky'" in str(err.value) and "building target 'onnx' failed" in str(err.value)
     assert not (tmp_path / "models" / "leaky" / "1").exists()  # nothing half-built is left behind
+
+
+class CountingTargets:
+    """A plugin whose target counts its builds, loads and closes, and which counts the
+    artifacts validated (validate_artifact), to pin "build once, load once"."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"build": 0, "load": 0, "close": 0, "validate": 0}
+
+    @hookimpl
+    def register_targets(self, register: Any) -> None:
+        from hub import Target
+        from hub.runtimes.torch import TorchRuntime
+
+        calls = self.calls
+
+        class Counted(TorchRuntime):
+            def close(self) -> None:
+                calls["close"] += 1
+                super().close()
+
+        def build(ctx: Any) -> None:
+            calls["build"] += 1
+            (ctx.directory / "weights.bin").write_bytes(b"counted")
+            ctx.module()
+
+        def load(ctx: Any) -> Counted:
+            calls["load"] += 1
+            assert (ctx.directory / "weights.bin").read_bytes() == b"counted"
+            return Counted(ctx.module(), ctx.spec, "cpu")
+
+        register(Target(name="counted", build=build, load=load, artifact="weights.bin"))
+
+    @hookimpl
+    def validate_artifact(self, spec: Any, runtime: Any) -> None:
+        self.calls["validate"] += 1
+
+
+COUNTED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+CONSTRUCTED = []
+
+def build():
+    CONSTRUCTED.append(1)
+    return torch.nn.Identity()
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="counted",
+        build=build,
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="counted",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_a_fresh_build_loads_and_validates_its_artifact_once_and_serves_that_runtime(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counted.py").write_text(textwrap.dedent(COUNTED))
+    counting = CountingTargets()
+    host = PluginHost(plugins, entry_points=False, extra={"counting": counting})
+    builder = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu")
+    (spec,) = host.collect_models()
+    artifact = builder.ensure(spec)
+    assert artifact.built
+    assert counting.calls == {"build": 1, "load": 1, "close": 0, "validate": 1}
+    plugin_module = sys.modules[f"{host.namespace}.counted"]
+    assert len(plugin_module.CONSTRUCTED) == 1  # the eager reference runs a copy, not a second build
+    # The runtime validated is the one returned, alive after its staging folder moved into place.
+    np.testing.assert_array_equal(artifact.runtime.run({"x": np.full((1, 2), 3, np.float32)})["y"], [[3, 3]])
+    assert (tmp_path / "models" / "counted" / "1" / "weights.bin").is_file()
+    artifact.runtime.close()
+    # A cached start: one load, no build, no validation.
+    cached = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu").ensure(spec)
+    assert not cached.built
+    assert counting.calls == {"build": 1, "load": 2, "close": 1, "validate": 1}
+    assert len(plugin_module.CONSTRUCTED) == 2
+    cached.runtime.close()
+
+
+def test_a_refused_build_closes_the_runtime_it_validated(tmp_path: Path) -> None:
+    class Refuser(CountingTargets):
+        @hookimpl
+        def validate_artifact(self, spec: Any, runtime: Any) -> dict[str, Any]:
+            self.calls["validate"] += 1
+            return {"problems": ["refused by the test"]}
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counted.py").write_text(textwrap.dedent(COUNTED))
+    counting = Refuser()
+    host = PluginHost(plugins, entry_points=False, extra={"counting": counting})
+    builder = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu")
+    (spec,) = host.collect_models()
+    with pytest.raises(BuildError, match="refused by the test"):
+        builder.ensure(spec)
+    assert counting.calls == {"build": 1, "load": 1, "close": 1, "validate": 1}

@@ -683,12 +683,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
+    from hub import process
     from hub.cli.build import build_all, compare_specs, render
     from hub.errors import HubError
-    from hub.server import default_threads, resolve_device, set_torch_threads
+    from hub.server import default_threads, resolve_device
 
     threads = args.threads or default_threads()
-    set_torch_threads(threads)
+    process.configure(threads, args.model_repository)
     host = _host(args)
     try:
         specs = _deployment(args).apply(host.collect_models())

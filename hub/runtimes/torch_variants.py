@@ -2,7 +2,7 @@
 
 | target | what it is |
 | --- | --- |
-| torch-compile | torch.compile (Inductor), cache in models/<name>/<version>/inductor; CUDA graphs per bucket |
+| torch-compile | torch.compile (Inductor), in the process-wide Inductor cache (hub/process.py); CUDA graphs by bucket |
 | torch-int8 | torchao's int8 dynamic-activation/int8-weight quantisation (torch's own quantize_dynamic is deprecated) |
 | torch-fp16, torch-bf16 | half-precision eager on CUDA; the served tensors stay FP32 |
 
@@ -13,8 +13,8 @@ Every one is validated against eager like any other target; each has a default t
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
-import os
 from collections.abc import Callable
 
 from hub.errors import BuildError
@@ -25,8 +25,6 @@ from hub.runtimes.tolerances import FP32, HALF, QUANTISED
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
 log = logging.getLogger("modelhub.variants")
-
-INDUCTOR_DIR = "inductor"
 
 
 def _warm_batches(spec: ModelSpec, cuda_graphs: bool = False) -> list[int]:
@@ -49,15 +47,15 @@ def _warm_batches(spec: ModelSpec, cuda_graphs: bool = False) -> list[int]:
 
 
 def _load_compiled(ctx: ArtifactContext) -> Runtime:
+    """Compile and warm up (or capture, with CUDA graphs) every batch size the batcher sends.
+
+    Inductor's cache is process-wide (TORCHINDUCTOR_CACHE_DIR, set once by hub.process), so a
+    second start of the same model compiles from it; the build itself compiles nothing, the
+    load it validates and serves does."""
     import torch
 
     from hub.runtimes.torch import TorchRuntime
 
-    cache = ctx.directory / INDUCTOR_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    # Inductor reads these when it compiles; loads run one at a time, so setting them here is safe.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, ctx.threads)))
     cuda_graphs = ctx.device == "cuda" and bool(ctx.spec.options.get("cuda_graphs", True))
     mode = str(ctx.spec.options.get("compile_mode", "default"))
     module = ctx.module()
@@ -82,10 +80,6 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
     return runtime
 
 
-def _build_compiled(ctx: ArtifactContext) -> None:
-    _load_compiled(ctx).close()  # compiling once fills the Inductor cache under the artifact
-
-
 def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
     def load(ctx: ArtifactContext) -> Runtime:
         import torch
@@ -105,17 +99,24 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
     return load
 
 
+def _needs_torchao(ctx: ArtifactContext) -> None:
+    """Refuse, before any work, where torchao is not installed."""
+    if importlib.util.find_spec("torchao") is None:
+        raise BuildError(
+            f"model '{ctx.spec.name}': target 'torch-int8' needs torchao (pip install 'modelhub[torchao]')"
+        )
+
+
 def _build_torch_int8(ctx: ArtifactContext) -> None:
-    _load_torch_int8(ctx).close()
+    """Nothing to write: the load quantises (once, for the build's validation and serving alike)."""
+    _needs_torchao(ctx)
+    ctx.module()
 
 
 def _load_torch_int8(ctx: ArtifactContext) -> Runtime:
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    except ImportError:
-        raise BuildError(
-            f"model '{ctx.spec.name}': target 'torch-int8' needs torchao (pip install 'modelhub[torchao]')"
-        ) from None
+    _needs_torchao(ctx)
+    from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
+
     from hub.runtimes.torch import TorchRuntime
 
     module = copy.deepcopy(ctx.module()).to(ctx.device).eval()  # quantize_ works in place
@@ -124,6 +125,7 @@ def _load_torch_int8(ctx: ArtifactContext) -> Runtime:
 
 
 def _nothing(ctx: ArtifactContext) -> None:
+    """No files to write: the load does the work; building the module checks that it constructs."""
     ctx.module()
 
 
@@ -132,12 +134,11 @@ def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(
             "torch-compile",
-            _build_compiled,
+            _nothing,
             _load_compiled,
-            "torch.compile (Inductor), cached",
+            "torch.compile (Inductor); its cache is process-wide (TORCHINDUCTOR_CACHE_DIR)",
             platform="pytorch_libtorch",
             tolerance=FP32,
-            artifact=INDUCTOR_DIR,
         )
     )
     register(
