@@ -385,4 +385,3 @@ def describe_bind(host: str) -> str:
     if host in ("localhost", "::1") or host.startswith("127."):
         return f"loopback only ({host})"
     return host
-

@@ -244,7 +244,6 @@ class Builder:
                     merged[name] = value
         return merged
 
-
     def reference_outputs(
         self, spec: ModelSpec, ctx: ArtifactContext, examples: Mapping[str, np.ndarray]
     ) -> dict[str, np.ndarray]:
