@@ -13,7 +13,7 @@ from hub.plugins.hookspecs import hookimpl
 from hub.spec import ModelSpec, Runtime, Tolerance
 
 
-@hookimpl
+@hookimpl(trylast=True)  # built-in checks run after a plugin's validators
 def validate_artifact(
     spec: ModelSpec,
     runtime: Runtime,

@@ -301,6 +301,10 @@ class PluginHost:
             others = [other.plugin for other in impls if other is not impl]
             yield self.records[impl.plugin_name], self.pm.subset_hook_caller(hook_name, others)
 
+    def is_builtin(self, record: PluginRecord) -> bool:
+        """One of modelhub's own plugins (BUILTINS), whose hooks are `trylast` defaults."""
+        return record.source == "builtin" and BUILTINS.get(record.name) == record.location
+
     def collect_targets(self) -> dict[str, Target]:
         self.load()
         for record in self.records.values():
@@ -312,6 +316,14 @@ class PluginHost:
                 if not isinstance(target, Target):
                     raise SpecError(f"register_targets: expected a hub.Target, got {target!r}")
                 if target.name in targets:
+                    if self.is_builtin(record):  # a plugin called before the built-in (trylast) replaces it
+                        log.info(
+                            'target "%s" of plugin "%s" replaces the built-in one of "%s"',
+                            target.name,
+                            targets[target.name].plugin,
+                            record.name,
+                        )
+                        return
                     raise SpecError(
                         f"target '{target.name}' is already registered by plugin \"{targets[target.name].plugin}\""
                     )

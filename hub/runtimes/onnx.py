@@ -109,7 +109,7 @@ def _load(ctx: ArtifactContext) -> Runtime:
     return OnnxRuntime(str(ctx.directory / FILENAME), ctx.spec, ctx.device, ctx.threads)
 
 
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(

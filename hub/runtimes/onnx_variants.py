@@ -294,7 +294,7 @@ def _load_onnx_half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
     return load
 
 
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(

@@ -73,7 +73,7 @@ def _load(ctx: ArtifactContext) -> Runtime:
     return TorchRuntime(ctx.module(), ctx.spec, ctx.device)
 
 
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(

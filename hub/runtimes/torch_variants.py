@@ -129,7 +129,7 @@ def _nothing(ctx: ArtifactContext) -> None:
     ctx.module()
 
 
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(
