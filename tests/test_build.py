@@ -390,3 +390,52 @@ def test_a_refused_build_closes_the_runtime_it_validated(tmp_path: Path) -> None
     with pytest.raises(BuildError, match="refused by the test"):
         builder.ensure(spec)
     assert counting.calls == {"build": 1, "load": 1, "close": 1, "validate": 1}
+
+
+MISNAMED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Named(torch.nn.Module):
+    def forward(self, x):
+        return {"logits": x, "probs": x.softmax(1)}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="misnamed",
+        build=lambda: Named().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="torch",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+    register(ModelSpec(
+        name="mislabelled",
+        build=lambda: torch.nn.Identity(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        validation_data=lambda: ({"x": np.ones((5, 2), np.float32)}, np.zeros(3, np.int64)),
+        target="torch",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_mismatched_output_names_and_label_counts_name_both_sides(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "mismatched.py").write_text(textwrap.dedent(MISNAMED))
+    builder, specs = builder_for(plugins, tmp_path / "models")
+    by_name = {s.name: s for s in specs}
+    with pytest.raises(BuildError) as err:
+        builder.ensure(by_name["misnamed"])
+    message = str(err.value)
+    assert "model 'misnamed'" in message and "['logits', 'probs']" in message and "['y']" in message, message
+    with pytest.raises(BuildError) as err:
+        builder.ensure(by_name["mislabelled"])
+    message = str(err.value)
+    assert "model 'mislabelled'" in message and "3 labels" in message and "5 rows (x)" in message, message

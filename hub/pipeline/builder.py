@@ -230,6 +230,12 @@ class Builder:
         labels = None
         if spec.validation_data is not None:
             examples, labels = spec.validation_data()
+            rows = {name: len(value) for name, value in examples.items()}
+            if labels is not None and any(n != len(labels) for n in rows.values()):
+                raise BuildError(
+                    f"model '{spec.name}': validation_data returned {len(labels)} labels for inputs of "
+                    f"{', '.join(f'{n} rows ({name})' for name, n in rows.items())}; give one label per input row"
+                )
         else:
             examples = spec.examples()
         examples = spec.to_forward(examples)

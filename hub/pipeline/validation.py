@@ -27,9 +27,14 @@ def validate_artifact(
     answer does not depend on its batch-mates (hub/pipeline/invariance.py)."""
     outputs = run_chunked(runtime, spec, examples)
     problems: list[str] = []
+    declared = [t.name for t in spec.outputs]
+    missing = [name for name in declared if name not in outputs]
+    if missing:
+        problems.append(
+            f"the artifact returns outputs {sorted(outputs)}, the spec declares {declared} (missing {missing})"
+        )
     for tensor in spec.outputs:
         if tensor.name not in outputs:
-            problems.append(f"output '{tensor.name}' is missing from the artifact's outputs")
             continue
         got = outputs[tensor.name]
         if datatype_of(got) != tensor.datatype:

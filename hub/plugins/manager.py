@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import HubError, PluginError, SpecError
+from hub.errors import BuildError, HubError, PluginError, SpecError
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -386,7 +386,8 @@ class PluginHost:
     ) -> list[dict[str, Any]]:
         """Every validator's figures, in hook order (None results left out).
 
-        Raises PluginError, naming the plugin and its file, when a validator raises or returns
+        A BuildError raised under a validator (the artifact's runtime failing) passes through as
+        it is. Raises PluginError, naming the plugin and its file, when a validator raises or returns
         something other than None or a dict whose "problems" (if present) is a list of strings:
         a validator that cannot give a verdict must fail the build, not pass the artifact.
         """
@@ -402,6 +403,8 @@ class PluginHost:
                     tolerance=tolerance,
                     labels=labels,
                 )
+            except BuildError:
+                raise  # the artifact failed under the validator (runtime.run raised): its own message says why
             except Exception as exc:
                 log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc

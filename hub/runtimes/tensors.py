@@ -38,14 +38,25 @@ def to_numpy(tensor: torch.Tensor) -> np.ndarray:
     return tensor.numpy()
 
 
-def as_outputs(result: Any, names: Sequence[str]) -> dict[str, torch.Tensor]:
-    """A module's result (one tensor, a tuple or a mapping) as {output name: tensor}, in the spec's order."""
+def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, torch.Tensor]:
+    """A module's result (one tensor, a tuple or a mapping) as {output name: tensor}, in the
+    spec's order. BuildError, naming what the module returned and what the spec declares, when
+    they do not match (`model` names the model in the message)."""
+    where = f"model '{model}'" if model else "model"
     if isinstance(result, torch.Tensor):
         result = (result,)
     if isinstance(result, Mapping):
+        missing = [name for name in names if name not in result]
+        if missing:
+            raise BuildError(
+                f"{where}: forward returned outputs {sorted(map(str, result))}, the spec declares {list(names)} "
+                f"(missing {missing}); rename the returned keys or the spec's outputs to match"
+            )
         return {name: result[name] for name in names}
     if len(result) != len(names):
-        raise BuildError(f"model returned {len(result)} outputs, the spec declares {list(names)}")
+        raise BuildError(
+            f"{where}: forward returned {len(result)} outputs, the spec declares {len(names)}: {list(names)}"
+        )
     return dict(zip(names, result, strict=True))
 
 

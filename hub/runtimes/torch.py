@@ -38,6 +38,7 @@ class TorchRuntime:
         self.compute_dtype = compute_dtype
         self._inputs = [t.name for t in spec.forward_inputs]
         self._outputs = [t.name for t in spec.outputs]
+        self._model = spec.name
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         cast = self.compute_dtype
@@ -45,7 +46,7 @@ class TorchRuntime:
             args = [to_tensor(inputs[name], self.device) for name in self._inputs]
             if cast is not None:
                 args = [a.to(cast) if a.is_floating_point() else a for a in args]
-            result = as_outputs(self.module(*args), self._outputs)
+            result = as_outputs(self.module(*args), self._outputs, self._model)
             if cast is not None:
                 result = {k: v.float() if v.is_floating_point() else v for k, v in result.items()}
             return {name: to_numpy(value) for name, value in result.items()}
