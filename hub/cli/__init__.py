@@ -714,7 +714,16 @@ def cmd_build(args: argparse.Namespace) -> int:
             specs = [s for s in specs if s.name in args.models]
         if args.target:
             specs = [dataclasses.replace(s, target=args.target) for s in specs]
-    results = build_all(host, specs, repository, device, threads, force=args.force, measure=not args.no_measure)
+    results = build_all(
+        host,
+        specs,
+        repository,
+        device,
+        threads,
+        force=args.force,
+        measure=not args.no_measure,
+        skip_unavailable=bool(args.compare),
+    )
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -722,6 +731,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         print(f"\n{r['model']} [{r['target']}]: {r['problem']}", file=sys.stderr)
+    for r in results:
+        if r["status"] == "skipped":
+            print(f"\n{r['model']} [{r['target']}] skipped: {r['reason']}", file=sys.stderr)
     if args.compare:
         return 0  # a comparison reports failures in the table; it is not a build gate
     return 1 if failed else 0

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.errors import BuildError
+from hub.errors import BuildError, TargetUnavailable
 from hub.plugins.hookspecs import hookimpl
 from hub.runtimes.onnx import FILENAME, OnnxRuntime, export_onnx
 from hub.runtimes.tensors import HALF_DTYPES
@@ -248,13 +248,13 @@ def _needs_cuda_onnxruntime(ctx: ArtifactContext, target: str) -> None:
 
     where = f"model '{ctx.spec.name}': target '{target}'"
     if ctx.device != "cuda":
-        raise BuildError(
+        raise TargetUnavailable(
             f"{where} needs a CUDA device and onnxruntime-gpu; this server runs on {ctx.device} "
             f"(use onnx or onnx-int8 there)"
         )
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
-        raise BuildError(
+        raise TargetUnavailable(
             f"{where} needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime "
             f"{ort.__version__} offers {available} (install onnxruntime-gpu in place of onnxruntime)"
         )

@@ -17,7 +17,7 @@ import importlib.util
 import logging
 from collections.abc import Callable
 
-from hub.errors import BuildError
+from hub.errors import TargetUnavailable
 from hub.plugins.hookspecs import hookimpl
 from hub.runtimes.cudagraph import CudaGraphRuntime
 from hub.runtimes.tensors import HALF_DTYPES, tile
@@ -85,7 +85,7 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
         import torch
 
         if ctx.device != "cuda":
-            raise BuildError(
+            raise TargetUnavailable(
                 f"model '{ctx.spec.name}': target 'torch-{dtype_name}' needs a CUDA device; this server runs on "
                 f"{ctx.device} (use torch, onnx or onnx-int8 there)"
             )
@@ -102,7 +102,7 @@ def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
 def _needs_torchao(ctx: ArtifactContext) -> None:
     """Refuse, before any work, where torchao is not installed."""
     if importlib.util.find_spec("torchao") is None:
-        raise BuildError(
+        raise TargetUnavailable(
             f"model '{ctx.spec.name}': target 'torch-int8' needs torchao (pip install 'modelhub[torchao]')"
         )
 
