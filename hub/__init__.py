@@ -5,6 +5,7 @@ Plugin authors need only what this module exports:
     from hub import hookimpl, ModelSpec, TensorSpec, BatchPolicy
 """
 
+from hub.errors import TargetUnavailable
 from hub.plugins.hookspecs import hookimpl
 from hub.spec import ArtifactContext, BatchPolicy, ModelSpec, Runtime, Target, TensorSpec, Tolerance
 
@@ -16,6 +17,7 @@ __all__ = [
     "ModelSpec",
     "Runtime",
     "Target",
+    "TargetUnavailable",
     "TensorSpec",
     "Tolerance",
     "__version__",

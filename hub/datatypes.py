@@ -30,11 +30,6 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
 DATATYPES = frozenset(NUMPY_DTYPES)
 _BY_DTYPE = {dtype: name for name, dtype in NUMPY_DTYPES.items()}
 
-#: Little-endian wire dtypes, for decoding raw contents on any host.
-WIRE_DTYPES: dict[str, np.dtype] = {
-    name: dtype.newbyteorder("<") for name, dtype in NUMPY_DTYPES.items() if name != "BYTES"
-}
-
 #: V2 datatype -> the Triton model-config enum value (`TYPE_*`).
 CONFIG_TYPE_NAMES: dict[str, str] = {name: f"TYPE_{name}" for name in DATATYPES}
 CONFIG_TYPE_NAMES["BYTES"] = "TYPE_STRING"
@@ -72,11 +67,6 @@ def datatype_of(array: np.ndarray) -> str:
         if array.dtype.kind in "SU":
             return "BYTES"
         raise TypeError(f"numpy dtype {array.dtype} has no V2 datatype") from None
-
-
-def element_size(datatype: str) -> int:
-    """Bytes per element on the wire; 0 for BYTES, whose elements vary in length."""
-    return 0 if datatype == "BYTES" else WIRE_DTYPES[datatype].itemsize
 
 
 def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LIMITS) -> int:

@@ -96,6 +96,12 @@ class BuildError(HubError):
     code = "INTERNAL"
 
 
+class TargetUnavailable(BuildError):
+    """The target cannot build on this machine: it needs a CUDA device, or a package (an
+    extra) that is not installed. `modelhub build --compare` lists such targets as skipped,
+    with this message as the reason; elsewhere it is a BuildError like any other."""
+
+
 class Unauthenticated(HubError):
     """The request lacks the token this endpoint requires."""
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics: one CollectorRegistry per server, never the global one.
+"""Prometheus metrics: one CollectorRegistry per server, never the global one; NullMetrics when they are off.
 
 Histogram buckets span 50 µs to 10 s, so sub-millisecond CPU models and 100 ms GPU models
 both get resolution (docs/metrics.md lists them).
@@ -7,6 +7,7 @@ both get resolution (docs/metrics.md lists them).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -86,11 +87,41 @@ class Metrics:
             registry=r,
         )
 
+        #: Every metric labelled by model and version, with its label names (to forget a model).
+        self._per_model: list[tuple[Any, tuple[str, ...]]] = [
+            (self.requests, (*MODEL, "code")),
+            (self.inferences, MODEL),
+            (self.executions, MODEL),
+            (self.request_duration, MODEL),
+            (self.queue_duration, MODEL),
+            (self.compute_duration, MODEL),
+            (self.batch_size, MODEL),
+            (self.queue_depth, MODEL),
+            (self.in_flight, MODEL),
+            (self.model_state, (*MODEL, "state")),
+            (self.load_seconds, MODEL),
+            (self.load_failures, MODEL),
+            (self.build_seconds, MODEL),
+        ]
+
     def watch_cuda(self) -> None:
         self.registry.register(CudaCollector())
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         return ModelMetrics(self, name, str(version))
+
+    def forget(self, name: str, version: int) -> None:
+        """Remove every series of one model version: it is no longer in the repository."""
+        wanted = (name, str(version))
+        for metric, labelnames in self._per_model:
+            series = {
+                tuple(sample.labels[label] for label in labelnames)
+                for family in metric.collect()
+                for sample in family.samples
+                if (sample.labels.get("model"), sample.labels.get("version")) == wanted
+            }
+            for labelvalues in series:
+                metric.remove(*labelvalues)
 
 
 class ModelMetrics:
@@ -109,7 +140,15 @@ class ModelMetrics:
         self.in_flight = metrics.in_flight.labels(*self._labels)
         self._codes: dict[str, Counter] = {}
 
+    def request_started(self) -> None:
+        self.in_flight.inc()
+
+    def request_abandoned(self) -> None:
+        """A request left this process unanswered (it is counted where it is answered)."""
+        self.in_flight.dec()
+
     def request_done(self, code: str, seconds: float) -> None:
+        self.in_flight.dec()
         counter = self._codes.get(code)
         if counter is None:
             counter = self._codes[code] = self._metrics.requests.labels(*self._labels, code)
@@ -135,6 +174,50 @@ class ModelMetrics:
     def loaded(self, load_seconds: float, build_seconds: float) -> None:
         self._metrics.load_seconds.labels(*self._labels).set(load_seconds)
         self._metrics.build_seconds.labels(*self._labels).set(build_seconds)
+
+    def load_failed(self) -> None:
+        self._metrics.load_failures.labels(*self._labels).inc()
+
+
+class NullModelMetrics:
+    """ModelMetrics' interface recording nothing: a model's metrics when the server has none."""
+
+    def request_started(self) -> None:
+        pass
+
+    def request_abandoned(self) -> None:
+        pass
+
+    def request_done(self, code: str, seconds: float) -> None:
+        pass
+
+    def queued(self, depth: int) -> None:
+        pass
+
+    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+        pass
+
+    def state(self, state: str) -> None:
+        pass
+
+    def loaded(self, load_seconds: float, build_seconds: float) -> None:
+        pass
+
+    def load_failed(self) -> None:
+        pass
+
+
+class NullMetrics:
+    """Metrics off (`--metrics-port off`): the same calls as Metrics, and nothing is recorded."""
+
+    def watch_cuda(self) -> None:
+        pass
+
+    def for_model(self, name: str, version: int) -> NullModelMetrics:
+        return NullModelMetrics()
+
+    def forget(self, name: str, version: int) -> None:
+        pass
 
 
 class CudaCollector:

@@ -18,8 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection, reflection_pb2
 
-from hub import logs
-from hub.build.pipeline import Builder
+from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController
@@ -27,7 +26,8 @@ from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.limits import Limits
-from hub.metrics import Metrics
+from hub.metrics import Metrics, NullMetrics
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.protocol.auth import TokenInterceptor
 from hub.protocol.generated import grpc_service_pb2 as pb
@@ -135,7 +135,7 @@ class Server:
     def __init__(self, config: ServerConfig, *, clock: Clock | None = None) -> None:
         self.config = config
         # With metrics off nothing is recorded at all, so `make bench` can price them.
-        self.metrics = Metrics() if config.metrics_port is not None else None
+        self.metrics: Metrics | NullMetrics = Metrics() if config.metrics_port is not None else NullMetrics()
         self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
         self._clock = clock
         self.repository: ModelRepository | None = None
@@ -164,8 +164,8 @@ class Server:
         config = self.config
         logs.tame_libraries()
         self.device = await asyncio.to_thread(resolve_device, config.device)
-        await asyncio.to_thread(set_torch_threads, config.threads)
-        if self.metrics is not None and self.device == "cuda":
+        await asyncio.to_thread(process.configure, config.threads, config.model_repository)
+        if self.device == "cuda":
             self.metrics.watch_cuda()
         tokens = config.tokens  # checks the tokens before anything listens
         if config.metrics_auth and config.auth_token is None:
@@ -230,7 +230,7 @@ class Server:
                 reuse_port=config.reuse_port,
                 ssl_context=ssl_context,
             )
-        if self.metrics is not None and config.metrics_port is not None:
+        if isinstance(self.metrics, Metrics) and config.metrics_port is not None:
             metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
             self.metrics_port = await self._metrics_http.start(
@@ -409,10 +409,3 @@ def describe_bind(host: str) -> str:
     if host in ("localhost", "::1") or host.startswith("127."):
         return f"loopback only ({host})"
     return host
-
-
-def set_torch_threads(threads: int) -> None:
-    import torch
-
-    if torch.get_num_threads() != threads:
-        torch.set_num_threads(threads)

@@ -380,9 +380,13 @@ class ArtifactContext:
 class Target:
     """A way to turn an eager model into something served.
 
-    - `build(ctx)`: write the artifact's files into `ctx.directory` (may write none).
-    - `load(ctx)`: return a Runtime over those files.
-    - `check_parity`: compare the artifact with eager on the example inputs after building.
+    - `build(ctx)`: write the artifact's files into `ctx.directory` (may write none). Leave
+      compiling or quantising in memory to `load`: a fresh build calls `load` once, validates
+      that runtime, and serves it.
+    - `load(ctx)`: return a Runtime over those files. After a fresh build `ctx.directory` is a
+      staging folder that is then moved into place, so read the files in `load`, not later.
+    - `check_parity`: compare the artifact with eager on the example inputs after building
+      (eager is the target named "torch", loaded on the CPU: the built-in, or a plugin's).
     - `calibrated`: the build observes the spec's calibration inputs (`ModelSpec.calibration`),
       so they and the `calibration_method` option are part of the cache key and the manifest.
     - `tolerance`: the default parity bounds for this target.

@@ -262,10 +262,10 @@ def load_variant(name: str, load: Callable[[], Any], results: Results) -> Any:
 def run_in_process(args: argparse.Namespace, results: Results, images: np.ndarray) -> None:
     import torch
 
-    from hub.build.pipeline import Builder
     from hub.config import DeploymentConfig
+    from hub.pipeline.builder import Builder
     from hub.plugins.manager import PluginHost
-    from hub.server import set_torch_threads
+    from hub.process import set_torch_threads
     from hub.spec import ArtifactContext
 
     set_torch_threads(args.threads)

@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from hub.build.command import throughput
-from hub.build.pipeline import Builder
+from hub import process
+from hub.cli.build import throughput
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
-from hub.server import set_torch_threads
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=1.5, help="per batch size")
     parser.add_argument("--batch-sizes", default="1,4,16,32,64")
     args = parser.parse_args()
-    set_torch_threads(args.threads)
+    process.configure(args.threads, args.model_repository)
     host = PluginHost(args.plugins_dir, entry_points=False)
     builder = Builder(args.model_repository, host.collect_targets(), host, device="cpu", threads=args.threads)
     for spec in host.collect_models():

@@ -46,11 +46,11 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from hub.build.pipeline import Builder
-    from hub.build.report import report_parameters
     from hub.errors import BuildError
+    from hub.pipeline.builder import Builder
+    from hub.pipeline.report import report_parameters
     from hub.plugins.manager import PluginHost
-    from hub.server import set_torch_threads
+    from hub.process import set_torch_threads
 
     set_torch_threads(args.threads)
     plugins = args.repository / "plugins"
@@ -106,7 +106,7 @@ def main() -> int:
         results["resnet_speedup_per_rep"] = paired
         results["resnet_speedup"] = {b: float(np.median(r)) for b, r in paired.items()}
         print("speed-up per rep:", paired, "median:", results["resnet_speedup"], flush=True)
-        from hub.build.invariance import check_batch_invariance
+        from hub.pipeline.invariance import check_batch_invariance
 
         spec = specs["resnet"]
         inputs = spec.to_forward(spec.validation_data()[0]) if spec.validation_data else spec.forward_examples()

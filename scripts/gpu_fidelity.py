@@ -39,9 +39,9 @@ def main() -> int:
     parser.add_argument("--device", default="cuda")
     args = parser.parse_args()
 
-    from hub.build.pipeline import Builder
-    from hub.build.report import report_parameters
     from hub.errors import BuildError
+    from hub.pipeline.builder import Builder
+    from hub.pipeline.report import report_parameters
     from hub.plugins.manager import PluginHost
 
     plugins = args.repository / "plugins"

@@ -17,8 +17,9 @@ import tritonclient.grpc as tc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from hub.build.pipeline import Builder
+from hub import hookimpl
 from hub.errors import BuildError
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 
 from .conftest import ROOT, RunningServer
@@ -152,6 +153,10 @@ def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
     assert index["drifting"]["state"] == "UNAVAILABLE"
     assert "strays from eager" in index["drifting"]["reason"]
+    # The platform is the target's whether the model loaded or not ("skewed" declares none: "python").
+    assert client.get_model_metadata("drifting").platform == "python"
+    assert client.get_model_config("drifting").config.platform == "python"
+    assert client.get_model_metadata("scale").platform == "onnxruntime_onnx"
     with grpc.insecure_channel(server.url) as channel, pytest.raises(grpc.RpcError) as err:
         request = service_pb2.ModelInferRequest(model_name="drifting")
         service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=5)
@@ -182,7 +187,13 @@ def test_refused_model_is_failed_while_others_serve(tmp_path: Path, start_server
     )
     models = {m["model"]: m for m in json.loads(listing.stdout)}
     assert models["drifting"]["artifact"] == "failed"
-    assert models["scale"]["artifact"] == "ok"
+    assert any("strays from eager" in p for p in models["drifting"]["problems"]), models["drifting"]
+    assert models["scale"]["artifact"] == "ok" and models["scale"]["problems"] == []
+    assert "parity" not in models["scale"]  # the report is told once: report and report_parameters
+    assert float(models["scale"]["report_parameters"]["parity_max_abs_err"]) < 1e-4
+    table = subprocess.run(listing.args[:-1], capture_output=True, text=True, check=True).stdout
+    (drifting,) = [line for line in table.splitlines() if line.startswith("drifting")]
+    assert "failed" in drifting and "refused:" in drifting and "strays from eager" in drifting
 
 
 def test_require_all_models_makes_a_failure_unready(tmp_path: Path, start_server: Any) -> None:
@@ -274,3 +285,157 @@ def test_unexportable_model_fails_naming_model_and_stage(tmp_path: Path) -> None
         builder.ensure(spec)
     assert "model 'leaky'" in str(err.value) and "building target 'onnx' failed" in str(err.value)
     assert not (tmp_path / "models" / "leaky" / "1").exists()  # nothing half-built is left behind
+
+
+class CountingTargets:
+    """A plugin whose target counts its builds, loads and closes, and which counts the
+    artifacts validated (validate_artifact), to pin "build once, load once"."""
+
+    def __init__(self) -> None:
+        self.calls: dict[str, int] = {"build": 0, "load": 0, "close": 0, "validate": 0}
+
+    @hookimpl
+    def register_targets(self, register: Any) -> None:
+        from hub import Target
+        from hub.runtimes.torch import TorchRuntime
+
+        calls = self.calls
+
+        class Counted(TorchRuntime):
+            def close(self) -> None:
+                calls["close"] += 1
+                super().close()
+
+        def build(ctx: Any) -> None:
+            calls["build"] += 1
+            (ctx.directory / "weights.bin").write_bytes(b"counted")
+            ctx.module()
+
+        def load(ctx: Any) -> Counted:
+            calls["load"] += 1
+            assert (ctx.directory / "weights.bin").read_bytes() == b"counted"
+            return Counted(ctx.module(), ctx.spec, "cpu")
+
+        register(Target(name="counted", build=build, load=load, artifact="weights.bin"))
+
+    @hookimpl
+    def validate_artifact(self, spec: Any, runtime: Any) -> None:
+        self.calls["validate"] += 1
+
+
+COUNTED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+CONSTRUCTED = []
+
+def build():
+    CONSTRUCTED.append(1)
+    return torch.nn.Identity()
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="counted",
+        build=build,
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="counted",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_a_fresh_build_loads_and_validates_its_artifact_once_and_serves_that_runtime(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counted.py").write_text(textwrap.dedent(COUNTED))
+    counting = CountingTargets()
+    host = PluginHost(plugins, entry_points=False, extra={"counting": counting})
+    builder = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu")
+    (spec,) = host.collect_models()
+    artifact = builder.ensure(spec)
+    assert artifact.built
+    assert counting.calls == {"build": 1, "load": 1, "close": 0, "validate": 1}
+    plugin_module = sys.modules[f"{host.namespace}.counted"]
+    assert len(plugin_module.CONSTRUCTED) == 1  # the eager reference runs a copy, not a second build
+    # The runtime validated is the one returned, alive after its staging folder moved into place.
+    np.testing.assert_array_equal(artifact.runtime.run({"x": np.full((1, 2), 3, np.float32)})["y"], [[3, 3]])
+    assert (tmp_path / "models" / "counted" / "1" / "weights.bin").is_file()
+    artifact.runtime.close()
+    # A cached start: one load, no build, no validation.
+    cached = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu").ensure(spec)
+    assert not cached.built
+    assert counting.calls == {"build": 1, "load": 2, "close": 1, "validate": 1}
+    assert len(plugin_module.CONSTRUCTED) == 2
+    cached.runtime.close()
+
+
+def test_a_refused_build_closes_the_runtime_it_validated(tmp_path: Path) -> None:
+    class Refuser(CountingTargets):
+        @hookimpl
+        def validate_artifact(self, spec: Any, runtime: Any) -> dict[str, Any]:
+            self.calls["validate"] += 1
+            return {"problems": ["refused by the test"]}
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "counted.py").write_text(textwrap.dedent(COUNTED))
+    counting = Refuser()
+    host = PluginHost(plugins, entry_points=False, extra={"counting": counting})
+    builder = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu")
+    (spec,) = host.collect_models()
+    with pytest.raises(BuildError, match="refused by the test"):
+        builder.ensure(spec)
+    assert counting.calls == {"build": 1, "load": 1, "close": 1, "validate": 1}
+
+
+MISNAMED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Named(torch.nn.Module):
+    def forward(self, x):
+        return {"logits": x, "probs": x.softmax(1)}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="misnamed",
+        build=lambda: Named().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="torch",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+    register(ModelSpec(
+        name="mislabelled",
+        build=lambda: torch.nn.Identity(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        validation_data=lambda: ({"x": np.ones((5, 2), np.float32)}, np.zeros(3, np.int64)),
+        target="torch",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_mismatched_output_names_and_label_counts_name_both_sides(tmp_path: Path) -> None:
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "mismatched.py").write_text(textwrap.dedent(MISNAMED))
+    builder, specs = builder_for(plugins, tmp_path / "models")
+    by_name = {s.name: s for s in specs}
+    with pytest.raises(BuildError) as err:
+        builder.ensure(by_name["misnamed"])
+    message = str(err.value)
+    assert "model 'misnamed'" in message and "['logits', 'probs']" in message and "['y']" in message, message
+    with pytest.raises(BuildError) as err:
+        builder.ensure(by_name["mislabelled"])
+    message = str(err.value)
+    assert "model 'mislabelled'" in message and "3 labels" in message and "5 rows (x)" in message, message

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from hub.build.pipeline import Builder
-from hub.build.report import REPORT_KEYS, report_parameters
 from hub.errors import BuildError, SpecError
+from hub.pipeline.builder import Builder
+from hub.pipeline.report import REPORT_KEYS, report_parameters
 from hub.plugins.manager import PluginHost
 from hub.spec import Tolerance
 

@@ -4,14 +4,19 @@ zero failed requests, and failed reloads that leave the previous build serving."
 from __future__ import annotations
 
 import asyncio
+import json
 import textwrap
+import urllib.request
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+import tritonclient.http as th
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from .conftest import ROOT, RunningServer, link_plugins
@@ -114,8 +119,19 @@ def test_unload_then_load(scaler_server: tuple[RunningServer, Path]) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.infer("scaler", [one(1.0)])
     assert err.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in err.value.message()
+    # As in Triton's explicit mode, the index lists what could be loaded, with its state;
+    # `ready` asks for the ready models alone. The same over REST.
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
-    assert index["scaler"]["state"] == "UNAVAILABLE"
+    assert index["scaler"]["state"] == "UNAVAILABLE" and index["scaler"]["reason"] == "unloaded"
+    assert index["identity_fp32"]["state"] == "READY"
+    stub = service_pb2_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(server.url))
+    ready = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True), timeout=5).models
+    assert "scaler" not in {m.name for m in ready} and "identity_fp32" in {m.name for m in ready}
+    rest = {m["name"]: m for m in th.InferenceServerClient(server.http_url).get_model_repository_index()}
+    assert rest["scaler"] == {"name": "scaler", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+    request = urllib.request.Request(f"http://{server.http_url}/v2/repository/index", data=b'{"ready": true}')
+    ready_rest = json.loads(urllib.request.urlopen(request).read())
+    assert "scaler" not in {m["name"] for m in ready_rest} and "identity_fp32" in {m["name"] for m in ready_rest}
     client.load_model("scaler")
     assert client.is_model_ready("scaler")
     assert float(client.infer("scaler", [one(2.0)]).as_numpy("OUTPUT0")[0, 0]) == 4.0
@@ -160,9 +176,18 @@ def test_watch_loads_reloads_and_unloads_plugin_files(start_server: Any, tmp_pat
     (plugins / "scaler.py").write_text("def broken(:\n")  # a syntax error changes nothing else
     _until(lambda: "reload failed" in reasons(client))
     assert answer() == 6.0 and client.is_model_ready("identity_fp32")
-    (plugins / "scaler.py").unlink()  # removed
-    _until(lambda: not client.is_model_ready("scaler"))
-    assert client.is_model_ready("identity_fp32")
+    metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+    assert 'model="scaler"' in metrics
+    (plugins / "scaler.py").unlink()  # removed: gone from the index, the metrics and NOT_FOUND's list
+    _until(lambda: "scaler" not in {m["name"] for m in client.get_model_repository_index(as_json=True)["models"]})
+    assert not client.is_model_ready("scaler") and client.is_model_ready("identity_fp32")
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("scaler", [one(1.0)])
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    served = err.value.message().split("served models:")[1]
+    assert "identity_fp32" in served and "scaler" not in served
+    metrics = urllib.request.urlopen(server.metrics_url).read().decode()
+    assert 'model="scaler"' not in metrics and 'model="identity_fp32"' in metrics
 
 
 VERSIONED = """

@@ -23,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 
 from hub import hookimpl
 from hub.logs import JsonFormatter
+from hub.metrics import Metrics, NullMetrics, NullModelMetrics
 from hub.server import Server, ServerConfig
 
 from .conftest import ROOT, RunningServer, link_plugins
@@ -138,7 +139,7 @@ def test_dashboard_queries_only_metrics_that_exist(hub_server: RunningServer, di
 
 
 def test_each_server_owns_its_registry(hub_server: RunningServer) -> None:
-    assert hub_server.server is not None and hub_server.server.metrics is not None
+    assert hub_server.server is not None and isinstance(hub_server.server.metrics, Metrics)
     assert hub_server.server.metrics.registry is not prometheus_client.REGISTRY
     assert (
         prometheus_client.REGISTRY.get_sample_value("modelhub_inferences_total", {"model": "digits", "version": "1"})
@@ -148,9 +149,10 @@ def test_each_server_owns_its_registry(hub_server: RunningServer) -> None:
 
 def test_metrics_port_none_records_nothing(start_server: Any, tmp_path: Path) -> None:
     server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), metrics_port=None)
-    assert server.server.metrics is None and server.server.metrics_port is None
-    assert server.model("digits").metrics is None
+    assert isinstance(server.server.metrics, NullMetrics) and server.server.metrics_port is None
+    assert isinstance(server.model("digits").metrics, NullModelMetrics)
     infer_digits(tc.InferenceServerClient(server.url), np.zeros((1, 1, 8, 8), np.float32))
+    assert server.model("digits").stats.inference_count == 1  # statistics still count; only metrics are off
 
 
 def test_health_is_not_serving_while_a_model_loads(tmp_path: Path, model_repository: Path) -> None:

@@ -247,8 +247,8 @@ BAD_VALIDATORS = {
 
 @pytest.mark.parametrize("case", sorted(BAD_VALIDATORS))
 def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_path: Path, case: str) -> None:
-    from hub.build.pipeline import Builder
     from hub.errors import BuildError, PluginError
+    from hub.pipeline.builder import Builder
 
     write(plugins, "good", GOOD.format(name="validated"))
     path = write(
@@ -356,3 +356,71 @@ def test_plugins_command_table_and_json_say_the_same(plugins: Path) -> None:
         for note in record["errors"] + record["warnings"]:
             assert f"  {name}: {note}" in table
     assert "\nerrors:" in table and "\nwarnings:" in table
+
+
+OVERRIDES = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, Target, TensorSpec, hookimpl
+from hub.runtimes.torch import TorchRuntime
+
+class Shifted(TorchRuntime):
+    def run(self, inputs):
+        return {name: value + 1.0 for name, value in super().run(inputs).items()}
+
+@hookimpl
+def register_targets(register):
+    # Unmarked: called before the built-ins, which are trylast, so this "torch" replaces theirs.
+    register(Target(name="torch", build=lambda ctx: ctx.module(), platform="shifted_eager", check_parity=False,
+                    load=lambda ctx: Shifted(ctx.module(), ctx.spec, ctx.device)))
+    register(Target(name="plain", build=lambda ctx: None,
+                    load=lambda ctx: TorchRuntime(ctx.module(), ctx.spec, ctx.device)))
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="overridden",
+        build=lambda: torch.nn.Identity(),
+        inputs=[TensorSpec("x", "FP32", (-1, 2))],
+        outputs=[TensorSpec("y", "FP32", (-1, 2))],
+        example_inputs={"x": np.ones((2, 2), np.float32)},
+        target="plain",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_a_plugin_target_replaces_a_built_in_one_and_provides_the_parity_reference(
+    plugins: Path, tmp_path: Path
+) -> None:
+    from hub.errors import BuildError
+    from hub.pipeline.builder import Builder
+
+    write(plugins, "overrides", OVERRIDES)
+    host = PluginHost(plugins, entry_points=False)
+    targets = host.collect_targets()
+    assert targets["torch"].plugin == "overrides" and targets["torch"].platform == "shifted_eager"
+    assert targets["onnx"].plugin == "onnx"  # the other built-ins stay
+    builtin = host.records["torch"]
+    assert builtin.status == "loaded" and builtin.errors == [] and "torch" not in builtin.targets
+    assert "torch" in host.records["overrides"].targets
+    (spec,) = [s for s in host.collect_models() if s.name == "overridden"]
+    # The reference is the plugin's "torch" (eager + 1), so an exact artifact strays from it by 1.
+    with pytest.raises(BuildError, match="strays from eager"):
+        Builder(tmp_path / "models", targets, host, device="cpu").ensure(spec)
+    manifest = json.loads((tmp_path / "models" / "overridden" / "1" / "manifest.json").read_text())
+    assert manifest["validation"]["max_abs_err"] == pytest.approx(1.0)
+
+
+def test_two_plugins_registering_one_target_is_still_an_error(plugins: Path) -> None:
+    target = """
+        from hub import Target, hookimpl
+        @hookimpl
+        def register_targets(register):
+            register(Target(name="twice", build=lambda ctx: None, load=lambda ctx: None))
+    """
+    write(plugins, "first", target)
+    write(plugins, "second", target)
+    host = host_for(plugins)
+    (error,) = host.records["first"].errors  # called after "second": newest registration first
+    assert "target 'twice' is already registered by plugin \"second\"" in error

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from hub.config import DeploymentConfig
-from hub.core.models import ModelState, ServedModel
+from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.errors import HubError, ModelNotFound
 from hub.plugins.manager import PluginHost
@@ -108,9 +108,8 @@ class ModelController:
                         if model.ready:
                             self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
                     continue  # a broken file keeps the old build serving
-                if any(m.state is not ModelState.UNLOADED for m in current):
-                    async with self._lock:
-                        await self.repository.unload(name)
+                async with self._lock:  # its plugin is gone: so is the model, from every list
+                    await self.repository.remove(name)
                 continue
             fresh = by_name[name]
             if await asyncio.to_thread(self._up_to_date, current, fresh, targets):

@@ -16,7 +16,7 @@ from hub.core.batching import Batcher, Delivery
 from hub.core.stats import ModelStats
 from hub.datatypes import NUMPY_DTYPES, datatype_of
 from hub.errors import HubError, InvalidInput, ModelExecutionError, ModelUnavailable, name_list
-from hub.metrics import ModelMetrics
+from hub.metrics import ModelMetrics, NullModelMetrics
 from hub.spec import ModelSpec, Runtime, Target, TensorSpec
 
 log = logging.getLogger("modelhub.models")
@@ -39,7 +39,7 @@ class ServedModel:
     batcher: Batcher | None = None
     manifest: dict[str, Any] = field(default_factory=dict)
     stats: ModelStats = field(default_factory=ModelStats)
-    metrics: ModelMetrics | None = None
+    metrics: ModelMetrics | NullModelMetrics = field(default_factory=NullModelMetrics)
     load_seconds: float = 0.0
     device: str = ""  # where the runtime computes ("cpu", "cuda"), once loaded
 
@@ -48,7 +48,7 @@ class ServedModel:
         while the current version still serves)."""
         self.state = state
         self.reason = reason
-        if announce and self.metrics is not None:
+        if announce:
             self.metrics.state(state.value)
 
     @property
@@ -64,13 +64,11 @@ class ServedModel:
         return self.state is ModelState.READY
 
     def begin_request(self) -> None:
-        if self.metrics is not None:
-            self.metrics.in_flight.inc()
+        self.metrics.request_started()
 
     def abandon_request(self) -> None:
         """A request left this process unanswered (it is counted where it is answered)."""
-        if self.metrics is not None:
-            self.metrics.in_flight.dec()
+        self.metrics.request_abandoned()
 
     def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
         """Account one answered request: statistics (with its batch, from the batcher's
@@ -80,9 +78,7 @@ class ServedModel:
             self.stats.request_succeeded(ns, delivery.inferences, delivery.queue_ns, delivery.batch)
         else:
             self.stats.request_failed(ns)
-        if self.metrics is not None:
-            self.metrics.in_flight.dec()
-            self.metrics.request_done(code, seconds)
+        self.metrics.request_done(code, seconds)
 
     async def infer(
         self, inputs: Mapping[str, np.ndarray], *, timeout: float | None = None, request_id: str = ""

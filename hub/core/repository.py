@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import Callable
 
-from hub.build.pipeline import Builder
 from hub.core.batching import Batcher, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
 from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
-from hub.metrics import Metrics
+from hub.metrics import Metrics, NullMetrics
+from hub.pipeline.builder import Builder
 from hub.spec import ModelSpec
 
 log = logging.getLogger("modelhub.repository")
@@ -23,7 +23,12 @@ class ModelRepository:
     builds and loads run in a worker thread, one model at a time."""
 
     def __init__(
-        self, builder: Builder, metrics: Metrics | None, *, clock: Clock | None = None, inline_compute: float = 0.0
+        self,
+        builder: Builder,
+        metrics: Metrics | NullMetrics,
+        *,
+        clock: Clock | None = None,
+        inline_compute: float = 0.0,
     ) -> None:
         self.builder = builder
         self.metrics = metrics
@@ -85,8 +90,15 @@ class ModelRepository:
     # --- loading ----------------------------------------------------------------------------
 
     def _new(self, spec: ModelSpec, stats: ModelStats | None = None) -> ServedModel:
-        metrics = self.metrics.for_model(spec.name, spec.version) if self.metrics is not None else None
-        return ServedModel(spec=spec, metrics=metrics, stats=stats if stats is not None else ModelStats())
+        metrics = self.metrics.for_model(spec.name, spec.version)
+        # The target is known before the build, so the platform a model reports is the same
+        # whether it loads or fails.
+        return ServedModel(
+            spec=spec,
+            target=self.builder.targets.get(spec.target),
+            metrics=metrics,
+            stats=stats if stats is not None else ModelStats(),
+        )
 
     def add(self, spec: ModelSpec) -> ServedModel:
         model = self._new(spec)
@@ -132,8 +144,7 @@ class ModelRepository:
     def note_failed_reload(self, model: ServedModel, reason: str) -> None:
         """A replacement failed: the model keeps serving, and says why in RepositoryIndex and metrics."""
         model.reason = f"reload failed, still serving the previous build: {reason}"
-        if self.metrics is not None:
-            self.metrics.load_failures.labels(model.name, str(model.version)).inc()
+        model.metrics.load_failed()
         log.error("model '%s': %s", model.spec.key, model.reason)
 
     async def unload(self, name: str) -> None:
@@ -143,6 +154,23 @@ class ModelRepository:
             raise ModelNotFound(f"unknown model '{shorten(name)}'; served models: {name_list(self.names())}")
         for model in list(versions.values()):
             await self._retire(model, announce=True)
+
+    async def remove(self, name: str) -> None:
+        """Forget a model no plugin registers any more: it stops serving (queued requests
+        finish), and leaves the index, the metrics and the names NOT_FOUND lists. An unloaded
+        model, by contrast, stays listed (UNAVAILABLE, "unloaded"): it could be loaded again."""
+        versions = self._models.get(name)
+        if not versions:
+            return
+        for model in list(versions.values()):
+            if model.state is not ModelState.UNLOADED:
+                await self._retire(model, announce=True)
+        del self._models[name]
+        for model in versions.values():
+            self.metrics.forget(model.name, model.version)
+            for listener in self._listeners:
+                listener(model)
+        log.info("model '%s' removed: no plugin registers it", name)
 
     async def _retire(self, model: ServedModel, *, announce: bool = False) -> None:
         """Drain a model's batcher and free its runtime."""
@@ -186,9 +214,8 @@ class ModelRepository:
                 inline_below=self._inline_compute,
             )
             model.batcher.start()
-            if model.metrics is not None:
-                build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0
-                model.metrics.loaded(model.load_seconds, build)
+            build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0
+            model.metrics.loaded(model.load_seconds, build)
             self._set_state(model, ModelState.READY, announce=announce)
             log.info(
                 "model '%s' ready in %.2fs (target %s, %s, device %s)",

@@ -67,23 +67,26 @@ def validate_artifact(
 ) -> dict[str, Any] | None:
     """Check a freshly built artifact before it is served.
 
-    Called for every build, with the artifact already loaded. Every implementation runs; their
-    results are merged into the `validation` section of the artifact's manifest.json.
+    Called for every build, with the artifact already loaded (the same runtime then serves).
+    Every implementation runs, a plugin's before the built-in "validation" (which is trylast);
+    their results are merged into the `validation` section of the artifact's manifest.json.
 
     :param spec: the model being built.
     :param runtime: the loaded artifact.
     :param examples: the inputs to check on: the spec's `validation_data` inputs when it has
         some, else its example inputs; as the model takes them (after the spec's
         `preprocess`, when it has one).
-    :param reference: the eager model's outputs on `examples`, or None when the target is
-        not checked against eager.
+    :param reference: the eager model's outputs on `examples` (the target named "torch",
+        run on the CPU), or None when the target is not checked against eager.
+    :param labels: the labels of `examples` from `validation_data` (one per row: a build whose
+        labels and inputs differ in length fails first, naming both), or None.
     :param tolerance: the `hub.Tolerance` in force (the spec's for this target, else the
         target's default).
-    :param labels: the labels of `examples` from `validation_data`, or None.
     :returns: None to abstain, or a dict of figures to record (string keys). A list under the
         key "problems" (human-readable strings) refuses the artifact: the model is marked
         failed with those reasons and is not served. Raising, or returning anything else,
-        fails the build with a message naming this plugin, and no manifest is written.
+        fails the build with a message naming this plugin, and no manifest is written; a
+        BuildError that `runtime.run` raises (the artifact's own failure) passes through as it is.
     """
 
 

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import HubError, PluginError, SpecError
+from hub.errors import BuildError, HubError, PluginError, SpecError
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -34,8 +34,9 @@ ENTRY_POINT_GROUP = "modelhub"
 BUILTINS: dict[str, str] = {
     "torch": "hub.runtimes.torch",
     "onnx": "hub.runtimes.onnx",
-    "variants": "hub.runtimes.variants",
-    "validation": "hub.build.validation",
+    "torch-variants": "hub.runtimes.torch_variants",
+    "onnx-variants": "hub.runtimes.onnx_variants",
+    "validation": "hub.pipeline.validation",
 }
 
 
@@ -300,6 +301,10 @@ class PluginHost:
             others = [other.plugin for other in impls if other is not impl]
             yield self.records[impl.plugin_name], self.pm.subset_hook_caller(hook_name, others)
 
+    def is_builtin(self, record: PluginRecord) -> bool:
+        """One of modelhub's own plugins (BUILTINS), whose hooks are `trylast` defaults."""
+        return record.source == "builtin" and BUILTINS.get(record.name) == record.location
+
     def collect_targets(self) -> dict[str, Target]:
         self.load()
         for record in self.records.values():
@@ -311,6 +316,14 @@ class PluginHost:
                 if not isinstance(target, Target):
                     raise SpecError(f"register_targets: expected a hub.Target, got {target!r}")
                 if target.name in targets:
+                    if self.is_builtin(record):  # a plugin called before the built-in (trylast) replaces it
+                        log.info(
+                            'target "%s" of plugin "%s" replaces the built-in one of "%s"',
+                            target.name,
+                            targets[target.name].plugin,
+                            record.name,
+                        )
+                        return
                     raise SpecError(
                         f"target '{target.name}' is already registered by plugin \"{targets[target.name].plugin}\""
                     )
@@ -373,7 +386,8 @@ class PluginHost:
     ) -> list[dict[str, Any]]:
         """Every validator's figures, in hook order (None results left out).
 
-        Raises PluginError, naming the plugin and its file, when a validator raises or returns
+        A BuildError raised under a validator (the artifact's runtime failing) passes through as
+        it is. Raises PluginError, naming the plugin and its file, when a validator raises or returns
         something other than None or a dict whose "problems" (if present) is a list of strings:
         a validator that cannot give a verdict must fail the build, not pass the artifact.
         """
@@ -389,6 +403,8 @@ class PluginHost:
                     tolerance=tolerance,
                     labels=labels,
                 )
+            except BuildError:
+                raise  # the artifact failed under the validator (runtime.run raised): its own message says why
             except Exception as exc:
                 log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc

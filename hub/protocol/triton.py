@@ -13,12 +13,12 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
-from hub.build.report import report_parameters
 from hub.config import VersionPolicy
 from hub.core.dataplane import DataPlane
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import Duration
 from hub.datatypes import CONFIG_TYPE_NAMES
+from hub.pipeline.report import report_parameters
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import model_config_pb2 as mc
 from hub.spec import ModelSpec, TensorSpec
@@ -52,6 +52,7 @@ def model_inputs(spec: ModelSpec, inputs: dict[str, np.ndarray]) -> dict[str, np
 
 
 def platform(model: ServedModel) -> str:
+    """The target's platform, loaded or not; a target no plugin registers has only its name."""
     return model.target.platform if model.target is not None else model.spec.target
 
 
@@ -137,7 +138,7 @@ def model_config(plane: DataPlane, model: ServedModel) -> mc.ModelConfig:
 
 
 def manifest_parameters(model: ServedModel) -> dict[str, str]:
-    """The model's state and its whole build report (hub/build/report.py), flattened into
+    """The model's state and its whole build report (hub/pipeline/report.py), flattened into
     ModelConfig parameters so that any Triton client can read them."""
     out = {"state": model.state.value}
     if model.reason:

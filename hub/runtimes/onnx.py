@@ -12,7 +12,8 @@ import numpy as np
 
 from hub.errors import BuildError
 from hub.plugins.hookspecs import hookimpl
-from hub.spec import ArtifactContext, ModelSpec, Runtime, Target, Tolerance
+from hub.runtimes.tolerances import FP32
+from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
 log = logging.getLogger("modelhub.onnx")
 
@@ -24,7 +25,7 @@ def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
     """torch.onnx.export (the dynamo exporter) with every -1 dimension declared dynamic."""
     import torch
 
-    from hub.runtimes.torch import to_tensor
+    from hub.runtimes.tensors import to_tensor
 
     examples = spec.forward_examples()
     if spec.batching.batching:
@@ -108,7 +109,7 @@ def _load(ctx: ArtifactContext) -> Runtime:
     return OnnxRuntime(str(ctx.directory / FILENAME), ctx.spec, ctx.device, ctx.threads)
 
 
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(
@@ -117,7 +118,7 @@ def register_targets(register: Callable[[Target], None]) -> None:
             load=_load,
             description="torch.onnx export, ONNX Runtime with full graph optimisation",
             platform="onnxruntime_onnx",
-            tolerance=Tolerance(atol=1e-4, rtol=1e-3),
+            tolerance=FP32,
             artifact=FILENAME,
         )
     )

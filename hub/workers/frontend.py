@@ -24,6 +24,7 @@ from hub.core.models import ModelState, ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.errors import HubError, ModelUnavailable, error_for_code
+from hub.metrics import NullMetrics
 from hub.spec import ModelSpec, Target
 from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
 
@@ -213,7 +214,7 @@ class RemoteRepository(ModelRepository):
         socket_path: Path,
         specs: Callable[[], tuple[dict[str, Target], list[ModelSpec]]],
     ) -> None:
-        super().__init__(cast(Any, None), None)
+        super().__init__(cast(Any, None), NullMetrics())  # the model process keeps the metrics
         self._collect = specs
         self._targets, self._specs = specs()
         self.client = EngineClient(socket_path, self._state)

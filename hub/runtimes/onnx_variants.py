@@ -1,24 +1,20 @@
-"""Built-in plugin "variants": the optimised torch and ONNX targets.
+"""Built-in plugin "onnx-variants": the ONNX targets beyond plain fp32 ("onnx" is hub/runtimes/onnx.py).
 
 | target | what it is |
 | --- | --- |
 | onnx-int8 | the ONNX export, static int8 by ONNX Runtime (QDQ, per-channel weights, Conv included), |
 | | activation scales fixed by calibration on the spec's calibration inputs |
 | onnx-int8-dynamic | the ONNX export, dynamic int8 (MatMul/Gemm, per channel): activation scales per batch |
-| torch-compile | torch.compile (Inductor), cache in models/<name>/<version>/inductor; CUDA graphs per bucket |
-| torch-int8 | torchao's int8 dynamic-activation/int8-weight quantisation (torch's own quantize_dynamic is deprecated) |
-| torch-fp16, torch-bf16 | half-precision eager on CUDA; the served tensors stay FP32 |
 | onnx-fp16, onnx-bf16 | fp16/bf16 ONNX export served by onnxruntime-gpu's CUDA provider; the served tensors stay FP32 |
 
-Every one is validated against eager like any other target; each has a default tolerance that
-a spec can tighten or loosen.
+Every one is validated against eager like any other target; each has a default tolerance
+(hub/runtimes/tolerances.py) that a spec can tighten or loosen.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-import os
 import shutil
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,16 +22,17 @@ from typing import Any
 
 import numpy as np
 
-from hub.errors import BuildError
+from hub.errors import BuildError, TargetUnavailable
 from hub.plugins.hookspecs import hookimpl
 from hub.runtimes.onnx import FILENAME, OnnxRuntime, export_onnx
-from hub.spec import ArtifactContext, ModelSpec, Runtime, Target, Tolerance
+from hub.runtimes.tensors import HALF_DTYPES
+from hub.runtimes.tolerances import HALF, QUANTISED
+from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
 log = logging.getLogger("modelhub.variants")
 
 INT8_FILENAME = "model.int8.onnx"
 INT8_DYNAMIC_FILENAME = "model.int8-dynamic.onnx"
-INDUCTOR_DIR = "inductor"
 
 
 # --- onnx-int8 --------------------------------------------------------------------------------
@@ -97,7 +94,7 @@ class _CalibrationReader:
     alone; the histogram methods stack what they observe, so their rows keep one shape."""
 
     def __init__(self, spec: ModelSpec) -> None:
-        from hub.build.invariance import rows_of
+        from hub.pipeline.invariance import rows_of
 
         _, inputs = spec.calibration()
         forward = spec.to_forward(inputs)
@@ -180,7 +177,6 @@ def _load_onnx_int8_dynamic(ctx: ArtifactContext) -> Runtime:
 # and does not do bf16 at all.
 
 #: The half-precision targets' suffixes, as torch dtype names.
-HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
 HALF_ONNX_FILENAMES = {"fp16": "model.fp16.onnx", "bf16": "model.bf16.onnx"}
 #: ONNX types Conv, MaxPool, AveragePool... for bfloat16 only from opset 22; the exporter writes
 #: opset 18 (torchlib's), so a bf16 graph is converted up the way torch.onnx does it itself.
@@ -252,13 +248,13 @@ def _needs_cuda_onnxruntime(ctx: ArtifactContext, target: str) -> None:
 
     where = f"model '{ctx.spec.name}': target '{target}'"
     if ctx.device != "cuda":
-        raise BuildError(
+        raise TargetUnavailable(
             f"{where} needs a CUDA device and onnxruntime-gpu; this server runs on {ctx.device} "
             f"(use onnx or onnx-int8 there)"
         )
     available = ort.get_available_providers()
     if "CUDAExecutionProvider" not in available:
-        raise BuildError(
+        raise TargetUnavailable(
             f"{where} needs onnxruntime-gpu with CUDAExecutionProvider; this onnxruntime "
             f"{ort.__version__} offers {available} (install onnxruntime-gpu in place of onnxruntime)"
         )
@@ -298,179 +294,7 @@ def _load_onnx_half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
     return load
 
 
-# --- torch variants ----------------------------------------------------------------------------
-
-
-def _warm_batches(spec: ModelSpec, cuda_graphs: bool = False) -> list[int]:
-    """Batch sizes worth compiling before the model reports ready: 1, 2 and 16 cover Inductor's
-    dynamic-shape guards on CPU (STACK-NOTES); preferred sizes and the maximum are what the
-    batcher will send.
-
-    With CUDA graphs they are the buckets every batch is padded up to, one graph each: powers of
-    two from 2 (padding at most doubles a batch), the preferred sizes and the maximum. No bucket
-    of 1: torch always specialises a dim of size 1, so it would cost a second Inductor compile;
-    a batch of 1 runs padded to 2."""
-    policy = spec.batching
-    if not policy.batching:
-        return [0]
-    if cuda_graphs and policy.max_batch_size > 1:
-        powers = (2**i for i in range(1, policy.max_batch_size.bit_length()))
-        return sorted({*powers, *policy.preferred_batch_sizes, policy.max_batch_size} - {1})
-    sizes = {1, 2, 16, *policy.preferred_batch_sizes, policy.max_batch_size}
-    return sorted(s for s in sizes if s <= policy.max_batch_size)
-
-
-def _tile(examples: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
-    if rows == 0:
-        return dict(examples)
-    return {k: np.resize(v, (rows, *v.shape[1:])) for k, v in examples.items()}
-
-
-class CudaGraphRuntime:
-    """A compiled module replayed from CUDA graphs captured explicitly, one per batch bucket.
-
-    Each batch is copied into its bucket's static input tensors (rows past the batch keep
-    whatever the last batch left there: valid numbers, whose outputs are sliced off) and the
-    graph is replayed. Explicit capture rather than mode="reduce-overhead": cudagraph trees keep
-    their state per thread and asserted when the worker thread that serves was not the thread
-    that compiled (seen on an H200, torch 2.11); a torch.cuda.CUDAGraph replays from any thread,
-    and every bucket is captured at load, so no request pays for a capture.
-    """
-
-    def __init__(self, module: Any, spec: ModelSpec, buckets: list[int], examples: Mapping[str, np.ndarray]) -> None:
-        import threading
-
-        import torch
-
-        from hub.runtimes.torch import _as_outputs, to_tensor
-
-        self.device = "cuda"
-        self.buckets = buckets
-        self._inputs = [t.name for t in spec.forward_inputs]
-        self._lock = threading.Lock()
-        self._graphs: dict[int, tuple[Any, list[Any], dict[str, Any]]] = {}
-        self._pool = torch.cuda.graph_pool_handle()  # buckets share one memory pool
-        side = torch.cuda.Stream()
-        with torch.inference_mode():
-            for bucket in sorted(buckets, reverse=True):  # largest first: the pool is sized once
-                static = [to_tensor(_tile(examples, bucket)[name], "cuda").clone() for name in self._inputs]
-                for tensor in static:
-                    torch._dynamo.maybe_mark_dynamic(tensor, 0)  # one Inductor compile for all buckets
-                side.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(side):
-                    for _ in range(2):  # compile and warm up outside the capture
-                        module(*static)
-                torch.cuda.current_stream().wait_stream(side)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self._pool):
-                    outputs = _as_outputs(module(*static), [t.name for t in spec.outputs])
-                self._graphs[bucket] = (graph, static, outputs)
-        torch.cuda.synchronize()
-
-    def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import torch
-
-        from hub.runtimes.torch import to_tensor  # copies read-only request buffers
-
-        rows = len(next(iter(inputs.values())))
-        bucket = next((b for b in self.buckets if b >= rows), None)
-        if bucket is None:
-            raise BuildError(f"batch of {rows} rows is larger than the largest CUDA graph bucket {self.buckets[-1]}")
-        graph, static, outputs = self._graphs[bucket]
-        with self._lock, torch.inference_mode():  # one replay at a time: the buffers are shared
-            for name, tensor in zip(self._inputs, static, strict=True):
-                tensor[:rows].copy_(to_tensor(inputs[name], "cpu"))
-            graph.replay()
-            return {name: value[:rows].float().cpu().numpy() for name, value in outputs.items()}
-
-    def close(self) -> None:
-        self._graphs.clear()
-
-
-def _load_compiled(ctx: ArtifactContext) -> Runtime:
-    import torch
-
-    from hub.runtimes.torch import TorchRuntime
-
-    cache = ctx.directory / INDUCTOR_DIR
-    cache.mkdir(parents=True, exist_ok=True)
-    # Inductor reads these when it compiles; loads run one at a time, so setting them here is safe.
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
-    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, ctx.threads)))
-    cuda_graphs = ctx.device == "cuda" and bool(ctx.spec.options.get("cuda_graphs", True))
-    mode = str(ctx.spec.options.get("compile_mode", "default"))
-    module = ctx.module()
-    if isinstance(module, torch.nn.Module):
-        module = module.to(ctx.device).eval()
-    batches = _warm_batches(ctx.spec, cuda_graphs)
-    examples = ctx.spec.forward_examples()
-    if cuda_graphs and ctx.spec.batching.batching:
-        # One Inductor compile for every bucket (the batch dim is marked dynamic, the others stay
-        # static; a static compile ran Inductor once per bucket: minutes for ResNet-50), then one
-        # CUDA graph captured per bucket. "reduce-overhead" is Inductor's own CUDA graphs, which
-        # cannot nest inside an explicit capture: the capture here takes its place.
-        if mode == "reduce-overhead":
-            mode = "default"
-        compiled = torch.compile(module, mode=mode, dynamic=None)
-        runtime: Runtime = CudaGraphRuntime(compiled, ctx.spec, batches, examples)
-    else:  # no CUDA graphs (CPU): dynamic=True, one compile serves every batch size
-        runtime = TorchRuntime(torch.compile(module, mode=mode, dynamic=not cuda_graphs), ctx.spec, ctx.device)
-        for rows in batches:  # compile now, so that no client request pays for it
-            runtime.run(_tile(examples, rows))
-    log.info("model '%s': torch.compile(mode=%s) warmed up at batch sizes %s", ctx.spec.key, mode, batches)
-    return runtime
-
-
-def _build_compiled(ctx: ArtifactContext) -> None:
-    _load_compiled(ctx).close()  # compiling once fills the Inductor cache under the artifact
-
-
-def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
-    def load(ctx: ArtifactContext) -> Runtime:
-        import torch
-
-        if ctx.device != "cuda":
-            raise BuildError(
-                f"model '{ctx.spec.name}': target 'torch-{dtype_name}' needs a CUDA device; this server runs on "
-                f"{ctx.device} (use torch, onnx or onnx-int8 there)"
-            )
-        from hub.runtimes.torch import TorchRuntime
-
-        dtype = getattr(torch, HALF_DTYPES[dtype_name])
-        # .to(dtype) works in place: convert a copy, the eager module stays the reference.
-        module = copy.deepcopy(ctx.module()).to(device=ctx.device, dtype=dtype).eval()
-        return TorchRuntime(module, ctx.spec, ctx.device, move=False, compute_dtype=dtype)
-
-    return load
-
-
-def _build_torch_int8(ctx: ArtifactContext) -> None:
-    _load_torch_int8(ctx).close()
-
-
-def _load_torch_int8(ctx: ArtifactContext) -> Runtime:
-    try:
-        from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
-    except ImportError:
-        raise BuildError(
-            f"model '{ctx.spec.name}': target 'torch-int8' needs torchao (pip install 'modelhub[torchao]')"
-        ) from None
-    from hub.runtimes.torch import TorchRuntime
-
-    module = copy.deepcopy(ctx.module()).to(ctx.device).eval()  # quantize_ works in place
-    quantize_(module, Int8DynamicActivationInt8WeightConfig())
-    return TorchRuntime(module, ctx.spec, ctx.device, move=False)  # quantised tensors do not support .to()
-
-
-def _nothing(ctx: ArtifactContext) -> None:
-    ctx.module()
-
-
-QUANTISED = Tolerance(atol=0.05, rtol=0.1, min_top1=0.95, max_accuracy_drop=0.01)
-HALF = Tolerance(atol=1e-2, rtol=2e-2, min_top1=0.99, max_accuracy_drop=0.01)
-
-
-@hookimpl
+@hookimpl(trylast=True)  # a default: a plugin's target of the same name is called first and wins
 def register_targets(register: Callable[[Target], None]) -> None:
     register(
         Target(
@@ -495,38 +319,7 @@ def register_targets(register: Callable[[Target], None]) -> None:
             artifact=INT8_DYNAMIC_FILENAME,
         )
     )
-    register(
-        Target(
-            "torch-compile",
-            _build_compiled,
-            _load_compiled,
-            "torch.compile (Inductor), cached",
-            platform="pytorch_libtorch",
-            tolerance=Tolerance(atol=1e-4, rtol=1e-3),
-            artifact=INDUCTOR_DIR,
-        )
-    )
-    register(
-        Target(
-            "torch-int8",
-            _build_torch_int8,
-            _load_torch_int8,
-            "torchao int8 dynamic quantisation",
-            platform="pytorch_libtorch",
-            tolerance=QUANTISED,
-        )
-    )
     for dtype in ("fp16", "bf16"):
-        register(
-            Target(
-                f"torch-{dtype}",
-                _nothing,
-                _half(dtype),
-                f"eager {dtype} on CUDA",
-                platform="pytorch_libtorch",
-                tolerance=HALF,
-            )
-        )
         register(
             Target(
                 f"onnx-{dtype}",

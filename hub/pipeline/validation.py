@@ -7,13 +7,13 @@ from typing import Any
 
 import numpy as np
 
-from hub.build.invariance import check_batch_invariance
 from hub.datatypes import datatype_of
+from hub.pipeline.invariance import check_batch_invariance
 from hub.plugins.hookspecs import hookimpl
 from hub.spec import ModelSpec, Runtime, Tolerance
 
 
-@hookimpl
+@hookimpl(trylast=True)  # built-in checks run after a plugin's validators
 def validate_artifact(
     spec: ModelSpec,
     runtime: Runtime,
@@ -24,12 +24,17 @@ def validate_artifact(
 ) -> dict[str, Any]:
     """The outputs honour the spec's contract, stay within tolerance of eager, (with labels)
     score an accuracy no further below eager's than the tolerance allows, and each row's
-    answer does not depend on its batch-mates (hub/build/invariance.py)."""
+    answer does not depend on its batch-mates (hub/pipeline/invariance.py)."""
     outputs = run_chunked(runtime, spec, examples)
     problems: list[str] = []
+    declared = [t.name for t in spec.outputs]
+    missing = [name for name in declared if name not in outputs]
+    if missing:
+        problems.append(
+            f"the artifact returns outputs {sorted(outputs)}, the spec declares {declared} (missing {missing})"
+        )
     for tensor in spec.outputs:
         if tensor.name not in outputs:
-            problems.append(f"output '{tensor.name}' is missing from the artifact's outputs")
             continue
         got = outputs[tensor.name]
         if datatype_of(got) != tensor.datatype:

@@ -1,4 +1,7 @@
-"""The `modelhub` command line: serve, plugins, models, infer, health.
+"""The `modelhub` command line: serve, plugins, models, infer, health, build, top.
+
+This package is the CLI; `hub.cli.build` renders `modelhub build`. `python -m hub.cli` runs it
+(`__main__.py`), as the `modelhub` entry point (`hub.cli:main`) does.
 
 Every server flag also reads an environment variable (MODELHUB_<FLAG>), so containers are
 configured without rewriting the command.
@@ -502,22 +505,9 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def _parity(validation: dict[str, Any]) -> str:
-    """The artifact's headline figures against eager: worst cosine, top-1 agreement, accuracy."""
-    parts = []
-    for name, figures in validation.get("outputs", {}).items():
-        if "min_cosine" in figures:
-            parts.append(f"{name} cos>={figures['min_cosine']:.4f}")
-        elif "top1_agreement" in figures:
-            parts.append(f"{name} top1 {figures['top1_agreement']:.3f}")
-    if "accuracy" in validation:
-        parts.append(f"acc {validation['accuracy']:.3f} (eager {validation['eager_accuracy']:.3f})")
-    return ", ".join(parts)
-
-
 def cmd_models_url(args: argparse.Namespace) -> int:
     """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
-    from hub.build.report import server_reports
+    from hub.pipeline.report import server_reports
 
     try:
         entries = server_reports(args.url)
@@ -543,8 +533,8 @@ def cmd_models_url(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from hub.build.pipeline import Builder
-    from hub.build.report import report_parameters, summary
+    from hub.pipeline.builder import Builder
+    from hub.pipeline.report import report_parameters, summary
 
     if args.url:
         return cmd_models_url(args)
@@ -569,9 +559,8 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "target": spec.target,
                 "max_batch_size": spec.batching.max_batch_size,
                 "artifact": state,
-                "max_abs_err": validation.get("max_abs_err"),
-                "max_rel_err": validation.get("max_rel_err"),
-                "parity": _parity(validation),
+                # One account of the build: the figures (report_parameters, as a server's
+                # ModelConfig parameters carry them) and their one-line summary.
                 "report": summary(report_parameters(manifest)) if manifest else "",
                 "report_parameters": report_parameters(manifest),
                 "problems": validation.get("problems", []),
@@ -583,9 +572,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(json.dumps(entries, indent=2))
         return 0
 
-    def fmt(value: Any) -> str:
-        return "-" if value is None else f"{value:.2g}"
-
     rows = [
         [
             e["model"],
@@ -594,9 +580,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             e["target"],
             str(e["max_batch_size"]),
             e["artifact"],
-            fmt(e["max_abs_err"]),
-            fmt(e["max_rel_err"]),
-            e["report"] or "-",
+            ("refused: " + "; ".join(e["problems"]) + " | " if e["problems"] else "") + (e["report"] or "-"),
             "; ".join(e["inputs"]),
             "; ".join(e["outputs"]),
         ]
@@ -612,8 +596,6 @@ def cmd_models(args: argparse.Namespace) -> int:
                 "target",
                 "max_batch",
                 "artifact",
-                "abs_err",
-                "rel_err",
                 "report",
                 "inputs",
                 "outputs",
@@ -725,12 +707,13 @@ def cmd_build(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from hub.build.command import build_all, compare_specs, render
+    from hub import process
+    from hub.cli.build import build_all, compare_specs, render
     from hub.errors import HubError
-    from hub.server import default_threads, resolve_device, set_torch_threads
+    from hub.server import default_threads, resolve_device
 
     threads = args.threads or default_threads()
-    set_torch_threads(threads)
+    process.configure(threads, args.model_repository)
     host = _host(args)
     try:
         specs = _deployment(args).apply(host.collect_models())
@@ -755,7 +738,16 @@ def cmd_build(args: argparse.Namespace) -> int:
             specs = [s for s in specs if s.name in args.models]
         if args.target:
             specs = [dataclasses.replace(s, target=args.target) for s in specs]
-    results = build_all(host, specs, repository, device, threads, force=args.force, measure=not args.no_measure)
+    results = build_all(
+        host,
+        specs,
+        repository,
+        device,
+        threads,
+        force=args.force,
+        measure=not args.no_measure,
+        skip_unavailable=bool(args.compare),
+    )
     if args.json:
         print(json.dumps(results, indent=2, default=str))
     else:
@@ -763,6 +755,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     failed = [r for r in results if r["status"] == "failed"]
     for r in failed:
         print(f"\n{r['model']} [{r['target']}]: {r['problem']}", file=sys.stderr)
+    for r in results:
+        if r["status"] == "skipped":
+            print(f"\n{r['model']} [{r['target']}] skipped: {r['reason']}", file=sys.stderr)
     if args.compare:
         return 0  # a comparison reports failures in the table; it is not a build gate
     return 1 if failed else 0
@@ -779,7 +774,3 @@ def cmd_top(args: argparse.Namespace) -> int:
         # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
         print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
         return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

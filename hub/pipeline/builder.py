@@ -3,6 +3,7 @@ and record the result in manifest.json."""
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib.metadata
 import json
@@ -28,6 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelhub.build")
 
+#: The target every other one is checked against: eager, on the CPU, in the spec's datatypes.
+REFERENCE_TARGET = "torch"
 MANIFEST = "manifest.json"
 MANIFEST_FORMAT = 1
 _VERSIONED = ("torch", "onnx", "onnxruntime", "numpy", "modelhub")
@@ -166,22 +169,24 @@ class Builder:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
         started = time.perf_counter()
+        runtime: Runtime | None = None
         try:
             ctx = self._context(spec, staging)
             stage(f"build {target.name}")
             target.build(ctx)
             build_seconds = time.perf_counter() - started
-            stage("validate")
+            # Loaded once: the runtime validation checks is the runtime that serves (a second
+            # load would compile or quantise again, and would not be the one checked).
+            stage("load")
             runtime = target.load(ctx)
-            try:
-                validation = self._validate(spec, target, ctx, runtime)
-            finally:
+            stage("validate")
+            validation = self._validate(spec, target, ctx, runtime)
+        except BaseException as exc:
+            if runtime is not None:
                 runtime.close()
-        except BuildError:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        except Exception as exc:
-            shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, BuildError) or not isinstance(exc, Exception):
+                raise
             log.exception("model '%s': building target '%s' failed", spec.key, target.name)
             raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}") from exc
         manifest = {
@@ -203,8 +208,12 @@ class Builder:
         }
         if "calibration" in parts:
             manifest["calibration"] = parts["calibration"]
-        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(staging, final)
+        try:
+            (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            _replace_dir(staging, final)
+        except BaseException:
+            runtime.close()
+            raise
         log.info(
             "model '%s': built target '%s' in %.2fs (%s)",
             spec.key,
@@ -213,23 +222,24 @@ class Builder:
             manifest["status"],
         )
         if manifest["status"] != "ok":
+            runtime.close()
             raise BuildError(_refusal(spec, manifest))
-        stage("load")
-        runtime = target.load(self._context(spec, final))
         return Artifact(runtime, manifest, built=True)
 
     def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
         labels = None
         if spec.validation_data is not None:
             examples, labels = spec.validation_data()
+            rows = {name: len(value) for name, value in examples.items()}
+            if labels is not None and any(n != len(labels) for n in rows.values()):
+                raise BuildError(
+                    f"model '{spec.name}': validation_data returned {len(labels)} labels for inputs of "
+                    f"{', '.join(f'{n} rows ({name})' for name, n in rows.items())}; give one label per input row"
+                )
         else:
             examples = spec.examples()
         examples = spec.to_forward(examples)
-        reference = None
-        if target.check_parity:
-            from hub.runtimes.torch import eager_outputs
-
-            reference = eager_outputs(ctx.module(), spec, examples)
+        reference = self.reference_outputs(spec, ctx, examples) if target.check_parity else None
         tolerance = spec.tolerance_for(target)
         merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}
         for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance, labels):
@@ -239,6 +249,27 @@ class Builder:
                 else:
                     merged[name] = value
         return merged
+
+    def reference_outputs(
+        self, spec: ModelSpec, ctx: ArtifactContext, examples: Mapping[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """What an artifact is checked against: the target named REFERENCE_TARGET (the built-in
+        eager "torch", or a plugin's that replaces it), loaded on the CPU over a copy of the eager
+        module, so the module a target serves is never moved or changed."""
+        reference = self.targets.get(REFERENCE_TARGET)
+        if reference is None:
+            raise BuildError(
+                f"model '{spec.name}': no target '{REFERENCE_TARGET}' is registered to check target "
+                f"'{spec.target}' against; registered targets: {', '.join(sorted(self.targets))}"
+            )
+        copied = ArtifactContext(
+            spec=spec, directory=ctx.directory, device="cpu", threads=self.threads, _module=copy.deepcopy(ctx.module())
+        )
+        runtime = reference.load(copied)
+        try:
+            return runtime.run(examples)
+        finally:
+            runtime.close()
 
 
 def _refusal(spec: ModelSpec, manifest: dict[str, Any]) -> str:

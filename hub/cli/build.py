@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from hub.build.pipeline import Builder
-from hub.errors import HubError
+from hub.errors import HubError, TargetUnavailable
+from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
 from hub.spec import ModelSpec
 
@@ -49,7 +49,11 @@ def build_all(
     *,
     force: bool = False,
     measure: bool = True,
+    skip_unavailable: bool = False,
 ) -> list[dict[str, Any]]:
+    """Build (and measure) each spec; one result row each. With `skip_unavailable` (for
+    `--compare`), a target that cannot build here (TargetUnavailable: no CUDA device, an extra
+    not installed) is "skipped" with the reason, not "failed"."""
     from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -71,6 +75,15 @@ def build_all(
 
             try:
                 artifact = builder.ensure(spec, force=force, on_stage=stage)
+            except TargetUnavailable as exc:
+                if not skip_unavailable:
+                    row.update(status="failed", problem=str(exc))
+                    progress.update(task, description=f"{label}: failed")
+                else:
+                    row.update(status="skipped", reason=str(exc))
+                    progress.update(task, description=f"{label}: skipped")
+                results.append(row)
+                continue
             except HubError as exc:
                 row.update(status="failed", problem=str(exc))
                 refused = builder.read_manifest(spec)  # a refusal after validation keeps its figures
@@ -164,12 +177,13 @@ def render(results: list[dict[str, Any]]) -> Any:
 
     for r in results:
         accuracy = "-" if r.get("accuracy") is None else f"{r['accuracy']:.4f} ({r['eager_accuracy']:.4f})"
-        failed = r["status"] == "failed"
+        built = r["status"] not in ("failed", "skipped")
+        status = {"failed": "[red]failed[/red]", "skipped": "[yellow]skipped[/yellow]"}.get(r["status"], r["status"])
         table.add_row(
             f"{r['model']}/{r['version']}",
             r["target"],
-            "[red]failed[/red]" if failed else r["status"],
-            "-" if failed else f"{r['size'] / 1024:.0f} KiB",
+            status,
+            f"{r['size'] / 1024:.0f} KiB" if built else "-",
             num(r.get("build_seconds"), ".1f"),
             num(r.get("max_abs_err"), ".2g"),
             num(r.get("max_rel_err"), ".2g"),

@@ -1,0 +1,70 @@
+"""numpy <-> torch conversions and batch helpers that the built-in runtimes share (and a plugin's may use)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import torch
+
+from hub.errors import BuildError
+
+#: The half-precision targets' suffixes, as torch dtype names.
+HALF_DTYPES = {"fp16": "float16", "bf16": "bfloat16"}
+
+
+def to_tensor(array: np.ndarray, device: str) -> torch.Tensor:
+    """numpy -> torch without a Python-level copy where torch can share the buffer. A tensor
+    already on the device (an input in CUDA shared memory) is used as it is."""
+    if isinstance(array, torch.Tensor):
+        return array.to(device, non_blocking=True)
+    if array.dtype == np.object_:
+        raise BuildError("BYTES tensors cannot be passed to a torch module; preprocess them first")
+    if not array.flags.writeable:  # frombuffer views of request bytes: torch wants writable memory
+        array = array.copy()
+    if array.dtype == ml_dtypes.bfloat16:
+        tensor = torch.from_numpy(array.view(np.uint16)).view(torch.bfloat16)
+    else:
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+    return tensor.to(device, non_blocking=True) if device != "cpu" else tensor
+
+
+def to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    """torch -> numpy on the CPU, keeping the dtype (bfloat16 as ml_dtypes.bfloat16)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.uint16).numpy().view(ml_dtypes.bfloat16)
+    return tensor.numpy()
+
+
+def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, torch.Tensor]:
+    """A module's result (one tensor, a tuple or a mapping) as {output name: tensor}, in the
+    spec's order. BuildError, naming what the module returned and what the spec declares, when
+    they do not match (`model` names the model in the message)."""
+    where = f"model '{model}'" if model else "model"
+    if isinstance(result, torch.Tensor):
+        result = (result,)
+    if isinstance(result, Mapping):
+        missing = [name for name in names if name not in result]
+        if missing:
+            raise BuildError(
+                f"{where}: forward returned outputs {sorted(map(str, result))}, the spec declares {list(names)} "
+                f"(missing {missing}); rename the returned keys or the spec's outputs to match"
+            )
+        return {name: result[name] for name in names}
+    if len(result) != len(names):
+        raise BuildError(
+            f"{where}: forward returned {len(result)} outputs, the spec declares {len(names)}: {list(names)}"
+        )
+    return dict(zip(names, result, strict=True))
+
+
+def tile(examples: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+    """The examples repeated (or cut) to `rows` rows along the batch dimension; 0 leaves them as they are."""
+    if rows == 0:
+        return dict(examples)
+    return {k: np.resize(v, (rows, *v.shape[1:])) for k, v in examples.items()}
