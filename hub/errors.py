@@ -30,6 +30,15 @@ class ModelUnavailable(HubError):
     code = "UNAVAILABLE"
 
 
+class ShuttingDown(HubError):
+    """The server is draining (SIGTERM): it answers what it accepted and takes nothing new."""
+
+    code = "UNAVAILABLE"
+
+    def __init__(self, message: str = "the server is shutting down and takes no new requests") -> None:
+        super().__init__(message)
+
+
 class InvalidInput(HubError):
     """The request does not match the model's contract; the message names the field."""
 

@@ -359,13 +359,15 @@ class Server:
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
-        if self._servicer is not None:
+        if self.plane is not None:
             # Answer every inference request accepted so far, and refuse later ones at once
-            # (UNAVAILABLE) while the listener is still up, rather than leave them to grpc's
-            # shutdown, which cancels the ones it has not handed to a handler yet.
-            self._servicer.refuse_new()
+            # (UNAVAILABLE, 503) while the listeners are still up, rather than leave them to
+            # grpc's shutdown, which cancels the ones it has not handed to a handler yet.
+            self.plane.refuse_new()
+            if self._servicer is not None:
+                self._servicer.refuse_new()  # and streams stop reading
             started = time.monotonic()
-            if not await self._servicer.drained(grace):
+            if not await self.plane.drained(grace):
                 log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
             grace = max(0.0, grace - (time.monotonic() - started))
         # gRPC and REST drain together, each within `grace`.

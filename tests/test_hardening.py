@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import logging
 import os
 import struct
 import time
 import tracemalloc
 import types
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -347,7 +350,7 @@ def test_stream_backpressure_holds_back_a_client_that_does_not_read(limited: Run
     """stream_in_flight=4: a client writing 300 requests of 64 KB without reading is held back
     (its writes block), the server computes at most 4 at a time, and every answer comes once
     the client reads."""
-    servicer = limited.server._servicer  # type: ignore[union-attr]
+    plane = limited.server.plane  # type: ignore[union-attr]
     count, width = 300, 16384  # 64 KB requests (the limit is 16384 elements)
 
     async def scenario() -> tuple[int, int, list[str]]:
@@ -366,7 +369,7 @@ def test_stream_backpressure_holds_back_a_client_that_does_not_read(limited: Run
         writer = asyncio.ensure_future(write())
         for _ in range(20):
             await asyncio.sleep(0.05)
-            peak = max(peak, servicer._in_flight)
+            peak = max(peak, plane._in_flight)
         held_at = written
         ids = []
         async for raw in call:
@@ -390,11 +393,12 @@ def test_stream_backpressure_holds_back_a_client_that_does_not_read(limited: Run
 
 def test_stop_answers_accepted_requests_and_refuses_later_ones_at_once(start_server: Any, tmp_path: Path) -> None:
     """What SIGTERM runs (Server.stop): every request the server had accepted is answered, and
-    one sent after is refused UNAVAILABLE at once, not cancelled or left to hang.
+    one sent after is refused at once, not cancelled or left to hang: UNAVAILABLE over gRPC,
+    503 over REST (the data plane drains, whichever frontend a request came by).
     (tests/test_cli.py sends the real signal to `modelhub serve`.)"""
     folder = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "behaviour.py", TEST_PLUGINS / "identity.py")
     server = start_server(folder, shutdown_grace=20)
-    servicer = server.server._servicer
+    plane = server.server.plane
     request = _raw("sleepy", [("INPUT0", "FP32", [1, 1], np.float32(3).tobytes())]).SerializeToString()
 
     async def scenario() -> tuple[list[Any], tuple[str, float]]:
@@ -409,22 +413,33 @@ def test_stop_answers_accepted_requests_and_refuses_later_ones_at_once(start_ser
             return str(tc.InferResult(service_pb2.ModelInferResponse.FromString(raw)).as_numpy("OUTPUT0")[0, 0])
 
         accepted = [asyncio.ensure_future(call()) for _ in range(5)]  # 50 ms each, one at a time
-        while servicer._in_flight < 5:
+        while plane._in_flight < 5:
             await asyncio.sleep(0.001)
         stopping = asyncio.wrap_future(asyncio.run_coroutine_threadsafe(server.server.stop(), server.loop))
-        while not servicer._draining:
+        while not plane.draining:
             await asyncio.sleep(0.001)
         started = time.monotonic()
         late = await call()
         late_seconds = time.monotonic() - started
+        rest = await asyncio.to_thread(rest_call)
         results = await asyncio.gather(*accepted)
         await stopping
         await channel.close()
-        return results, (late, late_seconds)
+        return results, (late, late_seconds), rest
 
-    results, (late, seconds) = asyncio.run(scenario())
+    def rest_call() -> tuple[int, str, float]:
+        body = json.dumps({"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [3.0]}]})
+        started = time.monotonic()
+        try:
+            urllib.request.urlopen(f"http://{server.http_url}/v2/models/sleepy/infer", body.encode(), timeout=10)
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.load(exc)["error"], time.monotonic() - started
+        return 200, "", time.monotonic() - started
+
+    results, (late, seconds), (status, message, rest_seconds) = asyncio.run(scenario())
     assert results == ["6.0"] * 5
     assert late == "UNAVAILABLE" and seconds < 0.2, (late, seconds)
+    assert status == 503 and "shutting down" in message and rest_seconds < 0.2, (status, message, rest_seconds)
 
 
 # --- artifacts -----------------------------------------------------------------------------------

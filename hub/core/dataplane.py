@@ -29,6 +29,7 @@ from hub.errors import (
     ModelExecutionError,
     ModelNotFound,
     PermissionDenied,
+    ShuttingDown,
     code_of,
     shorten,
 )
@@ -108,6 +109,39 @@ class DataPlane:
         self._control = control
         self._version_policy = version_policy
         self._log_requests = log_requests
+        self._draining = False
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    # --- draining (SIGTERM) -------------------------------------------------------------------
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    def refuse_new(self) -> None:
+        """From now on refuse new inference requests at once (ShuttingDown: UNAVAILABLE or
+        503, which clients may retry elsewhere), whichever frontend they come by; those
+        already accepted are still answered."""
+        self._draining = True
+
+    async def drained(self, timeout: float) -> bool:
+        """Wait until every accepted inference request is answered; False if `timeout` ran out."""
+        if self._idle.is_set():
+            return True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def accept(self) -> None:
+        """Count a request as accepted: drained() waits for its `infer(..., accepted=True)`."""
+        if self._draining:
+            raise ShuttingDown()
+        self._in_flight += 1
+        self._idle.clear()
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -213,43 +247,53 @@ class DataPlane:
         encode: Callable[[InferResponse], T],
         *,
         timeout: float | None = None,
+        accepted: bool = False,
     ) -> T:
         """One inference, accounted in statistics and metrics. `decode` (given the model's
         spec) and `encode` are the frontend's; their time and their errors count as the
-        request's.
+        request's. While the server drains it raises ShuttingDown, unless the frontend
+        `accept()`ed the request before (one read from a stream, say).
 
         Raises a HubError (or, for a crash, ModelExecutionError) without its traceback, so a
         rejected request's arrays are freed as soon as it is answered.
         """
-        model = self.repository.get_ready(name, version)
-        started = time.perf_counter()
-        model.begin_request()
-        code = OK
-        delivery = None
+        if not accepted:
+            self.accept()
         try:
-            request = decode(model.spec)
-            names = resolve_outputs(request.outputs, model)
-            delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
-            outputs = [(n, _classify(model, n, delivery.outputs[n], c) if c else delivery.outputs[n]) for n, c in names]
-            written: frozenset[str] = frozenset()
-            if any(o.target is not None for o in request.outputs):
-                written = _write_shared(request.outputs, outputs)
-            return encode(InferResponse(model.name, str(model.version), request_id, outputs, written))
-        except asyncio.CancelledError:
-            code = CANCELLED
-            raise
-        except HubError as exc:
-            code = exc.code
-            raise _bare(exc) from None
-        except Exception as exc:
-            code = code_of(exc)
-            log.exception("model '%s': request %r failed", model.spec.key, request_id or "-")
-            raise _bare(_crash(model, exc)) from None
+            model = self.repository.get_ready(name, version)
+            started = time.perf_counter()
+            model.begin_request()
+            code = OK
+            delivery = None
+            try:
+                request = decode(model.spec)
+                names = resolve_outputs(request.outputs, model)
+                delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
+                results = delivery.outputs
+                outputs = [(n, _classify(model, n, results[n], c) if c else results[n]) for n, c in names]
+                written: frozenset[str] = frozenset()
+                if any(o.target is not None for o in request.outputs):
+                    written = _write_shared(request.outputs, outputs)
+                return encode(InferResponse(model.name, str(model.version), request_id, outputs, written))
+            except asyncio.CancelledError:
+                code = CANCELLED
+                raise
+            except HubError as exc:
+                code = exc.code
+                raise _bare(exc) from None
+            except Exception as exc:
+                code = code_of(exc)
+                log.exception("model '%s': request %r failed", model.spec.key, request_id or "-")
+                raise _bare(_crash(model, exc)) from None
+            finally:
+                elapsed = time.perf_counter() - started
+                model.end_request(code, elapsed, delivery)
+                if self._log_requests and random.random() < self._log_requests:
+                    self._access(model, request_id, code, elapsed)
         finally:
-            elapsed = time.perf_counter() - started
-            model.end_request(code, elapsed, delivery)
-            if self._log_requests and random.random() < self._log_requests:
-                self._access(model, request_id, code, elapsed)
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
 
     def _access(self, model: ServedModel, request_id: str, code: str, elapsed: float) -> None:
         access.info(

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError
+from hub.errors import HubError, ShuttingDown
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.codec import decode_request, encode_response
@@ -27,7 +27,7 @@ from hub.shm import CUDA, SYSTEM, Holds
 log = logging.getLogger("modelhub.grpc")
 
 SERVICE = "inference.GRPCInferenceService"
-SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, "the server is shutting down and takes no new requests")
+SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, str(ShuttingDown()))
 
 
 @dataclass(frozen=True)
@@ -122,40 +122,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, plane: DataPlane, limits: Limits = DEFAULT_LIMITS) -> None:
         self.plane = plane
         self.limits = limits
-        self._draining = False
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._readers: set[asyncio.Task[None]] = set()
 
     # --- draining (SIGTERM) -------------------------------------------------------------------
 
     def refuse_new(self) -> None:
-        """From now on refuse new inference requests at once (UNAVAILABLE, which clients may
-        retry elsewhere); those already accepted, unary or on a stream, are still answered.
-        Streams stop reading and end with UNAVAILABLE once their accepted requests are answered."""
-        self._draining = True
+        """The data plane refuses new inference requests from now on (`DataPlane.refuse_new`);
+        streams stop reading and end with UNAVAILABLE once their accepted requests are answered."""
+        self.plane.refuse_new()
         for reader in list(self._readers):
             reader.cancel()
-
-    async def drained(self, timeout: float) -> bool:
-        """Wait until every accepted inference request is answered; False if `timeout` ran out."""
-        if self._idle.is_set():
-            return True
-        try:
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        except TimeoutError:
-            return False
-        return True
-
-    def _begin(self) -> None:
-        self._in_flight += 1
-        self._idle.clear()
-
-    def _end(self) -> None:
-        self._in_flight -= 1
-        if self._in_flight == 0:
-            self._idle.set()
 
     # --- health -----------------------------------------------------------------------------
 
@@ -226,7 +202,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # --- inference --------------------------------------------------------------------------
 
-    async def _infer(self, request: pb.ModelInferRequest, time_remaining: float | None) -> pb.ModelInferResponse:
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None, accepted: bool = False
+    ) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
         with Holds(plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
@@ -237,19 +215,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 lambda spec: decode_request(request, spec, limits, holds),
                 encode_response,
                 timeout=time_remaining,
+                accepted=accepted,
             )
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        if self._draining:
-            return _fail(context, SHUTTING_DOWN)
-        self._begin()
         try:
-            try:
-                return await self._infer(request, context.time_remaining())
-            except HubError as exc:
-                failure = _status(exc)
-        finally:
-            self._end()
+            return await self._infer(request, context.time_remaining())
+        except HubError as exc:
+            failure = _status(exc)
         return _fail(context, failure)
 
     async def ModelStreamInfer(
@@ -271,17 +244,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                try:
-                    response = pb.ModelStreamInferResponse(
-                        infer_response=await self._infer(request, context.time_remaining())
-                    )
-                except HubError as exc:
-                    stub = pb.ModelInferResponse(
-                        model_name=request.model_name, model_version=request.model_version, id=request.id
-                    )
-                    response = pb.ModelStreamInferResponse(error_message=_status(exc)[1], infer_response=stub)
-            finally:
-                self._end()
+                response = pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, context.time_remaining(), accepted=True)
+                )
+            except HubError as exc:
+                stub = pb.ModelInferResponse(
+                    model_name=request.model_name, model_version=request.model_version, id=request.id
+                )
+                response = pb.ModelStreamInferResponse(error_message=_status(exc)[1], infer_response=stub)
             await done.put(response)
 
         async def read() -> None:
@@ -297,16 +267,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         )
                         end = _StreamEnd((grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=True)
                         break
-                    if self._draining:
+                    if self.plane.draining:
                         end = _StreamEnd(SHUTTING_DOWN)
                         break
                     await slots.acquire()
-                    self._begin()
+                    try:
+                        self.plane.accept()
+                    except ShuttingDown:  # it began while this stream waited for a slot
+                        end = _StreamEnd(SHUTTING_DOWN)
+                        break
                     task = loop.create_task(answer(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
             except asyncio.CancelledError:
-                if not self._draining:
+                if not self.plane.draining:
                     raise
                 end = _StreamEnd(SHUTTING_DOWN)  # refuse_new() stopped the reading
             while tasks:
