@@ -89,3 +89,31 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     tame_libraries()
+
+
+class Throttle:
+    """At most `burst` lines per `interval` seconds from one call site, for what a client can
+    make us log at will (undecodable requests): a flood of bad requests must not flood the
+    log. The next line let through says how many were held back."""
+
+    def __init__(self, burst: int = 5, interval: float = 10.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst = burst
+        self.interval = interval
+        self._clock = clock
+        self._window = -float("inf")
+        self._lines = 0
+        self._held = 0
+
+    def __call__(self, logger: logging.Logger, level: int, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._window >= self.interval:
+            self._window, self._lines = now, 0
+        if self._lines >= self.burst:
+            self._held += 1
+            return
+        self._lines += 1
+        if self._held:
+            message += " (%d more like it in the last %.0fs not logged)"
+            args = (*args, self._held, self.interval)
+            self._held = 0
+        logger.log(level, message, *args)

@@ -28,6 +28,7 @@ from tritonclient.utils import InferenceServerException
 
 from hub.errors import MESSAGE_LIMIT
 from hub.limits import Limits
+from hub.logs import Throttle
 
 from .conftest import TEST_PLUGINS, RunningServer, link_plugins
 
@@ -197,10 +198,27 @@ def test_overflowing_shapes_are_invalid_argument(
 # --- undecodable protobuf ------------------------------------------------------------------------
 
 
+def test_a_flood_of_undecodable_requests_logs_a_few_lines_then_a_count(caplog: pytest.LogCaptureFixture) -> None:
+    now = [0.0]
+    throttle = Throttle(burst=2, interval=10.0, clock=lambda: now[0])
+    logger = logging.getLogger("modelhub.test.throttle")
+    caplog.set_level(logging.WARNING, logger=logger.name)
+    for i in range(50):
+        throttle(logger, logging.WARNING, "bad request %d", i)
+    assert [r.getMessage() for r in caplog.records] == ["bad request 0", "bad request 1"]
+    now[0] = 10.0
+    throttle(logger, logging.WARNING, "bad request %d", 50)
+    assert caplog.records[-1].getMessage() == "bad request 50 (48 more like it in the last 10s not logged)"
+    throttle(logger, logging.WARNING, "bad request %d", 51)
+    assert caplog.records[-1].getMessage() == "bad request 51" and len(caplog.records) == 4
+
+
 def test_undecodable_request_is_invalid_argument_with_one_log_line(
     hub_server: RunningServer, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.WARNING)
+    assert hub_server.server._servicer is not None
+    hub_server.server._servicer.undecodable_log = Throttle()  # earlier tests' bad requests do not count
     code, details, _ = _call(hub_server, b"\xff\xff\xff\xff\x0f garbage")
     assert code == grpc.StatusCode.INVALID_ARGUMENT
     assert "ModelInfer" in details and "protobuf" in details and len(details) < 200

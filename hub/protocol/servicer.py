@@ -17,6 +17,7 @@ import grpc
 from hub.core.dataplane import DataPlane
 from hub.errors import HubError, ShuttingDown
 from hub.limits import DEFAULT_LIMITS, Limits
+from hub.logs import Throttle
 from hub.protocol import triton
 from hub.protocol.codec import decode_request, encode_response
 from hub.protocol.generated import grpc_service_pb2 as pb
@@ -57,12 +58,12 @@ def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
             captured.update(handlers)
 
     pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, _Capture())
-    handlers = {method: _tolerant(method, handler) for method, handler in captured.items()}
+    handlers = {method: _tolerant(method, handler, servicer) for method, handler in captured.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
-def _tolerant(method: str, handler: Any) -> Any:
+def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
     """`handler` with a deserializer that returns Undecodable instead of raising. A unary
     method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream."""
     parse = handler.request_deserializer
@@ -81,7 +82,14 @@ def _tolerant(method: str, handler: Any) -> Any:
 
     async def guarded(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Undecodable):
-            log.warning("%s from %s: undecodable request of %d bytes refused", method, context.peer(), request.size)
+            servicer.undecodable_log(
+                log,
+                logging.WARNING,
+                "%s from %s: undecodable request of %d bytes refused",
+                method,
+                context.peer(),
+                request.size,
+            )
             return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
         return await behaviour(request, context)
 
@@ -123,6 +131,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.plane = plane
         self.limits = limits
         self._readers: set[asyncio.Task[None]] = set()
+        #: One line per undecodable request, at most 5 per 10 s (a flood of them is the client's).
+        self.undecodable_log = Throttle()
 
     # --- draining (SIGTERM) -------------------------------------------------------------------
 
@@ -259,7 +269,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 async for request in request_iterator:
                     if isinstance(request, Undecodable):
-                        log.warning(
+                        self.undecodable_log(
+                            log,
+                            logging.WARNING,
                             "%s from %s: undecodable message of %d bytes; ending the stream",
                             request.method,
                             context.peer(),
