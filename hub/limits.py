@@ -25,6 +25,11 @@ class Limits:
       largest any one dimension, or the product of a shape's non-zero dimensions, may be.
     - `bytes_elements`: the most BYTES elements in one request. Each costs a Python object
       (about 40 bytes) and a step of a Python loop, so this is much lower than `elements`.
+    - `typed_values` (gRPC): the most values of one input sent as typed integer contents
+      (`contents.int_contents` and the like) that must be converted one by one: about 0.2 µs
+      each, holding the event loop. FP32, FP64 and BOOL contents, and integers that all lie
+      in 0..127, are read whole and do not count (hub/protocol/packed.py). tritonclient
+      sends raw contents, which never count.
     - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
       being computed or whose responses the client has not read yet. Past it the server stops
       reading the stream, and HTTP/2 flow control holds the client back.
@@ -34,10 +39,18 @@ class Limits:
     bytes_element: int = 1 << 20
     elements: int = 1 << 26
     bytes_elements: int = 1 << 16
+    typed_values: int = 1 << 20
     stream_in_flight: int = 64
 
     def __post_init__(self) -> None:
-        for name in ("request_bytes", "bytes_element", "elements", "bytes_elements", "stream_in_flight"):
+        for name in (
+            "request_bytes",
+            "bytes_element",
+            "elements",
+            "bytes_elements",
+            "typed_values",
+            "stream_in_flight",
+        ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"limit {name} must be a positive integer, got {value!r}")

@@ -64,7 +64,9 @@ def limited(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Runn
     folder = link_plugins(
         tmp_path_factory.mktemp("limited"), TEST_PLUGINS / "identity.py", TEST_PLUGINS / "behaviour.py"
     )
-    limits = Limits(request_bytes=MiB, bytes_element=1024, elements=16384, bytes_elements=16, stream_in_flight=4)
+    limits = Limits(
+        request_bytes=MiB, bytes_element=1024, elements=16384, bytes_elements=16, typed_values=100, stream_in_flight=4
+    )
     return start_server(folder, limits=limits)  # type: ignore[no-any-return]
 
 
@@ -302,6 +304,26 @@ def test_bytes_elements_limit(limited: RunningServer) -> None:
     data = (struct.pack("<I", 1) + b"a") * 17
     code, details, _ = _call(limited, _raw("identity_bytes", [("INPUT0", "BYTES", [1, 17], data)]))
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "INPUT0" in details and "17" in details
+
+
+def test_typed_values_limit_counts_only_what_is_converted_one_by_one(limited: RunningServer) -> None:
+    def typed(datatype: str, field: str, values: list[Any]) -> service_pb2.ModelInferRequest:
+        request = service_pb2.ModelInferRequest(model_name=f"identity_{datatype.lower()}")
+        tensor = request.inputs.add(name="INPUT0", datatype=datatype, shape=[1, len(values)])
+        getattr(tensor.contents, field).extend(values)
+        return request
+
+    code, details, _ = _call(limited, typed("INT64", "int64_contents", [1000] * 101))
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "INPUT0" in details and "int64_contents" in details and "100" in details and "raw_input_contents" in details
+    for datatype, field, values in (
+        ("INT64", "int64_contents", [1000] * 100),  # at the limit
+        ("INT64", "int64_contents", [7] * 5000),  # 0..127: read whole
+        ("FP32", "fp32_contents", [0.5] * 5000),  # fixed width: read whole
+        ("BOOL", "bool_contents", [True, False] * 2500),
+    ):
+        code, details, _ = _call(limited, typed(datatype, field, values))
+        assert code == grpc.StatusCode.OK, (datatype, details)
 
 
 def test_elements_limit(limited: RunningServer) -> None:

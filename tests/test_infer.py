@@ -11,8 +11,12 @@ import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
+
+from hub.datatypes import NUMPY_DTYPES
 
 from .conftest import RunningServer
 from .plugins.identity import DATATYPES, sample
@@ -297,3 +301,29 @@ def test_stream_infer_answers_each_request_with_its_id(hub_server: RunningServer
     assert sorted(answers, key=int) == [str(i) for i in range(20)]
     assert np.mean([answers[str(i)] == labels[i] for i in range(20)]) >= 0.9
     assert len(errors) == 1 and "image" in str(errors[0])
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_typed_contents_are_read_as_the_protobuf_field_reads(data: st.DataObject) -> None:
+    """hub/protocol/packed.py reads the packed field whole where it can: the values must be
+    exactly those of the field, for every integer width, sign and varint length."""
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.packed import from_typed
+
+    datatype = data.draw(st.sampled_from(sorted(set(TYPED) - {"BYTES"})))
+    dtype = NUMPY_DTYPES[datatype]
+    if dtype.kind == "b":
+        values: list[Any] = data.draw(st.lists(st.booleans(), max_size=50))
+    elif dtype.kind == "f":
+        values = data.draw(st.lists(st.floats(width=32 if dtype.itemsize == 4 else 64, allow_nan=False), max_size=50))
+    else:
+        info = np.iinfo(dtype)
+        small = st.integers(0, 127)
+        values = data.draw(st.lists(st.one_of(small, st.integers(int(info.min), int(info.max))), max_size=50))
+    contents = pb.InferTensorContents()
+    getattr(contents, TYPED[datatype]).extend(values)
+    contents = pb.InferTensorContents.FromString(contents.SerializeToString())
+    got = from_typed(contents, TYPED[datatype], dtype, len(values), 1 << 20)
+    assert got.dtype == dtype
+    np.testing.assert_array_equal(got, np.array(values, dtype=dtype))

@@ -21,6 +21,7 @@ from hub.datatypes import (
 from hub.errors import InvalidInput, shorten
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.packed import TooMany, from_typed
 from hub.protocol.triton import model_inputs
 from hub.shm import Holds
 from hub.spec import ModelSpec
@@ -215,7 +216,13 @@ def _from_typed(
             array[index] = value
         return array.reshape(shape)
     try:
-        return np.array(values, dtype=dtype).reshape(shape)
+        return from_typed(contents, field, dtype, count, limits.typed_values).reshape(shape)
+    except TooMany:
+        raise InvalidInput(
+            f"input '{shorten(name)}': {count} values in contents.{field} are more than the "
+            f"{limits.typed_values} the server converts one by one; send large tensors as "
+            "raw_input_contents (tritonclient does)"
+        ) from None
     except OverflowError:
         raise InvalidInput(f"input '{shorten(name)}': a value in contents.{field} does not fit {datatype}") from None
 
