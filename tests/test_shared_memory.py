@@ -150,6 +150,28 @@ def test_every_datatype_in_and_out_of_shared_memory(side: Side, datatype: str) -
     np.testing.assert_array_equal(got, values)
 
 
+def test_an_input_views_the_region_without_a_copy() -> None:
+    """The decoded input is a read-only numpy view of the mapping: what the client writes into
+    the region afterwards shows through it (a copy would not see it)."""
+    from hub.shm import Holds, SharedMemoryRegistry
+
+    key = new_key()
+    handle = shm.create_shared_memory_region("view", key, 4096 + 24)
+    registry = SharedMemoryRegistry(frozenset({"system"}))
+    try:
+        registry.register_system("view", key, 4096, 24)  # a region at a page offset of the object
+        shm.set_shared_memory_region(handle, [np.zeros(6, np.float32)], offset=4096)
+        with Holds(registry) as holds:
+            array = holds.read("INPUT0", "FP32", [2, 3], "view", 0, 24)
+            assert isinstance(array, np.ndarray) and not array.flags.owndata and not array.flags.writeable
+            shm.set_shared_memory_region(handle, [np.arange(6, dtype=np.float32)], offset=4096)
+            np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
+            del array
+    finally:
+        registry.close()
+        shm.destroy_shared_memory_region(handle)
+
+
 def test_mixed_shared_and_raw_tensors_with_offsets(side: Side) -> None:
     """INPUT0 from a region registered at a non-page offset, INPUT1 as raw/binary data; SUM into
     a region at a tensor offset, DIFF back in the response."""
