@@ -242,6 +242,7 @@ BAD_VALIDATORS = {
     "raises": "raise RuntimeError('validator crashed')",
     "returns_a_string": "return 'looks fine'",
     "problems_not_a_list": "return {'problems': 'too far from eager'}",
+    "returns_numpy_figures": "return {'score': __import__('numpy').float32(0.5)}",
 }
 
 

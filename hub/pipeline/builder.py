@@ -215,6 +215,7 @@ class Builder:
             _replace_dir(staging, final)
         except BaseException:
             runtime.close()
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         log.info(
             "model '%s': built target '%s' in %.2fs (%s)",

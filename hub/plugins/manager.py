@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import sys
@@ -388,7 +389,7 @@ class PluginHost:
 
         A BuildError raised under a validator (the artifact's runtime failing) passes through as
         it is. Raises PluginError, naming the plugin and its file, when a validator raises or returns
-        something other than None or a dict whose "problems" (if present) is a list of strings:
+        something other than None or a JSON-able dict whose "problems" (if present) is a list of strings:
         a validator that cannot give a verdict must fail the build, not pass the artifact.
         """
         results: list[dict[str, Any]] = []
@@ -438,6 +439,13 @@ def _malformed_validation(result: object) -> str:
     problems = result.get("problems", [])
     if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
         return f'returned "problems" = {problems!r:.80}; expected a list of strings'
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:  # a numpy scalar or array, most often
+        return (
+            f"returned figures that manifest.json cannot hold ({exc}); return plain Python numbers, strings, "
+            "lists and dicts (float(x), array.tolist())"
+        )
     return ""
 
 
