@@ -153,7 +153,8 @@ class PluginHost:
         #: folder get their own module objects (and a package plugin's relative imports work).
         self.namespace = f"{_NAMESPACE_ROOT}.host{next(_HOST_NUMBERS)}"
         self._loaded = False
-        if os.environ.get("MODELHUB_TRACE_HOOKS"):
+        self._tracing = bool(os.environ.get("MODELHUB_TRACE_HOOKS"))
+        if self._tracing:
             self.pm.trace.root.setwriter(lambda msg: log.info("hook: %s", msg.rstrip()))
             self.pm.enable_tracing()
 
@@ -300,6 +301,8 @@ class PluginHost:
         impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if not (i.hookwrapper or i.wrapper)]
         for impl in reversed(impls):  # pluggy runs its list from the end: tryfirst first, trylast last
             others = [other.plugin for other in impls if other is not impl]
+            if self._tracing:  # pluggy's own trace lines do not say whose implementation runs
+                log.info('hook: %s: plugin "%s"', hook_name, impl.plugin_name)
             yield self.records[impl.plugin_name], self.pm.subset_hook_caller(hook_name, others)
 
     def is_builtin(self, record: PluginRecord) -> bool:
