@@ -64,6 +64,14 @@ def test_health_of_a_failed_model_prints_state_and_reason(server: RunningServer)
     assert "weights file is truncated" in detail
 
 
+def test_models_url_shows_a_failed_models_reason(server: RunningServer) -> None:
+    result = modelhub("models", "--url", server.url)
+    assert result.returncode == 0, result.stderr
+    (row,) = [line for line in result.stdout.splitlines() if line.startswith("probe_broken ")]
+    assert "UNAVAILABLE" in row and "weights file is truncated" in row, row
+    assert "not reported" not in row, row
+
+
 def test_health_of_an_unknown_model_names_the_known_ones(server: RunningServer) -> None:
     result = modelhub("health", "--url", server.url, "--service", "probe_missing")
     assert result.returncode == 1

@@ -82,6 +82,8 @@ def test_tryfirst_and_trylast_order_and_tracing(
     assert [label for name, label in calls if name == hook] == ["early", "plain_new", "plain_old", "late"]
     traced = [r.getMessage() for r in caplog.records if r.getMessage().startswith("hook: ")]
     assert sum(f"{hook} [hook]" in message for message in traced) >= len(plugins), traced
+    named = [m.split('plugin "')[1].rstrip('"') for m in traced if m.startswith(f"hook: {hook}: plugin ")]
+    assert [name for name in named if name in plugins] == ["early", "plain_new", "plain_old", "late"], traced
 
 
 def test_a_raising_plugin_does_not_hide_later_ones() -> None:

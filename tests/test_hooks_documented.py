@@ -88,6 +88,17 @@ def test_every_deployment_config_key_is_documented() -> None:
     assert documented >= MODEL_KEYS, MODEL_KEYS - documented
 
 
+def test_every_target_option_is_documented() -> None:
+    """Each option the built-in targets read from `spec.options` has a row in docs/config.md."""
+    source = "".join(p.read_text() for p in [*(ROOT / "hub" / "runtimes").glob("*.py"), ROOT / "hub" / "spec.py"])
+    read = set(re.findall(r"options(?:\.get\(|\[)\"(\w+)\"", source))
+    read |= set(re.findall(r"\"(\w+)\" in [\w.]*options", source))
+    assert {"compile_mode", "int8_exclude"} <= read, read
+    section = (ROOT / "docs" / "config.md").read_text().split("### Target options", 1)[1]
+    documented = set(re.findall(r"^\| `(\w+)` \|", section, flags=re.MULTILINE))
+    assert read <= documented, read - documented
+
+
 def test_every_target_default_tolerance_is_documented() -> None:
     from hub.plugins.manager import PluginHost
 

@@ -242,6 +242,7 @@ BAD_VALIDATORS = {
     "raises": "raise RuntimeError('validator crashed')",
     "returns_a_string": "return 'looks fine'",
     "problems_not_a_list": "return {'problems': 'too far from eager'}",
+    "returns_numpy_figures": "return {'score': __import__('numpy').float32(0.5)}",
 }
 
 
@@ -268,8 +269,9 @@ def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_p
         host.validate_artifact(spec, _numpy_runtime(), spec.examples(), None, spec.tolerance_for(targets["numpy"]))
     assert str(path) in str(caught.value) and "validated/1" in str(caught.value)
     builder = Builder(tmp_path / "models", targets, host, device="cpu")
-    with pytest.raises(BuildError, match='plugin "checker"'):
+    with pytest.raises(BuildError, match='plugin "checker"') as built:
         builder.ensure(spec)
+    assert "PluginError(" not in str(built.value) and "\\'" not in str(built.value)  # the message, not its repr
     assert builder.read_manifest(spec) is None  # no verdict was recorded: a fixed validator rebuilds
 
 

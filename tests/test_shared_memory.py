@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import json
 import os
 import threading
 import time
@@ -37,6 +38,7 @@ STATUS = {
     "UNIMPLEMENTED": ("StatusCode.UNIMPLEMENTED", "501"),
     "UNAVAILABLE": ("StatusCode.UNAVAILABLE", "503"),
     "UNAUTHENTICATED": ("StatusCode.UNAUTHENTICATED", "401"),
+    "RESOURCE_EXHAUSTED": ("StatusCode.RESOURCE_EXHAUSTED", "429"),
 }
 _keys = itertools.count()
 
@@ -146,6 +148,28 @@ def test_every_datatype_in_and_out_of_shared_memory(side: Side, datatype: str) -
     dtype = np.object_ if datatype == "BYTES" else values.dtype
     got = shm.get_contents_as_numpy(side.handles[1], dtype, values.shape)
     np.testing.assert_array_equal(got, values)
+
+
+def test_an_input_views_the_region_without_a_copy() -> None:
+    """The decoded input is a read-only numpy view of the mapping: what the client writes into
+    the region afterwards shows through it (a copy would not see it)."""
+    from hub.shm import Holds, SharedMemoryRegistry
+
+    key = new_key()
+    handle = shm.create_shared_memory_region("view", key, 4096 + 24)
+    registry = SharedMemoryRegistry(frozenset({"system"}))
+    try:
+        registry.register_system("view", key, 4096, 24)  # a region at a page offset of the object
+        shm.set_shared_memory_region(handle, [np.zeros(6, np.float32)], offset=4096)
+        with Holds(registry) as holds:
+            array = holds.read("INPUT0", "FP32", [2, 3], "view", 0, 24)
+            assert isinstance(array, np.ndarray) and not array.flags.owndata and not array.flags.writeable
+            shm.set_shared_memory_region(handle, [np.arange(6, dtype=np.float32)], offset=4096)
+            np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
+            del array
+    finally:
+        registry.close()
+        shm.destroy_shared_memory_region(handle)
 
 
 def test_mixed_shared_and_raw_tensors_with_offsets(side: Side) -> None:
@@ -285,6 +309,77 @@ def test_incomplete_parameters_on_the_wire(shm_server: RunningServer) -> None:
     finally:
         client.unregister_system_shared_memory()
         shm.destroy_shared_memory_region(handle)
+
+
+def test_json_types_on_the_rest_wire(shm_server: RunningServer) -> None:
+    """What tritonclient.http never sends but curl can: negative, fractional, boolean, string and
+    oversized numbers in a registration body and in a tensor's parameters are INVALID_ARGUMENT
+    (400) naming the field, and nothing is registered or read."""
+    from .test_rest import call
+
+    key = new_key()
+    handle = shm.create_shared_memory_region("json", key, 64)
+    shm.set_shared_memory_region(handle, [np.arange(6, dtype=np.float32)])
+    url, registry = shm_server.http_url, shm_server.server.shared_memory  # type: ignore[union-attr]
+
+    def register(body: dict[str, Any], name: str = "json") -> tuple[int, Any]:
+        return call(url, f"/v2/systemsharedmemory/region/{name}/register", json.dumps(body).encode())
+
+    try:
+        for field, value, fragment in [
+            ("offset", -1, "'offset' must be a non-negative integer"),
+            ("byte_size", -64, "'byte_size' must be a non-negative integer"),
+            ("byte_size", 24.0, "'byte_size' must be a non-negative integer"),
+            ("byte_size", True, "'byte_size' must be a non-negative integer"),
+            ("byte_size", "24", "'byte_size' must be a non-negative integer"),
+            ("byte_size", 1 << 64, "out of range"),
+            ("offset", 10**30, "out of range"),
+            ("key", 7, "'key' must be a string"),
+        ]:
+            status, reply = register({"key": key, "byte_size": 24, field: value})
+            assert status == 400 and fragment in reply["error"], (field, value, reply)
+            assert key.lstrip("/") not in reply["error"]
+        status, reply = register({"key": key, "byte_size": 24}, name="n" * 300)
+        assert status == 400 and "longer than 256 characters" in reply["error"], reply
+        assert registry.regions() == []
+        assert register({"key": key, "byte_size": 24}) == (200, None)
+
+        def infer(parameters: dict[str, Any]) -> tuple[int, Any]:
+            tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [2, 3], "parameters": parameters}
+            return call(url, "/v2/models/identity_fp32/infer", json.dumps({"inputs": [tensor]}).encode())
+
+        good = {"shared_memory_region": "json", "shared_memory_byte_size": 24}
+        for field, value, fragment in [
+            ("shared_memory_offset", -4, "shared_memory_offset must be a non-negative integer"),
+            ("shared_memory_offset", 0.0, "shared_memory_offset must be a non-negative integer"),
+            ("shared_memory_byte_size", -24, "shared_memory_byte_size must be a non-negative integer"),
+            ("shared_memory_byte_size", False, "shared_memory_byte_size must be a non-negative integer"),
+            ("shared_memory_byte_size", 24 + (1 << 64), "runs past"),
+            ("shared_memory_offset", 10**30, "outside the region"),
+            ("shared_memory_region", 3, "shared_memory_region must be a string"),
+        ]:
+            status, reply = infer({**good, field: value})
+            assert status == 400 and fragment in reply["error"], (field, value, reply)
+        status, reply = infer(good)
+        assert status == 200 and reply["outputs"][0]["data"] == list(range(6)), reply
+        assert all(r.users == 0 for r in registry.regions())
+    finally:
+        call(url, "/v2/systemsharedmemory/unregister", b"")
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_the_region_limit(side: Side, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_REGIONS (1,024; 3 here) a registration is RESOURCE_EXHAUSTED; unregistering makes room."""
+    from hub.shm import regions
+
+    monkeypatch.setattr(regions, "MAX_REGIONS", 3)
+    handle = side.region("limit_0", 64)
+    for index in (1, 2):
+        side.client.register_system_shared_memory(f"limit_{index}", handle.key, 64)
+    register = side.client.register_system_shared_memory
+    side.expect("RESOURCE_EXHAUSTED", lambda: register("limit_3", handle.key, 64), "unregister some first")
+    side.client.unregister_system_shared_memory("limit_1")
+    register("limit_3", handle.key, 64)
 
 
 def test_a_truncated_object_is_refused_not_a_crash(side: Side) -> None:

@@ -306,6 +306,8 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     if importlib.util.find_spec("torchao") is None:
         assert rows["torch-int8"]["status"] == "skipped" and "needs torchao" in rows["torch-int8"]["reason"]
     assert "tiny [torch-fp16] skipped: model 'tiny': target 'torch-fp16' needs a CUDA device" in result.stderr
+    # The progress names each target (rich markup would swallow "[onnx]").
+    assert "tiny/1 [torch-fp16]: skipped" in result.stderr and "tiny/1 [onnx]: ok" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])

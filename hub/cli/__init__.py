@@ -525,12 +525,20 @@ def cmd_models_url(args: argparse.Namespace) -> int:
             e["state"],
             e.get("parameters", {}).get("target", e.get("runtime", "")) or "-",
             "-" if e.get("max_batch_size") is None else str(e["max_batch_size"]),
-            e["report"] or e.get("problem") or e["reason"] or "-",
+            _remote_report(e),
         ]
         for e in entries
     ]
     print(_table(rows, ["model", "ver", "state", "target", "max_batch", "report"]))
     return 0
+
+
+def _remote_report(entry: dict[str, Any]) -> str:
+    """The report column of `modelhub models --url`: a model that is not READY shows why (its
+    config carries no build report, so the summary would only say "not reported")."""
+    if entry["state"] != "READY" and entry["reason"]:
+        return str(entry["reason"])
+    return entry["report"] or entry.get("problem") or entry["reason"] or "-"
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -60,8 +60,9 @@ def build_all(
     targets = host.collect_targets()
     results = []
     progress_console = Console(stderr=True)  # stdout stays clean for the table or --json
+    # markup=False: rich would read the "[onnx]" of "digits/1 [onnx]" as a style tag and drop it.
     with Progress(
-        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=progress_console
+        SpinnerColumn(), TextColumn("{task.description}", markup=False), TimeElapsedColumn(), console=progress_console
     ) as progress:
         for spec in specs:
             label = f"{spec.key} [{spec.target}]"

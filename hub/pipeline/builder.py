@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError
+from hub.errors import BuildError, PluginError
 from hub.plugins.manager import hash_files
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -187,6 +187,8 @@ class Builder:
             shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, BuildError) or not isinstance(exc, Exception):
                 raise
+            if isinstance(exc, PluginError):  # a validator's fault, logged and named by the plugin host
+                raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}") from exc
             log.exception("model '%s': building target '%s' failed", spec.key, target.name)
             raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}") from exc
         manifest = {
@@ -213,6 +215,7 @@ class Builder:
             _replace_dir(staging, final)
         except BaseException:
             runtime.close()
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         log.info(
             "model '%s': built target '%s' in %.2fs (%s)",

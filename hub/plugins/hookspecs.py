@@ -82,7 +82,8 @@ def validate_artifact(
         labels and inputs differ in length fails first, naming both), or None.
     :param tolerance: the `hub.Tolerance` in force (the spec's for this target, else the
         target's default).
-    :returns: None to abstain, or a dict of figures to record (string keys). A list under the
+    :returns: None to abstain, or a dict of figures to record (string keys; values that JSON
+        holds: Python numbers, strings, lists, dicts, not numpy scalars). A list under the
         key "problems" (human-readable strings) refuses the artifact: the model is marked
         failed with those reasons and is not served. Raising, or returning anything else,
         fails the build with a message naming this plugin, and no manifest is written; a

@@ -10,6 +10,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import itertools
+import json
 import logging
 import os
 import sys
@@ -152,7 +153,8 @@ class PluginHost:
         #: folder get their own module objects (and a package plugin's relative imports work).
         self.namespace = f"{_NAMESPACE_ROOT}.host{next(_HOST_NUMBERS)}"
         self._loaded = False
-        if os.environ.get("MODELHUB_TRACE_HOOKS"):
+        self._tracing = bool(os.environ.get("MODELHUB_TRACE_HOOKS"))
+        if self._tracing:
             self.pm.trace.root.setwriter(lambda msg: log.info("hook: %s", msg.rstrip()))
             self.pm.enable_tracing()
 
@@ -299,6 +301,8 @@ class PluginHost:
         impls = [i for i in getattr(self.pm.hook, hook_name).get_hookimpls() if not (i.hookwrapper or i.wrapper)]
         for impl in reversed(impls):  # pluggy runs its list from the end: tryfirst first, trylast last
             others = [other.plugin for other in impls if other is not impl]
+            if self._tracing:  # pluggy's own trace lines do not say whose implementation runs
+                log.info('hook: %s: plugin "%s"', hook_name, impl.plugin_name)
             yield self.records[impl.plugin_name], self.pm.subset_hook_caller(hook_name, others)
 
     def is_builtin(self, record: PluginRecord) -> bool:
@@ -388,7 +392,7 @@ class PluginHost:
 
         A BuildError raised under a validator (the artifact's runtime failing) passes through as
         it is. Raises PluginError, naming the plugin and its file, when a validator raises or returns
-        something other than None or a dict whose "problems" (if present) is a list of strings:
+        something other than None or a JSON-able dict whose "problems" (if present) is a list of strings:
         a validator that cannot give a verdict must fail the build, not pass the artifact.
         """
         results: list[dict[str, Any]] = []
@@ -438,6 +442,13 @@ def _malformed_validation(result: object) -> str:
     problems = result.get("problems", [])
     if not isinstance(problems, list) or not all(isinstance(p, str) for p in problems):
         return f'returned "problems" = {problems!r:.80}; expected a list of strings'
+    try:
+        json.dumps(result)
+    except (TypeError, ValueError) as exc:  # a numpy scalar or array, most often
+        return (
+            f"returned figures that manifest.json cannot hold ({exc}); return plain Python numbers, strings, "
+            "lists and dicts (float(x), array.tolist())"
+        )
     return ""
 
 
