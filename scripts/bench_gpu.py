@@ -84,7 +84,15 @@ class Results:
 
     def __init__(self, path: Path, header: dict[str, Any]) -> None:
         self.path = path
-        self.data: dict[str, Any] = {**header, "served": [], "bare": [], "compare": [], "loads": [], "errors": []}
+        self.data: dict[str, Any] = {
+            **header,
+            "served": [],
+            "cuda_shm": [],
+            "bare": [],
+            "compare": [],
+            "loads": [],
+            "errors": [],
+        }
 
     def add(self, section: str, row: dict[str, Any]) -> None:
         self.data[section].append(row)
@@ -99,7 +107,9 @@ class Results:
 
 
 @contextlib.contextmanager
-def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: Path, workers: int = 1) -> Iterator[str]:
+def serving(
+    args: argparse.Namespace, plugins: Path, config: Path, server_log: Path, workers: int = 1, shm: str = ""
+) -> Iterator[str]:
     """`modelhub serve` in its own process group, until the model is ready; stopped on exit."""
     import tritonclient.grpc as tc
 
@@ -109,6 +119,8 @@ def serving(args: argparse.Namespace, plugins: Path, config: Path, server_log: P
                "--grpc-port", str(grpc_port), "--http-port", "0", "--metrics-port", str(metrics_port),
                "--device", args.device, "--threads", str(args.threads), "--config", str(config),
                "--workers", str(workers)]  # fmt: skip
+    if shm:
+        command += ["--shared-memory", shm]
     log(f"starting: {' '.join(command)} (log: {server_log})")
     server_log.parent.mkdir(parents=True, exist_ok=True)
     with server_log.open("w") as out:
@@ -152,13 +164,19 @@ def warm_served(url: str, sizes: list[int], images: np.ndarray) -> None:
             client.infer(MODEL, [tensor], client_timeout=300)
 
 
-def perf_analyzer(binary: Path, url: str, concurrency: int, seconds: float) -> dict[str, Any]:
+#: perf_analyzer's flags for inputs and outputs in CUDA shared memory (resnet's logits: 4,000 bytes).
+CUDA_SHM = ("--shared-memory", "cuda", "--output-shared-memory-size", "4096")
+
+
+def perf_analyzer(
+    binary: Path, url: str, concurrency: int, seconds: float, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
     """perf_analyzer at one concurrency: three windows of seconds/3 (a lenient stability check,
     so that it ends after three), asynchronous requests of one image each."""
     window_ms = max(500, int(seconds * 1000 / 3))
     command = ["sh", str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1", "--async",
                "--concurrency-range", str(concurrency), "-p", str(window_ms), "-r", "3", "-s", "1000",
-               "--input-data", "random"]  # fmt: skip
+               "--input-data", "random", *extra]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=seconds * 4 + 120)
     text = result.stdout + result.stderr
     if result.returncode != 0:
@@ -195,13 +213,17 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
         config.write_text(f'[models.{MODEL}]\ntarget = "{args.target}"\n')
         for workers in args.workers:
             served_log = args.out.with_suffix(f".server-w{workers}.log")
-            with serving(args, plugins, config, served_log, workers) as url:
+            # Client CUDA shared memory (issue 16) is served by one process only: measure it there.
+            shm = "cuda" if workers == 1 and args.device == "cuda" and args.cuda_shm_concurrency else ""
+            with serving(args, plugins, config, served_log, workers, shm) as url:
                 if args.device == "cuda":
                     top = max(args.concurrency)
                     warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
                 else:
                     warm_served(url, [1], images)
                 measure_served(args, binary, url, workers, results)
+                if shm:
+                    measure_cuda_shm(args, binary, url, results)
 
 
 def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
@@ -220,6 +242,22 @@ def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: in
         row["workers"] = workers
         results.add("served", row)
         log(f"served workers={workers} c={concurrency}: {row}")
+
+
+def measure_cuda_shm(args: argparse.Namespace, binary: Path, url: str, results: Any) -> None:
+    """resnet with its image and logits in CUDA shared memory against raw gRPC, alternating at
+    each concurrency (issue 16): what the socket copy and the host-to-device copy cost."""
+    for concurrency in args.cuda_shm_concurrency:
+        for transport, extra in (("grpc", ()), ("cuda-shm", CUDA_SHM), ("grpc", ()), ("cuda-shm", CUDA_SHM)):
+            try:
+                row = perf_analyzer(binary, url, concurrency, args.seconds, extra)
+            except RuntimeError as exc:
+                results.data["errors"].append(f"{transport} c={concurrency}: {exc}")
+                log(f"{transport} c={concurrency}: FAILED {exc}")
+                continue
+            row["transport"] = transport
+            results.add("cuda_shm", row)
+            log(f"{transport} c={concurrency}: {row}")
 
 
 # --- in-process --------------------------------------------------------------------------------------
@@ -345,6 +383,14 @@ def report(data: dict[str, Any]) -> str:
                 f"| {row['concurrency']} | {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
                 f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} |"
             )
+    if data["cuda_shm"]:
+        lines += ["", "resnet from CUDA shared memory against raw gRPC (workers 1, alternating)",
+                  "| transport | concurrency | images/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+        for row in data["cuda_shm"]:
+            lines.append(
+                f"| {row['transport']} | {row['concurrency']} | {fmt(row['images_per_s'])} "
+                f"| {fmt(row['p50_ms'], '.1f')} | {fmt(row['p99_ms'], '.1f')} |"
+            )
     if data["bare"]:
         lines += ["", f"bare {data['target']} in-process (Runtime.run, numpy in and out)", "| batch | images/s |",
                   "|---|---|"]  # fmt: skip
@@ -371,6 +417,12 @@ def main() -> int:
     parser.add_argument("--bare-seconds", type=float, help="per in-process batch size (default: 3 on CUDA, 2 on CPU)")
     parser.add_argument("--concurrency", type=ints, help="default: 1,16,128 on CUDA; 1,4,8 on CPU")
     parser.add_argument("--workers", type=ints, default=[1], help="frontend processes to serve with, one run each")
+    parser.add_argument(
+        "--cuda-shm-concurrency",
+        type=ints,
+        default=[128],
+        help="with workers 1 on CUDA: perf_analyzer with CUDA shared memory against raw gRPC at these (default: 128)",
+    )
     parser.add_argument("--batches", type=ints, help="bare batch sizes (default: 1,16,128 on CUDA; 1,4,16 on CPU)")
     parser.add_argument("--compare-batches", type=ints, help="default: 1,128 on CUDA; 1,4 on CPU")
     parser.add_argument("--no-served", dest="served", action="store_false", help="skip the served measurement")

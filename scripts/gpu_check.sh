@@ -68,7 +68,9 @@ echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
 # 3. ResNet-50 throughput (issue 12): served as torch-compile with 1, 4 and 8 frontend processes
 #    (--workers) under perf_analyzer at concurrency 1, 16, 128 and 256 (three windows each); the
 #    torch-compile artifact in-process at batch 1, 16 and 128 (the bare model); then eager fp32,
-#    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4).
+#    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4). With workers 1 the
+#    server also serves CUDA shared memory, and resnet is measured from it against raw gRPC at
+#    c=128, alternating (issue 16).
 timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 4 --bare-seconds 2 \
   --workers 1,4,8 --concurrency 1,16,128,256 \
   --perf-analyzer wheels-gpu/perf_analyzer/perf_analyzer --model-repository /tmp/modelhub-gpu-bench/models \
