@@ -189,7 +189,9 @@ def main() -> None:
     print(f"hand-off (hub/workers), {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"load {load:.1f}, {time.strftime('%Y-%m-%d')}; median of {args.runs} alternating runs")  # fmt: skip
     print(f"{'payload':<12}{'hand-off':<9}{'c':>4}{'round trips/s':>15}{'client µs/rt':>14}{'peer µs/rt':>12}")
-    for (payload, handoff, concurrency), runs in sorted(results.items(), key=lambda kv: (float(kv[0][0].split()[0]), kv[0][2], kv[0][1])):
+    order = sorted(results.items(), key=lambda kv: (float(kv[0][0].split()[0]), kv[0][2], kv[0][1]))
+    for (payload, handoff, concurrency), runs in order:
+
         def median(key: str, runs: list[dict[str, Any]] = runs) -> float:
             return float(np.median([r[key] for r in runs]))
 

@@ -187,7 +187,7 @@ def remove_leftovers(supervisor: int, creator: int | None = None) -> list[str]:
     """Unlink the arenas a supervisor's children created and left behind (a child killed
     before its peer mapped its arena): those of one `creator` pid, or all of them. Their names."""
     pattern = f"{PREFIX}-{supervisor}-{'' if creator is None else f'{creator}-'}"
-    removed = []
+    removed: list[str] = []
     try:
         names = os.listdir(SHM_DIR)
     except OSError:

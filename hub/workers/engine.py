@@ -7,8 +7,11 @@ metrics port); `EngineService` answers the frontends:
 - `submit`: a request's forward inputs, already checked and preprocessed by the frontend,
   into the model's batcher; the answer carries the request's rows of the outputs and a
   ticket for its batch.
+- `hello`: a frontend connected: the models' states, and the shared-memory hand-off's
+  handshake (its arena mapped here, ours offered; `mapped` says it mapped ours).
 - `commit`: a frontend answered these requests; count them (and, with the first of a batch,
-  the batch) in the statistics and metrics, in one step, as one process would.
+  the batch) in the statistics and metrics, in one step, as one process would; and free the
+  output blocks of our arena it has answered with.
 - `stats`, `load`, `unload`: the statistics snapshot and model control, for any frontend.
 - `state` (sent to every frontend): a model changed state, or the first load finished.
 """
@@ -28,6 +31,7 @@ from hub.core.models import ServedModel, batch_signature
 from hub.core.stats import BatchRecord
 from hub.errors import HubError, ModelUnavailable, client_message, code_of
 from hub.server import Server
+from hub.workers.arena import Arena
 from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.engine")
@@ -47,25 +51,68 @@ def model_view(model: ServedModel) -> dict[str, Any]:
 
 
 class _Connection:
-    """One frontend: its channel and the batches its answered-but-uncounted requests ran in."""
+    """One frontend: its channel, the batches its answered-but-uncounted requests ran in, and
+    the arenas of the shared-memory hand-off (hub/workers/arena.py): the frontend's, which
+    its inputs come in, and this process's for its outputs."""
 
     def __init__(self, service: EngineService) -> None:
         self.service = service
         self.channel = Channel(self._received, self._lost)
         self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.inputs: Arena | None = None  # the frontend's arena, mapped here
+        self.outputs: Arena | None = None  # ours, in use once the frontend said it mapped it
+        self._offered: Arena | None = None  # ours, offered in the hello answer
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header["k"]
         if kind == "commit":
+            if self.outputs is not None:  # output blocks the frontend has answered with
+                for offset in header.get("free", ()):
+                    self.outputs.free(offset)
             self.service.commit(self, header["items"])
+            return
+        if kind == "mapped":
+            self._mapped(bool(header.get("ok")))
             return
         task = asyncio.get_running_loop().create_task(self.service.handle(self, header, frames))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def hello(self, header: Header) -> Header:
+        """The hand-off's handshake: map the frontend's arena, offer ours (hub/workers/arena.py)."""
+        answer: Header = {"mapped": False}
+        if header.get("handoff") != "shm":
+            return answer
+        offer = header.get("arena")
+        if offer:
+            try:
+                self.inputs = Arena.attach(offer.get("name"), offer.get("size"))
+                answer["mapped"] = True
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("engine: cannot map a frontend's hand-off arena (%s); its inputs come over the socket", exc)
+        if self.service.handoff == "shm":
+            self._offered = Arena.create(self.service.arena_size)
+            if self._offered is not None:
+                answer["offer"] = self._offered.describe()
+        return answer
+
+    def _mapped(self, ok: bool) -> None:
+        offered, self._offered = self._offered, None
+        if offered is None:
+            return
+        offered.unlink()  # both sides have it mapped (or the frontend could not): the name goes
+        if ok:
+            self.outputs = offered
+
     def _lost(self, exc: BaseException | None) -> None:
         self.service.connections.discard(self)
+        # The frontend is gone: its arena's mapping goes when the last view of it does (a batch
+        # still computing on its inputs keeps it), and nothing will read our output blocks.
+        self.inputs = self.outputs = None
+        if self._offered is not None:
+            self._offered.unlink()
+            self._offered = None
         for task in list(self.tasks):
             task.cancel()
         for model, _ in self.tickets.values():  # that frontend's requests went with it
@@ -83,6 +130,9 @@ class EngineService:
     def __init__(self, server: Server, socket_path: Path) -> None:
         self.server = server
         self.socket_path = socket_path
+        #: How tensors cross (socket or shm) and the size of each of our output arenas.
+        self.handoff = server.config.handoff
+        self.arena_size = server.config.handoff_arena
         self.connections: set[_Connection] = set()
         self._tickets = itertools.count(1)
         self._listener: asyncio.AbstractServer | None = None
@@ -139,6 +189,7 @@ class EngineService:
                 reply, out = await self._submit(connection, header, frames)
             elif kind == "hello":
                 reply, out = self.snapshot(), []
+                reply["arena"] = connection.hello(header)
             elif kind == "stats":
                 reply, out = self._stats(header), []
             elif kind == "load":
@@ -167,7 +218,7 @@ class EngineService:
         model = self.server.repository.get_ready(header["m"], str(header["v"]))
         if model.batcher is None:
             raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
-        inputs = unpack_arrays(header["inputs"], frames)
+        inputs = unpack_arrays(header["inputs"], frames, connection.inputs)
         model.begin_request()
         delivery: Delivery = await model.batcher.submit(
             inputs,
@@ -178,12 +229,13 @@ class EngineService:
         )
         ticket = next(self._tickets)
         connection.tickets[ticket] = (model, delivery.batch)
-        described, out = pack_arrays(list(delivery.outputs.items()))
+        described, out, block = pack_arrays(list(delivery.outputs.items()), connection.outputs)
         return {
             "outputs": described,
             "inferences": delivery.inferences,
             "queue_ns": delivery.queue_ns,
             "b": ticket,
+            "o": block,
         }, out
 
     def commit(self, connection: _Connection, items: list[list[Any]]) -> None:
