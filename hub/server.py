@@ -200,13 +200,10 @@ class Server:
             )
         self.repository.on_change(self._model_changed)
         if config.shared_memory:
-            refuse = None
-            if config.engine_socket is not None:
-                refuse = (
-                    "shared memory registration is not available with --workers N > 1: a region registered "
-                    "through one frontend process would be unknown to the others; serve with --workers 1"
-                )
-            self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device, refuse=refuse)
+            if isinstance(self.repository, RemoteRepository):  # a frontend: the model process keeps the regions
+                self.shared_memory = self.repository.mirror_regions(config.shared_memory, self.device)
+            else:
+                self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,

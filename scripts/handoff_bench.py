@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.workers.arena import DEFAULT_SIZE, Arena
+from hub.workers.arena import DEFAULT_SIZE, THRESHOLD, Arena
 from hub.workers.wire import Channel, pack_arrays, unpack_arrays
 
 
@@ -175,7 +175,9 @@ def main() -> None:
     parser.add_argument("--handoff", default="socket,shm")
     parser.add_argument("--sizes", default="1,150", help="payloads in KiB (150: a 224x224x3 uint8 image)")
     parser.add_argument("--concurrency", default="1,64")
-    parser.add_argument("--threshold", type=int, default=0, help="bytes from which a tensor goes through the arena")
+    parser.add_argument(
+        "--threshold", type=int, default=THRESHOLD, help="bytes from which a tensor goes through the arena (0: all)"
+    )
     args = parser.parse_args()
     args.sizes = [float(s) for s in args.sizes.split(",")]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]

@@ -23,10 +23,13 @@ from hub.core.batching import Delivery
 from hub.core.models import ModelState, ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
-from hub.errors import HubError, ModelUnavailable, error_for_code
+from hub.datatypes import NUMPY_DTYPES
+from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
+from hub.shm import SYSTEM, SharedMemoryRegistry
+from hub.shm.regions import SystemRegion, current_holds
 from hub.spec import ModelSpec, Target
 from hub.workers.arena import DEFAULT_SIZE, Arena
-from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
+from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.frontend")
 
@@ -80,6 +83,7 @@ class EngineClient:
         self._frees: list[int] = []  # blocks of the model process's arena to give back
         self.arena: Arena | None = None  # ours, once the model process mapped it
         self.peer: Arena | None = None  # the model process's, for our outputs
+        self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
         self._flush_scheduled = False
         self.connected = asyncio.Event()
         self._closing = False
@@ -119,6 +123,8 @@ class EngineClient:
             try:
                 header, _ = await self.request(hello)
                 self._handshake(channel, header.get("arena") or {}, offer)
+                if self.regions is not None:
+                    self.regions.sync(header.get("regions") or [])
                 self._on_state(header)
             except HubError:
                 pass
@@ -154,6 +160,8 @@ class EngineClient:
                 call.future.set_exception(failure)
         self._pending.clear()
         self._commits.clear()
+        if self.regions is not None:
+            self.regions.sync([])  # the registry was the model process's: a new one starts empty
         if not self._closing:
             log.error("lost the model process (%s); reconnecting", exc or "closed")
             self._on_state({"k": "state", "lost": True, "models": []})
@@ -162,6 +170,11 @@ class EngineClient:
         kind = header.get("k")
         if kind == "state" and not header.get("t"):
             self._on_state(header)
+            return
+        if kind == "regions":  # a registration changed: apply it before the RPC returns
+            error = self.regions.sync(header["regions"]) if self.regions is not None else None
+            if self._channel is not None:
+                self._channel.send({"k": "ack", "a": header["a"], "error": error})
             return
         call = self._pending.pop(header.get("t", 0), None)
         if call is None:
@@ -214,11 +227,22 @@ class EngineClient:
         """Hand a request's inputs over (large ones through our arena) and wait for its outputs,
         which may view the model process's arena until `give_back(lease(answer))`."""
         arena = self.arena
-        described, frames, offset = pack_arrays(list(inputs.items()), arena)
+        regions = self.regions if self.regions is not None and self.regions.regions() else None
+        described, frames, offset = pack_arrays(list(inputs.items()), arena, locate=regions.locate if regions else None)
         header["inputs"] = described
+        targets: dict[int, SystemRegion] = {}
+        holds = current_holds() if regions is not None else None
+        if holds is not None and holds.targets:  # the model process writes these outputs into the regions
+            header["targets"] = []
+            for name, target in holds.targets.items():
+                if isinstance(target.region, SystemRegion) and target.region.id:
+                    targets[target.region.id] = target.region
+                    header["targets"].append(
+                        [name, target.region.id, target.region.name, target.offset, target.byte_size]
+                    )
         reply, out = await self.request(header, frames, (arena, offset) if arena is not None and offset >= 0 else None)
         try:
-            return reply, unpack_arrays(reply["outputs"], out, self.peer)
+            return reply, unpack_arrays(reply["outputs"], out, self.peer, _written(targets))
         except BaseException:
             self.give_back(self.lease(reply))
             raise
@@ -257,6 +281,96 @@ class EngineClient:
             self._channel.send(message)
         except ConnectionError:
             pass
+
+
+def _written(regions: dict[int, SystemRegion]) -> RegionView:
+    """Outputs the model process wrote into the request's regions: views of them (no copy)."""
+
+    def view(name: str, datatype: str, shape: list[int], offset: int, nbytes: int, number: int, _: str) -> np.ndarray:
+        region = regions.get(number)
+        if region is None:
+            raise ConnectionError(f"the model process wrote output {name!r} into a region this request did not give")
+        data = region.view(offset, nbytes, f"output '{shorten(name)}'", writable=True)
+        return np.frombuffer(data, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+
+    return view
+
+
+class RegionMirror(SharedMemoryRegistry):
+    """A frontend's copy of the model process's registry of client regions (system shared
+    memory with --workers N). Register and unregister go to the model process, which checks
+    them and sends every frontend the new table; each maps the regions itself (`sync`), so
+    status and inference here agree with every other frontend once the RPC returns.
+
+    A tensor of a request that lies in a mirrored region (`locate`) is handed over as (region
+    id, name, offset) and read by the model process from its own mapping, with no copy here."""
+
+    def __init__(self, kinds: frozenset[str], device: str, client: EngineClient) -> None:
+        super().__init__(
+            kinds,
+            device=device,
+            refuse="CUDA shared memory registration is not available with --workers N > 1 (each process would "
+            "open the IPC handle in its own CUDA context); serve with --workers 1 to use it",
+        )
+        self._client = client
+        client.regions = self
+
+    async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
+        self.require(kind)
+        if kind != SYSTEM:
+            raise ModelUnavailable(self.refuse or "")
+
+        await self._client.request(
+            {
+                "k": "shm_register",
+                "name": name,
+                "key": arguments["key"],
+                "offset": arguments["offset"],
+                "byte_size": arguments["byte_size"],
+            }
+        )
+
+    async def remove(self, kind: str, name: str = "") -> None:
+        if kind != SYSTEM or (not name and self.kinds and kind not in self.extension_kinds()):
+            return self.unregister(kind, name)
+        self.require(SYSTEM)
+        await self._client.request({"k": "shm_unregister", "name": name})
+
+    def sync(self, table: list[list[Any]]) -> str | None:
+        """Map what the model process has registered, drop the rest (requests holding a
+        dropped region keep it until answered): the first region that would not map, or None."""
+        wanted = {name: (number, key, offset, size) for number, name, key, offset, size in table}
+        for name, region in list(self._regions.items()):
+            if region.kind == SYSTEM and wanted.get(name, (0,))[0] != region.id:
+                del self._regions[name]
+                region.retire()
+        failure = None
+        for name, (number, key, offset, size) in wanted.items():
+            if name in self._regions:
+                continue
+            try:
+                region = SystemRegion.open(name, key, offset, size)
+            except HubError as exc:
+                failure = failure or client_message(exc)
+                continue
+            region.id = number
+            self._regions[name] = region
+        return failure
+
+    def locate(self, array: np.ndarray) -> tuple[int, str, int] | None:
+        """(region id, name, offset) when `array` lies, contiguous, inside a mirrored region."""
+        if not array.flags.c_contiguous:
+            return None
+        start = int(array.__array_interface__["data"][0])
+        end = start + array.nbytes
+        for region in self._regions.values():
+            if (
+                isinstance(region, SystemRegion)
+                and region.address <= start
+                and end <= region.address + region.byte_size
+            ):
+                return region.id, region.name, start - region.address
+        return None
 
 
 class RemoteBatcher:
@@ -393,6 +507,10 @@ class RemoteRepository(ModelRepository):
             data = fresh.get((model.name, model.version))
             if data is not None:
                 model.stats = _stats(data)
+
+    def mirror_regions(self, kinds: frozenset[str], device: str) -> RegionMirror:
+        """This frontend's registry of client shared memory: the model process's, mirrored."""
+        return RegionMirror(kinds, device, self.client)
 
     async def close(self, drain: bool = True) -> None:
         await self.client.close()
