@@ -200,7 +200,6 @@ class EngineService:
             "k": "state",
             "loaded": self.server.is_ready() or self.server._loaded.is_set(),
             "models": [model_view(m) for m in self.server.repository.models()],
-            "regions": self._region_table(),
         }
 
     def broadcast(self) -> None:
@@ -228,6 +227,7 @@ class EngineService:
             elif kind == "hello":
                 reply, out = self.snapshot(), []
                 reply["arena"] = connection.hello(header)
+                reply["regions"] = self._region_table()
             elif kind == "stats":
                 reply, out = self._stats(header), []
             elif kind == "load":

@@ -123,8 +123,6 @@ class EngineClient:
             try:
                 header, _ = await self.request(hello)
                 self._handshake(channel, header.get("arena") or {}, offer)
-                if self.regions is not None:
-                    self.regions.sync(header.get("regions") or [])
                 self._on_state(header)
             except HubError:
                 pass
@@ -176,6 +174,9 @@ class EngineClient:
             if self._channel is not None:
                 self._channel.send({"k": "ack", "a": header["a"], "error": error})
             return
+        if "regions" in header and self.regions is not None:
+            # The hello's answer: the region table now, applied in order with later changes.
+            self.regions.sync(header["regions"])
         call = self._pending.pop(header.get("t", 0), None)
         if call is None:
             return
