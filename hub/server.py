@@ -96,6 +96,10 @@ class ServerConfig:
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
     engine_socket: Path | None = None
     serve_engine: Path | None = None
+    #: How a frontend and the model process hand tensors over: "shm" (large tensors through a
+    #: shared-memory arena per direction and frontend, of `handoff_arena` bytes) or "socket".
+    handoff: str = "shm"
+    handoff_arena: int = 32 << 20
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
     limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
     model_control: bool = False  # RepositoryModelLoad/Unload and REST load/unload; `watch` implies it
@@ -178,7 +182,9 @@ class Server:
         models: list[ServedModel] = []
         control: ModelControl
         if config.engine_socket is not None:
-            remote = RemoteRepository(config.engine_socket, self._collect_specs)
+            remote = RemoteRepository(
+                config.engine_socket, self._collect_specs, handoff=config.handoff, arena_size=config.handoff_arena
+            )
             self.repository = remote
             control = RemoteControl(remote.client)
         else:
@@ -194,13 +200,10 @@ class Server:
             )
         self.repository.on_change(self._model_changed)
         if config.shared_memory:
-            refuse = None
-            if config.engine_socket is not None:
-                refuse = (
-                    "shared memory registration is not available with --workers N > 1: a region registered "
-                    "through one frontend process would be unknown to the others; serve with --workers 1"
-                )
-            self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device, refuse=refuse)
+            if isinstance(self.repository, RemoteRepository):  # a frontend: the model process keeps the regions
+                self.shared_memory = self.repository.mirror_regions(config.shared_memory, self.device)
+            else:
+                self.shared_memory = SharedMemoryRegistry(config.shared_memory, device=self.device)
         self.plane = DataPlane(
             self.repository,
             self.is_ready,

@@ -55,11 +55,22 @@ def shm_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> R
     return start_server(folder, metrics_port=None, shared_memory=frozenset({"system", "cuda"}))
 
 
+@pytest.fixture(scope="module")
+def shm_workers(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Workers]:
+    """The same plugins behind `--workers 2`: the registry lives in the model process."""
+    tmp = tmp_path_factory.mktemp("shm-workers")
+    plugins = link_plugins(tmp / "plugins", TEST_PLUGINS / "identity.py", TEST_PLUGINS / "behaviour.py")
+    server = Workers(plugins, model_repository, tmp, 2, "--shared-memory", "system,cuda")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
 class Side:
     """One protocol's client, tritonclient module and region bookkeeping for a test."""
 
-    def __init__(self, protocol: str, server: RunningServer, **kwargs: Any) -> None:
+    def __init__(self, protocol: str, server: RunningServer | Workers, **kwargs: Any) -> None:
         self.protocol = protocol
+        self.workers = isinstance(server, Workers)
         self.mod: Any = tc if protocol == "grpc" else th
         url = server.url if protocol == "grpc" else server.http_url
         self.client: Any = self.mod.InferenceServerClient(url, **kwargs)
@@ -96,13 +107,29 @@ class Side:
         self.client.close()
 
 
-@pytest.fixture(params=PROTOCOLS)
-def side(request: pytest.FixtureRequest, shm_server: RunningServer) -> Iterator[Side]:
-    current = Side(request.param, shm_server)
+def _sides(protocol: str, server: RunningServer | Workers) -> Iterator[Side]:
+    """A Side for one test; afterwards, no region is left registered."""
+    current = Side(protocol, server)
     yield current
     current.close()
-    assert shm_server.server is not None and shm_server.server.shared_memory is not None
-    assert shm_server.server.shared_memory.regions() == []
+    if isinstance(server, Workers):
+        assert len(tc.InferenceServerClient(server.url).get_system_shared_memory_status().regions) == 0
+    else:
+        assert server.server is not None and server.server.shared_memory is not None
+        assert server.server.shared_memory.regions() == []
+
+
+@pytest.fixture(params=PROTOCOLS)
+def local_side(request: pytest.FixtureRequest, shm_server: RunningServer) -> Iterator[Side]:
+    """A protocol's Side on the one-process server (for tests that look into its registry)."""
+    yield from _sides(request.param, shm_server)
+
+
+@pytest.fixture(params=[*PROTOCOLS, *(f"{p}-workers-2" for p in PROTOCOLS)])
+def side(request: pytest.FixtureRequest) -> Iterator[Side]:
+    """Each protocol on the one-process server and behind `--workers 2` (the same checks hold)."""
+    protocol, _, workers = request.param.partition("-")
+    yield from _sides(protocol, request.getfixturevalue("shm_workers" if workers else "shm_server"))
 
 
 def shm_input(side: Side, name: str, shape: list[int], datatype: str, region: str, size: int, offset: int = 0) -> Any:
@@ -263,8 +290,9 @@ def test_inference_refusals(side: Side, shm_server: RunningServer) -> None:
         "'small_out' is 8 bytes",
     )
     side.expect("INVALID_ARGUMENT", lambda: infer(outputs=[shm_output(side, "OUTPUT0", "small_out", 16)]), "runs past")
-    registry = shm_server.server.shared_memory  # type: ignore[union-attr]
-    assert all(r.users == 0 for r in registry.regions())  # refused requests hold nothing
+    if not side.workers:
+        registry = shm_server.server.shared_memory  # type: ignore[union-attr]
+        assert all(r.users == 0 for r in registry.regions())  # refused requests hold nothing
 
 
 def test_incomplete_parameters_on_the_wire(shm_server: RunningServer) -> None:
@@ -408,8 +436,9 @@ def test_classification_and_shared_memory_cannot_combine(side: Side) -> None:
 # --- lifetime -------------------------------------------------------------------------------------
 
 
-def test_unregister_while_a_request_is_pending(side: Side, shm_server: RunningServer) -> None:
+def test_unregister_while_a_request_is_pending(local_side: Side, shm_server: RunningServer) -> None:
     """The request holds its regions: it is answered correctly, and the last holder unmaps them."""
+    side = local_side
     value = np.full((1, 1), 3.0, np.float32)
     handle = side.region("pending_in", 4)
     out = side.region("pending_out", 4)
@@ -590,25 +619,55 @@ def test_fuzz_offsets_and_sizes(
         client.unregister_system_shared_memory("fuzz")
 
 
-def test_workers_refuse_registration_naming_why(tmp_path: Path, model_repository: Path) -> None:
-    """--workers 2: a region registered through one frontend would be unknown to the other, so
-    registration is refused (UNAVAILABLE, saying why and what to do) on both protocols."""
-    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
-    server = Workers(plugins, model_repository, tmp_path, 2, "--shared-memory", "system")
+def _mapped_by(pid: int, key: str) -> bool:
+    return f"/dev/shm/{key.lstrip('/')}" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_workers_share_one_registry_and_the_model_process_maps_the_regions(shm_workers: Workers) -> None:
+    """--workers 2: a region registered through one connection is usable by the next request
+    on any frontend, and status and unregister agree everywhere. A large tensor in a region is
+    read, and its output written, by the model process from its own mapping of the region."""
+    shape = [1, 64 << 10]  # 256 KiB of FP32, past the hand-off's inline threshold
+    size = 4 * shape[1]
+    key_in, key_out = new_key(), new_key()
+    handle_in = shm.create_shared_memory_region("w_in", key_in, size)
+    handle_out = shm.create_shared_memory_region("w_out", key_out, size)
+    grpcs = [tc.InferenceServerClient(shm_workers.url) for _ in range(8)]  # the kernel spreads them
+    rests = [th.InferenceServerClient(shm_workers.http_url) for _ in range(2)]
+    engine = shm_workers.children("engine")[0]
     try:
-        key = new_key()
-        handle = shm.create_shared_memory_region("w", key, 24)
-        for client in (tc.InferenceServerClient(server.url), th.InferenceServerClient(server.http_url)):
+        grpcs[0].register_system_shared_memory("w_in", key_in, size)
+        rests[0].register_system_shared_memory("w_out", key_out, size)
+        assert _mapped_by(engine, key_in) and _mapped_by(engine, key_out)
+        for index, client in enumerate([*grpcs, *rests]):
+            mod: Any = tc if isinstance(client, tc.InferenceServerClient) else th
+            values = np.random.default_rng(index).standard_normal(shape).astype(np.float32)
+            shm.set_shared_memory_region(handle_in, [values])
+            tensor = mod.InferInput("INPUT0", shape, "FP32")
+            tensor.set_shared_memory("w_in", size)
+            output = mod.InferRequestedOutput("OUTPUT0")
+            output.set_shared_memory("w_out", size)
+            client.infer("identity_fp32", [tensor], outputs=[output])
+            np.testing.assert_array_equal(shm.get_contents_as_numpy(handle_out, np.float32, shape), values)
+            status = client.get_system_shared_memory_status()
+            names = set(status.regions) if mod is tc else {r["name"] for r in status}
+            assert names == {"w_in", "w_out"}
+        rests[1].unregister_system_shared_memory("w_in")
+        for client in grpcs:
             with pytest.raises(InferenceServerException) as err:
-                client.register_system_shared_memory("w", key, 24)
-            assert err.value.status() in ("StatusCode.UNAVAILABLE", "503")
-            assert "--workers 1" in err.value.message() and key.lstrip("/") not in err.value.message()
-            metadata = client.get_server_metadata()
-            assert "system_shared_memory" in (
-                metadata.extensions
-                if isinstance(metadata, service_pb2.ServerMetadataResponse)
-                else metadata["extensions"]
-            )
-        shm.destroy_shared_memory_region(handle)
+                client.get_system_shared_memory_status("w_in")
+            assert err.value.status() == "StatusCode.NOT_FOUND"
+            tensor = tc.InferInput("INPUT0", shape, "FP32")
+            tensor.set_shared_memory("w_in", size)
+            with pytest.raises(InferenceServerException, match="'w_in' is not registered"):
+                client.infer("identity_fp32", [tensor])
+        assert not _mapped_by(engine, key_in) and _mapped_by(engine, key_out)
+        grpcs[3].unregister_system_shared_memory()
+        assert not _mapped_by(engine, key_out)
+        assert all(len(c.get_system_shared_memory_status().regions) == 0 for c in grpcs)
     finally:
-        assert server.stop() == 0, server.output()
+        grpcs[0].unregister_system_shared_memory()
+        for handle in (handle_in, handle_out):
+            shm.destroy_shared_memory_region(handle)
+        for client in [*grpcs, *rests]:
+            client.close()

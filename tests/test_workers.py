@@ -1,6 +1,7 @@
 """`modelhub serve --workers 2`: one model process behind two frontend processes, as a user
 starts it, driven with tritonclient: answers, statistics and metrics of the whole server,
-reloads under load, a frontend or the model process killed under load, and SIGTERM."""
+reloads under load, a frontend or the model process killed under load, SIGTERM, and the
+shared-memory hand-off (answers, a full arena, nothing left in /dev/shm)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,9 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
+
+from hub.workers.arena import SHM_DIR, Arena
+from hub.workers.wire import pack_arrays, unpack_arrays
 
 from .conftest import ROOT, Workers, link_plugins
 from .test_lifecycle import one, write_scaler
@@ -145,8 +149,15 @@ async def test_killed_frontend_and_model_process_recover(tmp_path: Path) -> None
             time.sleep(0.2)
         assert float((await client.infer("sleepy", [tensor])).as_numpy("OUTPUT0")[0, 0]) == 2.0
         await client.close()
+        # The restarted model process has mapped both frontends' fresh arenas, and offered
+        # its own: the dead processes' arenas are gone, nothing is left in /dev/shm.
+        while len(_arenas(server.children("engine")[0])) != 4:
+            assert time.monotonic() < deadline + 120, _arenas(server.children("engine")[0])
+            time.sleep(0.2)
+        assert _leftovers(server) == []
     finally:
         assert server.stop() == 0, server.output()
+    assert _leftovers(server) == []
 
 
 async def test_sigterm_answers_every_accepted_request(tmp_path: Path) -> None:
@@ -164,3 +175,118 @@ async def test_sigterm_answers_every_accepted_request(tmp_path: Path) -> None:
     await client.close()
     assert [r if isinstance(r, Exception) else float(r.as_numpy("OUTPUT0")[0, 0]) for r in results] == [6.0] * 4
     assert server.stop() == 0, server.output()
+
+
+# --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------
+
+
+def test_arena_ring_reuses_blocks_freed_out_of_order() -> None:
+    arena = Arena.create(4096)
+    assert arena is not None
+    try:
+        first, second, third = (arena.alloc(1000) for _ in range(3))
+        assert (first, second, third) == (0, 1024, 2048)  # rounded up to ALIGN, back to back
+        assert arena.alloc(2048) is None  # no contiguous room: the caller uses the socket
+        arena.free(second)  # out of order: the tail waits for the oldest block
+        assert arena.alloc(1100) is None and arena.used == 2048
+        arena.free(first)  # now the tail moves past both, and the ring wraps to the front
+        assert arena.alloc(2048) == 0 and arena.alloc(64) is None
+        arena.free(third)
+        arena.free(0)
+        assert arena.used == 0 and arena.blocks == 0 and arena.alloc(4096) == 0
+        arena.free(12345)  # never taken: ignored
+    finally:
+        arena.unlink()
+    assert not (SHM_DIR / arena.name).exists()
+
+
+def test_pack_falls_back_to_frames_when_the_arena_is_full() -> None:
+    arena = Arena.create(64 << 10)
+    assert arena is not None
+    arena.unlink()
+    big = np.arange(12 << 10, dtype=np.float32)  # 48 KiB
+    small = np.arange(16, dtype=np.int64)
+    described, frames, block = pack_arrays([("big", big), ("small", small)], arena)
+    assert block == 0 and len(described[0]) == 5 and len(described[1]) == 3 and len(frames) == 1
+    again, frames_again, no_block = pack_arrays([("big", big)], arena)  # 48 KiB more do not fit
+    assert no_block == -1 and len(again[0]) == 3 and len(frames_again) == 1
+    received = unpack_arrays(described, [memoryview(bytes(f)) for f in frames], arena)
+    np.testing.assert_array_equal(received["big"], big)
+    np.testing.assert_array_equal(received["small"], small)
+    assert unpack_arrays(again, [memoryview(bytes(frames_again[0]))])["big"].tobytes() == big.tobytes()
+
+
+def _arenas(pid: int) -> set[str]:
+    """The hand-off arenas a process has mapped (their names are unlinked: '(deleted)')."""
+    maps = Path(f"/proc/{pid}/maps").read_text()
+    return {line.split("/dev/shm/")[1].split()[0] for line in maps.splitlines() if "/dev/shm/modelhub-handoff-" in line}
+
+
+def _leftovers(server: Workers) -> list[str]:
+    return [n for n in os.listdir(SHM_DIR) if n.startswith(f"modelhub-handoff-{server.process.pid}-")]
+
+
+async def _round_trips(server: Workers, shapes: list[tuple[int, int]], concurrency: int = 16) -> None:
+    """Each request a distinct tensor through identity_fp32 (batched) and identity_bytes:
+    every answer must be its own request's."""
+    client = tc_aio.InferenceServerClient(server.url)
+
+    async def one_request(index: int) -> None:
+        shape = shapes[index % len(shapes)]
+        data = np.random.default_rng(index).standard_normal(shape).astype(np.float32)
+        tensor = tc_aio.InferInput("INPUT0", list(shape), "FP32")
+        tensor.set_data_from_numpy(data)
+        result = await client.infer("identity_fp32", [tensor])
+        np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), data)
+
+    await asyncio.gather(*[one_request(i) for i in range(concurrency * 4)])
+    words = np.array([[f"w{i}".encode() * 100 for i in range(64)]], dtype=np.object_)
+    tensor = tc_aio.InferInput("INPUT0", [1, 64], "BYTES")
+    tensor.set_data_from_numpy(words)
+    assert (await client.infer("identity_bytes", [tensor])).as_numpy("OUTPUT0").tolist() == words.tolist()
+    await client.close()
+
+
+#: 128 KiB, 48 KiB (both through the arena) and 1 KiB (inline) per request.
+SHAPES = [(1, 32 << 10), (1, 12 << 10), (2, 128)]
+
+
+async def test_shared_memory_handoff_answers_and_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path)
+    try:
+        await _round_trips(server, SHAPES)
+        engine = server.children("engine")[0]
+        frontends = server.children("frontend")
+        # Each frontend's arena and the model process's one for it are mapped on both sides
+        # and already unlinked: nothing is left in /dev/shm while the server runs.
+        mapped = _arenas(engine)
+        assert len(mapped) == 4, mapped
+        for pid in frontends:
+            assert len(_arenas(pid)) == 2 and _arenas(pid) <= mapped
+        assert _leftovers(server) == []
+    finally:
+        assert server.stop() == 0, server.output()
+    assert _leftovers(server) == []
+
+
+async def test_a_full_arena_falls_back_to_the_socket(tmp_path: Path) -> None:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    # 256 KiB each way: a few 48 KiB tensors fit at once, a 128 KiB one now and then; the rest go as frames
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff-arena", "256K")
+    try:
+        await _round_trips(server, SHAPES, concurrency=32)
+        assert len(_arenas(server.children("engine")[0])) == 4
+    finally:
+        assert server.stop() == 0, server.output()
+    assert _leftovers(server) == []
+
+
+async def test_socket_handoff_maps_no_arena(tmp_path: Path) -> None:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff", "socket")
+    try:
+        await _round_trips(server, SHAPES, concurrency=4)
+        assert _arenas(server.children("engine")[0]) == set()
+    finally:
+        assert server.stop() == 0, server.output()

@@ -31,6 +31,19 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def _size(text: str) -> int:
+    """A byte count: a number with an optional K, M or G (binary units)."""
+    value = text.strip().upper().removesuffix("B").removesuffix("I")
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(value[-1:], 1)
+    try:
+        count = int(float(value[:-1] if scale > 1 else value) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 32M, 512K)") from None
+    if count < 4096:
+        raise argparse.ArgumentTypeError(f"{text!r} is smaller than a page (4K)")
+    return count
+
+
 def _env_flag(name: str) -> bool:
     """A boolean MODELHUB_<name>: set and not 0/false/no/off."""
     return str(_env(name, "")).strip().lower() not in ("", "0", "false", "no", "off")
@@ -242,6 +255,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("PORT_FILE", None),
         help="write the ports listened on as JSON to this file once listening (useful with port 0)",
     )
+    serve.add_argument(
+        "--handoff",
+        choices=["shm", "socket"],
+        default=_env("HANDOFF", "shm"),
+        help="with --workers N > 1, how tensors cross between a frontend and the model process: shm (large "
+        "tensors through shared memory, only a header on the socket; falls back to the socket when /dev/shm "
+        "cannot hold the arenas) or socket (env MODELHUB_HANDOFF; default shm; docs/workers.md)",
+    )
+    serve.add_argument(
+        "--handoff-arena",
+        type=_size,
+        default=_env("HANDOFF_ARENA", "32M"),
+        metavar="BYTES",
+        help="size of each shared-memory hand-off arena, e.g. 32M: two per frontend, one each way "
+        "(env MODELHUB_HANDOFF_ARENA; default 32M)",
+    )
     # Set by the supervisor of --workers N for the processes it starts.
     serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
     serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
@@ -420,6 +449,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watch=args.watch if args.role != "frontend" else None,
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,
+        handoff=args.handoff,
+        handoff_arena=args.handoff_arena,
         reuse_port=args.role == "frontend",
         limits=limits,
         # the frontends of --workers N get no `watch`, so --watch's implied control is explicit

@@ -222,15 +222,11 @@ class DataPlane:
         """Register a region: `arguments` are key, offset, byte_size (system) or raw_handle,
         device_id, byte_size (CUDA). AlreadyExists for a registered name; InvalidInput when
         the key, handle, offset or size do not make a region."""
-        registry = self._registry(kind)
-        if kind == "system":
-            registry.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
-        else:
-            registry.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
+        await self._registry(kind).register(kind, name, dict(arguments))
 
     async def unregister_shared_memory(self, kind: str, name: str = "") -> None:
         """Unregister one region (an unknown name is no error) or, with no name, all of `kind`."""
-        (self.shared_memory or SharedMemoryRegistry()).unregister(kind, name)
+        await (self.shared_memory or SharedMemoryRegistry()).remove(kind, name)
 
     def shared_memory_status(self, kind: str, name: str = "") -> list[dict[str, Any]]:
         """Each region's status as Triton reports it; NOT_FOUND for an unknown name."""

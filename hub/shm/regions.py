@@ -19,6 +19,7 @@ import mmap
 import os
 import stat
 from collections.abc import Sequence
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -88,6 +89,9 @@ class Region:
     def __init__(self, name: str, byte_size: int) -> None:
         self.name = name
         self.byte_size = byte_size
+        #: With --workers N: the model process's number for this registration, the same in
+        #: every process, so that a request names exactly the registration it decoded with.
+        self.id = 0
         self.users = 0
         self.retired = False
         self.closed = False
@@ -138,6 +142,10 @@ class SystemRegion(Region):
         self._fd = fd
         self._map = mapping
         self._delta = delta  # where the region starts in the mapping (mmap offsets are page-aligned)
+        probe = np.frombuffer(mapping, np.uint8, 1)
+        #: Where the region starts in this process's memory (to tell a tensor that lies in it).
+        self.address = int(probe.__array_interface__["data"][0]) + delta
+        del probe  # an export of the mapping would keep it from closing
 
     @classmethod
     def open(cls, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
@@ -196,6 +204,8 @@ class SystemRegion(Region):
         if size == 0:
             return
         view = self.view(offset, size, f"output '{shorten(name)}'", writable=True)
+        if not isinstance(data, bytes) and data.__array_interface__["data"][0] == self.address + offset:
+            return  # already there: the model process of --workers N wrote it into the region itself
         if isinstance(data, bytes):
             view[:] = data
         else:
@@ -341,6 +351,19 @@ class SharedMemoryRegistry:
         self._regions[name] = region
         return region
 
+    async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
+        """Register a region (the data plane's entry point; with --workers N the frontends'
+        registry forwards it to the model process). `arguments`: key, offset, byte_size
+        (system) or raw_handle, device_id, byte_size (CUDA)."""
+        if kind == SYSTEM:
+            self.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
+        else:
+            self.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
+
+    async def remove(self, kind: str, name: str = "") -> None:
+        """`unregister`, as the data plane calls it (forwarded with --workers N)."""
+        self.unregister(kind, name)
+
     def unregister(self, kind: str, name: str = "") -> None:
         """Unregister one region of `kind` (an unknown name is not an error, as in Triton), or
         every region of it when `name` is empty. Requests holding a region keep it until answered.
@@ -399,21 +422,38 @@ def _check_extent(name: str, offset: int, byte_size: int) -> None:
         raise InvalidInput(f"shared memory region '{_name(name)}': offset + byte_size is out of range")
 
 
+_CURRENT: ContextVar[Holds | None] = ContextVar("modelhub_holds", default=None)
+
+
+def current_holds() -> Holds | None:
+    """The holds of the request this task is answering (inside `with Holds(...)`): with
+    --workers N the frontend reads its output targets here, to have the model process write
+    the outputs into the client's regions itself."""
+    return _CURRENT.get()
+
+
 class Holds:
     """The regions one request uses. Each is held from the moment the request names it until
     `release()` (the request answered, failed or cancelled), so an unregister meanwhile does
     not unmap it. Use as a context manager around the whole request."""
 
-    __slots__ = ("_held", "registry")
+    __slots__ = ("_held", "_token", "registry", "targets")
 
     def __init__(self, registry: SharedMemoryRegistry | None) -> None:
         self.registry = registry
         self._held: list[Region] = []
+        self._token: Token[Holds | None] | None = None
+        #: The outputs the request asked to have written into shared memory, by name.
+        self.targets: dict[str, OutputTarget] = {}
 
     def __enter__(self) -> Holds:
+        self._token = _CURRENT.set(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._token is not None:
+            _CURRENT.reset(self._token)
+            self._token = None
         self.release()
 
     def release(self) -> None:
@@ -451,4 +491,5 @@ class Holds:
         what = f"output '{shorten(name)}'"
         region = self._hold(region_name, what)
         region.check(offset, byte_size, what)
-        return OutputTarget(region, offset, byte_size)
+        target = self.targets[name] = OutputTarget(region, offset, byte_size)
+        return target

@@ -7,9 +7,18 @@ metrics port); `EngineService` answers the frontends:
 - `submit`: a request's forward inputs, already checked and preprocessed by the frontend,
   into the model's batcher; the answer carries the request's rows of the outputs and a
   ticket for its batch.
+- `hello`: a frontend connected: the models' states, and the shared-memory hand-off's
+  handshake (its arena mapped here, ours offered; `mapped` says it mapped ours).
 - `commit`: a frontend answered these requests; count them (and, with the first of a batch,
-  the batch) in the statistics and metrics, in one step, as one process would.
+  the batch) in the statistics and metrics, in one step, as one process would; and free the
+  output blocks of our arena it has answered with.
 - `stats`, `load`, `unload`: the statistics snapshot and model control, for any frontend.
+- `shm_register`, `shm_unregister`: Triton's system shared memory. The registry of client
+  regions lives here (every check of hub/shm/regions.py runs here); each change is sent to
+  every frontend as the whole table (`regions`), and the RPC returns once each has
+  acknowledged it, so the next request on any frontend sees it. A request's tensors in a
+  client region arrive as (region id, name, offset, size) and are read from this process's
+  own mapping; its outputs are written straight into the client's region here.
 - `state` (sent to every frontend): a model changed state, or the first load finished.
 """
 
@@ -23,14 +32,23 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from hub.core.batching import Delivery
 from hub.core.models import ServedModel, batch_signature
 from hub.core.stats import BatchRecord
-from hub.errors import HubError, ModelUnavailable, client_message, code_of
+from hub.datatypes import datatype_of
+from hub.errors import HubError, InvalidInput, ModelUnavailable, Unsupported, client_message, code_of, shorten
 from hub.server import Server
-from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
+from hub.shm import SYSTEM, Holds, SharedMemoryRegistry
+from hub.shm.regions import SystemRegion
+from hub.workers.arena import Arena
+from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.engine")
+
+#: How long a register or unregister waits for every frontend to apply the region table.
+PUBLISH_TIMEOUT = 10.0
 
 
 def model_view(model: ServedModel) -> dict[str, Any]:
@@ -47,25 +65,78 @@ def model_view(model: ServedModel) -> dict[str, Any]:
 
 
 class _Connection:
-    """One frontend: its channel and the batches its answered-but-uncounted requests ran in."""
+    """One frontend: its channel, the batches its answered-but-uncounted requests ran in, and
+    the arenas of the shared-memory hand-off (hub/workers/arena.py): the frontend's, which
+    its inputs come in, and this process's for its outputs."""
 
     def __init__(self, service: EngineService) -> None:
         self.service = service
         self.channel = Channel(self._received, self._lost)
         self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
         self.tasks: set[asyncio.Task[None]] = set()
+        self.asks: dict[int, asyncio.Future[str | None]] = {}  # region tables sent, not yet acknowledged
+        self.inputs: Arena | None = None  # the frontend's arena, mapped here
+        self.outputs: Arena | None = None  # ours, in use once the frontend said it mapped it
+        self._offered: Arena | None = None  # ours, offered in the hello answer
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header["k"]
         if kind == "commit":
+            if self.outputs is not None:  # output blocks the frontend has answered with
+                for offset in header.get("free", ()):
+                    self.outputs.free(offset)
             self.service.commit(self, header["items"])
+            return
+        if kind == "mapped":
+            self._mapped(bool(header.get("ok")))
+            return
+        if kind == "ack":
+            asked = self.asks.pop(header.get("a", 0), None)
+            if asked is not None and not asked.done():
+                asked.set_result(header.get("error"))
             return
         task = asyncio.get_running_loop().create_task(self.service.handle(self, header, frames))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
+    def hello(self, header: Header) -> Header:
+        """The hand-off's handshake: map the frontend's arena, offer ours (hub/workers/arena.py)."""
+        answer: Header = {"mapped": False}
+        if header.get("handoff") != "shm":
+            return answer
+        offer = header.get("arena")
+        if offer:
+            try:
+                self.inputs = Arena.attach(offer.get("name"), offer.get("size"))
+                answer["mapped"] = True
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("engine: cannot map a frontend's hand-off arena (%s); its inputs come over the socket", exc)
+        if self.service.handoff == "shm":
+            self._offered = Arena.create(self.service.arena_size)
+            if self._offered is not None:
+                answer["offer"] = self._offered.describe()
+        return answer
+
+    def _mapped(self, ok: bool) -> None:
+        offered, self._offered = self._offered, None
+        if offered is None:
+            return
+        offered.unlink()  # both sides have it mapped (or the frontend could not): the name goes
+        if ok:
+            self.outputs = offered
+
     def _lost(self, exc: BaseException | None) -> None:
         self.service.connections.discard(self)
+        for asked in self.asks.values():  # a frontend that is gone needs no region table
+            if not asked.done():
+                asked.set_result(None)
+        self.asks.clear()
+        # The frontend is gone: its arena's mapping goes when the last view of it does (a batch
+        # still computing on its inputs keeps it), and nothing will read our output blocks.
+        self.inputs = self.outputs = None
+        if self._offered is not None:
+            self._offered.unlink()
+            self._offered = None
         for task in list(self.tasks):
             task.cancel()
         for model, _ in self.tickets.values():  # that frontend's requests went with it
@@ -78,13 +149,29 @@ class _Connection:
         except ConnectionError:
             pass  # the frontend went away; its requests went with it
 
+    def ask(self, header: Header, number: int) -> asyncio.Future[str | None]:
+        """Send a message the frontend acknowledges (`ack`, with an error or None)."""
+        header["a"] = number
+        asked: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self.asks[number] = asked
+        self.send(header)
+        if self.channel.transport is None or self.channel.transport.is_closing():
+            self.asks.pop(number, None)
+            asked.set_result(None)
+        return asked
+
 
 class EngineService:
     def __init__(self, server: Server, socket_path: Path) -> None:
         self.server = server
         self.socket_path = socket_path
+        #: How tensors cross (socket or shm) and the size of each of our output arenas.
+        self.handoff = server.config.handoff
+        self.arena_size = server.config.handoff_arena
         self.connections: set[_Connection] = set()
         self._tickets = itertools.count(1)
+        self._region_ids = itertools.count(1)
+        self._asks = itertools.count(1)
         self._listener: asyncio.AbstractServer | None = None
         self._announcing: asyncio.Task[None] | None = None
 
@@ -139,6 +226,8 @@ class EngineService:
                 reply, out = await self._submit(connection, header, frames)
             elif kind == "hello":
                 reply, out = self.snapshot(), []
+                reply["arena"] = connection.hello(header)
+                reply["regions"] = self._region_table()
             elif kind == "stats":
                 reply, out = self._stats(header), []
             elif kind == "load":
@@ -146,6 +235,13 @@ class EngineService:
                 reply, out = {}, []
             elif kind == "unload":
                 await self.server.plane.unload(header["name"])  # type: ignore[union-attr]
+                reply, out = {}, []
+            elif kind == "shm_register":
+                await self._register_region(header)
+                reply, out = {}, []
+            elif kind == "shm_unregister":
+                self._registry().unregister(SYSTEM, header.get("name", ""))
+                await self._publish_regions()
                 reply, out = {}, []
             else:
                 raise HubError(f"unknown message kind {kind!r}")
@@ -167,24 +263,108 @@ class EngineService:
         model = self.server.repository.get_ready(header["m"], str(header["v"]))
         if model.batcher is None:
             raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
-        inputs = unpack_arrays(header["inputs"], frames)
-        model.begin_request()
-        delivery: Delivery = await model.batcher.submit(
-            inputs,
-            rows=header["rows"],
-            signature=batch_signature(model.spec, inputs),
-            timeout=header.get("timeout"),
-            request_id=header.get("id", ""),
-        )
-        ticket = next(self._tickets)
-        connection.tickets[ticket] = (model, delivery.batch)
-        described, out = pack_arrays(list(delivery.outputs.items()))
+        with Holds(self.server.shared_memory) as holds:  # client regions it names stay mapped while it runs
+            inputs = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
+            model.begin_request()
+            delivery: Delivery = await model.batcher.submit(
+                inputs,
+                rows=header["rows"],
+                signature=batch_signature(model.spec, inputs),
+                timeout=header.get("timeout"),
+                request_id=header.get("id", ""),
+            )
+            ticket = next(self._tickets)
+            connection.tickets[ticket] = (model, delivery.batch)
+            outputs = list(delivery.outputs.items())
+            written = self._write_targets(holds, header["targets"], outputs) if header.get("targets") else {}
+            described, out, block = pack_arrays([o for o in outputs if o[0] not in written], connection.outputs)
+            described += [written[name] for name, _ in outputs if name in written]
         return {
             "outputs": described,
             "inferences": delivery.inferences,
             "queue_ns": delivery.queue_ns,
             "b": ticket,
+            "o": block,
         }, out
+
+    # --- client shared memory (Triton's extension) with several frontends ---------------------
+
+    def _registry(self) -> SharedMemoryRegistry:
+        registry = self.server.shared_memory
+        if registry is None:
+            raise Unsupported("shared memory is off in the model process")
+        return registry
+
+    def _region_table(self) -> list[list[Any]]:
+        """[id, name, key, offset, byte_size] of every system region, as each frontend mirrors it."""
+        registry = self.server.shared_memory
+        if registry is None:
+            return []
+        return [[r.id, r.name, r.key, r.offset, r.byte_size] for r in registry.regions() if isinstance(r, SystemRegion)]
+
+    async def _register_region(self, header: Header) -> None:
+        """Register a system region here, with every check of hub/shm/regions.py, then have
+        every frontend map it before the register RPC returns."""
+        registry = self._registry()
+        name = header["name"]
+        region = registry.register_system(name, header["key"], header["offset"], header["byte_size"])
+        region.id = next(self._region_ids)
+        failure = await self._publish_regions()
+        if failure is not None:
+            if region in registry.regions():  # (not unregistered meanwhile)
+                registry.unregister(SYSTEM, name)
+                await self._publish_regions()
+            raise InvalidInput(f"shared memory region could not be mapped by every frontend process: {failure}")
+
+    async def _publish_regions(self) -> str | None:
+        """Send the region table to every frontend and wait until each has applied it (or is
+        gone): the first frontend's error, or None."""
+        table = self._region_table()
+        asked = [c.ask({"k": "regions", "regions": table}, next(self._asks)) for c in list(self.connections)]
+        if not asked:
+            return None
+        try:
+            answers = await asyncio.wait_for(asyncio.gather(*asked), PUBLISH_TIMEOUT)
+        except TimeoutError:
+            log.error("engine: a frontend did not apply the shared-memory region table within %ss", PUBLISH_TIMEOUT)
+            return None
+        return next((a for a in answers if a), None)
+
+    def _region_reader(self, holds: Holds) -> RegionView:
+        limits = self.server.config.limits
+
+        def read(name: str, datatype: str, shape: list[int], offset: int, nbytes: int, number: int, region: str) -> Any:
+            self._registration(region, number, f"input '{shorten(name)}'")
+            return holds.read(name, datatype, shape, region, offset, nbytes, limits)
+
+        return read
+
+    def _registration(self, region: str, number: int, what: str) -> None:
+        """Refuse a request that names a registration other than the one here (it was
+        unregistered, and perhaps registered again, while the request was in flight)."""
+        found = self._registry().find(region, what)
+        if found.id != number:
+            raise InvalidInput(
+                f"{what}: shared memory region '{shorten(region, 64)}' was unregistered while the request was in flight"
+            )
+
+    def _write_targets(
+        self, holds: Holds, targets: list[list[Any]], outputs: list[tuple[str, Any]]
+    ) -> dict[str, list[Any]]:
+        """Write outputs straight into the client regions the request gave them (the frontend
+        then describes them without a copy); BYTES outputs are left to the frontend. The
+        descriptions of those written, by name."""
+        arrays = dict(outputs)
+        written: dict[str, list[Any]] = {}
+        for name, number, region, offset, byte_size in targets:
+            array = arrays.get(name)
+            if array is None or not isinstance(array, np.ndarray) or array.dtype == np.object_:
+                continue
+            what = f"output '{shorten(name)}'"
+            self._registration(region, number, what)
+            holds.output(name, region, offset, byte_size).write(name, array)
+            written[name] = [name, datatype_of(array), list(array.shape), offset, array.nbytes, number, region]
+        return written
 
     def commit(self, connection: _Connection, items: list[list[Any]]) -> None:
         """Count answered requests: [name, version, code, ns, inferences, queue_ns, batch ticket

@@ -23,31 +23,68 @@ from hub.core.batching import Delivery
 from hub.core.models import ModelState, ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
-from hub.errors import HubError, ModelUnavailable, error_for_code
+from hub.datatypes import NUMPY_DTYPES
+from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
 from hub.metrics import NullMetrics
+from hub.shm import SYSTEM, SharedMemoryRegistry
+from hub.shm.regions import SystemRegion, current_holds
 from hub.spec import ModelSpec, Target
-from hub.workers.wire import Channel, Header, pack_arrays, unpack_arrays
+from hub.workers.arena import DEFAULT_SIZE, Arena
+from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.frontend")
 
 
+#: A block of the model process's arena that a request's outputs lie in: given back once the
+#: response is encoded (RemoteModel.end_request).
+Lease = tuple[Arena, int]
+
+
 @dataclass(eq=False)
 class RemoteBatch(BatchRecord):
-    """The model process's ticket for the batch a request ran in."""
+    """The model process's ticket for the batch a request ran in, and the block of its arena
+    the request's outputs lie in (None: they came as frames)."""
 
     ticket: int = 0
+    lease: Lease | None = None
+
+
+@dataclass(eq=False)
+class _Call:
+    """A request to the model process: its answer's future and the block of our arena its
+    inputs lie in (freed when the answer comes, even after the caller went away)."""
+
+    future: asyncio.Future[tuple[Header, list[memoryview]]]
+    block: Lease | None = None
 
 
 class EngineClient:
-    """This frontend's connection to the model process, reconnecting when it restarts."""
+    """This frontend's connection to the model process, reconnecting when it restarts.
 
-    def __init__(self, socket_path: Path, on_state: Callable[[Header], None]) -> None:
+    With the shared-memory hand-off (`handoff="shm"`, hub/workers/arena.py) each connection
+    has two arenas: ours, which large inputs are copied into (announced in the hello; a new
+    one for every connection), and the model process's for our outputs."""
+
+    def __init__(
+        self,
+        socket_path: Path,
+        on_state: Callable[[Header], None],
+        *,
+        handoff: str = "shm",
+        arena_size: int = DEFAULT_SIZE,
+    ) -> None:
         self.socket_path = socket_path
         self._on_state = on_state
+        self.handoff = handoff
+        self.arena_size = arena_size
         self._channel: Channel | None = None
-        self._pending: dict[int, asyncio.Future[tuple[Header, list[memoryview]]]] = {}
+        self._pending: dict[int, _Call] = {}
         self._ids = itertools.count(1)
         self._commits: list[list[Any]] = []
+        self._frees: list[int] = []  # blocks of the model process's arena to give back
+        self.arena: Arena | None = None  # ours, once the model process mapped it
+        self.peer: Arena | None = None  # the model process's, for our outputs
+        self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
         self._flush_scheduled = False
         self.connected = asyncio.Event()
         self._closing = False
@@ -80,22 +117,50 @@ class EngineClient:
             self._channel = channel
             self.connected.set()
             log.info("connected to the model process at %s", self.socket_path)
+            offer = Arena.create(self.arena_size) if self.handoff == "shm" else None
+            hello: Header = {"k": "hello", "handoff": self.handoff}
+            if offer is not None:
+                hello["arena"] = offer.describe()
             try:
-                header, _ = await self.request({"k": "hello"})
+                header, _ = await self.request(hello)
+                self._handshake(channel, header.get("arena") or {}, offer)
                 self._on_state(header)
             except HubError:
                 pass
+            finally:
+                if offer is not None:
+                    offer.unlink()  # the model process mapped it (and unlinked it), or never will
             await channel.closed
+
+    def _handshake(self, channel: Channel, answer: Header, offer: Arena | None) -> None:
+        """Use our arena if the model process mapped it; map the one it offers for our outputs."""
+        if self._channel is not channel:
+            return
+        if offer is not None and answer.get("mapped"):
+            self.arena = offer
+        offered = answer.get("offer")
+        if offered:
+            try:
+                self.peer = Arena.attach(offered.get("name"), offered.get("size"))
+            except (OSError, ValueError, AttributeError) as exc:
+                log.warning("cannot map the model process's hand-off arena (%s); outputs come over the socket", exc)
+            channel.send({"k": "mapped", "ok": self.peer is not None})
 
     def _lost(self, exc: BaseException | None) -> None:
         self.connected.clear()
         self._channel = None
+        # Both arenas go with the connection: nobody reads our blocks any more, and the model
+        # process's mapping lasts as long as a view of an output we are still encoding.
+        self.arena = self.peer = None
+        self._frees.clear()
         failure = ModelUnavailable("the model process exited; it is being restarted, try again shortly")
-        for future in self._pending.values():
-            if not future.done():
-                future.set_exception(failure)
+        for call in self._pending.values():
+            if not call.future.done():
+                call.future.set_exception(failure)
         self._pending.clear()
         self._commits.clear()
+        if self.regions is not None:
+            self.regions.sync([])  # the registry was the model process's: a new one starts empty
         if not self._closing:
             log.error("lost the model process (%s); reconnecting", exc or "closed")
             self._on_state({"k": "state", "lost": True, "models": []})
@@ -105,35 +170,99 @@ class EngineClient:
         if kind == "state" and not header.get("t"):
             self._on_state(header)
             return
-        future = self._pending.pop(header.get("t", 0), None)
-        if future is None or future.done():
+        if kind == "regions":  # a registration changed: apply it before the RPC returns
+            error = self.regions.sync(header["regions"]) if self.regions is not None else None
+            if self._channel is not None:
+                self._channel.send({"k": "ack", "a": header["a"], "error": error})
+            return
+        if "regions" in header and self.regions is not None:
+            # The hello's answer: the region table now, applied in order with later changes.
+            self.regions.sync(header["regions"])
+        call = self._pending.pop(header.get("t", 0), None)
+        if call is None:
+            return
+        if call.block is not None:  # the model process is done with the inputs: its batch ran
+            call.block[0].free(call.block[1])
+        future = call.future
+        if future.done():  # the caller went away: nobody will read the outputs
+            if kind != "error":
+                self.give_back(self.lease(header))
             return
         if kind == "error":
             future.set_exception(error_for_code(header["code"], header["message"]))
         else:
             future.set_result((header, frames))
 
-    async def request(self, header: Header, frames: Sequence[Any] = ()) -> tuple[Header, list[memoryview]]:
+    async def request(
+        self, header: Header, frames: Sequence[Any] = (), block: Lease | None = None
+    ) -> tuple[Header, list[memoryview]]:
+        """Send a message and wait for its answer. `block`: where in our arena its tensors lie
+        (freed when the answer comes)."""
         channel = self._channel
         if channel is None:
+            if block is not None:
+                block[0].free(block[1])
             raise ModelUnavailable("the model process is not available; it is being restarted, try again shortly")
         ticket = next(self._ids)
         header["t"] = ticket
         future: asyncio.Future[tuple[Header, list[memoryview]]] = asyncio.get_running_loop().create_future()
-        self._pending[ticket] = future
+        self._pending[ticket] = _Call(future, block)
         try:
             channel.send(header, frames)
             return await future
         except asyncio.CancelledError:
-            if self._pending.pop(ticket, None) is not None and self._channel is channel:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                self.give_back(self.lease(future.result()[0]))  # answered just as the caller went away
+            elif ticket in self._pending and self._channel is channel:
+                # The entry stays: the answer still comes, and frees the input block.
                 try:
                     channel.send({"k": "cancel", "c": ticket})
                 except ConnectionError:
                     pass
             raise
         except ConnectionError:
-            self._pending.pop(ticket, None)
+            if self._pending.pop(ticket, None) is not None and block is not None:
+                block[0].free(block[1])
             raise ModelUnavailable("the model process is not available; try again shortly") from None
+
+    async def submit(self, header: Header, inputs: Mapping[str, np.ndarray]) -> tuple[Header, dict[str, np.ndarray]]:
+        """Hand a request's inputs over (large ones through our arena) and wait for its outputs,
+        which may view the model process's arena until `give_back(lease(answer))`."""
+        arena = self.arena
+        regions = self.regions if self.regions is not None and self.regions.regions() else None
+        described, frames, offset = pack_arrays(list(inputs.items()), arena, locate=regions.locate if regions else None)
+        header["inputs"] = described
+        targets: dict[int, SystemRegion] = {}
+        holds = current_holds() if regions is not None else None
+        if holds is not None and holds.targets:  # the model process writes these outputs into the regions
+            header["targets"] = []
+            for name, target in holds.targets.items():
+                if isinstance(target.region, SystemRegion) and target.region.id:
+                    targets[target.region.id] = target.region
+                    header["targets"].append(
+                        [name, target.region.id, target.region.name, target.offset, target.byte_size]
+                    )
+        reply, out = await self.request(header, frames, (arena, offset) if arena is not None and offset >= 0 else None)
+        try:
+            return reply, unpack_arrays(reply["outputs"], out, self.peer, _written(targets))
+        except BaseException:
+            self.give_back(self.lease(reply))
+            raise
+
+    def lease(self, answer: Header) -> Lease | None:
+        """The block of the model process's arena that an answer's outputs lie in."""
+        offset = answer.get("o", -1)
+        return (self.peer, offset) if offset >= 0 and self.peer is not None else None
+
+    def give_back(self, lease: Lease | None) -> None:
+        """Free a block of the model process's arena (sent with the next commit), unless it
+        belongs to a connection that is gone."""
+        if lease is None or lease[0] is not self.peer:
+            return
+        self._frees.append(lease[1])
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
 
     def commit(self, item: list[Any]) -> None:
         """Queue one answered request's accounting; sent once per event-loop turn."""
@@ -144,13 +273,106 @@ class EngineClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not self._commits or self._channel is None:
+        if not (self._commits or self._frees) or self._channel is None:
             return
         items, self._commits = self._commits, []
+        message: Header = {"k": "commit", "items": items}
+        if self._frees:
+            message["free"], self._frees = self._frees, []
         try:
-            self._channel.send({"k": "commit", "items": items})
+            self._channel.send(message)
         except ConnectionError:
             pass
+
+
+def _written(regions: dict[int, SystemRegion]) -> RegionView:
+    """Outputs the model process wrote into the request's regions: views of them (no copy)."""
+
+    def view(name: str, datatype: str, shape: list[int], offset: int, nbytes: int, number: int, _: str) -> np.ndarray:
+        region = regions.get(number)
+        if region is None:
+            raise ConnectionError(f"the model process wrote output {name!r} into a region this request did not give")
+        data = region.view(offset, nbytes, f"output '{shorten(name)}'", writable=True)
+        return np.frombuffer(data, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+
+    return view
+
+
+class RegionMirror(SharedMemoryRegistry):
+    """A frontend's copy of the model process's registry of client regions (system shared
+    memory with --workers N). Register and unregister go to the model process, which checks
+    them and sends every frontend the new table; each maps the regions itself (`sync`), so
+    status and inference here agree with every other frontend once the RPC returns.
+
+    A tensor of a request that lies in a mirrored region (`locate`) is handed over as (region
+    id, name, offset) and read by the model process from its own mapping, with no copy here."""
+
+    def __init__(self, kinds: frozenset[str], device: str, client: EngineClient) -> None:
+        super().__init__(
+            kinds,
+            device=device,
+            refuse="CUDA shared memory registration is not available with --workers N > 1 (each process would "
+            "open the IPC handle in its own CUDA context); serve with --workers 1 to use it",
+        )
+        self._client = client
+        client.regions = self
+
+    async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
+        self.require(kind)
+        if kind != SYSTEM:
+            raise ModelUnavailable(self.refuse or "")
+
+        await self._client.request(
+            {
+                "k": "shm_register",
+                "name": name,
+                "key": arguments["key"],
+                "offset": arguments["offset"],
+                "byte_size": arguments["byte_size"],
+            }
+        )
+
+    async def remove(self, kind: str, name: str = "") -> None:
+        if kind != SYSTEM or (not name and self.kinds and kind not in self.extension_kinds()):
+            return self.unregister(kind, name)
+        self.require(SYSTEM)
+        await self._client.request({"k": "shm_unregister", "name": name})
+
+    def sync(self, table: list[list[Any]]) -> str | None:
+        """Map what the model process has registered, drop the rest (requests holding a
+        dropped region keep it until answered): the first region that would not map, or None."""
+        wanted = {name: (number, key, offset, size) for number, name, key, offset, size in table}
+        for name, region in list(self._regions.items()):
+            if region.kind == SYSTEM and wanted.get(name, (0,))[0] != region.id:
+                del self._regions[name]
+                region.retire()
+        failure = None
+        for name, (number, key, offset, size) in wanted.items():
+            if name in self._regions:
+                continue
+            try:
+                region = SystemRegion.open(name, key, offset, size)
+            except HubError as exc:
+                failure = failure or client_message(exc)
+                continue
+            region.id = number
+            self._regions[name] = region
+        return failure
+
+    def locate(self, array: np.ndarray) -> tuple[int, str, int] | None:
+        """(region id, name, offset) when `array` lies, contiguous, inside a mirrored region."""
+        if not array.flags.c_contiguous:
+            return None
+        start = int(array.__array_interface__["data"][0])
+        end = start + array.nbytes
+        for region in self._regions.values():
+            if (
+                isinstance(region, SystemRegion)
+                and region.address <= start
+                and end <= region.address + region.byte_size
+            ):
+                return region.id, region.name, start - region.address
+        return None
 
 
 class RemoteBatcher:
@@ -170,15 +392,14 @@ class RemoteBatcher:
         timeout: float | None = None,
         request_id: str = "",
     ) -> Delivery:
-        described, frames = pack_arrays(list(inputs.items()))
-        header = {"k": "submit", "m": self._name, "v": self._version, "rows": rows, "inputs": described}
+        header: Header = {"k": "submit", "m": self._name, "v": self._version, "rows": rows}
         if timeout is not None:
             header["timeout"] = timeout
         if request_id:
             header["id"] = request_id
-        reply, out = await self._client.request(header, frames)
-        outputs = unpack_arrays(reply["outputs"], out)
-        return Delivery(outputs, reply["inferences"], reply["queue_ns"], RemoteBatch(0, 0, 0, 0, ticket=reply["b"]))
+        reply, outputs = await self._client.submit(header, inputs)
+        batch = RemoteBatch(0, 0, 0, 0, ticket=reply["b"], lease=self._client.lease(reply))
+        return Delivery(outputs, reply["inferences"], reply["queue_ns"], batch)
 
     async def close(self, drain: bool = True) -> None:
         return None
@@ -204,6 +425,9 @@ class RemoteModel(ServedModel):
         inferences = delivery.inferences if delivery is not None else 0
         queue_ns = delivery.queue_ns if delivery is not None else 0
         self.client.commit([self.name, self.version, code, int(seconds * 1e9), inferences, queue_ns, ticket])
+        if isinstance(batch, RemoteBatch):
+            # The response is encoded (or the request failed): its outputs' block can go.
+            self.client.give_back(batch.lease)
 
 
 class RemoteRepository(ModelRepository):
@@ -213,11 +437,14 @@ class RemoteRepository(ModelRepository):
         self,
         socket_path: Path,
         specs: Callable[[], tuple[dict[str, Target], list[ModelSpec]]],
+        *,
+        handoff: str = "shm",
+        arena_size: int = DEFAULT_SIZE,
     ) -> None:
         super().__init__(cast(Any, None), NullMetrics())  # the model process keeps the metrics
         self._collect = specs
         self._targets, self._specs = specs()
-        self.client = EngineClient(socket_path, self._state)
+        self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
         self.loaded = asyncio.Event()
 
     def start(self) -> None:
@@ -282,6 +509,10 @@ class RemoteRepository(ModelRepository):
             data = fresh.get((model.name, model.version))
             if data is not None:
                 model.stats = _stats(data)
+
+    def mirror_regions(self, kinds: frozenset[str], device: str) -> RegionMirror:
+        """This frontend's registry of client shared memory: the model process's, mirrored."""
+        return RegionMirror(kinds, device, self.client)
 
     async def close(self, drain: bool = True) -> None:
         await self.client.close()

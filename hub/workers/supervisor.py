@@ -4,7 +4,9 @@ The supervisor (this process) starts the model process (`--role engine`: every m
 batcher, statistics, model control, metrics) and N frontends (`--role frontend`: gRPC and
 REST on the same ports through SO_REUSEPORT, each doing the protocol work for the
 connections the kernel gives it). It restarts a process that dies, and on SIGTERM drains
-the frontends first (each answers what it accepted), then stops the model process.
+the frontends first (each answers what it accepted), then stops the model process. It
+removes the shared-memory hand-off arenas a child left behind (hub/workers/arena.py) when
+the child dies and when it exits itself.
 """
 
 from __future__ import annotations
@@ -25,6 +27,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from hub.workers.arena import remove_leftovers
 
 log = logging.getLogger("modelhub.supervisor")
 
@@ -144,6 +148,8 @@ class Supervisor:
                 for child in children:
                     if not self._stop and not child.alive():
                         code = child.process.returncode if child.process is not None else None
+                        if child.process is not None:  # a hand-off arena it made that its peer had not mapped yet
+                            remove_leftovers(os.getpid(), child.process.pid)
                         child.restarts += 1
                         log.error("%s exited (code %s); restarting it (restart %d)", child.role, code, child.restarts)
                         child.start()
@@ -152,9 +158,14 @@ class Supervisor:
             for child in children:
                 if child.alive() and child.process is not None:
                     child.process.kill()
+            for child in children:
+                if child.process is not None:
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        child.process.wait(5)
             for holder in self._holders:
                 holder.close()
             shutil.rmtree(self._dir, ignore_errors=True)
+            remove_leftovers(os.getpid())
 
     def _signalled(self, signum: int, frame: Any) -> None:
         self._stop = True

@@ -9,6 +9,10 @@ straight into its own buffer, which numpy then views (one copy: the kernel's); s
 are sliced out of the shared receive buffer (a copy of a few KiB costs less than a syscall).
 Sending, large frames go to the socket as memoryviews of the arrays (no copy in user space
 when the socket takes them whole); small ones are joined into the prefix write.
+
+With the shared-memory hand-off (hub/workers/arena.py, the default) a tensor of THRESHOLD
+bytes or more does not cross the socket at all: the sender copies it into its arena and the
+header says where; the receiver views it there.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -24,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from hub.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes
+from hub.workers.arena import ALIGN, THRESHOLD, Arena
 
 PREFIX = struct.Struct("<II")
 LENGTH = struct.Struct("<Q")
@@ -203,31 +209,101 @@ class Channel(asyncio.BufferedProtocol):
 
 
 # --- tensors ----------------------------------------------------------------------------------
+#
+# A message describes each tensor as [name, datatype, shape] plus where its bytes are:
+#   nothing more                      the next frame of the message
+#   offset, nbytes                    a block of the sender's arena (hub/workers/arena.py)
+#   offset, nbytes, region, name      a client's shared-memory region, by the model process's id
+#                                     for it and its name (the model process checks both)
+
+#: Where a tensor lies in a client's shared-memory region: (region id, region name, offset).
+Locate = Callable[[np.ndarray], "tuple[int, str, int] | None"]
+#: The array for a tensor in a client's region: (name, datatype, shape, offset, nbytes, id, region name).
+RegionView = Callable[[str, str, list[int], int, int, int, str], np.ndarray]
 
 
-def pack_arrays(arrays: Sequence[tuple[str, np.ndarray]]) -> tuple[list[list[Any]], list[Buffer]]:
-    """(name, datatype, shape) descriptions and one frame per array (BYTES length-prefixed)."""
+def pack_arrays(
+    arrays: Sequence[tuple[str, np.ndarray]],
+    arena: Arena | None = None,
+    threshold: int = THRESHOLD,
+    locate: Locate | None = None,
+) -> tuple[list[list[Any]], list[Buffer], int]:
+    """Descriptions, frames, and the arena block the tensors were copied into (-1: none).
+
+    With an `arena`, tensors of `threshold` bytes or more are copied into one block of it
+    (the hand-off's one copy) and described by offset; when it is full they go as frames.
+    `locate` finds tensors that already lie in a client's shared-memory region: those are
+    described by where they are, with no copy. BYTES tensors always go as frames
+    (length-prefixed)."""
     from hub.datatypes import datatype_of
 
     described: list[list[Any]] = []
     frames: list[Buffer] = []
-    for name, array in arrays:
+    in_region: dict[int, tuple[int, str, int]] = {}
+    in_block: dict[int, int] = {}  # index -> offset within the block
+    block = None
+    if arena is not None or locate is not None:
+        total = 0
+        for index, (_, array) in enumerate(arrays):
+            if array.dtype == np.object_ or array.nbytes < threshold:
+                continue
+            where = locate(array) if locate is not None else None
+            if where is not None:
+                in_region[index] = where
+            elif arena is not None:
+                in_block[index] = total
+                total += -(-array.nbytes // ALIGN) * ALIGN
+        if total:
+            assert arena is not None
+            block = arena.alloc(total)
+    for index, (name, array) in enumerate(arrays):
         datatype = datatype_of(array)
-        described.append([name, datatype, list(array.shape)])
-        if datatype == "BYTES":
-            frames.append(encode_bytes(array))
+        shape = list(array.shape)
+        if index in in_region:
+            region, region_name, offset = in_region[index]
+            described.append([name, datatype, shape, offset, array.nbytes, region, region_name])
+        elif block is not None and index in in_block:
+            assert arena is not None
+            offset = block + in_block[index]
+            np.ndarray(array.shape, array.dtype, buffer=arena.map, offset=offset)[...] = array
+            described.append([name, datatype, shape, offset, array.nbytes])
         else:
-            frames.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
-    return described, frames
+            described.append([name, datatype, shape])
+            if datatype == "BYTES":
+                frames.append(encode_bytes(array))
+            else:
+                frames.append(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)
+    return described, frames, -1 if block is None else block
 
 
-def unpack_arrays(described: Sequence[Sequence[Any]], frames: Sequence[memoryview]) -> dict[str, np.ndarray]:
-    """Arrays viewing the received frames (no copy), keyed by name."""
+def unpack_arrays(
+    described: Sequence[Sequence[Any]],
+    frames: Sequence[memoryview],
+    arena: Arena | None = None,
+    region: RegionView | None = None,
+) -> dict[str, np.ndarray]:
+    """Arrays viewing the received frames, the sender's `arena` or a client's region (no
+    copy), keyed by name."""
     out: dict[str, np.ndarray] = {}
-    for (name, datatype, shape), frame in zip(described, frames, strict=True):
-        count = int(np.prod(shape)) if shape else 1
-        if datatype == "BYTES":
-            out[name] = decode_bytes(frame, count, name).reshape(shape)
+    index = 0
+    for entry in described:
+        name, datatype, shape = entry[0], entry[1], entry[2]
+        if len(entry) == 3:
+            frame = frames[index]
+            index += 1
+            count = math.prod(shape)
+            if datatype == "BYTES":
+                out[name] = decode_bytes(frame, count, name).reshape(shape)
+            else:
+                out[name] = np.frombuffer(frame, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+        elif len(entry) == 5:
+            if arena is None:
+                raise ConnectionError(f"the peer described tensor {name!r} in an arena this process has not mapped")
+            out[name] = np.ndarray(shape, NUMPY_DTYPES[datatype], buffer=arena.map, offset=entry[3])
         else:
-            out[name] = np.frombuffer(frame, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
+            if region is None:
+                raise ConnectionError(f"the peer described tensor {name!r} in a shared-memory region")
+            out[name] = region(name, datatype, shape, entry[3], entry[4], entry[5], entry[6])
+    if index != len(frames):
+        raise ConnectionError(f"the peer sent {len(frames)} frames for {index} tensors")
     return out
