@@ -406,3 +406,38 @@ def test_bytes_outputs_are_compared_exactly(tmp_path: Path) -> None:
     }
     with pytest.raises(BuildError, match=r"batch invariance: BYTES output 'OUT' of row \d differs between alone and"):
         builder.ensure(specs["batchsize"])
+
+
+@pytest.mark.parametrize("max_batch", [8, 16, 3])
+def test_the_largest_batch_runs_once_and_answers_parity_too(
+    models: tuple[Builder, dict[str, Any]], max_batch: int
+) -> None:
+    """The check's batch of max_batch_size rows is the parity pass's first forward: every row
+    gets its own answer back, in row order (8 rows: all in it; 16: with fillers; 3: the rest in
+    chunks), and the check itself adds only single rows and pairs."""
+    from hub.build.invariance import check_batch_invariance, mixed_batch, run_for_parity
+    from hub.runtimes.torch import TorchRuntime
+    from hub.spec import BatchPolicy
+
+    _, specs = models
+    spec = dataclasses.replace(specs["linear"], batching=BatchPolicy(max_batch_size=max_batch))
+    runtime = TorchRuntime(spec.build(), spec, "cpu")
+    sizes: list[int] = []
+    run = runtime.run
+
+    def counted(inputs: Any) -> Any:
+        sizes.append(len(inputs["x"]))
+        return run(inputs)
+
+    runtime.run = counted  # type: ignore[method-assign]
+    examples = spec.forward_examples()
+    plan = mixed_batch(spec, examples)
+    assert plan is not None and len(plan.order) == max_batch
+    assert [plan.order[p] for p in plan.positions] == plan.probes and plan.positions[-1] == max_batch - 1
+    outputs, batched = run_for_parity(spec, runtime, examples, plan)
+    np.testing.assert_allclose(outputs["y"], run(examples)["y"], rtol=1e-6, atol=1e-6)
+    assert sizes[0] == max_batch and sum(sizes[1:]) == max(0, 8 - max_batch)
+    sizes.clear()
+    report = check_batch_invariance(spec, runtime, examples, Tolerance(), batched)
+    assert report["batch_size"] == max_batch and report["batched_serving"]
+    assert max(sizes) <= 2 and len(sizes) == 2 * len(plan.probes)  # alone, then beside the farthest row
