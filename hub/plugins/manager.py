@@ -35,6 +35,7 @@ BUILTINS: dict[str, str] = {
     "torch": "hub.runtimes.torch",
     "onnx": "hub.runtimes.onnx",
     "variants": "hub.runtimes.variants",
+    "float8": "hub.runtimes.float8",
     "validation": "hub.build.validation",
 }
 
