@@ -228,6 +228,22 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     assert rows["torch-fp16"]["status"] == "failed" and "CUDA" in rows["torch-fp16"]["problem"]
 
 
+def test_compare_table_shows_each_target_against_onnx() -> None:
+    from rich.console import Console
+
+    from hub.build.command import render
+
+    def row(target: str, b1: float | None, b32: float | None, status: str = "ok") -> dict[str, Any]:
+        return {"model": "resnet", "version": 1, "target": target, "status": status, "size": 1024, "b1": b1, "b32": b32}
+
+    console = Console(width=400, record=True)
+    console.print(render([row("onnx", 10.0, 20.0), row("onnx-int8", 25.0, 70.0), row("torch", 5.0, None)]))
+    text = console.export_text()
+    lines = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "vs onnx b1 / b32" in text
+    assert "2.50x / 3.50x" in lines["onnx-int8"] and "0.50x / -" in lines["torch"]
+
+
 @pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])
 def test_each_cpu_target_serves_digits(start_server: Any, tmp_path: Path, digits_heldout: Any, target: str) -> None:
     """Every target that runs on CPU builds digits, passes validation and serves it accurately."""
