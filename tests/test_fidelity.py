@@ -441,3 +441,64 @@ def test_the_largest_batch_runs_once_and_answers_parity_too(
     report = check_batch_invariance(spec, runtime, examples, Tolerance(), batched)
     assert report["batch_size"] == max_batch and report["batched_serving"]
     assert max(sizes) <= 2 and len(sizes) == 2 * len(plan.probes)  # alone, then beside the farthest row
+
+
+def _normalise_then_conv(op: str = "Mul", scale_shape: tuple[int, ...] = (1, 3, 1, 1), group: int = 1) -> Any:
+    """x -> Sub(mean) -> Mul/Div(scale) -> Conv(pad 1) -> y, as an image model's stem."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(50, 200, (1, 3, 1, 1)).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.05, scale_shape).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.standard_normal((6, 3 // group, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node(op, ["centred", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "w", "b"], ["y"], pads=[1, 1, 1, 1], group=group),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stem",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 8, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run_onnx(model: Any, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("op", ["Mul", "Div"])
+def test_an_input_scale_folds_into_the_first_conv_exactly(op: str) -> None:
+    """onnx-int8's pre-quantisation rewrite: the normalisation's per-channel scale moves into the
+    Conv's weights (zero padding commutes with it), the Mul/Div is gone, the answer the same,
+    padded border included."""
+    from hub.runtimes.onnx_folding import fold_scales_into_conv
+
+    model = _normalise_then_conv(op)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    want = _run_onnx(model, x)
+    assert fold_scales_into_conv(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Sub", "Conv"]
+    assert "scale" not in {i.name for i in model.graph.initializer}
+    np.testing.assert_allclose(_run_onnx(model, x), want, rtol=1e-5, atol=1e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    ("scale_shape", "group", "why"),
+    [((1, 1, 8, 1), 1, "a spatial pattern, not per channel"), ((1, 3, 1, 1), 3, "a grouped Conv")],
+)
+def test_a_scale_that_does_not_fold_exactly_is_left_alone(scale_shape: tuple[int, ...], group: int, why: str) -> None:
+    from hub.runtimes.onnx_folding import fold_scales_into_conv
+
+    model = _normalise_then_conv("Mul", scale_shape, group)
+    assert fold_scales_into_conv(model) == 0, why
+    assert [n.op_type for n in model.graph.node] == ["Sub", "Mul", "Conv"]
