@@ -13,7 +13,9 @@ variant's top-1 agreement with fp32 on the validation images, its median rate, a
 per-pair ratios to fp32 with their median (on a shared box the ratio within a pair is what
 carries). --graphs saves ORT's optimised graph of each and counts its op types (a Conv left
 fp32, or DequantizeLinear -> Conv unfused, is what to look for); --profile prints ORT's
-per-op-type kernel time. docs/benchmarks.md has the figures of 2026-12-02.
+per-op-type kernel time; --other N the top-1 agreement on N images outside the validation set
+(synthetic, seeds 7, 9, ...), which 16 validation images are too few to tell apart.
+docs/benchmarks.md has the figures of 2026-12-02.
 """
 
 from __future__ import annotations
@@ -32,10 +34,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 #: quantize_static arguments per variant; "build" is what the onnx-int8 target does for resnet.
-#: All but "no-fold" quantise the graph after hub.runtimes.onnx_folding (as the target does).
+#: "fold" quantises the graph after hub.runtimes.onnx_folding (option int8_fold_scales).
 VARIANTS: dict[str, dict[str, Any]] = {
     "build": {"quant_format": "QDQ", "reduce_range": True},
-    "no-fold": {"quant_format": "QDQ", "reduce_range": True, "unfolded": True},
+    "fold": {"quant_format": "QDQ", "reduce_range": True, "folded": True},
     "8bit": {"quant_format": "QDQ", "reduce_range": False},
     "qoperator": {"quant_format": "QOperator", "reduce_range": True},
     "s8s8": {"quant_format": "QDQ", "reduce_range": False, "activation_type": "QInt8"},
@@ -85,7 +87,7 @@ def quantise(prepared: Path, out: Path, validation: np.ndarray, options: dict[st
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(rows, None)
 
-    if not options.get("unfolded"):
+    if options.get("folded"):
         prepared = prepared.with_name("folded.onnx")
     exclude = []
     if options.get("exclude_first_conv"):
@@ -160,6 +162,7 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=1.5)
     parser.add_argument("--graphs", action="store_true")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--other", type=int, default=0, help="also top-1 on this many other images (multiple of 32)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/modelhub-int8-variants"))
     args = parser.parse_args()
 
@@ -187,6 +190,16 @@ def main() -> int:
     for name, sess in sessions.items():
         top1 = float(np.mean(sess.run(None, {"image": validation})[0].argmax(1) == reference))
         print(f"{name}: top-1 agreement with fp32 on {len(validation)} validation images {top1:.4f}")
+    if args.other:
+        from plugins.resnet.model import synthetic_images
+
+        other = np.concatenate([np.asarray(synthetic_images(32, seed=7 + 2 * k)) for k in range(args.other // 32)])
+        want = sessions["fp32"].run(None, {"image": other})[0]
+        for name, sess in sessions.items():
+            got = sess.run(None, {"image": other})[0]
+            agree = int(np.sum(got.argmax(1) == want.argmax(1)))
+            rms = float(np.sqrt(np.mean((got - want) ** 2)))
+            print(f"{name}: top-1 agreement with fp32 on {len(other)} other images {agree}/{len(other)}, RMS {rms:.4f}")
     inputs = {"image": np.resize(examples, (args.batch, *examples.shape[1:]))}
     rates: dict[str, list[float]] = collections.defaultdict(list)
     for _ in range(args.reps):
