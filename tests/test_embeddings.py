@@ -132,6 +132,37 @@ def test_served_as_onnx_int8(start_server: Any, tmp_path: Path) -> None:
     assert manifest["status"] == "ok", manifest["validation"]["problems"]
     cosine = manifest["validation"]["outputs"]["sentence_embedding"]["min_cosine"]
     assert cosine >= 0.98
+    # Fixed activation scales: each sentence embeds the same alone as in a batch of 64 (with the
+    # longest and shortest sentences) or beside its most unlike partner.
+    invariance = manifest["validation"]["batch_invariance"]
+    assert invariance["checked"] and invariance["batched_serving"] and invariance["batch_size"] == 64
+    assert invariance["outputs"]["sentence_embedding"]["min_cosine"] >= 0.9999
+    client = tc.InferenceServerClient(server.url)
+    guitar, strum, market = embed(
+        client, "A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."
+    )
+    assert guitar @ strum > guitar @ market + 0.5
+
+
+@pytest.mark.gpu
+def test_served_as_torch_float8(start_server: Any, tmp_path: Path) -> None:
+    """Linear layers in float8 e4m3 with per-row scales (compute capability 8.9+): within
+    cosine 0.98 of eager on the 64 sentences, and batch-invariant."""
+    import torch
+
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip(f"torch-float8 needs compute capability 8.9+; {torch.cuda.get_device_name()} is lower")
+    server = start_server(
+        link_plugins(tmp_path / "p", PLUGIN),
+        model_repository=tmp_path / "models",
+        device="cuda",
+        deployment=DeploymentConfig.parse({"models": {"minilm": {"target": "torch-float8"}}}),
+    )
+    manifest = json.loads((tmp_path / "models" / "minilm" / "1" / "manifest.json").read_text())
+    print(f"minilm torch-float8: validation {manifest['validation']}")
+    assert manifest["status"] == "ok", manifest["validation"]["problems"]
+    assert manifest["validation"]["outputs"]["sentence_embedding"]["min_cosine"] >= 0.98
+    assert manifest["validation"]["batch_invariance"]["batched_serving"]
     client = tc.InferenceServerClient(server.url)
     guitar, strum, market = embed(
         client, "A man is playing a guitar.", "Someone is strumming a guitar.", "The stock market fell sharply today."

@@ -70,6 +70,18 @@ def tokens():
     return {"ids": ids, "mask": mask}
 
 
+class Stem(torch.nn.Module):
+    "An image model's stem: normalise per channel, then a padded Conv."
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.register_buffer("mean", torch.tensor([0.4, 0.5, 0.6]).view(1, 3, 1, 1))
+        self.register_buffer("inv_std", torch.tensor([4.0, 4.5, 5.0]).view(1, 3, 1, 1))
+    def forward(self, x):
+        return self.conv((x - self.mean) * self.inv_std).mean((2, 3))
+
+
 class Flipping(TorchRuntime):
     "Answers like eager, except that it swaps the top two logits of every fourth row."
     def run(self, inputs):
@@ -112,6 +124,13 @@ def register_models(register):
         target="torch",
         batching=BatchPolicy(max_batch_size=4),
     )
+    register(ModelSpec(
+        name="stem", build=lambda: Stem().eval(), inputs=[TensorSpec("x", "FP32", (-1, 3, 8, 8))],
+        outputs=[TensorSpec("y", "FP32", (-1, 4))],
+        example_inputs={"x": RNG.uniform(0, 1, (8, 3, 8, 8)).astype(np.float32)},
+        target="onnx-int8", batching=BatchPolicy(max_batch_size=8),
+        tolerance=Tolerance(atol=0.05, rtol=0.1),
+    ))
     register(ModelSpec(name="padleak", build=lambda: MeanOverPadding().eval(), **padded))
     register(ModelSpec(name="masked", build=lambda: MaskedMean().eval(), **padded))
 """
@@ -406,3 +425,120 @@ def test_bytes_outputs_are_compared_exactly(tmp_path: Path) -> None:
     }
     with pytest.raises(BuildError, match=r"batch invariance: BYTES output 'OUT' of row \d differs between alone and"):
         builder.ensure(specs["batchsize"])
+
+
+@pytest.mark.parametrize("max_batch", [8, 16, 3])
+def test_the_largest_batch_runs_once_and_answers_parity_too(
+    models: tuple[Builder, dict[str, Any]], max_batch: int
+) -> None:
+    """The check's batch of max_batch_size rows is the parity pass's first forward: every row
+    gets its own answer back, in row order (8 rows: all in it; 16: with fillers; 3: the rest in
+    chunks), and the check itself adds only single rows and pairs."""
+    from hub.pipeline.invariance import check_batch_invariance, mixed_batch, run_for_parity
+    from hub.runtimes.torch import TorchRuntime
+    from hub.spec import BatchPolicy
+
+    _, specs = models
+    spec = dataclasses.replace(specs["linear"], batching=BatchPolicy(max_batch_size=max_batch))
+    runtime = TorchRuntime(spec.build(), spec, "cpu")
+    sizes: list[int] = []
+    run = runtime.run
+
+    def counted(inputs: Any) -> Any:
+        sizes.append(len(inputs["x"]))
+        return run(inputs)
+
+    runtime.run = counted  # type: ignore[method-assign]
+    examples = spec.forward_examples()
+    plan = mixed_batch(spec, examples)
+    assert plan is not None and len(plan.order) == max_batch
+    assert [plan.order[p] for p in plan.positions] == plan.probes and plan.positions[-1] == max_batch - 1
+    outputs, batched = run_for_parity(spec, runtime, examples, plan)
+    np.testing.assert_allclose(outputs["y"], run(examples)["y"], rtol=1e-6, atol=1e-6)
+    assert sizes[0] == max_batch and sum(sizes[1:]) == max(0, 8 - max_batch)
+    sizes.clear()
+    report = check_batch_invariance(spec, runtime, examples, Tolerance(), batched)
+    assert report["batch_size"] == max_batch and report["batched_serving"]
+    assert max(sizes) <= 2 and len(sizes) == 2 * len(plan.probes)  # alone, then beside the farthest row
+
+
+def _normalise_then_conv(op: str = "Mul", scale_shape: tuple[int, ...] = (1, 3, 1, 1), group: int = 1) -> Any:
+    """x -> Sub(mean) -> Mul/Div(scale) -> Conv(pad 1) -> y, as an image model's stem."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    initializers = [
+        numpy_helper.from_array(rng.uniform(50, 200, (1, 3, 1, 1)).astype(np.float32), "mean"),
+        numpy_helper.from_array(rng.uniform(0.01, 0.05, scale_shape).astype(np.float32), "scale"),
+        numpy_helper.from_array(rng.standard_normal((6, 3 // group, 3, 3)).astype(np.float32), "w"),
+        numpy_helper.from_array(rng.standard_normal(6).astype(np.float32), "b"),
+    ]
+    nodes = [
+        helper.make_node("Sub", ["x", "mean"], ["centred"]),
+        helper.make_node(op, ["centred", "scale"], ["scaled"]),
+        helper.make_node("Conv", ["scaled", "w", "b"], ["y"], pads=[1, 1, 1, 1], group=group),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "stem",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 8, 8])],
+        initializers,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run_onnx(model: Any, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return np.asarray(session.run(None, {"x": x})[0])
+
+
+@pytest.mark.parametrize("op", ["Mul", "Div"])
+def test_an_input_scale_folds_into_the_first_conv_exactly(op: str) -> None:
+    """onnx-int8's pre-quantisation rewrite: the normalisation's per-channel scale moves into the
+    Conv's weights (zero padding commutes with it), the Mul/Div is gone, the answer the same,
+    padded border included."""
+    from hub.runtimes.onnx_folding import fold_scales_into_conv
+
+    model = _normalise_then_conv(op)
+    x = np.random.default_rng(1).uniform(0, 255, (2, 3, 8, 8)).astype(np.float32)
+    want = _run_onnx(model, x)
+    assert fold_scales_into_conv(model) == 1
+    assert [n.op_type for n in model.graph.node] == ["Sub", "Conv"]
+    assert "scale" not in {i.name for i in model.graph.initializer}
+    np.testing.assert_allclose(_run_onnx(model, x), want, rtol=1e-5, atol=1e-4 * float(np.abs(want).max()))
+
+
+@pytest.mark.parametrize(
+    ("scale_shape", "group", "why"),
+    [((1, 1, 8, 1), 1, "a spatial pattern, not per channel"), ((1, 3, 1, 1), 3, "a grouped Conv")],
+)
+def test_a_scale_that_does_not_fold_exactly_is_left_alone(scale_shape: tuple[int, ...], group: int, why: str) -> None:
+    from hub.runtimes.onnx_folding import fold_scales_into_conv
+
+    model = _normalise_then_conv("Mul", scale_shape, group)
+    assert fold_scales_into_conv(model) == 0, why
+    assert [n.op_type for n in model.graph.node] == ["Sub", "Mul", "Conv"]
+
+
+def test_int8_fold_scales_is_an_option_of_onnx_int8(models: tuple[Builder, dict[str, Any]]) -> None:
+    """Off by default (it moves where int8 rounds; docs/benchmarks.md); on, the normalisation's
+    Mul is gone from the int8 graph and the artifact still passes parity and invariance."""
+    import onnx
+
+    builder, specs = models
+
+    def muls(spec: Any) -> int:
+        graph = onnx.load(str(builder.directory(spec) / "model.int8.onnx")).graph
+        return sum(n.op_type == "Mul" for n in graph.node)
+
+    plain = specs["stem"]
+    builder.ensure(plain).runtime.close()
+    assert muls(plain) == 1
+    folded = dataclasses.replace(plain, options={"int8_fold_scales": True})
+    artifact = builder.ensure(folded)
+    artifact.runtime.close()
+    assert artifact.built and muls(folded) == 0  # a new cache key: the option is part of it
+    assert artifact.manifest["validation"]["batch_invariance"]["batched_serving"]

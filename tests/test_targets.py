@@ -241,6 +241,45 @@ def test_torch_compile_with_cuda_graphs_keeps_an_int64_output(tmp_path: Path) ->
     artifact.runtime.close()
 
 
+def test_float8_needs_a_float8_gpu_and_says_so(tmp_path: Path) -> None:
+    builder, spec = tiny(tmp_path, "torch-float8")
+    with pytest.raises(BuildError, match=r"needs a CUDA GPU with float8 tensor cores \(compute capability 8.9"):
+        builder.ensure(spec)
+
+
+def test_float8_linear_scales_each_row_by_itself() -> None:
+    """The float8 arithmetic of torch-float8, run through torch's CPU float8 matmul: Linear
+    layers of sizes divisible by 16 are converted (others stay), the answer is near fp32, and a
+    row's answer is the same alone as beside an outlier 1000 times larger (per-row scales)."""
+    import torch
+
+    from hub.runtimes.float8 import Float8Linear, float8_module
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 10)).eval()
+    converted = float8_module(model)
+    first, _, last = converted.children()
+    assert isinstance(first, Float8Linear) and type(last) is torch.nn.Linear  # 10 outputs: not a multiple of 16
+    assert type(next(model.children())) is torch.nn.Linear  # the eager module is untouched
+    rows = torch.randn(6, 64)
+    with torch.inference_mode():
+        want, got = model(rows), converted(rows)
+        scale = float(want.abs().max())
+        assert float((got - want).abs().max()) < 0.05 * scale
+        outlier = torch.cat([rows[:1], 1000.0 * rows[1:2]])
+        beside = float((converted(outlier)[:1] - converted(rows[:1])).abs().max())
+        assert beside < 1e-6 * scale  # fp32 summation order only
+        # One scale over the batch (per-tensor, as dynamic int8 does) would have moved it 1e4 times more.
+        step = outlier.abs().max() / 448
+        per_tensor = (outlier / step).to(torch.float8_e4m3fn).float() * step
+        assert float((model(per_tensor)[:1] - want[:1]).abs().max()) > 1e-2 * scale
+        assert converted(rows.reshape(2, 3, 64)).shape == (2, 3, 10)  # sequence models: per token
+    with pytest.raises(BuildError, match=r"float8_exclude: \['decoder\.\*'\] match no Linear"):
+        float8_module(model, ["decoder.*"])
+    with pytest.raises(BuildError, match="no Linear layer with input and output sizes divisible by 16"):
+        float8_module(model, ["0"])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("target", ["torch-fp16", "torch-bf16", "torch-compile", "onnx", "onnx-fp16", "onnx-bf16"])
 def test_gpu_targets_validate(tmp_path: Path, target: str) -> None:
@@ -308,6 +347,22 @@ def test_build_compare_lists_every_target(tmp_path: Path) -> None:
     assert "tiny [torch-fp16] skipped: model 'tiny': target 'torch-fp16' needs a CUDA device" in result.stderr
     # The progress names each target (rich markup would swallow "[onnx]").
     assert "tiny/1 [torch-fp16]: skipped" in result.stderr and "tiny/1 [onnx]: ok" in result.stderr, result.stderr
+
+
+def test_compare_table_shows_each_target_against_onnx() -> None:
+    from rich.console import Console
+
+    from hub.cli.build import render
+
+    def row(target: str, b1: float | None, b32: float | None, status: str = "ok") -> dict[str, Any]:
+        return {"model": "resnet", "version": 1, "target": target, "status": status, "size": 1024, "b1": b1, "b32": b32}
+
+    console = Console(width=400, record=True)
+    console.print(render([row("onnx", 10.0, 20.0), row("onnx-int8", 25.0, 70.0), row("torch", 5.0, None)]))
+    text = console.export_text()
+    lines = {line.split("│")[2].strip(): line for line in text.splitlines() if line.count("│") > 3}
+    assert "vs onnx b1 / b32" in text
+    assert "2.50x / 3.50x" in lines["onnx-int8"] and "0.50x / -" in lines["torch"]
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])

@@ -170,8 +170,19 @@ def render(results: list[dict[str, Any]]) -> Any:
         "calibration",
         "b1 /s",
         "b32 /s",
+        "vs onnx b1 / b32",
     ):
         table.add_column(column, no_wrap=column in ("model", "target"))
+    # Each target's throughput as a multiple of the same model's onnx row (measured in the same
+    # run, one after the other: on a loaded box a ratio from one run is the figure that carries).
+    onnx = {r["model"]: r for r in results if r["target"] == "onnx" and r["status"] != "failed"}
+
+    def ratio(r: dict[str, Any]) -> str:
+        base = onnx.get(r["model"])
+        if base is None or r["target"] == "onnx":
+            return "-"
+        cells = [f"{r[b] / base[b]:.2f}x" if r.get(b) and base.get(b) else "-" for b in ("b1", "b32")]
+        return " / ".join(cells)
 
     def num(value: Any, spec: str) -> str:
         return "-" if value is None else format(value, spec)
@@ -195,5 +206,6 @@ def render(results: list[dict[str, Any]]) -> Any:
             r.get("calibration") or "-",
             num(r.get("b1"), ",.0f"),
             num(r.get("b32"), ",.0f"),
+            ratio(r),
         )
     return table

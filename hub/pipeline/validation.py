@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 from hub.datatypes import datatype_of
-from hub.pipeline.invariance import check_batch_invariance
+from hub.pipeline.invariance import check_batch_invariance, mixed_batch, run_for_parity
 from hub.plugins.hookspecs import hookimpl
 from hub.spec import ModelSpec, Runtime, Tolerance
 
@@ -25,7 +25,13 @@ def validate_artifact(
     """The outputs honour the spec's contract, stay within tolerance of eager, (with labels)
     score an accuracy no further below eager's than the tolerance allows, and each row's
     answer does not depend on its batch-mates (hub/pipeline/invariance.py)."""
-    outputs = run_chunked(runtime, spec, examples)
+    # The invariance check's batch of max_batch_size rows doubles as the parity pass's first
+    # forward: the largest batch, nearly all of the check's cost, runs once.
+    plan = mixed_batch(spec, examples)
+    if plan is None:
+        outputs, batched = run_chunked(runtime, spec, examples), None
+    else:
+        outputs, batched = run_for_parity(spec, runtime, examples, plan)
     problems: list[str] = []
     declared = [t.name for t in spec.outputs]
     missing = [name for name in declared if name not in outputs]
@@ -44,7 +50,7 @@ def validate_artifact(
     report: dict[str, Any] = {"problems": problems}
     if problems:
         return report
-    invariance = check_batch_invariance(spec, runtime, examples, tolerance)
+    invariance = check_batch_invariance(spec, runtime, examples, tolerance, batched)
     problems.extend(invariance.pop("problems", []))
     report["batch_invariance"] = invariance
     if reference is None:

@@ -37,6 +37,7 @@ BUILTINS: dict[str, str] = {
     "onnx": "hub.runtimes.onnx",
     "torch-variants": "hub.runtimes.torch_variants",
     "onnx-variants": "hub.runtimes.onnx_variants",
+    "float8": "hub.runtimes.float8",
     "validation": "hub.pipeline.validation",
 }
 

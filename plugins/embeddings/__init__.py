@@ -45,6 +45,7 @@ TOLERANCES = {
     "onnx-int8": INT8,
     "onnx-int8-dynamic": INT8,
     "torch-int8": INT8,
+    "torch-float8": INT8,
     **{f"{runtime}-{dtype}": HALF for runtime in ("torch", "onnx") for dtype in ("fp16", "bf16")},
 }
 
