@@ -366,3 +366,28 @@ async def test_inline_is_off_with_a_queue_delay_or_a_failing_model() -> None:
         await batcher.submit({"INPUT0": rows([FakeRuntime.POISON])}, rows=1)
     assert (await batcher.submit({"INPUT0": rows([2.0])}, rows=1)).outputs["OUTPUT0"].tolist() == [[7.0]]
     await batcher.close()
+
+
+async def test_a_size_that_looks_dear_in_threads_is_tried_on_the_loop_now_and_then() -> None:
+    """A worker's wall time counts the GIL waits a loop run would not pay: a size measured
+    under 4x the bound is run on the loop one batch in 32, and once that measures it cheap,
+    it stays inline."""
+    import threading
+
+    where: list[str] = []
+
+    def compute(inputs: Any) -> dict[str, np.ndarray]:
+        name = threading.current_thread().name
+        where.append(name)
+        if name != "MainThread":
+            threading.Event().wait(0.002)  # what a thread waiting for the GIL and a core looks like
+        return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
+
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.001)
+    batcher.start()
+    for value in range(40):
+        delivery = await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
+        assert delivery.outputs["OUTPUT0"].tolist() == [[3.0 * value + 1]]
+    first_inline = where.index("MainThread")
+    assert 0 < first_inline <= 32 and set(where[first_inline:]) == {"MainThread"}, where
+    await batcher.close()

@@ -106,3 +106,20 @@ def test_top_once_reads_a_running_server(server: RunningServer) -> None:
     result = modelhub("top", "--once", "--interval", "0", "--metrics-url", server.metrics_url)
     assert result.returncode == 0, result.stderr
     assert "probe_ok" in result.stdout and "probe_broken" in result.stdout
+
+
+def test_models_locally_shows_why_a_build_raised(server: RunningServer) -> None:
+    """A build that raised leaves no artifact: the local listing says so, with the error, and
+    not a bare "not built" (the record is cleared by the next build that gets as far as a manifest)."""
+    assert server.server is not None
+    config = server.server.config
+    assert config.plugins_dir is not None
+    result = modelhub(
+        "models", "--plugins-dir", str(config.plugins_dir), "--model-repository", str(config.model_repository),
+        "--no-entry-points",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (broken,) = [line for line in result.stdout.splitlines() if line.startswith("probe_broken ")]
+    assert "failed (build raised)" in broken and "weights file is truncated" in broken, broken
+    (ok,) = [line for line in result.stdout.splitlines() if line.startswith("probe_ok ")]
+    assert "failed" not in ok and " ok " in ok, ok

@@ -585,12 +585,15 @@ def cmd_models(args: argparse.Namespace) -> int:
     entries = []
     for spec in specs:
         manifest = builder.read_manifest(spec) or {}
+        failure = builder.read_failure(spec)
+        key = builder.cache_key(spec, targets[spec.target])[0] if spec.target in targets else None
         state = "not built"
-        if manifest:
-            key = builder.cache_key(spec, targets[spec.target])[0] if spec.target in targets else None
+        problems = list(manifest.get("validation", {}).get("problems", []))
+        if failure is not None and failure.get("cache_key") == key:  # the last build of these sources raised
+            state, problems = "failed (build raised)", [str(failure.get("error", "?"))]
+        elif manifest:
             current = manifest.get("cache_key") == key and manifest.get("target") == spec.target
             state = f"{manifest.get('status', '?')}{'' if current else ' (stale)'}"
-        validation = manifest.get("validation", {})
         entries.append(
             {
                 "model": spec.name,
@@ -603,7 +606,7 @@ def cmd_models(args: argparse.Namespace) -> int:
                 # ModelConfig parameters carry them) and their one-line summary.
                 "report": summary(report_parameters(manifest)) if manifest else "",
                 "report_parameters": report_parameters(manifest),
-                "problems": validation.get("problems", []),
+                "problems": problems,
                 "inputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.inputs],
                 "outputs": [f"{t.name} {t.datatype} {list(t.shape)}" for t in spec.outputs],
             }

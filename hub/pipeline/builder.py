@@ -122,6 +122,29 @@ class Builder:
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest(), parts
 
+    def failure_path(self, spec: ModelSpec) -> Path:
+        """Where a build that raised leaves its error (beside the version folder, which a build
+        replaces whole), so that `modelhub models` can say why there is no artifact."""
+        return self.repository / spec.name / f".{spec.version}.build-failure.json"
+
+    def read_failure(self, spec: ModelSpec) -> dict[str, Any] | None:
+        try:
+            return dict(json.loads(self.failure_path(spec).read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def _record_failure(self, spec: ModelSpec, target: Target, key: str, error: BaseException) -> None:
+        record = {
+            "cache_key": key,
+            "target": target.name,
+            "error": str(error),
+            "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        try:
+            self.failure_path(spec).write_text(json.dumps(record, indent=2) + "\n")
+        except OSError:  # the repository is read-only, say: the error is raised all the same
+            log.debug("model '%s': could not record the build failure", spec.key, exc_info=True)
+
     def read_manifest(self, spec: ModelSpec) -> dict[str, Any] | None:
         path = self.directory(spec) / MANIFEST
         try:
@@ -185,12 +208,19 @@ class Builder:
             if runtime is not None:
                 runtime.close()
             shutil.rmtree(staging, ignore_errors=True)
-            if isinstance(exc, BuildError) or not isinstance(exc, Exception):
+            if not isinstance(exc, Exception):
                 raise
-            if isinstance(exc, PluginError):  # a validator's fault, logged and named by the plugin host
-                raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}") from exc
-            log.exception("model '%s': building target '%s' failed", spec.key, target.name)
-            raise BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}") from exc
+            if isinstance(exc, BuildError):
+                failure = exc
+            elif isinstance(exc, PluginError):  # a validator's fault, logged and named by the plugin host
+                failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}")
+            else:
+                log.exception("model '%s': building target '%s' failed", spec.key, target.name)
+                failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}")
+            self._record_failure(spec, target, key, failure)
+            if failure is exc:
+                raise
+            raise failure from exc
         manifest = {
             "format": MANIFEST_FORMAT,
             "model": spec.name,
@@ -213,6 +243,7 @@ class Builder:
         try:
             (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             _replace_dir(staging, final)
+            self.failure_path(spec).unlink(missing_ok=True)  # the manifest tells this build's outcome
         except BaseException:
             runtime.close()
             shutil.rmtree(staging, ignore_errors=True)
