@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError, PluginError
+from hub.errors import BuildError, PluginError, TargetUnavailable
 from hub.plugins.manager import hash_files
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -217,7 +217,8 @@ class Builder:
             else:
                 log.exception("model '%s': building target '%s' failed", spec.key, target.name)
                 failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}")
-            self._record_failure(spec, target, key, failure)
+            if not isinstance(failure, TargetUnavailable):  # that is "not here", not a failed build
+                self._record_failure(spec, target, key, failure)
             if failure is exc:
                 raise
             raise failure from exc
