@@ -6,7 +6,9 @@ both get resolution (docs/metrics.md lists them).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client import (
@@ -17,7 +19,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -106,6 +108,11 @@ class Metrics:
 
     def watch_cuda(self) -> None:
         self.registry.register(CudaCollector())
+
+    def watch_frontends(self, pids: Callable[[], Iterable[int]]) -> None:
+        """With --workers N the model process serves /metrics: add each frontend process's CPU
+        and memory, which its own ProcessCollector (this process only) cannot see."""
+        self.registry.register(FrontendCollector(pids))
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
         return ModelMetrics(self, name, str(version))
@@ -213,11 +220,45 @@ class NullMetrics:
     def watch_cuda(self) -> None:
         pass
 
+    def watch_frontends(self, pids: Callable[[], Iterable[int]]) -> None:
+        pass
+
     def for_model(self, name: str, version: int) -> NullModelMetrics:
         return NullModelMetrics()
 
     def forget(self, name: str, version: int) -> None:
         pass
+
+
+class FrontendCollector:
+    """CPU seconds and resident memory of each connected frontend process (Linux /proc), by pid:
+    the same figures as the process_* series, for the processes that do the protocol work."""
+
+    def __init__(self, pids: Callable[[], Iterable[int]]) -> None:
+        self._pids = pids
+        self._ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        self._page = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        cpu = CounterMetricFamily(
+            "modelhub_frontend_cpu_seconds", "CPU (user + system) of a frontend process (--workers).", labels=["pid"]
+        )
+        memory = GaugeMetricFamily(
+            "modelhub_frontend_resident_memory_bytes",
+            "Resident memory of a frontend process (--workers).",
+            labels=["pid"],
+        )
+        for pid in sorted(set(self._pids())):
+            try:
+                stat = Path(f"/proc/{pid}/stat").read_text()
+                pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+            except (OSError, ValueError, IndexError):  # gone, or no /proc here
+                continue
+            fields = stat.rpartition(")")[2].split()  # after "pid (comm)": state is fields[0]
+            cpu.add_metric([str(pid)], (int(fields[11]) + int(fields[12])) / self._ticks)
+            memory.add_metric([str(pid)], pages * self._page)
+        yield cpu
+        yield memory
 
 
 class CudaCollector:

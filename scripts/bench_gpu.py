@@ -226,22 +226,31 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
                     measure_cuda_shm(args, binary, url, results)
 
 
+def measure_point(
+    args: argparse.Namespace, binary: Path, url: str, concurrency: int, label: str, results: Any, extra: tuple[str, ...]
+) -> dict[str, Any] | None:
+    """One perf_analyzer measurement; if too few requests complete per window, once more with
+    windows 3x longer. A failure is recorded in the results and gives None."""
+    try:
+        return perf_analyzer(binary, url, concurrency, args.seconds, extra)
+    except RuntimeError as exc:
+        log(f"{label} c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
+    try:
+        return perf_analyzer(binary, url, concurrency, args.seconds * 3, extra)
+    except RuntimeError as again:
+        results.data["errors"].append(f"{label} c={concurrency}: {again}")
+        log(f"{label} c={concurrency}: FAILED {again}")
+        return None
+
+
 def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
     """perf_analyzer at each concurrency against one running server."""
     for concurrency in args.concurrency:
-        try:
-            row = perf_analyzer(binary, url, concurrency, args.seconds)
-        except RuntimeError as exc:  # too few completions per window: once more, 3x longer
-            log(f"served c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
-            try:
-                row = perf_analyzer(binary, url, concurrency, args.seconds * 3)
-            except RuntimeError as again:
-                results.data["errors"].append(f"served c={concurrency}: {again}")
-                log(f"served c={concurrency}: FAILED {again}")
-                continue
-        row["workers"] = workers
-        results.add("served", row)
-        log(f"served workers={workers} c={concurrency}: {row}")
+        row = measure_point(args, binary, url, concurrency, "served", results, ())
+        if row is not None:
+            row["workers"] = workers
+            results.add("served", row)
+            log(f"served workers={workers} c={concurrency}: {row}")
 
 
 def measure_cuda_shm(args: argparse.Namespace, binary: Path, url: str, results: Any) -> None:
@@ -249,15 +258,11 @@ def measure_cuda_shm(args: argparse.Namespace, binary: Path, url: str, results: 
     each concurrency (issue 16): what the socket copy and the host-to-device copy cost."""
     for concurrency in args.cuda_shm_concurrency:
         for transport, extra in (("grpc", ()), ("cuda-shm", CUDA_SHM), ("grpc", ()), ("cuda-shm", CUDA_SHM)):
-            try:
-                row = perf_analyzer(binary, url, concurrency, args.seconds, extra)
-            except RuntimeError as exc:
-                results.data["errors"].append(f"{transport} c={concurrency}: {exc}")
-                log(f"{transport} c={concurrency}: FAILED {exc}")
-                continue
-            row["transport"] = transport
-            results.add("cuda_shm", row)
-            log(f"{transport} c={concurrency}: {row}")
+            row = measure_point(args, binary, url, concurrency, transport, results, extra)
+            if row is not None:
+                row["transport"] = transport
+                results.add("cuda_shm", row)
+                log(f"{transport} c={concurrency}: {row}")
 
 
 # --- in-process --------------------------------------------------------------------------------------

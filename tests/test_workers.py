@@ -65,6 +65,21 @@ async def test_statistics_and_metrics_count_every_frontend(workers: Workers, dig
     assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (320, 160, 160)
 
 
+def test_metrics_show_each_frontends_cpu_and_memory(workers: Workers) -> None:
+    """/metrics is served by the model process; the frontends do the protocol work, so their
+    CPU and memory are there too, one series per frontend pid."""
+    text = urllib.request.urlopen(f"http://127.0.0.1:{workers.ports['metrics']}/metrics").read().decode()
+    frontends = sorted(workers.children("frontend"))
+    for name in ("modelhub_frontend_cpu_seconds_total", "modelhub_frontend_resident_memory_bytes"):
+        values = {
+            int(line.split('pid="')[1].split('"')[0]): float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith(name + "{")
+        }
+        assert sorted(values) == frontends, (name, values, frontends)
+        assert all(value > 0 for value in values.values()), values
+
+
 def _requests(workers: Workers) -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{workers.ports['metrics']}/metrics").read().decode()
     prefix = 'modelhub_requests_total{code="OK",model="digits",version="1"}'

@@ -239,8 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=float(_env("INLINE_COMPUTE_US", 100)),
         metavar="MICROSECONDS",
-        help="a lone request to an idle model whose measured compute is under this runs on the event loop, "
-        "without a worker thread's hand-off; 0 turns it off (default: 100; docs/config.md)",
+        help="a batch of a size measured to compute under this runs on the event loop, without a worker "
+        "thread's hand-off (a lone request to an idle model then never suspends); 0 turns it off "
+        "(env MODELHUB_INLINE_COMPUTE_US; default: 100; README)",
     )
     serve.add_argument(
         "--workers",

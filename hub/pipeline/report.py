@@ -33,6 +33,21 @@ REPORT_KEYS = (
 )
 
 
+def _measures(prefix: str, record: Mapping[str, Any], out: dict[str, str]) -> None:
+    """A comparison's figures (parity, or batch invariance) as `prefix_...` parameters: the
+    errors, and the worst output's cosine, else its top-1 agreement (an embedding's argmax
+    means nothing)."""
+    for key in ("max_abs_err", "max_rel_err"):
+        if key in record:
+            out[f"{prefix}_{key}"] = _g(record[key])
+    outputs = record.get("outputs") or {}
+    top1, cosine = _worst(outputs, "top1_agreement"), _worst(outputs, "min_cosine")
+    if cosine is not None:
+        out[f"{prefix}_min_cosine"] = f"{cosine:.4f}"
+    elif top1 is not None:
+        out[f"{prefix}_top1_agreement"] = f"{top1:.4f}"
+
+
 def _worst(outputs: Mapping[str, Any], figure: str) -> float | None:
     values = [float(o[figure]) for o in outputs.values() if isinstance(o, Mapping) and figure in o]
     return min(values) if values else None
@@ -56,15 +71,7 @@ def report_parameters(manifest: Mapping[str, Any]) -> dict[str, str]:
         out["build_status"] = str(manifest["status"])
     if "target" in manifest:
         out["target"] = str(manifest["target"])
-    for key in ("max_abs_err", "max_rel_err"):
-        if key in validation:
-            out[f"parity_{key}"] = _g(validation[key])
-    outputs = validation.get("outputs") or {}
-    top1, cosine = _worst(outputs, "top1_agreement"), _worst(outputs, "min_cosine")
-    if cosine is not None:
-        out["parity_min_cosine"] = f"{cosine:.4f}"
-    elif top1 is not None:  # an embedding's argmax means nothing
-        out["parity_top1_agreement"] = f"{top1:.4f}"
+    _measures("parity", validation, out)
     if "accuracy" in validation and "eager_accuracy" in validation:
         out["accuracy"] = f"{validation['accuracy']:.4f}"
         out["eager_accuracy"] = f"{validation['eager_accuracy']:.4f}"
@@ -76,15 +83,7 @@ def report_parameters(manifest: Mapping[str, Any]) -> dict[str, str]:
         else:
             out["batch_invariance"] = "pass" if invariance.get("batched_serving") else "fail"
             out["batch_invariance_batch_size"] = str(invariance.get("batch_size", ""))
-            for key in ("max_abs_err", "max_rel_err"):
-                if key in invariance:
-                    out[f"batch_invariance_{key}"] = _g(invariance[key])
-            inv_outputs = invariance.get("outputs") or {}
-            inv_top1, inv_cosine = _worst(inv_outputs, "top1_agreement"), _worst(inv_outputs, "min_cosine")
-            if inv_cosine is not None:
-                out["batch_invariance_min_cosine"] = f"{inv_cosine:.4f}"
-            elif inv_top1 is not None:
-                out["batch_invariance_top1_agreement"] = f"{inv_top1:.4f}"
+            _measures("batch_invariance", invariance, out)
     calibration = manifest.get("calibration")
     if isinstance(calibration, Mapping):
         out["calibration_method"] = str(calibration.get("method", ""))

@@ -320,71 +320,62 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def SystemSharedMemoryStatus(
         self, request: pb.SystemSharedMemoryStatusRequest, context: Any
     ) -> pb.SystemSharedMemoryStatusResponse:
-        try:
-            regions = self.plane.shared_memory_status(SYSTEM, request.name)
-        except HubError as exc:
-            failure = _status(exc)
-        else:
-            Status = pb.SystemSharedMemoryStatusResponse.RegionStatus
-            return pb.SystemSharedMemoryStatusResponse(regions={r["name"]: Status(**r) for r in regions})
-        return _fail(context, failure)
+        return self._shm_status(SYSTEM, request.name, pb.SystemSharedMemoryStatusResponse, context)
 
     async def SystemSharedMemoryRegister(
         self, request: pb.SystemSharedMemoryRegisterRequest, context: Any
     ) -> pb.SystemSharedMemoryRegisterResponse:
         arguments = {"key": request.key, "offset": request.offset, "byte_size": request.byte_size}
-        try:
-            await self.plane.register_shared_memory(SYSTEM, request.name, arguments)
-        except HubError as exc:
-            failure = _status(exc)
-        else:
-            return pb.SystemSharedMemoryRegisterResponse()
-        return _fail(context, failure)
+        return await self._shm_register(SYSTEM, request.name, arguments, pb.SystemSharedMemoryRegisterResponse, context)
 
     async def SystemSharedMemoryUnregister(
         self, request: pb.SystemSharedMemoryUnregisterRequest, context: Any
     ) -> pb.SystemSharedMemoryUnregisterResponse:
-        try:
-            await self.plane.unregister_shared_memory(SYSTEM, request.name)
-        except HubError as exc:
-            failure = _status(exc)
-        else:
-            return pb.SystemSharedMemoryUnregisterResponse()
-        return _fail(context, failure)
+        return await self._shm_unregister(SYSTEM, request.name, pb.SystemSharedMemoryUnregisterResponse, context)
 
     async def CudaSharedMemoryStatus(
         self, request: pb.CudaSharedMemoryStatusRequest, context: Any
     ) -> pb.CudaSharedMemoryStatusResponse:
-        try:
-            regions = self.plane.shared_memory_status(CUDA, request.name)
-        except HubError as exc:
-            failure = _status(exc)
-        else:
-            Status = pb.CudaSharedMemoryStatusResponse.RegionStatus
-            return pb.CudaSharedMemoryStatusResponse(regions={r["name"]: Status(**r) for r in regions})
-        return _fail(context, failure)
+        return self._shm_status(CUDA, request.name, pb.CudaSharedMemoryStatusResponse, context)
 
     async def CudaSharedMemoryRegister(
         self, request: pb.CudaSharedMemoryRegisterRequest, context: Any
     ) -> pb.CudaSharedMemoryRegisterResponse:
         arguments = {"raw_handle": request.raw_handle, "device_id": request.device_id, "byte_size": request.byte_size}
-        try:
-            await self.plane.register_shared_memory(CUDA, request.name, arguments)
-        except HubError as exc:
-            failure = _status(exc)
-        else:
-            return pb.CudaSharedMemoryRegisterResponse()
-        return _fail(context, failure)
+        return await self._shm_register(CUDA, request.name, arguments, pb.CudaSharedMemoryRegisterResponse, context)
 
     async def CudaSharedMemoryUnregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, context: Any
     ) -> pb.CudaSharedMemoryUnregisterResponse:
+        return await self._shm_unregister(CUDA, request.name, pb.CudaSharedMemoryUnregisterResponse, context)
+
+    # The two kinds (system, CUDA) differ only in their messages.
+
+    def _shm_status(self, kind: str, name: str, response: Any, context: Any) -> Any:
         try:
-            await self.plane.unregister_shared_memory(CUDA, request.name)
+            regions = self.plane.shared_memory_status(kind, name)
         except HubError as exc:
             failure = _status(exc)
         else:
-            return pb.CudaSharedMemoryUnregisterResponse()
+            return response(regions={r["name"]: response.RegionStatus(**r) for r in regions})
+        return _fail(context, failure)
+
+    async def _shm_register(self, kind: str, name: str, arguments: dict[str, Any], response: Any, context: Any) -> Any:
+        try:
+            await self.plane.register_shared_memory(kind, name, arguments)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return response()
+        return _fail(context, failure)
+
+    async def _shm_unregister(self, kind: str, name: str, response: Any, context: Any) -> Any:
+        try:
+            await self.plane.unregister_shared_memory(kind, name)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            return response()
         return _fail(context, failure)
 
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------

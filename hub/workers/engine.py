@@ -78,6 +78,7 @@ class _Connection:
         self.inputs: Arena | None = None  # the frontend's arena, mapped here
         self.outputs: Arena | None = None  # ours, in use once the frontend said it mapped it
         self._offered: Arena | None = None  # ours, offered in the hello answer
+        self.pid = 0  # the frontend's, from its hello (its CPU and memory in /metrics)
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header["k"]
@@ -102,6 +103,8 @@ class _Connection:
     def hello(self, header: Header) -> Header:
         """The hand-off's handshake: map the frontend's arena, offer ours (hub/workers/arena.py)."""
         answer: Header = {"mapped": False}
+        pid = header.get("pid")
+        self.pid = pid if isinstance(pid, int) else 0
         if header.get("handoff") != "shm":
             return answer
         offer = header.get("arena")
@@ -174,6 +177,7 @@ class EngineService:
         self._asks = itertools.count(1)
         self._listener: asyncio.AbstractServer | None = None
         self._announcing: asyncio.Task[None] | None = None
+        server.metrics.watch_frontends(lambda: [c.pid for c in list(self.connections) if c.pid])
 
     async def start(self) -> None:
         assert self.server.repository is not None

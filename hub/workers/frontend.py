@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -118,7 +119,7 @@ class EngineClient:
             self.connected.set()
             log.info("connected to the model process at %s", self.socket_path)
             offer = Arena.create(self.arena_size) if self.handoff == "shm" else None
-            hello: Header = {"k": "hello", "handoff": self.handoff}
+            hello: Header = {"k": "hello", "handoff": self.handoff, "pid": os.getpid()}
             if offer is not None:
                 hello["arena"] = offer.describe()
             try:
