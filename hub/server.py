@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
-from hub.core.control import ModelController
+from hub.core.control import ModelController, plugin_stamps
 from hub.core.dataplane import DataPlane, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
@@ -159,6 +159,7 @@ class Server:
         self._stopping = False
         self._loaded = asyncio.Event()
         self._watcher: asyncio.Task[None] | None = None
+        self._watch_from: dict[str, tuple[int, int, int]] | None = None
         self.shared_memory: SharedMemoryRegistry | None = None
 
     # --- lifecycle --------------------------------------------------------------------------
@@ -188,6 +189,10 @@ class Server:
             self.repository = remote
             control = RemoteControl(remote.client)
         else:
+            # --watch compares with the files as they were before the plugins were read: a file
+            # written while the models load is a change, not the starting point.
+            if config.watch and config.plugins_dir is not None:
+                self._watch_from = await asyncio.to_thread(plugin_stamps, config.plugins_dir)
             targets = await asyncio.to_thread(self.plugins.collect_targets)
             specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
             builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
@@ -272,7 +277,8 @@ class Server:
         )
         self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
         if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
-            self._watcher = asyncio.get_running_loop().create_task(self.control.watch(config.watch, self._loaded.wait))
+            watch = self.control.watch(config.watch, self._loaded.wait, self._watch_from)
+            self._watcher = asyncio.get_running_loop().create_task(watch)
 
     async def _start_grpc(self, host: str, port: int) -> None:
         tokens = self.config.tokens

@@ -60,21 +60,28 @@ class ModelController:
         async with self._lock:
             await self.repository.unload(name)
 
-    async def watch(self, interval: float, started: Callable[[], Awaitable[Any]]) -> None:
+    async def watch(
+        self,
+        interval: float,
+        started: Callable[[], Awaitable[Any]],
+        seen: dict[str, tuple[int, int, int]] | None = None,
+    ) -> None:
         """`--watch`: load, reload or unload what changed in the plugins directory.
 
         Polls file stamps (portable, no extra dependency), off the event loop. Each change goes
         through the same path as RepositoryModelLoad/Unload, so a broken file changes nothing
-        else.
+        else. `seen`: the stamps the served models were read from (taken before the plugins
+        were imported), so that what changed while they loaded counts as a change.
         """
         folder = self.plugins_dir
         if folder is None:
             return
         await started()
-        seen = await asyncio.to_thread(_stamps, folder)
+        if seen is None:
+            seen = await asyncio.to_thread(plugin_stamps, folder)
         while True:
             await asyncio.sleep(interval)
-            now = await asyncio.to_thread(_stamps, folder)
+            now = await asyncio.to_thread(plugin_stamps, folder)
             if now == seen:
                 continue
             changed = {p for p in set(now) | set(seen) if now.get(p) != seen.get(p)}
@@ -134,7 +141,7 @@ class ModelController:
         )
 
 
-def _stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
+def plugin_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:
     """(mtime, size, crc32 of small files) of every file under the plugins directory, caches
     aside. The checksum catches an edit of the same length within one tick of the file
     system's clock, which mtime and size alone miss. Runs in a thread."""
