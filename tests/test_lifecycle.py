@@ -288,6 +288,8 @@ def test_watch_counts_a_file_written_while_the_models_load(start_server: Any, tm
     )
     client = tc.InferenceServerClient(server.url)
     _until(
-        lambda: client.is_model_ready("scaler")
-        and float(client.infer("scaler", [one(1.0)]).as_numpy("OUTPUT0")[0, 0]) == 3.0
+        lambda: (
+            client.is_model_ready("scaler")
+            and float(client.infer("scaler", [one(1.0)]).as_numpy("OUTPUT0")[0, 0]) == 3.0
+        )
     )
