@@ -209,3 +209,15 @@ def test_sigterm_under_load_answers_every_accepted_request(model_repository: Pat
     assert results == [2.0 * i for i in range(5)], (results, log)
     assert all(isinstance(r, str) and "UNAVAILABLE" in r for r in late), late
     assert code == 0 and "Traceback" not in log
+
+
+@pytest.mark.parametrize("value", ["-5", "nan", "inf", "fast"])
+def test_inline_compute_us_refuses_what_is_not_a_duration(value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--inline-compute-us", value])
+    assert exit_.value.code == 2
+    assert "--inline-compute-us" in capsys.readouterr().err
+    assert build_parser().parse_args(["serve", "--inline-compute-us", "0"]).inline_compute_us == 0.0
+    assert build_parser().parse_args(["serve"]).inline_compute_us == 100.0

@@ -31,6 +31,17 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def _microseconds(text: str) -> float:
+    """A non-negative number of microseconds (0 turns the feature off)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of microseconds: {text!r}") from None
+    if not value >= 0 or value == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected 0 (off) or a positive number of microseconds, got {text!r}")
+    return value
+
+
 def _size(text: str) -> int:
     """A byte count: a number with an optional K, M or G (binary units)."""
     value = text.strip().upper().removesuffix("B").removesuffix("I")
@@ -236,8 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--inline-compute-us",
-        type=float,
-        default=float(_env("INLINE_COMPUTE_US", 100)),
+        type=_microseconds,
+        default=str(_env("INLINE_COMPUTE_US", 100)),  # a string: argparse checks it with `type` too
         metavar="MICROSECONDS",
         help="a batch of a size measured to compute under this runs on the event loop, without a worker "
         "thread's hand-off (a lone request to an idle model then never suspends); 0 turns it off "
