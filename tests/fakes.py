@@ -1,5 +1,5 @@
 """Fakes for batcher unit tests: a clock that moves only when told, and a runtime that records
-its batches and can be held or poisoned."""
+its batches and can be held or poisoned; and a plugin whose load runs a callback (LoadHook)."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from hub import ModelSpec, Target, TensorSpec, hookimpl
 
 
 class FakeTimer:
@@ -80,3 +82,35 @@ class FakeRuntime:
         finally:
             with self._lock:
                 self.running -= 1
+
+
+class LoadHook:
+    """A plugin of one identity model (FP32 of `shape`, model `model`, target `target`) whose
+    target calls `on_load()` before it returns the runtime: a load held at a gate, or one that
+    does something while the server loads."""
+
+    def __init__(self, model: str, target: str, on_load: Callable[[], object], shape: tuple[int, ...] = (2,)) -> None:
+        self.model, self.target, self.on_load, self.shape = model, target, on_load, shape
+
+    @hookimpl
+    def register_targets(self, register: Callable[[Target], None]) -> None:
+        from .plugins.identity import NumpyRuntime
+
+        def load(ctx: object) -> NumpyRuntime:
+            self.on_load()
+            return NumpyRuntime(lambda inputs: {"OUTPUT0": inputs["INPUT0"]})
+
+        register(Target(name=self.target, build=lambda ctx: None, load=load, check_parity=False))
+
+    @hookimpl
+    def register_models(self, register: Callable[[ModelSpec], None]) -> None:
+        register(
+            ModelSpec(
+                name=self.model,
+                build=lambda: None,
+                inputs=[TensorSpec("INPUT0", "FP32", self.shape)],
+                outputs=[TensorSpec("OUTPUT0", "FP32", self.shape)],
+                example_inputs={"INPUT0": np.zeros(self.shape, np.float32)},
+                target=self.target,
+            )
+        )

@@ -29,10 +29,10 @@ import tritonclient.http.aio as th_aio
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from hub import hookimpl
 from hub.server import Server
 
 from .conftest import RunningServer
+from .fakes import LoadHook
 from .test_infer import TYPED
 
 #: Domain code -> (gRPC status, HTTP status): what each frontend must answer.
@@ -353,40 +353,18 @@ async def test_deadline_on_both_frontends(served: Any) -> None:
         await http_client.close()
 
 
-class GatedLoad:
+class GatedLoad(LoadHook):
     """A plugin whose one model ("slowpoke") stays loading until the gate opens."""
 
     def __init__(self) -> None:
         self.gate = threading.Event()
         self.entered = threading.Event()
 
-    @hookimpl
-    def register_targets(self, register: Any) -> None:
-        from hub import Target
-
-        from .plugins.identity import NumpyRuntime
-
-        def load(ctx: Any) -> Any:
+        def wait() -> None:
             self.entered.set()
             self.gate.wait(60)
-            return NumpyRuntime(lambda inputs: {"OUTPUT0": inputs["INPUT0"]})
 
-        register(Target(name="gated", build=lambda ctx: None, load=load, check_parity=False))
-
-    @hookimpl
-    def register_models(self, register: Any) -> None:
-        from hub import ModelSpec, TensorSpec
-
-        register(
-            ModelSpec(
-                name="slowpoke",
-                build=lambda: None,
-                inputs=[TensorSpec("INPUT0", "FP32", (1, 1))],
-                outputs=[TensorSpec("OUTPUT0", "FP32", (1, 1))],
-                example_inputs={"INPUT0": np.zeros((1, 1), np.float32)},
-                target="gated",
-            )
-        )
+        super().__init__("slowpoke", "gated", wait, shape=(1, 1))
 
 
 class LoadingServer(RunningServer):

@@ -20,6 +20,7 @@ from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from .conftest import ROOT, RunningServer, link_plugins
+from .fakes import LoadHook
 
 SCALER = """
 import numpy as np
@@ -256,36 +257,9 @@ def test_bad_version_policy_is_rejected() -> None:
 def test_watch_counts_a_file_written_while_the_models_load(start_server: Any, tmp_path: Path) -> None:
     """--watch starts from the files as they were before the plugins were read: a plugin file
     written while the models load (here, by a model's own load) is a change, and is loaded."""
-    from hub import ModelSpec, Target, TensorSpec, hookimpl
-    from tests.plugins.identity import NumpyRuntime
-
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
-
-    class WritesWhileLoading:
-        @hookimpl
-        def register_targets(self, register: Any) -> None:
-            def load(ctx: Any) -> Any:
-                write_scaler(plugins, 3.0)
-                return NumpyRuntime(lambda inputs: {"OUTPUT0": inputs["INPUT0"]})
-
-            register(Target(name="writer", build=lambda ctx: None, load=load, check_parity=False))
-
-        @hookimpl
-        def register_models(self, register: Any) -> None:
-            register(
-                ModelSpec(
-                    name="writer",
-                    build=lambda: None,
-                    inputs=[TensorSpec("INPUT0", "FP32", (2,))],
-                    outputs=[TensorSpec("OUTPUT0", "FP32", (2,))],
-                    example_inputs={"INPUT0": np.zeros(2, np.float32)},
-                    target="writer",
-                )
-            )
-
-    server = start_server(
-        plugins, model_repository=tmp_path / "models", watch=0.2, extra_plugins={"writer": WritesWhileLoading()}
-    )
+    writer = LoadHook("writer", "writer", lambda: write_scaler(plugins, 3.0))
+    server = start_server(plugins, model_repository=tmp_path / "models", watch=0.2, extra_plugins={"writer": writer})
     client = tc.InferenceServerClient(server.url)
     _until(
         lambda: (

@@ -21,12 +21,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.utils import InferenceServerException
 
-from hub import hookimpl
 from hub.logs import JsonFormatter
 from hub.metrics import Metrics, NullMetrics, NullModelMetrics
 from hub.server import Server, ServerConfig
 
 from .conftest import ROOT, RunningServer, link_plugins
+from .fakes import LoadHook
 
 CUDA_ONLY = {
     "modelhub_gpu_memory_allocated_bytes",
@@ -159,33 +159,9 @@ def test_health_is_not_serving_while_a_model_loads(tmp_path: Path, model_reposit
     gate = threading.Event()
     entered = threading.Event()
 
-    class SlowTarget:
-        @hookimpl
-        def register_targets(self, register: Any) -> None:
-            from hub import Target
-            from tests.plugins.identity import NumpyRuntime
-
-            def load(ctx: Any) -> Any:
-                entered.set()
-                gate.wait(30)
-                return NumpyRuntime(lambda inputs: {"OUTPUT0": inputs["INPUT0"]})
-
-            register(Target(name="slow", build=lambda ctx: None, load=load, check_parity=False))
-
-        @hookimpl
-        def register_models(self, register: Any) -> None:
-            from hub import ModelSpec, TensorSpec
-
-            register(
-                ModelSpec(
-                    name="slowpoke",
-                    build=lambda: None,
-                    inputs=[TensorSpec("INPUT0", "FP32", (2,))],
-                    outputs=[TensorSpec("OUTPUT0", "FP32", (2,))],
-                    example_inputs={"INPUT0": np.zeros(2, np.float32)},
-                    target="slow",
-                )
-            )
+    def wait() -> None:
+        entered.set()
+        gate.wait(30)
 
     config = ServerConfig(
         plugins_dir=None,
@@ -196,7 +172,7 @@ def test_health_is_not_serving_while_a_model_loads(tmp_path: Path, model_reposit
         device="cpu",
         threads=1,
         entry_points=False,
-        extra_plugins={"slow": SlowTarget()},
+        extra_plugins={"slow": LoadHook("slowpoke", "slow", wait)},
     )
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
