@@ -6,20 +6,15 @@ both get resolution (docs/metrics.md lists them).
 
 from __future__ import annotations
 
+import math
 import os
-from collections.abc import Callable, Iterable, Iterator
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    PlatformCollector,
-    ProcessCollector,
-)
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.utils import floatToGoString
 
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
@@ -30,81 +25,46 @@ STATES = ("loading", "ready", "failed", "unloaded")
 MODEL = ("model", "version")
 
 
+class Histogram:
+    """One histogram series, owned by the event loop: a bucket search (`bisect`, in C) and an
+    increment per observation, with no lock and no per-observation Python loop. The buckets
+    are exact counts, rendered cumulatively (Prometheus' `le`) only when scraped."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # the last is above every bound (+Inf only)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+    def buckets(self) -> list[tuple[str, float]]:
+        """(le, cumulative count) for every bound and +Inf, as HistogramMetricFamily takes them."""
+        total = 0
+        out: list[tuple[str, float]] = []
+        for bound, count in zip((*self.bounds, math.inf), self.counts, strict=True):
+            total += count
+            out.append((floatToGoString(bound), total))
+        return out
+
+
 class Metrics:
+    """The server's metrics. Per-model series are plain numbers in ModelMetrics, updated on the
+    event loop (where every request is answered and every batch delivered, as ModelStatistics
+    is) and read by one collector when /metrics is scraped, also on the loop: prometheus_client's
+    Counter and Histogram take a lock per update and walk the buckets in Python, which cost
+    a request more than its model's whole statistics (docs/benchmarks.md)."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        r = self.registry
-        self.requests = Counter(
-            "modelhub_requests", "Inference requests answered, by gRPC status code.", [*MODEL, "code"], registry=r
-        )
-        self.inferences = Counter("modelhub_inferences", "Samples inferred (a batch of n counts n).", MODEL, registry=r)
-        self.executions = Counter("modelhub_executions", "Batched forwards run.", MODEL, registry=r)
-        self.request_duration = Histogram(
-            "modelhub_request_duration_seconds",
-            "Server time per inference request, receipt to response.",
-            MODEL,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.queue_duration = Histogram(
-            "modelhub_queue_duration_seconds",
-            "Time a request waited in the batcher's queue.",
-            MODEL,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.compute_duration = Histogram(
-            "modelhub_compute_duration_seconds",
-            "Time per batched forward (input, infer and output stages).",
-            MODEL,
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
-        self.batch_size = Histogram(
-            "modelhub_batch_size", "Rows per batched forward.", MODEL, buckets=BATCH_BUCKETS, registry=r
-        )
-        self.queue_depth = Gauge("modelhub_queue_depth", "Requests waiting in the batcher's queue.", MODEL, registry=r)
-        self.in_flight = Gauge("modelhub_inflight_requests", "Inference requests being handled.", MODEL, registry=r)
-        self.model_state = Gauge(
-            "modelhub_model_state", "1 for the model's current state, 0 for the others.", [*MODEL, "state"], registry=r
-        )
-        self.load_seconds = Gauge(
-            "modelhub_model_load_duration_seconds",
-            "Time the last load of the model took, build included.",
-            MODEL,
-            registry=r,
-        )
-        self.load_failures = Counter(
-            "modelhub_model_load_failures",
-            "Loads and reloads that failed (the previous build keeps serving).",
-            MODEL,
-            registry=r,
-        )
-        self.build_seconds = Gauge(
-            "modelhub_model_build_duration_seconds",
-            "Time the model's artifact took to build (0 when cached).",
-            MODEL,
-            registry=r,
-        )
-
-        #: Every metric labelled by model and version, with its label names (to forget a model).
-        self._per_model: list[tuple[Any, tuple[str, ...]]] = [
-            (self.requests, (*MODEL, "code")),
-            (self.inferences, MODEL),
-            (self.executions, MODEL),
-            (self.request_duration, MODEL),
-            (self.queue_duration, MODEL),
-            (self.compute_duration, MODEL),
-            (self.batch_size, MODEL),
-            (self.queue_depth, MODEL),
-            (self.in_flight, MODEL),
-            (self.model_state, (*MODEL, "state")),
-            (self.load_seconds, MODEL),
-            (self.load_failures, MODEL),
-            (self.build_seconds, MODEL),
-        ]
+        #: Each model version's series, by (name, version): a reload of a version shares them.
+        self._models: dict[tuple[str, str], ModelMetrics] = {}
+        self.registry.register(ModelCollector(self._models))
 
     def watch_cuda(self) -> None:
         self.registry.register(CudaCollector())
@@ -115,75 +75,151 @@ class Metrics:
         self.registry.register(FrontendCollector(pids))
 
     def for_model(self, name: str, version: int) -> ModelMetrics:
-        return ModelMetrics(self, name, str(version))
+        key = (name, str(version))
+        model = self._models.get(key)
+        if model is None:
+            model = self._models[key] = ModelMetrics()
+        return model
 
     def forget(self, name: str, version: int) -> None:
         """Remove every series of one model version: it is no longer in the repository."""
-        wanted = (name, str(version))
-        for metric, labelnames in self._per_model:
-            series = {
-                tuple(sample.labels[label] for label in labelnames)
-                for family in metric.collect()
-                for sample in family.samples
-                if (sample.labels.get("model"), sample.labels.get("version")) == wanted
-            }
-            for labelvalues in series:
-                metric.remove(*labelvalues)
+        self._models.pop((name, str(version)), None)
 
 
 class ModelMetrics:
-    """The children of every metric for one model version, bound once (labels() is not free)."""
+    """One model version's series. Updated from the event loop thread only, like ModelStats."""
 
-    def __init__(self, metrics: Metrics, name: str, version: str) -> None:
-        self._metrics = metrics
-        self._labels = (name, version)
-        self.inferences = metrics.inferences.labels(*self._labels)
-        self.executions = metrics.executions.labels(*self._labels)
-        self.request_duration = metrics.request_duration.labels(*self._labels)
-        self.queue_duration = metrics.queue_duration.labels(*self._labels)
-        self.compute_duration = metrics.compute_duration.labels(*self._labels)
-        self.batch_size = metrics.batch_size.labels(*self._labels)
-        self.queue_depth = metrics.queue_depth.labels(*self._labels)
-        self.in_flight = metrics.in_flight.labels(*self._labels)
-        self._codes: dict[str, Counter] = {}
+    def __init__(self) -> None:
+        self.requests: dict[str, int] = {}  # by status code
+        self.inferences = 0
+        self.executions = 0
+        self.request_duration = Histogram(LATENCY_BUCKETS)
+        self.queue_duration = Histogram(LATENCY_BUCKETS)
+        self.compute_duration = Histogram(LATENCY_BUCKETS)
+        self.batch_size = Histogram(BATCH_BUCKETS)
+        self.queue_depth = 0
+        self.in_flight = 0
+        self.current_state = ""
+        self.load_seconds = 0.0
+        self.build_seconds = 0.0
+        self.load_failures = 0
 
     def request_started(self) -> None:
-        self.in_flight.inc()
+        self.in_flight += 1
 
     def request_abandoned(self) -> None:
         """A request left this process unanswered (it is counted where it is answered)."""
-        self.in_flight.dec()
+        self.in_flight -= 1
 
     def request_done(self, code: str, seconds: float) -> None:
-        self.in_flight.dec()
-        counter = self._codes.get(code)
-        if counter is None:
-            counter = self._codes[code] = self._metrics.requests.labels(*self._labels, code)
-        counter.inc()
+        self.in_flight -= 1
+        requests = self.requests
+        requests[code] = requests.get(code, 0) + 1
         self.request_duration.observe(seconds)
 
     # BatchObserver
     def queued(self, depth: int) -> None:
-        self.queue_depth.set(depth)
+        self.queue_depth = depth
 
     def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
-        self.inferences.inc(rows)
-        self.executions.inc()
+        self.inferences += rows
+        self.executions += 1
         self.batch_size.observe(rows)
         self.compute_duration.observe(compute_seconds)
+        observe = self.queue_duration.observe
         for waited in queue_seconds:
-            self.queue_duration.observe(waited)
+            observe(waited)
 
     def state(self, state: str) -> None:
-        for name in STATES:
-            self._metrics.model_state.labels(*self._labels, name).set(1 if name == state else 0)
+        self.current_state = state
 
     def loaded(self, load_seconds: float, build_seconds: float) -> None:
-        self._metrics.load_seconds.labels(*self._labels).set(load_seconds)
-        self._metrics.build_seconds.labels(*self._labels).set(build_seconds)
+        self.load_seconds = load_seconds
+        self.build_seconds = build_seconds
 
     def load_failed(self) -> None:
-        self._metrics.load_failures.labels(*self._labels).inc()
+        self.load_failures += 1
+
+
+#: The scalar series of every model version: (family, name, help, the ModelMetrics attribute).
+_SCALARS: tuple[tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str], ...] = (
+    (CounterMetricFamily, "modelhub_inferences", "Samples inferred (a batch of n counts n).", "inferences"),
+    (CounterMetricFamily, "modelhub_executions", "Batched forwards run.", "executions"),
+    (GaugeMetricFamily, "modelhub_queue_depth", "Requests waiting in the batcher's queue.", "queue_depth"),
+    (GaugeMetricFamily, "modelhub_inflight_requests", "Inference requests being handled.", "in_flight"),
+    (
+        GaugeMetricFamily,
+        "modelhub_model_load_duration_seconds",
+        "Time the last load of the model took, build included.",
+        "load_seconds",
+    ),
+    (
+        CounterMetricFamily,
+        "modelhub_model_load_failures",
+        "Loads and reloads that failed (the previous build keeps serving).",
+        "load_failures",
+    ),
+    (
+        GaugeMetricFamily,
+        "modelhub_model_build_duration_seconds",
+        "Time the model's artifact took to build (0 when cached).",
+        "build_seconds",
+    ),
+)
+#: The histograms of every model version: (name, help, the ModelMetrics attribute).
+_HISTOGRAMS = (
+    (
+        "modelhub_request_duration_seconds",
+        "Server time per inference request, receipt to response.",
+        "request_duration",
+    ),
+    ("modelhub_queue_duration_seconds", "Time a request waited in the batcher's queue.", "queue_duration"),
+    (
+        "modelhub_compute_duration_seconds",
+        "Time per batched forward (input, infer and output stages).",
+        "compute_duration",
+    ),
+    ("modelhub_batch_size", "Rows per batched forward.", "batch_size"),
+)
+
+
+class ModelCollector:
+    """Every model version's series, read at scrape time (docs/metrics.md lists them)."""
+
+    def __init__(self, models: Mapping[tuple[str, str], ModelMetrics]) -> None:
+        self._models = models
+
+    def describe(self) -> Iterable[Metric]:
+        return ()  # the series depend on the models served; collected fresh at each scrape
+
+    def collect(self) -> Iterable[Metric]:
+        labels = list(MODEL)
+        models = list(self._models.items())
+        requests = CounterMetricFamily(
+            "modelhub_requests", "Inference requests answered, by gRPC status code.", labels=[*labels, "code"]
+        )
+        states = GaugeMetricFamily(
+            "modelhub_model_state", "1 for the model's current state, 0 for the others.", labels=[*labels, "state"]
+        )
+        for (name, version), model in models:
+            for code, count in model.requests.items():
+                requests.add_metric([name, version, code], count)
+            if model.current_state:
+                for state in STATES:
+                    states.add_metric([name, version, state], 1 if state == model.current_state else 0)
+        yield requests
+        yield states
+        for family_type, name, documentation, attribute in _SCALARS:
+            family = family_type(name, documentation, labels=labels)
+            for key, model in models:
+                family.add_metric(list(key), getattr(model, attribute))
+            yield family
+        for name, documentation, attribute in _HISTOGRAMS:
+            histograms = HistogramMetricFamily(name, documentation, labels=labels)
+            for key, model in models:
+                histogram: Histogram = getattr(model, attribute)
+                histograms.add_metric(list(key), histogram.buckets(), histogram.sum)
+            yield histograms
 
 
 class NullModelMetrics:
