@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 import ml_dtypes
 import numpy as np
@@ -74,16 +75,15 @@ def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LI
     (InvalidInput naming the input): no negative dimension, and no dimension, nor product of
     the non-zero dimensions, above `limits.elements` (a shape with a zero dim holds nothing,
     but numpy cannot represent one whose other dims overflow)."""
-    name = shorten(name)
-    if any(d < 0 for d in shape):
-        raise InvalidInput(f"input '{name}': shape {_shape_text(shape)} has a negative dimension")
+    if shape and min(shape) < 0:
+        raise InvalidInput(f"input '{shorten(name)}': shape {_shape_text(shape)} has a negative dimension")
     nonzero = 1
     for d in shape:
         if d:
             nonzero *= d
             if nonzero > limits.elements:
                 raise InvalidInput(
-                    f"input '{name}': shape {_shape_text(shape)} has more than {limits.elements} elements, "
+                    f"input '{shorten(name)}': shape {_shape_text(shape)} has more than {limits.elements} elements, "
                     "this server's limit per request"
                 )
     return 0 if 0 in shape else nonzero
@@ -113,7 +113,20 @@ def from_buffer(
             f"input '{shorten(name)}': unknown datatype '{shorten(datatype, 32)}'; "
             f"expected one of {', '.join(NUMPY_DTYPES)}"
         )
-    count = element_count(name, shape, limits)
+    return view_of(name, datatype, dtype, shape, element_count(name, shape, limits), data, limits)
+
+
+def view_of(
+    name: str,
+    datatype: str,
+    dtype: np.dtype[Any],
+    shape: tuple[int, ...],
+    count: int,
+    data: bytes | memoryview,
+    limits: Limits = DEFAULT_LIMITS,
+) -> np.ndarray:
+    """`from_buffer` for a caller that has already resolved the datatype and counted the
+    shape's elements with `element_count`."""
     if datatype == "BYTES":
         return decode_bytes(data, count, name, limits).reshape(shape)
     expected = count * dtype.itemsize

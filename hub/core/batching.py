@@ -23,8 +23,8 @@ log = logging.getLogger("modelhub.batching")
 
 Arrays = dict[str, np.ndarray]
 #: What a worker returns for one batch: each request's outputs, then the input, infer and
-#: output stage times in nanoseconds.
-BatchResult = tuple[list[Arrays], int, int, int]
+#: output stage times in nanoseconds (wall), then the CPU time of the thread that ran it.
+BatchResult = tuple[list[Arrays], int, int, int, int]
 
 
 @dataclass(frozen=True)
@@ -182,7 +182,6 @@ class Batcher:
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
         self._cost: dict[int, float] = {}
-        self._seen: collections.Counter[int] = collections.Counter()  # batches per size, for `_cheap`
 
     # --- public ---------------------------------------------------------------------------
 
@@ -274,7 +273,7 @@ class Batcher:
             batch = self._next_batch()
             if batch is None:
                 break
-            if self._cheap(self._rows(batch), explore=True):
+            if self._cheap(self._rows(batch)):
                 self._run_inline(batch)
             else:
                 self._dispatch(batch)
@@ -352,20 +351,10 @@ class Batcher:
     def _rows(self, batch: list[_Pending]) -> int:
         return sum(p.rows for p in batch) if self.policy.batching else 1
 
-    def _cheap(self, rows: int, explore: bool = False) -> bool:
-        """Whether a batch of `rows` was measured to compute in under `inline_below`.
-
-        A worker thread's wall time includes waiting for the GIL and for a core, so a size only
-        ever run in threads can look dearer than it is. With `explore`, one batch in 32 of a
-        size measured under 4x the bound runs on the loop anyway, where it measures true (and
-        the estimate falls at once if it is cheap); the loop pays at most that 4x, rarely."""
-        cost = self._cost.get(rows, self._inline_below)
-        if cost < self._inline_below:
-            return True
-        if not explore or cost >= 4 * self._inline_below:
-            return False
-        self._seen[rows] += 1
-        return self._seen[rows] % 32 == 0
+    def _cheap(self, rows: int) -> bool:
+        """Whether a batch of `rows` was measured to compute in under `inline_below` (a size
+        not measured yet runs in a worker first)."""
+        return self._cost.get(rows, self._inline_below) < self._inline_below
 
     def _run_inline(self, batch: list[_Pending]) -> None:
         """Compute a batch on the event loop (see `submit`); its futures are done after."""
@@ -410,12 +399,14 @@ class Batcher:
                 self._fail(pending, failure)
             return
         assert result is not None
-        results, input_ns, infer_ns, output_ns = result
+        results, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
-            cost = (input_ns + infer_ns + output_ns) / 1e9
+            # The CPU time of the thread that computed, not its wall time: in a worker, wall
+            # time includes waiting for the GIL (up to the 5 ms switch interval while the loop
+            # is busy) and, on the loop or off it, for a core; neither is the batch's cost.
+            # Down at once, up slowly, so that one slow batch does not send a size to the workers.
+            cost = cpu_ns / 1e9
             seen = self._cost.get(rows, cost)
-            # Down at once, up slowly: a thread's wall time includes waiting for the GIL and
-            # for a core, which the same batch run on the loop would not pay.
             self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
@@ -428,6 +419,7 @@ class Batcher:
     def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
         """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""
         clock = time.perf_counter_ns
+        cpu = time.thread_time_ns()
         t0 = clock()
         if len(parts) == 1:
             inputs = parts[0]
@@ -452,7 +444,7 @@ class Batcher:
                 results.append({name: value[start : start + count] for name, value in outputs.items()})
                 start += count
         t3 = clock()
-        return results, t1 - t0, t2 - t1, t3 - t2
+        return results, t1 - t0, t2 - t1, t3 - t2, time.thread_time_ns() - cpu
 
     def _concatenate(self, name: str, arrays: list[np.ndarray]) -> np.ndarray:
         """Stack requests along the batch dim, padding `padding` inputs to the longest first.

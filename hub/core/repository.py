@@ -66,6 +66,9 @@ class ModelRepository:
             known = name_list(self.names())
             raise ModelNotFound(f"unknown model '{shorten(name)}'; served models: {known}")
         if not version:
+            if len(versions) == 1:
+                (only,) = versions.values()
+                return only
             ready = [v for v, m in versions.items() if m.ready]
             return versions[max(ready or versions)]
         try:
@@ -211,7 +214,8 @@ class ModelRepository:
                 clock=self._clock,
                 observer=model.metrics,
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
-                inline_below=self._inline_compute,
+                # On a GPU the loop must never wait for the device: every batch goes to a worker.
+                inline_below=self._inline_compute if model.device == "cpu" else 0.0,
             )
             model.batcher.start()
             build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0

@@ -17,6 +17,7 @@ from hub.datatypes import (
     element_count,
     encode_bytes,
     from_buffer,
+    view_of,
 )
 from hub.errors import InvalidInput, shorten
 from hub.limits import DEFAULT_LIMITS, Limits
@@ -130,7 +131,7 @@ def decode_inputs(
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(_mixed_message(name))
-            arrays[name] = from_buffer(name, datatype, shape, raw[index], limits)
+            arrays[name] = view_of(name, datatype, dtype, shape, count, raw[index], limits)
         else:
             arrays[name] = _from_typed(name, datatype, dtype, shape, count, tensor.contents, limits)
     return arrays
