@@ -224,6 +224,9 @@ class Server:
             await self.engine.start()
         if isinstance(self.repository, RemoteRepository):
             self.repository.start()
+            # SO_REUSEPORT hands connections to every listening frontend: listen only once this
+            # one knows the models (a connection here before that got NOT_FOUND for each).
+            await self.repository.synced.wait()
         if config.grpc_port is not None:
             await self._start_grpc(config.host, config.grpc_port)
         for name in ["", *self.repository.names()]:

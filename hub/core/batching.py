@@ -178,6 +178,7 @@ class Batcher:
         self._closing = False
         self._target = max(policy.preferred_batch_sizes, default=policy.max_batch_size)
         self._preferred = frozenset(policy.preferred_batch_sizes)
+        self._batching = policy.batching  # read per request: a property call each time otherwise
         # The inline path (see `submit`): the measured compute seconds of a batch by its rows,
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
@@ -228,7 +229,7 @@ class Batcher:
             timeout = self.policy.timeout
         future: asyncio.Future[Delivery] = self._loop.create_future()
         pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
-        if self._cheap(rows if self.policy.batching else 1) and not self._queue and self._free == self.policy.instances:
+        if self._cheap(rows if self._batching else 1) and not self._queue and self._free == self.policy.instances:
             self._run_inline([pending])
             return future.result()
         self._queue.append(pending)
@@ -305,7 +306,7 @@ class Batcher:
         first = self._head()
         if first is None:
             return None
-        if not self.policy.batching:
+        if not self._batching:
             return [self._queue.popleft()]
         rows = 0
         count = 0
@@ -349,7 +350,9 @@ class Batcher:
         )
 
     def _rows(self, batch: list[_Pending]) -> int:
-        return sum(p.rows for p in batch) if self.policy.batching else 1
+        if not self._batching:
+            return 1
+        return batch[0].rows if len(batch) == 1 else sum(p.rows for p in batch)
 
     def _cheap(self, rows: int) -> bool:
         """Whether a batch of `rows` was measured to compute in under `inline_below` (a size
@@ -413,7 +416,7 @@ class Batcher:
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
         for pending, outputs, waited in zip(batch, results, queue_seconds, strict=True):
             if not pending.future.done():
-                inferences = pending.rows if self.policy.batching else 1
+                inferences = pending.rows if self._batching else 1
                 pending.future.set_result(Delivery(outputs, inferences, int(waited * 1e9), record))
 
     def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:

@@ -447,6 +447,9 @@ class RemoteRepository(ModelRepository):
         self._targets, self._specs = specs()
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
         self.loaded = asyncio.Event()
+        #: Set once the model process's first table of models has arrived: before it, this
+        #: frontend would answer NOT_FOUND for every model, so it does not listen until then.
+        self.synced = asyncio.Event()
 
     def start(self) -> None:
         self.client.start()
@@ -498,6 +501,7 @@ class RemoteRepository(ModelRepository):
                 if not self._models[model.name]:
                     del self._models[model.name]
                 self._set_state(model, ModelState.UNLOADED, "unloaded")
+        self.synced.set()
         if header.get("loaded"):
             self.loaded.set()
 
