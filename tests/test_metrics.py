@@ -266,3 +266,29 @@ def test_histogram_quantile_interpolates() -> None:
     assert quantile(0.5, before, after) == pytest.approx(0.001)
     assert quantile(0.75, before, after) == pytest.approx(0.0055)
     assert quantile(0.5, after, after) is None
+
+
+def test_a_histogram_counts_a_value_on_a_bound_in_that_bucket_and_renders_cumulatively() -> None:
+    """Prometheus' `le`: a value equal to a bound belongs to that bound's bucket; buckets are
+    rendered cumulatively, ending with +Inf, whose count is every observation's."""
+    metrics = Metrics()
+    model = metrics.for_model("m", 1)
+    for rows in (1, 2, 3, 2048):
+        model.batch_done(rows, [0.0] * rows, 0.001)
+    assert metrics.for_model("m", 1) is model  # a reload of the version shares its series
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    for line in (
+        'modelhub_batch_size_bucket{le="1.0",model="m",version="1"} 1.0',
+        'modelhub_batch_size_bucket{le="2.0",model="m",version="1"} 2.0',
+        'modelhub_batch_size_bucket{le="4.0",model="m",version="1"} 3.0',
+        'modelhub_batch_size_bucket{le="1024.0",model="m",version="1"} 3.0',
+        'modelhub_batch_size_bucket{le="+Inf",model="m",version="1"} 4.0',
+        'modelhub_batch_size_count{model="m",version="1"} 4.0',
+        'modelhub_batch_size_sum{model="m",version="1"} 2054.0',
+        'modelhub_queue_duration_seconds_count{model="m",version="1"} 2054.0',
+        'modelhub_inferences_total{model="m",version="1"} 2054.0',
+        'modelhub_executions_total{model="m",version="1"} 4.0',
+    ):
+        assert line in text, line
+    metrics.forget("m", 1)
+    assert 'model="m"' not in prometheus_client.generate_latest(metrics.registry).decode()
