@@ -221,3 +221,21 @@ def test_inline_compute_us_refuses_what_is_not_a_duration(value: str, capsys: py
     assert "--inline-compute-us" in capsys.readouterr().err
     assert build_parser().parse_args(["serve", "--inline-compute-us", "0"]).inline_compute_us == 0.0
     assert build_parser().parse_args(["serve"]).inline_compute_us == 100.0
+
+
+def test_a_reader_that_leaves_early_is_no_error() -> None:
+    """`modelhub plugins | head -1`: once the pipe's reader is gone, the command stops quietly
+    (exit 0, no BrokenPipeError traceback)."""
+    read, write = os.pipe()
+    os.close(read)  # the reader has left before the first write
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(ROOT / "plugins")],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(write)
+    assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
