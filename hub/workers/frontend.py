@@ -10,6 +10,7 @@ from the model process, which says whenever they change.
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import os
@@ -447,6 +448,8 @@ class RemoteRepository(ModelRepository):
         self._targets, self._specs = specs()
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
         self.loaded = asyncio.Event()
+        self._backlog: collections.deque[Header] = collections.deque()  # views waiting for the plugins
+        self._applying: asyncio.Task[None] | None = None
         #: Set once the model process's first table of models has arrived: before it, this
         #: frontend would answer NOT_FOUND for every model, so it does not listen until then.
         self.synced = asyncio.Event()
@@ -461,6 +464,45 @@ class RemoteRepository(ModelRepository):
         return None
 
     def _state(self, header: Header) -> None:
+        """Take the model process's view: at once, unless it names a model this frontend's
+        plugins do not describe yet (a reload, a model new to us). Then the plugins are read
+        again in a thread, as a single process's reload does, so that importing them does not
+        stall this frontend's requests; views are applied in the order they came."""
+        if self._applying is None and not self._needs_plugins(header):
+            self._apply(header)
+            return
+        self._backlog.append(header)
+        if self._applying is None:
+            self._applying = asyncio.get_running_loop().create_task(self._apply_backlog())
+
+    def _rebuilt(self, view: dict[str, Any]) -> bool:
+        current = self._models.get(view["name"], {}).get(int(view["version"]))
+        served_key = current.manifest.get("cache_key") if current is not None else None
+        return bool(served_key and view["cache_key"] and served_key != view["cache_key"])
+
+    def _needs_plugins(self, header: Header) -> bool:
+        if header.get("lost"):
+            return False
+        for view in header["models"]:
+            name, version = view["name"], int(view["version"])
+            if self._rebuilt(view) or (version not in self._models.get(name, {}) and self._spec(name, version) is None):
+                return True
+        return False
+
+    async def _apply_backlog(self) -> None:
+        try:
+            while self._backlog:
+                header = self._backlog.popleft()
+                if self._needs_plugins(header):
+                    try:
+                        self._targets, self._specs = await asyncio.to_thread(self._collect)
+                    except Exception:  # a plugin that no longer imports: keep what we had
+                        log.exception("reading the plugins again failed; keeping the specs read before")
+                self._apply(header)
+        finally:
+            self._applying = None
+
+    def _apply(self, header: Header) -> None:
         """Apply the model process's view: new models, changed states, removed ones."""
         if header.get("lost"):
             for model in self.models():
@@ -473,13 +515,8 @@ class RemoteRepository(ModelRepository):
             name, version = view["name"], int(view["version"])
             seen.add((name, version))
             current = self._models.get(name, {}).get(version)
-            served_key = current.manifest.get("cache_key") if current is not None else None
-            rebuilt = bool(served_key and view["cache_key"] and served_key != view["cache_key"])
-            if current is None or rebuilt:
-                spec = None if rebuilt else self._spec(name, version)
-                if spec is None:  # a reload, or a model new to us: take the plugins as they are now
-                    self._targets, self._specs = self._collect()
-                    spec = self._spec(name, version)
+            if current is None or self._rebuilt(view):
+                spec = self._spec(name, version)  # the plugins as they are now (see `_state`)
                 if spec is None:
                     log.error("the model process serves %s/%d, which this frontend's plugins lack", name, version)
                     continue
@@ -520,6 +557,8 @@ class RemoteRepository(ModelRepository):
         return RegionMirror(kinds, device, self.client)
 
     async def close(self, drain: bool = True) -> None:
+        if self._applying is not None:
+            self._applying.cancel()
         await self.client.close()
 
 
