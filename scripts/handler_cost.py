@@ -1,0 +1,99 @@
+"""CPU time of one ModelInfer through our handler, in-process, warm and cold (issue 12).
+
+The handler (parse, data plane, batcher, runtime, encode, statistics, metrics) is called
+directly, without gRPC, on a real Server's servicer. "warm" runs requests back to back; "cold"
+sweeps `--sweep` bytes of memory between two requests, which is what grpc.aio's machinery
+does to our caches inside a served process (docs/benchmarks.md, "where a single process's time
+goes"). Prints the median of five runs of `--requests` each, in thread CPU µs per request.
+
+    REFMODELS_DIR=../shared/bench .venv/bin/python scripts/handler_cost.py \\
+        --plugins-dir bench/plugins --model-repository bench-results/models --model digits_cnn
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.server import Server, ServerConfig
+
+
+class _Context:
+    """What the handler asks of a grpc.aio context."""
+
+    def time_remaining(self) -> float:
+        return 30.0
+
+    def set_code(self, code: Any) -> None:
+        self.code = code
+
+    def set_details(self, details: str) -> None:
+        raise SystemExit(f"the request failed: {self.code}: {details}")
+
+
+async def main(args: argparse.Namespace) -> None:
+    server = Server(
+        ServerConfig(
+            plugins_dir=args.plugins_dir,
+            model_repository=args.model_repository,
+            grpc_port=0,
+            http_port=None,
+            metrics_port=None if args.no_metrics else 0,
+            device="cpu",
+            threads=1,
+            entry_points=False,
+        )
+    )
+    await server.start()
+    await server.wait_until_loaded()
+    assert server.plane is not None and server._servicer is not None
+    spec = server.plane.model(args.model, "").spec
+    request = pb.ModelInferRequest(model_name=args.model, id="x")
+    for tensor in spec.inputs:
+        shape = [1 if d == -1 else d for d in tensor.shape]  # one row; variable dims of 1
+        entry = request.inputs.add(name=tensor.name, datatype=tensor.datatype, shape=shape)
+        request.raw_input_contents.append(np.zeros(shape, tensor.dtype).tobytes())
+        assert entry.name == tensor.name
+    data = request.SerializeToString()
+    servicer, context = server._servicer, _Context()
+    sweep = np.ones(args.sweep, np.uint8)
+
+    async def run(count: int, cold: bool) -> float:
+        total = 0
+        for _ in range(count):
+            if cold:
+                sweep.sum()
+            started = time.thread_time_ns()
+            response = await servicer.ModelInfer(pb.ModelInferRequest.FromString(data), context)
+            response.SerializeToString()
+            total += time.thread_time_ns() - started
+        return total / count / 1000
+
+    try:
+        await run(args.requests, False)  # measures the batch sizes, warms up
+        for cold in (False, True):
+            runs = [await run(args.requests, cold) for _ in range(5)]
+            print(
+                f"{args.model} {'cold' if cold else 'warm'}: median {statistics.median(runs):.1f} µs per request "
+                f"({' '.join(f'{r:.0f}' for r in runs)})"
+            )
+    finally:
+        await server.stop(0)
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--plugins-dir", type=Path, default=Path("bench/plugins"))
+    parser.add_argument("--model-repository", type=Path, default=Path("bench-results/models"))
+    parser.add_argument("--model", default="digits_cnn")
+    parser.add_argument("--requests", type=int, default=3000)
+    parser.add_argument("--sweep", type=int, default=2 << 20, help="bytes swept between requests when cold")
+    parser.add_argument("--no-metrics", action="store_true", help="metrics off (--metrics-port off)")
+    asyncio.run(main(parser.parse_args()))
