@@ -97,7 +97,7 @@ class OnnxRuntime:
         # every input is fed (the batcher feeds exactly the spec's inputs, checked against the
         # graph above), that OrtValues are owned (we feed numpy) and the WebGPU capture mode,
         # and falls back on an execution-provider failure (there is none to fall back from).
-        # Those checks cost 10-15 µs per batch, half of a small model's compute.
+        # Those checks cost ~10 µs per call (digits' batch of 1, warm: 28 against 18 µs, 2-core Xeon).
         binding = getattr(self.session, "_sess", None)
         self._run = binding.run if self.device == "cpu" and binding is not None else None
 
