@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 from prometheus_client import CollectorRegistry, PlatformCollector, ProcessCollector
@@ -121,7 +121,7 @@ class ModelMetrics:
     def queued(self, depth: int) -> None:
         self.queue_depth = depth
 
-    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+    def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         self.inferences += rows
         self.executions += 1
         self.batch_size.observe(rows)
@@ -237,7 +237,7 @@ class NullModelMetrics:
     def queued(self, depth: int) -> None:
         pass
 
-    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+    def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         pass
 
     def state(self, state: str) -> None:

@@ -78,6 +78,19 @@ async def main(args: argparse.Namespace) -> None:
 
     try:
         await run(args.requests, False)  # measures the batch sizes, warms up
+        if args.profile:
+            import cProfile
+            import pstats
+
+            profiler = cProfile.Profile()
+            profiler.enable()
+            await run(args.requests, False)
+            profiler.disable()
+            stats = pstats.Stats(profiler)
+            calls = sum(entry[1] for entry in stats.stats.values())  # type: ignore[attr-defined]
+            print(f"{calls / args.requests:.0f} Python calls per request")
+            stats.sort_stats("tottime").print_stats(args.profile)
+            return
         for cold in (False, True):
             runs = [await run(args.requests, cold) for _ in range(5)]
             print(
@@ -95,5 +108,6 @@ if __name__ == "__main__":
     parser.add_argument("--model", default="digits_cnn")
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--sweep", type=int, default=2 << 20, help="bytes swept between requests when cold")
+    parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions")
     parser.add_argument("--no-metrics", action="store_true", help="metrics off (--metrics-port off)")
     asyncio.run(main(parser.parse_args()))

@@ -9,7 +9,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -65,14 +65,14 @@ class BatchObserver(Protocol):
 
     def queued(self, depth: int) -> None: ...
 
-    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None: ...
+    def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None: ...
 
 
 class _NoObserver:
     def queued(self, depth: int) -> None:
         pass
 
-    def batch_done(self, rows: int, queue_seconds: list[float], compute_seconds: float) -> None:
+    def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         pass
 
 
@@ -224,14 +224,13 @@ class Batcher:
             raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")
         if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
             raise QueueFull(f"model '{self.name}': queue is full ({self.policy.max_queue_size} requests waiting)")
+        if not self._queue and self._free == self.policy.instances and self._cheap(rows if self._batching else 1):
+            return self._run_alone(inputs, rows, request_id)
         now = self._clock.now()
         if timeout is None:
             timeout = self.policy.timeout
         future: asyncio.Future[Delivery] = self._loop.create_future()
         pending = _Pending(inputs, rows, signature, None if timeout is None else now + timeout, now, request_id, future)
-        if self._cheap(rows if self._batching else 1) and not self._queue and self._free == self.policy.instances:
-            self._run_inline([pending])
-            return future.result()
         self._queue.append(pending)
         self._observer.queued(len(self._queue))
         if not self._pump_pending:
@@ -359,6 +358,24 @@ class Batcher:
         not measured yet runs in a worker first)."""
         return self._cost.get(rows, self._inline_below) < self._inline_below
 
+    def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, request_id: str) -> Delivery:
+        """The inline path for a request that finds the batcher idle: its own batch, computed
+        here without a queue entry or a future (it never waited, so its queue time is 0)."""
+        self._free -= 1
+        try:
+            result = self._run_batch([inputs], [rows])
+        except Exception as exc:
+            raise self._failure(exc, rows, request_id or "-") from None
+        finally:
+            self._free += 1
+        rows = rows if self._batching else 1
+        outputs, input_ns, infer_ns, output_ns, cpu_ns = result
+        if self._inline_below:
+            self._price(rows, cpu_ns)
+        record = BatchRecord(rows, input_ns, infer_ns, output_ns)
+        self._observer.batch_done(rows, (0.0,), (input_ns + infer_ns + output_ns) / 1e9)
+        return Delivery(outputs[0], rows, 0, record)
+
     def _run_inline(self, batch: list[_Pending]) -> None:
         """Compute a batch on the event loop (see `submit`); its futures are done after."""
         started = self._clock.now()
@@ -387,30 +404,14 @@ class Batcher:
     ) -> None:
         rows = self._rows(batch)
         if error is not None:
-            ids = ", ".join(p.request_id or "-" for p in batch)
-            log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
-            # The client reads the model and the error type only (no runtime internals: source
-            # paths, graph node names); the log above has the rest. The traceback goes: it
-            # reaches the worker's frames, and through them this batch's inputs.
-            error.__traceback__ = None
-            failure = (
-                error
-                if isinstance(error, HubError)
-                else ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
-            )
+            failure = self._failure(error, rows, ", ".join(p.request_id or "-" for p in batch))
             for pending in batch:
                 self._fail(pending, failure)
             return
         assert result is not None
         results, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
-            # The CPU time of the thread that computed, not its wall time: in a worker, wall
-            # time includes waiting for the GIL (up to the 5 ms switch interval while the loop
-            # is busy) and, on the loop or off it, for a core; neither is the batch's cost.
-            # Down at once, up slowly, so that one slow batch does not send a size to the workers.
-            cost = cpu_ns / 1e9
-            seen = self._cost.get(rows, cost)
-            self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
+            self._price(rows, cpu_ns)
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
@@ -418,6 +419,27 @@ class Batcher:
             if not pending.future.done():
                 inferences = pending.rows if self._batching else 1
                 pending.future.set_result(Delivery(outputs, inferences, int(waited * 1e9), record))
+
+    def _failure(self, error: BaseException, rows: int, ids: str) -> BaseException:
+        """A failed batch's error as its requests get it, logged with the batch's request ids."""
+        log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
+        # The client reads the model and the error type only (no runtime internals: source
+        # paths, graph node names); the log above has the rest. The traceback goes: it
+        # reaches the worker's frames, and through them this batch's inputs.
+        error.__traceback__ = None
+        if isinstance(error, HubError):
+            return error
+        return ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
+
+    def _price(self, rows: int, cpu_ns: int) -> None:
+        """Record what a batch of `rows` cost: the CPU time of the thread that computed, not
+        its wall time. In a worker, wall time includes waiting for the GIL (up to the 5 ms
+        switch interval while the loop is busy) and, on the loop or off it, for a core; neither
+        is the batch's cost. Down at once, up slowly, so that one slow batch does not send a
+        size to the workers."""
+        cost = cpu_ns / 1e9
+        seen = self._cost.get(rows, cost)
+        self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
 
     def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
         """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""

@@ -268,7 +268,7 @@ class DataPlane:
                 results = delivery.outputs
                 outputs = [(n, _classify(model, n, results[n], c) if c else results[n]) for n, c in names]
                 written: frozenset[str] = frozenset()
-                if any(o.target is not None for o in request.outputs):
+                if request.outputs and any(o.target is not None for o in request.outputs):
                     written = _write_shared(request.outputs, outputs)
                 return encode(InferResponse(model.name, str(model.version), request_id, outputs, written))
             except asyncio.CancelledError:
@@ -312,9 +312,9 @@ class DataPlane:
 def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) -> list[tuple[str, int]]:
     """(name, class_count) of every output to return: the requested ones, or all of the model's."""
     spec = model.spec
-    declared = [t.name for t in spec.outputs]
     if not requested:
-        return [(n, 0) for n in declared]
+        return [(t.name, 0) for t in spec.outputs]
+    declared = [t.name for t in spec.outputs]
     names = []
     for output in requested:
         if output.name not in declared:

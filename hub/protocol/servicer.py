@@ -217,6 +217,16 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
+        if plane.shared_memory is None:  # nothing to hold: a request naming a region is refused in decoding
+            return await plane.infer(
+                request.model_name,
+                request.model_version,
+                request.id,
+                lambda spec: decode_request(request, spec, limits, None),
+                encode_response,
+                timeout=time_remaining,
+                accepted=accepted,
+            )
         with Holds(plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
             return await plane.infer(
                 request.model_name,
