@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -217,18 +217,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
-        if plane.shared_memory is None:  # nothing to hold: a request naming a region is refused in decoding
-            return await plane.infer(
-                request.model_name,
-                request.model_version,
-                request.id,
-                lambda spec: decode_request(request, spec, limits, None),
-                encode_response,
-                timeout=time_remaining,
-                accepted=accepted,
-            )
-        with Holds(plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
-            return await plane.infer(
+
+        def answer(holds: Holds | None) -> Coroutine[Any, Any, pb.ModelInferResponse]:
+            return plane.infer(
                 request.model_name,
                 request.model_version,
                 request.id,
@@ -237,6 +228,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 timeout=time_remaining,
                 accepted=accepted,
             )
+
+        if plane.shared_memory is None:  # nothing to hold: a request naming a region is refused in decoding
+            return await answer(None)
+        with Holds(plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
+            return await answer(holds)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
         try:
