@@ -361,6 +361,7 @@ class Batcher:
     def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, request_id: str) -> Delivery:
         """The inline path for a request that finds the batcher idle: its own batch, computed
         here without a queue entry or a future (it never waited, so its queue time is 0)."""
+        rows = rows if self._batching else 1
         self._free -= 1
         try:
             result = self._run_batch([inputs], [rows])
@@ -368,7 +369,6 @@ class Batcher:
             raise self._failure(exc, rows, request_id or "-") from None
         finally:
             self._free += 1
-        rows = rows if self._batching else 1
         outputs, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
             self._price(rows, cpu_ns)
