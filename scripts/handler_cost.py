@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from hub.datatypes import NUMPY_DTYPES, datatype_of
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.server import Server, ServerConfig
 
@@ -36,6 +37,30 @@ class _Context:
 
     def set_details(self, details: str) -> None:
         raise SystemExit(f"the request failed: {self.code}: {details}")
+
+
+def _bare_handler(runtime: Any) -> Any:
+    """The floor under our handler: the inputs wrapped, ONNX Runtime's session binding called,
+    one response built; no checks, batcher, statistics or metrics (an ONNX model on the CPU)."""
+    run, names = runtime._run, runtime._outputs
+    output = pb.ModelInferResponse.InferOutputTensor
+
+    async def bare(request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        inputs = {
+            t.name: np.frombuffer(raw, NUMPY_DTYPES[t.datatype]).reshape(tuple(t.shape))
+            for t, raw in zip(request.inputs, request.raw_input_contents, strict=True)
+        }
+        results = run(names, inputs, None)
+        return pb.ModelInferResponse(
+            model_name=request.model_name,
+            id=request.id,
+            outputs=[
+                output(name=n, datatype=datatype_of(r), shape=r.shape) for n, r in zip(names, results, strict=True)
+            ],
+            raw_output_contents=[r.tobytes() for r in results],
+        )
+
+    return bare
 
 
 async def main(args: argparse.Namespace) -> None:
@@ -62,7 +87,10 @@ async def main(args: argparse.Namespace) -> None:
         request.raw_input_contents.append(np.zeros(shape, tensor.dtype).tobytes())
         assert entry.name == tensor.name
     data = request.SerializeToString()
-    servicer, context = server._servicer, _Context()
+    context = _Context()
+    handler = server._servicer.ModelInfer
+    if args.bare:
+        handler = _bare_handler(server.plane.model(args.model, "").runtime)
     sweep = np.ones(args.sweep, np.uint8)
 
     async def run(count: int, cold: bool) -> float:
@@ -71,7 +99,7 @@ async def main(args: argparse.Namespace) -> None:
             if cold:
                 sweep.sum()
             started = time.thread_time_ns()
-            response = await servicer.ModelInfer(pb.ModelInferRequest.FromString(data), context)
+            response = await handler(pb.ModelInferRequest.FromString(data), context)
             response.SerializeToString()
             total += time.thread_time_ns() - started
         return total / count / 1000
@@ -109,5 +137,6 @@ if __name__ == "__main__":
     parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--sweep", type=int, default=2 << 20, help="bytes swept between requests when cold")
     parser.add_argument("--profile", type=int, default=0, metavar="N", help="print the N costliest functions")
+    parser.add_argument("--bare", action="store_true", help="time the bare handler (the floor), not ours")
     parser.add_argument("--no-metrics", action="store_true", help="metrics off (--metrics-port off)")
     asyncio.run(main(parser.parse_args()))
