@@ -90,7 +90,7 @@ class ServerConfig:
     log_requests: float = 0.0  # fraction of inference requests written to the access log
     #: Seconds: a lone request to an idle model that computes faster than this runs on the
     #: event loop instead of a worker thread (hub/core/batching.py, Batcher.submit); 0: never.
-    inline_compute: float = 100e-6
+    inline_compute: float = 200e-6
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
     #: Several processes (hub/workers): a frontend hands its requests to the model process
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
