@@ -393,6 +393,28 @@ async def test_a_size_is_priced_by_its_cpu_time_not_by_its_wait_for_the_gil() ->
     await batcher.close()
 
 
+async def test_a_size_that_waits_leaves_the_loop_after_one_run() -> None:
+    """A forward that waits (a sleep, a device, a runtime's own threads) costs its worker thread
+    almost no CPU, so it is tried on the loop once; that run's wall time (20 ms against a 1 ms
+    bound) prices it, and it never blocks the loop again, whatever its worker CPU says."""
+    import threading
+
+    where: list[str] = []
+
+    def compute(inputs: Any) -> dict[str, np.ndarray]:
+        where.append(threading.current_thread().name)
+        time.sleep(0.02)
+        return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
+
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.001)
+    batcher.start()
+    for value in range(6):
+        delivery = await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
+        assert delivery.outputs["OUTPUT0"].tolist() == [[3.0 * value + 1]]
+    assert where.count("MainThread") == 1 and where[1] == "MainThread", where
+    await batcher.close()
+
+
 async def test_a_size_that_burns_cpu_stays_in_the_workers() -> None:
     """The converse: a batch whose compute burns more CPU than the bound keeps going to a worker."""
     import threading

@@ -183,6 +183,7 @@ class Batcher:
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
         self._cost: dict[int, float] = {}
+        self._loop_priced: set[int] = set()  # sizes whose price comes from runs on the loop
 
     # --- public ---------------------------------------------------------------------------
 
@@ -344,7 +345,7 @@ class Batcher:
         self._free -= 1
         assert self._workers is not None
         self._workers.submit(
-            lambda: self._run_batch([p.inputs for p in batch], [p.rows for p in batch]),
+            lambda: self._run_batch([p.inputs for p in batch], [p.rows for p in batch], on_loop=False),
             lambda result, error: self._finish(batch, started, result, error),
         )
 
@@ -369,9 +370,9 @@ class Batcher:
             raise self._failure(exc, rows, request_id or "-") from None
         finally:
             self._free += 1
-        outputs, input_ns, infer_ns, output_ns, cpu_ns = result
+        outputs, input_ns, infer_ns, output_ns, _ = result
         if self._inline_below:
-            self._price(rows, cpu_ns)
+            self._price(rows, input_ns + infer_ns + output_ns, on_loop=True)
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, (0.0,), (input_ns + infer_ns + output_ns) / 1e9)
         return Delivery(outputs[0], rows, 0, record)
@@ -387,7 +388,7 @@ class Batcher:
             result, error = None, exc
         finally:
             self._free += 1
-        self._deliver(batch, started, result, error)
+        self._deliver(batch, started, result, error, on_loop=True)
 
     def _finish(
         self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
@@ -395,12 +396,18 @@ class Batcher:
         """On the event loop: hand each request its rows (or the batch's error), then schedule more."""
         self._free += 1
         try:
-            self._deliver(batch, started, result, error)
+            self._deliver(batch, started, result, error, on_loop=False)
         finally:
             self._pump()
 
     def _deliver(
-        self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
+        self,
+        batch: list[_Pending],
+        started: float,
+        result: BatchResult | None,
+        error: BaseException | None,
+        *,
+        on_loop: bool,
     ) -> None:
         rows = self._rows(batch)
         if error is not None:
@@ -411,7 +418,7 @@ class Batcher:
         assert result is not None
         results, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
-            self._price(rows, cpu_ns)
+            self._price(rows, input_ns + infer_ns + output_ns if on_loop else cpu_ns, on_loop=on_loop)
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
@@ -431,20 +438,34 @@ class Batcher:
             return error
         return ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
 
-    def _price(self, rows: int, cpu_ns: int) -> None:
-        """Record what a batch of `rows` cost: the CPU time of the thread that computed, not
-        its wall time. In a worker, wall time includes waiting for the GIL (up to the 5 ms
-        switch interval while the loop is busy) and, on the loop or off it, for a core; neither
-        is the batch's cost. Down at once, up slowly, so that one slow batch does not send a
-        size to the workers."""
-        cost = cpu_ns / 1e9
+    def _price(self, rows: int, ns: int, *, on_loop: bool) -> None:
+        """Record what a batch of `rows` cost the event loop, or would have.
+
+        - From a worker: the CPU time of the thread that computed, not its wall time, which
+          includes waiting for the GIL (up to the 5 ms switch interval while the loop is
+          busy) and for a core. A worker's CPU time is only a first guess, though: it misses
+          what the compute waits for (a sleep, I/O, a device) and work done in other threads
+          (a runtime's own thread pool). So it prices only sizes never run on the loop.
+        - On the loop: wall time, what the loop was held for, and from then on the size's price.
+
+        Down at once, up slowly (from the first guess too), so that one slow batch does not
+        send a size to the workers; a size that blocks the loop for many times the bound
+        (a model that sleeps) leaves it after one run and does not come back."""
+        if on_loop:
+            self._loop_priced.add(rows)
+        elif rows in self._loop_priced:
+            return
+        cost = ns / 1e9
         seen = self._cost.get(rows, cost)
         self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
 
-    def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
-        """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""
+    def _run_batch(
+        self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int], *, on_loop: bool = True
+    ) -> BatchResult:
+        """Concatenate, compute, split (in a worker thread, or on the loop). Returns per-request
+        outputs, stage times, and in a worker the thread's CPU time (see `_price`)."""
         clock = time.perf_counter_ns
-        priced = bool(self._inline_below)  # the thread's CPU clock is a system call: only when it is used
+        priced = bool(self._inline_below) and not on_loop  # the thread's CPU clock is a system call
         cpu = time.thread_time_ns() if priced else 0
         t0 = clock()
         if len(parts) == 1:
