@@ -394,9 +394,9 @@ async def test_a_size_is_priced_by_its_cpu_time_not_by_its_wait_for_the_gil() ->
 
 
 async def test_a_size_that_waits_leaves_the_loop_after_one_run() -> None:
-    """A forward that waits (a sleep, a device, a runtime's own threads) costs its worker thread
-    almost no CPU, so it is tried on the loop once; that run's wall time (20 ms against a 1 ms
-    bound) prices it, and it never blocks the loop again, whatever its worker CPU says."""
+    """A forward that waits (a sleep, a device, a runtime's own threads) costs its thread little
+    CPU, so it is tried on the loop once; that run gave up the core and held the loop for 20 ms
+    against a 1 ms bound, so its size never blocks the loop again, whatever its CPU time says."""
     import threading
 
     where: list[str] = []

@@ -250,9 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=_microseconds,
         default=str(_env("INLINE_COMPUTE_US", 200)),  # a string: argparse checks it with `type` too
         metavar="MICROSECONDS",
-        help="for a model on the CPU, a batch of a size measured to take under this long (its worker thread's "
-        "CPU time at first, then its wall time on the loop) runs on the event loop, without a worker thread's "
-        "hand-off (a lone request to an idle model then never suspends); 0 turns it off "
+        help="for a model on the CPU, a batch of a size measured to take under this much CPU time runs on the "
+        "event loop, without a worker thread's hand-off (a lone request to an idle model then never "
+        "suspends); 0 turns it off "
         "(env MODELHUB_INLINE_COMPUTE_US; default: 200; README)",
     )
     serve.add_argument(

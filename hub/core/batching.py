@@ -7,6 +7,7 @@ import asyncio
 import collections
 import logging
 import queue
+import resource
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +59,9 @@ class MonotonicClock:
 
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:
         return asyncio.get_running_loop().call_later(delay, callback)
+
+
+_RUSAGE_THREAD: int | None = getattr(resource, "RUSAGE_THREAD", None)  # Linux only
 
 
 class BatchObserver(Protocol):
@@ -183,7 +187,7 @@ class Batcher:
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
         self._cost: dict[int, float] = {}
-        self._loop_priced: set[int] = set()  # sizes whose price comes from runs on the loop
+        self._waits: set[int] = set()  # sizes that waited on something on the loop: never again (`_on_loop`)
 
     # --- public ---------------------------------------------------------------------------
 
@@ -345,7 +349,7 @@ class Batcher:
         self._free -= 1
         assert self._workers is not None
         self._workers.submit(
-            lambda: self._run_batch([p.inputs for p in batch], [p.rows for p in batch], on_loop=False),
+            lambda: self._run_batch([p.inputs for p in batch], [p.rows for p in batch]),
             lambda result, error: self._finish(batch, started, result, error),
         )
 
@@ -357,7 +361,7 @@ class Batcher:
     def _cheap(self, rows: int) -> bool:
         """Whether a batch of `rows` was measured to compute in under `inline_below` (a size
         not measured yet runs in a worker first)."""
-        return self._cost.get(rows, self._inline_below) < self._inline_below
+        return rows not in self._waits and self._cost.get(rows, self._inline_below) < self._inline_below
 
     def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, request_id: str) -> Delivery:
         """The inline path for a request that finds the batcher idle: its own batch, computed
@@ -365,14 +369,14 @@ class Batcher:
         rows = rows if self._batching else 1
         self._free -= 1
         try:
-            result = self._run_batch([inputs], [rows])
+            result = self._on_loop([inputs], [rows])
         except Exception as exc:
             raise self._failure(exc, rows, request_id or "-") from None
         finally:
             self._free += 1
-        outputs, input_ns, infer_ns, output_ns, _ = result
+        outputs, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
-            self._price(rows, input_ns + infer_ns + output_ns, on_loop=True)
+            self._price(rows, cpu_ns)
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, (0.0,), (input_ns + infer_ns + output_ns) / 1e9)
         return Delivery(outputs[0], rows, 0, record)
@@ -382,13 +386,13 @@ class Batcher:
         started = self._clock.now()
         self._free -= 1
         try:
-            result: BatchResult | None = self._run_batch([p.inputs for p in batch], [p.rows for p in batch])
+            result: BatchResult | None = self._on_loop([p.inputs for p in batch], [p.rows for p in batch])
             error = None
         except Exception as exc:  # delivered to the requests, as from a worker
             result, error = None, exc
         finally:
             self._free += 1
-        self._deliver(batch, started, result, error, on_loop=True)
+        self._deliver(batch, started, result, error)
 
     def _finish(
         self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
@@ -396,18 +400,12 @@ class Batcher:
         """On the event loop: hand each request its rows (or the batch's error), then schedule more."""
         self._free += 1
         try:
-            self._deliver(batch, started, result, error, on_loop=False)
+            self._deliver(batch, started, result, error)
         finally:
             self._pump()
 
     def _deliver(
-        self,
-        batch: list[_Pending],
-        started: float,
-        result: BatchResult | None,
-        error: BaseException | None,
-        *,
-        on_loop: bool,
+        self, batch: list[_Pending], started: float, result: BatchResult | None, error: BaseException | None
     ) -> None:
         rows = self._rows(batch)
         if error is not None:
@@ -418,7 +416,7 @@ class Batcher:
         assert result is not None
         results, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
-            self._price(rows, input_ns + infer_ns + output_ns if on_loop else cpu_ns, on_loop=on_loop)
+            self._price(rows, cpu_ns)
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
@@ -438,34 +436,44 @@ class Batcher:
             return error
         return ModelExecutionError(f"model '{self.name}' failed: {type(error).__name__}")
 
-    def _price(self, rows: int, ns: int, *, on_loop: bool) -> None:
-        """Record what a batch of `rows` cost the event loop, or would have.
-
-        - From a worker: the CPU time of the thread that computed, not its wall time, which
-          includes waiting for the GIL (up to the 5 ms switch interval while the loop is
-          busy) and for a core. A worker's CPU time is only a first guess, though: it misses
-          what the compute waits for (a sleep, I/O, a device) and work done in other threads
-          (a runtime's own thread pool). So it prices only sizes never run on the loop.
-        - On the loop: wall time, what the loop was held for, and from then on the size's price.
-
-        Down at once, up slowly (from the first guess too), so that one slow batch does not
-        send a size to the workers; a size that blocks the loop for many times the bound
-        (a model that sleeps) leaves it after one run and does not come back."""
-        if on_loop:
-            self._loop_priced.add(rows)
-        elif rows in self._loop_priced:
-            return
-        cost = ns / 1e9
+    def _price(self, rows: int, cpu_ns: int) -> None:
+        """Record what a batch of `rows` cost: the CPU time of the thread that computed, not
+        its wall time. In a worker, wall time includes waiting for the GIL (up to the 5 ms
+        switch interval while the loop is busy) and, on the loop or off it, for a core; neither
+        is the batch's cost. Down at once, up slowly, so that one slow batch does not send a
+        size to the workers."""
+        cost = cpu_ns / 1e9
         seen = self._cost.get(rows, cost)
         self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
 
-    def _run_batch(
-        self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int], *, on_loop: bool = True
-    ) -> BatchResult:
-        """Concatenate, compute, split (in a worker thread, or on the loop). Returns per-request
-        outputs, stage times, and in a worker the thread's CPU time (see `_price`)."""
+    def _on_loop(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
+        """`_run_batch` on the event loop, watching for a forward that waits.
+
+        CPU time prices a size (`_price`), but it misses what a forward waits for: a sleep,
+        I/O, a device, work in a runtime's own threads. If a run here gave up the core of its
+        own accord (a voluntary context switch; being preempted is involuntary and does not
+        count) and held the loop for over ten times the bound, its size never runs on the loop
+        again, whatever its CPU time says. The loop is blocked once, not once per request."""
+        before = _voluntary_switches()
+        started = time.perf_counter_ns()
+        result = self._run_batch(parts, part_rows)
+        held = (time.perf_counter_ns() - started) / 1e9
+        if held > 10 * self._inline_below and _voluntary_switches() != before:
+            rows = sum(part_rows) if self._batching else 1
+            self._waits.add(rows)
+            log.warning(
+                "model '%s': a batch of %d rows waited on something for %.1f ms on the event loop; "
+                "that size runs in a worker thread from now on",
+                self.name,
+                rows,
+                held * 1e3,
+            )
+        return result
+
+    def _run_batch(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
+        """Worker thread: concatenate, compute, split. Returns per-request outputs and stage times."""
         clock = time.perf_counter_ns
-        priced = bool(self._inline_below) and not on_loop  # the thread's CPU clock is a system call
+        priced = bool(self._inline_below)  # the thread's CPU clock is a system call: only when it is used
         cpu = time.thread_time_ns() if priced else 0
         t0 = clock()
         if len(parts) == 1:
@@ -515,6 +523,14 @@ class Batcher:
     def _fail(self, pending: _Pending, error: BaseException) -> None:
         if not pending.future.done():
             pending.future.set_exception(error)
+
+
+def _voluntary_switches() -> int:
+    """This thread's voluntary context switches so far (Linux); elsewhere a count that always
+    differs, so that `Batcher._on_loop` goes by the time held alone."""
+    if _RUSAGE_THREAD is None:
+        return time.perf_counter_ns()
+    return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
 def _concatenate_on_device(arrays: list[Any]) -> Any:
