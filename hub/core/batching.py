@@ -369,7 +369,7 @@ class Batcher:
         rows = rows if self._batching else 1
         self._free -= 1
         try:
-            result = self._on_loop([inputs], [rows])
+            result = self._on_loop([inputs], [rows], rows)
         except Exception as exc:
             raise self._failure(exc, rows, request_id or "-") from None
         finally:
@@ -386,7 +386,8 @@ class Batcher:
         started = self._clock.now()
         self._free -= 1
         try:
-            result: BatchResult | None = self._on_loop([p.inputs for p in batch], [p.rows for p in batch])
+            parts, part_rows = [p.inputs for p in batch], [p.rows for p in batch]
+            result: BatchResult | None = self._on_loop(parts, part_rows, self._rows(batch))
             error = None
         except Exception as exc:  # delivered to the requests, as from a worker
             result, error = None, exc
@@ -446,7 +447,7 @@ class Batcher:
         seen = self._cost.get(rows, cost)
         self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
 
-    def _on_loop(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int]) -> BatchResult:
+    def _on_loop(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int], rows: int) -> BatchResult:
         """`_run_batch` on the event loop, watching for a forward that waits.
 
         CPU time prices a size (`_price`), but it misses what a forward waits for: a sleep,
@@ -455,11 +456,10 @@ class Batcher:
         count) and held the loop for over ten times the bound, its size never runs on the loop
         again, whatever its CPU time says. The loop is blocked once, not once per request."""
         before = _voluntary_switches()
-        started = time.perf_counter_ns()
         result = self._run_batch(parts, part_rows)
-        held = (time.perf_counter_ns() - started) / 1e9
+        _, input_ns, infer_ns, output_ns, _ = result
+        held = (input_ns + infer_ns + output_ns) / 1e9  # its stage times cover the whole run
         if held > 10 * self._inline_below and _voluntary_switches() != before:
-            rows = sum(part_rows) if self._batching else 1
             self._waits.add(rows)
             log.warning(
                 "model '%s': a batch of %d rows waited on something for %.1f ms on the event loop; "
