@@ -8,7 +8,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -29,13 +29,14 @@ from hub.limits import Limits
 from hub.metrics import Metrics, NullMetrics
 from hub.pipeline.builder import Builder
 from hub.plugins.manager import PluginHost
-from hub.protocol.auth import TokenInterceptor
+from hub.protocol.auth import ThreadedTokenInterceptor, TokenInterceptor
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated._pool import POOL
 from hub.protocol.rest.app import RestFrontend
 from hub.protocol.rest.listener import HttpListener
 from hub.protocol.rest.metrics import metrics_app
 from hub.protocol.servicer import InferenceServicer, add_to_server
+from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
 from hub.workers.frontend import RemoteControl, RemoteRepository
@@ -101,6 +102,11 @@ class ServerConfig:
     handoff: str = "shm"
     handoff_arena: int = 32 << 20
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    #: Which grpcio server takes the gRPC calls: "aio" (grpc.aio, on the event loop) or
+    #: "threads" (grpcio's thread-pool server of `grpc_threads` threads, each call handed to
+    #: the loop: hub/protocol/threaded.py).
+    grpc_server: str = "aio"
+    grpc_threads: int = 2
     limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
     model_control: bool = False  # RepositoryModelLoad/Unload and REST load/unload; `watch` implies it
     auth_token: str | None = None  # bearer token for everything but health
@@ -150,7 +156,8 @@ class Server:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
-        self._grpc: grpc.aio.Server | None = None
+        self._grpc: grpc.aio.Server | grpc.Server | None = None
+        self._grpc_close: Callable[[], None] | None = None  # frees the thread-pool server's threads
         self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
         self._http: HttpListener | None = None
@@ -285,18 +292,33 @@ class Server:
 
     async def _start_grpc(self, host: str, port: int) -> None:
         tokens = self.config.tokens
-        server = grpc.aio.server(
-            interceptors=[TokenInterceptor(tokens)] if tokens.required else None,
-            options=[
-                ("grpc.max_receive_message_length", self.config.limits.request_bytes),
-                ("grpc.max_send_message_length", MAX_MESSAGE),
-                ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
-            ],
-        )
+        options = [
+            ("grpc.max_receive_message_length", self.config.limits.request_bytes),
+            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+        ]
+        server: grpc.aio.Server | grpc.Server
+        registrar: Any  # where the services register: the server, or the thread-pool facade
+        if self.config.grpc_server == "threads":
+            loop = asyncio.get_running_loop()
+            lock = loop_lock(loop)
+            if lock is None:
+                raise RuntimeError("grpc_server='threads' serves from a loop made by hub.protocol.threaded.new_loop()")
+            server, registrar, self._grpc_close = threaded_server(
+                loop,
+                lock,
+                self.config.grpc_threads,
+                options,
+                interceptors=[ThreadedTokenInterceptor(tokens)] if tokens.required else None,
+            )
+        else:
+            server = registrar = grpc.aio.server(
+                interceptors=[TokenInterceptor(tokens)] if tokens.required else None, options=options
+            )
         assert self.plane is not None
         self._servicer = InferenceServicer(self.plane, self.config.limits)
-        add_to_server(self._servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        add_to_server(self._servicer, registrar)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, registrar)
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             try:
                 POOL.AddSerializedFile(descriptor.serialized_pb)
@@ -308,7 +330,7 @@ class Server:
                 health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                 reflection.SERVICE_NAME,
             ],
-            server,
+            registrar,
             pool=POOL,
         )
         tls = self.config.tls
@@ -322,8 +344,21 @@ class Server:
             self.grpc_port = server.add_secure_port(f"{host}:{port}", credentials)
         if self.grpc_port == 0:
             raise OSError(f"cannot bind gRPC to {host}:{port}")
-        await server.start()
+        if isinstance(server, grpc.aio.Server):
+            await server.start()
+        else:
+            server.start()
         self._grpc = server
+
+    async def _stop_grpc(self, grace: float) -> None:
+        server = self._grpc
+        if isinstance(server, grpc.aio.Server):
+            await server.stop(grace)
+        elif server is not None:
+            stopped = server.stop(grace)  # its threads wait on this loop, which must keep running
+            await asyncio.to_thread(stopped.wait)
+            if self._grpc_close is not None:
+                self._grpc_close()
 
     def _collect_specs(self) -> tuple[dict[str, Any], list[Any]]:
         """This process's import of the plugins, as it is now: targets and the specs to serve."""
@@ -384,7 +419,7 @@ class Server:
             grace = max(0.0, grace - (time.monotonic() - started))
         # gRPC and REST drain together, each within `grace`.
         await asyncio.gather(
-            *([self._grpc.stop(grace)] if self._grpc is not None else []),
+            *([self._stop_grpc(grace)] if self._grpc is not None else []),
             *([self._http.stop()] if self._http is not None else []),
         )
         if self.engine is not None:

@@ -198,6 +198,17 @@ def workers_server(tmp_path_factory: pytest.TempPathFactory, model_repository: P
 
 
 @pytest.fixture(scope="session")
+def threads_server(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Workers]:
+    """`modelhub serve --grpc-server threads` (one process, grpcio's thread-pool server) with the
+    shared server's plugins."""
+    tmp = tmp_path_factory.mktemp("threads")
+    plugins = link_plugins(tmp / "plugins", ROOT / "plugins" / "digits", *sorted(TEST_PLUGINS.glob("*.py")))
+    server = Workers(plugins, model_repository, tmp, 1, "--grpc-server", "threads")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+@pytest.fixture(scope="session")
 def digits_heldout() -> tuple[Any, Any]:
     from safetensors.numpy import load_file
 

@@ -393,7 +393,7 @@ async def test_a_size_is_priced_by_its_cpu_time_not_by_its_wait_for_the_gil() ->
     await batcher.close()
 
 
-async def test_a_size_that_waits_leaves_the_loop_after_one_run() -> None:
+async def test_a_size_that_waits_leaves_the_loop_after_one_run_for_30_seconds() -> None:
     """A forward that waits (a sleep, a device, a runtime's own threads) costs its thread little
     CPU, so it is tried on the loop once; that run gave up the core and held the loop for 20 ms
     against a 1 ms bound, so its size never blocks the loop again, whatever its CPU time says."""
@@ -406,12 +406,42 @@ async def test_a_size_that_waits_leaves_the_loop_after_one_run() -> None:
         time.sleep(0.02)
         return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
 
-    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.001)
+    clock = FakeClock()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=clock, inline_below=0.001)
     batcher.start()
     for value in range(6):
         delivery = await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
         assert delivery.outputs["OUTPUT0"].tolist() == [[3.0 * value + 1]]
     assert where.count("MainThread") == 1 and where[1] == "MainThread", where
+    # 30 s on, the size is tried on the loop once more; it still waits, so it leaves at once.
+    await clock.advance(30.0)
+    for value in range(3):
+        await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
+    assert where[6] == "MainThread" and all(n.startswith("model-fake") for n in where[7:]), where
+    await batcher.close()
+
+
+async def test_a_short_wait_leaves_the_loop_only_if_it_comes_every_time() -> None:
+    """A run that waits 3 ms (over ten times the bound, under two GIL switch intervals) is what
+    a wait for the GIL looks like: once is not enough to leave the loop; three in a row is."""
+    import threading
+
+    where: list[str] = []
+    waits = iter([False, True, False, True, True, True, False, False])
+
+    def compute(inputs: Any) -> dict[str, np.ndarray]:
+        where.append(threading.current_thread().name)
+        if next(waits):
+            time.sleep(0.003)
+        return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
+
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.0002)
+    batcher.start()
+    for value in range(8):
+        await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
+    # the first run prices the size in a worker; runs 2-6 are on the loop (run 2 waited alone,
+    # and the size stayed), and after three waits in a row (runs 4-6) the rest go to a worker.
+    assert where[1:6] == ["MainThread"] * 5 and all(n.startswith("model-fake") for n in where[6:]), where
     await batcher.close()
 
 

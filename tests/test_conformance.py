@@ -270,10 +270,12 @@ def run_http(server: RunningServer, case: Case) -> tuple[int, str]:
     return 200, ""
 
 
-@pytest.fixture(params=["one-process", "workers-2"])
+@pytest.fixture(params=["one-process", "workers-2", "grpc-threads"])
 def served(request: pytest.FixtureRequest) -> Any:
-    """The shared server, and the same plugins behind `--workers 2`: every case must hold for both."""
-    return request.getfixturevalue("hub_server" if request.param == "one-process" else "workers_server")
+    """The shared server, the same plugins behind `--workers 2`, and one process on grpcio's
+    thread-pool server (`--grpc-server threads`): every case must hold for all three."""
+    fixture = {"one-process": "hub_server", "workers-2": "workers_server", "grpc-threads": "threads_server"}
+    return request.getfixturevalue(fixture[request.param])
 
 
 @pytest.mark.parametrize("name", list(CASES))

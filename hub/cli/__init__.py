@@ -31,6 +31,17 @@ def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
 
+def _positive(text: str) -> int:
+    """A whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1, got {text!r}")
+    return value
+
+
 def _microseconds(text: str) -> float:
     """A non-negative number of microseconds (0 turns the feature off)."""
     try:
@@ -252,9 +263,26 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="MICROSECONDS",
         help="for a model on the CPU, a batch of a size measured to take under this much CPU time runs on the "
         "event loop, without a worker thread's hand-off (a lone request to an idle model then never "
-        "suspends; a size whose run there waited on something for over 10x this leaves the loop for good); "
+        "suspends; a size whose run there waited on something for over 10x this keeps off the loop for 30 s); "
         "0 turns it off "
         "(env MODELHUB_INLINE_COMPUTE_US; default: 200; README)",
+    )
+    serve.add_argument(
+        "--grpc-server",
+        choices=["aio", "threads"],
+        default=_env("GRPC_SERVER", "aio"),
+        help="which grpcio server takes gRPC calls: aio (grpc.aio on the event loop) or threads (grpcio's "
+        "thread-pool server, each call handed to the event loop; docs/benchmarks.md) "
+        "(env MODELHUB_GRPC_SERVER; default: aio)",
+    )
+    serve.add_argument(
+        "--grpc-threads",
+        type=_positive,
+        default=str(_env("GRPC_THREADS", 2)),
+        metavar="N",
+        help="with --grpc-server threads: how many handler threads run at once; a call that waits (in a "
+        "batcher's queue, a stream between messages) lends its place to another "
+        "(env MODELHUB_GRPC_THREADS; default: 2)",
     )
     serve.add_argument(
         "--workers",
@@ -470,6 +498,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handoff=args.handoff,
         handoff_arena=args.handoff_arena,
         reuse_port=args.role == "frontend",
+        grpc_server=args.grpc_server,
+        grpc_threads=args.grpc_threads,
         limits=limits,
         # the frontends of --workers N get no `watch`, so --watch's implied control is explicit
         model_control=args.model_control or bool(args.watch),
@@ -480,6 +510,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         shared_memory=shared_memory,
     )
+    if config.grpc_server == "threads":  # its handler threads share the loop's lock (hub/protocol/threaded.py)
+        from hub.protocol.threaded import new_loop
+
+        loop = new_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            return loop.run_until_complete(_serve(Server(config), args.port_file))
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.run_until_complete(loop.shutdown_default_executor())
+            asyncio.set_event_loop(None)
+            loop.close()
     return asyncio.run(_serve(Server(config), args.port_file))
 
 

@@ -8,6 +8,7 @@ import collections
 import logging
 import queue
 import resource
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -187,7 +188,8 @@ class Batcher:
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
         self._cost: dict[int, float] = {}
-        self._waits: set[int] = set()  # sizes that waited on something on the loop: never again (`_on_loop`)
+        self._waits: dict[int, float] = {}  # sizes that waited on the loop: until when they keep off it (`_on_loop`)
+        self._waited: dict[int, int] = {}  # sizes whose last runs on the loop waited, and how many in a row
 
     # --- public ---------------------------------------------------------------------------
 
@@ -361,7 +363,11 @@ class Batcher:
     def _cheap(self, rows: int) -> bool:
         """Whether a batch of `rows` was measured to compute in under `inline_below` (a size
         not measured yet runs in a worker first)."""
-        return rows not in self._waits and self._cost.get(rows, self._inline_below) < self._inline_below
+        if rows in self._waits:
+            if self._clock.now() < self._waits[rows]:
+                return False
+            del self._waits[rows]  # tried on the loop again: a forward that still waits leaves at once
+        return self._cost.get(rows, self._inline_below) < self._inline_below
 
     def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, request_id: str) -> Delivery:
         """The inline path for a request that finds the batcher idle: its own batch, computed
@@ -453,20 +459,33 @@ class Batcher:
         CPU time prices a size (`_price`), but it misses what a forward waits for: a sleep,
         I/O, a device, work in a runtime's own threads. If a run here gave up the core of its
         own accord (a voluntary context switch; being preempted is involuntary and does not
-        count) and held the loop for over ten times the bound, its size never runs on the loop
-        again, whatever its CPU time says. The loop is blocked once, not once per request."""
+        count) and held the loop for over ten times the bound, and either held it for longer
+        than two GIL switch intervals (10 ms) or did so three runs in a row, its size keeps
+        off the loop for 30 s, whatever its CPU time says; its first run back that waits again
+        sends it off again. A forward that always waits blocks the loop once per 30 s, not
+        once per request. A wait that is not the forward's (for the GIL, or a core) looks the
+        same: handler threads of `--grpc-server threads` meet one now and then (one of 94 ms
+        on mlp_wide), and a ban for good kept such a size in the worker thread
+        (docs/benchmarks.md)."""
         before = _voluntary_switches()
         result = self._run_batch(parts, part_rows)
         _, input_ns, infer_ns, output_ns, _ = result
         held = (input_ns + infer_ns + output_ns) / 1e9  # its stage times cover the whole run
-        if held > 10 * self._inline_below and _voluntary_switches() != before:
-            self._waits.add(rows)
+        if not (held > 10 * self._inline_below and _voluntary_switches() != before):
+            self._waited.pop(rows, None)
+            return result
+        # A wait for the GIL looks the same, but it is short (a few ms at most: the switch
+        # interval) and comes now and then; a forward that waits does so every time.
+        waited = self._waited[rows] = self._waited.get(rows, 0) + 1
+        if held > 2 * sys.getswitchinterval() or waited >= _WAITS_TO_LEAVE:
+            self._waits[rows] = self._clock.now() + _KEEP_OFF_SECONDS
             log.warning(
                 "model '%s': a batch of %d rows waited on something for %.1f ms on the event loop; "
-                "that size runs in a worker thread from now on",
+                "that size runs in a worker thread for the next %.0f s",
                 self.name,
                 rows,
                 held * 1e3,
+                _KEEP_OFF_SECONDS,
             )
         return result
 
@@ -523,6 +542,14 @@ class Batcher:
     def _fail(self, pending: _Pending, error: BaseException) -> None:
         if not pending.future.done():
             pending.future.set_exception(error)
+
+
+#: Runs in a row of one size that waited (briefly) on the loop before that size leaves it.
+_WAITS_TO_LEAVE = 3
+#: How long a size that waited on the loop keeps off it. A forward that always waits then
+#: blocks the loop once per this; a size sent off by a wait that was not its own (the GIL, a
+#: core, under `--grpc-server threads`) comes back.
+_KEEP_OFF_SECONDS = 30.0
 
 
 def _voluntary_switches() -> int:

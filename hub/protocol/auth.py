@@ -49,6 +49,18 @@ def _authorization(metadata: Any) -> str | None:
     return None
 
 
+def _refused(tokens: Tokens, handler_call_details: grpc.HandlerCallDetails) -> tuple[grpc.StatusCode, str] | None:
+    """The status that refuses this call, or None if its token is right (or it needs none)."""
+    access = access_of(handler_call_details.method)
+    if access is Access.OPEN:
+        return None
+    try:
+        tokens.check(access, _authorization(handler_call_details.invocation_metadata))
+    except Unauthenticated as exc:
+        return status_for(exc)  # the exception is not kept past its block
+    return None
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Refuse calls without the token their method requires (UNAUTHENTICATED)."""
 
@@ -60,32 +72,53 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        access = access_of(handler_call_details.method)
-        status: tuple[grpc.StatusCode, str] | None = None
-        if access is not Access.OPEN:
-            try:
-                self.tokens.check(access, _authorization(handler_call_details.invocation_metadata))
-            except Unauthenticated as exc:
-                status = status_for(exc)  # the exception is not kept past its block
+        status = _refused(self.tokens, handler_call_details)
         handler = await continuation(handler_call_details)
         return handler if status is None else _refusal(handler, status)
 
 
-def _refusal(handler: grpc.RpcMethodHandler | None, status: tuple[grpc.StatusCode, str]) -> Any:
+class ThreadedTokenInterceptor(grpc.ServerInterceptor):
+    """The same refusals for grpcio's thread-pool server (hub.protocol.threaded)."""
+
+    def __init__(self, tokens: Tokens) -> None:
+        self.tokens = tokens
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        status = _refused(self.tokens, handler_call_details)
+        handler = continuation(handler_call_details)
+        return handler if status is None else _refusal(handler, status, threaded=True)
+
+
+_UNREAD = object()  # the request of a refused call, which is never parsed
+
+
+def _refusal(handler: grpc.RpcMethodHandler | None, status: tuple[grpc.StatusCode, str], threaded: bool = False) -> Any:
     """A handler of the same shape as `handler` that ends the call with `status` (set, not
-    raised, as hub.protocol.servicer's `_fail`) without reading the request."""
+    raised, as hub.protocol.servicer's `_fail`) without reading the request; a plain function
+    for the thread-pool server (`threaded`), which iterates what a streaming one returns."""
     if handler is None:  # no such method: grpc answers UNIMPLEMENTED itself
         return None
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def refuse_async(request: Any, context: grpc.aio.ServicerContext) -> None:
         context.set_code(status[0])
         context.set_details(status[1])
+
+    def refuse_threaded(request: Any, context: grpc.ServicerContext) -> Any:
+        context.set_code(status[0])
+        context.set_details(status[1])
+        return None if handler.unary_unary or handler.stream_unary else iter(())
+
+    refuse = refuse_threaded if threaded else refuse_async
 
     def nothing(response: Any) -> bytes:
         return b""
 
-    def ignore(data: bytes) -> None:
-        return None
+    def ignore(data: bytes) -> object:
+        return _UNREAD  # not None: grpcio's thread-pool server fails a call whose request is None
 
     kind = (
         grpc.unary_unary_rpc_method_handler

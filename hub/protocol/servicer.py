@@ -43,7 +43,7 @@ class Undecodable:
         return f"{self.method}: the request ({self.size} bytes) is not a valid protobuf message of its type"
 
 
-def add_to_server(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     """Register the service as the generated `add_GRPCInferenceServiceServicer_to_server`
     does, but with deserializers that never raise: a request that does not parse reaches the
     handler as `Undecodable` and is answered INVALID_ARGUMENT with one log line (grpc.aio
