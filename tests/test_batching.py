@@ -393,10 +393,11 @@ async def test_a_size_is_priced_by_its_cpu_time_not_by_its_wait_for_the_gil() ->
     await batcher.close()
 
 
-async def test_a_size_that_waits_leaves_the_loop_after_one_run_for_30_seconds() -> None:
+async def test_a_size_that_waits_leaves_the_loop_after_one_run() -> None:
     """A forward that waits (a sleep, a device, a runtime's own threads) costs its thread little
     CPU, so it is tried on the loop once; that run gave up the core and held the loop for 20 ms
-    against a 1 ms bound, so its size never blocks the loop again, whatever its CPU time says."""
+    against a 1 ms bound, so its size never blocks the loop again: in a worker it still takes
+    20 ms every time, so it does not come back."""
     import threading
 
     where: list[str] = []
@@ -406,18 +407,36 @@ async def test_a_size_that_waits_leaves_the_loop_after_one_run_for_30_seconds() 
         time.sleep(0.02)
         return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
 
-    clock = FakeClock()
-    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=clock, inline_below=0.001)
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.001)
     batcher.start()
-    for value in range(6):
+    for value in range(20):
         delivery = await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
         assert delivery.outputs["OUTPUT0"].tolist() == [[3.0 * value + 1]]
     assert where.count("MainThread") == 1 and where[1] == "MainThread", where
-    # 30 s on, the size is tried on the loop once more; it still waits, so it leaves at once.
-    await clock.advance(30.0)
-    for value in range(3):
+    await batcher.close()
+
+
+async def test_a_size_sent_off_by_a_wait_not_its_own_comes_back() -> None:
+    """One run on the loop waited 20 ms (as a starved thread would), but in a worker the size
+    computes fast: after 16 such runs it is back on the loop."""
+    import threading
+
+    where: list[str] = []
+    waits = iter([False, True] + [False] * 30)
+
+    def compute(inputs: Any) -> dict[str, np.ndarray]:
+        where.append(threading.current_thread().name)
+        if next(waits):
+            time.sleep(0.02)
+        return {"OUTPUT0": inputs["INPUT0"] * 3 + 1}
+
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), compute, clock=FakeClock(), inline_below=0.001)
+    batcher.start()
+    for value in range(20):
         await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
-    assert where[6] == "MainThread" and all(n.startswith("model-fake") for n in where[7:]), where
+    # run 1 prices it in a worker, run 2 waits on the loop, runs 3-18 go to a worker, then back
+    assert where[1] == "MainThread" and all(n.startswith("model-fake") for n in where[2:18]), where
+    assert where[18:] == ["MainThread"] * 2, where
     await batcher.close()
 
 

@@ -188,7 +188,9 @@ class Batcher:
         # and the bound below which a batch runs on the loop.
         self._inline_below = inline_below if policy.max_queue_delay == 0 else 0.0
         self._cost: dict[int, float] = {}
-        self._waits: dict[int, float] = {}  # sizes that waited on the loop: until when they keep off it (`_on_loop`)
+        #: Sizes kept off the loop because a run there waited (`_on_loop`): their runs in a worker
+        #: since, and the shortest of them (`_come_back`).
+        self._waits: dict[int, tuple[int, float]] = {}
         self._waited: dict[int, int] = {}  # sizes whose last runs on the loop waited, and how many in a row
 
     # --- public ---------------------------------------------------------------------------
@@ -363,11 +365,7 @@ class Batcher:
     def _cheap(self, rows: int) -> bool:
         """Whether a batch of `rows` was measured to compute in under `inline_below` (a size
         not measured yet runs in a worker first)."""
-        if rows in self._waits:
-            if self._clock.now() < self._waits[rows]:
-                return False
-            del self._waits[rows]  # tried on the loop again: a forward that still waits leaves at once
-        return self._cost.get(rows, self._inline_below) < self._inline_below
+        return rows not in self._waits and self._cost.get(rows, self._inline_below) < self._inline_below
 
     def _run_alone(self, inputs: Mapping[str, np.ndarray], rows: int, request_id: str) -> Delivery:
         """The inline path for a request that finds the batcher idle: its own batch, computed
@@ -424,6 +422,8 @@ class Batcher:
         results, input_ns, infer_ns, output_ns, cpu_ns = result
         if self._inline_below:
             self._price(rows, cpu_ns)
+            if rows in self._waits:
+                self._come_back(rows, (input_ns + infer_ns + output_ns) / 1e9)
         queue_seconds = [started - p.enqueued for p in batch]
         record = BatchRecord(rows, input_ns, infer_ns, output_ns)
         self._observer.batch_done(rows, queue_seconds, (input_ns + infer_ns + output_ns) / 1e9)
@@ -453,6 +453,26 @@ class Batcher:
         seen = self._cost.get(rows, cost)
         self._cost[rows] = min(cost, seen + 0.05 * (cost - seen))
 
+    def _come_back(self, rows: int, held: float) -> None:
+        """A size kept off the loop returns once its runs in a worker show that the wait was not
+        its own: the shortest of its last `_RUNS_TO_COME_BACK` or more runs took under ten times
+        the bound. A forward that waits every time (a sleep, I/O) never does; a size sent off by
+        a wait for the GIL or a core (one of 94 ms on mlp_wide under `--grpc-server threads` on
+        a loaded box) comes back within a few dozen requests."""
+        runs, shortest = self._waits[rows]
+        runs, shortest = runs + 1, min(shortest, held)
+        if runs >= _RUNS_TO_COME_BACK and shortest < 10 * self._inline_below:
+            del self._waits[rows]
+            self._waited.pop(rows, None)
+            log.info(
+                "model '%s': a batch of %d rows took %.2f ms in a worker thread; that size runs on the loop again",
+                self.name,
+                rows,
+                shortest * 1e3,
+            )
+        else:
+            self._waits[rows] = (runs, shortest)
+
     def _on_loop(self, parts: list[Mapping[str, np.ndarray]], part_rows: list[int], rows: int) -> BatchResult:
         """`_run_batch` on the event loop, watching for a forward that waits.
 
@@ -461,12 +481,11 @@ class Batcher:
         own accord (a voluntary context switch; being preempted is involuntary and does not
         count) and held the loop for over ten times the bound, and either held it for longer
         than two GIL switch intervals (10 ms) or did so three runs in a row, its size keeps
-        off the loop for 30 s, whatever its CPU time says; its first run back that waits again
-        sends it off again. A forward that always waits blocks the loop once per 30 s, not
-        once per request. A wait that is not the forward's (for the GIL, or a core) looks the
-        same: handler threads of `--grpc-server threads` meet one now and then (one of 94 ms
-        on mlp_wide), and a ban for good kept such a size in the worker thread
-        (docs/benchmarks.md)."""
+        off the loop, whatever its CPU time says, until its runs in a worker show that the wait
+        was not its own (`_come_back`). A forward that waits blocks the loop once, not once per
+        request. A wait for the GIL or a core looks the same: handler threads of
+        `--grpc-server threads` meet one now and then, and a ban for good kept such a size in
+        the worker thread (docs/benchmarks.md)."""
         before = _voluntary_switches()
         result = self._run_batch(parts, part_rows)
         _, input_ns, infer_ns, output_ns, _ = result
@@ -478,14 +497,13 @@ class Batcher:
         # interval) and comes now and then; a forward that waits does so every time.
         waited = self._waited[rows] = self._waited.get(rows, 0) + 1
         if held > 2 * sys.getswitchinterval() or waited >= _WAITS_TO_LEAVE:
-            self._waits[rows] = self._clock.now() + _KEEP_OFF_SECONDS
+            self._waits[rows] = (0, float("inf"))
             log.warning(
                 "model '%s': a batch of %d rows waited on something for %.1f ms on the event loop; "
-                "that size runs in a worker thread for the next %.0f s",
+                "that size runs in a worker thread until its runs there show the wait was not its own",
                 self.name,
                 rows,
                 held * 1e3,
-                _KEEP_OFF_SECONDS,
             )
         return result
 
@@ -546,10 +564,8 @@ class Batcher:
 
 #: Runs in a row of one size that waited (briefly) on the loop before that size leaves it.
 _WAITS_TO_LEAVE = 3
-#: How long a size that waited on the loop keeps off it. A forward that always waits then
-#: blocks the loop once per this; a size sent off by a wait that was not its own (the GIL, a
-#: core, under `--grpc-server threads`) comes back.
-_KEEP_OFF_SECONDS = 30.0
+#: Runs in a worker of a size kept off the loop before it may come back (`_come_back`).
+_RUNS_TO_COME_BACK = 16
 
 
 def _voluntary_switches() -> int:
