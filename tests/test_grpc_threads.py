@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import queue
-import signal
 import threading
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hub.protocol.threaded import ElasticPool
 
 from .conftest import ROOT, Workers, link_plugins
+from .test_workers import sigterm_answers_every_accepted_request
 
 
 def _input(value: float) -> tc.InferInput:
@@ -102,17 +102,9 @@ async def test_sigterm_answers_every_accepted_request(tmp_path: Path) -> None:
     plugins = link_plugins(
         tmp_path / "plugins", *(ROOT / "tests" / "plugins" / f for f in ("identity.py", "behaviour.py"))
     )
-    server = Workers(plugins, tmp_path / "models", tmp_path, 1, "--grpc-server", "threads")
-    client = tc_aio.InferenceServerClient(server.url)
-    tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
-    tensor.set_data_from_numpy(np.full((1, 1), 3.0, np.float32))
-    flights = [asyncio.ensure_future(client.infer("sleepy", [tensor])) for _ in range(4)]
-    await asyncio.sleep(0.1)  # accepted: sleepy takes 50 ms each, one at a time
-    server.process.send_signal(signal.SIGTERM)
-    results = await asyncio.gather(*flights, return_exceptions=True)
-    await client.close()
-    assert [r if isinstance(r, Exception) else float(r.as_numpy("OUTPUT0")[0, 0]) for r in results] == [6.0] * 4
-    assert server.stop() == 0, server.output()
+    await sigterm_answers_every_accepted_request(
+        Workers(plugins, tmp_path / "models", tmp_path, 1, "--grpc-server", "threads")
+    )
 
 
 def test_elastic_pool_runs_two_at_once_and_lends_a_waiting_place() -> None:

@@ -179,7 +179,11 @@ async def test_sigterm_answers_every_accepted_request(tmp_path: Path) -> None:
     plugins = link_plugins(
         tmp_path / "plugins", *(ROOT / "tests" / "plugins" / f for f in ("identity.py", "behaviour.py"))
     )
-    server = Workers(plugins, tmp_path / "models", tmp_path)
+    await sigterm_answers_every_accepted_request(Workers(plugins, tmp_path / "models", tmp_path))
+
+
+async def sigterm_answers_every_accepted_request(server: Workers) -> None:
+    """Four requests to `sleepy` accepted, then SIGTERM: all four answered, and exit 0."""
     client = tc_aio.InferenceServerClient(server.url)
     tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
     tensor.set_data_from_numpy(np.full((1, 1), 3.0, np.float32))
