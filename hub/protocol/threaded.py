@@ -231,8 +231,8 @@ class _AsyncRequests:
 
 class ThreadedServer:
     """What the generated `add_*_to_server` functions and `enable_server_reflection` see in
-    place of a server: they register their aio handlers here, and each is wrapped to run on
-    the loop before it reaches the grpcio server."""
+    place of a server: they register their aio handlers here, and each is wrapped to run
+    under the loop's lock (`LoopBridge`) before it reaches the grpcio server."""
 
     def __init__(self, server: grpc.Server, bridge: LoopBridge, readers: ThreadPoolExecutor) -> None:
         self.server = server
@@ -246,8 +246,8 @@ class ThreadedServer:
         self.server.add_registered_method_handlers(service, {m: self.wrap(h) for m, h in handlers.items()})
 
     def wrap(self, handler: Any) -> Any:
-        """`handler` (an RpcMethodHandler of async behaviours) with sync behaviours that run
-        them on the loop. A handler that is already sync is left as it is."""
+        """`handler` (an RpcMethodHandler of async behaviours) with sync behaviours that step
+        them under the loop's lock. A handler that is already sync is left as it is."""
         bridge = self.bridge
         if handler.unary_unary is not None:
             behaviour = handler.unary_unary
@@ -321,7 +321,7 @@ class ThreadedServer:
             raise exc
 
     def _iterate(self, responses: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-        """An async generator's items, each computed on the loop."""
+        """An async generator's items, each stepped under the loop's lock."""
         rpc = _Rpc(self.bridge.loop, context)
         finished = False
         try:
