@@ -102,11 +102,10 @@ class ServerConfig:
     handoff: str = "shm"
     handoff_arena: int = 32 << 20
     reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
-    #: Which grpcio server takes the gRPC calls: "aio" (grpc.aio, on the event loop),
+    #: Which grpcio server takes the gRPC calls: "aio" (grpc.aio, on the event loop) or
     #: "threads" (grpcio's thread-pool server, `grpc_threads` handler threads running at once
-    #: under the loop's lock: hub/protocol/threaded.py; the loop must come from its
-    #: `new_loop`), or "auto": threads on the CPU where the loop allows it, else aio.
-    grpc_server: str = "auto"
+    #: under the loop's lock: hub/protocol/threaded.py; the loop must come from its `new_loop`).
+    grpc_server: str = "aio"
     grpc_threads: int = 2
     limits: Limits = field(default_factory=Limits)  # what one request may cost (hub/limits.py)
     model_control: bool = False  # RepositoryModelLoad/Unload and REST load/unload; `watch` implies it
@@ -159,7 +158,6 @@ class Server:
         self.metrics_port: int | None = None
         self._grpc: grpc.aio.Server | grpc.Server | None = None
         self._grpc_close: Callable[[], None] | None = None  # frees the thread-pool server's threads
-        self.grpc_kind = "aio"  # the grpcio server taking gRPC calls (`_grpc_kind`), once started
         self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
         self._http: HttpListener | None = None
@@ -264,7 +262,7 @@ class Server:
             "modelhub listening: grpc %s (%s), http %s, metrics %s (%s), device %s, %d threads per model, "
             "plugins %s, models %s",
             where(self.grpc_port),
-            self.grpc_kind,
+            self.config.grpc_server,
             where(self.http_port),
             where(self.metrics_port),
             describe_bind(config.host),
@@ -302,13 +300,11 @@ class Server:
         ]
         server: grpc.aio.Server | grpc.Server
         registrar: Any  # where the services register: the server, or the thread-pool facade
-        loop = asyncio.get_running_loop()
-        lock = loop_lock(loop)
-        if self.config.grpc_server == "threads" and lock is None:
-            raise RuntimeError("grpc_server='threads' serves from a loop made by hub.protocol.threaded.new_loop()")
-        self.grpc_kind = self._grpc_kind(lock is not None)
-        if self.grpc_kind == "threads":
-            assert lock is not None
+        if self.config.grpc_server == "threads":
+            loop = asyncio.get_running_loop()
+            lock = loop_lock(loop)
+            if lock is None:
+                raise RuntimeError("grpc_server='threads' serves from a loop made by hub.protocol.threaded.new_loop()")
             server, registrar, self._grpc_close = threaded_server(
                 loop,
                 lock,
@@ -354,15 +350,6 @@ class Server:
         else:
             server.start()
         self._grpc = server
-
-    def _grpc_kind(self, threads_possible: bool) -> str:
-        """ "auto": the thread-pool server where requests compute on the CPU, so that the inline
-        path spares them every hand-off; grpc.aio on a GPU, where every request waits for its
-        batch, which costs a thread-pool handler a sleep and a wake-up (docs/benchmarks.md)."""
-        choice = self.config.grpc_server
-        if choice != "auto":
-            return choice
-        return "threads" if threads_possible and self.device == "cpu" else "aio"
 
     async def _stop_grpc(self, grace: float) -> None:
         server = self._grpc

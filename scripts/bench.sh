@@ -7,7 +7,7 @@
 #      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
 #      --metrics-port off, "ours_w2" with --workers 2 (two frontend processes, one model process),
 #      "ours_noinline" with --inline-compute-us 0 (every batch through a worker thread, for A/B), and
-#      "ours_aio" with --grpc-server aio (grpc.aio in place of the thread-pool server, for A/B);
+#      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B);
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
 #   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
@@ -64,13 +64,13 @@ start_ours ours 9000 9002 --http-port 9001
 start_ours ours_nometrics 9010 off --http-port off
 start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # one model process behind two frontends (issue 12)
 start_ours ours_noinline 9060 9062 --http-port off --inline-compute-us 0  # every batch through a worker thread
-start_ours ours_aio 9070 9072 --http-port off --grpc-server aio  # grpc.aio, the default until session 10
+start_ours ours_threads 9070 9072 --http-port off --grpc-server threads  # grpcio's thread-pool server
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
 T="$T --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide"
 T="$T --target ours_noinline=127.0.0.1:9060:digits_cnn --target ours_noinline=127.0.0.1:9060:mlp_wide"
-T="$T --target ours_aio=127.0.0.1:9070:digits_cnn --target ours_aio=127.0.0.1:9070:mlp_wide"
+T="$T --target ours_threads=127.0.0.1:9070:digits_cnn --target ours_threads=127.0.0.1:9070:mlp_wide"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
 echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
 bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \
@@ -81,6 +81,7 @@ echo "== perf_analyzer =="
 bash "$KIT/run.sh" --tool pa --rounds 1 --concurrency "$CONCURRENCY" --window "$WINDOW" \
   --targets echo_grpc_aio,pytriton_batch2ms \
   --target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide \
+  --target ours_threads=127.0.0.1:9070:digits_cnn --target ours_threads=127.0.0.1:9070:mlp_wide \
   --out "$OUT/pa.jsonl" | tee "$OUT/pa.txt"
 echo "== REST: perf_analyzer -i http / -i grpc, ours and PyTriton, server CPU per inference =="
 .venv/bin/python bench/rest_bench.py --rounds "$ROUNDS" --concurrency "${REST_CONCURRENCY:-16,64}" \

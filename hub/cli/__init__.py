@@ -269,12 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-server",
-        choices=["auto", "aio", "threads"],
-        default=_env("GRPC_SERVER", "auto"),
-        help="which grpcio server takes gRPC calls: threads (grpcio's thread-pool server, its handler threads "
-        "taking turns at the event loop's data plane) or aio (grpc.aio on the event loop); auto: threads for "
-        "one process on the CPU, aio on a GPU and for the frontends of --workers N, where every request waits "
-        "(on the device, on the model process) (docs/benchmarks.md) (env MODELHUB_GRPC_SERVER; default: auto)",
+        choices=["aio", "threads"],
+        default=_env("GRPC_SERVER", "aio"),
+        help="which grpcio server takes gRPC calls: aio (grpc.aio on the event loop) or threads (grpcio's "
+        "thread-pool server, its handler threads taking turns at the event loop's data plane): on the 2-core "
+        "box 1.2x aio's throughput with one connection per client, 0.75x with one connection carrying every "
+        "request (perf_analyzer), and slower wherever requests wait (a GPU, --workers N) (docs/benchmarks.md) "
+        "(env MODELHUB_GRPC_SERVER; default: aio)",
     )
     serve.add_argument(
         "--grpc-threads",
@@ -436,14 +437,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 # --- serve ------------------------------------------------------------------------------------
 
 
-def _grpc_server(choice: str, role: str) -> str:
-    """`--grpc-server auto` is decided by the server, once it knows its device
-    (`Server._grpc_kind`), except in a frontend of `--workers N`: every request there waits on
-    the model process, which costs a thread-pool handler a sleep and a wake-up each (1780
-    against 3370 infer/s at c=64 on the 2-core box, docs/benchmarks.md), so grpc.aio."""
-    return "aio" if choice == "auto" and role == "frontend" else choice
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from hub.errors import SpecError
     from hub.limits import Limits
@@ -507,7 +500,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         handoff=args.handoff,
         handoff_arena=args.handoff_arena,
         reuse_port=args.role == "frontend",
-        grpc_server=_grpc_server(args.grpc_server, args.role),
+        grpc_server=args.grpc_server,
         grpc_threads=args.grpc_threads,
         limits=limits,
         # the frontends of --workers N get no `watch`, so --watch's implied control is explicit
@@ -519,7 +512,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         metrics_host=args.metrics_host,
         shared_memory=shared_memory,
     )
-    if config.grpc_server in ("auto", "threads"):  # the loop whose lock its handler threads share (threaded.py)
+    if config.grpc_server == "threads":  # the loop whose lock its handler threads share (threaded.py)
         from hub.protocol.threaded import new_loop
 
         loop = new_loop()
