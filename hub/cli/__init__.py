@@ -465,6 +465,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("modelhub: %s", exc)
         return 2
+    if args.grpc_server not in ("aio", "threads"):  # from MODELHUB_GRPC_SERVER, which argparse does not check
+        log.error("modelhub: MODELHUB_GRPC_SERVER must be aio or threads, got %r", args.grpc_server)
+        return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
