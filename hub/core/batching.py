@@ -455,8 +455,8 @@ class Batcher:
 
     def _come_back(self, rows: int, held: float) -> None:
         """A size kept off the loop returns once its runs in a worker show that the wait was not
-        its own: the shortest of its last `_RUNS_TO_COME_BACK` or more runs took under ten times
-        the bound. A forward that waits every time (a sleep, I/O) never does; a size sent off by
+        its own: once it has run `_RUNS_TO_COME_BACK` times there, the shortest of those runs
+        took under ten times the bound. A forward that waits every time (a sleep, I/O) never does; a size sent off by
         a wait for the GIL or a core (one of 94 ms on mlp_wide under `--grpc-server threads` on
         a loaded box) comes back within a few dozen requests."""
         runs, shortest = self._waits[rows]
@@ -493,8 +493,9 @@ class Batcher:
         if not (held > 10 * self._inline_below and _voluntary_switches() != before):
             self._waited.pop(rows, None)
             return result
-        # A wait for the GIL looks the same, but it is short (a few ms at most: the switch
-        # interval) and comes now and then; a forward that waits does so every time.
+        # A wait for the GIL looks the same, but it is mostly short (the 5 ms switch interval)
+        # and comes now and then; a forward that waits does so every time. A long one that was
+        # not the forward's is undone by `_come_back`.
         waited = self._waited[rows] = self._waited.get(rows, 0) + 1
         if held > 2 * sys.getswitchinterval() or waited >= _WAITS_TO_LEAVE:
             self._waits[rows] = (0, float("inf"))
