@@ -52,7 +52,10 @@ def shm_server(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> R
     folder = link_plugins(
         tmp_path_factory.mktemp("shm-plugins"), TEST_PLUGINS / "identity.py", TEST_PLUGINS / "behaviour.py"
     )
-    return start_server(folder, metrics_port=None, shared_memory=frozenset({"system", "cuda"}))
+    # inline_compute 0: sleepy computes in a worker thread, never on the event loop (where the
+    # CPU time of its sleep may price it), so the server answers while a request of it is held
+    # (test_unregister_while_a_request_is_pending).
+    return start_server(folder, metrics_port=None, shared_memory=frozenset({"system", "cuda"}), inline_compute=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -441,13 +444,6 @@ def test_classification_and_shared_memory_cannot_combine(side: Side) -> None:
 def test_unregister_while_a_request_is_pending(local_side: Side, shm_server: RunningServer) -> None:
     """The request holds its regions: it is answered correctly, and the last holder unmaps them."""
     side = local_side
-    # sleepy must compute off the event loop, or the unregister below waits for it: its first
-    # run is priced in a worker, and a run on the loop (if its sleep's CPU time priced it under
-    # the inline bound) waits 50 ms and keeps it off the loop from then on.
-    warm = side.mod.InferInput("INPUT0", [1, 1], "FP32")
-    warm.set_data_from_numpy(np.ones((1, 1), np.float32))
-    for _ in range(2):
-        side.client.infer("sleepy", [warm])
     value = np.full((1, 1), 3.0, np.float32)
     handle = side.region("pending_in", 4)
     out = side.region("pending_out", 4)
