@@ -156,3 +156,15 @@ def test_a_bad_grpc_server_from_the_environment_is_refused() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "MODELHUB_GRPC_SERVER must be aio or threads, got 'bogus'" in result.stderr
+
+
+def test_grpc_threads_below_one_is_refused() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "serve", "--grpc-server", "threads", "--grpc-threads", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--grpc-threads" in result.stderr and "expected at least 1, got '0'" in result.stderr

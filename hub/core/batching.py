@@ -491,7 +491,8 @@ class Batcher:
         _, input_ns, infer_ns, output_ns, _ = result
         held = (input_ns + infer_ns + output_ns) / 1e9  # its stage times cover the whole run
         if not (held > 10 * self._inline_below and _voluntary_switches() != before):
-            self._waited.pop(rows, None)
+            if self._waited:  # (empty but for a wait in the last runs: no dict work per request)
+                self._waited.pop(rows, None)
             return result
         # A wait for the GIL looks the same, but it is mostly short (the 5 ms switch interval)
         # and comes now and then; a forward that waits does so every time. A long one that was
