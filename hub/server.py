@@ -92,6 +92,9 @@ class ServerConfig:
     #: Seconds: a lone request to an idle model that computes faster than this runs on the
     #: event loop instead of a worker thread (hub/core/batching.py, Batcher.submit); 0: never.
     inline_compute: float = 200e-6
+    #: Seconds: the most a request to a model on the CPU with no `max_queue_delay` waits for
+    #: others, and only while such waits fill batches (Batcher, "adaptive queue delay"); 0: never.
+    adaptive_delay: float = 0.002
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
     #: Several processes (hub/workers): a frontend hands its requests to the model process
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
@@ -204,7 +207,11 @@ class Server:
             specs = config.deployment.apply(await asyncio.to_thread(self.plugins.collect_models))
             builder = Builder(config.model_repository, targets, self.plugins, self.device, config.threads)
             self.repository = ModelRepository(
-                builder, self.metrics, clock=self._clock, inline_compute=config.inline_compute
+                builder,
+                self.metrics,
+                clock=self._clock,
+                inline_compute=config.inline_compute,
+                adaptive_delay=config.adaptive_delay,
             )
             models = [self.repository.add(spec) for spec in specs]
             control = self.control = ModelController(

@@ -483,3 +483,78 @@ async def test_a_size_that_burns_cpu_stays_in_the_workers() -> None:
         await batcher.submit({"INPUT0": rows([float(value)])}, rows=1)
     assert all(name.startswith("model-fake") for name in where), where
     await batcher.close()
+
+
+async def _lone(batcher: Batcher, count: int) -> int:
+    """Send `count` requests one after another; how many were answered without the clock moving
+    (the rest waited out the queue delay)."""
+    at_once = 0
+    for _ in range(count):
+        task = submit(batcher, [1.0])
+        await settle(2)
+        if task.done():
+            at_once += 1
+        else:
+            await batcher._clock.advance(1.0)  # type: ignore[attr-defined]
+            await task
+    return at_once
+
+
+async def test_adaptive_delay_probes_rarely_when_waiting_gathers_nobody() -> None:
+    """One request at a time (concurrency 1): a probe now and then waits out the delay, gathers
+    nobody, and the next probe comes twice as many requests later."""
+    runtime = FakeRuntime()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), runtime, clock=FakeClock(), adaptive_delay=1.0)
+    batcher.start()
+    assert await _lone(batcher, 15) == 15
+    assert await _lone(batcher, 1) == 0  # the 16th: a probe
+    assert await _lone(batcher, 31) == 31
+    assert await _lone(batcher, 1) == 0  # 32 requests later
+    assert runtime.batches == [1] * 48
+    await batcher.close()
+
+
+async def test_adaptive_delay_waits_while_waiting_fills_batches() -> None:
+    """Under load a probe gathers company and waiting stays on while each wait gathers at least
+    four rows, a batch going as soon as it is as big as recent ones; two waits in a row that
+    gather fewer turn it off, and requests run at once again."""
+    runtime = FakeRuntime()
+    clock = FakeClock()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), runtime, clock=clock, adaptive_delay=1.0)
+    batcher.start()
+    await _lone(batcher, 15)
+    probe = [submit(batcher, [float(i)]) for i in range(5)]  # the probe and four that join it
+    await settle()
+    assert runtime.batches == [1] * 15
+    await clock.advance(1.0)
+    assert [t.result().outputs["OUTPUT0"].tolist() for t in probe] == [[[3.0 * i + 1]] for i in range(5)]
+    assert runtime.batches[-1] == 5
+
+    four = [submit(batcher, [1.0]) for _ in range(4)]  # waiting is on: these wait for company
+    await settle()
+    assert not any(t.done() for t in four)
+    await clock.advance(0.5)
+    four.append(submit(batcher, [1.0]))
+    await settle()
+    # As big as the biggest recent batch: it goes without waiting out the delay (a few clients
+    # that each wait for their answer send no more).
+    assert all(t.done() for t in four) and runtime.batches[-1] == 5
+    assert await _lone(batcher, 1) == 0  # a wait that gathered one row: a miss
+    assert await _lone(batcher, 1) == 0  # the second miss in a row: waiting stops
+    assert await _lone(batcher, 15) == 15
+    assert runtime.batches[-16:] == [1] * 16
+    await batcher.close()
+
+
+async def test_adaptive_delay_is_off_with_a_fixed_delay_and_never_delays_a_full_batch() -> None:
+    runtime = FakeRuntime()
+    fixed = Batcher("fake", BatchPolicy(max_batch_size=8, max_queue_delay=0.5), runtime, adaptive_delay=1.0)
+    assert fixed._adaptive == 0.0
+    clock = FakeClock()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=4), runtime, clock=clock, adaptive_delay=1.0)
+    batcher.start()
+    await _lone(batcher, 15)
+    full = [submit(batcher, [1.0]) for _ in range(4)]  # a probe that fills the batch at once
+    await settle()
+    assert all(t.done() for t in full) and runtime.batches[-1] == 4
+    await batcher.close()

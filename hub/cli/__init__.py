@@ -268,6 +268,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(env MODELHUB_INLINE_COMPUTE_US; default: 200; README)",
     )
     serve.add_argument(
+        "--adaptive-delay-us",
+        type=_microseconds,
+        default=str(_env("ADAPTIVE_DELAY_US", 2000)),
+        metavar="MICROSECONDS",
+        help="for a model on the CPU whose policy sets no max_queue_delay, the most a request waits for others "
+        "to join its batch, and only while such waits gather batches of 4 or more (a probe now and then "
+        "finds out); 0 turns it off (env MODELHUB_ADAPTIVE_DELAY_US; default: 2000; README)",
+    )
+    serve.add_argument(
         "--grpc-server",
         choices=["aio", "threads"],
         default=_env("GRPC_SERVER", "aio"),
@@ -497,6 +506,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
         inline_compute=args.inline_compute_us / 1e6,
+        adaptive_delay=args.adaptive_delay_us / 1e6,
         watch=args.watch if args.role != "frontend" else None,
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,

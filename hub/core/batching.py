@@ -154,6 +154,20 @@ class Batcher:
     request arrives (coalesced to once per loop iteration, so that requests received together
     batch together), a batch finishes, or the queue delay runs out. No scheduler task, no
     polling.
+
+    The adaptive queue delay (`adaptive_delay`, for a policy without a `max_queue_delay`):
+    under load, requests to a cheap model reach the batcher one at a time (the next ones are
+    still in grpc's buffers while this one computes), so without a delay nearly every batch is
+    of one request and pays a whole runtime call and hand-off. A fixed delay fixes that and
+    costs every request at low load the whole delay. Here the batcher waits only while waiting
+    pays: now and then (`_FIRST_PROBE` requests at first, doubling after each miss up to
+    `_LAST_PROBE`) a request that finds it idle waits up to `adaptive_delay` for others; a
+    wait that gathered at least `_GATHER_ROWS` rows (or the batch target) turns waiting on,
+    and `_GATHER_MISSES` waits in a row that gathered fewer turn it off again. Counting the
+    requests accepted cannot tell: the ones a wait gathers are not read yet when it starts.
+    A waiting batch goes as soon as it is as big as the biggest of the last `_GATHERS_KEPT`:
+    with a few clients each waiting for its answer (concurrency 4, say), no more come, and
+    waiting out the whole delay would cap them at a batch per delay.
     """
 
     def __init__(
@@ -166,6 +180,7 @@ class Batcher:
         observer: BatchObserver | None = None,
         padding: Mapping[str, float] | None = None,
         inline_below: float = 0.0,
+        adaptive_delay: float = 0.0,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -192,6 +207,16 @@ class Batcher:
         #: since, and the shortest of them (`_come_back`).
         self._waits: dict[int, tuple[int, float]] = {}
         self._waited: dict[int, int] = {}  # sizes whose last runs on the loop waited, and how many in a row
+        # The adaptive queue delay (see the class): its bound, whether batches wait now (and
+        # whether only as a probe, not yet paid for), requests to the next probe, the interval.
+        self._adaptive = adaptive_delay if policy.max_queue_delay == 0 and policy.batching else 0.0
+        self._delay = policy.max_queue_delay  # the queue delay in force
+        self._gathering = self._probing = False
+        self._probe_in = self._probe_every = _FIRST_PROBE
+        self._misses = 0
+        self._enough = min(_GATHER_ROWS, self._target)
+        self._gathers: collections.deque[int] = collections.deque(maxlen=_GATHERS_KEPT)  # rows, newest last
+        self._expect = self._target  # a waiting batch this big is as big as recent ones got: it goes
 
     # --- public ---------------------------------------------------------------------------
 
@@ -233,7 +258,17 @@ class Batcher:
             raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")
         if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
             raise QueueFull(f"model '{self.name}': queue is full ({self.policy.max_queue_size} requests waiting)")
-        if not self._queue and self._free == self.policy.instances and self._cheap(rows if self._batching else 1):
+        if self._adaptive and not self._gathering:
+            self._probe_in -= 1
+            if self._probe_in <= 0:
+                self._gathering = self._probing = True
+                self._delay = self._adaptive
+        if (
+            not self._gathering
+            and not self._queue
+            and self._free == self.policy.instances
+            and self._cheap(rows if self._batching else 1)
+        ):
             return self._run_alone(inputs, rows, request_id)
         now = self._clock.now()
         if timeout is None:
@@ -334,11 +369,13 @@ class Batcher:
             rows >= self._target
             or blocked
             or (rows in self._preferred and count == len(self._queue))
-            or self._clock.now() >= first.enqueued + self.policy.max_queue_delay
+            or self._closing
+            or (self._gathering and rows >= self._expect)
+            or self._clock.now() >= first.enqueued + self._delay
         )
         if not due:
             if self._timer is None:
-                wait = first.enqueued + self.policy.max_queue_delay - self._clock.now()
+                wait = first.enqueued + self._delay - self._clock.now()
                 self._timer = self._clock.call_later(max(wait, 0.0), self._pump)
             return None
         batch = []
@@ -346,7 +383,29 @@ class Batcher:
             pending = self._queue.popleft()
             if not pending.future.done():
                 batch.append(pending)
+        if self._gathering:
+            self._gathered(rows)
         return batch
+
+    def _gathered(self, rows: int) -> None:
+        """The adaptive queue delay (see the class): judge a batch formed while waiting is on."""
+        self._gathers.append(rows)
+        self._expect = max(self._gathers)
+        if rows >= self._enough:
+            self._misses = 0
+            self._probing = False
+            return
+        self._misses += 1
+        if self._probing or self._misses >= _GATHER_MISSES:
+            # A probe that missed waits twice as long for the next; a run of waits that paid
+            # ended by load going away starts over from the shortest interval.
+            self._probe_every = min(2 * self._probe_every, _LAST_PROBE) if self._probing else _FIRST_PROBE
+            self._probe_in = self._probe_every
+            self._gathering = self._probing = False
+            self._misses = 0
+            self._delay = self.policy.max_queue_delay
+            self._gathers.clear()
+            self._expect = self._target
 
     def _dispatch(self, batch: list[_Pending]) -> None:
         started = self._clock.now()
@@ -566,6 +625,14 @@ class Batcher:
 
 #: Runs in a row of one size that waited (briefly) on the loop before that size leaves it.
 _WAITS_TO_LEAVE = 3
+#: The adaptive queue delay (`Batcher`): rows a wait must gather to pay; waits in a row that
+#: gather fewer before waiting stops; recent batches whose biggest a waiting batch may go at;
+#: requests between probes, at first and at most.
+_GATHER_ROWS = 4
+_GATHER_MISSES = 2
+_GATHERS_KEPT = 8
+_FIRST_PROBE = 16
+_LAST_PROBE = 1024
 #: Runs in a worker of a size kept off the loop before it may come back (`_come_back`).
 _RUNS_TO_COME_BACK = 16
 

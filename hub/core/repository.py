@@ -29,11 +29,13 @@ class ModelRepository:
         *,
         clock: Clock | None = None,
         inline_compute: float = 0.0,
+        adaptive_delay: float = 0.0,
     ) -> None:
         self.builder = builder
         self.metrics = metrics
         self._clock = clock
         self._inline_compute = inline_compute
+        self._adaptive_delay = adaptive_delay
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._listeners: list[Callable[[ServedModel], None]] = []
         self._load_lock = asyncio.Lock()
@@ -216,6 +218,7 @@ class ModelRepository:
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
                 # On a GPU the loop must never wait for the device: every batch goes to a worker.
                 inline_below=self._inline_compute if model.device == "cpu" else 0.0,
+                adaptive_delay=self._adaptive_delay if model.device == "cpu" else 0.0,
             )
             model.batcher.start()
             build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0
