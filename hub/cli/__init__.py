@@ -27,6 +27,10 @@ from hub import __version__
 log = logging.getLogger("modelhub.cli")
 
 
+#: The gRPC servers `serve --grpc-server` offers (also the values MODELHUB_GRPC_SERVER may take).
+GRPC_SERVERS = ("aio", "threads")
+
+
 def _env(name: str, default: Any) -> Any:
     return os.environ.get(f"MODELHUB_{name}", default)
 
@@ -278,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--grpc-server",
-        choices=["aio", "threads"],
+        choices=GRPC_SERVERS,
         default=_env("GRPC_SERVER", "aio"),
         help="which grpcio server takes gRPC calls: aio (grpc.aio on the event loop) or threads (grpcio's "
         "thread-pool server, its handler threads taking turns at the event loop's data plane): on the 2-core "
@@ -474,8 +478,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("modelhub: %s", exc)
         return 2
-    if args.grpc_server not in ("aio", "threads"):  # from MODELHUB_GRPC_SERVER, which argparse does not check
-        log.error("modelhub: MODELHUB_GRPC_SERVER must be aio or threads, got %r", args.grpc_server)
+    if args.grpc_server not in GRPC_SERVERS:  # from MODELHUB_GRPC_SERVER, which argparse does not check
+        log.error("modelhub: MODELHUB_GRPC_SERVER must be %s, got %r", " or ".join(GRPC_SERVERS), args.grpc_server)
         return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
