@@ -3,10 +3,11 @@
 #
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
-#   2. our server five times, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#   2. our server six times, serving the kit's reference models (digits_cnn, mlp_wide) with the
 #      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
 #      --metrics-port off, "ours_w2" with --workers 2 (two frontend processes, one model process),
-#      "ours_noinline" with --inline-compute-us 0 (every batch through a worker thread, for A/B), and
+#      "ours_noinline" with --inline-compute-us 0 (every batch through a worker thread, for A/B),
+#      "ours_nodelay" with --adaptive-delay-us 0 (no adaptive queue delay, for A/B), and
 #      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B);
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
@@ -65,12 +66,14 @@ start_ours ours_nometrics 9010 off --http-port off
 start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # one model process behind two frontends (issue 12)
 start_ours ours_noinline 9060 9062 --http-port off --inline-compute-us 0  # every batch through a worker thread
 start_ours ours_threads 9070 9072 --http-port off --grpc-server threads  # grpcio's thread-pool server
+start_ours ours_nodelay 9080 9082 --http-port off --adaptive-delay-us 0  # no adaptive queue delay
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
 T="$T --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide"
 T="$T --target ours_noinline=127.0.0.1:9060:digits_cnn --target ours_noinline=127.0.0.1:9060:mlp_wide"
 T="$T --target ours_threads=127.0.0.1:9070:digits_cnn --target ours_threads=127.0.0.1:9070:mlp_wide"
+T="$T --target ours_nodelay=127.0.0.1:9080:digits_cnn --target ours_nodelay=127.0.0.1:9080:mlp_wide"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
 echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
 bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \
