@@ -250,11 +250,17 @@ policies = st.builds(
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(requests, policies, st.integers(0, 2**31))
-def test_every_request_gets_exactly_its_own_rows(plan: list[tuple[int, int]], policy: BatchPolicy, seed: int) -> None:
+@given(requests, policies, st.integers(0, 2**31), st.sampled_from([0.0, 1.0]), st.sampled_from([0.0, 0.001]))
+def test_every_request_gets_exactly_its_own_rows(
+    plan: list[tuple[int, int]], policy: BatchPolicy, seed: int, inline_below: float, adaptive_delay: float
+) -> None:
+    """Also with the inline path and the adaptive queue delay (its first probe comes at the
+    16th request), which change when and where batches run, never what they hold."""
+
     async def scenario() -> None:
         runtime = FakeRuntime()
-        batcher = Batcher("prop", policy, runtime)  # the real monotonic clock
+        # the real monotonic clock
+        batcher = Batcher("prop", policy, runtime, inline_below=inline_below, adaptive_delay=adaptive_delay)
         batcher.start()
         rng = np.random.default_rng(seed)
         tasks, inputs = [], []
