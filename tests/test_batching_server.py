@@ -68,6 +68,35 @@ async def test_256_concurrent_requests_are_batched_and_correct(
     assert executions <= inferences // 4, (inferences, executions)
 
 
+async def test_the_adaptive_delay_batches_a_burst_without_a_policy_delay(
+    start_server: Any, tmp_path: Path, digits_heldout: Any
+) -> None:
+    """digits with its own policy (no queue delay): under a burst of concurrent requests a
+    probe finds that waiting gathers company, so the batches grow (hub/core/batching.py, the
+    adaptive queue delay; with `adaptive_delay=0.0` every one of these runs alone); the
+    answers are each request's own."""
+    hub_server = start_server(link_plugins(tmp_path, ROOT / "plugins" / "digits"))
+    images, _ = digits_heldout
+    sync = tc.InferenceServerClient(hub_server.url)
+    expected = sync.infer("digits", [image_input(images[:64])]).as_numpy("logits")
+    client = tc_aio.InferenceServerClient(hub_server.url)
+
+    async def burst() -> list[Any]:
+        return await asyncio.gather(*[client.infer("digits", [image_input(images[i : i + 1])]) for i in range(64)])
+
+    for _ in range(2):  # the probe comes at the 16th request: waiting is on from then
+        await burst()
+    before = _counts(sync, "digits")
+    results = [result for _ in range(4) for result in await burst()]
+    await client.close()
+    after = _counts(sync, "digits")
+    inferences, executions = after[0] - before[0], after[1] - before[1]
+    assert inferences == 256
+    assert executions <= inferences // 2, (inferences, executions)
+    for i, result in enumerate(results):
+        np.testing.assert_allclose(result.as_numpy("logits")[0], expected[i % 64], rtol=1e-5, atol=1e-5)
+
+
 async def test_burst_beyond_the_queue_is_rejected_and_the_rest_answered(hub_server: RunningServer) -> None:
     client = tc_aio.InferenceServerClient(hub_server.url)
     outcomes = await asyncio.gather(*[call_sleepy(client, float(i)) for i in range(24)])
