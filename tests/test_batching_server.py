@@ -32,10 +32,9 @@ def _counts(client: tc.InferenceServerClient, model: str) -> tuple[int, int]:
 
 @pytest.fixture(scope="module")
 def patient_digits(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
-    """digits with a 5 ms queue delay: a policy that asks the batcher to wait for company.
-
-    With the plugin's own policy (no delay) batches form only while an instance is busy, and a
-    Python client in the same process cannot send fast enough to keep it busy.
+    """digits with a 5 ms queue delay: a policy that asks the batcher to wait for company from
+    the first request (the plugin's own policy has none: there the adaptive delay waits only
+    once a probe has shown that waiting gathers company).
     """
     plugins = link_plugins(tmp_path_factory.mktemp("patient"), ROOT / "plugins" / "digits")
     config = DeploymentConfig.parse({"models": {"digits": {"max_queue_delay": 0.005}}})
