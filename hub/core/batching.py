@@ -252,7 +252,8 @@ class Batcher:
         queue put, a wake-up, `call_soon_threadsafe`, and the handler suspending and resuming
         inside grpc.aio) costs more CPU than such a batch. When nothing is queued or
         computing, such a request runs right here and `submit` returns without suspending; a
-        queue delay in the policy turns the inline path off.
+        queue delay in the policy turns the inline path off, and so does the adaptive delay
+        while it waits (batches it gathers still run on the loop when their size is cheap).
         """
         if self._closing or self._loop is None:
             raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")

@@ -218,6 +218,8 @@ class ModelRepository:
                 padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
                 # On a GPU the loop must never wait for the device: every batch goes to a worker.
                 inline_below=self._inline_compute if model.device == "cpu" else 0.0,
+                # The adaptive queue delay was measured on the CPU only (docs/benchmarks.md); on
+                # a GPU, requests that arrive while the device computes batch as they are.
                 adaptive_delay=self._adaptive_delay if model.device == "cpu" else 0.0,
             )
             model.batcher.start()
