@@ -94,7 +94,9 @@ class ServerConfig:
     inline_compute: float = 200e-6
     #: Seconds: the most a request to a model on the CPU with no `max_queue_delay` waits for
     #: others, and only while such waits fill batches (Batcher, "adaptive queue delay"); 0: never.
-    adaptive_delay: float = 0.002
+    #: None: 2 ms under grpc.aio, and 0 under `grpc_server="threads"`, whose handler threads
+    #: lose to a thread switch per waiting request what batching saves (docs/benchmarks.md).
+    adaptive_delay: float | None = None
     watch: float | None = None  # poll the plugins directory every `watch` seconds (None: off)
     #: Several processes (hub/workers): a frontend hands its requests to the model process
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
@@ -128,6 +130,13 @@ class ServerConfig:
     @property
     def control_enabled(self) -> bool:
         return self.model_control or bool(self.watch)
+
+    @property
+    def adaptive_seconds(self) -> float:
+        """`adaptive_delay`, its default resolved for the gRPC server."""
+        if self.adaptive_delay is not None:
+            return self.adaptive_delay
+        return 0.002 if self.grpc_server == "aio" else 0.0
 
 
 @dataclass
@@ -211,7 +220,7 @@ class Server:
                 self.metrics,
                 clock=self._clock,
                 inline_compute=config.inline_compute,
-                adaptive_delay=config.adaptive_delay,
+                adaptive_delay=config.adaptive_seconds,
             )
             models = [self.repository.add(spec) for spec in specs]
             control = self.control = ModelController(

@@ -167,6 +167,23 @@ def test_env_configures_serve_flags() -> None:
     assert out.split() == ["9123", "cpu"]
 
 
+def test_adaptive_delay_default_follows_the_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 ms under grpc.aio, off under the thread-pool server (its handler threads would pay a
+    switch per waiting request); the flag and MODELHUB_ADAPTIVE_DELAY_US win over both."""
+    from hub.cli import build_parser
+    from hub.server import ServerConfig
+
+    assert ServerConfig().adaptive_seconds == 0.002
+    assert ServerConfig(grpc_server="threads").adaptive_seconds == 0.0
+    assert ServerConfig(grpc_server="threads", adaptive_delay=0.001).adaptive_seconds == 0.001
+    assert build_parser().parse_args(["serve"]).adaptive_delay_us is None
+    assert build_parser().parse_args(["serve", "--adaptive-delay-us", "500"]).adaptive_delay_us == 500.0
+    monkeypatch.setenv("MODELHUB_ADAPTIVE_DELAY_US", "0")
+    assert build_parser().parse_args(["serve"]).adaptive_delay_us == 0.0
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--adaptive-delay-us", "-1"])
+
+
 def test_sigterm_under_load_answers_every_accepted_request(model_repository: Path, tmp_path: Path) -> None:
     """Requests in flight when SIGTERM arrives get their answers; later ones are refused cleanly."""
     import asyncio

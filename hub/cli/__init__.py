@@ -274,11 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--adaptive-delay-us",
         type=_microseconds,
-        default=str(_env("ADAPTIVE_DELAY_US", 2000)),
+        default=_env("ADAPTIVE_DELAY_US", None),  # a string when set: argparse checks it with `type` too
         metavar="MICROSECONDS",
         help="for a model on the CPU whose policy sets no max_queue_delay, the most a request waits for others "
         "to join its batch, and only while such waits gather batches of 4 or more (a probe now and then "
-        "finds out); 0 turns it off (env MODELHUB_ADAPTIVE_DELAY_US; default: 2000; README)",
+        "finds out); 0 turns it off (env MODELHUB_ADAPTIVE_DELAY_US; default: 2000 with --grpc-server aio, "
+        "0 with threads; README)",
     )
     serve.add_argument(
         "--grpc-server",
@@ -510,7 +511,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         log_requests=args.log_requests,
         inline_compute=args.inline_compute_us / 1e6,
-        adaptive_delay=args.adaptive_delay_us / 1e6,
+        adaptive_delay=None if args.adaptive_delay_us is None else args.adaptive_delay_us / 1e6,
         watch=args.watch if args.role != "frontend" else None,
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,
