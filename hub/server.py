@@ -91,7 +91,7 @@ class ServerConfig:
     log_requests: float = 0.0  # fraction of inference requests written to the access log
     #: Seconds: a lone request to an idle model that computes faster than this runs on the
     #: event loop instead of a worker thread (hub/core/batching.py, Batcher.submit); 0: never.
-    inline_compute: float = 200e-6
+    inline_compute: float = 1e-3
     #: Seconds: the most a request to a model on the CPU with no `max_queue_delay` waits for
     #: others, and only while such waits fill batches (Batcher, "adaptive queue delay"); 0: never.
     #: None: 2 ms under grpc.aio, and 0 under `grpc_server="threads"`, whose handler threads

@@ -240,7 +240,7 @@ def test_inline_compute_us_refuses_what_is_not_a_duration(value: str, capsys: py
     # One default, said twice (the CLI does not import the server to build its parser).
     from hub.server import ServerConfig
 
-    assert build_parser().parse_args(["serve"]).inline_compute_us == ServerConfig.inline_compute * 1e6 == 200.0
+    assert build_parser().parse_args(["serve"]).inline_compute_us == ServerConfig.inline_compute * 1e6 == 1000.0
 
 
 def test_a_reader_that_leaves_early_is_no_error() -> None:

@@ -263,13 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--inline-compute-us",
         type=_microseconds,
-        default=str(_env("INLINE_COMPUTE_US", 200)),  # a string: argparse checks it with `type` too
+        default=str(_env("INLINE_COMPUTE_US", 1000)),  # a string: argparse checks it with `type` too
         metavar="MICROSECONDS",
         help="for a model on the CPU, a batch of a size measured to take under this much CPU time runs on the "
         "event loop, without a worker thread's hand-off (a lone request to an idle model then never "
         "suspends; a size whose run there waited on something for over 10x this keeps off the loop until "
         "its runs in a worker are fast); 0 turns it off "
-        "(env MODELHUB_INLINE_COMPUTE_US; default: 200; README)",
+        "(env MODELHUB_INLINE_COMPUTE_US; default: 1000; README)",
     )
     serve.add_argument(
         "--adaptive-delay-us",
