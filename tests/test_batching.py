@@ -564,3 +564,25 @@ async def test_adaptive_delay_is_off_with_a_fixed_delay_and_never_delays_a_full_
     await settle()
     assert all(t.done() for t in full) and runtime.batches[-1] == 4
     await batcher.close()
+
+
+async def test_adaptive_delay_judges_a_wait_by_the_requests_it_gathers_not_the_rows() -> None:
+    """A lone client that sends 6 rows at a time: the probe's batch has 6 rows but no company,
+    so waiting does not turn on, and the next requests run at once."""
+    runtime = FakeRuntime()
+    clock = FakeClock()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=8), runtime, clock=clock, adaptive_delay=1.0)
+    batcher.start()
+    for expected_at_once in (15, 0, 31, 0):  # as for one row at a time: probes at 16, then 32 later
+        at_once = 0
+        for _ in range(expected_at_once or 1):
+            task = submit(batcher, [1.0] * 6)
+            await settle(2)
+            if task.done():
+                at_once += 1
+            else:
+                await clock.advance(1.0)
+                await task
+        assert at_once == expected_at_once
+    assert runtime.batches == [6] * 48
+    await batcher.close()

@@ -277,7 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("ADAPTIVE_DELAY_US", None),  # a string when set: argparse checks it with `type` too
         metavar="MICROSECONDS",
         help="for a model on the CPU whose policy sets no max_queue_delay, the most a request waits for others "
-        "to join its batch, and only while such waits gather batches of 4 or more (a probe now and then "
+        "to join its batch, and only while such waits gather 4 requests or more (a probe now and then "
         "finds out); 0 turns it off (env MODELHUB_ADAPTIVE_DELAY_US; default: 2000 with --grpc-server aio, "
         "0 with threads; README)",
     )

@@ -162,8 +162,8 @@ class Batcher:
     costs every request at low load the whole delay. Here the batcher waits only while waiting
     pays: now and then (`_FIRST_PROBE` requests at first, doubling after each miss up to
     `_LAST_PROBE`) a request that finds it idle waits up to `adaptive_delay` for others; a
-    wait that gathered at least `_GATHER_ROWS` rows (or the batch target) turns waiting on,
-    and `_GATHER_MISSES` waits in a row that gathered fewer turn it off again. Counting the
+    wait that gathered at least `_GATHER_REQUESTS` requests (or the batch target, if smaller)
+    turns waiting on, and `_GATHER_MISSES` waits in a row that gathered fewer turn it off again. Counting the
     requests accepted cannot tell: the ones a wait gathers are not read yet when it starts.
     A waiting batch goes as soon as it is as big as the biggest of the last `_GATHERS_KEPT`:
     with a few clients each waiting for its answer (concurrency 4, say), no more come, and
@@ -214,7 +214,7 @@ class Batcher:
         self._gathering = self._probing = False
         self._probe_in = self._probe_every = _FIRST_PROBE
         self._misses = 0
-        self._enough = min(_GATHER_ROWS, self._target)
+        self._enough = min(_GATHER_REQUESTS, self._target)
         self._gathers: collections.deque[int] = collections.deque(maxlen=_GATHERS_KEPT)  # rows, newest last
         self._expect = self._target  # a waiting batch this big is as big as recent ones got: it goes
 
@@ -385,14 +385,16 @@ class Batcher:
             if not pending.future.done():
                 batch.append(pending)
         if self._gathering:
-            self._gathered(rows)
+            self._gathered(rows, len(batch))
         return batch
 
-    def _gathered(self, rows: int) -> None:
-        """The adaptive queue delay (see the class): judge a batch formed while waiting is on."""
+    def _gathered(self, rows: int, requests: int) -> None:
+        """The adaptive queue delay (see the class): judge a batch formed while waiting is on.
+        A wait pays by the requests it gathers, not the rows: a lone client that sends batches
+        of 8 must not wait for company that never comes."""
         self._gathers.append(rows)
         self._expect = max(self._gathers)
-        if rows >= self._enough:
+        if requests >= self._enough:
             self._misses = 0
             self._probing = False
             return
@@ -626,10 +628,10 @@ class Batcher:
 
 #: Runs in a row of one size that waited (briefly) on the loop before that size leaves it.
 _WAITS_TO_LEAVE = 3
-#: The adaptive queue delay (`Batcher`): rows a wait must gather to pay; waits in a row that
+#: The adaptive queue delay (`Batcher`): requests a wait must gather to pay; waits in a row that
 #: gather fewer before waiting stops; recent batches whose biggest a waiting batch may go at;
 #: requests between probes, at first and at most.
-_GATHER_ROWS = 4
+_GATHER_REQUESTS = 4
 _GATHER_MISSES = 2
 _GATHERS_KEPT = 8
 _FIRST_PROBE = 16
