@@ -586,3 +586,14 @@ async def test_adaptive_delay_judges_a_wait_by_the_requests_it_gathers_not_the_r
         assert at_once == expected_at_once
     assert runtime.batches == [6] * 48
     await batcher.close()
+
+
+async def test_close_drains_without_waiting_out_the_queue_delay() -> None:
+    """A draining close dispatches what is queued at once: the policy's delay (here 10 s on a
+    clock that never moves) no longer holds requests back once the batcher is closing."""
+    batcher, runtime, _clock = make(BatchPolicy(max_batch_size=8, max_queue_delay=10.0))
+    tasks = [submit(batcher, [float(i)]) for i in range(3)]
+    await settle()
+    assert runtime.batches == []
+    await asyncio.wait_for(batcher.close(), 5)
+    assert runtime.batches == [3] and all(t.done() for t in tasks)

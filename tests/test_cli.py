@@ -184,6 +184,24 @@ def test_adaptive_delay_default_follows_the_grpc_server(monkeypatch: pytest.Monk
         build_parser().parse_args(["serve", "--adaptive-delay-us", "-1"])
 
 
+@pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
+def test_adaptive_delay_us_refuses_what_is_not_a_duration(
+    value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On the command line and from MODELHUB_ADAPTIVE_DELAY_US: exit 2, naming the flag."""
+    from hub.cli import build_parser
+
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve", "--adaptive-delay-us", value])
+    assert exit_.value.code == 2
+    assert "--adaptive-delay-us" in capsys.readouterr().err
+    monkeypatch.setenv("MODELHUB_ADAPTIVE_DELAY_US", value)
+    with pytest.raises(SystemExit) as exit_:
+        build_parser().parse_args(["serve"])
+    assert exit_.value.code == 2
+    assert "--adaptive-delay-us" in capsys.readouterr().err
+
+
 def test_sigterm_under_load_answers_every_accepted_request(model_repository: Path, tmp_path: Path) -> None:
     """Requests in flight when SIGTERM arrives get their answers; later ones are refused cleanly."""
     import asyncio
