@@ -106,7 +106,9 @@ class ServerConfig:
     #: shared-memory arena per direction and frontend, of `handoff_arena` bytes) or "socket".
     handoff: str = "shm"
     handoff_arena: int = 32 << 20
-    reuse_port: bool = False  # bind the frontends' ports with SO_REUSEPORT (several frontends)
+    #: Bind gRPC and REST with SO_REUSEPORT: the frontends of --workers N, or independent
+    #: servers sharing the ports (`--reuse-port`; each its own models and statistics).
+    reuse_port: bool = False
     #: Which grpcio server takes the gRPC calls: "aio" (grpc.aio, on the event loop) or
     #: "threads" (grpcio's thread-pool server, `grpc_threads` handler threads running at once
     #: under the loop's lock: hub/protocol/threaded.py; the loop must come from its `new_loop`).

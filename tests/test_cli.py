@@ -184,6 +184,15 @@ def test_adaptive_delay_default_follows_the_grpc_server(monkeypatch: pytest.Monk
         build_parser().parse_args(["serve", "--adaptive-delay-us", "-1"])
 
 
+def test_reuse_port_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hub.cli import build_parser
+
+    assert build_parser().parse_args(["serve"]).reuse_port is False
+    assert build_parser().parse_args(["serve", "--reuse-port"]).reuse_port is True
+    monkeypatch.setenv("MODELHUB_REUSE_PORT", "1")
+    assert build_parser().parse_args(["serve"]).reuse_port is True
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
 def test_adaptive_delay_us_refuses_what_is_not_a_duration(
     value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -199,6 +199,28 @@ async def sigterm_answers_every_accepted_request(server: Workers) -> None:
 # --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------
 
 
+def test_reuse_port_lets_independent_servers_share_the_ports(
+    start_server: Any, tmp_path: Path, digits_heldout: Any
+) -> None:
+    """`--reuse-port`: a second single-process server binds the first one's gRPC and REST ports,
+    and the kernel spreads connections over both, each answering from its own copy of the model."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits")
+    first = start_server(plugins, reuse_port=True)
+    second = start_server(plugins, reuse_port=True, grpc_port=first.server.grpc_port, http_port=first.server.http_port)
+    assert (second.server.grpc_port, second.server.http_port) == (first.server.grpc_port, first.server.http_port)
+    images, _ = digits_heldout
+    answers = []
+    for channel in range(24):  # a connection each: without a pool of its own, channels share one
+        options = [("grpc.use_local_subchannel_pool", 1), ("modelhub.test.channel", channel)]
+        client = tc.InferenceServerClient(first.url, channel_args=options)
+        answers.append(client.infer("digits", [image_input(images[:4])]).as_numpy("logits"))
+        client.close()
+    for answer in answers:
+        np.testing.assert_allclose(answer, answers[0], rtol=1e-5, atol=1e-5)
+    counts = [server.model("digits").stats.success.count for server in (first, second)]
+    assert sum(counts) == 24 and min(counts) > 0, counts
+
+
 def test_arena_ring_reuses_blocks_freed_out_of_order() -> None:
     arena = Arena.create(4096)
     assert arena is not None

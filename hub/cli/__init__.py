@@ -308,6 +308,15 @@ def build_parser() -> argparse.ArgumentParser:
         "0 picks 1 on 2 cores or fewer, else one per two cores, at most 8 (env MODELHUB_WORKERS)",
     )
     serve.add_argument(
+        "--reuse-port",
+        action="store_true",
+        default=_env_flag("REUSE_PORT"),
+        help="with --workers 1: bind gRPC and REST with SO_REUSEPORT, so that several independent servers "
+        "(each with its own copy of the models, batcher, statistics and model control) share the ports and "
+        "the kernel spreads connections over them; on CPU under many connections this beats --workers N, "
+        "which hands every request to one model process (docs/workers.md) (env MODELHUB_REUSE_PORT)",
+    )
+    serve.add_argument(
         "--port-file",
         type=Path,
         default=_env("PORT_FILE", None),
@@ -517,7 +526,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         handoff=args.handoff,
         handoff_arena=args.handoff_arena,
-        reuse_port=args.role == "frontend",
+        reuse_port=args.role == "frontend" or args.reuse_port,
         grpc_server=args.grpc_server,
         grpc_threads=args.grpc_threads,
         limits=limits,
