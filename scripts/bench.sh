@@ -3,14 +3,16 @@
 #
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
-#   2. our server six times, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#   2. our server seven times, serving the kit's reference models (digits_cnn, mlp_wide) with the
 #      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
 #      --metrics-port off, "ours_w2" with --workers 2 (two frontend processes, one model process),
 #      "ours_noinline" with --inline-compute-us 0 (every batch through a worker thread, for A/B),
-#      "ours_nodelay" with --adaptive-delay-us 0 (no adaptive queue delay, for A/B), and
-#      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B);
+#      "ours_nodelay" with --adaptive-delay-us 0 (no adaptive queue delay, for A/B),
+#      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B); and
+#      "ours_copies2": two independent servers sharing the ports (--reuse-port), a model copy each;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
-#      per inference (--cpu); then perf_analyzer over ours, echo and PyTriton;
+#      per inference (--cpu); the same over 4 connections per client process for ours, ours_w2,
+#      ours_copies2, echo and PyTriton (scripts/loadgen_channels.py); then perf_analyzer;
 #   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
 #      alternating, with server CPU per inference (bench/rest_bench.py); and the two HTTP
 #      libraries we measured for the REST frontend (bench/rest_candidates.py);
@@ -45,6 +47,16 @@ start_ours() {  # start_ours NAME GRPC_PORT METRICS_PORT [FLAGS...]; own process
     "$@" > "$OUT/$name.log" 2>&1 < /dev/null &
   echo $! > "$OUT/$name.pid"
 }
+start_copies() {  # start_copies NAME COPIES GRPC_PORT HTTP_PORT FIRST_METRICS_PORT [FLAGS...]: independent
+  # servers sharing the gRPC and REST ports (--reuse-port), metrics on FIRST_METRICS_PORT, +2, ...; one group
+  local name=$1 copies=$2 grpc=$3 http=$4 metrics=$5
+  shift 5
+  setsid bash -c 'n=$1 m=$2; shift 2; for ((i = 0; i < n; i++)); do "$@" --metrics-port $((m + 2 * i)) & done; wait' _ \
+    "$copies" "$metrics" env REFMODELS_DIR="$KIT" .venv/bin/modelhub serve --plugins-dir bench/plugins --no-entry-points \
+    --model-repository "$REPO" --host 127.0.0.1 --grpc-port "$grpc" --http-port "$http" --device cpu --threads 1 \
+    --reuse-port "$@" > "$OUT/$name.log" 2>&1 < /dev/null &
+  echo $! > "$OUT/$name.pid"
+}
 stop_ours() {
   for f in "$OUT"/*.pid; do kill -TERM -- "-$(cat "$f")" 2>/dev/null || true; rm -f "$f"; done
 }
@@ -67,6 +79,7 @@ start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # one model process b
 start_ours ours_noinline 9060 9062 --http-port off --inline-compute-us 0  # every batch through a worker thread
 start_ours ours_threads 9070 9072 --http-port off --grpc-server threads  # grpcio's thread-pool server
 start_ours ours_nodelay 9080 9082 --http-port off --adaptive-delay-us 0  # no adaptive queue delay
+start_copies ours_copies2 2 9040 9041 9042  # two independent servers, each its own model copy (--reuse-port)
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
@@ -80,6 +93,20 @@ bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --windo
   --out "$OUT/loadgen.jsonl" | tee "$OUT/loadgen.txt"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/summarize.py" "$OUT/loadgen.jsonl" --ref echo_grpc_aio \
   | tee "$OUT/loadgen-vs-echo.md"
+echo "== several connections: the kit's loadgen over 4 connections (scripts/loadgen_channels.py) =="
+# SO_REUSEPORT gives each connection to one process, and the kit's loadgen opens one: it reaches
+# one frontend of ours_w2 and one of ours_copies2's servers. Here each client task keeps one of 4.
+KITC=$OUT/kit-channels
+rm -rf "$KITC" && mkdir -p "$KITC" && ln -s "$KIT"/* "$KITC"/ && rm "$KITC/loadgen.py"
+ln -s "$KIT/loadgen.py" "$KITC/loadgen_kit.py" && cp scripts/loadgen_channels.py "$KITC/loadgen.py"
+"$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 --targets '' \
+  --target ours_copies2=127.0.0.1:9040:digits_cnn --target ours_copies2=127.0.0.1:9040:mlp_wide
+LOADGEN_CHANNELS=4 bash "$KITC/run.sh" --cpu --rounds "$ROUNDS" --concurrency "${CHANNELS_CONCURRENCY:-16,64}" \
+  --window "$WINDOW" --targets echo_grpc_aio,pytriton_batch2ms \
+  --target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide \
+  --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide \
+  --target ours_copies2=127.0.0.1:9040:digits_cnn --target ours_copies2=127.0.0.1:9040:mlp_wide \
+  --out "$OUT/loadgen-channels.jsonl" | tee "$OUT/loadgen-channels.txt"
 echo "== perf_analyzer =="
 bash "$KIT/run.sh" --tool pa --rounds 1 --concurrency "$CONCURRENCY" --window "$WINDOW" \
   --targets echo_grpc_aio,pytriton_batch2ms \
