@@ -287,8 +287,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env("GRPC_SERVER", "aio"),
         help="which grpcio server takes gRPC calls: aio (grpc.aio on the event loop) or threads (grpcio's "
         "thread-pool server, its handler threads taking turns at the event loop's data plane): on the 2-core "
-        "box 1.2x aio's throughput with one connection per client, 0.75x with one connection carrying every "
-        "request (perf_analyzer), and slower wherever requests wait (a GPU, --workers N) (docs/benchmarks.md) "
+        "box 1.2x aio's throughput under the peer kit's grpc.aio loadgen, 0.75x under perf_analyzer, and slower "
+        "wherever requests wait (a GPU, --workers N) (docs/benchmarks.md) "
         "(env MODELHUB_GRPC_SERVER; default: aio)",
     )
     serve.add_argument(
