@@ -265,12 +265,18 @@ class Server:
                 shutdown_timeout=config.shutdown_grace,
                 reuse_port=config.reuse_port,
                 ssl_context=ssl_context,
+                purpose="REST (--http-port)",
             )
         if isinstance(self.metrics, Metrics) and config.metrics_port is not None:
             metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
             self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
             self.metrics_port = await self._metrics_http.start(
-                config.metrics_host or config.host, config.metrics_port, shutdown_timeout=1.0, ssl_context=ssl_context
+                config.metrics_host or config.host,
+                config.metrics_port,
+                shutdown_timeout=1.0,
+                ssl_context=ssl_context,
+                # never shared: servers on one port through --reuse-port each need their own
+                purpose="metrics (--metrics-port, one per server)",
             )
 
         def where(port: int | None) -> str:

@@ -221,6 +221,33 @@ def test_reuse_port_lets_independent_servers_share_the_ports(
     assert sum(counts) == 24 and min(counts) > 0, counts
 
 
+def test_a_port_in_use_is_named_with_its_flag(tmp_path: Path, model_repository: Path) -> None:
+    """The metrics port is never shared: a second --reuse-port server given the first one's
+    metrics port fails to start with an error naming the flag and the address."""
+    import socket
+
+    from hub.server import ServerConfig
+
+    from .conftest import RunningServer
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    config = ServerConfig(
+        plugins_dir=link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits"), model_repository=model_repository,
+        host="127.0.0.1", grpc_port=0, http_port=0, metrics_port=port, device="cpu", threads=1, entry_points=False,
+        reuse_port=True,
+    )  # fmt: skip
+    server = RunningServer(config)
+    try:
+        with pytest.raises(OSError, match=rf"--metrics-port.*127\.0\.0\.1:{port}: Address already in use"):
+            server.start()
+    finally:
+        server.stop()
+        taken.close()
+
+
 def test_arena_ring_reuses_blocks_freed_out_of_order() -> None:
     arena = Arena.create(4096)
     assert arena is not None

@@ -23,10 +23,12 @@ class HttpListener:
         shutdown_timeout: float = 10.0,
         reuse_port: bool = False,
         ssl_context: ssl.SSLContext | None = None,
+        purpose: str = "HTTP",
     ) -> int:
         """Listen on host:port and return the bound port. We bind the socket ourselves so the
         port a 0 picked is known without reaching into the server's internals. With
-        `ssl_context` it speaks HTTPS only."""
+        `ssl_context` it speaks HTTPS only. A port that cannot be bound raises OSError naming
+        `purpose` and the address (the bare errno names neither)."""
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -36,9 +38,9 @@ class HttpListener:
             if reuse_port:  # several frontend processes on one port (hub/workers)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(address)
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise OSError(exc.errno, f"{purpose} cannot listen on {host}:{port}: {exc.strerror}") from None
         self._runner = web.AppRunner(
             self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
         )
