@@ -169,12 +169,19 @@ CUDA_SHM = ("--shared-memory", "cuda", "--output-shared-memory-size", "4096")
 
 
 def perf_analyzer(
-    binary: Path, url: str, concurrency: int, seconds: float, extra: tuple[str, ...] = ()
+    binary: Path, url: str, concurrency: int, seconds: float, extra: tuple[str, ...] = (), spread: bool = False
 ) -> dict[str, Any]:
     """perf_analyzer at one concurrency: three windows of seconds/3 (a lenient stability check,
-    so that it ends after three), asynchronous requests of one image each."""
+    so that it ends after three), requests of one image each.
+
+    Asynchronous (`--async`) unless `spread`. `--async` sends every request over one connection,
+    and SO_REUSEPORT hands a connection to one frontend, so with --workers N > 1 all but one
+    would idle. Synchronous, it runs a client per concurrency slot, six to a channel: about
+    c/6 connections, which the kernel spreads over the frontends (counted with `ss` on the 2-core
+    box: 3 connections at c=16 and 22 at c=128, against 3 at any concurrency with --async)."""
     window_ms = max(500, int(seconds * 1000 / 3))
-    command = ["sh", str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1", "--async",
+    command = ["sh", str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1",
+               *(() if spread else ("--async",)),
                "--concurrency-range", str(concurrency), "-p", str(window_ms), "-r", "3", "-s", "1000",
                "--input-data", "random", *extra]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=seconds * 4 + 120)
@@ -196,6 +203,7 @@ def perf_analyzer(
         "p99_ms": p99 / 1000 if p99 is not None else None,
         "avg_batch": round(inferences / executions, 1) if inferences and executions else None,
         "window_ms": window_ms,
+        "mode": "sync" if spread else "async",
     }
 
 
@@ -227,16 +235,23 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
 
 
 def measure_point(
-    args: argparse.Namespace, binary: Path, url: str, concurrency: int, label: str, results: Any, extra: tuple[str, ...]
+    args: argparse.Namespace,
+    binary: Path,
+    url: str,
+    concurrency: int,
+    label: str,
+    results: Any,
+    extra: tuple[str, ...],
+    spread: bool = False,
 ) -> dict[str, Any] | None:
     """One perf_analyzer measurement; if too few requests complete per window, once more with
     windows 3x longer. A failure is recorded in the results and gives None."""
     try:
-        return perf_analyzer(binary, url, concurrency, args.seconds, extra)
+        return perf_analyzer(binary, url, concurrency, args.seconds, extra, spread)
     except RuntimeError as exc:
         log(f"{label} c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
     try:
-        return perf_analyzer(binary, url, concurrency, args.seconds * 3, extra)
+        return perf_analyzer(binary, url, concurrency, args.seconds * 3, extra, spread)
     except RuntimeError as again:
         results.data["errors"].append(f"{label} c={concurrency}: {again}")
         log(f"{label} c={concurrency}: FAILED {again}")
@@ -244,9 +259,10 @@ def measure_point(
 
 
 def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
-    """perf_analyzer at each concurrency against one running server."""
+    """perf_analyzer at each concurrency against one running server: several frontends are
+    driven over several connections (`perf_analyzer`, `spread`), one process over one."""
     for concurrency in args.concurrency:
-        row = measure_point(args, binary, url, concurrency, "served", results, ())
+        row = measure_point(args, binary, url, concurrency, "served", results, (), spread=workers > 1)
         if row is not None:
             row["workers"] = workers
             results.add("served", row)
@@ -382,10 +398,12 @@ def report(data: dict[str, Any]) -> str:
              f"target {data['target']}, {data['threads']} threads per runtime"]  # fmt: skip
     if data["served"]:
         lines += ["", "served (perf_analyzer, 1 image per request, the batcher forms batches)",
-                  "| concurrency | images/s | p50 ms | p99 ms | avg batch |", "|---|---|---|---|---|"]  # fmt: skip
+                  "| workers | perf_analyzer | concurrency | images/s | p50 ms | p99 ms | avg batch |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in data["served"]:
             lines.append(
-                f"| {row['concurrency']} | {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
+                f"| {row.get('workers', 1)} | {row.get('mode', 'async')} | {row['concurrency']} "
+                f"| {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
                 f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} |"
             )
     if data["cuda_shm"]:
