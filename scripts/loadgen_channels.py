@@ -5,7 +5,7 @@ servers that share a port through SO_REUSEPORT (`--workers N`, `--reuse-port`) t
 that one connection to one process, and the others idle. This runs the kit's own request and
 measuring loop (`build_request`, `one_level`, imported from it) over `LOADGEN_CHANNELS`
 channels (default 4), each with a subchannel pool of its own so that each is its own
-connection, the requests taking them in turn. Its output lines are the kit's.
+connection; each client task of the loop keeps one. Its output lines are the kit's.
 
 `scripts/bench.sh` puts it in a copy of the kit as `loadgen.py` (the kit's own as
 `loadgen_kit.py`), so that the kit's `run.sh` drives it unchanged:
@@ -47,7 +47,7 @@ async def main(args: argparse.Namespace) -> None:
     def own_channel(request: bytes, timeout: float) -> Any:
         """Each of `one_level`'s client tasks keeps the channel it first took, as a client
         with a connection of its own does (taking them in turn per request instead holds
-        every connection to the pace of the slowest process: 0.8x on --reuse-port, 2 servers)."""
+        every connection to the pace of the slowest process: 0.83x on two --reuse-port servers)."""
         task = asyncio.current_task()
         assert task is not None
         if (call := sticky.get(task)) is None:

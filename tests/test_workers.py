@@ -1,13 +1,15 @@
 """`modelhub serve --workers 2`: one model process behind two frontend processes, as a user
 starts it, driven with tritonclient: answers, statistics and metrics of the whole server,
 reloads under load, a frontend or the model process killed under load, SIGTERM, and the
-shared-memory hand-off (answers, a full arena, nothing left in /dev/shm)."""
+shared-memory hand-off (answers, a full arena, nothing left in /dev/shm); and independent
+single-process servers sharing the ports (`--reuse-port`)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import signal
+import socket
 import time
 import urllib.request
 from pathlib import Path
@@ -19,10 +21,11 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
+from hub.server import ServerConfig
 from hub.workers.arena import SHM_DIR, Arena
 from hub.workers.wire import pack_arrays, unpack_arrays
 
-from .conftest import ROOT, Workers, link_plugins
+from .conftest import ROOT, RunningServer, Workers, link_plugins
 from .test_lifecycle import one, write_scaler
 
 
@@ -196,7 +199,7 @@ async def sigterm_answers_every_accepted_request(server: Workers) -> None:
     assert server.stop() == 0, server.output()
 
 
-# --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------
+# --- independent servers on one port (--reuse-port) -------------------------------------------
 
 
 def test_reuse_port_lets_independent_servers_share_the_ports(
@@ -222,14 +225,8 @@ def test_reuse_port_lets_independent_servers_share_the_ports(
 
 
 def test_a_port_in_use_is_named_with_its_flag(tmp_path: Path, model_repository: Path) -> None:
-    """The metrics port is never shared: a second --reuse-port server given the first one's
-    metrics port fails to start with an error naming the flag and the address."""
-    import socket
-
-    from hub.server import ServerConfig
-
-    from .conftest import RunningServer
-
+    """The metrics port is never shared: a server whose metrics port is taken (say, by another
+    --reuse-port server's) fails to start with an error naming the flag and the address."""
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
@@ -246,6 +243,9 @@ def test_a_port_in_use_is_named_with_its_flag(tmp_path: Path, model_repository: 
     finally:
         server.stop()
         taken.close()
+
+
+# --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------
 
 
 def test_arena_ring_reuses_blocks_freed_out_of_order() -> None:
