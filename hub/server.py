@@ -359,16 +359,21 @@ class Server:
             pool=POOL,
         )
         tls = self.config.tls
-        if tls is None:
-            self.grpc_port = server.add_insecure_port(f"{host}:{port}")
-        else:
+        credentials = None
+        if tls is not None:
             cert, key, client_ca = tls.read()
             credentials = grpc.ssl_server_credentials(
                 [(key, cert)], root_certificates=client_ca, require_client_auth=client_ca is not None
             )
-            self.grpc_port = server.add_secure_port(f"{host}:{port}", credentials)
-        if self.grpc_port == 0:
-            raise OSError(f"cannot bind gRPC to {host}:{port}")
+        try:
+            if credentials is None:
+                self.grpc_port = server.add_insecure_port(f"{host}:{port}")
+            else:
+                self.grpc_port = server.add_secure_port(f"{host}:{port}", credentials)
+        except RuntimeError:  # grpcio's "Failed to bind to address": the cause went to its own log
+            self.grpc_port = 0
+        if self.grpc_port == 0:  # named as the REST and metrics listeners name theirs (HttpListener.start)
+            raise OSError(f"gRPC (--grpc-port) cannot listen on {host}:{port}: in use, or not an address here")
         if isinstance(server, grpc.aio.Server):
             await server.start()
         else:

@@ -178,7 +178,7 @@ def perf_analyzer(
     and SO_REUSEPORT hands a connection to one frontend, so with --workers N > 1 all but one
     would idle. Synchronous, it runs a client per concurrency slot, six to a channel: about
     c/6 connections, which the kernel spreads over the frontends (counted with `ss` on the 2-core
-    box: 3 connections at c=16 and 22 at c=128, against 3 at any concurrency with --async)."""
+    box: 3 connections at c=16 and 22 at c=128, against 3 at c=16, 64 and 128 with --async)."""
     window_ms = max(500, int(seconds * 1000 / 3))
     command = ["sh", str(binary), "-m", MODEL, "-i", "grpc", "-u", url, "-b", "1",
                *(() if spread else ("--async",)),

@@ -36,6 +36,8 @@ async def main(args: argparse.Namespace) -> None:
         ("grpc.use_local_subchannel_pool", 1),
     ]
     count = int(os.environ.get("LOADGEN_CHANNELS", "4"))
+    if count < 1:
+        raise SystemExit(f"LOADGEN_CHANNELS must be 1 or more, got {count}")
     channels = [grpc.aio.insecure_channel(args.url, options=[*options, ("loadgen.channel", i)]) for i in range(count)]
     calls = [channel.unary_unary(METHOD) for channel in channels]
     for call in calls:  # connect each before the clock starts
