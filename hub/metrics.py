@@ -103,6 +103,34 @@ class ModelMetrics:
         self.load_seconds = 0.0
         self.build_seconds = 0.0
         self.load_failures = 0
+        #: Queue depth and requests in flight in other processes (the frontends of --workers N
+        #: that run this model from their own copy), by the process reporting them.
+        self.elsewhere: dict[object, tuple[int, int]] = {}
+
+    @property
+    def queued_now(self) -> int:
+        return self.queue_depth + sum(depth for depth, _ in self.elsewhere.values())
+
+    @property
+    def handling_now(self) -> int:
+        return self.in_flight + sum(handling for _, handling in self.elsewhere.values())
+
+    def gauges_from(self, source: object, queue_depth: int, in_flight: int) -> None:
+        """Another process's queue depth and requests in flight for this model (0, 0: none)."""
+        if queue_depth or in_flight:
+            self.elsewhere[source] = (queue_depth, in_flight)
+        else:
+            self.elsewhere.pop(source, None)
+
+    def executed_elsewhere(self, rows: int, queue_seconds: float, compute_seconds: float, first: bool) -> None:
+        """One request of a batch another process computed (a frontend's copy of the model);
+        `first`: the first of its batch to be counted, which counts the batch."""
+        self.queue_duration.observe(queue_seconds)
+        if first:
+            self.inferences += rows
+            self.executions += 1
+            self.batch_size.observe(rows)
+            self.compute_duration.observe(compute_seconds)
 
     def request_started(self) -> None:
         self.in_flight += 1
@@ -145,8 +173,8 @@ class ModelMetrics:
 _SCALARS: tuple[tuple[type[CounterMetricFamily] | type[GaugeMetricFamily], str, str, str], ...] = (
     (CounterMetricFamily, "modelhub_inferences", "Samples inferred (a batch of n counts n).", "inferences"),
     (CounterMetricFamily, "modelhub_executions", "Batched forwards run.", "executions"),
-    (GaugeMetricFamily, "modelhub_queue_depth", "Requests waiting in the batcher's queue.", "queue_depth"),
-    (GaugeMetricFamily, "modelhub_inflight_requests", "Inference requests being handled.", "in_flight"),
+    (GaugeMetricFamily, "modelhub_queue_depth", "Requests waiting in the batcher's queue.", "queued_now"),
+    (GaugeMetricFamily, "modelhub_inflight_requests", "Inference requests being handled.", "handling_now"),
     (
         GaugeMetricFamily,
         "modelhub_model_load_duration_seconds",
@@ -238,6 +266,12 @@ class NullModelMetrics:
         pass
 
     def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        pass
+
+    def gauges_from(self, source: object, queue_depth: int, in_flight: int) -> None:
+        pass
+
+    def executed_elsewhere(self, rows: int, queue_seconds: float, compute_seconds: float, first: bool) -> None:
         pass
 
     def state(self, state: str) -> None:

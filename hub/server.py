@@ -106,6 +106,10 @@ class ServerConfig:
     #: shared-memory arena per direction and frontend, of `handoff_arena` bytes) or "socket".
     handoff: str = "shm"
     handoff_arena: int = 32 << 20
+    #: A frontend's own copies of the models: "cpu" loads every model that computes on the CPU
+    #: from the model process's artifact and runs its requests here (docs/workers.md, "Model
+    #: copies"); "none" hands every request to the model process.
+    model_copies: str = "cpu"
     #: Bind gRPC and REST with SO_REUSEPORT: the frontends of --workers N, or independent
     #: servers sharing the ports (`--reuse-port`; each its own models and statistics).
     reuse_port: bool = False
@@ -205,7 +209,16 @@ class Server:
         control: ModelControl
         if config.engine_socket is not None:
             remote = RemoteRepository(
-                config.engine_socket, self._collect_specs, handoff=config.handoff, arena_size=config.handoff_arena
+                config.engine_socket,
+                self._collect_specs,
+                handoff=config.handoff,
+                arena_size=config.handoff_arena,
+                # Never builds: loads what the model process built and checked.
+                copies=Builder(config.model_repository, {}, self.plugins, self.device, config.threads)
+                if config.model_copies == "cpu"
+                else None,
+                inline_compute=config.inline_compute,
+                adaptive_delay=config.adaptive_seconds,
             )
             self.repository = remote
             control = RemoteControl(remote.client)

@@ -78,7 +78,11 @@ class Workers:
 
     def __init__(self, plugins: Path, repository: Path, tmp: Path, workers: int = 2, *extra: str) -> None:
         self.port_file = tmp / "ports.json"
-        self.log = open(tmp / "serve.log", "w+b")  # noqa: SIM115
+        # The processes append (O_APPEND) and the test reads the file by its path: a read
+        # through the descriptor they share would move their write offset, and a line written
+        # meanwhile would land over older ones.
+        self.log_path = tmp / "serve.log"
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--model-repository",
              str(repository), "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
@@ -101,10 +105,22 @@ class Workers:
         while not client.is_server_ready():
             assert time.monotonic() < deadline, self.output()
             time.sleep(0.2)
+        if workers > 1 and "none" not in extra:
+            # Every frontend loads its own copy of each ready model after the server is ready
+            # (requests go to the model process meanwhile): wait, so tests see the copies.
+            ready = sum(m.state == "READY" for m in client.get_model_repository_index().models)
+            while self.logged("serving from this frontend's copy") + self.logged("no copy in this frontend") < (
+                workers * ready
+            ):
+                assert time.monotonic() < deadline, self.output()
+                time.sleep(0.1)
 
     def output(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-4000:]
+        return self.log_path.read_bytes().decode(errors="replace")[-4000:]
+
+    def logged(self, fragment: str) -> int:
+        """How many times the whole log so far holds `fragment`."""
+        return self.log_path.read_bytes().decode(errors="replace").count(fragment)
 
     def children(self, role: str) -> list[int]:
         """The live child processes of this role (from /proc: their parent and command line)."""
@@ -193,6 +209,17 @@ def workers_server(tmp_path_factory: pytest.TempPathFactory, model_repository: P
     tmp = tmp_path_factory.mktemp("workers")
     plugins = link_plugins(tmp / "plugins", ROOT / "plugins" / "digits", *sorted(TEST_PLUGINS.glob("*.py")))
     server = Workers(plugins, model_repository, tmp)
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+@pytest.fixture(scope="session")
+def workers_remote_server(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Workers]:
+    """`modelhub serve --workers 2 --model-copies none`: the frontends hand every request to the
+    model process, which computes them all."""
+    tmp = tmp_path_factory.mktemp("workers-remote")
+    plugins = link_plugins(tmp / "plugins", ROOT / "plugins" / "digits", *sorted(TEST_PLUGINS.glob("*.py")))
+    server = Workers(plugins, model_repository, tmp, 2, "--model-copies", "none")
     yield server
     assert server.stop() == 0, server.output()
 

@@ -439,3 +439,30 @@ def test_mismatched_output_names_and_label_counts_name_both_sides(tmp_path: Path
         builder.ensure(by_name["mislabelled"])
     message = str(err.value)
     assert "model 'mislabelled'" in message and "3 labels" in message and "5 rows (x)" in message, message
+
+
+def test_load_built_loads_only_the_build_it_names_and_never_builds(tmp_path: Path) -> None:
+    """A frontend's copy of a model (--workers N, --model-copies cpu) loads the model process's
+    artifact by its cache key: the same build, or nothing."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "scale.py").write_text(textwrap.dedent(AFFINE.format(scale=2.0)))
+    repository = tmp_path / "models"
+    builder, (spec,) = builder_for(plugins, repository)
+    key = builder.ensure(spec).manifest["cache_key"]
+
+    copy = builder.load_built(spec, key)
+    assert not copy.built
+    np.testing.assert_allclose(copy.runtime.run({"x": np.ones((2, 3), np.float32)})["y"], 2.0)
+    copy.runtime.close()
+
+    with pytest.raises(BuildError, match="not the build the model process serves"):
+        builder.load_built(spec, "0" * len(key))
+    onnx = repository / "scale" / "1" / "model.onnx"
+    onnx.write_bytes(onnx.read_bytes() + b"\0")  # swapped on disk since the model process checked it
+    with pytest.raises(BuildError, match=r"artifact files differ from their manifest \(model\.onnx\)"):
+        builder.load_built(spec, key)
+    onnx.unlink()
+    with pytest.raises(BuildError, match=r"model\.onnx missing"):
+        builder.load_built(spec, key)
+    assert not onnx.exists()  # refused, never rebuilt

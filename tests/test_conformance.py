@@ -270,12 +270,21 @@ def run_http(server: RunningServer, case: Case) -> tuple[int, str]:
     return 200, ""
 
 
-@pytest.fixture(params=["one-process", "workers-2", "grpc-threads"])
+SERVED = {
+    "one-process": "hub_server",
+    "workers-2": "workers_server",
+    "workers-2-no-copies": "workers_remote_server",
+    "grpc-threads": "threads_server",
+}
+
+
+@pytest.fixture(params=list(SERVED))
 def served(request: pytest.FixtureRequest) -> Any:
-    """The shared server, the same plugins behind `--workers 2`, and one process on grpcio's
-    thread-pool server (`--grpc-server threads`): every case must hold for all three."""
-    fixture = {"one-process": "hub_server", "workers-2": "workers_server", "grpc-threads": "threads_server"}
-    return request.getfixturevalue(fixture[request.param])
+    """The shared server; the same plugins behind `--workers 2`, with the frontends computing
+    from their own model copies (the default) and handing every request to the model process
+    (`--model-copies none`); and one process on grpcio's thread-pool server (`--grpc-server
+    threads`): every case must hold for all four."""
+    return request.getfixturevalue(SERVED[request.param])
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -52,10 +52,20 @@ async def test_statistics_and_metrics_count_every_frontend(workers: Workers, dig
     images, _ = digits_heldout
     sync = tc.InferenceServerClient(workers.url)
 
-    def counts() -> tuple[int, int, int]:
+    def counts() -> tuple[int, int, int, int, int]:
         stats = sync.get_inference_statistics("digits", as_json=True)["model_stats"][0]
-        return int(stats["inference_count"]), int(stats["inference_stats"]["success"]["count"]), _requests(workers)
+        batched = sum(int(b["batch_size"]) * int(b["compute_infer"]["count"]) for b in stats.get("batch_stats", []))
+        return (
+            int(stats["inference_count"]),
+            int(stats["inference_stats"]["success"]["count"]),
+            _requests(workers),
+            int(stats["execution_count"]),
+            batched,
+        )
 
+    # Both frontends compute digits from their own copies (--model-copies cpu, the default);
+    # the model process counts their batches with the requests.
+    assert workers.logged("model 'digits/1': serving from this frontend's copy") == 2, workers.output()
     before = counts()
     # Many channels, so that the kernel spreads them over both frontends.
     clients = [tc_aio.InferenceServerClient(workers.url) for _ in range(8)]
@@ -65,7 +75,17 @@ async def test_statistics_and_metrics_count_every_frontend(workers: Workers, dig
     for client in clients:
         await client.close()
     after = counts()
-    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (320, 160, 160)
+    inferences, successes, requests, executions, batched = (a - b for a, b in zip(after, before, strict=True))
+    assert (inferences, successes, requests, batched) == (320, 160, 160, 320)
+    assert 1 <= executions <= 160  # two rows a request: a batch holds one request or more
+    # What was queued and in flight in each frontend is back to nothing once all is answered.
+    deadline = time.monotonic() + 10
+    while (gauges := (_metric(workers, "modelhub_queue_depth"), _metric(workers, "modelhub_inflight_requests"))) != (
+        0,
+        0,
+    ):
+        assert time.monotonic() < deadline, gauges
+        await asyncio.sleep(0.05)
 
 
 def test_metrics_show_each_frontends_cpu_and_memory(workers: Workers) -> None:
@@ -84,8 +104,12 @@ def test_metrics_show_each_frontends_cpu_and_memory(workers: Workers) -> None:
 
 
 def _requests(workers: Workers) -> int:
+    return _metric(workers, "modelhub_requests_total", 'code="OK",model="digits",version="1"')
+
+
+def _metric(workers: Workers, name: str, labels: str = 'model="digits",version="1"') -> int:
     text = urllib.request.urlopen(f"http://127.0.0.1:{workers.ports['metrics']}/metrics").read().decode()
-    prefix = 'modelhub_requests_total{code="OK",model="digits",version="1"}'
+    prefix = f"{name}{{{labels}}}"
     return sum(int(float(line.split()[-1])) for line in text.splitlines() if line.startswith(prefix))
 
 
@@ -132,11 +156,15 @@ async def test_reload_under_load_drops_nothing_across_workers(tmp_path: Path) ->
         assert server.stop() == 0, server.output()
 
 
-async def test_killed_frontend_and_model_process_recover(tmp_path: Path) -> None:
+@pytest.mark.parametrize("copies", ["none", "cpu"])
+async def test_killed_frontend_and_model_process_recover(tmp_path: Path, copies: str) -> None:
+    """With `--model-copies none` the model process computes every request, so its death fails
+    those in flight (UNAVAILABLE, naming it); with copies (the default on CPU) they are computing
+    in a frontend and are answered. Either way the server is not ready until it is back."""
     plugins = link_plugins(
         tmp_path / "plugins", *(ROOT / "tests" / "plugins" / f for f in ("identity.py", "behaviour.py"))
     )
-    server = Workers(plugins, tmp_path / "models", tmp_path)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-copies", copies)
     try:
         sync = tc.InferenceServerClient(server.url)
         # A frontend dies: it is restarted, and the server answers on fresh connections.
@@ -147,6 +175,10 @@ async def test_killed_frontend_and_model_process_recover(tmp_path: Path) -> None
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.2)
         assert "frontend-0 exited (code -9); restarting it" in server.output() or "exited (code -9)" in server.output()
+        if copies == "cpu":  # both frontends, the restarted one included, have loaded their copies
+            while server.logged("model 'sleepy/1': serving from this frontend's copy") < 3:
+                assert time.monotonic() < deadline, server.output()
+                time.sleep(0.2)
         # The model process dies with a request in flight: UNAVAILABLE naming the cause, not
         # ready until it is back, then serving again.
         client = tc_aio.InferenceServerClient(server.url)
@@ -157,10 +189,14 @@ async def test_killed_frontend_and_model_process_recover(tmp_path: Path) -> None
         os.kill(server.children("engine")[0], signal.SIGKILL)
         outcomes = await asyncio.gather(*flights, return_exceptions=True)
         errors = [o for o in outcomes if isinstance(o, InferenceServerException)]
-        assert errors, outcomes
-        assert all(e.status() == "StatusCode.UNAVAILABLE" and "model process" in e.message() for e in errors), [
-            (e.status(), e.message()) for e in errors
-        ]
+        if copies == "none":
+            assert errors, outcomes
+            assert all(e.status() == "StatusCode.UNAVAILABLE" and "model process" in e.message() for e in errors), [
+                (e.status(), e.message()) for e in errors
+            ]
+        else:
+            assert not errors, [(e.status(), e.message()) for e in errors]
+            assert all(float(o.as_numpy("OUTPUT0")[0, 0]) == 2.0 for o in outcomes)
         assert not sync.is_server_ready()
         while not sync.is_server_ready():
             assert time.monotonic() < deadline + 120, server.output()
@@ -324,7 +360,8 @@ SHAPES = [(1, 32 << 10), (1, 12 << 10), (2, 128)]
 
 async def test_shared_memory_handoff_answers_and_leaves_nothing_in_dev_shm(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
-    server = Workers(plugins, tmp_path / "models", tmp_path)
+    # Copies off: every request crosses to the model process, which is what this tests.
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-copies", "none")
     try:
         await _round_trips(server, SHAPES)
         engine = server.children("engine")[0]
@@ -344,7 +381,7 @@ async def test_shared_memory_handoff_answers_and_leaves_nothing_in_dev_shm(tmp_p
 async def test_a_full_arena_falls_back_to_the_socket(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
     # 256 KiB each way: a few 48 KiB tensors fit at once, a 128 KiB one now and then; the rest go as frames
-    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff-arena", "256K")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff-arena", "256K", "--model-copies", "none")
     try:
         await _round_trips(server, SHAPES, concurrency=32)
         assert len(_arenas(server.children("engine")[0])) == 4
@@ -355,9 +392,27 @@ async def test_a_full_arena_falls_back_to_the_socket(tmp_path: Path) -> None:
 
 async def test_socket_handoff_maps_no_arena(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
-    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff", "socket")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--handoff", "socket", "--model-copies", "none")
     try:
         await _round_trips(server, SHAPES, concurrency=4)
         assert _arenas(server.children("engine")[0]) == set()
     finally:
         assert server.stop() == 0, server.output()
+
+
+def test_a_bad_model_copies_value_is_refused() -> None:
+    import subprocess
+    import sys
+
+    env = {**os.environ, "MODELHUB_MODEL_COPIES": "gpu"}
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "serve", "--grpc-port", "0", "--http-port", "off", "--metrics-port", "off"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "MODELHUB_MODEL_COPIES must be cpu or none, got 'gpu'" in result.stderr
+    flag = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "serve", "--model-copies", "gpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert flag.returncode == 2 and "--model-copies: invalid choice: 'gpu'" in flag.stderr

@@ -338,6 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="size of each shared-memory hand-off arena, e.g. 32M: two per frontend, one each way "
         "(env MODELHUB_HANDOFF_ARENA; default 32M)",
     )
+    serve.add_argument(
+        "--model-copies",
+        choices=["cpu", "none"],
+        default=_env("MODEL_COPIES", "cpu"),
+        help="with --workers N > 1: cpu (the default) has every frontend load its own copy of each model that "
+        "computes on the CPU, from the model process's artifact, and run that model's requests itself, while the "
+        "model process keeps the statistics, metrics and model control of the whole server; none hands every "
+        "request to the model process. Models on a GPU are never copied: one copy per device, one batcher "
+        "(env MODELHUB_MODEL_COPIES; docs/workers.md)",
+    )
     # Set by the supervisor of --workers N for the processes it starts.
     serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
     serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
@@ -491,6 +501,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.grpc_server not in GRPC_SERVERS:  # from MODELHUB_GRPC_SERVER, which argparse does not check
         log.error("modelhub: MODELHUB_GRPC_SERVER must be %s, got %r", " or ".join(GRPC_SERVERS), args.grpc_server)
         return 2
+    if args.model_copies not in ("cpu", "none"):  # from MODELHUB_MODEL_COPIES, likewise unchecked
+        log.error("modelhub: MODELHUB_MODEL_COPIES must be cpu or none, got %r", args.model_copies)
+        return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
@@ -526,6 +539,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         engine_socket=args.engine_socket if args.role == "frontend" else None,
         handoff=args.handoff,
         handoff_arena=args.handoff_arena,
+        model_copies=args.model_copies,
         reuse_port=args.role == "frontend" or args.reuse_port,
         grpc_server=args.grpc_server,
         grpc_threads=args.grpc_threads,

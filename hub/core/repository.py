@@ -7,13 +7,13 @@ import logging
 import time
 from collections.abc import Callable
 
-from hub.core.batching import Batcher, Clock
+from hub.core.batching import Batcher, BatchObserver, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
 from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
 from hub.metrics import Metrics, NullMetrics
 from hub.pipeline.builder import Builder
-from hub.spec import ModelSpec
+from hub.spec import ModelSpec, Runtime
 
 log = logging.getLogger("modelhub.repository")
 
@@ -191,6 +191,25 @@ class ModelRepository:
             model.set_state(ModelState.UNLOADED, "replaced", announce=False)
         log.info("model '%s' %s: drained and freed", model.spec.key, "unloaded" if announce else "replaced")
 
+    def batcher_for(self, spec: ModelSpec, runtime: Runtime, observer: BatchObserver) -> Batcher:
+        """A started batcher for a loaded runtime of `spec`."""
+        on_cpu = runtime.device == "cpu"
+        batcher = Batcher(
+            spec.name,
+            spec.batching,
+            runtime.run,
+            clock=self._clock,
+            observer=observer,
+            padding={t.name: t.padding for t in spec.forward_inputs if t.padding is not None},
+            # On a GPU the loop must never wait for the device: every batch goes to a worker.
+            inline_below=self._inline_compute if on_cpu else 0.0,
+            # The adaptive queue delay was measured on the CPU only (docs/benchmarks.md); on
+            # a GPU, requests that arrive while the device computes batch as they are.
+            adaptive_delay=self._adaptive_delay if on_cpu else 0.0,
+        )
+        batcher.start()
+        return batcher
+
     async def load(self, model: ServedModel, *, announce: bool = True) -> None:
         async with self._load_lock:
             started = time.perf_counter()
@@ -209,20 +228,7 @@ class ModelRepository:
             model.device = artifact.runtime.device
             model.manifest = artifact.manifest
             model.load_seconds = time.perf_counter() - started
-            model.batcher = Batcher(
-                model.name,
-                model.spec.batching,
-                artifact.runtime.run,
-                clock=self._clock,
-                observer=model.metrics,
-                padding={t.name: t.padding for t in model.spec.forward_inputs if t.padding is not None},
-                # On a GPU the loop must never wait for the device: every batch goes to a worker.
-                inline_below=self._inline_compute if model.device == "cpu" else 0.0,
-                # The adaptive queue delay was measured on the CPU only (docs/benchmarks.md); on
-                # a GPU, requests that arrive while the device computes batch as they are.
-                adaptive_delay=self._adaptive_delay if model.device == "cpu" else 0.0,
-            )
-            model.batcher.start()
+            model.batcher = self.batcher_for(model.spec, artifact.runtime, model.metrics)
             build = artifact.manifest.get("build_seconds", 0.0) if artifact.built else 0.0
             model.metrics.loaded(model.load_seconds, build)
             self._set_state(model, ModelState.READY, announce=announce)

@@ -181,6 +181,25 @@ class Builder:
             return Artifact(runtime, manifest, built=False)
         return self._build(spec, target, key, parts, stage)
 
+    def load_built(self, spec: ModelSpec, key: str) -> Artifact:
+        """Load the artifact another process built and checked, whose cache key is `key`,
+        without ever building: a frontend's copy of a model the model process serves
+        (hub/workers/frontend.py). Raises BuildError when the artifact on disk is not that one
+        (rebuilt, refused, or its files changed since)."""
+        manifest = self.read_manifest(spec)
+        if manifest is None or manifest.get("cache_key") != key or manifest.get("status") != "ok":
+            raise BuildError(f"model '{spec.key}': the artifact on disk is not the build the model process serves")
+        changed = artifact_changes(self.directory(spec), manifest)
+        if changed:
+            files = ", ".join(changed[:8])
+            raise BuildError(f"model '{spec.key}': artifact files differ from their manifest ({files})")
+        runtime = self.target_for(spec).load(self._context(spec, self.directory(spec)))
+        again = self.read_manifest(spec)
+        if again is None or again.get("cache_key") != key:  # rebuilt while it loaded
+            runtime.close()
+            raise BuildError(f"model '{spec.key}': the artifact was rebuilt while it loaded")
+        return Artifact(runtime, manifest, built=False)
+
     def _context(self, spec: ModelSpec, directory: Path) -> ArtifactContext:
         return ArtifactContext(spec=spec, directory=directory, device=self.device, threads=self.threads)
 

@@ -39,6 +39,7 @@ from hub.core.models import ServedModel, batch_signature
 from hub.core.stats import BatchRecord
 from hub.datatypes import datatype_of
 from hub.errors import HubError, InvalidInput, ModelUnavailable, Unsupported, client_message, code_of, shorten
+from hub.metrics import ModelMetrics
 from hub.server import Server
 from hub.shm import SYSTEM, Holds, SharedMemoryRegistry
 from hub.shm.regions import SystemRegion
@@ -73,6 +74,8 @@ class _Connection:
         self.service = service
         self.channel = Channel(self._received, self._lost)
         self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
+        #: The models whose queue depth and requests in flight this frontend reported.
+        self.reported: set[ModelMetrics] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.asks: dict[int, asyncio.Future[str | None]] = {}  # region tables sent, not yet acknowledged
         self.inputs: Arena | None = None  # the frontend's arena, mapped here
@@ -87,6 +90,8 @@ class _Connection:
                 for offset in header.get("free", ()):
                     self.outputs.free(offset)
             self.service.commit(self, header["items"])
+            if "gauges" in header:
+                self.service.gauges(self, header["gauges"])
             return
         if kind == "mapped":
             self._mapped(bool(header.get("ok")))
@@ -142,9 +147,10 @@ class _Connection:
             self._offered = None
         for task in list(self.tasks):
             task.cancel()
-        for model, _ in self.tickets.values():  # that frontend's requests went with it
-            model.abandon_request()
-        self.tickets.clear()
+        self.tickets.clear()  # that frontend's requests went with it
+        for metrics in self.reported:  # and so did what it had queued and in flight
+            metrics.gauges_from(self, 0, 0)
+        self.reported.clear()
 
     def send(self, header: Header, frames: list[Any] | None = None) -> None:
         try:
@@ -269,7 +275,6 @@ class EngineService:
             raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
         with Holds(self.server.shared_memory) as holds:  # client regions it names stay mapped while it runs
             inputs = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
-            model.begin_request()
             delivery: Delivery = await model.batcher.submit(
                 inputs,
                 rows=header["rows"],
@@ -372,9 +377,12 @@ class EngineService:
 
     def commit(self, connection: _Connection, items: list[list[Any]]) -> None:
         """Count answered requests: [name, version, code, ns, inferences, queue_ns, batch ticket
-        (0 when the request never reached the batcher)]."""
+        (0 when it did not run here), and for a request the frontend's own copy computed, its
+        batch: [rows, input_ns, infer_ns, output_ns, whether it is the first of its batch
+        counted] (else None)]. A frontend counts its requests in flight itself (`gauges`), so
+        each is counted in flight here only for the moment it is answered."""
         assert self.server.repository is not None
-        for name, version, code, ns, inferences, queue_ns, ticket in items:
+        for name, version, code, ns, inferences, queue_ns, ticket, here in items:
             entry = connection.tickets.pop(ticket, None) if ticket else None
             if entry is not None:
                 model, batch = entry
@@ -383,10 +391,28 @@ class EngineService:
                     model, batch = self.server.repository.resolve(name, str(version)), None
                 except HubError:
                     continue  # unloaded meanwhile
-                if ticket == 0:
-                    model.begin_request()  # it never reached submit: count it in flight now
+                if here is not None:
+                    rows, input_ns, infer_ns, output_ns, first = here
+                    batch = BatchRecord(rows, input_ns, infer_ns, output_ns, counted=not first)
+                    if code == "OK":
+                        model.metrics.executed_elsewhere(
+                            rows, queue_ns / 1e9, (input_ns + infer_ns + output_ns) / 1e9, first
+                        )
+            model.begin_request()
             delivery = Delivery({}, inferences, queue_ns, batch) if batch is not None else None
             model.end_request(code, ns / 1e9, delivery)
+
+    def gauges(self, connection: _Connection, reports: list[list[Any]]) -> None:
+        """A frontend's queue depth and requests in flight, per model: [name, version, queued, in flight]."""
+        assert self.server.repository is not None
+        for name, version, queued, handling in reports:
+            try:
+                metrics = self.server.repository.resolve(name, str(version)).metrics
+            except HubError:
+                continue
+            if isinstance(metrics, ModelMetrics):
+                metrics.gauges_from(connection, queued, handling)
+                connection.reported.add(metrics)
 
     def _stats(self, header: Header) -> Header:
         assert self.server.repository is not None

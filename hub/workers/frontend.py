@@ -14,6 +14,7 @@ import collections
 import itertools
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.datatypes import NUMPY_DTYPES
 from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
 from hub.metrics import NullMetrics
+from hub.pipeline.builder import Builder
 from hub.shm import SYSTEM, SharedMemoryRegistry
 from hub.shm.regions import SystemRegion, current_holds
 from hub.spec import ModelSpec, Target
@@ -84,6 +86,7 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._commits: list[list[Any]] = []
         self._frees: list[int] = []  # blocks of the model process's arena to give back
+        self._gauges: dict[tuple[str, int], RemoteModel] = {}  # models whose gauges changed since the last flush
         self.arena: Arena | None = None  # ours, once the model process mapped it
         self.peer: Arena | None = None  # the model process's, for our outputs
         self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
@@ -124,9 +127,8 @@ class EngineClient:
             if offer is not None:
                 hello["arena"] = offer.describe()
             try:
-                header, _ = await self.request(hello)
+                header, _ = await self.request(hello)  # its table of models is applied on receipt
                 self._handshake(channel, header.get("arena") or {}, offer)
-                self._on_state(header)
             except HubError:
                 pass
             finally:
@@ -169,9 +171,12 @@ class EngineClient:
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header.get("k")
-        if kind == "state" and not header.get("t"):
+        if kind == "state":
+            # A change, or the hello's answer: applied on receipt, in the order they were sent.
+            # (The hello's caller resumes only after later changes may have been received.)
             self._on_state(header)
-            return
+            if not header.get("t"):
+                return
         if kind == "regions":  # a registration changed: apply it before the RPC returns
             error = self.regions.sync(header["regions"]) if self.regions is not None else None
             if self._channel is not None:
@@ -273,14 +278,24 @@ class EngineClient:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
+    def gauge_changed(self, model: RemoteModel) -> None:
+        """A model's queue depth or requests in flight here changed; sent with the next commit."""
+        self._gauges[model.name, model.version] = model
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._commits or self._frees) or self._channel is None:
+        if not (self._commits or self._frees or self._gauges) or self._channel is None:
             return
         items, self._commits = self._commits, []
         message: Header = {"k": "commit", "items": items}
         if self._frees:
             message["free"], self._frees = self._frees, []
+        if self._gauges:
+            message["gauges"] = [[m.name, m.version, m.queued, m.handling] for m in self._gauges.values()]
+            self._gauges.clear()
         try:
             self._channel.send(message)
         except ConnectionError:
@@ -409,27 +424,65 @@ class RemoteBatcher:
 
 class RemoteModel(ServedModel):
     """A mirror of a model served by the model process. Requests are checked and
-    preprocessed here; their accounting is sent to the model process, which keeps the
-    statistics and metrics of the whole server."""
+    preprocessed here, and computed either by the model process (`remote`, a RemoteBatcher)
+    or, once this frontend has loaded its own copy of the model (`--model-copies cpu`), by a
+    batcher of its own. Either way their accounting is sent to the model process, which keeps
+    the statistics and metrics of the whole server."""
 
     client: EngineClient | None = None
+    remote: RemoteBatcher | None = None
+    copy_key: str = ""  # the build this frontend's copy is (being) loaded from; "" for none
+    queued = 0  # requests in this frontend's batcher queue (its copy)
+    handling = 0  # requests this frontend is handling, from receipt to answer
+
+    @property
+    def local(self) -> bool:
+        """Whether requests run in this frontend's own copy."""
+        return self.batcher is not None and self.batcher is not self.remote
 
     def begin_request(self) -> None:
-        return None  # the model process counts in-flight requests
+        assert self.client is not None
+        self.handling += 1
+        self.client.gauge_changed(self)
 
     def abandon_request(self) -> None:
-        return None
+        assert self.client is not None
+        self.handling -= 1
+        self.client.gauge_changed(self)
 
     def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
         assert self.client is not None
+        self.handling -= 1
+        self.client.gauge_changed(self)
         batch = delivery.batch if delivery is not None else None
         ticket = batch.ticket if isinstance(batch, RemoteBatch) else 0
         inferences = delivery.inferences if delivery is not None else 0
         queue_ns = delivery.queue_ns if delivery is not None else 0
-        self.client.commit([self.name, self.version, code, int(seconds * 1e9), inferences, queue_ns, ticket])
+        here = None
+        if batch is not None and ticket == 0:  # computed by this frontend's copy
+            here = [batch.rows, batch.input_ns, batch.infer_ns, batch.output_ns, not batch.counted]
+            batch.counted = True
+        self.client.commit([self.name, self.version, code, int(seconds * 1e9), inferences, queue_ns, ticket, here])
         if isinstance(batch, RemoteBatch):
             # The response is encoded (or the request failed): its outputs' block can go.
             self.client.give_back(batch.lease)
+
+
+class _CopyObserver:
+    """A frontend's copy's batcher reports its queue depth to the model process; its batches
+    are counted there with their requests (RemoteModel.end_request)."""
+
+    def __init__(self, model: RemoteModel) -> None:
+        self._model = model
+
+    def queued(self, depth: int) -> None:
+        model = self._model
+        model.queued = depth
+        if model.client is not None:
+            model.client.gauge_changed(model)
+
+    def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
+        return None
 
 
 class RemoteRepository(ModelRepository):
@@ -442,8 +495,16 @@ class RemoteRepository(ModelRepository):
         *,
         handoff: str = "shm",
         arena_size: int = DEFAULT_SIZE,
+        copies: Builder | None = None,
+        inline_compute: float = 0.0,
+        adaptive_delay: float = 0.0,
     ) -> None:
-        super().__init__(cast(Any, None), NullMetrics())  # the model process keeps the metrics
+        # The model process keeps the metrics; `copies` loads its artifacts (never builds).
+        super().__init__(cast(Any, copies), NullMetrics(), inline_compute=inline_compute, adaptive_delay=adaptive_delay)
+        self._copies = copies
+        self._copy_lock = asyncio.Lock()
+        self._copy_tasks: set[asyncio.Task[None]] = set()  # copies loading or draining
+        self._closing = False
         self._collect = specs
         self._targets, self._specs = specs()
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
@@ -522,9 +583,12 @@ class RemoteRepository(ModelRepository):
                     continue
                 model = RemoteModel(spec=spec, stats=current.stats if current is not None else ModelStats())
                 model.client = self.client
-                model.batcher = cast(Any, RemoteBatcher(self.client, name, version))
+                model.remote = RemoteBatcher(self.client, name, version)
+                model.batcher = cast(Any, model.remote)
                 model.target = self._targets.get(spec.target)
                 self._models.setdefault(name, {})[version] = model
+                if current is not None:  # rebuilt: the old build's copy drains and goes
+                    self._drop_copy(cast(RemoteModel, current))
             else:
                 model = current
             model.manifest = view["manifest"]
@@ -532,15 +596,106 @@ class RemoteRepository(ModelRepository):
             state = ModelState(view["state"])
             if state is not model.state or view["reason"] != model.reason:
                 self._set_state(model, state, view["reason"])
+            self._place(cast(RemoteModel, model), view["cache_key"])
         for model in self.models():
             if (model.name, model.version) not in seen:
                 del self._models[model.name][model.version]
                 if not self._models[model.name]:
                     del self._models[model.name]
                 self._set_state(model, ModelState.UNLOADED, "unloaded")
+                self._drop_copy(cast(RemoteModel, model))
         self.synced.set()
         if header.get("loaded"):
             self.loaded.set()
+
+    # --- this frontend's copies of the models (--model-copies cpu) -----------------------------
+
+    def _place(self, model: RemoteModel, key: str) -> None:
+        """Load this frontend's own copy of a model the model process serves from the CPU, once
+        it is ready there; free it when the model is unloaded or failed there."""
+        if model.state in (ModelState.UNLOADED, ModelState.FAILED):
+            self._drop_copy(model)
+        elif (
+            self._copies is not None
+            and model.state is ModelState.READY
+            and model.device == "cpu"
+            and key
+            and not model.copy_key
+        ):
+            model.copy_key = key
+            self._spawn(self._load_copy(model, key))
+
+    def _spawn(self, job: Any) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._copy_tasks.add(task)
+        task.add_done_callback(self._copy_tasks.discard)
+
+    async def _load_copy(self, model: RemoteModel, key: str) -> None:
+        """Load the model process's artifact of `model` (in a thread, one model at a time) and
+        serve its requests here from then on. Until it is loaded, or if it cannot be, they go to
+        the model process, so a copy never costs a failed request."""
+        assert self._copies is not None
+        async with self._copy_lock:
+            if not self._current(model, key):
+                self._unplace(model, key)
+                return
+            started = time.perf_counter()
+            self._copies.targets = self._targets
+            try:
+                artifact = await asyncio.to_thread(self._copies.load_built, model.spec, key)
+            except Exception as exc:
+                log.warning(
+                    "model '%s': no copy in this frontend, its requests go to the model process: %s",
+                    model.spec.key,
+                    exc if isinstance(exc, HubError) else f"{type(exc).__name__}: {exc}",
+                )
+                return
+            if not self._current(model, key) or artifact.runtime.device != "cpu":
+                if artifact.runtime.device == "cpu":
+                    self._unplace(model, key)
+                await asyncio.to_thread(artifact.runtime.close)
+                return
+            model.runtime = artifact.runtime
+            model.batcher = self.batcher_for(model.spec, artifact.runtime, _CopyObserver(model))
+            log.info(
+                "model '%s': serving from this frontend's copy (loaded in %.2fs)",
+                model.spec.key,
+                time.perf_counter() - started,
+            )
+
+    @staticmethod
+    def _unplace(model: RemoteModel, key: str) -> None:
+        """A copy of `key` that was not loaded after all: the next view that finds the model
+        ready places it again."""
+        if model.copy_key == key and not model.local:
+            model.copy_key = ""
+
+    def _current(self, model: RemoteModel, key: str) -> bool:
+        """Whether `model` is still the version served, ready, from the build `key`."""
+        return (
+            not self._closing
+            and self._models.get(model.name, {}).get(model.version) is model
+            and model.ready
+            and model.copy_key == key
+            and model.manifest.get("cache_key") == key
+        )
+
+    def _drop_copy(self, model: RemoteModel) -> None:
+        """Send the model's requests to the model process again, then drain and free the copy."""
+        model.copy_key = ""
+        if not model.local:
+            return
+        local, runtime = model.batcher, model.runtime
+        model.batcher, model.runtime = cast(Any, model.remote), None
+        self._spawn(self._free_copy(model, local, runtime))
+
+    async def _free_copy(self, model: RemoteModel, batcher: Any, runtime: Any) -> None:
+        if batcher is not None:
+            await batcher.close(drain=True)
+        if runtime is not None:
+            await asyncio.to_thread(runtime.close)
+        model.queued = 0
+        log.info("model '%s': this frontend's copy drained and freed", model.spec.key)
 
     async def refresh_statistics(self, models: list[ServedModel]) -> None:
         if not models:
@@ -559,6 +714,11 @@ class RemoteRepository(ModelRepository):
     async def close(self, drain: bool = True) -> None:
         if self._applying is not None:
             self._applying.cancel()
+        self._closing = True  # a copy still loading is freed once loaded
+        for model in self.models():
+            self._drop_copy(cast(RemoteModel, model))
+        if self._copy_tasks:
+            await asyncio.gather(*self._copy_tasks, return_exceptions=True)
         await self.client.close()
 
 
