@@ -3,16 +3,18 @@
 #
 #   1. the peer kit (../shared/bench): set up once, then start echo (the RPC ceiling), MLServer
 #      (with and without adaptive batching) and PyTriton (the real Triton core);
-#   2. our server seven times, serving the kit's reference models (digits_cnn, mlp_wide) with the
+#   2. our server eight times, serving the kit's reference models (digits_cnn, mlp_wide) with the
 #      same tensor names: "ours" with metrics on (gRPC 9000, REST 9001), "ours_nometrics" with
-#      --metrics-port off, "ours_w2" with --workers 2 (two frontend processes, one model process),
+#      --metrics-port off, "ours_w2" with --workers 2 (two frontend processes computing from their
+#      own model copies, one model process keeping the statistics), "ours_w2_shared" with
+#      --workers 2 --model-copies none (every request handed to the model process),
 #      "ours_noinline" with --inline-compute-us 0 (every batch through a worker thread, for A/B),
 #      "ours_nodelay" with --adaptive-delay-us 0 (no adaptive queue delay, for A/B),
 #      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B); and
 #      "ours_copies2": two independent servers sharing the ports (--reuse-port), a model copy each;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); the same over 4 connections per client process for ours, ours_w2,
-#      ours_copies2, echo and PyTriton (scripts/loadgen_channels.py); then perf_analyzer;
+#      ours_w2_shared, ours_copies2, echo and PyTriton (scripts/loadgen_channels.py); then perf_analyzer;
 #   3b. REST: perf_analyzer -i http and -i grpc over ours and PyTriton (HTTP 8300, gRPC 8301),
 #      alternating, with server CPU per inference (bench/rest_bench.py); and the two HTTP
 #      libraries we measured for the REST frontend (bench/rest_candidates.py);
@@ -75,7 +77,8 @@ asyncio.run(main())
 PY
 start_ours ours 9000 9002 --http-port 9001
 start_ours ours_nometrics 9010 off --http-port off
-start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # one model process behind two frontends (issue 12)
+start_ours ours_w2 9030 9032 --http-port 9031 --workers 2  # two frontends, each its model copies (issue 12)
+start_ours ours_w2_shared 9050 9052 --http-port off --workers 2 --model-copies none  # the model process computes all
 start_ours ours_noinline 9060 9062 --http-port off --inline-compute-us 0  # every batch through a worker thread
 start_ours ours_threads 9070 9072 --http-port off --grpc-server threads  # grpcio's thread-pool server
 start_ours ours_nodelay 9080 9082 --http-port off --adaptive-delay-us 0  # no adaptive queue delay
@@ -84,6 +87,7 @@ start_copies ours_copies2 2 9040 9041 9042  # two independent servers, each its 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
 T="$T --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide"
+T="$T --target ours_w2_shared=127.0.0.1:9050:digits_cnn --target ours_w2_shared=127.0.0.1:9050:mlp_wide"
 T="$T --target ours_noinline=127.0.0.1:9060:digits_cnn --target ours_noinline=127.0.0.1:9060:mlp_wide"
 T="$T --target ours_threads=127.0.0.1:9070:digits_cnn --target ours_threads=127.0.0.1:9070:mlp_wide"
 T="$T --target ours_nodelay=127.0.0.1:9080:digits_cnn --target ours_nodelay=127.0.0.1:9080:mlp_wide"
@@ -105,6 +109,7 @@ LOADGEN_CHANNELS=4 bash "$KITC/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$
   --window "$WINDOW" --targets echo_grpc_aio,pytriton_batch2ms \
   --target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide \
   --target ours_w2=127.0.0.1:9030:digits_cnn --target ours_w2=127.0.0.1:9030:mlp_wide \
+  --target ours_w2_shared=127.0.0.1:9050:digits_cnn --target ours_w2_shared=127.0.0.1:9050:mlp_wide \
   --target ours_copies2=127.0.0.1:9040:digits_cnn --target ours_copies2=127.0.0.1:9040:mlp_wide \
   --out "$OUT/loadgen-channels.jsonl" | tee "$OUT/loadgen-channels.txt"
 echo "== perf_analyzer =="
@@ -126,18 +131,18 @@ SHM_PLUGINS=$OUT/shm-plugins
 mkdir -p "$SHM_PLUGINS" && ln -sfn "$ROOT/plugins/digits" "$SHM_PLUGINS/digits" && ln -sfn "$ROOT/plugins/resnet" "$SHM_PLUGINS/resnet" \
   && ln -sfn "$ROOT/bench/plugins/pixels.py" "$SHM_PLUGINS/pixels.py"
 setsid .venv/bin/modelhub serve --plugins-dir "$SHM_PLUGINS" --no-entry-points --model-repository "$REPO" \
-  --host 127.0.0.1 --grpc-port 9040 --http-port 9041 --metrics-port off --device cpu --threads 1 \
+  --host 127.0.0.1 --grpc-port 9090 --http-port 9091 --metrics-port off --device cpu --threads 1 \
   --shared-memory system > "$OUT/ours_shm.log" 2>&1 < /dev/null &
 echo $! > "$OUT/ours_shm.pid"
 for _ in $(seq 600); do
-  .venv/bin/modelhub health --url 127.0.0.1:9040 --service resnet >/dev/null 2>&1 && break
+  .venv/bin/modelhub health --url 127.0.0.1:9090 --service resnet >/dev/null 2>&1 && break
   sleep 1
 done
 .venv/bin/python bench/rest_bench.py --rounds "$ROUNDS" --concurrency "${SHM_CONCURRENCY:-1,16}" \
   --window "$((WINDOW * 1000))" --perf-analyzer tools/perf_analyzer/perf_analyzer --out "$OUT/shm.jsonl" \
-  --target digits_grpc=grpc:127.0.0.1:9040:digits:9041 --target digits_shm=grpc+shm:127.0.0.1:9040:digits:9041 \
-  --target resnet_grpc=grpc:127.0.0.1:9040:resnet:9041 --target resnet_shm=grpc+shm:127.0.0.1:9040:resnet:9041 \
-  --target pixels_grpc=grpc:127.0.0.1:9040:pixels:9041 --target pixels_shm=grpc+shm:127.0.0.1:9040:pixels:9041 \
+  --target digits_grpc=grpc:127.0.0.1:9090:digits:9091 --target digits_shm=grpc+shm:127.0.0.1:9090:digits:9091 \
+  --target resnet_grpc=grpc:127.0.0.1:9090:resnet:9091 --target resnet_shm=grpc+shm:127.0.0.1:9090:resnet:9091 \
+  --target pixels_grpc=grpc:127.0.0.1:9090:pixels:9091 --target pixels_shm=grpc+shm:127.0.0.1:9090:pixels:9091 \
   | tee "$OUT/shm.txt"
 echo "== compute ceiling: in-process, best batch size =="
 REFMODELS_DIR="$KIT" .venv/bin/python scripts/ceiling.py --plugins-dir bench/plugins --model-repository "$REPO" \
