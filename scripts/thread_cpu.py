@@ -7,6 +7,11 @@ Python (it starts the kit's loadgen.py):
 
     ~/.cache/modelhub-peers/venv/client/bin/python scripts/thread_cpu.py \\
         --pid "$(pgrep -f 'grpc-port 9000')" --url 127.0.0.1:9000 --model digits_cnn --concurrency 64
+
+`--pid` may be given once per process (the model process and each frontend of --workers N):
+each is shown with its threads and its total. With `--kit` a copy of the kit whose loadgen.py
+is scripts/loadgen_channels.py (as `make bench` makes under bench-results/kit-channels) and
+LOADGEN_CHANNELS=4, the load comes over four connections.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ def threads(pid: int) -> dict[str, tuple[str, int]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pid", type=int, required=True)
+    parser.add_argument("--pid", type=int, action="append", required=True, help="a process to measure (repeatable)")
     parser.add_argument("--url", required=True)
     parser.add_argument("--model", default="digits_cnn")
     parser.add_argument("--shape", default="1,8,8", help="per-sample input shape, as loadgen.py takes it")
@@ -50,19 +55,26 @@ def main() -> None:
         text=True,
     )  # fmt: skip
     time.sleep(1.5)
-    before, started = threads(args.pid), time.monotonic()
+    before, started = {pid: threads(pid) for pid in args.pid}, time.monotonic()
     time.sleep(args.window - 1.0)
-    after, seconds = threads(args.pid), time.monotonic() - started
+    after, seconds = {pid: threads(pid) for pid in args.pid}, time.monotonic() - started
     rate = json.loads(load.communicate()[0])["infer_s"]
     tick = os.sysconf("SC_CLK_TCK")
     print(f"{args.model} c={args.concurrency}: {rate:.0f} requests/s")
-    total = 0.0
-    for task, (name, ticks) in sorted(after.items()):
-        used = (ticks - before.get(task, (name, 0))[1]) / tick / seconds / rate * 1e6
-        total += used
-        if used >= 1:
-            print(f"  {task:>8} {name:<16} {used:6.0f} µs per request")
-    print(f"  {'':>8} {'all threads':<16} {total:6.0f} µs per request")
+    everything = 0.0
+    for pid in args.pid:
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        print(f"  process {pid}: {command[-60:]}")
+        total = 0.0
+        for task, (name, ticks) in sorted(after[pid].items()):
+            used = (ticks - before[pid].get(task, (name, 0))[1]) / tick / seconds / rate * 1e6
+            total += used
+            if used >= 1:
+                print(f"  {task:>8} {name:<16} {used:6.0f} µs per request")
+        print(f"  {'':>8} {'all threads':<16} {total:6.0f} µs per request")
+        everything += total
+    if len(args.pid) > 1:
+        print(f"  {'':>8} {'all processes':<16} {everything:6.0f} µs per request")
 
 
 if __name__ == "__main__":

@@ -91,6 +91,15 @@ class Workers:
              "--shutdown-grace", "5", *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
         )  # fmt: skip
+        try:
+            self._wait_until_serving(workers, extra)
+        except BaseException:  # a server that never came up must not outlive the test
+            self.process.kill()  # its children get SIGTERM when it dies (PR_SET_PDEATHSIG)
+            self.process.wait(60)
+            self.log.close()
+            raise
+
+    def _wait_until_serving(self, workers: int, extra: tuple[str, ...]) -> None:
         deadline = time.monotonic() + 240
         while not self.port_file.exists():
             assert self.process.poll() is None, self.output()
