@@ -135,7 +135,7 @@ class _Connection:
 
     def _lost(self, exc: BaseException | None) -> None:
         self.service.connections.discard(self)
-        for asked in self.asks.values():  # a frontend that is gone needs no region table
+        for asked in self.asks.values():  # a frontend that is gone needs no table
             if not asked.done():
                 asked.set_result(None)
         self.asks.clear()
@@ -242,9 +242,11 @@ class EngineService:
                 reply, out = self._stats(header), []
             elif kind == "load":
                 await self.server.plane.load(header["name"], header.get("parameters") or {})  # type: ignore[union-attr]
+                await self._publish_models()
                 reply, out = {}, []
             elif kind == "unload":
                 await self.server.plane.unload(header["name"])  # type: ignore[union-attr]
+                await self._publish_models()
                 reply, out = {}, []
             elif kind == "shm_register":
                 await self._register_region(header)
@@ -328,14 +330,22 @@ class EngineService:
     async def _publish_regions(self) -> str | None:
         """Send the region table to every frontend and wait until each has applied it (or is
         gone): the first frontend's error, or None."""
-        table = self._region_table()
-        asked = [c.ask({"k": "regions", "regions": table}, next(self._asks)) for c in list(self.connections)]
+        return await self._publish({"k": "regions", "regions": self._region_table()}, "shared-memory region table")
+
+    async def _publish_models(self) -> None:
+        """Send the table of models to every frontend and wait until each has applied it, so
+        that a load or unload has taken effect in every frontend when it returns: none still
+        answers from a replaced build's copy, or NOT_FOUND for a model just loaded."""
+        await self._publish(self.snapshot(), "table of models")
+
+    async def _publish(self, header: Header, what: str) -> str | None:
+        asked = [c.ask(dict(header), next(self._asks)) for c in list(self.connections)]
         if not asked:
             return None
         try:
             answers = await asyncio.wait_for(asyncio.gather(*asked), PUBLISH_TIMEOUT)
         except TimeoutError:
-            log.error("engine: a frontend did not apply the shared-memory region table within %ss", PUBLISH_TIMEOUT)
+            log.error("engine: a frontend did not apply the %s within %ss", what, PUBLISH_TIMEOUT)
             return None
         return next((a for a in answers if a), None)
 

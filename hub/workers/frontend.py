@@ -178,9 +178,7 @@ class EngineClient:
             if not header.get("t"):
                 return
         if kind == "regions":  # a registration changed: apply it before the RPC returns
-            error = self.regions.sync(header["regions"]) if self.regions is not None else None
-            if self._channel is not None:
-                self._channel.send({"k": "ack", "a": header["a"], "error": error})
+            self.acknowledge(header["a"], self.regions.sync(header["regions"]) if self.regions is not None else None)
             return
         if "regions" in header and self.regions is not None:
             # The hello's answer: the region table now, applied in order with later changes.
@@ -277,6 +275,14 @@ class EngineClient:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def acknowledge(self, number: int, error: str | None = None) -> None:
+        """Tell the model process that what it sent as `number` (an `ask`) is applied here."""
+        if self._channel is not None:
+            try:
+                self._channel.send({"k": "ack", "a": number, "error": error})
+            except ConnectionError:
+                pass  # it went away; it asks again of its next connection
 
     def gauge_changed(self, model: RemoteModel) -> None:
         """A model's queue depth or requests in flight here changed; sent with the next commit."""
@@ -607,6 +613,8 @@ class RemoteRepository(ModelRepository):
         self.synced.set()
         if header.get("loaded"):
             self.loaded.set()
+        if "a" in header:  # a load or unload waits until every frontend has applied it
+            self.client.acknowledge(header["a"])
 
     # --- this frontend's copies of the models (--model-copies cpu) -----------------------------
 
