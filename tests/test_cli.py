@@ -193,6 +193,25 @@ def test_reuse_port_from_the_flag_or_the_environment(monkeypatch: pytest.MonkeyP
     assert build_parser().parse_args(["serve"]).reuse_port is True
 
 
+@pytest.mark.parametrize(
+    ("variable", "value", "choices"),
+    [
+        ("MODELHUB_GRPC_SERVER", "bogus", "aio or threads"),
+        ("MODELHUB_HANDOFF", "pipe", "shm or socket"),
+        ("MODELHUB_MODEL_COPIES", "gpu", "cpu or none"),
+    ],
+)
+def test_a_bad_choice_from_the_environment_is_refused(variable: str, value: str, choices: str) -> None:
+    """argparse checks a choice typed on the command line, not a default taken from MODELHUB_*:
+    serve does, before it starts anything."""
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "serve", "--grpc-port", "0", "--http-port", "off", "--metrics-port", "off"],
+        cwd=ROOT, env={**os.environ, variable: value}, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert f"{variable} must be {choices}, got {value!r}" in result.stderr
+
+
 @pytest.mark.parametrize("value", ["-1", "nan", "inf", "soon"])
 def test_adaptive_delay_us_refuses_what_is_not_a_duration(
     value: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch

@@ -29,6 +29,8 @@ log = logging.getLogger("modelhub.cli")
 
 #: The gRPC servers `serve --grpc-server` offers (also the values MODELHUB_GRPC_SERVER may take).
 GRPC_SERVERS = ("aio", "threads")
+HANDOFFS = ("shm", "socket")
+MODEL_COPIES = ("cpu", "none")
 
 
 def _env(name: str, default: Any) -> Any:
@@ -324,7 +326,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--handoff",
-        choices=["shm", "socket"],
+        choices=HANDOFFS,
         default=_env("HANDOFF", "shm"),
         help="with --workers N > 1, how tensors cross between a frontend and the model process: shm (large "
         "tensors through shared memory, only a header on the socket; falls back to the socket when /dev/shm "
@@ -340,7 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--model-copies",
-        choices=["cpu", "none"],
+        choices=MODEL_COPIES,
         default=_env("MODEL_COPIES", "cpu"),
         help="with --workers N > 1: cpu (the default) has every frontend load its own copy of each model that "
         "computes on the CPU, from the model process's artifact, and run that model's requests itself, while the "
@@ -498,12 +500,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         log.error("modelhub: %s", exc)
         return 2
-    if args.grpc_server not in GRPC_SERVERS:  # from MODELHUB_GRPC_SERVER, which argparse does not check
-        log.error("modelhub: MODELHUB_GRPC_SERVER must be %s, got %r", " or ".join(GRPC_SERVERS), args.grpc_server)
-        return 2
-    if args.model_copies not in ("cpu", "none"):  # from MODELHUB_MODEL_COPIES, likewise unchecked
-        log.error("modelhub: MODELHUB_MODEL_COPIES must be cpu or none, got %r", args.model_copies)
-        return 2
+    for dest, choices in (("grpc_server", GRPC_SERVERS), ("handoff", HANDOFFS), ("model_copies", MODEL_COPIES)):
+        value = getattr(args, dest)
+        if value not in choices:  # from MODELHUB_<DEST>: argparse checks a typed choice, not a default
+            log.error("modelhub: MODELHUB_%s must be %s, got %r", dest.upper(), " or ".join(choices), value)
+            return 2
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()

@@ -77,7 +77,7 @@ class _Connection:
         #: The models whose queue depth and requests in flight this frontend reported.
         self.reported: set[ModelMetrics] = set()
         self.tasks: set[asyncio.Task[None]] = set()
-        self.asks: dict[int, asyncio.Future[str | None]] = {}  # region tables sent, not yet acknowledged
+        self.asks: dict[int, asyncio.Future[str | None]] = {}  # tables sent, not yet acknowledged
         self.inputs: Arena | None = None  # the frontend's arena, mapped here
         self.outputs: Arena | None = None  # ours, in use once the frontend said it mapped it
         self._offered: Arena | None = None  # ours, offered in the hello answer
