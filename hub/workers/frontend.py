@@ -38,6 +38,10 @@ from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_ar
 
 log = logging.getLogger("modelhub.frontend")
 
+#: Seconds a change of a frontend's queue depth or requests in flight may wait for a commit to
+#: travel with before it is sent alone (modelhub_queue_depth, modelhub_inflight_requests).
+GAUGE_DELAY = 0.05
+
 
 #: A block of the model process's arena that a request's outputs lie in: given back once the
 #: response is encoded (RemoteModel.end_request).
@@ -91,6 +95,7 @@ class EngineClient:
         self.peer: Arena | None = None  # the model process's, for our outputs
         self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
         self._flush_scheduled = False
+        self._gauge_timer: asyncio.TimerHandle | None = None  # a flush for gauges alone, pending
         self.connected = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -285,14 +290,18 @@ class EngineClient:
                 pass  # it went away; it asks again of its next connection
 
     def gauge_changed(self, model: RemoteModel) -> None:
-        """A model's queue depth or requests in flight here changed; sent with the next commit."""
+        """A model's queue depth or requests in flight here changed: sent with the next commit,
+        or within GAUGE_DELAY when none comes. (Gauges are read by scrapes: a message of their
+        own at every request's start would double what the model process reads per request.)"""
         self._gauges[model.name, model.version] = model
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        if not self._flush_scheduled and self._gauge_timer is None:
+            self._gauge_timer = asyncio.get_running_loop().call_later(GAUGE_DELAY, self._flush)
 
     def _flush(self) -> None:
         self._flush_scheduled = False
+        if self._gauge_timer is not None:
+            self._gauge_timer.cancel()
+            self._gauge_timer = None
         if not (self._commits or self._frees or self._gauges) or self._channel is None:
             return
         items, self._commits = self._commits, []
