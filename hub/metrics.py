@@ -125,12 +125,10 @@ class ModelMetrics:
     def executed_elsewhere(self, rows: int, queue_seconds: float, compute_seconds: float, first: bool) -> None:
         """One request of a batch another process computed (a frontend's copy of the model);
         `first`: the first of its batch to be counted, which counts the batch."""
-        self.queue_duration.observe(queue_seconds)
         if first:
-            self.inferences += rows
-            self.executions += 1
-            self.batch_size.observe(rows)
-            self.compute_duration.observe(compute_seconds)
+            self.batch_done(rows, (queue_seconds,), compute_seconds)
+        else:
+            self.queue_duration.observe(queue_seconds)
 
     def request_started(self) -> None:
         self.in_flight += 1

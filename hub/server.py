@@ -107,8 +107,8 @@ class ServerConfig:
     handoff: str = "shm"
     handoff_arena: int = 32 << 20
     #: A frontend's own copies of the models: "cpu" loads every model that computes on the CPU
-    #: from the model process's artifact and runs its requests here (docs/workers.md, "Model
-    #: copies"); "none" hands every request to the model process.
+    #: from the model process's artifact and runs its requests here (docs/workers.md, "On
+    #: CPU"); "none" hands every request to the model process.
     model_copies: str = "cpu"
     #: Bind gRPC and REST with SO_REUSEPORT: the frontends of --workers N, or independent
     #: servers sharing the ports (`--reuse-port`; each its own models and statistics).
