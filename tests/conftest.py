@@ -83,6 +83,8 @@ class Workers:
         # meanwhile would land over older ones.
         self.log_path = tmp / "serve.log"
         self.log = open(self.log_path, "ab")  # noqa: SIM115
+        # Each frontend computes from its own copy (and queues for it), unless told otherwise.
+        self.model_copies = workers > 1 and "none" not in extra
         self.process = subprocess.Popen(
             [sys.executable, "-m", "hub.cli", "serve", "--plugins-dir", str(plugins), "--model-repository",
              str(repository), "--host", "127.0.0.1", "--grpc-port", "0", "--http-port", "0", "--metrics-port", "0",
