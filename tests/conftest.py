@@ -126,6 +126,10 @@ class Workers:
                 assert time.monotonic() < deadline, self.output()
                 time.sleep(0.1)
 
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports['metrics']}/metrics"
+
     def output(self) -> str:
         return self.log_path.read_bytes().decode(errors="replace")[-4000:]
 

@@ -378,6 +378,34 @@ async def test_deadline_on_both_frontends(served: Any) -> None:
     pytest.fail(f"no REST request with a 30 ms timeout timed out behind three 50 ms ones in {tries} tries")
 
 
+async def test_a_cancelled_request_leaves_the_queue(served: Any) -> None:
+    """A request whose client cancels it while it waits is never computed: in one process,
+    and behind `--workers 2` where the frontend asks the model process to withdraw it.
+    (Statistics cannot tell: a batch is counted with its answered requests. The executions
+    counter of /metrics counts every forward run.)"""
+    client = tc_aio.InferenceServerClient(served.url)  # one connection: one frontend, one queue
+
+    def executions() -> float:
+        text = urllib.request.urlopen(served.metrics_url, timeout=10).read().decode()
+        prefix = 'modelhub_executions_total{model="sleepy",version="1"}'
+        return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith(prefix))
+
+    try:
+        await client.infer("sleepy", [one(tc_aio, 1.0)])  # a forward that sleeps never runs on the loop after this
+        before = await asyncio.to_thread(executions)
+        busy = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(2)]
+        await asyncio.sleep(0.01)
+        doomed = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 2.0)])) for _ in range(3)]
+        await asyncio.sleep(0.01)  # queued behind 100 ms of the busy ones
+        for call in doomed:
+            call.cancel()
+        assert [float(r.as_numpy("OUTPUT0")[0, 0]) for r in await asyncio.gather(*busy)] == [2.0, 2.0]
+        await asyncio.sleep(0.3)  # what was not withdrawn would have run by now
+        assert await asyncio.to_thread(executions) - before == 2
+    finally:
+        await client.close()
+
+
 class GatedLoad(LoadHook):
     """A plugin whose one model ("slowpoke") stays loading until the gate opens."""
 

@@ -255,6 +255,55 @@ class Batcher:
         queue delay in the policy turns the inline path off, and so does the adaptive delay
         while it waits (batches it gathers still run on the loop when their size is cheap).
         """
+        if self._admit(rows):
+            return self._run_alone(inputs, rows, request_id)
+        pending = self._enqueue(inputs, rows, signature, timeout, request_id)
+        try:
+            return await pending.future
+        except asyncio.CancelledError:
+            # The client went away: leave the queue if the request is still in it.
+            try:
+                self._queue.remove(pending)
+            except ValueError:
+                pass
+            raise
+
+    def enqueue(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        *,
+        rows: int = 1,
+        signature: tuple[object, ...] = (),
+        timeout: float | None = None,
+        request_id: str = "",
+    ) -> asyncio.Future[Delivery]:
+        """`submit` for a caller that answers from a callback instead of awaiting: the model
+        process of `--workers N` (hub/workers/engine.py), which then needs no task per request.
+        The future is done at once when the request ran inline. `withdraw` cancels it."""
+        if self._admit(rows):
+            assert self._loop is not None
+            future: asyncio.Future[Delivery] = self._loop.create_future()
+            try:
+                future.set_result(self._run_alone(inputs, rows, request_id))
+            except HubError as exc:
+                future.set_exception(exc)
+            return future
+        return self._enqueue(inputs, rows, signature, timeout, request_id).future
+
+    def withdraw(self, future: asyncio.Future[Delivery]) -> None:
+        """Cancel a request `enqueue` queued: it leaves the queue, or, when its batch is already
+        computing, its rows are dropped."""
+        if future.done():
+            return
+        future.cancel()
+        for pending in self._queue:
+            if pending.future is future:
+                self._queue.remove(pending)
+                self._observer.queued(len(self._queue))
+                break
+
+    def _admit(self, rows: int) -> bool:
+        """Refuse a request the batcher cannot take; whether it runs inline, alone (see `submit`)."""
         if self._closing or self._loop is None:
             raise ModelUnavailable(f"model '{self.name}' is {'unloading' if self._closing else 'not started'}")
         if self.policy.max_queue_size and len(self._queue) >= self.policy.max_queue_size:
@@ -264,13 +313,22 @@ class Batcher:
             if self._probe_in <= 0:
                 self._gathering = self._probing = True
                 self._delay = self._adaptive
-        if (
+        return (
             not self._gathering
             and not self._queue
             and self._free == self.policy.instances
             and self._cheap(rows if self._batching else 1)
-        ):
-            return self._run_alone(inputs, rows, request_id)
+        )
+
+    def _enqueue(
+        self,
+        inputs: Mapping[str, np.ndarray],
+        rows: int,
+        signature: tuple[object, ...],
+        timeout: float | None,
+        request_id: str,
+    ) -> _Pending:
+        assert self._loop is not None
         now = self._clock.now()
         if timeout is None:
             timeout = self.policy.timeout
@@ -281,15 +339,7 @@ class Batcher:
         if not self._pump_pending:
             self._pump_pending = True
             self._loop.call_soon(self._pump)
-        try:
-            return await future
-        except asyncio.CancelledError:
-            # The client went away: leave the queue if the request is still in it.
-            try:
-                self._queue.remove(pending)
-            except ValueError:
-                pass
-            raise
+        return pending
 
     async def close(self, drain: bool = True) -> None:
         """Stop taking requests; finish what is queued and running (or fail it), then stop."""

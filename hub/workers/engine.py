@@ -6,7 +6,9 @@ metrics port); `EngineService` answers the frontends:
 
 - `submit`: a request's forward inputs, already checked and preprocessed by the frontend,
   into the model's batcher; the answer carries the request's rows of the outputs and a
-  ticket for its batch.
+  ticket for its batch. It is answered from its batch's future, with no task per request.
+- `cancel`: that request's client went away: it leaves the batcher's queue (and is still
+  answered, as cancelled, which frees its input block in the frontend's arena).
 - `hello`: a frontend connected: the models' states, and the shared-memory hand-off's
   handshake (its arena mapped here, ours offered; `mapped` says it mapped ours).
 - `commit`: a frontend answered these requests; count them (and, with the first of a batch,
@@ -34,11 +36,20 @@ from typing import Any
 
 import numpy as np
 
-from hub.core.batching import Delivery
+from hub.core.batching import Batcher, Delivery
 from hub.core.models import ServedModel, batch_signature
 from hub.core.stats import BatchRecord
 from hub.datatypes import datatype_of
-from hub.errors import HubError, InvalidInput, ModelUnavailable, Unsupported, client_message, code_of, shorten
+from hub.errors import (
+    CANCELLED,
+    HubError,
+    InvalidInput,
+    ModelUnavailable,
+    Unsupported,
+    client_message,
+    code_of,
+    shorten,
+)
 from hub.metrics import ModelMetrics
 from hub.server import Server
 from hub.shm import SYSTEM, Holds, SharedMemoryRegistry
@@ -74,6 +85,8 @@ class _Connection:
         self.service = service
         self.channel = Channel(self._received, self._lost)
         self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
+        #: Requests in a batcher, by the frontend's ticket: cancelled when it asks or goes away.
+        self.running: dict[int, tuple[Batcher, asyncio.Future[Delivery]]] = {}
         #: The models whose queue depth and requests in flight this frontend reported.
         self.reported: set[ModelMetrics] = set()
         self.tasks: set[asyncio.Task[None]] = set()
@@ -101,7 +114,13 @@ class _Connection:
             if asked is not None and not asked.done():
                 asked.set_result(header.get("error"))
             return
-        task = asyncio.get_running_loop().create_task(self.service.handle(self, header, frames))
+        if kind == "submit":  # the hot path: no task per request (EngineService.submit)
+            self.service.submit(self, header, frames)
+            return
+        if kind == "cancel":
+            self.service.cancel(self, header.get("c", 0))
+            return
+        task = asyncio.get_running_loop().create_task(self.service.handle(self, header))
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
 
@@ -147,6 +166,9 @@ class _Connection:
             self._offered = None
         for task in list(self.tasks):
             task.cancel()
+        for batcher, future in list(self.running.values()):
+            batcher.withdraw(future)
+        self.running.clear()
         self.tickets.clear()  # that frontend's requests went with it
         for metrics in self.reported:  # and so did what it had queued and in flight
             metrics.gauges_from(self, 0, 0)
@@ -229,74 +251,122 @@ class EngineService:
 
     # --- requests ---------------------------------------------------------------------------
 
-    async def handle(self, connection: _Connection, header: Header, frames: list[memoryview]) -> None:
+    async def handle(self, connection: _Connection, header: Header) -> None:
+        """The messages other than a request: the hello, statistics, model control, regions."""
         kind, ticket = header["k"], header.get("t", 0)
+        reply: Header
         try:
-            if kind == "submit":
-                reply, out = await self._submit(connection, header, frames)
-            elif kind == "hello":
-                reply, out = self.snapshot(), []
+            if kind == "hello":
+                reply = self.snapshot()
                 reply["arena"] = connection.hello(header)
                 reply["regions"] = self._region_table()
             elif kind == "stats":
-                reply, out = self._stats(header), []
+                reply = self._stats(header)
             elif kind == "load":
                 await self.server.plane.load(header["name"], header.get("parameters") or {})  # type: ignore[union-attr]
                 await self._publish_models()
-                reply, out = {}, []
+                reply = {}
             elif kind == "unload":
                 await self.server.plane.unload(header["name"])  # type: ignore[union-attr]
                 await self._publish_models()
-                reply, out = {}, []
+                reply = {}
             elif kind == "shm_register":
                 await self._register_region(header)
-                reply, out = {}, []
+                reply = {}
             elif kind == "shm_unregister":
                 self._registry().unregister(SYSTEM, header.get("name", ""))
                 await self._publish_regions()
-                reply, out = {}, []
+                reply = {}
             else:
                 raise HubError(f"unknown message kind {kind!r}")
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            if not isinstance(exc, HubError):
-                log.exception("engine: %s failed", kind)
-            connection.send({"k": "error", "t": ticket, "code": code_of(exc), "message": client_message(exc)})
+            self._refuse(connection, ticket, kind, exc)
             return
         reply.setdefault("k", "reply")
         reply["t"] = ticket
-        connection.send(reply, out)
+        connection.send(reply)
 
-    async def _submit(
-        self, connection: _Connection, header: Header, frames: list[memoryview]
-    ) -> tuple[Header, list[Any]]:
+    @staticmethod
+    def _refuse(connection: _Connection, ticket: int, kind: str, exc: BaseException) -> None:
+        if not isinstance(exc, HubError):
+            log.exception("engine: %s failed", kind, exc_info=exc)
+        connection.send({"k": "error", "t": ticket, "code": code_of(exc), "message": client_message(exc)})
+
+    def submit(self, connection: _Connection, header: Header, frames: list[memoryview]) -> None:
+        """A request's inputs into its model's batcher; the answer goes from the batch's
+        future's callback. No task or coroutine per request: this process's per-request work
+        bounds `--workers N` on a GPU (docs/workers.md)."""
         assert self.server.repository is not None
-        model = self.server.repository.get_ready(header["m"], str(header["v"]))
-        if model.batcher is None:
-            raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
-        with Holds(self.server.shared_memory) as holds:  # client regions it names stay mapped while it runs
+        ticket = header.get("t", 0)
+        holds = Holds(self.server.shared_memory)  # client regions it names stay mapped while it runs
+        try:
+            model = self.server.repository.get_ready(header["m"], str(header["v"]))
+            batcher = model.batcher
+            if batcher is None:
+                raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
             inputs = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
-            delivery: Delivery = await model.batcher.submit(
+            future = batcher.enqueue(
                 inputs,
                 rows=header["rows"],
                 signature=batch_signature(model.spec, inputs),
                 timeout=header.get("timeout"),
                 request_id=header.get("id", ""),
             )
-            ticket = next(self._tickets)
-            connection.tickets[ticket] = (model, delivery.batch)
+        except Exception as exc:
+            holds.release()
+            self._refuse(connection, ticket, "submit", exc)
+            return
+        if future.done():  # it ran inline
+            self._answer(connection, ticket, header, model, holds, future)
+            return
+        connection.running[ticket] = (batcher, future)
+        future.add_done_callback(lambda done: self._answer(connection, ticket, header, model, holds, done))
+
+    def cancel(self, connection: _Connection, ticket: int) -> None:
+        """The frontend's client went away: take its request out of the queue. It is still
+        answered (as cancelled), which frees its input block in the frontend's arena."""
+        running = connection.running.get(ticket)
+        if running is not None:
+            running[0].withdraw(running[1])
+
+    def _answer(
+        self,
+        connection: _Connection,
+        ticket: int,
+        header: Header,
+        model: ServedModel,
+        holds: Holds,
+        future: asyncio.Future[Delivery],
+    ) -> None:
+        connection.running.pop(ticket, None)
+        try:
+            if future.cancelled():
+                connection.send({"k": "error", "t": ticket, "code": CANCELLED, "message": "cancelled"})
+                return
+            delivery = future.result()
+            number = next(self._tickets)
+            connection.tickets[number] = (model, delivery.batch)
             outputs = list(delivery.outputs.items())
             written = self._write_targets(holds, header["targets"], outputs) if header.get("targets") else {}
             described, out, block = pack_arrays([o for o in outputs if o[0] not in written], connection.outputs)
             described += [written[name] for name, _ in outputs if name in written]
-        return {
+        except Exception as exc:
+            self._refuse(connection, ticket, "submit", exc)
+            return
+        finally:
+            holds.release()
+        reply = {
+            "k": "reply",
+            "t": ticket,
             "outputs": described,
             "inferences": delivery.inferences,
             "queue_ns": delivery.queue_ns,
-            "b": ticket,
+            "b": number,
             "o": block,
-        }, out
+        }
+        connection.send(reply, out)
 
     # --- client shared memory (Triton's extension) with several frontends ---------------------
 
