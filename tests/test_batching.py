@@ -172,6 +172,34 @@ async def test_cancelled_request_leaves_the_queue() -> None:
     await batcher.close()
 
 
+async def test_enqueue_answers_through_a_future_and_withdraw_takes_it_out_of_the_queue() -> None:
+    """The model process's path (no coroutine per request): `enqueue` gives a future, done at
+    once when the request ran inline; `withdraw` cancels a queued one, which is not computed,
+    and leaves a done one alone."""
+    runtime = FakeRuntime()
+    batcher = Batcher("fake", BatchPolicy(max_batch_size=1), runtime, clock=FakeClock(), inline_below=1.0)
+    batcher.start()
+    await batcher.submit({"INPUT0": rows([0.0])})  # measured in a worker: now cheap enough to run inline
+    alone = batcher.enqueue({"INPUT0": rows([1.0])})
+    assert alone.done() and alone.result().outputs["OUTPUT0"].tolist() == [[4.0]]
+    await batcher.close()
+
+    batcher, runtime, _ = make(BatchPolicy(max_batch_size=1))  # every batch in a worker
+    runtime.gate.clear()
+    running = batcher.enqueue({"INPUT0": rows([2.0])})
+    await settle()
+    doomed = batcher.enqueue({"INPUT0": rows([3.0])})
+    assert batcher.queue_depth == 1
+    batcher.withdraw(doomed)
+    assert doomed.cancelled() and batcher.queue_depth == 0
+    runtime.gate.set()
+    assert (await running).outputs["OUTPUT0"].tolist() == [[7.0]]
+    batcher.withdraw(running)  # done: nothing to take back
+    await settle()
+    assert runtime.seen == [2.0]
+    await batcher.close()
+
+
 async def test_failing_forward_fails_its_batch_only(caplog: pytest.LogCaptureFixture) -> None:
     batcher, _runtime, clock = make(BatchPolicy(max_batch_size=4, max_queue_delay=1.0))
     good, bad = submit(batcher, [1.0]), submit(batcher, [FakeRuntime.POISON])
