@@ -346,12 +346,12 @@ class EngineService:
                 connection.send({"k": "error", "t": ticket, "code": CANCELLED, "message": "cancelled"})
                 return
             delivery = future.result()
-            number = next(self._tickets)
-            connection.tickets[number] = (model, delivery.batch)
             outputs = list(delivery.outputs.items())
             written = self._write_targets(holds, header["targets"], outputs) if header.get("targets") else {}
             described, out, block = pack_arrays([o for o in outputs if o[0] not in written], connection.outputs)
             described += [written[name] for name, _ in outputs if name in written]
+            number = next(self._tickets)  # its batch, counted when the frontend commits the request
+            connection.tickets[number] = (model, delivery.batch)
         except Exception as exc:
             self._refuse(connection, ticket, "submit", exc)
             return
