@@ -382,7 +382,9 @@ async def test_a_cancelled_request_leaves_the_queue(served: Any) -> None:
     """A request whose client cancels it while it waits is never computed: in one process,
     and behind `--workers 2` where the frontend asks the model process to withdraw it.
     (Statistics cannot tell: a batch is counted with its answered requests. The executions
-    counter of /metrics counts every forward run.)"""
+    counter of /metrics counts every forward the batcher runs; behind model copies a frontend
+    reports only batches with an answered request, so there the frontend's own batcher, the
+    one-process path, is what is checked.)"""
     client = tc_aio.InferenceServerClient(served.url)  # one connection: one frontend, one queue
 
     def executions() -> float:
@@ -393,15 +395,17 @@ async def test_a_cancelled_request_leaves_the_queue(served: Any) -> None:
     try:
         await client.infer("sleepy", [one(tc_aio, 1.0)])  # a forward that sleeps never runs on the loop after this
         before = await asyncio.to_thread(executions)
-        busy = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(2)]
+        # sleepy computes one request per 50 ms and queues four: three busy ones and two doomed
+        # ones fill it, and the doomed ones are cancelled with 130 ms to spare before their turn.
+        busy = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(3)]
         await asyncio.sleep(0.01)
-        doomed = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 2.0)])) for _ in range(3)]
-        await asyncio.sleep(0.01)  # queued behind 100 ms of the busy ones
+        doomed = [asyncio.ensure_future(client.infer("sleepy", [one(tc_aio, 2.0)])) for _ in range(2)]
+        await asyncio.sleep(0.01)
         for call in doomed:
             call.cancel()
-        assert [float(r.as_numpy("OUTPUT0")[0, 0]) for r in await asyncio.gather(*busy)] == [2.0, 2.0]
+        assert [float(r.as_numpy("OUTPUT0")[0, 0]) for r in await asyncio.gather(*busy)] == [2.0] * 3
         await asyncio.sleep(0.3)  # what was not withdrawn would have run by now
-        assert await asyncio.to_thread(executions) - before == 2
+        assert await asyncio.to_thread(executions) - before == 3
     finally:
         await client.close()
 
