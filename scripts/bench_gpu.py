@@ -5,7 +5,10 @@
 1. served: `modelhub serve` in a subprocess (free ports, only plugins/resnet), driven by
    Triton's perf_analyzer (tools/perf_analyzer, `make perf-analyzer`) at each client
    concurrency, one image per request: the dynamic batcher forms the batches. Throughput,
-   p50/p99 latency and the average batch the server executed.
+   p50/p99 latency, the average batch the server executed, and where the server's CPU went per
+   request (from /proc, over the requests its statistics counted): the event loop of the
+   process that batches (the model process of --workers N, else the one server) and how busy
+   it was, that process in all, and the frontends.
 2. bare: the same target's artifact in-process (Runtime.run: numpy uint8 in, logits out, so host
    to device copies included, no RPC), at each batch size. On CUDA torch-compile runs through
    CudaGraphRuntime: a batch of 1 is padded to the bucket of 2.
@@ -109,8 +112,9 @@ class Results:
 @contextlib.contextmanager
 def serving(
     args: argparse.Namespace, plugins: Path, config: Path, server_log: Path, workers: int = 1, shm: str = ""
-) -> Iterator[str]:
-    """`modelhub serve` in its own process group, until the model is ready; stopped on exit."""
+) -> Iterator[tuple[str, int]]:
+    """`modelhub serve` in its own process group, until the model is ready: its URL and pid;
+    stopped on exit."""
     import tritonclient.grpc as tc
 
     grpc_port, metrics_port = free_port(), free_port()
@@ -139,7 +143,7 @@ def serving(
                 raise RuntimeError(f"'{MODEL}' not ready after {args.ready_timeout:.0f}s; see {server_log}")
             time.sleep(0.5)
         log(f"server ready in {time.perf_counter() - started:.1f}s (build, validation and load included)")
-        yield url
+        yield url, process.pid
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGTERM)
@@ -223,13 +227,13 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
             served_log = args.out.with_suffix(f".server-w{workers}.log")
             # Client CUDA shared memory (issue 16) is served by one process only: measure it there.
             shm = "cuda" if workers == 1 and args.device == "cuda" and args.cuda_shm_concurrency else ""
-            with serving(args, plugins, config, served_log, workers, shm) as url:
+            with serving(args, plugins, config, served_log, workers, shm) as (url, pid):
                 if args.device == "cuda":
                     top = max(args.concurrency)
                     warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
                 else:
                     warm_served(url, [1], images)
-                measure_served(args, binary, url, workers, results)
+                measure_served(args, binary, url, workers, results, pid)
                 if shm:
                     measure_cuda_shm(args, binary, url, results)
 
@@ -258,13 +262,87 @@ def measure_point(
         return None
 
 
-def measure_served(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
+def ticks(pid: int, tid: int | None = None) -> int:
+    """CPU clock ticks (user + system) of a process, or of one of its threads."""
+    path = f"/proc/{pid}/task/{tid}/stat" if tid is not None else f"/proc/{pid}/stat"
+    try:
+        fields = Path(path).read_text().rpartition(")")[2].split()
+    except OSError:  # it exited
+        return 0
+    return int(fields[11]) + int(fields[12])
+
+
+def roles(root: int) -> dict[int, str]:
+    """The server's processes by pid: "server" (one process), or "supervisor" with its children
+    "engine" (the model process) and "frontend" (from their --role)."""
+    found = {root: "server"}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rpartition(")")[2].split()[1])
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == root and b"--role" in argv:
+            found[int(entry.name)] = argv[argv.index(b"--role") + 1].decode()
+            found[root] = "supervisor"
+    return found
+
+
+class ServerCPU:
+    """Where a running server's CPU goes per request over a measurement: its requests come from
+    its own statistics (every request a perf_analyzer run sent, warm-up included), its CPU
+    from /proc. The event loop of the batching process is its main thread (tid = pid)."""
+
+    def __init__(self, url: str, root: int) -> None:
+        import tritonclient.grpc as tc
+
+        self.client = tc.InferenceServerClient(url)
+        self.root = root
+
+    def requests(self) -> int:
+        stats = self.client.get_inference_statistics(MODEL, as_json=True)
+        return sum(int(m.get("inference_stats", {}).get("success", {}).get("count", 0)) for m in stats["model_stats"])
+
+    def snapshot(self) -> tuple[int, dict[str, int]]:
+        by_role: dict[str, int] = {"loop": 0, "batching": 0, "frontends": 0}
+        for pid, role in roles(self.root).items():
+            if role in ("server", "engine"):
+                by_role["loop"] += ticks(pid, pid)
+                by_role["batching"] += ticks(pid)
+            if role in ("server", "frontend"):
+                by_role["frontends"] += ticks(pid)
+        return self.requests(), by_role
+
+    @staticmethod
+    def per_request(before: tuple[int, dict[str, int]], after: tuple[int, dict[str, int]]) -> dict[str, Any]:
+        count = after[0] - before[0]
+        if count <= 0:
+            return {}
+        tick = 1e6 / os.sysconf("SC_CLK_TCK")
+        return {f"{role}_us": round((after[1][role] - before[1][role]) * tick / count) for role in after[1]}
+
+
+def measure_served(
+    args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any, pid: int | None = None
+) -> None:
     """perf_analyzer at each concurrency against one running server: several frontends are
-    driven over several connections (`perf_analyzer`, `spread`), one process over one."""
+    driven over several connections (`perf_analyzer`, `spread`), one process over one. With
+    the server's pid, each row also says where its CPU went per request (`ServerCPU`)."""
+    cpu = ServerCPU(url, pid) if pid is not None else None
     for concurrency in args.concurrency:
+        before = cpu.snapshot() if cpu is not None else None
+        started = time.perf_counter()
         row = measure_point(args, binary, url, concurrency, "served", results, (), spread=workers > 1)
         if row is not None:
             row["workers"] = workers
+            if cpu is not None and before is not None:
+                after = cpu.snapshot()
+                row.update(cpu.per_request(before, after))
+                if "loop_us" in row:  # the share of the run the loop was on a core
+                    served = (after[0] - before[0]) / (time.perf_counter() - started)
+                    row["loop_busy"] = round(row["loop_us"] * served / 1e6, 2)
             results.add("served", row)
             log(f"served workers={workers} c={concurrency}: {row}")
 
@@ -398,13 +476,18 @@ def report(data: dict[str, Any]) -> str:
              f"target {data['target']}, {data['threads']} threads per runtime"]  # fmt: skip
     if data["served"]:
         lines += ["", "served (perf_analyzer, 1 image per request, the batcher forms batches)",
-                  "| workers | perf_analyzer | concurrency | images/s | p50 ms | p99 ms | avg batch |",
-                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "CPU µs per request: the batching process's event loop (and the share of the run it was busy),",
+                  "that process in all, and the frontends (the one process itself with workers 1)",
+                  "| workers | perf_analyzer | concurrency | images/s | p50 ms | p99 ms | avg batch "
+                  "| loop µs (busy) | batching process µs | frontends µs |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in data["served"]:
             lines.append(
                 f"| {row.get('workers', 1)} | {row.get('mode', 'async')} | {row['concurrency']} "
                 f"| {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
-                f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} |"
+                f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} "
+                f"| {fmt(row.get('loop_us'))} ({fmt(row.get('loop_busy'), '.2f')}) "
+                f"| {fmt(row.get('batching_us'))} | {fmt(row.get('frontends_us'))} |"
             )
     if data["cuda_shm"]:
         lines += ["", "resnet from CUDA shared memory against raw gRPC (workers 1, alternating)",
