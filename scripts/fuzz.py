@@ -30,6 +30,29 @@ sys.path.insert(0, str(ROOT))
 from tests import fuzzing  # noqa: E402
 
 
+def _children(parent: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rpartition(")")[2].split()[1]) == parent:
+                    found.append(int(entry.name))
+            except (OSError, ValueError, IndexError):  # it exited
+                continue
+    return found
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            for line in handle:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:  # it exited
+        pass
+    return 0
+
+
 class ServedProcess:
     """`modelhub serve` on 127.0.0.1 with an OS-chosen port; its log goes to a file (a pipe
     nobody reads would fill and block the server)."""
@@ -65,11 +88,8 @@ class ServedProcess:
         return f"127.0.0.1:{self.port}"
 
     def rss_mib(self) -> float:
-        with open(f"/proc/{self.proc.pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        return 0.0
+        """The server's resident memory: its process and, behind --workers N, its children's."""
+        return sum(_rss_kib(pid) for pid in (self.proc.pid, *_children(self.proc.pid))) / 1024
 
     def alive(self) -> bool:
         return self.proc.poll() is None

@@ -186,9 +186,14 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--max-growth", type=float, default=0.05)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "soak.json")
+    parser.add_argument("--workers", type=int, help="serve with --workers N (the RSS is then every process's)")
+    parser.add_argument("--model-copies", choices=["cpu", "none"], help="with --workers: serve with --model-copies")
     args = parser.parse_args()
+    extra = [] if args.workers is None else ["--workers", str(args.workers)]
+    if args.model_copies:
+        extra += ["--model-copies", args.model_copies]
     with tempfile.TemporaryDirectory(prefix="modelhub-soak-") as work:
-        server = ServedProcess(test_plugins(), Path(work))
+        server = ServedProcess(test_plugins(), Path(work), *extra)
         started = time.monotonic()
         run, samples = asyncio.run(soak(server, args.seconds, args.concurrency))
         elapsed = time.monotonic() - started
@@ -205,6 +210,7 @@ def main() -> int:
     result = {
         "seconds": round(elapsed, 1),
         "concurrency": args.concurrency,
+        "server": extra,
         "operations": dict(run.counts),
         "operations_per_s": round(requests / elapsed),
         "digits_latency_ms": {
