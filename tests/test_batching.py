@@ -197,6 +197,16 @@ async def test_enqueue_answers_through_a_future_and_withdraw_takes_it_out_of_the
     batcher.withdraw(running)  # done: nothing to take back
     await settle()
     assert runtime.seen == [2.0]
+    runtime.gate.clear()
+    running = batcher.enqueue({"INPUT0": rows([4.0])})
+    await settle()
+    queued = [batcher.enqueue({"INPUT0": rows([float(v)])}) for v in (5, 6, 7)]
+    batcher.withdraw(queued[0], queued[2])  # several at once: one pass over the queue
+    assert [f.cancelled() for f in queued] == [True, False, True] and batcher.queue_depth == 1
+    runtime.gate.set()
+    await asyncio.gather(running, queued[1])
+    await settle()
+    assert runtime.seen == [2.0, 4.0, 6.0]
     await batcher.close()
 
 

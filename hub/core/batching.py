@@ -290,17 +290,16 @@ class Batcher:
             return future
         return self._enqueue(inputs, rows, signature, timeout, request_id).future
 
-    def withdraw(self, future: asyncio.Future[Delivery]) -> None:
-        """Cancel a request `enqueue` queued: it leaves the queue, or, when its batch is already
-        computing, its rows are dropped."""
-        if future.done():
+    def withdraw(self, *futures: asyncio.Future[Delivery]) -> None:
+        """Cancel requests `enqueue` queued: they leave the queue, in one pass over it however
+        many there are (a frontend that went away takes all of its own), or, when a batch is
+        already computing them, their rows are dropped. Done ones are left alone."""
+        if not [future for future in futures if future.cancel()]:
             return
-        future.cancel()
-        for pending in self._queue:
-            if pending.future is future:
-                self._queue.remove(pending)
-                self._observer.queued(len(self._queue))
-                break
+        kept = [pending for pending in self._queue if not pending.future.done()]  # queued: only cancelled are done
+        if len(kept) != len(self._queue):
+            self._queue = collections.deque(kept)
+            self._observer.queued(len(self._queue))
 
     def _admit(self, rows: int) -> bool:
         """Refuse a request the batcher cannot take; whether it runs inline, alone (see `submit`)."""

@@ -166,9 +166,12 @@ class _Connection:
             self._offered = None
         for task in list(self.tasks):
             task.cancel()
-        for batcher, future in list(self.running.values()):
-            batcher.withdraw(future)
+        withdrawn: dict[Batcher, list[asyncio.Future[Delivery]]] = {}
+        for batcher, future in self.running.values():
+            withdrawn.setdefault(batcher, []).append(future)
         self.running.clear()
+        for batcher, futures in withdrawn.items():  # one pass over each queue, however many
+            batcher.withdraw(*futures)
         self.tickets.clear()  # that frontend's requests went with it
         for metrics in self.reported:  # and so did what it had queued and in flight
             metrics.gauges_from(self, 0, 0)
