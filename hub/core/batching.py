@@ -294,7 +294,8 @@ class Batcher:
         """Cancel requests `enqueue` queued: they leave the queue, in one pass over it however
         many there are (a frontend that went away takes all of its own), or, when a batch is
         already computing them, their rows are dropped. Done ones are left alone."""
-        if not [future for future in futures if future.cancel()]:
+        cancelled = [future.cancel() for future in futures]  # False for a done one
+        if not any(cancelled):
             return
         kept = [pending for pending in self._queue if not pending.future.done()]  # queued: only cancelled are done
         if len(kept) != len(self._queue):
