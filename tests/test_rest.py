@@ -279,6 +279,7 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
         (b'{"inputs": [{"name": "image"}]}', {"Inference-Header-Content-Length": "999"}, "999"),
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": "1x64", "data": []}]}', {}, "'shape'"),
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8]}]}', {}, "neither"),
+        (b'{"inputs": [{"name": "image", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, "too deeply"),
     ],
     ids=[
         "bad json",
@@ -289,6 +290,7 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
         "header length",
         "shape",
         "no data",
+        "nested 100k deep",
     ],
 )
 def test_malformed_bodies_are_400_naming_the_field(
@@ -297,6 +299,34 @@ def test_malformed_bodies_are_400_naming_the_field(
     status, reply = call(hub_server.http_url, "/v2/models/digits/infer", body, headers)
     assert status == 400, reply
     assert fragment in reply["error"] and "Traceback" not in reply["error"]
+
+
+def test_nested_json_data_is_read_in_row_major_order_however_nested(hub_server: RunningServer) -> None:
+    """JSON `data` may nest as the shape does, or not at all, or raggedly, or deeper than numpy
+    has dimensions (Triton reads the values in order whatever the nesting): the same answer."""
+    pixels = np.arange(64, dtype=np.float32) / 4
+
+    def logits(data: Any) -> list[float]:
+        body = {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": data}]}
+        status, reply = call(hub_server.http_url, "/v2/models/digits/infer", json.dumps(body).encode())
+        assert status == 200, reply
+        return reply["outputs"][0]["data"]
+
+    values = pixels.tolist()
+    deep: Any = values
+    for _ in range(200):
+        deep = [deep]
+    flat = logits(values)
+    assert logits(pixels.reshape(1, 1, 8, 8).tolist()) == flat
+    assert logits([values[:5], [values[5:40], [values[40:]]]]) == flat
+    assert logits(deep) == flat
+    ragged = [values[:5], [values[5:40], [values[40:], [1.0]]]]  # 65 values
+    status, reply = call(
+        hub_server.http_url,
+        "/v2/models/digits/infer",
+        json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": ragged}]}).encode(),
+    )
+    assert status == 400 and "expected 64 values" in reply["error"] and "got 65" in reply["error"], reply
 
 
 def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:

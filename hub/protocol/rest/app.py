@@ -20,7 +20,7 @@ from hub.errors import HubError, InvalidInput, Unsupported
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.rest.auth import token_middleware
-from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, parse_request
+from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, load_json, parse_request
 from hub.protocol.rest.status import error_body, status_for
 from hub.security import Tokens
 from hub.shm import CUDA, SYSTEM, Holds
@@ -272,10 +272,7 @@ async def _json_body(request: web.Request) -> dict[str, Any]:
     raw = await request.read()
     if not raw.strip():
         return {}
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    body = load_json(raw)
     if not isinstance(body, dict):
         raise InvalidInput("the request body must be a JSON object")
     return body

@@ -64,6 +64,18 @@ class RestRequest:
         return value / 1e6 if value else None
 
 
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON; InvalidInput (400) when it is not JSON, or when it nests arrays and
+    objects deeper than the parser's recursion allows: `[[[[` costs a byte a level, and must
+    not cost a 500 and a traceback in the log."""
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    except RecursionError:
+        raise InvalidInput("request body nests JSON arrays or objects too deeply to be parsed") from None
+
+
 def _object(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
@@ -82,11 +94,7 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}") from None
         if not 0 < length <= len(view):
             raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the request body has {len(view)} bytes")
-    try:
-        header = json.loads(view[:length].tobytes() if header_length is not None else body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
-    header = _object(header, "the request body")
+    header = _object(load_json(view[:length].tobytes() if header_length is not None else body), "the request body")
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
@@ -247,7 +255,10 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
                     raise InvalidInput(f"input '{name[:128]}': BYTES data must be strings, element {i} is not")
                 flat[i] = value.encode()
             return flat.reshape(shape)
-        array = np.array(data, dtype=dtype)
+        try:
+            array = np.array(data, dtype=dtype)
+        except ValueError:  # ragged, or nested deeper than numpy's dimensions: the values in order
+            array = np.array(_flatten(data), dtype=dtype)
     except (OverflowError, TypeError, ValueError):
         raise InvalidInput(f"input '{name[:128]}': a value in 'data' does not fit {datatype}") from None
     if datatype == "BOOL" and not _all_bools(data):
@@ -262,12 +273,18 @@ def _count_message(name: str, count: int, shape: tuple[int, ...], got: int) -> s
 
 
 def _flatten(data: list[Any]) -> list[Any]:
+    """The values of nested lists in row-major order, however deep or ragged the nesting (as
+    Triton reads JSON tensor data); without recursion, so depth costs no stack."""
     out: list[Any] = []
-    for item in data:
-        if isinstance(item, list):
-            out.extend(_flatten(item))
-        else:
+    stack = [iter(data)]
+    while stack:
+        for item in stack[-1]:
+            if isinstance(item, list):
+                stack.append(iter(item))
+                break
             out.append(item)
+        else:
+            stack.pop()
     return out
 
 
