@@ -1,7 +1,7 @@
 """What one hand-off between a frontend and the model process costs (hub/workers/wire.py,
 hub/workers/arena.py), over the socket and through shared memory.
 
-Two processes on one Unix socket: a client sends a request message (a JSON header and one
+Two processes on one Unix socket: a client sends a request message (a header and one
 tensor) and the peer answers with a tensor of the same size, as a frontend and the model
 process do per request. With `shm` each side copies its tensor into its own arena and only
 the header crosses the socket; the peer views the input where it lies, copies its answer

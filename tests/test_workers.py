@@ -7,6 +7,7 @@ single-process servers sharing the ports (`--reuse-port`)."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import os
 import signal
 import socket
@@ -21,9 +22,10 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from tritonclient.utils import InferenceServerException
 
+from hub.core.models import ModelState
 from hub.server import ServerConfig
 from hub.workers.arena import SHM_DIR, Arena
-from hub.workers.wire import pack_arrays, unpack_arrays
+from hub.workers.wire import Channel, pack_arrays, unpack_arrays
 
 from .conftest import ROOT, RunningServer, Workers, link_plugins
 from .test_lifecycle import one, write_scaler
@@ -327,6 +329,46 @@ def test_arena_ring_reuses_blocks_freed_out_of_order() -> None:
     finally:
         arena.unlink()
     assert not (SHM_DIR / arena.name).exists()
+
+
+async def test_headers_cross_as_sent_and_subclassed_values_as_json_would_send_them() -> None:
+    """Headers go in marshal's format: tuples and int keys arrive as they were sent. A value
+    marshal refuses (numpy's float64 in a plugin's build report, an enum) sends the header as
+    JSON would have, rather than failing the message."""
+    loop = asyncio.get_running_loop()
+    received: asyncio.Queue[tuple[dict[str, Any], list[memoryview]]] = asyncio.Queue()
+    left, right = socket.socketpair()
+    sender = Channel(lambda header, frames: None, lambda exc: None)
+    receiver = Channel(lambda header, frames: received.put_nowait((header, frames)), lambda exc: None)
+    await loop.create_connection(lambda: sender, sock=left)
+    await loop.create_connection(lambda: receiver, sock=right)
+    try:
+        plain = {"k": "reply", "t": 7, "outputs": [("logits", "FP32", (1, 10))], "batches": {4: 1}, "none": None}
+        sender.send(plain, [b"\x01" * 40])
+        header, frames = await asyncio.wait_for(received.get(), 5)
+        assert header == plain and isinstance(header["outputs"][0], tuple)
+        assert [bytes(f) for f in frames] == [b"\x01" * 40]
+
+        report = {"k": "state", "validation": {"max_abs_diff": np.float64(0.5), "state": ModelState.READY.value}}
+        report["phase"] = _Phase.BUILT
+        report["pair"] = (1, 2)
+        sender.send(report)
+        header, _ = await asyncio.wait_for(received.get(), 5)
+        assert header == {
+            "k": "state",
+            "validation": {"max_abs_diff": 0.5, "state": "ready"},
+            "phase": 1,
+            "pair": [1, 2],
+        }
+        assert type(header["validation"]["max_abs_diff"]) is float
+    finally:
+        for channel in (sender, receiver):
+            assert channel.transport is not None
+            channel.transport.close()
+
+
+class _Phase(enum.IntEnum):
+    BUILT = 1
 
 
 def test_pack_falls_back_to_frames_when_the_arena_is_full() -> None:

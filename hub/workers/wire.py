@@ -1,10 +1,16 @@
 """Messages between a frontend process and the model process, over a Unix socket.
 
-A message is a small JSON header plus zero or more binary frames (tensor bytes):
+A message is a small header plus zero or more binary frames (tensor bytes):
 
     u32 header length | u32 frame count | u64 frame length * count | header | frames
 
-Tensors are never pickled. Receiving, a frame of 64 KiB or more is read by the kernel
+The header is a dict of plain values (str, int, float, bool, None, lists, tuples, dicts) in
+`marshal`'s format: both ends are processes of this server, run by one interpreter, and
+marshal's C codec costs 1.2-2.8 µs a header where json's cost 7-12 (2-core EPYC; marshal runs
+no code, unlike pickle). A header arrives as it was sent: tuples stay tuples, and int keys stay
+ints.
+
+Tensors are never pickled or marshalled. Receiving, a frame of 64 KiB or more is read by the kernel
 straight into its own buffer, which numpy then views (one copy: the kernel's); smaller ones
 are sliced out of the shared receive buffer (a copy of a few KiB costs less than a syscall).
 Sending, large frames go to the socket as memoryviews of the arrays (no copy in user space
@@ -20,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import marshal
 import math
 import socket
 import struct
@@ -44,6 +51,17 @@ SOCKET_BUFFER = 8 << 20
 Header = dict[str, Any]
 Buffer = bytes | bytearray | memoryview
 OnMessage = Callable[[Header, list[memoryview]], None]
+
+
+def encode_header(header: Header) -> bytes:
+    """The header in marshal's format. A value of a subclass of a plain type, which marshal
+    refuses (an enum, numpy's float64 in a plugin's build report), makes the header go as JSON
+    would have sent it: such values then arrive as their plain values, tuples as lists and
+    keys as strings. Only rare messages carry such values (a model's state); requests do not."""
+    try:
+        return marshal.dumps(header)
+    except ValueError:
+        return marshal.dumps(json.loads(json.dumps(header)))
 
 
 class Channel(asyncio.BufferedProtocol):
@@ -74,7 +92,7 @@ class Channel(asyncio.BufferedProtocol):
         written as a view of its array."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to the peer process is closed")
-        data = json.dumps(header, separators=(",", ":")).encode()
+        data = encode_header(header)
         views = [memoryview(f).cast("B") if not isinstance(f, bytes) else memoryview(f) for f in frames]
         out = self._out
         out += PREFIX.pack(len(data), len(views))
@@ -181,7 +199,7 @@ class Channel(asyncio.BufferedProtocol):
         offset = self._start + PREFIX.size
         self._lengths = [LENGTH.unpack_from(self._staging, offset + LENGTH.size * i)[0] for i in range(count)]
         offset += LENGTH.size * count
-        self._header = json.loads(bytes(self._staging[offset : offset + header_length]))
+        self._header = marshal.loads(bytes(self._staging[offset : offset + header_length]))
         self._start = offset + header_length
         self._frames = []
         if not self._lengths:
