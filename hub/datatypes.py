@@ -89,6 +89,16 @@ def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LI
     return 0 if 0 in shape else nonzero
 
 
+def check_total_elements(name: str, total: int, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Refuse a request whose inputs, up to and including `name`'s, hold more than
+    `limits.elements` elements in all (InvalidInput naming the input that crossed it)."""
+    if total > limits.elements:
+        raise InvalidInput(
+            f"input '{shorten(name)}': the request's inputs hold more than {limits.elements} elements, "
+            "this server's limit per request"
+        )
+
+
 def _shape_text(shape: tuple[int, ...]) -> str:
     """A shape for an error message, bounded however many dims the request sent."""
     if len(shape) <= 16:

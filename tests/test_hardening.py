@@ -336,6 +336,59 @@ def test_elements_limit(limited: RunningServer) -> None:
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "INPUT1" in details and "16384" in details
 
 
+def _rest(server: RunningServer, model: str, body: dict[str, Any]) -> tuple[int, str]:
+    """(HTTP status, error or body text) of one JSON inference over REST."""
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/{model}/infer", data=json.dumps(body).encode(), method="POST"
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())["error"]
+
+
+def test_rest_json_has_the_limits_raw_contents_have(limited: RunningServer) -> None:
+    """JSON `data` is held to the same limits as gRPC's contents: the BYTES element count and
+    size, and the elements of all the inputs together."""
+
+    def text(values: list[str]) -> dict[str, Any]:
+        return {"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, len(values)], "data": values}]}
+
+    assert _rest(limited, "identity_bytes", text(["a" * 1024] * 16))[0] == 200
+    status, error = _rest(limited, "identity_bytes", text(["a"] * 17))
+    assert status == 400 and "INPUT0" in error and "17 BYTES elements" in error, error
+    status, error = _rest(limited, "identity_bytes", text(["a", "é" * 513]))  # 1,026 bytes encoded
+    assert status == 400 and "INPUT0" in error and "element 1 is 1026 bytes" in error, error
+
+    def floats(name: str, rows: int) -> dict[str, Any]:
+        return {"name": name, "datatype": "FP32", "shape": [rows, 4], "data": [0.0] * rows * 4}
+
+    status, error = _rest(limited, "addsub", {"inputs": [floats("INPUT0", 1), floats("INPUT1", 1)]})
+    assert status == 200, error
+    status, error = _rest(limited, "addsub", {"inputs": [floats("INPUT0", 2048), floats("INPUT1", 2049)]})
+    assert status == 400 and "INPUT1" in error and "16384" in error, error
+
+
+def test_a_requested_output_named_twice_is_refused(hub_server: RunningServer) -> None:
+    """Each requested output is encoded once per name it is given: a list of the same name
+    10,000 times (a few bytes each) would answer with 10,000 copies. Refused on both
+    protocols before the model runs, naming the output."""
+    request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], b"\0" * 16)])
+    for _ in range(10_000):
+        request.outputs.add(name="OUTPUT0")
+    code, details, _ = _call(hub_server, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "'OUTPUT0' appears more than once" in details, details
+    body = {
+        "inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}],
+        "outputs": [{"name": "OUTPUT0"}] * 10_000,
+    }
+    status, error = _rest(hub_server, "identity_fp32", body)
+    assert status == 400 and "'OUTPUT0' appears more than once" in error, error
+    del request.outputs[1:]
+    assert _call(hub_server, request)[0] == grpc.StatusCode.OK
+
+
 def test_serve_has_limit_flags() -> None:
     from hub.cli import build_parser
 

@@ -316,7 +316,11 @@ def resolve_outputs(requested: Sequence[RequestedOutput], model: ServedModel) ->
         return [(t.name, 0) for t in spec.outputs]
     declared = [t.name for t in spec.outputs]
     names = []
+    seen: set[str] = set()
     for output in requested:
+        if output.name in seen:  # (each would be encoded again: a few bytes of request, an output's worth of answer)
+            raise InvalidInput(f"requested output '{shorten(output.name)}' appears more than once")
+        seen.add(output.name)
         if output.name not in declared:
             raise InvalidInput(
                 f"requested output '{shorten(output.name)}' is not an output of model '{spec.name}'; "

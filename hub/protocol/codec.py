@@ -13,6 +13,7 @@ from hub.datatypes import (
     NUMPY_DTYPES,
     check_bytes_count,
     check_bytes_element,
+    check_total_elements,
     datatype_of,
     element_count,
     encode_bytes,
@@ -123,11 +124,7 @@ def decode_inputs(
         shape = tuple(tensor.shape)
         count = element_count(name, shape, limits)
         total += count
-        if total > limits.elements:
-            raise InvalidInput(
-                f"input '{shorten(name)}': the request's inputs hold more than {limits.elements} elements, "
-                "this server's limit per request"
-            )
+        check_total_elements(name, total, limits)
         if raw:
             if tensor.HasField("contents"):
                 raise InvalidInput(_mixed_message(name))
@@ -161,8 +158,7 @@ def _decode_shared(
         what = f"input '{shorten(name)}'"
         shape = tuple(tensor.shape)
         total += element_count(name, shape, limits)
-        if total > limits.elements:
-            raise InvalidInput(f"{what}: the request's inputs hold more than {limits.elements} elements")
+        check_total_elements(name, total, limits)
         location = shared_memory_parameters(what, tensor.parameters)
         if location is not None:
             if tensor.HasField("contents"):

@@ -24,7 +24,16 @@ from typing import Any
 import numpy as np
 
 from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
-from hub.datatypes import NUMPY_DTYPES, datatype_of, element_count, encode_bytes, from_buffer
+from hub.datatypes import (
+    NUMPY_DTYPES,
+    check_bytes_count,
+    check_bytes_element,
+    check_total_elements,
+    datatype_of,
+    element_count,
+    encode_bytes,
+    from_buffer,
+)
 from hub.errors import InvalidInput
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.triton import model_inputs
@@ -180,6 +189,7 @@ def decode_inputs(
     InvalidInput naming the input."""
     arrays: dict[str, np.ndarray] = {}
     body, offset = request.body, request.binary_start
+    total = 0
     for index, tensor in enumerate(request.inputs):
         name = tensor.get("name")
         if not isinstance(name, str):
@@ -190,6 +200,8 @@ def decode_inputs(
         if not isinstance(datatype, str):
             raise InvalidInput(f"input '{name[:128]}': 'datatype' must be a string")
         shape = _shape(name, tensor.get("shape"))
+        total += element_count(name, shape, limits)
+        check_total_elements(name, total, limits)
         parameters = _object(tensor.get("parameters") or {}, f"input '{name[:128]}' parameters")
         location = shared_memory_parameters(f"input '{name[:128]}'", parameters) if parameters else None
         if location is not None:
@@ -245,7 +257,8 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
     if not isinstance(data, list):
         data = [data]
     try:
-        if datatype == "BYTES":
+        if datatype == "BYTES":  # the limits raw BYTES contents have, on the element count and each size
+            check_bytes_count(name, count, limits)
             values = _flatten(data)  # bounded by the body; checked before the array is allocated
             if len(values) != count:
                 raise InvalidInput(_count_message(name, count, shape, len(values)))
@@ -253,7 +266,9 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
             for i, value in enumerate(values):
                 if not isinstance(value, str):
                     raise InvalidInput(f"input '{name[:128]}': BYTES data must be strings, element {i} is not")
-                flat[i] = value.encode()
+                encoded = value.encode()
+                check_bytes_element(name, i, len(encoded), limits)
+                flat[i] = encoded
             return flat.reshape(shape)
         try:
             array = np.array(data, dtype=dtype)
