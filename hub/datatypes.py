@@ -70,11 +70,20 @@ def datatype_of(array: np.ndarray) -> str:
         raise TypeError(f"numpy dtype {array.dtype} has no V2 datatype") from None
 
 
+#: The most dimensions a tensor may have: numpy 1's limit (numpy 2 allows 64), far past any
+#: model's, so that a shape numpy cannot represent is refused by name, not failed in a reshape.
+MAX_DIMS = 32
+
+
 def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LIMITS) -> int:
     """The number of elements of a tensor's shape, checked before anything is allocated
-    (InvalidInput naming the input): no negative dimension, and no dimension, nor product of
-    the non-zero dimensions, above `limits.elements` (a shape with a zero dim holds nothing,
-    but numpy cannot represent one whose other dims overflow)."""
+    (InvalidInput naming the input): at most MAX_DIMS dimensions, none negative, and no
+    dimension, nor product of the non-zero dimensions, above `limits.elements` (a shape with a
+    zero dim holds nothing, but numpy cannot represent one whose other dims overflow)."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(
+            f"input '{shorten(name)}': shape has {len(shape)} dimensions; this server takes at most {MAX_DIMS}"
+        )
     if shape and min(shape) < 0:
         raise InvalidInput(f"input '{shorten(name)}': shape {_shape_text(shape)} has a negative dimension")
     nonzero = 1

@@ -197,6 +197,28 @@ def test_overflowing_shapes_are_invalid_argument(
     assert "INPUT0" in details and seconds < 1.0
 
 
+@pytest.mark.parametrize("datatype", ["FP32", "BYTES"])
+def test_a_shape_with_more_dims_than_numpy_has_is_invalid_argument(hub_server: RunningServer, datatype: str) -> None:
+    """65 dims of 1 with the one element's bytes: numpy cannot reshape to it, which failed the
+    request as INTERNAL with a traceback logged. Refused by name, on every path."""
+    model, shape = f"identity_{datatype.lower()}", [1] * 65
+    one = struct.pack("<I", 1) + b"a" if datatype == "BYTES" else b"\0" * 4
+    typed = service_pb2.ModelInferRequest(model_name=model)
+    tensor = typed.inputs.add(name="INPUT0", datatype=datatype, shape=shape)
+    if datatype == "BYTES":
+        tensor.contents.bytes_contents.append(b"a")
+    else:
+        tensor.contents.fp32_contents.append(0.0)
+    for request in (_raw(model, [("INPUT0", datatype, shape, one)]), typed):
+        code, details, _ = _call(hub_server, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "INPUT0" in details and "65 dimensions" in details, details
+    data = ["a"] if datatype == "BYTES" else [0.0]
+    status, error = _rest(
+        hub_server, model, {"inputs": [{"name": "INPUT0", "datatype": datatype, "shape": shape, "data": data}]}
+    )
+    assert status == 400 and "INPUT0" in error and "65 dimensions" in error, error
+
+
 # --- undecodable protobuf ------------------------------------------------------------------------
 
 
