@@ -116,7 +116,10 @@ def _mutate_message(request: pb.ModelInferRequest, rng: random.Random) -> bytes:
     if choice == 0 and tensor.shape:
         tensor.shape[rng.randrange(len(tensor.shape))] = rng.choice(INTERESTING)
     elif choice == 1:
-        tensor.shape.append(rng.choice(INTERESTING))
+        if rng.random() < 0.2:  # the same elements in more dimensions than numpy can represent
+            tensor.shape.extend([1] * rng.choice([33, 65, 300]))
+        else:
+            tensor.shape.append(rng.choice(INTERESTING))
     elif choice == 2:
         tensor.datatype = rng.choice([*NUMPY_DTYPES, "FP8", "", "fp32", "B" * rng.randrange(1, 300)])
     elif choice == 3 and out.raw_input_contents:
