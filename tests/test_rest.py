@@ -329,6 +329,20 @@ def test_nested_json_data_is_read_in_row_major_order_however_nested(hub_server: 
     assert status == 400 and "expected 64 values" in reply["error"] and "got 65" in reply["error"], reply
 
 
+def test_a_json_number_past_the_type_is_refused_not_made_infinite(hub_server: RunningServer) -> None:
+    """1e39 does not fit FP32: a 400 naming the input, as an integer past INT8 is, rather than
+    an infinity the client never sent. The Infinity and NaN literals pass as sent."""
+
+    def send(values: str) -> tuple[int, Any]:
+        head = '{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": '
+        return call(hub_server.http_url, "/v2/models/identity_fp32/infer", f"{head}{values}}}]}}".encode())
+
+    status, reply = send("[1.0, 1e39]")
+    assert status == 400 and "INPUT0" in reply["error"] and "does not fit FP32" in reply["error"], reply
+    status, reply = send("[Infinity, NaN]")
+    assert status == 200, reply  # (the output comes back binary: JSON has no infinity)
+
+
 def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
     for path in ("/", "/v1/models/digits", "/v2/nowhere", "/metrics"):
         status, reply = call(hub_server.http_url, path)

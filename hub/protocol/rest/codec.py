@@ -270,11 +270,14 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
                 check_bytes_element(name, i, len(encoded), limits)
                 flat[i] = encoded
             return flat.reshape(shape)
-        try:
-            array = np.array(data, dtype=dtype)
-        except ValueError:  # ragged, or nested deeper than numpy's dimensions: the values in order
-            array = np.array(_flatten(data), dtype=dtype)
-    except (OverflowError, TypeError, ValueError):
+        # A finite number past the type's range (1e39 for FP32) is refused like an integer
+        # that does not fit, not turned into an infinity; "Infinity" and "NaN" stay as sent.
+        with np.errstate(over="raise", invalid="raise"):
+            try:
+                array = np.array(data, dtype=dtype)
+            except ValueError:  # ragged, or nested deeper than numpy's dimensions: the values in order
+                array = np.array(_flatten(data), dtype=dtype)
+    except (OverflowError, TypeError, ValueError, FloatingPointError):
         raise InvalidInput(f"input '{name[:128]}': a value in 'data' does not fit {datatype}") from None
     if datatype == "BOOL" and not _all_bools(data):
         raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
