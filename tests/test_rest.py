@@ -344,7 +344,7 @@ def test_a_json_number_past_the_type_is_refused_not_made_infinite(hub_server: Ru
 
 
 def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
-    for path in ("/", "/v1/models/digits", "/v2/nowhere", "/metrics"):
+    for path in ("/", "/v1/models/digits", "/v2/nowhere", "/metrics", "/v2/systemsharedmemory//r/register"):
         status, reply = call(hub_server.http_url, path)
         assert status == 404 and path in reply["error"]
     status, reply = call(hub_server.http_url, "/v2/systemsharedmemory/status")

@@ -127,7 +127,7 @@ class RestFrontend:
             ]
         for method, path, handler in routes:
             app.router.add_route(method, path, _guarded(handler))
-        for area in ("systemsharedmemory", "cudasharedmemory", "trace", "logging"):
+        for area in ("trace", "logging"):  # Triton's extensions we do not have (every shared-memory path is above)
             app.router.add_route("*", f"/v2/{area}{{tail:.*}}", _guarded(self.unimplemented))
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
