@@ -341,16 +341,18 @@ async def test_queue_full_on_both_frontends(served: Any) -> None:
 
 async def test_deadline_on_both_frontends(served: Any) -> None:
     """A request whose deadline passes in the queue is answered, not run: gRPC's deadline,
-    and REST's `timeout` parameter (microseconds, as tritonclient.http sends it)."""
+    and the `timeout` request parameter (microseconds, as tritonclient sends it) over gRPC and
+    REST."""
     grpc_code, http_status = EXPECTED["DEADLINE_EXCEEDED"]
     grpc_client = tc_aio.InferenceServerClient(served.url)  # one connection: one frontend
     try:
-        busy = [asyncio.ensure_future(grpc_client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(3)]
-        await asyncio.sleep(0.01)
-        with pytest.raises(InferenceServerException) as err:
-            await grpc_client.infer("sleepy", [one(tc_aio, 1.0)], client_timeout=0.03)
-        assert str(err.value.status()) == str(grpc_code)
-        await asyncio.gather(*busy, return_exceptions=True)
+        for limit in ({"client_timeout": 0.03}, {"timeout": 30_000}):
+            busy = [asyncio.ensure_future(grpc_client.infer("sleepy", [one(tc_aio, 1.0)])) for _ in range(3)]
+            await asyncio.sleep(0.01)
+            with pytest.raises(InferenceServerException) as err:
+                await grpc_client.infer("sleepy", [one(tc_aio, 1.0)], **limit)  # type: ignore[arg-type]
+            assert str(err.value.status()) == str(grpc_code), (limit, err.value.message())
+            await asyncio.gather(*busy, return_exceptions=True)
     finally:
         await grpc_client.close()
 

@@ -392,6 +392,21 @@ def test_rest_json_has_the_limits_raw_contents_have(limited: RunningServer) -> N
     assert status == 400 and "INPUT1" in error and "16384" in error, error
 
 
+def test_a_timeout_parameter_of_the_wrong_type_is_refused(hub_server: RunningServer) -> None:
+    """Triton's `timeout` request parameter is microseconds as an int64_param (tritonclient
+    sends it so, and reserves the name): a string or a negative number is INVALID_ARGUMENT
+    naming it, and 0 means no timeout."""
+    for value, code in (("soon", grpc.StatusCode.INVALID_ARGUMENT), (-5, grpc.StatusCode.INVALID_ARGUMENT), (0, None)):
+        request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], b"\0" * 16)])
+        if isinstance(value, str):
+            request.parameters["timeout"].string_param = value
+        else:
+            request.parameters["timeout"].int64_param = value
+        got, details, _ = _call(hub_server, request)
+        assert got == (code or grpc.StatusCode.OK), details
+        assert code is None or "timeout" in details
+
+
 def test_a_requested_output_named_twice_is_refused(hub_server: RunningServer) -> None:
     """Each requested output is encoded once per name it is given: a list of the same name
     10,000 times (a few bytes each) would answer with 10,000 copies. Refused on both

@@ -72,6 +72,18 @@ def shared_memory_parameters(what: str, parameters: object) -> tuple[str, int, i
     return region.string_param, offset, _integer(what, SHM_BYTE_SIZE, parameters[SHM_BYTE_SIZE])  # type: ignore[index]
 
 
+def request_timeout(request: pb.ModelInferRequest, time_remaining: float | None) -> float | None:
+    """How long the request may wait, in seconds, or None: Triton's `timeout` request parameter
+    (microseconds, as tritonclient's `infer(timeout=...)` sends it; 0 is none) and the call's
+    gRPC deadline, whichever ends first. InvalidInput for a parameter of the wrong type."""
+    if not request.parameters or "timeout" not in request.parameters:
+        return time_remaining
+    microseconds = _integer("request parameters", "timeout", request.parameters["timeout"])
+    if not microseconds:
+        return time_remaining
+    return microseconds / 1e6 if time_remaining is None else min(microseconds / 1e6, time_remaining)
+
+
 def _names_shared_memory(parameters: object) -> bool:
     return SHM_REGION in parameters or SHM_BYTE_SIZE in parameters or SHM_OFFSET in parameters  # type: ignore[operator]
 

@@ -19,7 +19,7 @@ from hub.errors import HubError, ShuttingDown
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.logs import Throttle
 from hub.protocol import triton
-from hub.protocol.codec import decode_request, encode_response
+from hub.protocol.codec import decode_request, encode_response, request_timeout
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.status import status_for
@@ -217,6 +217,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
+        timeout = request_timeout(request, time_remaining)
 
         def answer(holds: Holds | None) -> Coroutine[Any, Any, pb.ModelInferResponse]:
             return plane.infer(
@@ -225,7 +226,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 request.id,
                 lambda spec: decode_request(request, spec, limits, holds),
                 encode_response,
-                timeout=time_remaining,
+                timeout=timeout,
                 accepted=accepted,
             )
 
