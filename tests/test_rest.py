@@ -343,6 +343,17 @@ def test_a_json_number_past_the_type_is_refused_not_made_infinite(hub_server: Ru
     assert status == 200, reply  # (the output comes back binary: JSON has no infinity)
 
 
+def test_head_answers_where_get_does(hub_server: RunningServer) -> None:
+    for path, status in (("/v2/health/ready", 200), ("/v2/models/digits", 200), ("/v2/models/digits/infer", 404)):
+        request = urllib.request.Request(f"http://{hub_server.http_url}{path}", method="HEAD")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                got, body = response.status, response.read()
+        except urllib.error.HTTPError as err:
+            got, body = err.code, err.read()
+        assert (got, body) == (status, b""), path
+
+
 def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
     for path in ("/", "/v1/models/digits", "/v2/nowhere", "/metrics", "/v2/systemsharedmemory//r/register"):
         status, reply = call(hub_server.http_url, path)

@@ -126,7 +126,10 @@ class RestFrontend:
                 ("POST", f"/v2/{area}/region/{{name:.+}}/unregister", self.shm_unregister),
             ]
         for method, path, handler in routes:
-            app.router.add_route(method, path, _guarded(handler))
+            if method == "GET":  # and HEAD, as HTTP expects of a resource that answers GET (a probe may send it)
+                app.router.add_get(path, _guarded(handler))
+            else:
+                app.router.add_route(method, path, _guarded(handler))
         for area in ("trace", "logging"):  # Triton's extensions we do not have (every shared-memory path is above)
             app.router.add_route("*", f"/v2/{area}{{tail:.*}}", _guarded(self.unimplemented))
         app.router.add_route("*", "/{tail:.*}", self.not_found)
