@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gzip
 import json
 import random
 import struct
 import urllib.error
 import urllib.request
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -181,16 +183,42 @@ def _mutate_json(body: dict[str, Any], rng: random.Random) -> bytes:
     return data
 
 
+def _encode_rest(body: bytes, rng: random.Random) -> tuple[bytes, dict[str, str]]:
+    """The body as sent: as it is mostly, else gzip or deflate, now and then cut short, with a
+    byte flipped, under the other coding's name or a coding we do not read."""
+    roll = rng.random()
+    if roll < 0.7:
+        return body, {}
+    coding = rng.choice(["gzip", "deflate"])
+    data = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
+    if roll < 0.8:
+        data = data[: rng.randrange(len(data))]
+    elif roll < 0.85:
+        i = rng.randrange(len(data))
+        data = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1 :]
+    elif roll < 0.9:
+        coding = {"gzip": "deflate", "deflate": "gzip"}[coding]
+    elif roll < 0.93:
+        coding = rng.choice(["br", "zstd", "gzip, deflate", "compress"])
+    return data, {"Content-Encoding": coding, "Accept-Encoding": rng.choice(["gzip", "deflate", "br", "*"])}
+
+
 def test_mutated_rest_bodies(hub_server: RunningServer) -> None:
     """1,500 JSON inference bodies with one part replaced by a value of the wrong type, dropped
-    or nested deep: each answered 200 or a 4xx with a bounded JSON error (500 only from the
-    model made to fail), and the server stays up."""
+    or nested deep, three in ten of them compressed (some corrupt, some cut short, some under
+    a coding we do not read): each answered 200 or a 4xx with a bounded JSON error (500 only
+    from the model made to fail), and the server stays up."""
     rng = random.Random(29)
-    cases = [(model, _mutate_json(body, rng)) for model, body in (rng.choice(_REST_SEEDS) for _ in range(1500))]
+    cases = [
+        (model, *_encode_rest(_mutate_json(body, rng), rng))
+        for model, body in (rng.choice(_REST_SEEDS) for _ in range(1500))
+    ]
 
-    def send(case: tuple[str, bytes]) -> tuple[str, int, str]:
-        model, data = case
-        request = urllib.request.Request(f"http://{hub_server.http_url}/v2/models/{model}/infer", data=data)
+    def send(case: tuple[str, bytes, dict[str, str]]) -> tuple[str, int, str]:
+        model, data, headers = case
+        request = urllib.request.Request(
+            f"http://{hub_server.http_url}/v2/models/{model}/infer", data=data, headers=headers
+        )
         try:
             with urllib.request.urlopen(request, timeout=30) as response:
                 response.read()

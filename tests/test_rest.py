@@ -3,10 +3,12 @@ binary tensors, every datatype), plain HTTP as curl sends it, and the KServe SDK
 
 from __future__ import annotations
 
+import gzip
 import json
 import time
 import urllib.error
 import urllib.request
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -263,6 +265,9 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
 
 # --- bodies, paths, limits ------------------------------------------------------------------------
 
+#: A well-formed digits request whose only fault is the value count (a 400 naming 'image').
+_GOOD_BODY = b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0]}]}'
+
 
 @pytest.mark.parametrize(
     ("body", "headers", "fragment"),
@@ -280,6 +285,13 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": "1x64", "data": []}]}', {}, "'shape'"),
         (b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8]}]}', {}, "neither"),
         (b'{"inputs": [{"name": "image", "data": ' + b"[" * 100_000 + b"]" * 100_000 + b"}]}", {}, "too deeply"),
+        (_GOOD_BODY, {"Content-Encoding": "br"}, "Content-Encoding 'br'"),
+        (_GOOD_BODY, {"Content-Encoding": "zstd"}, "Content-Encoding 'zstd'"),
+        (gzip.compress(_GOOD_BODY), {"Content-Encoding": "gzip, gzip"}, "Content-Encoding 'gzip, gzip'"),
+        (b"not gzip at all", {"Content-Encoding": "gzip"}, "not valid gzip"),
+        (gzip.compress(_GOOD_BODY)[:-12], {"Content-Encoding": "gzip"}, "ends before its gzip stream"),
+        (gzip.compress(_GOOD_BODY) + b"junk", {"Content-Encoding": "gzip"}, "bytes after its gzip stream"),
+        (zlib.compress(_GOOD_BODY)[:20], {"Content-Encoding": "deflate"}, "ends before its deflate stream"),
     ],
     ids=[
         "bad json",
@@ -291,6 +303,13 @@ async def test_aio_client_concurrent_requests(hub_server: RunningServer, digits_
         "shape",
         "no data",
         "nested 100k deep",
+        "brotli",
+        "zstd",
+        "two codings",
+        "corrupt gzip",
+        "truncated gzip",
+        "gzip then junk",
+        "truncated deflate",
     ],
 )
 def test_malformed_bodies_are_400_naming_the_field(
@@ -374,6 +393,68 @@ def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.infer("digits", [http_input("image", np.zeros((32, 1, 8, 8), np.float32), "FP32")])
     assert err.value.status() == "413" and "4096" in err.value.message()
+    # A compressed body is held to the cap as it inflates, not as it is sent.
+    bomb = gzip.compress(b'{"inputs": [{"name": "image", "data": [' + b"0," * 100_000 + b"0]}]}")
+    status, reply = call(server.http_url, "/v2/models/digits/infer", bomb, {"Content-Encoding": "gzip"})
+    assert len(bomb) < 4096 and status == 413 and "4096" in reply["error"]
+    status, reply = call(server.http_url, "/v2/models/digits/infer", gzip.compress(b"{}"), {"Content-Encoding": "gzip"})
+    assert status == 400 and "inputs" in reply["error"]  # and a small one inflates as it should
+
+
+@pytest.mark.parametrize("request_coding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("response_coding", [None, "gzip", "deflate"])
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_tritonclient_compression_both_ways(
+    client: th.InferenceServerClient, request_coding: str | None, response_coding: str | None, binary: bool
+) -> None:
+    array = sample("FP32", (8, 512))  # 16 KiB: an answer worth compressing
+    outputs = [th.InferRequestedOutput("OUTPUT0", binary_data=binary)]
+    result = client.infer(
+        "identity_fp32",
+        [http_input("INPUT0", array, "FP32", binary)],
+        outputs=outputs,
+        request_compression_algorithm=request_coding,
+        response_compression_algorithm=response_coding,
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
+@pytest.mark.parametrize(
+    ("accept", "coding"),
+    [
+        ("gzip", "gzip"),
+        ("deflate", "deflate"),
+        ("gzip;q=0.5, deflate", "deflate"),
+        ("deflate, gzip", "gzip"),  # a tie goes to gzip
+        ("*", "gzip"),
+        ("br, identity", None),
+        ("gzip;q=0", None),
+        ("", None),
+    ],
+)
+def test_infer_answers_in_the_coding_accept_encoding_prefers(
+    hub_server: RunningServer, accept: str, coding: str | None
+) -> None:
+    body = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [8, 512], "data": [0.5] * 4096}]}
+    request = urllib.request.Request(
+        f"http://{hub_server.http_url}/v2/models/identity_fp32/infer",
+        data=json.dumps(body).encode(),
+        headers={"Accept-Encoding": accept},
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        raw, sent_as = response.read(), response.headers.get("Content-Encoding")
+    assert sent_as == coding
+    plain = {"gzip": gzip.decompress, "deflate": zlib.decompress, None: bytes}[coding](raw)
+    assert json.loads(plain)["outputs"][0]["data"] == [0.5] * 4096
+    if coding:
+        assert len(raw) < len(plain) // 10
+    # An answer too small to gain from it goes as it is.
+    small = {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 2], "data": [1, 2]}]}
+    request = urllib.request.Request(
+        request.full_url, data=json.dumps(small).encode(), headers={"Accept-Encoding": accept}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        assert response.headers.get("Content-Encoding") is None
 
 
 def test_metrics_port_serves_metrics_only(hub_server: RunningServer) -> None:

@@ -21,6 +21,7 @@ from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.rest.auth import token_middleware
 from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, load_json, parse_request
+from hub.protocol.rest.encoding import compressed, read_body
 from hub.protocol.rest.status import error_body, status_for
 from hub.security import Tokens
 from hub.shm import CUDA, SYSTEM, Holds
@@ -227,7 +228,7 @@ class RestFrontend:
     # --- inference --------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        parsed = parse_request(await request.read(), request.headers.get(HEADER_LENGTH))
+        parsed = parse_request(await read_body(request, self.max_body), request.headers.get(HEADER_LENGTH))
         info = request.match_info
         with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
             body, header_length = await self.plane.infer(
@@ -239,10 +240,13 @@ class RestFrontend:
                 timeout=parsed.timeout,
             )
         if header_length is None:
-            return web.Response(body=body, headers={"Content-Type": "application/json"})
-        return web.Response(
-            body=body,
-            headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)},
+            return await compressed(request, web.Response(body=body, headers={"Content-Type": "application/json"}))
+        return await compressed(
+            request,
+            web.Response(
+                body=body,
+                headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)},
+            ),
         )
 
     # --- everything else --------------------------------------------------------------------
@@ -272,7 +276,7 @@ def _count(body: dict[str, Any], key: str, default: int | None) -> int:
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
     """An optional JSON object body (an empty body reads as {})."""
-    raw = await request.read()
+    raw = await read_body(request, request.app[MAX_BODY])
     if not raw.strip():
         return {}
     body = load_json(raw)

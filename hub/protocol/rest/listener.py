@@ -41,8 +41,10 @@ class HttpListener:
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"{purpose} cannot listen on {host}:{port}: {exc.strerror}") from None
+        # auto_decompress off: a compressed body is inflated by the handler that reads it, with a
+        # limit and a 400 of ours (hub/protocol/rest/encoding.py), not by aiohttp's parser.
         self._runner = web.AppRunner(
-            self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout
+            self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, auto_decompress=False
         )
         await self._runner.setup()
         await web.SockSite(self._runner, sock, backlog=1024, ssl_context=ssl_context).start()

@@ -1,0 +1,149 @@
+"""HTTP content codings of REST bodies: gzip and deflate, both ways, as Triton's HTTP server and
+tritonclient.http use them (`request_compression_algorithm`, `response_compression_algorithm`).
+
+A request body in `Content-Encoding: gzip` or `deflate` is inflated here, not by aiohttp (the
+listener turns its decoding off): aiohttp answered a body it could not inflate with a 500 and
+a traceback in the log, an unknown coding such as `zstd` with a plain-text 400 logged at ERROR,
+and let other unknown codings through as if they were none. Here a body inflates to at most the
+server's body limit (more is the same 413 as an uncompressed body over it), an unknown coding
+or a corrupt or truncated body is a 400 that names the header, and a body that inflates to more
+than a mebibyte goes on inflating in a worker thread, so that a small compressed request cannot
+hold the event loop for the time a large one takes.
+
+An infer response is compressed when the request's `Accept-Encoding` takes gzip or deflate
+and the body is at least `MIN_COMPRESSED` bytes (below that, compression saves nothing a
+client would notice, and a client must accept an uncompressed answer anyway), at level 1
+(zlib's fastest: tensors compress about as well at level 6, at several times the CPU), and
+in a worker thread when the body is large.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zlib
+from typing import Any
+
+from aiohttp import web
+
+from hub.errors import InvalidInput
+
+#: The codings we read and write, by their HTTP token.
+GZIP, DEFLATE = "gzip", "deflate"
+_ALIASES = {"gzip": GZIP, "x-gzip": GZIP, "deflate": DEFLATE}
+
+#: Output inflated on the event loop before the rest goes to a worker thread.
+INLINE_INFLATE = 1 << 20
+#: Smallest response body worth compressing, and the size from which it is compressed in a thread.
+MIN_COMPRESSED = 1024
+THREADED_COMPRESS = 256 << 10
+
+
+def _decompressor(coding: str, first: bytes) -> Any:
+    if coding == GZIP:
+        return zlib.decompressobj(16 + zlib.MAX_WBITS)
+    # HTTP's deflate is zlib-wrapped (RFC 9110), but some clients send a raw deflate stream: a
+    # zlib header is a CMF byte with method 8 and a 16-bit value divisible by 31.
+    wrapped = len(first) >= 2 and first[0] & 0x0F == 8 and ((first[0] << 8) | first[1]) % 31 == 0
+    return zlib.decompressobj(zlib.MAX_WBITS if wrapped else -zlib.MAX_WBITS)
+
+
+def request_coding(header: str | None) -> str | None:
+    """The one coding a request body is in (None: as it stands); InvalidInput for any other."""
+    if header is None:
+        return None
+    codings = [token.strip().lower() for token in header.split(",") if token.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _ALIASES:
+        return _ALIASES[codings[0]]
+    raise InvalidInput(
+        f"Content-Encoding {header[:64]!r} is not supported: send the body as it is, or in one of gzip, deflate"
+    )
+
+
+def _inflate(inflater: Any, data: bytes, room: int) -> bytes:
+    """Up to `room` bytes of output, and one more when there is more to come."""
+    return inflater.decompress(data, room + 1) if room else b""
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The request's body, inflated when its Content-Encoding says so, at most `limit` bytes
+    (aiohttp's HTTPRequestEntityTooLarge when it would inflate to more, as when it is sent so)."""
+    raw = await request.read()
+    coding = request_coding(request.headers.get("Content-Encoding"))
+    if coding is None:
+        return raw
+    inflater = _decompressor(coding, raw[:2])
+    try:
+        step = min(limit, INLINE_INFLATE)
+        body = inflater.decompress(raw, step)
+        if not inflater.eof and len(body) == step:  # more output to come (or input left to read)
+            rest = await asyncio.get_running_loop().run_in_executor(
+                None, _inflate, inflater, inflater.unconsumed_tail, limit - step
+            )
+            if len(rest) > limit - step:
+                raise web.HTTPRequestEntityTooLarge(limit, limit + 1)
+            body += rest
+    except zlib.error as exc:
+        raise InvalidInput(f"the request body is not valid {coding} (Content-Encoding: {coding}): {exc}") from None
+    if not inflater.eof:
+        if len(body) == limit:
+            raise web.HTTPRequestEntityTooLarge(limit, limit + 1)
+        raise InvalidInput(f"the request body ends before its {coding} stream does (Content-Encoding: {coding})")
+    if inflater.unused_data:
+        raise InvalidInput(f"the request body has bytes after its {coding} stream (Content-Encoding: {coding})")
+    return body
+
+
+def response_coding(header: str | None) -> str | None:
+    """The coding to answer in for an Accept-Encoding header: gzip or deflate, the one with the
+    higher q-value (gzip on a tie, `*` counting for gzip), or None."""
+    if not header:
+        return None
+    best: tuple[float, bool] | None = None
+    chosen = None
+    for item in header.split(",")[:32]:
+        token, _, params = item.partition(";")
+        token = token.strip().lower()
+        coding = GZIP if token == "*" else _ALIASES.get(token)
+        if coding is None:
+            continue
+        q = 1.0
+        for param in params.split(";"):
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "q":
+                try:
+                    q = float(value)
+                except ValueError:
+                    q = 0.0
+        rank = (q, coding == GZIP)
+        if q > 0 and (best is None or rank > best):
+            best, chosen = rank, coding
+    return chosen
+
+
+def _compress(coding: str, body: bytes) -> bytes:
+    if coding == GZIP:
+        compressor = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+    else:
+        compressor = zlib.compressobj(1, zlib.DEFLATED, zlib.MAX_WBITS)
+    return compressor.compress(body) + compressor.flush()
+
+
+async def compressed(request: web.Request, response: web.Response) -> web.Response:
+    """`response`, compressed when the request accepts a coding we write and its body is worth it."""
+    body = response.body
+    if not isinstance(body, bytes) or len(body) < MIN_COMPRESSED:
+        return response
+    coding = response_coding(request.headers.get("Accept-Encoding"))
+    if coding is None:
+        return response
+    if len(body) >= THREADED_COMPRESS:
+        packed = await asyncio.get_running_loop().run_in_executor(None, _compress, coding, body)
+    else:
+        packed = _compress(coding, body)
+    response.body = packed
+    response.headers["Content-Encoding"] = coding
+    response.headers["Vary"] = "Accept-Encoding"
+    return response
