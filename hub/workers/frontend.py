@@ -41,6 +41,11 @@ log = logging.getLogger("modelhub.frontend")
 #: Seconds a change of a frontend's queue depth or requests in flight may wait for a commit to
 #: travel with before it is sent alone (modelhub_queue_depth, modelhub_inflight_requests).
 GAUGE_DELAY = 0.05
+#: Seconds between two tries to reach a restarting model process. Fixed, not backing off: a
+#: backoff that grew to a second let one frontend report ready (and serve) up to a second
+#: before another, whose clients were refused meanwhile. A failed connect to a Unix socket
+#: costs microseconds.
+RECONNECT_INTERVAL = 0.05
 
 
 #: A block of the model process's arena that a request's outputs lie in: given back once the
@@ -113,17 +118,14 @@ class EngineClient:
 
     async def _keep_connected(self) -> None:
         loop = asyncio.get_running_loop()
-        delay = 0.05
         while not self._closing:
             try:
                 _, channel = await loop.create_unix_connection(
                     lambda: Channel(self._received, self._lost), str(self.socket_path)
                 )
             except OSError:
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 1.0)
+                await asyncio.sleep(RECONNECT_INTERVAL)
                 continue
-            delay = 0.05
             self._channel = channel
             self.connected.set()
             log.info("connected to the model process at %s", self.socket_path)
