@@ -8,8 +8,10 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from hub.errors import InvalidInput, Unsupported
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
@@ -76,19 +78,166 @@ def tame_libraries() -> None:
             logger.addFilter(Demote("modelhub.build.libraries", matches))
 
 
-def configure(level: str = "info", fmt: str = "text") -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if fmt == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+#: The ONNX exporter's passes log every step at INFO; one line per event means ours.
+NOISY = ("onnx_ir", "onnxscript", "torch.onnx")
+
+
+class LevelSwitch(logging.Filter):
+    """Triton's severity switches on the server's log: info, warning and error lines each on
+    or off, and DEBUG lines on while the verbose level is above 0."""
+
+    def __init__(self, level: str = "info") -> None:
+        super().__init__()
+        number = logging.getLevelName(level.upper())
+        self.info = number <= logging.INFO
+        self.warning = number <= logging.WARNING
+        self.error = True
+        self.verbose = 1 if number <= logging.DEBUG else 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR:
+            return self.error
+        if record.levelno >= logging.WARNING:
+            return self.warning
+        if record.levelno >= logging.INFO:
+            return self.info
+        return self.verbose > 0
+
+    def floor(self) -> int:
+        """The lowest level a line may have and pass (the root logger's level, so that what
+        would be dropped is not formatted first)."""
+        for on, level in (
+            (self.verbose > 0, logging.DEBUG),
+            (self.info, logging.INFO),
+            (self.warning, logging.WARNING),
+        ):
+            if on:
+                return level
+        return logging.ERROR if self.error else logging.CRITICAL + 1
+
+
+class ServerLogHandler(logging.StreamHandler):
+    """The server's one log handler (stderr), with its LevelSwitch."""
+
+    def __init__(self, level: str, fmt: str) -> None:
+        super().__init__(sys.stderr)
+        self.switch = LevelSwitch(level)
+        self.addFilter(self.switch)
+        self.set_format(fmt)
+
+    def set_format(self, fmt: str) -> None:
+        self.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+
+    @property
+    def format_name(self) -> str:
+        return "json" if isinstance(self.formatter, JsonFormatter) else "text"
+
+
+def _apply_floor(switch: LevelSwitch) -> None:
     root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(level.upper())
-    # The ONNX exporter's passes log every step at INFO; one line per event means ours.
-    for noisy in ("onnx_ir", "onnxscript", "torch.onnx"):
+    root.setLevel(switch.floor())
+    for noisy in NOISY:
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def configure(level: str = "info", fmt: str = "text") -> None:
+    handler = ServerLogHandler(level, fmt)
+    logging.getLogger().handlers[:] = [handler]
+    _apply_floor(handler.switch)
     tame_libraries()
+
+
+#: Triton's logging extension's settings (`/v2/logging`, the LogSettings RPC), in its order.
+LOG_SETTINGS = ("log_file", "log_info", "log_warning", "log_error", "log_verbose_level", "log_format")
+LOG_FORMATS = ("text", "json")
+_SWITCHES = {"log_info": "info", "log_warning": "warning", "log_error": "error"}
+
+
+def check_log_settings(changes: Mapping[str, object]) -> dict[str, bool | int | str]:
+    """The changes a client asks for, checked: InvalidInput naming the setting otherwise."""
+    checked: dict[str, bool | int | str] = {}
+    for name, value in changes.items():
+        shown = str(name)[:64]
+        if name not in LOG_SETTINGS:
+            raise InvalidInput(f"unknown log setting '{shown}'; the settings are {', '.join(LOG_SETTINGS)}")
+        if name == "log_file":
+            if value != "":
+                raise InvalidInput(
+                    "log_file cannot be set by a client: the server logs to its standard error, for the "
+                    "container runtime to collect (a client-chosen file the server appends to was Triton's "
+                    "CVE-2024-0087)"
+                )
+        elif name in _SWITCHES:
+            if not isinstance(value, bool):
+                raise InvalidInput(f"{name} must be true or false")
+        elif name == "log_verbose_level":
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < 2**32:
+                raise InvalidInput("log_verbose_level must be an integer from 0 (off) to 2^32-1 (above 0: debug lines)")
+        elif value not in LOG_FORMATS:  # log_format
+            raise InvalidInput(
+                f"log_format must be one of {', '.join(LOG_FORMATS)} (Triton's 'default' and 'ISO8601' are its "
+                "own text layouts; ours is 'text')"
+            )
+        checked[name] = value
+    return checked
+
+
+NOT_CONFIGURED = (
+    "this server's process logs through its embedder's handlers, not modelhub's: its log settings are theirs"
+)
+
+
+class LogSettings:
+    """Triton's logging extension over this process's log (process-wide, as logging is): the
+    handler `configure` installed. A process that never called it (a library embedding the
+    Server) has no such handler, and its log is its own: `available()` is False there."""
+
+    @staticmethod
+    def _handler() -> ServerLogHandler | None:
+        return next((h for h in logging.getLogger().handlers if isinstance(h, ServerLogHandler)), None)
+
+    def available(self) -> bool:
+        return self._handler() is not None
+
+    def current(self) -> dict[str, bool | int | str]:
+        handler = self._handler()
+        if handler is None:
+            raise Unsupported(NOT_CONFIGURED)
+        switch = handler.switch
+        return {
+            "log_file": "",
+            "log_info": switch.info,
+            "log_warning": switch.warning,
+            "log_error": switch.error,
+            "log_verbose_level": switch.verbose,
+            "log_format": handler.format_name,
+        }
+
+    def apply(self, changes: Mapping[str, object], *, announce: bool = True) -> dict[str, bool | int | str]:
+        """Check every change, then make them all (none when one is refused); the settings now.
+        `announce`: log what changed (once per server: not again in each frontend process)."""
+        handler = self._handler()
+        if handler is None:
+            raise Unsupported(NOT_CONFIGURED)
+        checked = check_log_settings(changes)
+        before = self.current()
+        for name, value in checked.items():
+            if name in _SWITCHES:
+                setattr(handler.switch, _SWITCHES[name], value)
+            elif name == "log_verbose_level":
+                handler.switch.verbose = int(value)
+            elif name == "log_format":
+                handler.set_format(str(value))
+        _apply_floor(handler.switch)
+        after = self.current()
+        if announce and after != before:
+            changed = {k: v for k, v in after.items() if before[k] != v}
+            logging.getLogger("modelhub.logging").warning("log settings changed: %s", changed)
+        return after
+
+    async def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
+        return self.apply(changes)
 
 
 class Throttle:

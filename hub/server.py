@@ -22,7 +22,7 @@ from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController, plugin_stamps
-from hub.core.dataplane import DataPlane, ModelControl
+from hub.core.dataplane import DataPlane, LogControl, ModelControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.limits import Limits
@@ -39,7 +39,7 @@ from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
-from hub.workers.frontend import RemoteControl, RemoteRepository
+from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository
 
 if TYPE_CHECKING:
     from hub.workers.engine import EngineService
@@ -200,13 +200,10 @@ class Server:
         tokens = config.tokens  # checks the tokens before anything listens
         if config.metrics_auth and config.auth_token is None:
             raise ValueError("--metrics-auth requires --auth-token: it is the token /metrics then asks for")
-        if config.model_control_token is not None and not (config.control_enabled or config.shared_memory):
-            raise ValueError(
-                "--model-control-token is set but model control and shared memory are off: add --model-control"
-            )
         ssl_context = config.tls.server_context() if config.tls is not None else None
         models: list[ServedModel] = []
         control: ModelControl
+        log_control: LogControl = logs.LogSettings()
         if config.engine_socket is not None:
             remote = RemoteRepository(
                 config.engine_socket,
@@ -222,6 +219,7 @@ class Server:
             )
             self.repository = remote
             control = RemoteControl(remote.client)
+            log_control = RemoteLogs(remote.client)
         else:
             # --watch compares with the files as they were before the plugins were read: a file
             # written while the models load is a change, not the starting point.
@@ -254,6 +252,7 @@ class Server:
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
             shared_memory=self.shared_memory,
+            logs=log_control,
         )
         if config.serve_engine is not None:
             from hub.workers.engine import EngineService

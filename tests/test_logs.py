@@ -4,14 +4,23 @@ installed" warnings and ONNX Runtime's quantizer chatter come out under our logg
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import subprocess
 import sys
+import time
+from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
+import tritonclient.grpc as tc
+import tritonclient.http as th
+from tritonclient.utils import InferenceServerException
 
 from hub import logs
 
-from .conftest import ROOT, link_plugins
+from .conftest import ROOT, RunningServer, Workers, link_plugins
 
 
 @pytest.fixture(scope="module")
@@ -77,3 +86,123 @@ def test_tame_libraries_is_idempotent_and_leaves_other_records(caplog: pytest.Lo
     assert (logs.TORCH_ONNX_REGISTRATION, "WARNING", "a real problem") in seen
     assert ("root", "WARNING", "someone else's root warning") in seen
     assert len(seen) == 3
+
+
+# --- Triton's logging extension (`/v2/logging`, the LogSettings RPC) ---------------------------
+
+DEFAULTS = {
+    "log_file": "",
+    "log_info": True,
+    "log_warning": True,
+    "log_error": True,
+    "log_verbose_level": 0,
+    "log_format": "text",
+}
+
+
+def _grpc_settings(client: Any) -> dict[str, Any]:
+    """tritonclient.grpc's answer, as the REST one reads."""
+    settings = client.get_log_settings(as_json=True)["settings"]
+    return {name: next(iter(value.values())) for name, value in settings.items()}
+
+
+def _access_lines(server: Workers, clients: list[Any]) -> int:
+    """How many access-log lines one request over each client adds (every request is logged:
+    --log-requests 1). The frontends write the server's log; give them a moment."""
+    before = server.logged("modelhub.access")
+    for client in clients:
+        tensor = tc.InferInput("INPUT0", [1, 1], "FP32")
+        tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+        client.infer("identity_fp32", [tensor])
+    time.sleep(0.5)
+    return server.logged("modelhub.access") - before
+
+
+def _connections(server: Workers, n: int) -> list[Any]:
+    """n clients, each on its own connection (SO_REUSEPORT spreads them over the frontends)."""
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    return [tc.InferenceServerClient(server.url, channel_args=own) for _ in range(n)]
+
+
+def test_log_settings_over_both_protocols(tmp_path: Path) -> None:
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 1, "--log-requests", "1")
+    try:
+        grpc_client = tc.InferenceServerClient(server.url)
+        http_client = th.InferenceServerClient(server.http_url)
+        assert "logging" in grpc_client.get_server_metadata(as_json=True)["extensions"]
+        assert "logging" in http_client.get_server_metadata()["extensions"]
+        assert _grpc_settings(grpc_client) == http_client.get_log_settings() == DEFAULTS
+        assert _access_lines(server, [grpc_client]) == 1
+        # Off over gRPC: the info lines stop (the access log is at INFO), and both protocols say so.
+        changed = grpc_client.update_log_settings({"log_info": False, "log_verbose_level": 3}, as_json=True)
+        assert {k: next(iter(v.values())) for k, v in changed["settings"].items()} == {
+            **DEFAULTS,
+            "log_info": False,
+            "log_verbose_level": 3,
+        }
+        assert http_client.get_log_settings()["log_info"] is False
+        assert _access_lines(server, [grpc_client]) == 0
+        # Back on over REST, and JSON lines from now on.
+        assert http_client.update_log_settings({"log_info": True, "log_verbose_level": 0, "log_format": "json"}) == {
+            **DEFAULTS,
+            "log_format": "json",
+        }
+        assert _access_lines(server, [grpc_client]) == 1
+        assert '"logger": "modelhub.access"' in server.output()
+        assert "log settings changed" in server.output()
+        # Refused, naming the setting, and nothing of the request applied.
+        refusals = [
+            ({"log_file": "/root/.bashrc"}, "CVE-2024-0087"),
+            ({"log_info": "yes", "log_error": False}, "log_info must be true or false"),
+            ({"log_verbose": 1}, "unknown log setting 'log_verbose'"),
+            ({"log_format": "ISO8601"}, "log_format must be one of text, json"),
+            ({"log_verbose_level": 2**32}, "log_verbose_level must be an integer"),
+        ]
+        for settings, fragment in refusals:
+            with pytest.raises(InferenceServerException) as caught:
+                http_client.update_log_settings(settings)
+            assert caught.value.status() == "400" and fragment in caught.value.message(), caught.value
+        with pytest.raises(InferenceServerException) as caught:
+            grpc_client.update_log_settings({"log_file": "/tmp/x"})
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and "log_file" in caught.value.message()
+        assert http_client.get_log_settings() == {**DEFAULTS, "log_format": "json"}
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_log_settings_reach_every_process(tmp_path: Path) -> None:
+    """With --workers 2 a change made over one connection is the setting of every frontend and
+    of the model process, and a frontend restarted later takes it from the model process."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--log-requests", "1")
+    try:
+        http_client = th.InferenceServerClient(server.http_url)
+        assert _access_lines(server, _connections(server, 8)) == 8
+        assert http_client.update_log_settings({"log_info": False})["log_info"] is False
+        assert all(_grpc_settings(c)["log_info"] is False for c in _connections(server, 8))
+        assert _access_lines(server, _connections(server, 8)) == 0
+        assert server.logged("log settings changed") == 1  # said once, by the model process
+        victim = server.children("frontend")[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while victim in server.children("frontend") or len(server.children("frontend")) < 2:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.2)
+        clients = _connections(server, 8)
+        while not all(c.is_server_ready() for c in clients):
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.2)
+        assert all(_grpc_settings(c)["log_info"] is False for c in _connections(server, 8))
+        assert _access_lines(server, _connections(server, 8)) == 0
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_log_settings_are_unimplemented_where_the_log_is_the_embedders(hub_server: RunningServer) -> None:
+    """A Server run inside another program (here, pytest) leaves its log to that program."""
+    client = tc.InferenceServerClient(hub_server.url)
+    assert "logging" not in client.get_server_metadata(as_json=True)["extensions"]
+    with pytest.raises(InferenceServerException) as caught:
+        client.get_log_settings()
+    assert caught.value.status() == "StatusCode.UNIMPLEMENTED" and "embedder" in caught.value.message()

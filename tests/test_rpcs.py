@@ -110,8 +110,7 @@ def test_unknown_model_is_not_found(client: tc.InferenceServerClient, call) -> N
 
 UNIMPLEMENTED = {
     "TraceSetting": service_pb2.TraceSettingRequest(),
-    "LogSettings": service_pb2.LogSettingsRequest(),
-}
+}  # LogSettings: tests/test_logs.py
 #: Off unless --shared-memory (tests/test_shared_memory.py has them on): UNIMPLEMENTED, saying so.
 SHARED_MEMORY_OFF = {
     "SystemSharedMemoryStatus": (service_pb2.SystemSharedMemoryStatusRequest(), "--shared-memory system"),

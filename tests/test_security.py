@@ -171,10 +171,11 @@ def test_grpc_health_stays_open(guarded: RunningServer) -> None:
 def test_grpc_model_control_needs_its_own_token(guarded: RunningServer) -> None:
     client = grpcclient.InferenceServerClient(guarded.url)
     for headers in (None, BEARER):
-        with pytest.raises(InferenceServerException) as caught:
-            client.unload_model("identity_fp32", headers=headers)
-        assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
-        assert "--model-control-token" in caught.value.message()
+        for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings):
+            with pytest.raises(InferenceServerException) as caught:
+                call(headers=headers)
+            assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
+            assert "--model-control-token" in caught.value.message()
     control = {"authorization": f"Bearer {CONTROL_TOKEN}"}
     client.unload_model("identity_fp32", headers=control)
     assert not client.is_model_ready("identity_fp32")
@@ -193,9 +194,10 @@ def test_rest_inference_needs_the_token_and_health_stays_open(guarded: RunningSe
             assert "--auth-token" in caught.value.message()
             assert "wrong-token-value" not in caught.value.message()
     np.testing.assert_array_equal(_http_infer(client, headers={"Authorization": f"Bearer {TOKEN}"}), EXPECTED)
-    with pytest.raises(InferenceServerException) as caught:
-        client.unload_model("identity_fp32", headers={"Authorization": f"Bearer {TOKEN}"})
-    assert caught.value.status() == "401" and "--model-control-token" in caught.value.message()
+    for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings):
+        with pytest.raises(InferenceServerException) as caught:
+            call(headers={"Authorization": f"Bearer {TOKEN}"})
+        assert caught.value.status() == "401" and "--model-control-token" in caught.value.message()
     client.load_model("identity_fp32", headers={"Authorization": f"Bearer {CONTROL_TOKEN}"})
 
 
@@ -219,7 +221,6 @@ def test_metrics_bind_their_own_host(start_server: Any, plugins: Path) -> None:
     ("settings", "flag"),
     [
         ({"metrics_auth": True}, "--auth-token"),
-        ({"model_control_token": "x"}, "--model-control"),
         ({"auth_token": "has space"}, "--auth-token"),
         ({"tls": TlsConfig(Path("/nonexistent/server.pem"), Path("/nonexistent/server.key"))}, "--tls-cert"),
     ],

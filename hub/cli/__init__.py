@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-control-token",
         default=_env("MODEL_CONTROL_TOKEN", None),
         metavar="TOKEN",
-        help="bearer token that load/unload require, separate from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
+        help="bearer token that load/unload, shared-memory registration and the log settings require, separate "
+        "from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
     )
     security.add_argument(
         "--shared-memory",

@@ -33,6 +33,7 @@ from hub.errors import (
     code_of,
     shorten,
 )
+from hub.logs import LogSettings
 from hub.shm import OutputTarget, SharedMemoryRegistry
 from hub.spec import ModelSpec
 
@@ -89,6 +90,17 @@ class ModelControl(Protocol):
     async def unload_model(self, name: str) -> None: ...
 
 
+class LogControl(Protocol):
+    """Triton's logging extension: hub.logs.LogSettings in one process; with several, the
+    model process changes them in every process (hub/workers/frontend.py)."""
+
+    def available(self) -> bool: ...
+
+    def current(self) -> dict[str, bool | int | str]: ...
+
+    async def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]: ...
+
+
 class DataPlane:
     """What every frontend calls. One per server; owns no models (the repository does)."""
 
@@ -101,8 +113,10 @@ class DataPlane:
         version_policy: Callable[[str], VersionPolicy] | None = None,
         log_requests: float = 0.0,
         shared_memory: SharedMemoryRegistry | None = None,
+        logs: LogControl | None = None,
     ) -> None:
         self.repository = repository
+        self.logs: LogControl = logs or LogSettings()
         #: The regions requests may name (None: shared memory is off); frontends look them up.
         self.shared_memory = shared_memory
         self._is_ready = is_ready
@@ -159,9 +173,10 @@ class DataPlane:
 
     def server_metadata(self) -> tuple[str, str, Sequence[str]]:
         """(name, version, extensions)."""
-        if self.shared_memory is None:
-            return "modelhub", __version__, EXTENSIONS
-        return "modelhub", __version__, (*EXTENSIONS, *self.shared_memory.extensions())
+        extensions = [*EXTENSIONS, *(("logging",) if self.logs.available() else ())]
+        if self.shared_memory is not None:
+            extensions += self.shared_memory.extensions()
+        return "modelhub", __version__, extensions
 
     def model(self, name: str, version: str = "") -> ServedModel:
         """The model a request names (NOT_FOUND for an unknown name or version)."""
@@ -210,6 +225,20 @@ class DataPlane:
         if self._control is None:
             raise PermissionDenied(CONTROL_OFF)
         await self._control.unload_model(name)
+
+    # --- log settings (Triton's logging extension) -----------------------------------------
+
+    def log_settings(self) -> dict[str, bool | int | str]:
+        """The server's log settings, as Triton names them; UNIMPLEMENTED where the process's
+        log is not modelhub's (a library embedding the Server)."""
+        return self.logs.current()
+
+    async def update_log_settings(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
+        """Change some (InvalidInput naming a setting that is unknown, of the wrong type, or
+        `log_file`, which a client may not set); the settings after."""
+        if not changes:
+            return self.logs.current()
+        return await self.logs.update(changes)
 
     # --- shared memory (Triton's extension) -------------------------------------------------
 

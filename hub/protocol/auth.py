@@ -18,7 +18,8 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/",)
 _OPEN = frozenset(f"/{SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ModelReady"))
-#: Model control, and registering shared memory (which lets a client point the server at memory).
+#: Model control, registering shared memory (which lets a client point the server at memory),
+#: and the log settings.
 _CONTROL = frozenset(
     f"/{SERVICE}/{name}"
     for name in (
@@ -28,6 +29,7 @@ _CONTROL = frozenset(
         "SystemSharedMemoryUnregister",
         "CudaSharedMemoryRegister",
         "CudaSharedMemoryUnregister",
+        "LogSettings",
     )
 )
 

@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError, ShuttingDown
+from hub.errors import HubError, InvalidInput, ShuttingDown
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.logs import Throttle
 from hub.protocol import triton
@@ -385,10 +385,39 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response()
         return _fail(context, failure)
 
+    # --- log settings (Triton's logging extension) -------------------------------------------
+
+    async def LogSettings(self, request: pb.LogSettingsRequest, context: Any) -> pb.LogSettingsResponse:
+        """No settings in the request: the current ones (tritonclient's get_log_settings)."""
+        try:
+            changes = {name: _setting(name, value) for name, value in request.settings.items()}
+            settings = await self.plane.update_log_settings(changes)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            response = pb.LogSettingsResponse()
+            for name, value in settings.items():
+                slot = response.settings[name]
+                if isinstance(value, bool):
+                    slot.bool_param = value
+                elif isinstance(value, int):
+                    slot.uint32_param = value
+                else:
+                    slot.string_param = value
+            return response
+        return _fail(context, failure)
+
     # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
 
     TraceSetting = _unimplemented("TraceSetting")
-    LogSettings = _unimplemented("LogSettings")
+
+
+def _setting(name: str, value: pb.LogSettingsRequest.SettingValue) -> bool | int | str:
+    which = value.WhichOneof("parameter_choice")
+    if which is None:
+        raise InvalidInput(f"log setting '{name[:64]}' has no value")
+    result: bool | int | str = getattr(value, which)
+    return result
 
 
 @dataclass(frozen=True)

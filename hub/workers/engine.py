@@ -50,6 +50,7 @@ from hub.errors import (
     code_of,
     shorten,
 )
+from hub.logs import LogSettings
 from hub.metrics import ModelMetrics
 from hub.server import Server
 from hub.shm import SYSTEM, Holds, SharedMemoryRegistry
@@ -208,6 +209,7 @@ class EngineService:
         self._asks = itertools.count(1)
         self._listener: asyncio.AbstractServer | None = None
         self._announcing: asyncio.Task[None] | None = None
+        self._logs = LogSettings()  # this process's; it sends them to every frontend
         server.metrics.watch_frontends(lambda: [c.pid for c in list(self.connections) if c.pid])
 
     async def start(self) -> None:
@@ -263,6 +265,8 @@ class EngineService:
                 reply = self.snapshot()
                 reply["arena"] = connection.hello(header)
                 reply["regions"] = self._region_table()
+                if self._logs.available():  # a frontend (re)started takes the settings as they are now
+                    reply["logging"] = self._logs.current()
             elif kind == "stats":
                 reply = self._stats(header)
             elif kind == "load":
@@ -276,6 +280,12 @@ class EngineService:
             elif kind == "shm_register":
                 await self._register_region(header)
                 reply = {}
+            elif kind == "logging":
+                settings = self._logs.apply(header.get("settings") or {})
+                failure = await self._publish({"k": "logging", "settings": settings}, "log settings")
+                if failure is not None:
+                    log.error("engine: a frontend could not apply the log settings: %s", failure)
+                reply = {"settings": settings}
             elif kind == "shm_unregister":
                 self._registry().unregister(SYSTEM, header.get("name", ""))
                 await self._publish_regions()

@@ -28,6 +28,7 @@ from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.datatypes import NUMPY_DTYPES
 from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
+from hub.logs import LogSettings
 from hub.metrics import NullMetrics
 from hub.pipeline.builder import Builder
 from hub.shm import SYSTEM, SharedMemoryRegistry
@@ -187,9 +188,14 @@ class EngineClient:
         if kind == "regions":  # a registration changed: apply it before the RPC returns
             self.acknowledge(header["a"], self.regions.sync(header["regions"]) if self.regions is not None else None)
             return
+        if kind == "logging":  # the log settings changed: this process's too, before the RPC returns
+            self.acknowledge(header["a"], _apply_log_settings(header["settings"]))
+            return
         if "regions" in header and self.regions is not None:
             # The hello's answer: the region table now, applied in order with later changes.
             self.regions.sync(header["regions"])
+        if "logging" in header:  # the hello's answer: the log settings the model process has
+            _apply_log_settings(header["logging"])
         call = self._pending.pop(header.get("t", 0), None)
         if call is None:
             return
@@ -751,6 +757,37 @@ def _stats(data: dict[str, Any]) -> ModelStats:
         batches=batches,
         **durations,
     )
+
+
+def _apply_log_settings(settings: dict[str, Any]) -> str | None:
+    """Take the model process's log settings in this process: None, or what went wrong."""
+    try:
+        LogSettings().apply(settings, announce=False)  # the model process logged the change
+    except HubError as exc:
+        return str(exc)
+    return None
+
+
+class RemoteLogs:
+    """The log settings of every process: read here (each frontend holds what the model
+    process sent it), changed by the model process, which changes them in every frontend
+    before it answers. The supervisor's own few lines keep the command line's settings."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
+        self._local = LogSettings()
+
+    def available(self) -> bool:
+        return self._local.available()
+
+    def current(self) -> dict[str, bool | int | str]:
+        return self._local.current()
+
+    async def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
+        self._local.current()  # UNIMPLEMENTED here, as in one process, where the log is not ours
+        header, _ = await self._client.request({"k": "logging", "settings": dict(changes)})
+        settings: dict[str, bool | int | str] = header["settings"]
+        return settings
 
 
 class RemoteControl:

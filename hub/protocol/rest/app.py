@@ -108,6 +108,8 @@ class RestFrontend:
             ("POST", "/v2/repository/index", self.index),
             ("POST", "/v2/repository/models/{model}/load", self.load),
             ("POST", "/v2/repository/models/{model}/unload", self.unload),
+            ("GET", "/v2/logging", self.logging),
+            ("POST", "/v2/logging", self.update_logging),
         ]
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
@@ -131,8 +133,8 @@ class RestFrontend:
                 app.router.add_get(path, _guarded(handler))
             else:
                 app.router.add_route(method, path, _guarded(handler))
-        for area in ("trace", "logging"):  # Triton's extensions we do not have (every shared-memory path is above)
-            app.router.add_route("*", f"/v2/{area}{{tail:.*}}", _guarded(self.unimplemented))
+        # Triton's trace extension, which we do not have (every shared-memory path is above).
+        app.router.add_route("*", "/v2/trace{tail:.*}", _guarded(self.unimplemented))
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -190,6 +192,14 @@ class RestFrontend:
         await _json_body(request)  # `unload_dependents` has no meaning here: models have none
         await self.plane.unload(request.match_info["model"])
         return web.Response(status=200)
+
+    # --- log settings -----------------------------------------------------------------------
+
+    async def logging(self, request: web.Request) -> web.Response:
+        return json_response(self.plane.log_settings())
+
+    async def update_logging(self, request: web.Request) -> web.Response:
+        return json_response(await self.plane.update_log_settings(await _json_body(request)))
 
     # --- shared memory ----------------------------------------------------------------------
 

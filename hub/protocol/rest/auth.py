@@ -14,9 +14,11 @@ from hub.protocol.rest.status import error_body, status_for
 from hub.security import Access, Tokens
 
 _OPEN = re.compile(r"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
-#: Model control, and (un)registering shared memory: a region name may hold '/', so any path
-#: under the shared-memory prefix that ends in register or unregister.
-_CONTROL = re.compile(r"/v2/repository/models/[^/]+/(load|unload)|/v2/(system|cuda)sharedmemory(/.*)?/(un)?register")
+#: Model control, (un)registering shared memory (a region name may hold '/', so any path
+#: under the shared-memory prefix that ends in register or unregister), and the log settings.
+_CONTROL = re.compile(
+    r"/v2/repository/models/[^/]+/(load|unload)|/v2/(system|cuda)sharedmemory(/.*)?/(un)?register|/v2/logging"
+)
 
 
 def access_of(path: str) -> Access:
