@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -17,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from hub import logs
 from hub.server import Server, ServerConfig
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -137,6 +139,16 @@ class Workers:
         """How many times the whole log so far holds `fragment`."""
         return self.log_path.read_bytes().decode(errors="replace").count(fragment)
 
+    def kill_frontend(self, timeout: float = 120) -> None:
+        """SIGKILL a frontend and wait until the supervisor has started its replacement."""
+        frontends = self.children("frontend")
+        victim = frontends[0]
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + timeout
+        while victim in self.children("frontend") or len(self.children("frontend")) < len(frontends):
+            assert time.monotonic() < deadline, self.output()
+            time.sleep(0.2)
+
     def children(self, role: str) -> list[int]:
         """The live child processes of this role (from /proc: their parent and command line)."""
         found = []
@@ -168,6 +180,20 @@ def link_plugins(folder: Path, *sources: Path) -> Path:
         if not target.exists():
             target.symlink_to(source)
     return folder
+
+
+@pytest.fixture(autouse=True)
+def _server_log_handler_removed() -> Iterator[None]:
+    """A test that runs the CLI in-process (`hub.cli.main`) installs modelhub's log handler
+    (hub.logs.configure) on this process's root logger: take it off again, so the next test's
+    in-process servers leave the log to pytest, as an embedded Server does."""
+    root = logging.getLogger()
+    level = root.level
+    yield
+    for handler in root.handlers[:]:
+        if isinstance(handler, logs.ServerLogHandler):
+            root.removeHandler(handler)
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")
