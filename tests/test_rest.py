@@ -457,6 +457,17 @@ def test_infer_answers_in_the_coding_accept_encoding_prefers(
         assert response.headers.get("Content-Encoding") is None
 
 
+def test_responses_do_not_name_the_server_software(hub_server: RunningServer) -> None:
+    urls = [f"http://{hub_server.http_url}{path}" for path in ("/v2/health/live", "/v2", "/nowhere")]
+    for url in [*urls, hub_server.metrics_url]:
+        try:
+            with urllib.request.urlopen(url, timeout=10) as response:
+                headers = response.headers
+        except urllib.error.HTTPError as err:
+            headers = err.headers
+        assert "Server" not in headers, (url, headers["Server"])
+
+
 def test_metrics_port_serves_metrics_only(hub_server: RunningServer) -> None:
     base = hub_server.metrics_url.removesuffix("/metrics")
     with urllib.request.urlopen(hub_server.metrics_url, timeout=10) as response:

@@ -9,6 +9,12 @@ import ssl
 from aiohttp import web
 
 
+async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
+    """aiohttp names itself and Python, with their versions, in a Server header on every
+    response: what a scanner looks for first. Triton's HTTP server sends none; nor do we."""
+    response.headers.popall("Server", None)
+
+
 class HttpListener:
     def __init__(self, app: web.Application) -> None:
         self._app = app
@@ -41,6 +47,7 @@ class HttpListener:
         except OSError as exc:
             sock.close()
             raise OSError(exc.errno, f"{purpose} cannot listen on {host}:{port}: {exc.strerror}") from None
+        self._app.on_response_prepare.append(_no_server_header)
         # auto_decompress off: a compressed body is inflated by the handler that reads it, with a
         # limit and a 400 of ours (hub/protocol/rest/encoding.py), not by aiohttp's parser.
         self._runner = web.AppRunner(
