@@ -289,9 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=GRPC_SERVERS,
         default=_env("GRPC_SERVER", "aio"),
         help="which grpcio server takes gRPC calls: aio (grpc.aio on the event loop) or threads (grpcio's "
-        "thread-pool server, its handler threads taking turns at the event loop's data plane): on the 2-core "
-        "box 1.2x aio's throughput under the peer kit's grpc.aio loadgen, 0.75x under perf_analyzer, and slower "
-        "wherever requests wait (a GPU, --workers N) (docs/benchmarks.md) "
+        "thread-pool server, its handler threads taking turns at the event loop's data plane; an experiment): "
+        "on the 2-core box from 0.62x to 1.2x aio's throughput by the hour, and slower wherever requests wait "
+        "(a GPU, --workers N) (docs/benchmarks.md) "
         "(env MODELHUB_GRPC_SERVER; default: aio)",
     )
     serve.add_argument(
