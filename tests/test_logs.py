@@ -124,7 +124,7 @@ def _connections(server: Workers, n: int) -> list[Any]:
 
 def test_log_settings_over_both_protocols(tmp_path: Path) -> None:
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
-    server = Workers(plugins, tmp_path / "models", tmp_path, 1, "--log-requests", "1")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 1, "--log-requests", "1", "--model-control")
     try:
         grpc_client = tc.InferenceServerClient(server.url)
         http_client = th.InferenceServerClient(server.http_url)
@@ -173,7 +173,7 @@ def test_log_settings_reach_every_process(tmp_path: Path) -> None:
     """With --workers 2 a change made over one connection is the setting of every frontend and
     of the model process, and a frontend restarted later takes it from the model process."""
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
-    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--log-requests", "1")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--log-requests", "1", "--model-control")
     try:
         http_client = th.InferenceServerClient(server.http_url)
         assert _access_lines(server, _connections(server, 8)) == 8
@@ -189,6 +189,25 @@ def test_log_settings_reach_every_process(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert all(_grpc_settings(c)["log_info"] is False for c in _connections(server, 8))
         assert _access_lines(server, _connections(server, 8)) == 0
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_changing_log_settings_is_model_control(tmp_path: Path) -> None:
+    """Off unless --model-control, as load and unload: reading them stays open."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 1)
+    try:
+        grpc_client = tc.InferenceServerClient(server.url)
+        http_client = th.InferenceServerClient(server.http_url)
+        assert _grpc_settings(grpc_client) == http_client.get_log_settings() == DEFAULTS
+        with pytest.raises(InferenceServerException) as caught:
+            grpc_client.update_log_settings({"log_error": False})
+        assert caught.value.status() == "StatusCode.PERMISSION_DENIED" and "--model-control" in caught.value.message()
+        with pytest.raises(InferenceServerException) as caught:
+            http_client.update_log_settings({"log_error": False})
+        assert caught.value.status() == "403" and "--model-control" in caught.value.message()
+        assert http_client.get_log_settings() == DEFAULTS
     finally:
         assert server.stop() == 0, server.output()
 

@@ -209,7 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-control",
         action="store_true",
         default=_env_flag("MODEL_CONTROL"),
-        help="allow RepositoryModelLoad/Unload and REST load/unload; off by default (--watch implies it) "
+        help="allow RepositoryModelLoad/Unload, REST load/unload and changes to the log settings; off by default "
+        "(--watch implies it) "
         "(env MODELHUB_MODEL_CONTROL)",
     )
     security.add_argument(

@@ -48,6 +48,10 @@ CONTROL_OFF = (
     "model control (load and unload) is off on this server; start it with --model-control "
     "(env MODELHUB_MODEL_CONTROL=1) or --watch"
 )
+LOGS_CONTROL_OFF = (
+    "changing the log settings is model control, which is off on this server; start it with --model-control "
+    "(env MODELHUB_MODEL_CONTROL=1) or --watch (reading them needs neither)"
+)
 
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 
@@ -235,9 +239,14 @@ class DataPlane:
 
     async def update_log_settings(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
         """Change some (InvalidInput naming a setting that is unknown, of the wrong type, or
-        `log_file`, which a client may not set); the settings after."""
+        `log_file`, which a client may not set); the settings after. A change reconfigures the
+        server, so it is model control: PERMISSION_DENIED while that is off (a client could
+        otherwise silence the error lines, or flood the log with debug ones)."""
         if not changes:
             return self.logs.current()
+        if self._control is None:
+            self.logs.current()  # UNIMPLEMENTED first where the log is an embedder's
+            raise PermissionDenied(LOGS_CONTROL_OFF)
         return await self.logs.update(changes)
 
     # --- shared memory (Triton's extension) -------------------------------------------------
