@@ -78,6 +78,11 @@ def test_model_metadata_and_readiness(client: th.InferenceServerClient, hub_serv
     with pytest.raises(InferenceServerException) as err:
         client.get_model_metadata("digits", "3")
     assert err.value.status() == "404" and "'3'" in err.value.message()
+    # A version is ASCII digits: not what else Python's int() reads ("1_0" would be 10).
+    assert client.get_model_metadata("digits", "01") == metadata
+    for odd in ("%201", "1%20", "%2B1", "1_0", "%EF%BC%91", "1.0"):
+        status, body = call(hub_server.http_url, f"/v2/models/digits/versions/{odd}")
+        assert status == 404 and "has no version" in body["error"], (odd, status, body)
 
 
 def test_model_config_is_triton_json_with_numbers(client: th.InferenceServerClient) -> None:

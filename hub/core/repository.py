@@ -74,7 +74,8 @@ class ModelRepository:
             ready = [v for v, m in versions.items() if m.ready]
             return versions[max(ready or versions)]
         try:
-            return versions[int(version)]
+            # ASCII digits only: int() would also read " 1", "1_0" (as 10) and "１" (a fullwidth one).
+            return versions[int(version) if version.isascii() and version.isdigit() else -1]
         except (ValueError, KeyError):
             raise ModelNotFound(
                 f"model '{name}' has no version '{shorten(version)}'; versions: {sorted(versions)}"
