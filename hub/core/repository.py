@@ -74,7 +74,7 @@ class ModelRepository:
             ready = [v for v, m in versions.items() if m.ready]
             return versions[max(ready or versions)]
         try:
-            # ASCII digits only: int() would also read " 1", "1_0" (as 10) and "１" (a fullwidth one).
+            # ASCII digits only: int() would also read " 1", "1_0" (as 10) and a fullwidth digit one.
             return versions[int(version) if version.isascii() and version.isdigit() else -1]
         except (ValueError, KeyError):
             raise ModelNotFound(
