@@ -424,6 +424,18 @@ def test_tritonclient_compression_both_ways(
     np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
 
 
+def test_a_compressed_body_past_the_first_mebibyte_inflates_whole(client: th.InferenceServerClient) -> None:
+    """The first MiB inflates on the event loop, the rest in a thread: both parts arrive."""
+    array = np.arange(8 * 65_536, dtype=np.float32).reshape(8, 65_536)  # 2 MiB, compresses to ~1/4
+    result = client.infer(
+        "identity_fp32",
+        [http_input("INPUT0", array, "FP32")],
+        request_compression_algorithm="gzip",
+        response_compression_algorithm="gzip",
+    )
+    np.testing.assert_array_equal(result.as_numpy("OUTPUT0"), array)
+
+
 @pytest.mark.parametrize(
     ("accept", "coding"),
     [
