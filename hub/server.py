@@ -22,9 +22,10 @@ from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController, plugin_stamps
-from hub.core.dataplane import DataPlane, LogControl, ModelControl
+from hub.core.dataplane import DataPlane, LocalTraces, LogControl, ModelControl, TraceControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
+from hub.core.trace import Tracer
 from hub.limits import Limits
 from hub.metrics import Metrics, NullMetrics
 from hub.pipeline.builder import Builder
@@ -39,7 +40,7 @@ from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
-from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository
+from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository, RemoteTraces
 
 if TYPE_CHECKING:
     from hub.workers.engine import EngineService
@@ -204,6 +205,8 @@ class Server:
         models: list[ServedModel] = []
         control: ModelControl
         log_control: LogControl = logs.LogSettings()
+        tracer = Tracer()
+        traces: TraceControl = LocalTraces(tracer)
         if config.engine_socket is not None:
             remote = RemoteRepository(
                 config.engine_socket,
@@ -220,6 +223,8 @@ class Server:
             self.repository = remote
             control = RemoteControl(remote.client)
             log_control = RemoteLogs(remote.client)
+            remote.client.tracer = tracer
+            traces = RemoteTraces(remote.client)
         else:
             # --watch compares with the files as they were before the plugins were read: a file
             # written while the models load is a change, not the starting point.
@@ -253,6 +258,8 @@ class Server:
             log_requests=config.log_requests,
             shared_memory=self.shared_memory,
             logs=log_control,
+            tracer=tracer,
+            traces=traces,
         )
         if config.serve_engine is not None:
             from hub.workers.engine import EngineService

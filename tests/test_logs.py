@@ -3,6 +3,7 @@ installed" warnings and ONNX Runtime's quantizer chatter come out under our logg
 
 from __future__ import annotations
 
+import json
 import logging
 import subprocess
 import sys
@@ -169,7 +170,7 @@ def test_log_settings_over_both_protocols(tmp_path: Path) -> None:
         assert server.stop() == 0, server.output()
 
 
-def test_log_settings_reach_every_process(tmp_path: Path) -> None:
+def test_log_and_trace_settings_reach_every_process(tmp_path: Path) -> None:
     """With --workers 2 a change made over one connection is the setting of every frontend and
     of the model process, and a frontend restarted later takes it from the model process."""
     plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
@@ -189,8 +190,117 @@ def test_log_settings_reach_every_process(tmp_path: Path) -> None:
             time.sleep(0.2)
         assert all(_grpc_settings(c)["log_info"] is False for c in _connections(server, 8))
         assert _access_lines(server, _connections(server, 8)) == 0
+        # Tracing every request, set over one connection: every frontend traces (a trace line
+        # is at info, so info lines go back on first).
+        http_client.update_log_settings({"log_info": True})
+        http_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
+        clients = _connections(server, 8)
+        assert all(
+            c.get_trace_settings(as_json=True)["settings"]["trace_level"]["value"] == ["TIMESTAMPS"] for c in clients
+        )
+        before = server.logged("modelhub.trace")
+        _access_lines(server, clients)
+        assert server.logged("modelhub.trace") - before == 8
     finally:
         assert server.stop() == 0, server.output()
+
+
+def _traces(caplog: pytest.LogCaptureFixture) -> list[dict[str, Any]]:
+    return [json.loads(r.getMessage()) for r in caplog.records if r.name == "modelhub.trace"]
+
+
+def test_trace_settings_and_traces(start_server: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Triton's trace extension over both protocols: sampling by rate and count, a model's own
+    settings over the global ones, and each sampled request's timestamps in the log."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = start_server(plugins, model_repository=tmp_path / "models", model_control=True)
+    grpc_client = tc.InferenceServerClient(server.url)
+    http_client = th.InferenceServerClient(server.http_url)
+    assert "trace" in http_client.get_server_metadata()["extensions"]
+    defaults = {
+        "trace_file": "",
+        "trace_level": ["OFF"],
+        "trace_rate": "1000",
+        "trace_count": "-1",
+        "log_frequency": "0",
+        "trace_mode": "triton",
+    }
+    assert http_client.get_trace_settings() == defaults
+    as_grpc = grpc_client.get_trace_settings(as_json=True)["settings"]
+    assert {k: v["value"] for k, v in as_grpc.items()} == {
+        k: v if isinstance(v, list) else [v] for k, v in defaults.items()
+    }
+
+    def infer(model: str, request_id: str) -> None:
+        datatype = model.rpartition("_")[2].upper()  # identity_fp32, identity_int8
+        tensor = tc.InferInput("INPUT0", [1, 1], datatype)
+        tensor.set_data_from_numpy(np.ones((1, 1), {"FP32": np.float32, "INT8": np.int8}[datatype]))
+        grpc_client.infer(model, [tensor], request_id=request_id)
+
+    caplog.set_level(logging.INFO, logger="modelhub.trace")
+    # Every second request, three at most.
+    changed = http_client.update_trace_settings(
+        settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "3"}
+    )
+    assert changed == {**defaults, "trace_level": ["TIMESTAMPS"], "trace_rate": "2", "trace_count": "3"}
+    for i in range(10):
+        infer("identity_fp32", f"r{i}")
+    traces = _traces(caplog)
+    assert [t["request_id"] for t in traces] == ["r1", "r3", "r5"]
+    names = [s["name"] for s in traces[0]["timestamps"]]
+    assert names == [
+        "REQUEST_START",
+        "QUEUE_START",
+        "COMPUTE_START",
+        "COMPUTE_INPUT_END",
+        "COMPUTE_OUTPUT_START",
+        "COMPUTE_END",
+        "REQUEST_END",
+    ]
+    for trace in traces:
+        stamps = [s["ns"] for s in trace["timestamps"]]
+        assert stamps[0] <= stamps[1] <= stamps[2] <= stamps[3] <= stamps[4] <= stamps[5] <= stamps[6], trace
+        assert (trace["model_name"], trace["model_version"]) == ("identity_fp32", 1)
+    assert http_client.get_trace_settings()["trace_count"] == "0"  # what is left, as Triton reports it
+    # A model's own settings (over gRPC), then cleared: it follows the global ones again.
+    caplog.clear()
+    grpc_client.update_trace_settings(model_name="identity_int8", settings={"trace_rate": "1", "trace_count": "2"})
+    assert http_client.get_trace_settings(model_name="identity_int8")["trace_rate"] == "1"
+    assert http_client.get_trace_settings(model_name="identity_fp32")["trace_rate"] == "2"
+    for i in range(4):
+        infer("identity_int8", f"m{i}")
+    assert [t["request_id"] for t in _traces(caplog)] == ["m0", "m1"]
+    cleared = grpc_client.update_trace_settings(model_name="identity_int8", settings={"trace_rate": None}, as_json=True)
+    assert cleared["settings"]["trace_rate"]["value"] == ["2"]
+    # Refused, naming the setting; an unknown model is NOT_FOUND.
+    refusals = [
+        ({"trace_file": "/root/trace.json"}, "trace_file cannot be set"),
+        ({"trace_level": ["TENSORS"]}, "TENSORS is not offered"),
+        ({"trace_rate": "0"}, "trace_rate must be one integer of at least 1"),
+        ({"trace_count": "many"}, "trace_count must be one integer"),
+        ({"trace_mode": "opentelemetry"}, "opentelemetry mode is not offered"),
+        ({"trace_levels": ["OFF"]}, "unknown trace setting 'trace_levels'"),
+    ]
+    for settings, fragment in refusals:
+        with pytest.raises(InferenceServerException) as caught:
+            http_client.update_trace_settings(settings=settings)
+        assert caught.value.status() == "400" and fragment in caught.value.message(), caught.value
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.get_trace_settings(model_name="nope")
+    assert caught.value.status() == "StatusCode.NOT_FOUND"
+    # Off again: nothing more is traced.
+    http_client.update_trace_settings(settings={"trace_level": ["OFF"]})
+    caplog.clear()
+    infer("identity_fp32", "after")
+    assert _traces(caplog) == []
+
+
+def test_changing_trace_settings_is_model_control(hub_server: RunningServer) -> None:
+    client = th.InferenceServerClient(hub_server.http_url)
+    assert client.get_trace_settings()["trace_level"] == ["OFF"]
+    with pytest.raises(InferenceServerException) as caught:
+        client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert caught.value.status() == "403" and "--model-control" in caught.value.message()
 
 
 def test_changing_log_settings_is_model_control(tmp_path: Path) -> None:

@@ -384,8 +384,8 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
         assert status == 404 and path in reply["error"]
     status, reply = call(hub_server.http_url, "/v2/systemsharedmemory/status")
     assert status == 501 and "--shared-memory system" in reply["error"]  # off unless turned on
-    status, reply = call(hub_server.http_url, "/v2/trace/setting")
-    assert status == 501 and "not implemented" in reply["error"]
+    status, reply = call(hub_server.http_url, "/v2/trace/nowhere")
+    assert status == 404 and "/v2/trace/nowhere" in reply["error"]
 
 
 def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:

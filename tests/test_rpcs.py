@@ -31,7 +31,7 @@ def test_server_metadata(client: tc.InferenceServerClient) -> None:
     meta = client.get_server_metadata()
     assert meta.name == "modelhub"
     assert meta.version
-    assert set(meta.extensions) == {"classification", "model_configuration", "model_repository", "statistics"}
+    assert set(meta.extensions) == {"classification", "model_configuration", "model_repository", "statistics", "trace"}
 
 
 def test_model_metadata_has_batch_dimension(client: tc.InferenceServerClient) -> None:
@@ -108,9 +108,6 @@ def test_unknown_model_is_not_found(client: tc.InferenceServerClient, call) -> N
     assert err.value.status() == "StatusCode.NOT_FOUND"
 
 
-UNIMPLEMENTED = {
-    "TraceSetting": service_pb2.TraceSettingRequest(),
-}  # LogSettings: tests/test_logs.py
 #: Off unless --shared-memory (tests/test_shared_memory.py has them on): UNIMPLEMENTED, saying so.
 SHARED_MEMORY_OFF = {
     "SystemSharedMemoryStatus": (service_pb2.SystemSharedMemoryStatusRequest(), "--shared-memory system"),
@@ -131,16 +128,6 @@ def test_shared_memory_rpcs_are_off_by_default(hub_server: RunningServer, method
             getattr(stub, method)(request, timeout=10)
     assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
     assert flag in err.value.details() and "off on this server" in err.value.details()
-
-
-@pytest.mark.parametrize("method", sorted(UNIMPLEMENTED))
-def test_other_rpcs_are_unimplemented_by_name(hub_server: RunningServer, method: str) -> None:
-    with grpc.insecure_channel(hub_server.url) as channel:
-        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
-        with pytest.raises(grpc.RpcError) as err:
-            getattr(stub, method)(UNIMPLEMENTED[method], timeout=10)
-    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert method in err.value.details()
 
 
 def test_health_overall_and_per_model(hub_server: RunningServer) -> None:

@@ -171,7 +171,7 @@ def test_grpc_health_stays_open(guarded: RunningServer) -> None:
 def test_grpc_model_control_needs_its_own_token(guarded: RunningServer) -> None:
     client = grpcclient.InferenceServerClient(guarded.url)
     for headers in (None, BEARER):
-        for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings):
+        for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings, client.get_trace_settings):
             with pytest.raises(InferenceServerException) as caught:
                 call(headers=headers)
             assert caught.value.status() == "StatusCode.UNAUTHENTICATED"
@@ -194,7 +194,7 @@ def test_rest_inference_needs_the_token_and_health_stays_open(guarded: RunningSe
             assert "--auth-token" in caught.value.message()
             assert "wrong-token-value" not in caught.value.message()
     np.testing.assert_array_equal(_http_infer(client, headers={"Authorization": f"Bearer {TOKEN}"}), EXPECTED)
-    for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings):
+    for call in (partial(client.unload_model, "identity_fp32"), client.get_log_settings, client.get_trace_settings):
         with pytest.raises(InferenceServerException) as caught:
             call(headers={"Authorization": f"Bearer {TOKEN}"})
         assert caught.value.status() == "401" and "--model-control-token" in caught.value.message()

@@ -21,6 +21,8 @@ from hub import __version__
 from hub.config import VersionPolicy
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
+from hub.core.trace import Tracer
+from hub.core.trace import write as write_trace
 from hub.errors import (
     CANCELLED,
     OK,
@@ -47,6 +49,10 @@ T = TypeVar("T")
 CONTROL_OFF = (
     "model control (load and unload) is off on this server; start it with --model-control "
     "(env MODELHUB_MODEL_CONTROL=1) or --watch"
+)
+TRACE_CONTROL_OFF = (
+    "changing the trace settings is model control, which is off on this server; start it with --model-control "
+    "(env MODELHUB_MODEL_CONTROL=1) or --watch (reading them needs neither)"
 )
 LOGS_CONTROL_OFF = (
     "changing the log settings is model control, which is off on this server; start it with --model-control "
@@ -105,6 +111,23 @@ class LogControl(Protocol):
     async def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]: ...
 
 
+class TraceControl(Protocol):
+    """Changes to the trace settings: made here in one process; with several, by the model
+    process in every process (hub/workers/frontend.py)."""
+
+    async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]: ...
+
+
+class LocalTraces:
+    """The trace settings of this process's own tracer."""
+
+    def __init__(self, tracer: Tracer) -> None:
+        self._tracer = tracer
+
+    async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
+        return self._tracer.update(model, changes)
+
+
 class DataPlane:
     """What every frontend calls. One per server; owns no models (the repository does)."""
 
@@ -118,9 +141,14 @@ class DataPlane:
         log_requests: float = 0.0,
         shared_memory: SharedMemoryRegistry | None = None,
         logs: LogControl | None = None,
+        tracer: Tracer | None = None,
+        traces: TraceControl | None = None,
     ) -> None:
         self.repository = repository
         self.logs: LogControl = logs or LogSettings()
+        #: Samples this process's requests; `traces` changes its settings (and other processes').
+        self.tracer = tracer or Tracer()
+        self.traces: TraceControl = traces or LocalTraces(self.tracer)
         #: The regions requests may name (None: shared memory is off); frontends look them up.
         self.shared_memory = shared_memory
         self._is_ready = is_ready
@@ -177,7 +205,7 @@ class DataPlane:
 
     def server_metadata(self) -> tuple[str, str, Sequence[str]]:
         """(name, version, extensions)."""
-        extensions = [*EXTENSIONS, *(("logging",) if self.logs.available() else ())]
+        extensions = [*EXTENSIONS, "trace", *(("logging",) if self.logs.available() else ())]
         if self.shared_memory is not None:
             extensions += self.shared_memory.extensions()
         return "modelhub", __version__, extensions
@@ -296,6 +324,8 @@ class DataPlane:
         try:
             model = self.repository.get_ready(name, version)
             started = time.perf_counter()
+            trace = self.tracer.sample(model.name) if self.tracer.active else None
+            traced = (time.monotonic_ns(), 0) if trace is not None else None
             model.begin_request()
             code = OK
             delivery = None
@@ -303,6 +333,8 @@ class DataPlane:
                 request = decode(model.spec)
                 names = resolve_outputs(request.outputs, model)
                 delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
+                if traced is not None:
+                    traced = (traced[0], time.monotonic_ns())
                 results = delivery.outputs
                 outputs = [(n, _classify(model, n, results[n], c) if c else results[n]) for n, c in names]
                 written: frozenset[str] = frozenset()
@@ -324,10 +356,32 @@ class DataPlane:
                 model.end_request(code, elapsed, delivery)
                 if self._log_requests and random.random() < self._log_requests:
                     self._access(model, request_id, code, elapsed)
+                if trace is not None and traced is not None:
+                    _trace(trace, model, request_id, traced, delivery)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
                 self._idle.set()
+
+    # --- trace settings (Triton's trace extension) ------------------------------------------
+
+    def trace_settings(self, model: str = "") -> dict[str, list[str]]:
+        """The trace settings that apply to `model` ("": the global ones); NOT_FOUND for an
+        unknown model."""
+        if model:
+            self.repository.resolve(model)
+        return self.tracer.settings(model)
+
+    async def update_trace_settings(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
+        """Change the global settings or a model's own (a setting sent as None clears it);
+        model control, as the log settings are."""
+        if model:
+            self.repository.resolve(model)
+        if not changes:
+            return self.tracer.settings(model)
+        if self._control is None:
+            raise PermissionDenied(TRACE_CONTROL_OFF)
+        return await self.traces.update(model, changes)
 
     def _access(self, model: ServedModel, request_id: str, code: str, elapsed: float) -> None:
         access.info(
@@ -406,6 +460,17 @@ def _classify(model: ServedModel, name: str, array: np.ndarray, count: int) -> n
                 text += f":{labels[index]}"
             out[r, k] = text.encode()
     return out if batched else out.reshape(-1)
+
+
+def _trace(trace: int, model: ServedModel, request_id: str, stamps: tuple[int, int], delivery: Any) -> None:
+    """Write a sampled request's trace: `stamps` are when it started and when its batch's answer
+    came (0: it never did)."""
+    started, computed = stamps
+    durations = None
+    if computed and delivery is not None:
+        batch = delivery.batch
+        durations = (delivery.queue_ns, batch.input_ns, batch.infer_ns, batch.output_ns)
+    write_trace(trace, model.name, model.version, request_id, started, computed or None, durations)
 
 
 def _crash(model: ServedModel, exc: BaseException) -> HubError:

@@ -19,7 +19,7 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 _OPEN_PREFIXES = (f"/{HEALTH_SERVICE}/",)
 _OPEN = frozenset(f"/{SERVICE}/{name}" for name in ("ServerLive", "ServerReady", "ModelReady"))
 #: Model control, registering shared memory (which lets a client point the server at memory),
-#: and the log settings.
+#: and the log and trace settings.
 _CONTROL = frozenset(
     f"/{SERVICE}/{name}"
     for name in (
@@ -30,6 +30,7 @@ _CONTROL = frozenset(
         "CudaSharedMemoryRegister",
         "CudaSharedMemoryUnregister",
         "LogSettings",
+        "TraceSetting",
     )
 )
 

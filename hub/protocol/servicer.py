@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,14 +116,6 @@ def _fail(context: grpc.aio.ServicerContext, status: tuple[grpc.StatusCode, str]
     context.set_code(status[0])
     context.set_details(status[1])
     return None
-
-
-def _unimplemented(method: str) -> Callable[..., Any]:
-    async def handler(self: InferenceServicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        return _fail(context, (grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented by modelhub"))
-
-    handler.__name__ = method
-    return handler
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -407,9 +399,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return response
         return _fail(context, failure)
 
-    # --- everything else answers UNIMPLEMENTED, naming the method -----------------------------
+    # --- trace settings (Triton's trace extension) -------------------------------------------
 
-    TraceSetting = _unimplemented("TraceSetting")
+    async def TraceSetting(self, request: pb.TraceSettingRequest, context: Any) -> pb.TraceSettingResponse:
+        """No settings in the request: the current ones (tritonclient's get_trace_settings). A
+        setting with no values clears it (a model's own falls back to the global one)."""
+        try:
+            changes = {name: list(value.value) or None for name, value in request.settings.items()}
+            settings = await self.plane.update_trace_settings(request.model_name, changes)
+        except HubError as exc:
+            failure = _status(exc)
+        else:
+            response = pb.TraceSettingResponse()
+            for name, values in settings.items():
+                response.settings[name].value.extend(values)
+            return response
+        return _fail(context, failure)
 
 
 def _setting(name: str, value: pb.LogSettingsRequest.SettingValue) -> bool | int | str:

@@ -39,6 +39,7 @@ import numpy as np
 from hub.core.batching import Batcher, Delivery
 from hub.core.models import ServedModel, batch_signature
 from hub.core.stats import BatchRecord
+from hub.core.trace import Tracer
 from hub.datatypes import datatype_of
 from hub.errors import (
     CANCELLED,
@@ -267,6 +268,7 @@ class EngineService:
                 reply["regions"] = self._region_table()
                 if self._logs.available():  # a frontend (re)started takes the settings as they are now
                     reply["logging"] = self._logs.current()
+                reply["trace"] = self._tracer().state()
             elif kind == "stats":
                 reply = self._stats(header)
             elif kind == "load":
@@ -281,11 +283,12 @@ class EngineService:
                 await self._register_region(header)
                 reply = {}
             elif kind == "logging":
-                settings = self._logs.apply(header.get("settings") or {})
-                failure = await self._publish({"k": "logging", "settings": settings}, "log settings")
-                if failure is not None:
-                    log.error("engine: a frontend could not apply the log settings: %s", failure)
-                reply = {"settings": settings}
+                logs = self._logs.apply(header.get("settings") or {})
+                reply = await self._settings_changed({"k": "logging", "settings": logs}, "log settings", logs)
+            elif kind == "trace":
+                tracer = self._tracer()
+                traces = tracer.update(header.get("model", ""), header.get("settings") or {})
+                reply = await self._settings_changed({"k": "trace", "state": tracer.state()}, "trace settings", traces)
             elif kind == "shm_unregister":
                 self._registry().unregister(SYSTEM, header.get("name", ""))
                 await self._publish_regions()
@@ -300,6 +303,18 @@ class EngineService:
         reply.setdefault("k", "reply")
         reply["t"] = ticket
         connection.send(reply)
+
+    async def _settings_changed(self, header: Header, what: str, settings: Any) -> Header:
+        """Send changed settings to every frontend and wait until each has them; the reply."""
+        failure = await self._publish(header, what)
+        if failure is not None:
+            log.error("engine: a frontend could not apply the %s: %s", what, failure)
+        return {"settings": settings}
+
+    def _tracer(self) -> Tracer:
+        """The trace settings every frontend samples by (this process serves no requests itself)."""
+        assert self.server.plane is not None
+        return self.server.plane.tracer
 
     @staticmethod
     def _refuse(connection: _Connection, ticket: int, kind: str, exc: BaseException) -> None:

@@ -26,6 +26,7 @@ from hub.core.batching import Delivery
 from hub.core.models import ModelState, ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
+from hub.core.trace import Tracer
 from hub.datatypes import NUMPY_DTYPES
 from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
 from hub.logs import LogSettings
@@ -100,6 +101,7 @@ class EngineClient:
         self.arena: Arena | None = None  # ours, once the model process mapped it
         self.peer: Arena | None = None  # the model process's, for our outputs
         self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
+        self.tracer: Tracer | None = None  # this frontend's, loaded with the model process's settings
         self._flush_scheduled = False
         self._gauge_timer: asyncio.TimerHandle | None = None  # a flush for gauges alone, pending
         self.connected = asyncio.Event()
@@ -191,11 +193,18 @@ class EngineClient:
         if kind == "logging":  # the log settings changed: this process's too, before the RPC returns
             self.acknowledge(header["a"], _apply_log_settings(header["settings"]))
             return
+        if kind == "trace":  # the trace settings changed: this frontend samples by them from now
+            if self.tracer is not None:
+                self.tracer.load(header["state"])
+            self.acknowledge(header["a"], None)
+            return
         if "regions" in header and self.regions is not None:
             # The hello's answer: the region table now, applied in order with later changes.
             self.regions.sync(header["regions"])
         if "logging" in header:  # the hello's answer: the log settings the model process has
             _apply_log_settings(header["logging"])
+        if "trace" in header and self.tracer is not None:  # and its trace settings
+            self.tracer.load(header["trace"])
         call = self._pending.pop(header.get("t", 0), None)
         if call is None:
             return
@@ -787,6 +796,19 @@ class RemoteLogs:
         self._local.current()  # UNIMPLEMENTED here, as in one process, where the log is not ours
         header, _ = await self._client.request({"k": "logging", "settings": dict(changes)})
         settings: dict[str, bool | int | str] = header["settings"]
+        return settings
+
+
+class RemoteTraces:
+    """Changes to the trace settings, made by the model process, which sends the new settings
+    to every frontend (each samples its own requests) before it answers."""
+
+    def __init__(self, client: EngineClient) -> None:
+        self._client = client
+
+    async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
+        header, _ = await self._client.request({"k": "trace", "model": model, "settings": dict(changes)})
+        settings: dict[str, list[str]] = header["settings"]
         return settings
 
 

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError, InvalidInput, Unsupported
+from hub.errors import HubError, InvalidInput
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.rest.auth import token_middleware
@@ -110,6 +110,10 @@ class RestFrontend:
             ("POST", "/v2/repository/models/{model}/unload", self.unload),
             ("GET", "/v2/logging", self.logging),
             ("POST", "/v2/logging", self.update_logging),
+            ("GET", "/v2/trace/setting", self.trace),
+            ("POST", "/v2/trace/setting", self.update_trace),
+            ("GET", "/v2/models/{model}/trace/setting", self.trace),
+            ("POST", "/v2/models/{model}/trace/setting", self.update_trace),
         ]
         for prefix in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             routes += [
@@ -133,8 +137,6 @@ class RestFrontend:
                 app.router.add_get(path, _guarded(handler))
             else:
                 app.router.add_route(method, path, _guarded(handler))
-        # Triton's trace extension, which we do not have (every shared-memory path is above).
-        app.router.add_route("*", "/v2/trace{tail:.*}", _guarded(self.unimplemented))
         app.router.add_route("*", "/{tail:.*}", self.not_found)
         return app
 
@@ -201,6 +203,16 @@ class RestFrontend:
     async def update_logging(self, request: web.Request) -> web.Response:
         return json_response(await self.plane.update_log_settings(await _json_body(request)))
 
+    # --- trace settings ---------------------------------------------------------------------
+
+    async def trace(self, request: web.Request) -> web.Response:
+        return json_response(_trace_json(self.plane.trace_settings(request.match_info.get("model", ""))))
+
+    async def update_trace(self, request: web.Request) -> web.Response:
+        changes = await _json_body(request)
+        settings = await self.plane.update_trace_settings(request.match_info.get("model", ""), changes)
+        return json_response(_trace_json(settings))
+
     # --- shared memory ----------------------------------------------------------------------
 
     async def shm_status(self, request: web.Request) -> web.Response:
@@ -261,15 +273,19 @@ class RestFrontend:
 
     # --- everything else --------------------------------------------------------------------
 
-    async def unimplemented(self, request: web.Request) -> web.Response:
-        raise Unsupported(f"{request.method} {request.path[:128]} is not implemented by modelhub")
-
     async def not_found(self, request: web.Request) -> web.Response:
         return web.Response(
             body=error_body(f"no such endpoint: {request.method} {request.path[:128]}"),
             status=404,
             headers={"Content-Type": "application/json"},
         )
+
+
+def _trace_json(settings: dict[str, list[str]]) -> dict[str, Any]:
+    """Triton's JSON form of the trace settings: trace_level a list, the others one string."""
+    return {
+        name: values if name == "trace_level" else (values[0] if values else "") for name, values in settings.items()
+    }
 
 
 def _shm_kind(request: web.Request) -> str:

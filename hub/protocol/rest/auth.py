@@ -15,9 +15,10 @@ from hub.security import Access, Tokens
 
 _OPEN = re.compile(r"/v2/health/(live|ready)|/v2/models/[^/]+(/versions/[^/]+)?/ready")
 #: Model control, (un)registering shared memory (a region name may hold '/', so any path
-#: under the shared-memory prefix that ends in register or unregister), and the log settings.
+#: under the shared-memory prefix that ends in register or unregister), the log and trace settings.
 _CONTROL = re.compile(
     r"/v2/repository/models/[^/]+/(load|unload)|/v2/(system|cuda)sharedmemory(/.*)?/(un)?register|/v2/logging"
+    r"|/v2(/models/[^/]+)?/trace/setting"
 )
 
 
