@@ -278,6 +278,8 @@ def test_trace_settings_and_traces(start_server: Any, tmp_path: Path, caplog: py
         ({"trace_level": ["TENSORS"]}, "TENSORS is not offered"),
         ({"trace_rate": "0"}, "trace_rate must be one integer of at least 1"),
         ({"trace_count": "many"}, "trace_count must be one integer"),
+        ({"trace_count": "--5"}, "trace_count must be one integer"),
+        ({"trace_rate": "9" * 5000}, "trace_rate must be one integer"),
         ({"trace_mode": "opentelemetry"}, "opentelemetry mode is not offered"),
         ({"trace_levels": ["OFF"]}, "unknown trace setting 'trace_levels'"),
     ]

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -41,8 +42,9 @@ Settings = dict[str, list[str]]
 
 
 def _integer(name: str, values: list[str], lowest: int) -> None:
-    if len(values) != 1 or not values[0].lstrip("-").isdigit() or not values[0].isascii() or int(values[0]) < lowest:
-        raise InvalidInput(f"{name} must be one integer of at least {lowest}, as a string; got {values[:4]!r}")
+    if len(values) != 1 or not re.fullmatch(r"-?[0-9]{1,18}", values[0]) or int(values[0]) < lowest:
+        shown = [v[:32] for v in values[:4]]
+        raise InvalidInput(f"{name} must be one integer of at least {lowest}, as a string; got {shown!r}")
 
 
 def check(changes: Mapping[str, object]) -> dict[str, list[str] | None]:
@@ -65,9 +67,8 @@ def check(changes: Mapping[str, object]) -> dict[str, list[str] | None]:
                 "modelhub.trace), for the container runtime to collect"
             )
         if name == "trace_level" and (not set(values) <= {"OFF", "TIMESTAMPS"} or len(values) != 1):
-            raise InvalidInput(
-                f"trace_level must be ['OFF'] or ['TIMESTAMPS'] (TENSORS is not offered); got {values!r}"
-            )
+            given = [v[:32] for v in values[:4]]
+            raise InvalidInput(f"trace_level must be ['OFF'] or ['TIMESTAMPS'] (TENSORS is not offered); got {given!r}")
         if name == "trace_mode" and values != ["triton"]:
             raise InvalidInput("trace_mode must be 'triton' (the opentelemetry mode is not offered)")
         if name in ("trace_rate", "trace_count", "log_frequency"):
