@@ -50,14 +50,14 @@ CONTROL_OFF = (
     "model control (load and unload) is off on this server; start it with --model-control "
     "(env MODELHUB_MODEL_CONTROL=1) or --watch"
 )
-TRACE_CONTROL_OFF = (
-    "changing the trace settings is model control, which is off on this server; start it with --model-control "
-    "(env MODELHUB_MODEL_CONTROL=1) or --watch (reading them needs neither)"
-)
-LOGS_CONTROL_OFF = (
-    "changing the log settings is model control, which is off on this server; start it with --model-control "
-    "(env MODELHUB_MODEL_CONTROL=1) or --watch (reading them needs neither)"
-)
+
+
+def _settings_off(what: str) -> str:
+    return (
+        f"changing the {what} settings is model control, which is off on this server; start it with "
+        "--model-control (env MODELHUB_MODEL_CONTROL=1) or --watch (reading them needs neither)"
+    )
+
 
 EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
 
@@ -274,7 +274,7 @@ class DataPlane:
             return self.logs.current()
         if self._control is None:
             self.logs.current()  # UNIMPLEMENTED first where the log is an embedder's
-            raise PermissionDenied(LOGS_CONTROL_OFF)
+            raise PermissionDenied(_settings_off("log"))
         return await self.logs.update(changes)
 
     # --- shared memory (Triton's extension) -------------------------------------------------
@@ -325,7 +325,8 @@ class DataPlane:
             model = self.repository.get_ready(name, version)
             started = time.perf_counter()
             trace = self.tracer.sample(model.name) if self.tracer.active else None
-            traced = (time.monotonic_ns(), 0) if trace is not None else None
+            trace_start = time.monotonic_ns() if trace is not None else 0
+            trace_computed = 0
             model.begin_request()
             code = OK
             delivery = None
@@ -333,8 +334,8 @@ class DataPlane:
                 request = decode(model.spec)
                 names = resolve_outputs(request.outputs, model)
                 delivery = await model.infer(request.inputs, timeout=timeout, request_id=request_id)
-                if traced is not None:
-                    traced = (traced[0], time.monotonic_ns())
+                if trace is not None:
+                    trace_computed = time.monotonic_ns()
                 results = delivery.outputs
                 outputs = [(n, _classify(model, n, results[n], c) if c else results[n]) for n, c in names]
                 written: frozenset[str] = frozenset()
@@ -356,8 +357,8 @@ class DataPlane:
                 model.end_request(code, elapsed, delivery)
                 if self._log_requests and random.random() < self._log_requests:
                     self._access(model, request_id, code, elapsed)
-                if trace is not None and traced is not None:
-                    _trace(trace, model, request_id, traced, delivery)
+                if trace is not None:
+                    _trace(trace, model, request_id, trace_start, trace_computed, delivery)
         finally:
             self._in_flight -= 1
             if not self._in_flight:
@@ -380,7 +381,7 @@ class DataPlane:
         if not changes:
             return self.tracer.settings(model)
         if self._control is None:
-            raise PermissionDenied(TRACE_CONTROL_OFF)
+            raise PermissionDenied(_settings_off("trace"))
         return await self.traces.update(model, changes)
 
     def _access(self, model: ServedModel, request_id: str, code: str, elapsed: float) -> None:
@@ -462,10 +463,9 @@ def _classify(model: ServedModel, name: str, array: np.ndarray, count: int) -> n
     return out if batched else out.reshape(-1)
 
 
-def _trace(trace: int, model: ServedModel, request_id: str, stamps: tuple[int, int], delivery: Any) -> None:
-    """Write a sampled request's trace: `stamps` are when it started and when its batch's answer
-    came (0: it never did)."""
-    started, computed = stamps
+def _trace(trace: int, model: ServedModel, request_id: str, started: int, computed: int, delivery: Any) -> None:
+    """Write a sampled request's trace: it started at `started` and its batch's answer came at
+    `computed` (0: it never did), in monotonic nanoseconds."""
     durations = None
     if computed and delivery is not None:
         batch = delivery.batch
