@@ -44,7 +44,6 @@ access = logging.getLogger("modelhub.access")
 
 T = TypeVar("T")
 
-#: The V2 protocol extensions this server implements, as ServerMetadata lists them.
 #: Why load and unload are refused when the server was started without model control.
 CONTROL_OFF = (
     "model control (load and unload) is off on this server; start it with --model-control "
@@ -59,7 +58,9 @@ def _settings_off(what: str) -> str:
     )
 
 
-EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics")
+#: The V2 protocol extensions this server implements, as ServerMetadata lists them (with
+#: "logging" where the log is ours, and the shared-memory ones where they are on).
+EXTENSIONS = ("classification", "model_configuration", "model_repository", "statistics", "trace")
 
 
 @dataclass(frozen=True)
@@ -205,7 +206,7 @@ class DataPlane:
 
     def server_metadata(self) -> tuple[str, str, Sequence[str]]:
         """(name, version, extensions)."""
-        extensions = [*EXTENSIONS, "trace", *(("logging",) if self.logs.available() else ())]
+        extensions = [*EXTENSIONS, *(("logging",) if self.logs.available() else ())]
         if self.shared_memory is not None:
             extensions += self.shared_memory.extensions()
         return "modelhub", __version__, extensions
