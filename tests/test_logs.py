@@ -191,7 +191,7 @@ def test_log_and_trace_settings_reach_every_process(tmp_path: Path) -> None:
         assert all(_grpc_settings(c)["log_info"] is False for c in _connections(server, 8))
         assert _access_lines(server, _connections(server, 8)) == 0
         # Tracing every request, set over one connection: every frontend traces (a trace line
-        # is at info, so info lines go back on first).
+        # is at info, so info lines go back on first), and trace_count is the whole server's.
         http_client.update_log_settings({"log_info": True})
         http_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"], "trace_rate": "1"})
         clients = _connections(server, 8)
@@ -201,6 +201,12 @@ def test_log_and_trace_settings_reach_every_process(tmp_path: Path) -> None:
         before = server.logged("modelhub.trace")
         _access_lines(server, clients)
         assert server.logged("modelhub.trace") - before == 8
+        http_client.update_trace_settings(settings={"trace_count": "3"})
+        before = server.logged("modelhub.trace")
+        _access_lines(server, _connections(server, 8))
+        assert server.logged("modelhub.trace") - before == 3
+        counts = {c.get_trace_settings(as_json=True)["settings"]["trace_count"]["value"][0] for c in clients}
+        assert counts == {"0"}
     finally:
         assert server.stop() == 0, server.output()
 

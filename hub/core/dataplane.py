@@ -113,10 +113,14 @@ class LogControl(Protocol):
 
 
 class TraceControl(Protocol):
-    """Changes to the trace settings: made here in one process; with several, by the model
-    process in every process (hub/workers/frontend.py)."""
+    """The trace settings and the traces left to write: this process's in one process; with
+    several, the model process's (hub/workers/frontend.py), which changes them everywhere."""
+
+    async def settings(self, model: str) -> dict[str, list[str]]: ...
 
     async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]: ...
+
+    async def claim(self, model: str) -> bool: ...
 
 
 class LocalTraces:
@@ -125,8 +129,14 @@ class LocalTraces:
     def __init__(self, tracer: Tracer) -> None:
         self._tracer = tracer
 
+    async def settings(self, model: str) -> dict[str, list[str]]:
+        return self._tracer.settings(model)
+
     async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
         return self._tracer.update(model, changes)
+
+    async def claim(self, model: str) -> bool:
+        return self._tracer.claim(model)
 
 
 class DataPlane:
@@ -326,6 +336,8 @@ class DataPlane:
             model = self.repository.get_ready(name, version)
             started = time.perf_counter()
             trace = self.tracer.sample(model.name) if self.tracer.active else None
+            if trace is not None and self.tracer.limited(model.name) and not await self.traces.claim(model.name):
+                trace = None
             trace_start = time.monotonic_ns() if trace is not None else 0
             trace_computed = 0
             model.begin_request()
@@ -367,12 +379,12 @@ class DataPlane:
 
     # --- trace settings (Triton's trace extension) ------------------------------------------
 
-    def trace_settings(self, model: str = "") -> dict[str, list[str]]:
-        """The trace settings that apply to `model` ("": the global ones); NOT_FOUND for an
-        unknown model."""
+    async def trace_settings(self, model: str = "") -> dict[str, list[str]]:
+        """The trace settings that apply to `model` ("": the global ones), `trace_count` as what
+        is left of it; NOT_FOUND for an unknown model."""
         if model:
             self.repository.resolve(model)
-        return self.tracer.settings(model)
+        return await self.traces.settings(model)
 
     async def update_trace_settings(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
         """Change the global settings or a model's own (a setting sent as None clears it);
@@ -380,7 +392,7 @@ class DataPlane:
         if model:
             self.repository.resolve(model)
         if not changes:
-            return self.tracer.settings(model)
+            return await self.traces.settings(model)
         if self._control is None:
             raise PermissionDenied(_settings_off("trace"))
         return await self.traces.update(model, changes)

@@ -79,8 +79,9 @@ def check(changes: Mapping[str, object]) -> dict[str, list[str] | None]:
 
 class Tracer:
     """This process's trace settings and sampling. With `--workers N` the model process holds
-    the settings and sends them to every frontend (`state`, `load`); each frontend samples its
-    own requests, so `trace_rate` and `trace_count` count per frontend there."""
+    the settings and sends them to every frontend (`state`, `load`); each frontend counts its
+    own requests for `trace_rate`, and asks the model process for each trace `trace_count`
+    allows (`claim`), so the count is the whole server's."""
 
     def __init__(self) -> None:
         self._global: Settings = {k: list(v) for k, v in DEFAULTS.items()}
@@ -133,23 +134,36 @@ class Tracer:
         self._models = {m: {k: list(v) for k, v in s.items()} for m, s in state["models"].items()}
         self._recount()
 
-    def sample(self, model: str) -> int | None:
-        """A trace id when this request to `model` is to be traced, else None. A model with
-        settings of its own counts its own requests and traces; the others share the global count."""
+    def _scope(self, model: str) -> tuple[str, Settings]:
+        """Whose counts a request to `model` uses: its own when it has settings of its own, else
+        the global ones (shared by the other models); and the settings that apply."""
         own = self._models.get(model)
-        scope = model if own else ""
-        settings = {**self._global, **(own or {})}
+        return (model if own else ""), {**self._global, **(own or {})}
+
+    def sample(self, model: str) -> int | None:
+        """A trace id when this request to `model` falls on the rate, else None. Whether a trace
+        is left to write is `claim`'s (in the model process, with `--workers N`)."""
+        scope, settings = self._scope(model)
         if settings["trace_level"] != ["TIMESTAMPS"]:
             return None
         seen = self._seen.get(scope, 0) + 1
         self._seen[scope] = seen
         if seen % int(settings["trace_rate"][0]):
             return None
+        return next(self._ids)
+
+    def limited(self, model: str) -> bool:
+        """Whether traces of `model` are counted (trace_count is not -1)."""
+        return self._scope(model)[1]["trace_count"] != ["-1"]
+
+    def claim(self, model: str) -> bool:
+        """Take one of the traces left for `model`'s scope: False when none is."""
+        scope, settings = self._scope(model)
         left = self._left.get(scope, int(settings["trace_count"][0]))
         if left == 0:
-            return None
+            return False
         self._left[scope] = left - 1 if left > 0 else left
-        return next(self._ids)
+        return True
 
 
 def write(

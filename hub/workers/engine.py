@@ -285,6 +285,10 @@ class EngineService:
             elif kind == "logging":
                 logs = self._logs.apply(header.get("settings") or {})
                 reply = await self._settings_changed({"k": "logging", "settings": logs}, "log settings", logs)
+            elif kind == "trace_claim":
+                reply = {"ok": self._tracer().claim(header.get("model", ""))}
+            elif kind == "trace_get":
+                reply = {"settings": self._tracer().settings(header.get("model", ""))}
             elif kind == "trace":
                 tracer = self._tracer()
                 traces = tracer.update(header.get("model", ""), header.get("settings") or {})

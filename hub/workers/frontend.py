@@ -800,16 +800,26 @@ class RemoteLogs:
 
 
 class RemoteTraces:
-    """Changes to the trace settings, made by the model process, which sends the new settings
-    to every frontend (each samples its own requests) before it answers."""
+    """The model process's trace settings: it makes a change and sends the new settings to
+    every frontend (each counts its own requests for the rate) before it answers, and keeps the
+    count of traces left for the whole server, which a frontend claims one at a time."""
 
     def __init__(self, client: EngineClient) -> None:
         self._client = client
+
+    async def settings(self, model: str) -> dict[str, list[str]]:
+        header, _ = await self._client.request({"k": "trace_get", "model": model})
+        settings: dict[str, list[str]] = header["settings"]
+        return settings
 
     async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
         header, _ = await self._client.request({"k": "trace", "model": model, "settings": dict(changes)})
         settings: dict[str, list[str]] = header["settings"]
         return settings
+
+    async def claim(self, model: str) -> bool:
+        header, _ = await self._client.request({"k": "trace_claim", "model": model})
+        return bool(header["ok"])
 
 
 class RemoteControl:

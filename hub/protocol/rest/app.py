@@ -206,7 +206,7 @@ class RestFrontend:
     # --- trace settings ---------------------------------------------------------------------
 
     async def trace(self, request: web.Request) -> web.Response:
-        return json_response(_trace_json(self.plane.trace_settings(request.match_info.get("model", ""))))
+        return json_response(_trace_json(await self.plane.trace_settings(request.match_info.get("model", ""))))
 
     async def update_trace(self, request: web.Request) -> web.Response:
         changes = await _json_body(request)
