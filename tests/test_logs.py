@@ -162,9 +162,17 @@ def test_log_settings_over_both_protocols(tmp_path: Path) -> None:
             with pytest.raises(InferenceServerException) as caught:
                 http_client.update_log_settings(settings)
             assert caught.value.status() == "400" and fragment in caught.value.message(), caught.value
-        with pytest.raises(InferenceServerException) as caught:
-            grpc_client.update_log_settings({"log_file": "/tmp/x"})
-        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and "log_file" in caught.value.message()
+        grpc_refusals = [
+            ({"log_file": "/tmp/x"}, "log_file cannot be set"),
+            ({"log_info": None}, "log setting 'log_info' has no value"),  # sent with no value set
+            ({"log_format": "xml"}, "log_format must be one of text, json"),
+            ({"log_levels": True}, "unknown log setting 'log_levels'"),
+        ]
+        for settings, fragment in grpc_refusals:
+            with pytest.raises(InferenceServerException) as caught:
+                grpc_client.update_log_settings(settings)
+            assert caught.value.status() == "StatusCode.INVALID_ARGUMENT", caught.value
+            assert fragment in caught.value.message(), caught.value
         assert http_client.get_log_settings() == {**DEFAULTS, "log_format": "json"}
     finally:
         assert server.stop() == 0, server.output()
@@ -293,6 +301,9 @@ def test_trace_settings_and_traces(start_server: Any, tmp_path: Path, caplog: py
         with pytest.raises(InferenceServerException) as caught:
             http_client.update_trace_settings(settings=settings)
         assert caught.value.status() == "400" and fragment in caught.value.message(), caught.value
+        with pytest.raises(InferenceServerException) as caught:
+            grpc_client.update_trace_settings(settings=settings)
+        assert caught.value.status() == "StatusCode.INVALID_ARGUMENT" and fragment in caught.value.message()
     with pytest.raises(InferenceServerException) as caught:
         grpc_client.get_trace_settings(model_name="nope")
     assert caught.value.status() == "StatusCode.NOT_FOUND"
@@ -309,6 +320,11 @@ def test_changing_trace_settings_is_model_control(hub_server: RunningServer) -> 
     with pytest.raises(InferenceServerException) as caught:
         client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
     assert caught.value.status() == "403" and "--model-control" in caught.value.message()
+    grpc_client = tc.InferenceServerClient(hub_server.url)
+    assert grpc_client.get_trace_settings(as_json=True)["settings"]["trace_level"]["value"] == ["OFF"]
+    with pytest.raises(InferenceServerException) as caught:
+        grpc_client.update_trace_settings(settings={"trace_level": ["TIMESTAMPS"]})
+    assert caught.value.status() == "StatusCode.PERMISSION_DENIED" and "--model-control" in caught.value.message()
 
 
 def test_changing_log_settings_is_model_control(tmp_path: Path) -> None:
