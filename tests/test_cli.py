@@ -167,6 +167,31 @@ def test_env_configures_serve_flags() -> None:
     assert out.split() == ["9123", "cpu"]
 
 
+def test_serve_starts_tasks_eagerly_where_python_can() -> None:
+    """`modelhub serve`'s loop runs each new task's first step at once on 3.12+ (each RPC's
+    handler a loop turn sooner); on 3.11 it is asyncio's plain loop."""
+    import asyncio
+
+    from hub.cli import _run
+
+    started: list[str] = []
+
+    async def main() -> int:
+        async def step() -> None:
+            started.append("task")
+
+        task = asyncio.get_running_loop().create_task(step())
+        started.append("create_task returned")
+        await task
+        return 0
+
+    assert _run(main()) == 0
+    if sys.version_info >= (3, 12):
+        assert started == ["task", "create_task returned"]
+    else:
+        assert started == ["create_task returned", "task"]
+
+
 def test_adaptive_delay_default_follows_the_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:
     """2 ms under grpc.aio, off under the thread-pool server (its handler threads would pay a
     switch per waiting request); the flag and MODELHUB_ADAPTIVE_DELAY_US win over both."""
