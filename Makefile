@@ -53,13 +53,21 @@ fuzz: install  ## 100,000 mutated ModelInfer requests against `modelhub serve` o
 soak: install  ## 120 s at concurrency 32, good and bad requests; fails on any error or RSS growth over 5%
 	$(BIN)/python scripts/soak.py --seconds 120 --concurrency 32 --out bench-results/soak.json
 
-# What the GPU image lacks (it has torch, numpy, sympy, grpcio, protobuf, pluggy, prometheus-client,
-# onnx, onnxruntime), without dependencies: a device call carries 64 MiB in all, and with them
-# scipy and scikit-learn alone (no gpu test needs them) took 45 MB. Beside them, perf_analyzer
-# without the duplicates tools/ holds (perf_client, static CUDA libraries): carry wheels-gpu alone.
-GPU_WHEELS := 'tritonclient[grpc]' python-rapidjson urllib3 safetensors rich markdown-it-py mdurl pygments \
-  onnxscript onnx-ir 'ml-dtypes<=0.5.4' pytest iniconfig pluggy packaging typing-extensions pytest-asyncio \
-  pytest-timeout hypothesis sortedcontainers grpcio grpcio-health-checking grpcio-reflection protobuf pyyaml
+# What the GPU image may lack, without dependencies. The brief names torch, numpy, sympy, grpcio,
+# protobuf, pluggy, prometheus-client, onnx and onnxruntime; the device tool's KINDS.md (read
+# 2026-11-17) lists far more there (aiohttp, tokenizers, rich, hypothesis, pyyaml, pytest...).
+# A device call carries 64 MiB in all, the tracked tree included (~2 MB), so what KINDS.md lists
+# stays behind, except aiohttp and what it imports (3 MB): hub.server imports the REST frontend,
+# and without it nothing of the check would run; and pygments, which pytest 9 imports. grpcio and
+# protobuf travel because the carried grpcio-health-checking and -reflection need their versions.
+# Beside them, perf_analyzer without the duplicates tools/ holds (perf_client, static CUDA
+# libraries): carry wheels-gpu alone.
+# Rehearsed in a Python 3.12 venv holding only the brief's list (docs/benchmarks.md, "Rehearsing
+# the GPU check"): everything but minilm (no tokenizers there) runs.
+GPU_WHEELS := 'tritonclient[grpc]' python-rapidjson urllib3 safetensors onnxscript onnx-ir 'ml-dtypes<=0.5.4' \
+  pytest iniconfig pluggy packaging typing-extensions pytest-asyncio pytest-timeout grpcio grpcio-health-checking \
+  grpcio-reflection protobuf aiohttp aiohappyeyeballs aiosignal attrs frozenlist multidict propcache yarl idna \
+  pygments
 
 gpu-wheels: $(PA)  ## wheels the GPU image lacks (Python 3.12) and perf_analyzer, for scripts/gpu_check.sh
 	rm -rf wheels-gpu

@@ -3,8 +3,9 @@
 #
 # Prepare here first (the GPU image reaches no registry, and its Python is 3.12):
 #   make gpu-wheels          # what the image lacks, a slim perf_analyzer, and minilm's weights packed
-#                            # small (wheels-gpu/minilm, 20 MiB: scripts/minilm_gpu_weights.py), into wheels-gpu/ (~58 MB)
-# Then, in ONE device call, carrying them (64 MiB at most travel; tools/ alone is 45 MB, so not it):
+#                            # small (wheels-gpu/minilm, 20 MiB: scripts/minilm_gpu_weights.py), into wheels-gpu/ (~61 MB)
+# Then, in ONE device call, carrying them (64 MiB at most travel, the tracked tree's ~2 MB included;
+# tools/ alone is 45 MB, so not it):
 #   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=600)
 # Results land in $OUT, written as they come (a step cut short still leaves its output):
 #   env.txt, gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
@@ -42,14 +43,15 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
 # the image's own torch, numpy, onnx...; should it fail, every carried wheel goes in as it is.
 {
   timeout 60 python3 -m pip install -q --no-index --find-links wheels-gpu --no-deps modelhub
-  timeout 120 python3 -m pip install -q --no-index --find-links wheels-gpu 'tritonclient[grpc]' safetensors rich \
-    onnxscript ml-dtypes grpcio-health-checking grpcio-reflection pytest pytest-asyncio pytest-timeout hypothesis \
-    pyyaml \
+  timeout 120 python3 -m pip install -q --no-index --find-links wheels-gpu 'tritonclient[grpc]' safetensors \
+    onnxscript ml-dtypes grpcio-health-checking grpcio-reflection pytest pytest-asyncio pytest-timeout aiohttp \
     || { echo "resolved install failed: installing the carried wheels with --no-deps";
          timeout 120 python3 -m pip install -q --no-index --no-deps wheels-gpu/*.whl; }
   chmod +x wheels-gpu/perf_analyzer/perf_analyzer wheels-gpu/perf_analyzer/bin/perf_analyzer
   sh wheels-gpu/perf_analyzer/perf_analyzer --version
   python3 -m pip list 2>/dev/null | grep -iE '^(torch|onnx|grpcio|protobuf|tritonclient|numpy|ml.dtypes|modelhub) '
+  timeout 60 python3 -c 'import hub.server, tritonclient.grpc, pytest_asyncio; print("imports ok")'
+  timeout 60 python3 -c 'import tokenizers' || echo "no tokenizers here: minilm's float8 test and fidelity skip"
   echo "setup took ${SECONDS}s"
 } >> "$OUT/env.txt" 2>&1
 
