@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import random
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -95,8 +98,17 @@ class ServedProcess:
         return self.proc.poll() is None
 
     def stop(self) -> int:
+        """SIGTERM, and the exit code; a server still there 60 s later is killed (its code is
+        then -9, a failure) rather than left behind, spinning, after the run."""
         self.proc.terminate()
-        code = self.proc.wait(60)
+        try:
+            code = self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            for pid in (*_children(self.proc.pid), self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            code = self.proc.wait(10)
+            print("the server did not exit within 60 s of SIGTERM: killed", file=sys.stderr)
         self.log.close()
         return code
 

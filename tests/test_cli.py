@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from .conftest import ROOT
+from .conftest import ROOT, TEST_PLUGINS, link_plugins
 
 
 def modelhub(*args: str, **kwargs: Any) -> subprocess.CompletedProcess[str]:
@@ -190,6 +190,54 @@ def test_serve_starts_tasks_eagerly_where_python_can() -> None:
         assert started == ["task", "create_task returned"]
     else:
         assert started == ["create_task returned", "task"]
+
+
+def test_streams_under_load_leave_the_server_serving(model_repository: Path, tmp_path: Path) -> None:
+    """Many short ModelStreamInfer streams at once through `modelhub serve`. A stream's answers
+    can all finish in the loop turn in which its reader learns the stream has ended, before
+    the callbacks that forget them run; a reader that waited for its answers in a loop (`while
+    tasks: await gather(...)`) then never gave the loop a turn on Python 3.12, which completes
+    a gather of done tasks without yielding, and the whole server hung at 100% CPU. Found by
+    `make soak` on 3.12, where `modelhub serve` runs eager tasks and this happens within seconds;
+    on 3.11 the same load passes either way."""
+    import asyncio
+
+    import grpc
+    from tritonclient.grpc import service_pb2
+
+    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    server = ServeProcess("--plugins-dir", str(plugins), "--model-repository", str(model_repository))
+    method = "/inference.GRPCInferenceService/ModelStreamInfer"
+
+    def request(i: int) -> bytes:
+        message = service_pb2.ModelInferRequest(model_name="identity_fp32", id=str(i))
+        message.inputs.add(name="INPUT0", datatype="FP32", shape=[1, 1])
+        message.raw_input_contents.append(np.float32(i).tobytes())
+        return message.SerializeToString()
+
+    requests = [request(i) for i in range(8)]
+
+    async def load() -> int:
+        async with grpc.aio.insecure_channel(server.url) as channel:
+            stream = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
+
+            async def client() -> int:
+                streams = 0
+                for _ in range(25):
+                    answers = [raw async for raw in stream(iter(requests), timeout=20)]
+                    assert len(answers) == 8
+                    streams += 1
+                return streams
+
+            return sum(await asyncio.gather(*(client() for _ in range(16))))
+
+    try:
+        assert asyncio.run(load()) == 400
+        code, log = server.stop()
+        assert code == 0, log[-3000:]
+    finally:
+        if server.proc.poll() is None:
+            server.stop(signal.SIGKILL)
 
 
 def test_adaptive_delay_default_follows_the_grpc_server(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -294,8 +294,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 if not self.plane.draining:
                     raise
                 end = _StreamEnd(SHUTTING_DOWN)  # refuse_new() stopped the reading
-            while tasks:
-                await asyncio.gather(*list(tasks))
+            # Nothing adds to `tasks` past this point, so one wait covers every answer. Not a loop
+            # until `tasks` is empty: answers that finished in this loop turn are still in it
+            # until their done callbacks run, and on Python 3.12 a gather of done tasks returns
+            # without yielding, so such a loop never let them run and the server hung at 100% CPU.
+            if tasks:
+                await asyncio.gather(*tasks)
             await done.put(end)
 
         reader = loop.create_task(read())
