@@ -566,7 +566,11 @@ class RemoteRepository(ModelRepository):
             return
         self._backlog.append(header)
         if self._applying is None:
-            self._applying = asyncio.get_running_loop().create_task(self._apply_backlog())
+            applying = asyncio.get_running_loop().create_task(self._apply_backlog())
+            # On Python 3.12 `modelhub serve` starts tasks eagerly: one that finished already
+            # has cleared `_applying` itself, and must not be kept as if still applying.
+            if not applying.done():
+                self._applying = applying
 
     def _rebuilt(self, view: dict[str, Any]) -> bool:
         current = self._models.get(view["name"], {}).get(int(view["version"]))
