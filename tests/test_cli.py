@@ -203,6 +203,7 @@ def test_streams_under_load_leave_the_server_serving(model_repository: Path, tmp
     import asyncio
 
     import grpc
+    import tritonclient.grpc as tc
     from tritonclient.grpc import service_pb2
 
     plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
@@ -217,6 +218,10 @@ def test_streams_under_load_leave_the_server_serving(model_repository: Path, tmp
 
     requests = [request(i) for i in range(8)]
 
+    deadline = time.monotonic() + 120  # ServeProcess returns at the first model ready, not every one
+    while not tc.InferenceServerClient(server.url).is_model_ready("identity_fp32") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
     async def load() -> int:
         async with grpc.aio.insecure_channel(server.url) as channel:
             stream = channel.stream_stream(method, request_serializer=None, response_deserializer=None)
@@ -224,8 +229,12 @@ def test_streams_under_load_leave_the_server_serving(model_repository: Path, tmp
             async def client() -> int:
                 streams = 0
                 for _ in range(25):
-                    answers = [raw async for raw in stream(iter(requests), timeout=20)]
-                    assert len(answers) == 8
+                    answers = [
+                        service_pb2.ModelStreamInferResponse.FromString(raw)
+                        async for raw in stream(iter(requests), timeout=20)
+                    ]
+                    assert sorted(int(a.infer_response.id) for a in answers) == list(range(8))
+                    assert not any(a.error_message for a in answers), [a.error_message for a in answers][:3]
                     streams += 1
                 return streams
 

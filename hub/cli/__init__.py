@@ -577,8 +577,9 @@ def _run(main: Any) -> int:
     """asyncio.run, with each task started at once on Python 3.12 and later
     (`asyncio.eager_task_factory`): grpc.aio makes a task for every RPC, and an eager one runs
     its handler in the same loop turn, a turn per request sooner. On the 2-core box, Python 3.12,
-    digits at c=64: 1.07x the throughput and 6% less event-loop CPU per request; level at c=1
-    (docs/benchmarks.md, "Eager tasks"). Only `modelhub serve` sets it: an embedder's loop is its own."""
+    digits at c=64: about 1.05x the throughput and 6% less event-loop CPU per request; level at
+    c=1 (docs/benchmarks.md, "eager tasks on Python 3.12"). Only `modelhub serve` sets it: an
+    embedder's loop is its own."""
     if sys.version_info >= (3, 12):
 
         def eager_loop() -> asyncio.AbstractEventLoop:
