@@ -485,7 +485,8 @@ def _normalise_then_conv(op: str = "Mul", scale_shape: tuple[int, ...] = (1, 3, 
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 6, 8, 8])],
         initializers,
     )
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    # IR 10: what ONNX Runtime 1.30 (the GPU image's) reads; onnx 1.23 writes a newer one by default
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=10)
 
 
 def _run_onnx(model: Any, x: np.ndarray) -> np.ndarray:

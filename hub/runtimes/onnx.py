@@ -54,6 +54,24 @@ def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
             optimize=True,
             verbose=False,
         )
+    _drop_weight_shapes(path)
+
+
+def _drop_weight_shapes(path: str) -> None:
+    """Drop the graph's shape records (value_info) of its weights: an initializer carries its own
+    shape. With torch 2.11 (the GPU image's) and ONNX Runtime 1.30, the quantiser's strict shape
+    inference refused the exporter's model over them ("Inferred shape and existing shape differ
+    in dimension 0: (512) vs (64)" for digits), so no int8 target built; without them it builds.
+    Newer releases pass either way, and the model computes the same."""
+    import onnx
+
+    model = onnx.load(path)
+    weights = {initializer.name for initializer in model.graph.initializer}
+    records = [info for info in model.graph.value_info if info.name in weights]
+    if records:
+        for info in records:
+            model.graph.value_info.remove(info)
+        onnx.save(model, path)
 
 
 def session_options(threads: int) -> object:
