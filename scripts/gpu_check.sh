@@ -8,7 +8,7 @@
 # tools/ alone is 45 MB, so not it):
 #   run(command="bash scripts/gpu_check.sh", carry=["wheels-gpu"], kind="nvidia-h200", timeout_s=600)
 # Results land in $OUT, written as they come (a step cut short still leaves its output):
-#   env.txt, gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
+#   env.txt (with step 0), gpu-tests.txt, gpu-fidelity.txt/.json (batch invariance of torch-fp16, torch-bf16 and
 #   torch-compile on resnet, torch-float8 on minilm; the prediction is in scripts/gpu_fidelity.py and
 #   docs/benchmarks.md), gpu-bench.txt (the
 #   tables at its end), gpu-bench.json, gpu-bench.server.log.
@@ -53,6 +53,17 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
   timeout 60 python3 -c 'import hub.server, tritonclient.grpc, pytest_asyncio; print("imports ok")'
   timeout 60 python3 -c 'import tokenizers' || echo "no tokenizers here: minilm's float8 test and fidelity skip"
   echo "setup took ${SECONDS}s"
+} >> "$OUT/env.txt" 2>&1
+
+# 0. The image's Python is 3.12, which CI never runs: `modelhub serve` starts tasks eagerly there,
+#    and a stream's end once hung the server on 3.12 (docs/benchmarks.md, Hardening). Two CPU
+#    tests through `modelhub serve` that fail where either goes wrong (~15 s). Into env.txt: at
+#    most 8 files come back from a device call, and the steps below write 7.
+{
+  echo "== Python 3.12: eager tasks and streams through modelhub serve"
+  timeout -k 10 "$(cap 60)" python3 -m pytest -q -p no:cacheprovider tests/test_cli.py \
+    -k "streams_under_load or eagerly"
+  echo "exit $? after ${SECONDS}s"
 } >> "$OUT/env.txt" 2>&1
 
 # 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, ResNet-50 served as
