@@ -18,7 +18,7 @@ class Access(enum.Enum):
 
     OPEN = "open"  # health: probes never carry a token
     INFERENCE = "inference"  # inference, metadata, statistics, the index
-    CONTROL = "control"  # load and unload, shared-memory registration, the log settings
+    CONTROL = "control"  # load and unload, shared-memory registration, the log and trace settings
 
 
 @dataclass(frozen=True)

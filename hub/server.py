@@ -22,7 +22,7 @@ from hub import logs, process
 from hub.config import DeploymentConfig
 from hub.core.batching import Clock
 from hub.core.control import ModelController, plugin_stamps
-from hub.core.dataplane import DataPlane, LocalTraces, LogControl, ModelControl, TraceControl
+from hub.core.dataplane import DataPlane, LogControl, ModelControl, TraceControl
 from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.trace import Tracer
@@ -204,9 +204,11 @@ class Server:
         ssl_context = config.tls.server_context() if config.tls is not None else None
         models: list[ServedModel] = []
         control: ModelControl
-        log_control: LogControl = logs.LogSettings()
+        # This process's tracer samples its requests either way; in a frontend the model process
+        # holds the settings and the count (the data plane defaults to this process's own).
         tracer = Tracer()
-        traces: TraceControl = LocalTraces(tracer)
+        log_control: LogControl | None = None
+        traces: TraceControl | None = None
         if config.engine_socket is not None:
             remote = RemoteRepository(
                 config.engine_socket,

@@ -209,18 +209,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--model-control",
         action="store_true",
         default=_env_flag("MODEL_CONTROL"),
-        help="allow RepositoryModelLoad/Unload, REST load/unload and changes to the log and trace settings; off by "
-        "default "
-        "(--watch implies it) "
-        "(env MODELHUB_MODEL_CONTROL)",
+        help="allow RepositoryModelLoad/Unload, REST load/unload and changes to the log and trace settings; "
+        "off by default (--watch implies it) (env MODELHUB_MODEL_CONTROL)",
     )
     security.add_argument(
         "--model-control-token",
         default=_env("MODEL_CONTROL_TOKEN", None),
         metavar="TOKEN",
-        help="bearer token that load/unload, shared-memory registration and the log and trace settings require, "
-        "separate "
-        "from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
+        help="bearer token that load/unload, shared-memory registration and the log and trace settings "
+        "require, separate from --auth-token (env MODELHUB_MODEL_CONTROL_TOKEN)",
     )
     security.add_argument(
         "--shared-memory",
