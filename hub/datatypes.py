@@ -58,7 +58,8 @@ def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype name of a numpy array (or of a torch tensor on the device); TypeError
     when it has none."""
     if not isinstance(array, np.ndarray):
-        name = _TORCH_TYPES.get(str(getattr(array, "dtype", "")))
+        # A torch tensor, or where a frontend of --workers N knows a tensor lies (its datatype).
+        name = getattr(array, "datatype", None) or _TORCH_TYPES.get(str(getattr(array, "dtype", "")))
         if name is None:
             raise TypeError(f"{type(array).__name__} of dtype {getattr(array, 'dtype', '?')} has no V2 datatype")
         return name

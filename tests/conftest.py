@@ -78,7 +78,15 @@ class RunningServer:
 class Workers:
     """A `modelhub serve --workers N` subprocess on port 0, with its ports from --port-file."""
 
-    def __init__(self, plugins: Path, repository: Path, tmp: Path, workers: int = 2, *extra: str) -> None:
+    def __init__(
+        self,
+        plugins: Path,
+        repository: Path,
+        tmp: Path,
+        workers: int = 2,
+        *extra: str,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.port_file = tmp / "ports.json"
         # The processes append (O_APPEND) and the test reads the file by its path: a read
         # through the descriptor they share would move their write offset, and a line written
@@ -93,7 +101,7 @@ class Workers:
              "--device", "cpu",
              "--threads", "1", "--no-entry-points", "--workers", str(workers), "--port-file", str(self.port_file),
              "--shutdown-grace", "5", *extra],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
         )  # fmt: skip
         try:
             self._wait_until_serving(workers, extra)

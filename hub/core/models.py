@@ -90,14 +90,20 @@ class ServedModel:
                 + (f": {self.reason}" if self.reason else "")
             )
         rows = check_inputs(self.spec, inputs)
+        inputs, batcher = self.placement(inputs)
+        if self.spec.preprocess is not None:
+            inputs = await self._preprocess(inputs, rows)
+        signature = batch_signature(self.spec, inputs)
+        return await batcher.submit(inputs, rows=rows, signature=signature, timeout=timeout, request_id=request_id)
+
+    def placement(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], Any]:
+        """The inputs as the batcher that computes them takes them, and that batcher. Inputs on
+        the device (CUDA shared memory) come to the host for a runtime that takes numpy only."""
         if not getattr(self.runtime, "takes_device_tensors", False) and not all(
             isinstance(a, np.ndarray) for a in inputs.values()
         ):
             inputs = {name: on_host(array) for name, array in inputs.items()}
-        if self.spec.preprocess is not None:
-            inputs = await self._preprocess(inputs, rows)
-        signature = batch_signature(self.spec, inputs)
-        return await self.batcher.submit(inputs, rows=rows, signature=signature, timeout=timeout, request_id=request_id)
+        return inputs, self.batcher
 
     async def _preprocess(self, inputs: Mapping[str, np.ndarray], rows: int) -> Mapping[str, np.ndarray]:
         """The spec's per-request preprocess, in a thread (tokenising a long text must not stall

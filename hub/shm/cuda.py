@@ -20,7 +20,7 @@ import numpy as np
 from hub.datatypes import NUMPY_DTYPES, encode_bytes
 from hub.errors import InvalidInput, ModelExecutionError, ModelUnavailable, shorten
 from hub.limits import Limits
-from hub.shm.regions import CUDA, CUDA_HANDLE_BYTES, Region, _check_input_size, _check_output_size, _name
+from hub.shm.regions import CUDA, CUDA_HANDLE_BYTES, Region, _check_output_size, _name, check_cuda_input
 
 log = logging.getLogger("modelhub.shm")
 
@@ -134,6 +134,13 @@ class CudaIpc:
         if code:
             raise ModelExecutionError(f"copying into CUDA shared memory failed: {self._error(code)}")
 
+    def tensor(self, region: CudaRegion, pointer: int, shape: tuple[int, ...], typestr: str) -> Any:
+        """A torch tensor on the region's device viewing `pointer` (no copy); it holds the
+        region until it is freed."""
+        import torch
+
+        return torch.as_tensor(_DeviceArray(region, pointer, shape, typestr), device=f"cuda:{region.device_id}")
+
 
 class _DeviceArray:
     """Device memory described by __cuda_array_interface__, for torch.as_tensor. It holds its
@@ -188,19 +195,12 @@ class CudaRegion(Region):
         self, name: str, datatype: str, shape: tuple[int, ...], offset: int, byte_size: int, limits: Limits
     ) -> Any:
         """The input as a torch tensor on the region's device, viewing the client's memory."""
-        if datatype == "BYTES":
-            raise InvalidInput(
-                f"input '{shorten(name)}': BYTES inputs are not taken from CUDA shared memory; use system "
-                "shared memory or raw contents"
-            )
-        _check_input_size(name, datatype, shape, byte_size, limits)
+        check_cuda_input(name, datatype, shape, byte_size, limits)
         import torch
 
         bf16 = datatype == "BF16"
         typestr = "<u2" if bf16 else NUMPY_DTYPES[datatype].newbyteorder("<").str
-        tensor = torch.as_tensor(
-            _DeviceArray(self, self.pointer + offset, shape, typestr), device=f"cuda:{self.device_id}"
-        )
+        tensor = self._ipc.tensor(self, self.pointer + offset, shape, typestr)
         return tensor.view(torch.bfloat16) if bf16 else tensor
 
     def write(self, name: str, array: Any, offset: int, byte_size: int) -> None:

@@ -249,6 +249,16 @@ def _check_input_size(name: str, datatype: str, shape: tuple[int, ...], byte_siz
         )
 
 
+def check_cuda_input(name: str, datatype: str, shape: tuple[int, ...], byte_size: int, limits: Limits) -> None:
+    """What an input in CUDA shared memory must be: not BYTES, and exactly its shape's size."""
+    if datatype == "BYTES":
+        raise InvalidInput(
+            f"input '{shorten(name)}': BYTES inputs are not taken from CUDA shared memory; use system "
+            "shared memory or raw contents"
+        )
+    _check_input_size(name, datatype, shape, byte_size, limits)
+
+
 def _check_output_size(name: str, region: str, needed: int, byte_size: int) -> None:
     if needed > byte_size:
         raise InvalidInput(
@@ -274,11 +284,9 @@ class SharedMemoryRegistry:
     """The regions of one server, by name (one namespace for both kinds, as in Triton).
     `kinds` are the kinds this server takes (--shared-memory); `device` where its models run."""
 
-    def __init__(self, kinds: frozenset[str] = frozenset(), *, device: str = "cpu", refuse: str | None = None) -> None:
+    def __init__(self, kinds: frozenset[str] = frozenset(), *, device: str = "cpu") -> None:
         self.kinds = kinds
         self.device = device
-        #: Why registration is refused here (UNAVAILABLE), when it is: a frontend of --workers N.
-        self.refuse = refuse
         self._regions: dict[str, Region] = {}
         self._cuda: CudaIpc | None = None
 
@@ -288,19 +296,24 @@ class SharedMemoryRegistry:
         out = []
         if SYSTEM in self.kinds:
             out.append("system_shared_memory")
-        if CUDA in self.kinds and self.device == "cuda":
+        if CUDA in self.kinds and self.cuda_device:
             out.append("cuda_shared_memory")
         return out
 
+    @property
+    def cuda_device(self) -> bool:
+        """Whether the models here run on a CUDA device, which CUDA shared memory needs."""
+        return self.device == "cuda"
+
     def extension_kinds(self) -> set[str]:
         """The kinds clients can use here: on, and (CUDA) with a CUDA device."""
-        return {k for k in self.kinds if k != CUDA or self.device == "cuda"}
+        return {k for k in self.kinds if k != CUDA or self.cuda_device}
 
     def require(self, kind: str) -> None:
         """Unsupported when `kind` is off; for CUDA on a server without a CUDA device, ModelUnavailable."""
         if kind not in self.kinds:
             raise Unsupported(_OFF[kind])
-        if kind == CUDA and self.device != "cuda":
+        if kind == CUDA and not self.cuda_device:
             raise ModelUnavailable(
                 "CUDA shared memory needs a CUDA device, and this server runs on CPU only (--device cpu, "
                 "or torch sees no GPU)"
@@ -316,8 +329,6 @@ class SharedMemoryRegistry:
     # --- register, unregister, status -------------------------------------------------------
 
     def _check_new(self, name: str) -> None:
-        if self.refuse is not None:
-            raise ModelUnavailable(self.refuse)
         if not name:
             raise InvalidInput("a shared memory region needs a name")
         if len(name) > NAME_MAX:
@@ -351,14 +362,17 @@ class SharedMemoryRegistry:
         self._regions[name] = region
         return region
 
+    def add(self, kind: str, name: str, arguments: dict[str, Any]) -> Region:
+        """Register a region of `kind`. `arguments`: key, offset, byte_size (system) or
+        raw_handle, device_id, byte_size (CUDA)."""
+        if kind == SYSTEM:
+            return self.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
+        return self.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
+
     async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
         """Register a region (the data plane's entry point; with --workers N the frontends'
-        registry forwards it to the model process). `arguments`: key, offset, byte_size
-        (system) or raw_handle, device_id, byte_size (CUDA)."""
-        if kind == SYSTEM:
-            self.register_system(name, arguments["key"], arguments["offset"], arguments["byte_size"])
-        else:
-            self.register_cuda(name, arguments["raw_handle"], arguments["device_id"], arguments["byte_size"])
+        registry forwards it to the model process, which `add`s it)."""
+        self.add(kind, name, arguments)
 
     async def remove(self, kind: str, name: str = "") -> None:
         """`unregister`, as the data plane calls it (forwarded with --workers N)."""

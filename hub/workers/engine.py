@@ -15,12 +15,13 @@ metrics port); `EngineService` answers the frontends:
   the batch) in the statistics and metrics, in one step, as one process would; and free the
   output blocks of our arena it has answered with.
 - `stats`, `load`, `unload`: the statistics snapshot and model control, for any frontend.
-- `shm_register`, `shm_unregister`: Triton's system shared memory. The registry of client
-  regions lives here (every check of hub/shm/regions.py runs here); each change is sent to
-  every frontend as the whole table (`regions`), and the RPC returns once each has
-  acknowledged it, so the next request on any frontend sees it. A request's tensors in a
-  client region arrive as (region id, name, offset, size) and are read from this process's
-  own mapping; its outputs are written straight into the client's region here.
+- `shm_register`, `shm_unregister`: Triton's system and CUDA shared memory. The registry of
+  client regions lives here (every check of hub/shm/regions.py runs here, and a CUDA IPC
+  handle is opened here, in the models' CUDA context); each change is sent to every frontend
+  as the whole table (`regions`), and the RPC returns once each has acknowledged it, so the
+  next request on any frontend sees it. A request's tensors in a client region arrive as
+  (region id, name, offset, size) and are read from this process's own mapping (or on the
+  device); its outputs are written straight into the client's region here.
 - `state` (sent to every frontend): a model changed state, or the first load finished.
 """
 
@@ -54,8 +55,7 @@ from hub.errors import (
 from hub.logs import LogSettings
 from hub.metrics import ModelMetrics
 from hub.server import Server
-from hub.shm import SYSTEM, Holds, SharedMemoryRegistry
-from hub.shm.regions import SystemRegion
+from hub.shm import CUDA, Holds, SharedMemoryRegistry
 from hub.workers.arena import Arena
 from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
 
@@ -294,7 +294,7 @@ class EngineService:
                 traces = tracer.update(header.get("model", ""), header.get("settings") or {})
                 reply = await self._settings_changed({"k": "trace", "state": tracer.state()}, "trace settings", traces)
             elif kind == "shm_unregister":
-                self._registry().unregister(SYSTEM, header.get("name", ""))
+                self._registry().unregister(header["kind"], header.get("name", ""))
                 await self._publish_regions()
                 reply = {}
             else:
@@ -338,7 +338,8 @@ class EngineService:
             batcher = model.batcher
             if batcher is None:
                 raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
-            inputs = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
+            arrays = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
+            inputs = model.placement(arrays)[0]  # (those from CUDA shared memory to the host, if the runtime asks)
             future = batcher.enqueue(
                 inputs,
                 rows=header["rows"],
@@ -409,23 +410,24 @@ class EngineService:
         return registry
 
     def _region_table(self) -> list[list[Any]]:
-        """[id, name, key, offset, byte_size] of every system region, as each frontend mirrors it."""
+        """[id, kind, status] of every region, as each frontend mirrors it."""
         registry = self.server.shared_memory
         if registry is None:
             return []
-        return [[r.id, r.name, r.key, r.offset, r.byte_size] for r in registry.regions() if isinstance(r, SystemRegion)]
+        return [[r.id, r.kind, r.status()] for r in registry.regions()]
 
     async def _register_region(self, header: Header) -> None:
-        """Register a system region here, with every check of hub/shm/regions.py, then have
-        every frontend map it before the register RPC returns."""
+        """Register a region here, with every check of hub/shm/regions.py (a CUDA one is opened
+        in this process's CUDA context, the models'), then have every frontend mirror it
+        before the register RPC returns."""
         registry = self._registry()
-        name = header["name"]
-        region = registry.register_system(name, header["key"], header["offset"], header["byte_size"])
+        kind, name = header["kind"], header["name"]
+        region = registry.add(kind, name, header["arguments"])
         region.id = next(self._region_ids)
         failure = await self._publish_regions()
         if failure is not None:
             if region in registry.regions():  # (not unregistered meanwhile)
-                registry.unregister(SYSTEM, name)
+                registry.unregister(kind, name)
                 await self._publish_regions()
             raise InvalidInput(f"shared memory region could not be mapped by every frontend process: {failure}")
 
@@ -473,17 +475,20 @@ class EngineService:
         self, holds: Holds, targets: list[list[Any]], outputs: list[tuple[str, Any]]
     ) -> dict[str, list[Any]]:
         """Write outputs straight into the client regions the request gave them (the frontend
-        then describes them without a copy); BYTES outputs are left to the frontend. The
-        descriptions of those written, by name."""
+        then describes them without a copy); BYTES outputs into system shared memory are left
+        to the frontend. The descriptions of those written, by name."""
         arrays = dict(outputs)
         written: dict[str, list[Any]] = {}
         for name, number, region, offset, byte_size in targets:
             array = arrays.get(name)
-            if array is None or not isinstance(array, np.ndarray) or array.dtype == np.object_:
+            if array is None or not isinstance(array, np.ndarray):
                 continue
             what = f"output '{shorten(name)}'"
             self._registration(region, number, what)
-            holds.output(name, region, offset, byte_size).write(name, array)
+            target = holds.output(name, region, offset, byte_size)
+            if array.dtype == np.object_ and target.region.kind != CUDA:
+                continue
+            target.write(name, array)
             written[name] = [name, datatype_of(array), list(array.shape), offset, array.nbytes, number, region]
         return written
 

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -28,12 +29,21 @@ from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.core.trace import Tracer
 from hub.datatypes import NUMPY_DTYPES
-from hub.errors import HubError, ModelUnavailable, client_message, error_for_code, shorten
+from hub.errors import (
+    HubError,
+    InvalidInput,
+    ModelExecutionError,
+    ModelUnavailable,
+    client_message,
+    error_for_code,
+    shorten,
+)
+from hub.limits import Limits
 from hub.logs import LogSettings
 from hub.metrics import NullMetrics
 from hub.pipeline.builder import Builder
-from hub.shm import SYSTEM, SharedMemoryRegistry
-from hub.shm.regions import SystemRegion, current_holds
+from hub.shm import CUDA, Region, SharedMemoryRegistry
+from hub.shm.regions import SystemRegion, check_cuda_input, current_holds
 from hub.spec import ModelSpec, Target
 from hub.workers.arena import DEFAULT_SIZE, Arena
 from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
@@ -255,16 +265,17 @@ class EngineClient:
     async def submit(self, header: Header, inputs: Mapping[str, np.ndarray]) -> tuple[Header, dict[str, np.ndarray]]:
         """Hand a request's inputs over (large ones through our arena) and wait for its outputs,
         which may view the model process's arena until `give_back(lease(answer))`."""
-        arena = self.arena
-        regions = self.regions if self.regions is not None and self.regions.regions() else None
+        arena, regions = self.arena, self.regions
+        holds = current_holds() if regions is not None else None
+        if regions is not None and not regions.regions() and all(isinstance(a, np.ndarray) for a in inputs.values()):
+            regions = None  # no input can lie in a region (one in CUDA shared memory is no array)
         described, frames, offset = pack_arrays(list(inputs.items()), arena, locate=regions.locate if regions else None)
         header["inputs"] = described
-        targets: dict[int, SystemRegion] = {}
-        holds = current_holds() if regions is not None else None
+        targets: dict[int, Region] = {}
         if holds is not None and holds.targets:  # the model process writes these outputs into the regions
             header["targets"] = []
             for name, target in holds.targets.items():
-                if isinstance(target.region, SystemRegion) and target.region.id:
+                if target.region.id:
                     targets[target.region.id] = target.region
                     header["targets"].append(
                         [name, target.region.id, target.region.name, target.offset, target.byte_size]
@@ -334,82 +345,131 @@ class EngineClient:
             pass
 
 
-def _written(regions: dict[int, SystemRegion]) -> RegionView:
-    """Outputs the model process wrote into the request's regions: views of them (no copy)."""
+def _written(regions: dict[int, Region]) -> RegionView:
+    """Outputs the model process wrote into the request's regions: views of them (no copy), or
+    where they lie in CUDA shared memory."""
 
-    def view(name: str, datatype: str, shape: list[int], offset: int, nbytes: int, number: int, _: str) -> np.ndarray:
+    def view(name: str, datatype: str, shape: list[int], offset: int, nbytes: int, number: int, _: str) -> Any:
         region = regions.get(number)
         if region is None:
             raise ConnectionError(f"the model process wrote output {name!r} into a region this request did not give")
+        if isinstance(region, MirroredCudaRegion):
+            return DeviceTensor(region, offset, tuple(shape), datatype, nbytes)
+        assert isinstance(region, SystemRegion)
         data = region.view(offset, nbytes, f"output '{shorten(name)}'", writable=True)
         return np.frombuffer(data, dtype=NUMPY_DTYPES[datatype]).reshape(shape)
 
     return view
 
 
+class DeviceTensor:
+    """A tensor in a client's CUDA shared memory, as a frontend of --workers N knows it: where
+    it lies, not its data. Frontends open no CUDA context; the model process reads inputs there
+    on its device and writes outputs there (hub/workers/engine.py)."""
+
+    __slots__ = ("datatype", "dtype", "nbytes", "offset", "region", "shape")
+
+    def __init__(self, region: MirroredCudaRegion, offset: int, shape: tuple[int, ...], datatype: str, nbytes: int):
+        self.region = region
+        self.offset = offset
+        self.shape = shape
+        self.datatype = datatype
+        self.dtype = NUMPY_DTYPES[datatype]
+        self.nbytes = nbytes
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def reshape(self, *shape: int) -> DeviceTensor:
+        """The same bytes as another shape (at most one -1, as numpy's)."""
+        known = math.prod(d for d in shape if d != -1)
+        size = math.prod(self.shape)
+        new = tuple(size // known if d == -1 else d for d in shape) if known else shape
+        return DeviceTensor(self.region, self.offset, new, self.datatype, self.nbytes)
+
+
+class MirroredCudaRegion(Region):
+    """A CUDA region the model process opened, as a frontend mirrors it: its name, device and
+    size, for status and for the checks of a request's offsets and sizes."""
+
+    kind = CUDA
+
+    def __init__(self, name: str, device_id: int, byte_size: int) -> None:
+        super().__init__(name, byte_size)
+        self.device_id = device_id
+
+    def read(
+        self, name: str, datatype: str, shape: tuple[int, ...], offset: int, byte_size: int, limits: Limits
+    ) -> DeviceTensor:
+        check_cuda_input(name, datatype, shape, byte_size, limits)
+        return DeviceTensor(self, offset, shape, datatype, byte_size)
+
+    def write(self, name: str, array: Any, offset: int, byte_size: int) -> None:
+        if isinstance(array, DeviceTensor) and array.region is self and array.offset == offset:
+            return  # the model process wrote it there
+        raise ModelExecutionError(f"output '{shorten(name)}' did not reach its CUDA shared memory")
+
+    def status(self) -> dict[str, Any]:
+        return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
+
+
 class RegionMirror(SharedMemoryRegistry):
-    """A frontend's copy of the model process's registry of client regions (system shared
-    memory with --workers N). Register and unregister go to the model process, which checks
-    them and sends every frontend the new table; each maps the regions itself (`sync`), so
-    status and inference here agree with every other frontend once the RPC returns.
+    """A frontend's copy of the model process's registry of client regions (with --workers N).
+    Register and unregister go to the model process, which checks them and sends every
+    frontend the new table; each maps the system regions itself (`sync`) and knows the CUDA
+    ones by name, device and size, so status and inference here agree with every other
+    frontend once the RPC returns.
 
     A tensor of a request that lies in a mirrored region (`locate`) is handed over as (region
-    id, name, offset) and read by the model process from its own mapping, with no copy here."""
+    id, name, offset) and read by the model process from its own mapping, with no copy here.
+    Only the model process opens a CUDA region (in the CUDA context its models use)."""
 
     def __init__(self, kinds: frozenset[str], device: str, client: EngineClient) -> None:
-        super().__init__(
-            kinds,
-            device=device,
-            refuse="CUDA shared memory registration is not available with --workers N > 1 (each process would "
-            "open the IPC handle in its own CUDA context); serve with --workers 1 to use it",
-        )
+        super().__init__(kinds, device=device)
         self._client = client
         client.regions = self
 
     async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
         self.require(kind)
-        if kind != SYSTEM:
-            raise ModelUnavailable(self.refuse or "")
-
-        await self._client.request(
-            {
-                "k": "shm_register",
-                "name": name,
-                "key": arguments["key"],
-                "offset": arguments["offset"],
-                "byte_size": arguments["byte_size"],
-            }
-        )
+        await self._client.request({"k": "shm_register", "kind": kind, "name": name, "arguments": arguments})
 
     async def remove(self, kind: str, name: str = "") -> None:
-        if kind != SYSTEM or (not name and self.kinds and kind not in self.extension_kinds()):
-            return self.unregister(kind, name)
-        self.require(SYSTEM)
-        await self._client.request({"k": "shm_unregister", "name": name})
+        if not name and self.kinds and kind not in self.extension_kinds():
+            return self.unregister(kind, name)  # (nothing to do, as in one process)
+        self.require(kind)
+        await self._client.request({"k": "shm_unregister", "kind": kind, "name": name})
 
     def sync(self, table: list[list[Any]]) -> str | None:
-        """Map what the model process has registered, drop the rest (requests holding a
-        dropped region keep it until answered): the first region that would not map, or None."""
-        wanted = {name: (number, key, offset, size) for number, name, key, offset, size in table}
-        for name, region in list(self._regions.items()):
-            if region.kind == SYSTEM and wanted.get(name, (0,))[0] != region.id:
+        """Mirror what the model process has registered ([id, kind, status] each), drop the
+        rest (requests holding a dropped region keep it until answered): the first region
+        that would not map, or None."""
+        wanted = {status["name"]: (number, kind, status) for number, kind, status in table}
+        for name, mirrored in list(self._regions.items()):
+            if wanted.get(name, (0,))[0] != mirrored.id:
                 del self._regions[name]
-                region.retire()
+                mirrored.retire()
         failure = None
-        for name, (number, key, offset, size) in wanted.items():
+        for name, (number, kind, status) in wanted.items():
             if name in self._regions:
                 continue
-            try:
-                region = SystemRegion.open(name, key, offset, size)
-            except HubError as exc:
-                failure = failure or client_message(exc)
-                continue
+            region: Region
+            if kind == CUDA:
+                region = MirroredCudaRegion(name, status["device_id"], status["byte_size"])
+            else:
+                try:
+                    region = SystemRegion.open(name, status["key"], status["offset"], status["byte_size"])
+                except HubError as exc:
+                    failure = failure or client_message(exc)
+                    continue
             region.id = number
             self._regions[name] = region
         return failure
 
-    def locate(self, array: np.ndarray) -> tuple[int, str, int] | None:
+    def locate(self, array: Any) -> tuple[int, str, int] | None:
         """(region id, name, offset) when `array` lies, contiguous, inside a mirrored region."""
+        if isinstance(array, DeviceTensor):
+            return array.region.id, array.region.name, array.offset
         if not array.flags.c_contiguous:
             return None
         start = int(array.__array_interface__["data"][0])
@@ -454,6 +514,12 @@ class RemoteBatcher:
         return None
 
 
+def _cuda_targets() -> bool:
+    """Whether the request being answered asked for an output in CUDA shared memory."""
+    holds = current_holds()
+    return holds is not None and any(t.region.kind == CUDA for t in holds.targets.values())
+
+
 class RemoteModel(ServedModel):
     """A mirror of a model served by the model process. Requests are checked and
     preprocessed here, and computed either by the model process (`remote`, a RemoteBatcher)
@@ -471,6 +537,20 @@ class RemoteModel(ServedModel):
     def local(self) -> bool:
         """Whether requests run in this frontend's own copy."""
         return self.batcher is not None and self.batcher is not self.remote
+
+    def placement(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], Any]:
+        """A request with a tensor in CUDA shared memory runs in the model process, which
+        alone opens the client's regions; anything else as its model is placed."""
+        on_device = not all(isinstance(a, np.ndarray) for a in inputs.values())
+        if not on_device and not (self.local and _cuda_targets()):
+            return super().placement(inputs)
+        if on_device and self.spec.preprocess is not None:
+            raise InvalidInput(
+                f"model '{self.name}' preprocesses its inputs in each frontend process, which cannot read CUDA "
+                "shared memory with --workers N > 1; send its inputs in the request or in system shared memory, "
+                "or serve with --workers 1"
+            )
+        return inputs, self.remote
 
     def begin_request(self) -> None:
         assert self.client is not None

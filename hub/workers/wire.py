@@ -263,8 +263,8 @@ def pack_arrays(
     if arena is not None or locate is not None:
         total = 0
         for index, (_, array) in enumerate(arrays):
-            if array.dtype == np.object_ or array.nbytes < threshold:
-                continue
+            if isinstance(array, np.ndarray) and (array.dtype == np.object_ or array.nbytes < threshold):
+                continue  # (what is not an array lies in a client's CUDA region: located, whatever its size)
             where = locate(array) if locate is not None else None
             if where is not None:
                 in_region[index] = where
