@@ -225,8 +225,11 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
         config.write_text(f'[models.{MODEL}]\ntarget = "{args.target}"\n')
         for workers in args.workers:
             served_log = args.out.with_suffix(f".server-w{workers}.log")
-            # Client CUDA shared memory (issue 16) is served by one process only: measure it there.
-            shm = "cuda" if workers == 1 and args.device == "cuda" and args.cuda_shm_concurrency else ""
+            # Client CUDA shared memory (issue 16): in one process, and behind the most frontends,
+            # where the model process opens the regions and reads them for every frontend.
+            shm = ""
+            if args.device == "cuda" and args.cuda_shm_concurrency and workers in (1, max(args.workers)):
+                shm = "cuda"
             with serving(args, plugins, config, served_log, workers, shm) as (url, pid):
                 if args.device == "cuda":
                     top = max(args.concurrency)
@@ -235,7 +238,7 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
                     warm_served(url, [1], images)
                 measure_served(args, binary, url, workers, results, pid)
                 if shm:
-                    measure_cuda_shm(args, binary, url, results)
+                    measure_cuda_shm(args, binary, url, workers, results)
 
 
 def measure_point(
@@ -347,14 +350,16 @@ def measure_served(
             log(f"served workers={workers} c={concurrency}: {row}")
 
 
-def measure_cuda_shm(args: argparse.Namespace, binary: Path, url: str, results: Any) -> None:
+def measure_cuda_shm(args: argparse.Namespace, binary: Path, url: str, workers: int, results: Any) -> None:
     """resnet with its image and logits in CUDA shared memory against raw gRPC, alternating at
-    each concurrency (issue 16): what the socket copy and the host-to-device copy cost."""
+    each concurrency (issue 16): what the socket copy and the host-to-device copy cost. Behind
+    several frontends, synchronous and spread over connections, as measure_served drives them."""
     for concurrency in args.cuda_shm_concurrency:
         for transport, extra in (("grpc", ()), ("cuda-shm", CUDA_SHM), ("grpc", ()), ("cuda-shm", CUDA_SHM)):
-            row = measure_point(args, binary, url, concurrency, transport, results, extra)
+            label = f"workers={workers} {transport}"
+            row = measure_point(args, binary, url, concurrency, label, results, extra, spread=workers > 1)
             if row is not None:
-                row["transport"] = transport
+                row["transport"], row["workers"] = transport, workers
                 results.add("cuda_shm", row)
                 log(f"{transport} c={concurrency}: {row}")
 
@@ -490,11 +495,13 @@ def report(data: dict[str, Any]) -> str:
                 f"| {fmt(row.get('batching_us'))} | {fmt(row.get('frontends_us'))} |"
             )
     if data["cuda_shm"]:
-        lines += ["", "resnet from CUDA shared memory against raw gRPC (workers 1, alternating)",
-                  "| transport | concurrency | images/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]  # fmt: skip
+        lines += ["", "resnet from CUDA shared memory against raw gRPC (alternating)",
+                  "| workers | mode | transport | concurrency | images/s | p50 ms | p99 ms |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in data["cuda_shm"]:
             lines.append(
-                f"| {row['transport']} | {row['concurrency']} | {fmt(row['images_per_s'])} "
+                f"| {row.get('workers', 1)} | {row.get('mode', 'async')} | {row['transport']} | {row['concurrency']} "
+                f"| {fmt(row['images_per_s'])} "
                 f"| {fmt(row['p50_ms'], '.1f')} | {fmt(row['p99_ms'], '.1f')} |"
             )
     if data["bare"]:
@@ -527,7 +534,8 @@ def main() -> int:
         "--cuda-shm-concurrency",
         type=ints,
         default=[128],
-        help="with workers 1 on CUDA: perf_analyzer with CUDA shared memory against raw gRPC at these (default: 128)",
+        help="on CUDA, with workers 1 and the most workers: perf_analyzer with CUDA shared memory against raw "
+        "gRPC at these (default: 128)",
     )
     parser.add_argument("--batches", type=ints, help="bare batch sizes (default: 1,16,128 on CUDA; 1,4,16 on CPU)")
     parser.add_argument("--compare-batches", type=ints, help="default: 1,128 on CUDA; 1,4 on CPU")

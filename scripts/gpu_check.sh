@@ -69,7 +69,7 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
 # 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, ResNet-50 served as
 #    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16, minilm served as
 #    torch-float8, and CUDA shared memory (issue 16: a client process's cudaIpcMemHandle_t, inputs
-#    and outputs on the device; two tiny models, a few seconds).
+#    and outputs on the device, in one process and behind --workers 2; two tiny models, ~20 s).
 timeout -k 10 "$(cap 210)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs \
   --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_resnet.py tests/test_embeddings.py \
   tests/test_shared_memory_cuda.py \
@@ -89,9 +89,10 @@ echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
 #    --async for one process, synchronous for several, whose ~c/6 connections SO_REUSEPORT
 #    spreads over the frontends: --async would send everything over one connection); the
 #    torch-compile artifact in-process at batch 1, 16 and 128 (the bare model); then eager fp32,
-#    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4). With workers 1 the
-#    server also serves CUDA shared memory, and resnet is measured from it against raw gRPC at
-#    c=128, alternating (issue 16).
+#    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4). With workers 1 and
+#    8 the server also serves CUDA shared memory, and resnet is measured from it against raw gRPC
+#    at c=128, alternating (issue 16; behind 8 frontends the model process reads the regions for
+#    all of them). Those windows come last for each server, so a short budget loses them first.
 timeout -k 10 "$(cap $(( $(left) - 15 )))" python3 scripts/bench_gpu.py --device cuda --seconds 4 --bare-seconds 2 \
   --workers 1,4,8 --concurrency 1,16,128,256 \
   --perf-analyzer wheels-gpu/perf_analyzer/perf_analyzer --model-repository /tmp/modelhub-gpu-bench/models \

@@ -106,7 +106,10 @@ def test_cuda_shared_memory_inputs_and_outputs(start_server: Any, tmp_path: Path
 def test_cuda_shared_memory_behind_workers(tmp_path: Path) -> None:
     """--workers 2 on a GPU: the model process opens the handles, in its models' CUDA context."""
     plugins = link_plugins(tmp_path / "p", TEST_PLUGINS / "torch_models.py")
-    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--device", "cuda", "--shared-memory", "system,cuda")
+    server = Workers(
+        plugins, tmp_path / "models", tmp_path, 2, "--device", "cuda", "--shared-memory", "system,cuda",
+        "--model-copies", "none",
+    )  # fmt: skip
     try:
         _run_client(server.url)
     finally:
