@@ -29,6 +29,8 @@ import pytest
 import tritonclient.grpc as tc
 import tritonclient.http as th
 import tritonclient.utils.shared_memory as shm
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import strategies as st
 from tritonclient.utils import InferenceServerException
 
 from hub.server import ServerConfig
@@ -344,3 +346,67 @@ def test_a_preprocessed_model_behind_workers(device: Device) -> None:
     else:
         result = device.client.infer("halve_then_double", [tensor])
         np.testing.assert_array_equal(result.as_numpy("y"), values)
+
+
+# --- fuzz: offsets and sizes against a CUDA region, behind --workers 2 ----------------------------
+
+
+@pytest.fixture(scope="module")
+def cuda_fuzz(two_workers: Workers) -> Iterator[tuple[Any, Any, Device]]:
+    device = Device(two_workers, "grpc")
+    source = device.allocate("fuzz_in_object", 8192, register=False)
+    target = device.allocate("fuzz_out", 8192)
+    shm.set_shared_memory_region(source, [np.arange(2048, dtype=np.float32)])
+    yield source, target, device
+    device.close()
+
+
+_sizes = st.one_of(st.integers(0, 9000), st.sampled_from([1 << 31, (1 << 63) - 1, 4095, 4096, 4097]))
+_extents = st.one_of(_sizes, st.sampled_from([16, 32, 48, 64, 4096, 8192]))  # (some that fit)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    byte_size=_extents,
+    tensor=st.tuples(_extents, _extents),
+    output=st.tuples(_extents, _extents),
+    rows=st.integers(1, 4),
+)
+@example(byte_size=8192, tensor=(16, 32), output=(64, 4096), rows=2)  # (answered, at offsets)
+@example(byte_size=48, tensor=(16, 32), output=(8160, 32), rows=2)  # (each at the end of its region)
+def test_fuzz_cuda_offsets_and_sizes(
+    cuda_fuzz: tuple[Any, Any, Device],
+    byte_size: int,
+    tensor: tuple[int, int],
+    output: tuple[int, int],
+    rows: int,
+) -> None:
+    """Any registered size, input extent and output extent: the right values or
+    INVALID_ARGUMENT, never a read or write outside the allocation, and the server stays up."""
+    source, target, device = cuda_fuzz
+    try:
+        device.register("fuzz_in", source.key, byte_size)
+    except InferenceServerException as exc:
+        assert exc.status() == "StatusCode.INVALID_ARGUMENT", exc.message()
+        assert byte_size == 0 or byte_size > 8192
+        return
+    try:
+        (offset, size), (out_offset, out_size) = tensor, output
+        x = tc.InferInput("x", [rows, 4], "FP32")
+        x.set_shared_memory("fuzz_in", size, offset)
+        y = tc.InferRequestedOutput("y")
+        y.set_shared_memory("fuzz_out", out_size, out_offset)
+        try:
+            device.client.infer("affine_torch", [x], outputs=[y])
+        except InferenceServerException as exc:
+            assert exc.status() == "StatusCode.INVALID_ARGUMENT", exc.message()
+            fits_in = size == rows * 16 and offset < byte_size and offset + size <= byte_size
+            fits_out = out_size >= rows * 16 and out_offset < 8192 and out_offset + out_size <= 8192
+            assert not (fits_in and fits_out), exc.message()
+            return
+        assert size == rows * 16 and offset + size <= byte_size
+        values = np.arange(2048, dtype=np.float32).view(np.uint8)[offset : offset + size].view(np.float32)
+        got = shm.get_contents_as_numpy(target, np.float32, [rows * 4], offset=out_offset)
+        np.testing.assert_array_equal(got, values * 2 + 1)
+    finally:
+        device.client.unregister_cuda_shared_memory("fuzz_in")
