@@ -84,12 +84,13 @@ timeout -k 10 "$(cap 140)" python3 scripts/gpu_fidelity.py --out "$OUT/gpu-fidel
   --compile-repository /tmp/modelhub-gpu-bench/models > "$OUT/gpu-fidelity.txt" 2>&1
 echo "exit $? after ${SECONDS}s" >> "$OUT/gpu-fidelity.txt"
 
-# 3. ResNet-50 throughput (issue 12): served as torch-compile with 1, 4 and 8 frontend processes
-#    (--workers) under perf_analyzer at concurrency 1, 16, 128 and 256 (three windows each;
-#    --async for one process, synchronous for several, whose ~c/6 connections SO_REUSEPORT
-#    spreads over the frontends: --async would send everything over one connection); the
-#    torch-compile artifact in-process at batch 1, 16 and 128 (the bare model); then eager fp32,
-#    eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4). With workers 1 and
+# 3. ResNet-50 throughput (issue 12): first the torch-compile artifact in-process at batch 1, 16
+#    and 128 (the bare model, the ratio's denominator); then served as torch-compile with 1, 4 and
+#    8 frontend processes (--workers) under perf_analyzer at concurrency 1, 16, 128 and 256 (three
+#    windows each; --async for one process, synchronous for several, whose ~c/6 connections
+#    SO_REUSEPORT spreads over the frontends: --async would send everything over one connection);
+#    last, eager fp32, eager fp16, compiled fp32 and compiled fp16 at batch 1 and 128 (issue 4,
+#    the first to go when the budget runs short). With workers 1 and
 #    8 the server also serves CUDA shared memory, and resnet is measured from it against raw gRPC
 #    at c=128, alternating (issue 16; behind 8 frontends the model process reads the regions for
 #    all of them). Those windows come last for each server, so a short budget loses them first.
