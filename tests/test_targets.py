@@ -216,6 +216,10 @@ def test_cuda_graph_runtime_buckets_pads_slices_and_keeps_each_outputs_dtype() -
         np.testing.assert_array_equal(first[name], value)
     readonly = np.frombuffer(three.tobytes(), np.float32).reshape(3, 16)  # as a request's raw bytes arrive
     np.testing.assert_array_equal(runtime.run({"x": readonly})["label"], label.numpy())
+    # A tensor where the static inputs are (an input in CUDA shared memory, on a GPU) is copied
+    # into them as it is; the runtime says it takes such tensors, so none is copied to numpy first.
+    assert runtime.takes_device_tensors
+    np.testing.assert_array_equal(runtime.run({"x": torch.from_numpy(three)})["label"], label.numpy())
     with pytest.raises(BuildError, match="larger than the largest CUDA graph bucket 8"):
         runtime.run({"x": np.zeros((9, 16), np.float32)})
     runtime.close()

@@ -54,6 +54,10 @@ class CudaGraphRuntime:
     records: the bucketing, copying and slicing around it are the same.
     """
 
+    #: Inputs may be torch tensors on the device (CUDA shared memory): copied into the static
+    #: inputs there, device to device, where numpy inputs are copied from the host.
+    takes_device_tensors = True
+
     def __init__(
         self,
         module: Any,
@@ -94,7 +98,9 @@ class CudaGraphRuntime:
         replay, static, outputs = self._graphs[self.bucket_for(rows)]
         with self._lock, torch.inference_mode():  # one replay at a time: the buffers are shared
             for name, tensor in zip(self._inputs, static, strict=True):
-                tensor[:rows].copy_(to_tensor(inputs[name], "cpu"))  # to_tensor copies read-only buffers
+                given = inputs[name]
+                # (to_tensor copies read-only numpy buffers; a tensor is copied from where it is)
+                tensor[:rows].copy_(given if isinstance(given, torch.Tensor) else to_tensor(given, "cpu"))
             replay()
             # A copy, on the CPU: the next replay overwrites the static outputs.
             return {name: to_numpy(value[:rows].to("cpu", copy=True)) for name, value in outputs.items()}
