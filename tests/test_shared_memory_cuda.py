@@ -36,6 +36,7 @@ from tritonclient.utils import InferenceServerException
 from hub.server import ServerConfig
 
 from .conftest import ROOT, TEST_PLUGINS, RunningServer, Workers, link_plugins
+from .plugins.identity import DATATYPES, sample
 
 # The client must be another process: CUDA refuses a handle opened in the process that made it.
 CLIENT = r"""
@@ -253,6 +254,22 @@ def test_inputs_and_outputs_in_cuda_regions(device: Device, model: str) -> None:
         np.testing.assert_array_equal(shm.get_contents_as_numpy(target, np.float32, [2, 4]), values * 2 + 1)
         np.testing.assert_array_equal(result.as_numpy("total").ravel(), values.sum(axis=1))
     assert device.status() == {"in": (0, x.nbytes), "out": (0, 4096)}
+
+
+@pytest.mark.parametrize("datatype", [d for d in DATATYPES if d != "BYTES"])
+def test_every_fixed_size_datatype_in_and_out_of_cuda_regions(device: Device, datatype: str) -> None:
+    """The identity models (a numpy runtime: each input comes to the host once) with the input
+    and the output in CUDA regions, for every datatype CUDA shared memory takes."""
+    values = sample(datatype)
+    source = device.allocate("in", values.nbytes)
+    target = device.allocate("out", values.nbytes + 64)
+    shm.set_shared_memory_region(source, [values])
+    tensor = device.mod.InferInput("INPUT0", list(values.shape), datatype)
+    tensor.set_shared_memory("in", values.nbytes)
+    wanted = device.mod.InferRequestedOutput("OUTPUT0")
+    wanted.set_shared_memory("out", values.nbytes + 64)
+    device.client.infer(f"identity_{datatype.lower()}", [tensor], outputs=[wanted])
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(target, values.dtype, values.shape), values)
 
 
 def test_status_and_unregister_agree_in_every_frontend(two_workers: Workers) -> None:
