@@ -172,7 +172,8 @@ def two_workers(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
 
 
 class Device:
-    """ "Device memory" for one test: shared-memory objects registered as CUDA regions."""
+    """A client's stand-in device memory for one test: shared-memory objects registered as
+    CUDA regions, each under its object's name as the handle."""
 
     def __init__(self, server: RunningServer | Workers, protocol: str) -> None:
         self.mod: Any = tc if protocol == "grpc" else th
@@ -182,14 +183,13 @@ class Device:
         self.handles: list[Any] = []
         self.double = _double()
 
-    def allocate(self, name: str, size: int, *, register: bool = True, byte_size: int | None = None) -> Any:
+    def allocate(self, name: str, size: int, *, register: bool = True) -> Any:
         key = f"/modelhub_cuda_double_{os.getpid()}_{next(_keys)}"
         handle = shm.create_shared_memory_region(name, key, size)
         handle.key = key
         self.handles.append(handle)
         if register:
-            raw = base64.b64encode(self.double.handle_for(key))
-            self.client.register_cuda_shared_memory(name, raw, 0, size if byte_size is None else byte_size)
+            self.register(name, key, size)
         return handle
 
     def register(self, name: str, key: str, size: int, device_id: int = 0, raw: bytes | None = None) -> None:
