@@ -20,6 +20,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -140,6 +142,7 @@ def one_process(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
         TEST_PLUGINS / "torch_models.py",
         TEST_PLUGINS / "identity.py",
         TEST_PLUGINS / "preprocessed.py",
+        TEST_PLUGINS / "behaviour.py",
     )
     with pytest.MonkeyPatch.context() as patch:
         _double().install(patch.setattr)
@@ -147,7 +150,7 @@ def one_process(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
             ServerConfig(
                 plugins_dir=plugins, model_repository=model_repository, host="127.0.0.1", grpc_port=0,
                 http_port=0, metrics_port=None, device="cpu", threads=1, entry_points=False,
-                shared_memory=frozenset({"system", "cuda"}),
+                shared_memory=frozenset({"system", "cuda"}), inline_compute=0.0,
             )
         ).start()  # fmt: skip
         yield server
@@ -270,6 +273,49 @@ def test_every_fixed_size_datatype_in_and_out_of_cuda_regions(device: Device, da
     wanted.set_shared_memory("out", values.nbytes + 64)
     device.client.infer(f"identity_{datatype.lower()}", [tensor], outputs=[wanted])
     np.testing.assert_array_equal(shm.get_contents_as_numpy(target, values.dtype, values.shape), values)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_unregister_while_a_request_is_pending(one_process: RunningServer, protocol: str) -> None:
+    """A request holds its CUDA regions (the tensor viewing the input holds it too): it is
+    answered correctly after an unregister, and the last holder closes the IPC handles."""
+    device = Device(one_process, protocol)
+    value = np.full((1, 1), 3.0, np.float32)
+    source = device.allocate("pending_in", 4)
+    target = device.allocate("pending_out", 4)
+    shm.set_shared_memory_region(source, [value])
+    registry = one_process.server.shared_memory  # type: ignore[union-attr]
+    regions = {r.name: r for r in registry.regions()}
+    outcome: dict[str, Any] = {}
+
+    def call() -> None:
+        caller = Device(one_process, protocol)  # tritonclient.http's client stays in its own thread
+        tensor = caller.mod.InferInput("INPUT0", [1, 1], "FP32")
+        tensor.set_shared_memory("pending_in", 4)
+        wanted = caller.mod.InferRequestedOutput("OUTPUT0")
+        wanted.set_shared_memory("pending_out", 4)
+        try:
+            outcome["result"] = caller.client.infer("sleepy", [tensor], outputs=[wanted])
+        except Exception as exc:
+            outcome["error"] = exc
+        caller.client.close()
+
+    thread = threading.Thread(target=call)
+    thread.start()
+    deadline = time.monotonic() + 5
+    while regions["pending_in"].users == 0 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    assert regions["pending_in"].users >= 1
+    device.client.unregister_cuda_shared_memory()
+    assert registry.regions() == [] and not regions["pending_in"].closed
+    thread.join(10)
+    assert "result" in outcome, outcome
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(target, np.float32, [1, 1]), value * 2)
+    deadline = time.monotonic() + 5  # (the input tensor's holder goes with the batch's last reference)
+    while not regions["pending_in"].closed and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert regions["pending_in"].closed and regions["pending_out"].closed
+    device.close()
 
 
 def test_status_and_unregister_agree_in_every_frontend(two_workers: Workers) -> None:
