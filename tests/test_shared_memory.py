@@ -441,39 +441,53 @@ def test_classification_and_shared_memory_cannot_combine(side: Side) -> None:
 # --- lifetime -------------------------------------------------------------------------------------
 
 
-def test_unregister_while_a_request_is_pending(local_side: Side, shm_server: RunningServer) -> None:
-    """The request holds its regions: it is answered correctly, and the last holder unmaps them."""
-    side = local_side
-    value = np.full((1, 1), 3.0, np.float32)
-    handle = side.region("pending_in", 4)
-    out = side.region("pending_out", 4)
-    shm.set_shared_memory_region(handle, [value])
-    registry = shm_server.server.shared_memory  # type: ignore[union-attr]
+def unregister_while_pending(server: RunningServer, protocol: str, unregister: Any) -> dict[str, Any]:
+    """Start a "sleepy" request whose input and output lie in the registered regions
+    "pending_in" and "pending_out" (4 bytes each), call `unregister()` (every region) while it
+    runs, and wait for its answer; the regions as the registry held them, once their last
+    holder has let them go. Shared by the system and the CUDA (tests/cuda_double) tests."""
+    registry = server.server.shared_memory  # type: ignore[union-attr]
     regions = {r.name: r for r in registry.regions()}
     outcome: dict[str, Any] = {}
 
     def call() -> None:
-        caller = Side(side.protocol, shm_server)  # tritonclient.http's client stays in its own thread
+        mod: Any = tc if protocol == "grpc" else th
+        client = mod.InferenceServerClient(server.url if protocol == "grpc" else server.http_url)
+        tensor = mod.InferInput("INPUT0", [1, 1], "FP32")  # (tritonclient.http's client stays in its thread)
+        tensor.set_shared_memory("pending_in", 4)
+        output = mod.InferRequestedOutput("OUTPUT0")
+        output.set_shared_memory("pending_out", 4)
         try:
-            outcome["result"] = caller.client.infer(
-                "sleepy",
-                [shm_input(side, "INPUT0", [1, 1], "FP32", "pending_in", 4)],
-                outputs=[shm_output(side, "OUTPUT0", "pending_out", 4)],
-            )
+            outcome["result"] = client.infer("sleepy", [tensor], outputs=[output])
         except Exception as exc:
             outcome["error"] = exc
-        caller.client.close()
+        client.close()
 
     thread = threading.Thread(target=call)
     thread.start()
     deadline = time.monotonic() + 5
     while regions["pending_in"].users == 0 and time.monotonic() < deadline:
         time.sleep(0.002)
-    assert regions["pending_in"].users == 1
-    side.client.unregister_system_shared_memory()
+    assert regions["pending_in"].users >= 1
+    unregister()
     assert registry.regions() == [] and not regions["pending_in"].closed
     thread.join(10)
     assert "result" in outcome, outcome
+    deadline = time.monotonic() + 5  # (a tensor viewing a region goes with its batch's last reference)
+    while not all(r.closed for r in regions.values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return regions
+
+
+def test_unregister_while_a_request_is_pending(local_side: Side, shm_server: RunningServer) -> None:
+    """The request holds its regions: it is answered correctly, and the last holder unmaps them."""
+    value = np.full((1, 1), 3.0, np.float32)
+    handle = local_side.region("pending_in", 4)
+    out = local_side.region("pending_out", 4)
+    shm.set_shared_memory_region(handle, [value])
+    regions = unregister_while_pending(
+        shm_server, local_side.protocol, local_side.client.unregister_system_shared_memory
+    )
     np.testing.assert_array_equal(shm.get_contents_as_numpy(out, np.float32, [1, 1]), value * 2)
     assert regions["pending_in"].closed and regions["pending_out"].closed
 

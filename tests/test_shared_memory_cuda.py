@@ -20,8 +20,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +37,7 @@ from hub.server import ServerConfig
 
 from .conftest import ROOT, TEST_PLUGINS, RunningServer, Workers, link_plugins
 from .plugins.identity import DATATYPES, sample
+from .test_shared_memory import unregister_while_pending
 
 # The client must be another process: CUDA refuses a handle opened in the process that made it.
 CLIENT = r"""
@@ -284,36 +283,8 @@ def test_unregister_while_a_request_is_pending(one_process: RunningServer, proto
     source = device.allocate("pending_in", 4)
     target = device.allocate("pending_out", 4)
     shm.set_shared_memory_region(source, [value])
-    registry = one_process.server.shared_memory  # type: ignore[union-attr]
-    regions = {r.name: r for r in registry.regions()}
-    outcome: dict[str, Any] = {}
-
-    def call() -> None:
-        caller = Device(one_process, protocol)  # tritonclient.http's client stays in its own thread
-        tensor = caller.mod.InferInput("INPUT0", [1, 1], "FP32")
-        tensor.set_shared_memory("pending_in", 4)
-        wanted = caller.mod.InferRequestedOutput("OUTPUT0")
-        wanted.set_shared_memory("pending_out", 4)
-        try:
-            outcome["result"] = caller.client.infer("sleepy", [tensor], outputs=[wanted])
-        except Exception as exc:
-            outcome["error"] = exc
-        caller.client.close()
-
-    thread = threading.Thread(target=call)
-    thread.start()
-    deadline = time.monotonic() + 5
-    while regions["pending_in"].users == 0 and time.monotonic() < deadline:
-        time.sleep(0.002)
-    assert regions["pending_in"].users >= 1
-    device.client.unregister_cuda_shared_memory()
-    assert registry.regions() == [] and not regions["pending_in"].closed
-    thread.join(10)
-    assert "result" in outcome, outcome
+    regions = unregister_while_pending(one_process, protocol, device.client.unregister_cuda_shared_memory)
     np.testing.assert_array_equal(shm.get_contents_as_numpy(target, np.float32, [1, 1]), value * 2)
-    deadline = time.monotonic() + 5  # (the input tensor's holder goes with the batch's last reference)
-    while not regions["pending_in"].closed and time.monotonic() < deadline:
-        time.sleep(0.01)
     assert regions["pending_in"].closed and regions["pending_out"].closed
     device.close()
 
