@@ -319,6 +319,30 @@ def _mapped_by(pid: int, key: str) -> bool:
     return f"/dev/shm/{key.lstrip('/')}" in Path(f"/proc/{pid}/maps").read_text()
 
 
+def test_one_allocation_under_two_names(device: Device) -> None:
+    """CUDA opens a handle once per process: an allocation registered under two names (its
+    input and output in one cudaMalloc) is opened once, serves both, and is closed with the
+    second unregister."""
+    x = np.arange(8, dtype=np.float32).reshape(2, 4)
+    both = device.allocate("first_name", 4096)
+    device.register("second_name", both.key, 4096)
+    shm.set_shared_memory_region(both, [x])
+    tensor = device.mod.InferInput("x", [2, 4], "FP32")
+    tensor.set_shared_memory("first_name", x.nbytes)
+    wanted = device.mod.InferRequestedOutput("y")
+    wanted.set_shared_memory("second_name", x.nbytes, offset=1024)
+    device.client.infer("affine_torch", [tensor], outputs=[wanted])
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(both, np.float32, [2, 4], offset=1024), x * 2 + 1)
+    device.client.unregister_cuda_shared_memory("first_name")
+    wanted.set_shared_memory("second_name", x.nbytes, offset=2048)
+    tensor.set_shared_memory("second_name", x.nbytes)
+    device.client.infer("affine_torch", [tensor], outputs=[wanted])  # the handle is still open for it
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(both, np.float32, [2, 4], offset=2048), x * 2 + 1)
+    device.client.unregister_cuda_shared_memory("second_name")
+    device.register("again", both.key, 4096)  # closed with its last region, so it opens again
+    assert device.status() == {"again": (0, 4096)}
+
+
 def test_cuda_registration_refusals(device: Device) -> None:
     handle = device.allocate("taken", 256)
     register = device.register

@@ -46,12 +46,20 @@ def _loaded_runtime() -> str | None:
 
 
 class CudaIpc:
-    """The CUDA runtime and driver entry points CUDA shared memory needs."""
+    """The CUDA runtime and driver entry points CUDA shared memory needs.
+
+    CUDA opens a handle once per process and device (a second cudaIpcOpenMemHandle of it fails,
+    "already mapped"), so an allocation a client registers under several names (its inputs and
+    outputs in one cudaMalloc, say) is opened once and shared: closed when its last region is."""
 
     def __init__(self, runtime: ctypes.CDLL, driver: ctypes.CDLL, devices: int) -> None:
         self._rt = runtime
         self._driver = driver
         self.devices = devices
+        #: Opened handles: (handle, device) -> [pointer, regions using it]. A region may be
+        #: closed from a compute thread (the last tensor viewing it freed there).
+        self._opened: dict[tuple[bytes, int], list[int]] = {}
+        self._lock = threading.Lock()
         runtime.cudaSetDevice.argtypes = [ctypes.c_int]
         runtime.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
         runtime.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
@@ -102,6 +110,24 @@ class CudaIpc:
             raise InvalidInput(
                 f"{label}: device_id {device_id} is not a CUDA device of this server (0-{self.devices - 1})"
             )
+        key = (bytes(raw_handle), device_id)
+        with self._lock:
+            opened = self._opened.get(key)
+            if opened is None:
+                opened = self._opened[key] = [self._open(name, label, raw_handle, device_id), 0]
+            opened[1] += 1
+        pointer = opened[0]
+        base, size = ctypes.c_uint64(), ctypes.c_size_t()
+        result = self._driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer)
+        available = size.value - (pointer - base.value) if result == 0 else -1
+        if available < byte_size:
+            self.close(key)
+            if result:
+                log.warning("CUDA shared memory region %r: cuMemGetAddressRange failed (%d)", shorten(name, 64), result)
+            raise InvalidInput(f"{label}: the CUDA allocation behind the handle is smaller than byte_size {byte_size}")
+        return CudaRegion(name, device_id, byte_size, pointer, self, key)
+
+    def _open(self, name: str, label: str, raw_handle: bytes, device_id: int) -> int:
         self._device(device_id)
         pointer = ctypes.c_void_p()
         code = self._rt.cudaIpcOpenMemHandle(
@@ -113,19 +139,18 @@ class CudaIpc:
                 f"{label}: the CUDA IPC handle cannot be opened on device {device_id} (it must come from "
                 "cudaIpcGetMemHandle in another process, for memory on that device)"
             )
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        result = self._driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer.value)
-        available = size.value - (pointer.value - base.value) if result == 0 else -1
-        if available < byte_size:
-            self.close(pointer.value, device_id)
-            if result:
-                log.warning("CUDA shared memory region %r: cuMemGetAddressRange failed (%d)", shorten(name, 64), result)
-            raise InvalidInput(f"{label}: the CUDA allocation behind the handle is smaller than byte_size {byte_size}")
-        return CudaRegion(name, device_id, byte_size, pointer.value, self)
+        return int(pointer.value)
 
-    def close(self, pointer: int, device_id: int) -> None:
-        self._device(device_id)
-        code = self._rt.cudaIpcCloseMemHandle(pointer)
+    def close(self, key: tuple[bytes, int]) -> None:
+        """A region of the handle `key` is released: close the handle with its last region."""
+        with self._lock:
+            opened = self._opened[key]
+            opened[1] -= 1
+            if opened[1]:
+                return
+            del self._opened[key]
+            self._device(key[1])
+            code = self._rt.cudaIpcCloseMemHandle(opened[0])
         if code:
             log.warning("cudaIpcCloseMemHandle failed: %s", self._error(code))
 
@@ -162,15 +187,19 @@ class _DeviceArray:
 
 
 class CudaRegion(Region):
-    """An opened CUDA IPC handle: `byte_size` bytes at `pointer` on device `device_id`."""
+    """A registered CUDA region: `byte_size` bytes at `pointer` on device `device_id`, from an
+    opened IPC handle (which other regions of the same allocation share)."""
 
     kind = CUDA
 
-    def __init__(self, name: str, device_id: int, byte_size: int, pointer: int, ipc: CudaIpc) -> None:
+    def __init__(
+        self, name: str, device_id: int, byte_size: int, pointer: int, ipc: CudaIpc, handle: tuple[bytes, int]
+    ) -> None:
         super().__init__(name, byte_size)
         self.device_id = device_id
         self.pointer = pointer
         self._ipc = ipc
+        self._handle = handle  # the opened handle it uses (others may share it)
         self._lock = threading.Lock()  # a tensor's deleter may release from a compute thread
 
     def acquire(self) -> None:
@@ -217,4 +246,4 @@ class CudaRegion(Region):
         if self.closed:
             return
         super()._close()
-        self._ipc.close(self.pointer, self.device_id)
+        self._ipc.close(self._handle)

@@ -24,6 +24,7 @@ from typing import Any
 
 HANDLE_BYTES = 64
 _INVALID_HANDLE = 400  # cudaErrorInvalidResourceHandle
+_ALREADY_MAPPED = 208  # cudaErrorAlreadyMapped: CUDA opens a handle once per process and device
 
 
 def handle_for(key: str) -> bytes:
@@ -40,8 +41,12 @@ def _libraries() -> tuple[Any, Any]:
     def set_device(device: int) -> int:
         return 0
 
+    opened: dict[str, int] = {}  # handle -> base address, while it is open
+
     def open_handle(pointer: Any, handle: Any, flags: int) -> int:
         name = bytes(handle.reserved).rstrip(b"\0").decode(errors="replace")
+        if name in opened:
+            return _ALREADY_MAPPED
         try:
             fd = os.open(os.path.join("/dev/shm", name), os.O_RDWR | os.O_NOFOLLOW)
         except OSError:
@@ -57,6 +62,7 @@ def _libraries() -> tuple[Any, Any]:
         address = ctypes.addressof(probe)
         del probe  # (an export would keep the mapping from closing)
         maps[address] = mapping
+        opened[name] = address
         pointer._obj.value = address
         return 0
 
@@ -64,6 +70,7 @@ def _libraries() -> tuple[Any, Any]:
         mapping = maps.pop(pointer, None)
         if mapping is None:
             return _INVALID_HANDLE
+        del opened[next(name for name, address in opened.items() if address == pointer)]
         mapping.close()
         return 0
 
@@ -72,7 +79,9 @@ def _libraries() -> tuple[Any, Any]:
         return 0
 
     def error_string(code: int) -> bytes:
-        return b"invalid resource handle" if code == _INVALID_HANDLE else b"unknown error"
+        return {_INVALID_HANDLE: b"invalid resource handle", _ALREADY_MAPPED: b"resource already mapped"}.get(
+            code, b"unknown error"
+        )
 
     def address_range(base: Any, size: Any, pointer: int) -> int:
         for start, mapping in maps.items():
