@@ -37,11 +37,10 @@ def handle_for(key: str) -> bytes:
 def _libraries() -> tuple[Any, Any]:
     """Objects with the runtime's and the driver's functions that CudaIpc calls."""
     maps: dict[int, mmap.mmap] = {}  # base address -> mapping of an opened "handle"
+    opened: dict[str, int] = {}  # handle -> base address, while it is open
 
     def set_device(device: int) -> int:
         return 0
-
-    opened: dict[str, int] = {}  # handle -> base address, while it is open
 
     def open_handle(pointer: Any, handle: Any, flags: int) -> int:
         name = bytes(handle.reserved).rstrip(b"\0").decode(errors="replace")
