@@ -1,0 +1,41 @@
+"""scripts/gpu_check.sh runs on a GPU image that has our runtime dependencies and what
+`make gpu-wheels` carries, not our test extras: the test modules it names must collect there."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+from .conftest import ROOT
+
+#: Test extras (pyproject's `test` and `embeddings`) that `make gpu-wheels` does not carry, as
+#: the top-level modules they install; tritonclient.http needs geventhttpclient.
+NOT_ON_THE_IMAGE = ("hypothesis", "geventhttpclient", "kserve", "sklearn", "grpc_tools", "yaml", "tokenizers")
+
+COLLECT = r"""
+import importlib.abc, sys
+import pytest
+
+class Absent(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] in BLOCKED or name == "tritonclient.http":
+            raise ModuleNotFoundError(f"No module named {name!r} (not on the GPU image)", name=name)
+
+BLOCKED = set(sys.argv[1].split(","))
+sys.meta_path.insert(0, Absent())
+sys.exit(pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "-p", "no:hypothesispytest", *sys.argv[2:]]))
+"""
+
+
+def test_the_gpu_checks_test_modules_collect_without_the_test_extras() -> None:
+    files = sorted(set(re.findall(r"tests/test_\w+\.py", (ROOT / "scripts" / "gpu_check.sh").read_text())))
+    assert "tests/test_shared_memory_cuda.py" in files and "tests/test_resnet.py" in files
+    done = subprocess.run(
+        [sys.executable, "-c", COLLECT, ",".join(NOT_ON_THE_IMAGE), *files],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
