@@ -88,11 +88,12 @@ def test_cuda_shared_memory_inputs_and_outputs(start_server: Any, tmp_path: Path
 
 
 @pytest.mark.gpu
-def test_cuda_shared_memory_behind_workers(tmp_path: Path) -> None:
-    """--workers 2 on a GPU: the model process opens the handles, in its models' CUDA context."""
+def test_cuda_shared_memory_behind_workers(model_repository: Path, tmp_path: Path) -> None:
+    """--workers 2 on a GPU: the model process opens the handles, in its models' CUDA context
+    (the test above built the models into the session's repository)."""
     plugins = link_plugins(tmp_path / "p", TEST_PLUGINS / "torch_models.py")
     server = Workers(
-        plugins, tmp_path / "models", tmp_path, 2, "--device", "cuda", "--shared-memory", "system,cuda",
+        plugins, model_repository, tmp_path, 2, "--device", "cuda", "--shared-memory", "system,cuda",
         "--model-copies", "none",
     )  # fmt: skip
     try:
