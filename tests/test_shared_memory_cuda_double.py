@@ -54,15 +54,20 @@ def one_process(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
     )
     with pytest.MonkeyPatch.context() as patch:
         _double().install(patch.setattr)
-        server = RunningServer(
-            ServerConfig(
-                plugins_dir=plugins, model_repository=model_repository, host="127.0.0.1", grpc_port=0,
-                http_port=0, metrics_port=None, device="cpu", threads=1, entry_points=False,
-                shared_memory=frozenset({"system", "cuda"}), inline_compute=0.0,
-            )
-        ).start()  # fmt: skip
+        server = _serve(plugins, model_repository)
         yield server
         server.stop()
+
+
+def _serve(plugins: Path, repository: Path) -> RunningServer:
+    """One process with both kinds of shared memory on (the stand-in installed by the caller)."""
+    return RunningServer(
+        ServerConfig(
+            plugins_dir=plugins, model_repository=repository, host="127.0.0.1", grpc_port=0, http_port=0,
+            metrics_port=None, device="cpu", threads=1, entry_points=False,
+            shared_memory=frozenset({"system", "cuda"}), inline_compute=0.0,
+        )
+    ).start()  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -196,6 +201,25 @@ def test_unregister_while_a_request_is_pending(one_process: RunningServer, proto
     np.testing.assert_array_equal(shm.get_contents_as_numpy(target, np.float32, [1, 1]), value * 2)
     assert regions["pending_in"].closed and regions["pending_out"].closed
     device.close()
+
+
+def test_stopping_the_server_closes_every_cuda_handle(model_repository: Path, tmp_path: Path) -> None:
+    with pytest.MonkeyPatch.context() as patch:
+        _double().install(patch.setattr)
+        server = _serve(link_plugins(tmp_path / "p", TEST_PLUGINS / "torch_models.py"), model_repository)
+        device = Device(server, "grpc")
+        try:
+            first = device.allocate("kept", 64)
+            device.allocate("also_kept", 64)
+            device.register("same_allocation", first.key, 64)
+            registry = server.server.shared_memory  # type: ignore[union-attr]
+            regions, ipc = registry.regions(), registry._cuda
+            assert len(regions) == 3 and ipc is not None and len(ipc._opened) == 2
+        finally:
+            server.stop()
+        assert all(region.closed for region in regions) and ipc._opened == {}
+        for handle in device.handles:
+            shm.destroy_shared_memory_region(handle)
 
 
 def test_status_and_unregister_agree_in_every_frontend(two_workers: Workers) -> None:
