@@ -220,6 +220,7 @@ def test_stopping_the_server_closes_every_cuda_handle(model_repository: Path, tm
         assert all(region.closed for region in regions) and ipc._opened == {}
         for handle in device.handles:
             shm.destroy_shared_memory_region(handle)
+        device.client.close()
 
 
 def test_status_and_unregister_agree_in_every_frontend(two_workers: Workers) -> None:
