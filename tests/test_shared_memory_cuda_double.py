@@ -12,6 +12,7 @@ import base64
 import importlib.util
 import itertools
 import os
+import queue
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -221,6 +222,35 @@ def test_stopping_the_server_closes_every_cuda_handle(model_repository: Path, tm
         for handle in device.handles:
             shm.destroy_shared_memory_region(handle)
         device.client.close()
+
+
+@pytest.mark.parametrize("server", ["one_process", "two_workers"])
+def test_a_stream_of_requests_in_cuda_regions(request: pytest.FixtureRequest, server: str) -> None:
+    """ModelStreamInfer: requests on one stream run concurrently, each with its input and its
+    output at its own offset of CUDA regions (each request's regions are its own: held, checked
+    and handed over per request)."""
+    device = Device(request.getfixturevalue(server), "grpc")
+    count = 6
+    source = device.allocate("stream_in", count * 16)
+    target = device.allocate("stream_out", count * 16)
+    rows = np.arange(count * 4, dtype=np.float32).reshape(count, 4)
+    shm.set_shared_memory_region(source, [rows])
+    answers: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    device.client.start_stream(callback=lambda result, error: answers.put((result, error)))
+    try:
+        for i in range(count):
+            tensor = tc.InferInput("x", [1, 4], "FP32")
+            tensor.set_shared_memory("stream_in", 16, offset=16 * i)
+            wanted = tc.InferRequestedOutput("y")
+            wanted.set_shared_memory("stream_out", 16, offset=16 * i)
+            device.client.async_stream_infer("affine_torch", [tensor], outputs=[wanted], request_id=str(i))
+        results = [answers.get(timeout=30) for _ in range(count)]
+    finally:
+        device.client.stop_stream()
+    assert [error for _, error in results] == [None] * count
+    assert sorted(result.get_response().id for result, _ in results) == [str(i) for i in range(count)]
+    np.testing.assert_array_equal(shm.get_contents_as_numpy(target, np.float32, [count, 4]), rows * 2 + 1)
+    device.close()
 
 
 def test_status_and_unregister_agree_in_every_frontend(two_workers: Workers) -> None:
