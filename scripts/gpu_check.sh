@@ -69,9 +69,9 @@ cap() {  # cap N: N seconds, or what is left of the budget when that is less (at
 # 1. The gpu-marked tests: CUDA targets on small models, GPU metrics, ResNet-50 served as
 #    torch-compile (one Inductor compile, a CUDA graph per bucket) and torch-fp16, minilm served as
 #    torch-float8, and CUDA shared memory (issue 16: a client process's cudaIpcMemHandle_t, inputs
-#    and outputs on the device, in one process and behind --workers 2; two tiny models, ~20 s).
-# The quick ones first (the CUDA shared-memory tests take ~30 s), so that a step cut short by its
-# cap loses the slowest (ResNet-50's compile), not them. A module that fails to import loses only
+#    and outputs on the device, in one process and behind --workers 2; two tiny models).
+# The quick ones first (the CUDA shared-memory tests: tiny models, not yet timed on a GPU), so that
+# a step cut short by its cap loses the slowest (ResNet-50's compile), not them. A module that fails to import loses only
 # its own tests (tests/test_gpu_check.py keeps these modules importable with what the image has).
 timeout -k 10 "$(cap 210)" python3 -m pytest -q -s -p no:cacheprovider -m gpu -rs --continue-on-collection-errors \
   --durations=0 tests/test_targets.py tests/test_metrics.py tests/test_shared_memory_cuda.py \

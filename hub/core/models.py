@@ -99,9 +99,7 @@ class ServedModel:
     def placement(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], Any]:
         """The inputs as the batcher that computes them takes them, and that batcher. Inputs on
         the device (CUDA shared memory) come to the host for a runtime that takes numpy only."""
-        if not getattr(self.runtime, "takes_device_tensors", False) and not all(
-            isinstance(a, np.ndarray) for a in inputs.values()
-        ):
+        if not getattr(self.runtime, "takes_device_tensors", False) and not all_numpy(inputs):
             inputs = {name: on_host(array) for name, array in inputs.items()}
         return inputs, self.batcher
 
@@ -125,6 +123,11 @@ class ServedModel:
         if self.spec.batching.batching and got != rows:
             raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
         return forward
+
+
+def all_numpy(inputs: Mapping[str, Any]) -> bool:
+    """Whether every input is a numpy array: none lies in CUDA shared memory."""
+    return all(isinstance(array, np.ndarray) for array in inputs.values())
 
 
 def on_host(array: Any) -> np.ndarray:

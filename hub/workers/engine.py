@@ -32,6 +32,7 @@ import dataclasses
 import itertools
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +339,11 @@ class EngineService:
             batcher = model.batcher
             if batcher is None:
                 raise ModelUnavailable(f"model '{model.name}' version {model.version} is {model.state.value}")
-            arrays = unpack_arrays(header["inputs"], frames, connection.inputs, self._region_reader(holds))
-            inputs = model.placement(arrays)[0]  # (those from CUDA shared memory to the host, if the runtime asks)
+            inputs: Mapping[str, np.ndarray] = unpack_arrays(
+                header["inputs"], frames, connection.inputs, self._region_reader(holds)
+            )
+            if header.get("device"):  # some lie in CUDA shared memory: to the host, if the runtime asks
+                inputs = model.placement(inputs)[0]
             future = batcher.enqueue(
                 inputs,
                 rows=header["rows"],

@@ -24,7 +24,7 @@ from typing import Any, cast
 import numpy as np
 
 from hub.core.batching import Delivery
-from hub.core.models import ModelState, ServedModel
+from hub.core.models import ModelState, ServedModel, all_numpy
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.core.trace import Tracer
@@ -267,8 +267,10 @@ class EngineClient:
         which may view the model process's arena until `give_back(lease(answer))`."""
         arena, regions = self.arena, self.regions
         holds = current_holds() if regions is not None else None
-        if regions is not None and not regions.regions() and all(isinstance(a, np.ndarray) for a in inputs.values()):
-            regions = None  # no input can lie in a region (one in CUDA shared memory is no array)
+        if regions is not None and not all_numpy(inputs):
+            header["device"] = True  # the model process reads these from CUDA shared memory
+        elif regions is not None and not regions.regions():
+            regions = None  # no input can lie in a region
         described, frames, offset = pack_arrays(list(inputs.items()), arena, locate=regions.locate if regions else None)
         header["inputs"] = described
         targets: dict[int, Region] = {}
@@ -367,14 +369,13 @@ class DeviceTensor:
     it lies, not its data. Frontends open no CUDA context; the model process reads inputs there
     on its device and writes outputs there (hub/workers/engine.py)."""
 
-    __slots__ = ("datatype", "dtype", "nbytes", "offset", "region", "shape")
+    __slots__ = ("datatype", "nbytes", "offset", "region", "shape")
 
     def __init__(self, region: MirroredCudaRegion, offset: int, shape: tuple[int, ...], datatype: str, nbytes: int):
         self.region = region
         self.offset = offset
         self.shape = shape
         self.datatype = datatype
-        self.dtype = NUMPY_DTYPES[datatype]
         self.nbytes = nbytes
 
     @property
@@ -541,7 +542,7 @@ class RemoteModel(ServedModel):
     def placement(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], Any]:
         """A request with a tensor in CUDA shared memory runs in the model process, which
         alone opens the client's regions; anything else as its model is placed."""
-        on_device = not all(isinstance(a, np.ndarray) for a in inputs.values())
+        on_device = not all_numpy(inputs)
         if not on_device and not (self.local and _cuda_targets()):
             return super().placement(inputs)
         if on_device and self.spec.preprocess is not None:
