@@ -138,6 +138,7 @@ class Device:
 STATUS = {
     "INVALID_ARGUMENT": ("StatusCode.INVALID_ARGUMENT", "400"),
     "ALREADY_EXISTS": ("StatusCode.ALREADY_EXISTS", "409"),
+    "NOT_FOUND": ("StatusCode.NOT_FOUND", "404"),
 }
 
 
@@ -317,6 +318,29 @@ def test_cuda_registration_refusals(device: Device) -> None:
     device.expect("INVALID_ARGUMENT", lambda: register("short", "", 16, raw=b"x" * 10), "64-byte", "got 10")
     device.expect("INVALID_ARGUMENT", lambda: register("empty", handle.key, 0), "byte_size must be positive")
     assert device.status() == {"taken": (0, 256)}
+
+
+def test_cuda_status_and_unregister_of_names_it_does_not_hold(device: Device) -> None:
+    """Status of an unknown name, or of a system region asked as CUDA, is NOT_FOUND naming it;
+    unregistering either is no error and leaves the system region alone (as in Triton)."""
+    system = device.allocate("as_system", 64, register=False)
+    device.client.register_system_shared_memory("as_system", system.key, 64)
+    try:
+        device.expect(
+            "NOT_FOUND", lambda: device.client.get_cuda_shared_memory_status("nowhere"), "'nowhere' is registered"
+        )
+        device.expect(
+            "NOT_FOUND",
+            lambda: device.client.get_cuda_shared_memory_status("as_system"),
+            "'as_system' is registered as system shared memory, not CUDA",
+        )
+        device.client.unregister_cuda_shared_memory("nowhere")
+        device.client.unregister_cuda_shared_memory("as_system")
+        status = device.client.get_system_shared_memory_status()
+        names = set(status.regions) if device.protocol == "grpc" else {r["name"] for r in status}
+        assert names == {"as_system"}
+    finally:
+        device.client.unregister_system_shared_memory()
 
 
 def test_cuda_inference_refusals(device: Device) -> None:
