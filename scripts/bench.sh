@@ -12,6 +12,8 @@
 #      "ours_nodelay" with --adaptive-delay-us 0 (no adaptive queue delay, for A/B),
 #      "ours_threads" with --grpc-server threads (grpcio's thread-pool server, for A/B); and
 #      "ours_copies2": two independent servers sharing the ports (--reuse-port), a model copy each;
+#      and "floor" (scripts/floor_server.py): the do-nothing grpc.aio server plus the built
+#      model's forward, no checks, batcher or accounting: the least any server of ours can cost;
 #   3. the kit's closed-loop client over every target, alternating rounds, with server CPU
 #      per inference (--cpu); the same over 4 connections per client process for ours, ours_w2,
 #      ours_w2_shared, ours_copies2, echo and PyTriton (scripts/loadgen_channels.py); then perf_analyzer;
@@ -83,6 +85,9 @@ start_ours ours_noinline 9060 9062 --http-port off --inline-compute-us 0  # ever
 start_ours ours_threads 9070 9072 --http-port off --grpc-server threads  # grpcio's thread-pool server
 start_ours ours_nodelay 9080 9082 --http-port off --adaptive-delay-us 0  # no adaptive queue delay
 start_copies ours_copies2 2 9040 9041 9042  # two independent servers, each its own model copy (--reuse-port)
+setsid env REFMODELS_DIR="$KIT" .venv/bin/python scripts/floor_server.py --port 9095 --plugins-dir bench/plugins \
+  --model-repository "$REPO" > "$OUT/floor.log" 2>&1 < /dev/null &  # echo plus the forward
+echo $! > "$OUT/floor.pid"
 
 T="--target ours=127.0.0.1:9000:digits_cnn --target ours=127.0.0.1:9000:mlp_wide"
 T="$T --target ours_nometrics=127.0.0.1:9010:digits_cnn --target ours_nometrics=127.0.0.1:9010:mlp_wide"
@@ -91,6 +96,7 @@ T="$T --target ours_w2_shared=127.0.0.1:9050:digits_cnn --target ours_w2_shared=
 T="$T --target ours_noinline=127.0.0.1:9060:digits_cnn --target ours_noinline=127.0.0.1:9060:mlp_wide"
 T="$T --target ours_threads=127.0.0.1:9070:digits_cnn --target ours_threads=127.0.0.1:9070:mlp_wide"
 T="$T --target ours_nodelay=127.0.0.1:9080:digits_cnn --target ours_nodelay=127.0.0.1:9080:mlp_wide"
+T="$T --target floor=127.0.0.1:9095:digits_cnn --target floor=127.0.0.1:9095:mlp_wide"
 "$PEERS_WORK/venv/client/bin/python" "$KIT/bench.py" --check --wait 120 $T --targets ''
 echo "== loadgen (the kit's closed-loop client), server CPU per inference =="
 bash "$KIT/run.sh" --cpu --rounds "$ROUNDS" --concurrency "$CONCURRENCY" --window "$WINDOW" $T \
