@@ -4,7 +4,8 @@ allocation" is a POSIX shared-memory object, its "IPC handle" the object's name)
 status and unregister over gRPC and REST, every fixed-size datatype in and out, every refusal,
 one allocation under two names, an unregister while a request is pending, a fuzz of sizes and
 offsets, and, behind --workers 2, the model process opening the regions and reading and
-writing them for every frontend. The real calls: tests/test_shared_memory_cuda.py, on a GPU."""
+writing them for every frontend; and the device tensor's description read by torch itself. The
+real calls: tests/test_shared_memory_cuda.py, on a GPU."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import importlib.util
 import itertools
 import os
 import queue
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -456,3 +458,37 @@ def test_fuzz_cuda_offsets_and_sizes(
         np.testing.assert_array_equal(got, values * 2 + 1)
     finally:
         device.client.unregister_cuda_shared_memory("fuzz_in")
+
+
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(torch_cuda_available(), reason="with CUDA, tests/test_shared_memory_cuda.py runs the real tensor")
+@pytest.mark.parametrize("datatype", [d for d in DATATYPES if d != "BYTES"])
+def test_the_device_tensor_is_described_as_torch_takes_it(datatype: str) -> None:
+    """The one line the stand-in replaces, `CudaIpc.tensor`, run for real as far as a torch
+    without CUDA goes: torch reads our __cuda_array_interface__ and fails only for want of a
+    device (it refuses, for one, a read-only flag, which every input on a GPU would have met).
+    The region's hold is given back when the tensor is never made."""
+    from hub.limits import DEFAULT_LIMITS
+    from hub.shm.cuda import CudaIpc
+
+    double = _double()
+    key = f"/modelhub_cuda_double_{os.getpid()}_{next(_keys)}"
+    handle = shm.create_shared_memory_region("described", key, 64)
+    try:
+        ipc = CudaIpc(*double._libraries(), 1)  # the real class: its tensor() is not replaced
+        region = ipc.open("described", double.handle_for(key), 0, 64)
+        with pytest.raises((AssertionError, RuntimeError)) as failed:
+            region.read("x", datatype, (2,), 0, 2 * sample(datatype, 2).itemsize, DEFAULT_LIMITS)
+        assert not isinstance(failed.value, TypeError)
+        assert re.search("CUDA|NVIDIA", str(failed.value)), failed.value
+        del failed  # (its traceback holds the frames that held the region)
+        assert region.users == 0
+        region.retire()
+        assert region.closed and not ipc._opened
+    finally:
+        shm.destroy_shared_memory_region(handle)

@@ -169,7 +169,10 @@ class CudaIpc:
 
 class _DeviceArray:
     """Device memory described by __cuda_array_interface__, for torch.as_tensor. It holds its
-    region until the tensor viewing it is freed (a batch may outlive its request)."""
+    region until the tensor viewing it is freed (a batch may outlive its request).
+
+    Not marked read-only, though no model writes its inputs: torch refuses the flag ("the read
+    only flag is not supported, should always be False", a TypeError)."""
 
     def __init__(self, region: CudaRegion, pointer: int, shape: tuple[int, ...], typestr: str) -> None:
         self.region = region
@@ -177,7 +180,7 @@ class _DeviceArray:
         self.__cuda_array_interface__ = {
             "shape": shape,
             "typestr": typestr,
-            "data": (pointer, True),
+            "data": (pointer, False),
             "version": 2,
             "strides": None,
         }

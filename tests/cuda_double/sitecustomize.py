@@ -6,7 +6,9 @@ ctypes, and the one line that wraps a device pointer in a CUDA tensor. A "device
 is a POSIX shared-memory object, and its "IPC handle" is the object's name, NUL-padded to
 the 64 bytes of a cudaIpcMemHandle_t (`handle_for`). Everything else is the server's own code:
 the registry, the checks of handles, offsets and sizes, the holds, the hand-over between the
-processes of --workers N, and the writes of outputs through cudaMemcpy (here a memmove).
+processes of --workers N, and the writes of outputs through cudaMemcpy (here a memmove). The
+replaced line itself runs for real as far as torch without CUDA goes, in
+tests/test_shared_memory_cuda_double.py (torch parses the __cuda_array_interface__ there).
 
 Installed in a server process by putting this folder first on PYTHONPATH (Python imports
 `sitecustomize` at start-up), or in the test process with `install(monkeypatch.setattr)`.
