@@ -111,6 +111,9 @@ class CudaIpc:
                 f"{label}: device_id {device_id} is not a CUDA device of this server (0-{self.devices - 1})"
             )
         key = (bytes(raw_handle), device_id)
+        # The driver call below works in the calling thread's current context: the device's
+        # (a handle opened before, or another device's region since, leaves another current).
+        self._device(device_id)
         with self._lock:
             opened = self._opened.get(key)
             if opened is None:
@@ -128,7 +131,6 @@ class CudaIpc:
         return CudaRegion(name, device_id, byte_size, pointer, self, key)
 
     def _open(self, name: str, label: str, raw_handle: bytes, device_id: int) -> int:
-        self._device(device_id)
         pointer = ctypes.c_void_p()
         code = self._rt.cudaIpcOpenMemHandle(
             ctypes.byref(pointer), _IpcHandle.from_buffer_copy(raw_handle), _LAZY_ENABLE_PEER_ACCESS
