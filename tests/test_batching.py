@@ -348,6 +348,46 @@ async def test_padding_batches_requests_of_different_lengths() -> None:
     await batcher.close()
 
 
+async def test_device_inputs_are_padded_and_stacked_with_host_ones() -> None:
+    """Inputs from CUDA shared memory reach the batcher as torch tensors (on the device; on the
+    CPU here) and are stacked there with the batch's numpy inputs: padded as numpy ones are, and
+    bfloat16 arrays (ml_dtypes, which torch.as_tensor refuses) converted through their bits."""
+    import ml_dtypes
+    import torch
+
+    seen: list[dict[str, Any]] = []
+
+    def masked_sum(inputs: Any) -> dict[str, np.ndarray]:
+        seen.append(dict(inputs))
+        total = (inputs["ids"] * inputs["mask"]).sum(1, keepdim=True).float()
+        return {"total": total.numpy(), "w": inputs["w"].float().numpy()}
+
+    clock = FakeClock()
+    batcher = Batcher(
+        "pad", BatchPolicy(max_batch_size=8, max_queue_delay=1.0), masked_sum, clock=clock,
+        padding={"ids": 0, "mask": 0},
+    )  # fmt: skip
+    batcher.start()
+    bf16 = ml_dtypes.bfloat16
+    requests = [
+        (torch.tensor([[1, 2, 3]]), np.array([[1.5, -2.0]], bf16)),
+        (np.array([[4], [5]]), torch.tensor([[0.25, 3.0], [4.0, 8.0]], dtype=torch.bfloat16)),
+        (np.array([[6, 7, 8, 9, 10]]), np.array([[-1.0, 0.5]], bf16)),
+    ]
+    tasks = [  # (a mask of ones of the same kind as its ids)
+        asyncio.ensure_future(batcher.submit({"ids": ids, "mask": ids * 0 + 1, "w": w}, rows=len(ids), signature="s"))
+        for ids, w in requests
+    ]
+    await settle()
+    await clock.advance(1.0)
+    results = await asyncio.gather(*tasks)
+    assert len(seen) == 1 and tuple(seen[0]["ids"].shape) == (4, 5)  # one batch, padded to the longest
+    assert seen[0]["w"].dtype == torch.bfloat16
+    assert [r.outputs["total"].ravel().tolist() for r in results] == [[6.0], [4.0, 5.0], [40.0]]
+    assert [r.outputs["w"].tolist() for r in results] == [[[1.5, -2.0]], [[0.25, 3.0], [4.0, 8.0]], [[-1.0, 0.5]]]
+    await batcher.close()
+
+
 async def test_cheap_lone_requests_run_inline_without_suspending() -> None:
     """Once a lone request's compute is measured under `inline_below`, the next lone request to
     an idle batcher is computed inside `submit`, which returns without suspending; a request

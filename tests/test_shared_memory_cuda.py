@@ -26,7 +26,7 @@ import base64, ctypes, json, sys
 import numpy as np, torch, tritonclient.grpc as tc
 from hub.shm.cuda import _IpcHandle, _loaded_runtime
 torch.zeros(1, device="cuda")
-rt = ctypes.CDLL(_loaded_runtime() or "libcudart.so.12")
+rt = ctypes.CDLL(_loaded_runtime() or "libcudart.so.13")
 rt.cudaMalloc.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_size_t]
 rt.cudaIpcGetMemHandle.argtypes = [ctypes.POINTER(_IpcHandle), ctypes.c_void_p]
 rt.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -37,12 +37,20 @@ def region(size):
     assert rt.cudaIpcGetMemHandle(ctypes.byref(handle), pointer) == 0
     return pointer.value, base64.b64encode(bytes(handle))
 client = tc.InferenceServerClient(sys.argv[1])
+# A handle CUDA cannot open: refused, and its error must not stay behind on the server's thread
+# for the inferences below (torch would raise it at their next kernel launch).
+try:
+    client.register_cuda_shared_memory("bogus", base64.b64encode(b"\x07" * 64), 0, 64)
+    raise SystemExit("a bogus CUDA IPC handle was accepted")
+except tc.InferenceServerException as refused:
+    assert "cannot be opened" in refused.message(), refused.message()
 x = np.arange(8, dtype=np.float32).reshape(2, 4)
 out = {}
 for model, output, expected in (("affine_torch", "y", x * 2 + 1), ("affine_onnx", "y", x * 2 + 1)):
     src, src_handle = region(x.nbytes)
     dst, dst_handle = region(4096)
     assert rt.cudaMemcpy(src, x.ctypes.data, x.nbytes, 4) == 0
+    assert rt.cudaDeviceSynchronize() == 0  # from pageable memory, cudaMemcpy may return before the DMA lands
     client.register_cuda_shared_memory("in_" + model, src_handle, 0, x.nbytes)
     client.register_cuda_shared_memory("out_" + model, dst_handle, 0, 4096)
     tensor = tc.InferInput("x", [2, 4], "FP32")

@@ -379,7 +379,8 @@ def test_bytes_outputs_into_cuda_regions(device: Device) -> None:
 
 def test_a_preprocessed_model_behind_workers(device: Device) -> None:
     """Behind --workers N a spec's preprocess runs in the frontends, which cannot read CUDA
-    memory: refused by name. In one process it reads the input (here from host memory)."""
+    memory: refused by name. In one process the input comes to the host for the preprocess,
+    which is given numpy arrays (numpy cannot read a device tensor, nor the stand-in's)."""
     values = np.arange(4, dtype=np.float32).reshape(1, 4)
     source = device.allocate("pre_in", values.nbytes)
     shm.set_shared_memory_region(source, [values])
@@ -490,5 +491,37 @@ def test_the_device_tensor_is_described_as_torch_takes_it(datatype: str) -> None
         assert region.users == 0
         region.retire()
         assert region.closed and not ipc._opened
+    finally:
+        shm.destroy_shared_memory_region(handle)
+
+
+def test_cuda_calls_leave_the_thread_as_they_found_it() -> None:
+    """The event loop's thread also runs small batches inline, on the CUDA context these calls
+    use. A failed call's error is cleared: left pending, torch's check after its next kernel
+    launch on the thread would raise it for another client's request. And the thread's current
+    device is restored: left on a region's device, torch's "cuda" would follow it there."""
+    from hub.errors import InvalidInput
+    from hub.shm.cuda import CudaIpc
+
+    double = _double()
+    runtime, driver = double._libraries()
+    ipc = CudaIpc(runtime, driver, 2)
+    with pytest.raises(InvalidInput, match="cannot be opened on device 1"):
+        ipc.open("stale", double.handle_for("/modelhub_cuda_double_no_such_object"), 1, 64)
+    assert double.last_error() == 0
+    assert double.current_device() == 0
+
+    key = f"/modelhub_cuda_double_{os.getpid()}_{next(_keys)}"
+    handle = shm.create_shared_memory_region("on_one", key, 64)
+    try:
+        region = ipc.open("on_one", double.handle_for(key), 1, 64)
+        assert double.current_device() == 0
+
+        values = np.arange(4, dtype=np.float32)
+        region.write("y", values, 16, values.nbytes)  # landed on return: its stream was synchronised
+        assert double.current_device() == 0 and double.last_error() == 0
+        np.testing.assert_array_equal(shm.get_contents_as_numpy(handle, np.float32, [4], offset=16), values)
+        region.retire()
+        assert region.closed and not ipc._opened and double.current_device() == 0
     finally:
         shm.destroy_shared_memory_region(handle)

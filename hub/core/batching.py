@@ -656,7 +656,7 @@ class Batcher:
         """Stack requests along the batch dim, padding `padding` inputs to the longest first.
         Inputs on the device (CUDA shared memory) are stacked there, with the others copied up."""
         if not all(isinstance(a, np.ndarray) for a in arrays):
-            return _concatenate_on_device(arrays)
+            return _concatenate_on_device(arrays, self._padding.get(name))
         if name in self._padding:
             longest = np.max([a.shape[1:] for a in arrays], axis=0)
             arrays = [
@@ -698,9 +698,25 @@ def _voluntary_switches() -> int:
     return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
-def _concatenate_on_device(arrays: list[Any]) -> Any:
-    """torch.cat on the device of the first tensor among `arrays` (numpy ones copied there)."""
+def _concatenate_on_device(arrays: list[Any], padding: float | None) -> Any:
+    """torch.cat on the device of the first tensor among `arrays` (numpy ones copied there),
+    each padded with `padding` to the longest first when it is set."""
     import torch
 
+    from hub.runtimes.tensors import to_tensor
+
     device = next(a.device for a in arrays if not isinstance(a, np.ndarray))
-    return torch.cat([torch.as_tensor(a, device=device) if isinstance(a, np.ndarray) else a for a in arrays])
+    tensors = [to_tensor(a, str(device)) if isinstance(a, np.ndarray) else a for a in arrays]
+    if padding is not None:
+        longest = [max(sizes) for sizes in zip(*(t.shape[1:] for t in tensors), strict=True)]
+        tensors = [
+            torch.nn.functional.pad(
+                t,
+                [n for m, d in zip(reversed(longest), reversed(t.shape[1:]), strict=True) for n in (0, m - d)],
+                value=padding,
+            )
+            if list(t.shape[1:]) != longest
+            else t
+            for t in tensors
+        ]
+    return torch.cat(tensors)

@@ -98,8 +98,10 @@ class ServedModel:
 
     def placement(self, inputs: Mapping[str, np.ndarray]) -> tuple[Mapping[str, np.ndarray], Any]:
         """The inputs as the batcher that computes them takes them, and that batcher. Inputs on
-        the device (CUDA shared memory) come to the host for a runtime that takes numpy only."""
-        if not getattr(self.runtime, "takes_device_tensors", False) and not all_numpy(inputs):
+        the device (CUDA shared memory) come to the host for a runtime that takes numpy only,
+        and for a spec's preprocess, which is given numpy arrays."""
+        on_device = not all_numpy(inputs)
+        if on_device and (self.spec.preprocess is not None or not getattr(self.runtime, "takes_device_tensors", False)):
             inputs = {name: on_host(array) for name, array in inputs.items()}
         return inputs, self.batcher
 

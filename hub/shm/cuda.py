@@ -1,6 +1,16 @@
 """CUDA shared memory: a client's cudaIpcMemHandle_t opened in this process, checked against
 the allocation it names, viewed as a torch tensor on the device (no host copy) for inputs and
-written with cudaMemcpy for outputs.
+written with cudaMemcpyAsync on a stream of our own, then synchronised, for outputs.
+
+Three habits keep these calls from disturbing the models that share the thread (the event loop
+runs small batches inline, on the CUDA context these calls use):
+- a failed call's error is cleared (cudaGetLastError), or torch's next kernel-launch check on
+  the thread would raise it for another client's request;
+- the thread's current device is restored after each call that sets it, or torch's "cuda"
+  would follow a region on another device;
+- outputs are copied on a non-blocking stream and that stream alone is synchronised: a plain
+  cudaMemcpy from pageable memory returns before the DMA lands (the client may read first), and
+  it waits on the legacy default stream, torch's, so the batch in flight.
 
 Through ctypes on the CUDA runtime torch loaded (the same library, so the same primary
 context), and the driver's cuMemGetAddressRange for the allocation's size, as Triton does.
@@ -9,10 +19,12 @@ Only imported when a client registers a CUDA region on a server with a CUDA devi
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -26,6 +38,7 @@ log = logging.getLogger("modelhub.shm")
 
 _LAZY_ENABLE_PEER_ACCESS = 1  # cudaIpcMemLazyEnablePeerAccess
 _MEMCPY_DEFAULT = 4  # cudaMemcpyDefault: direction from the pointers (unified addressing)
+_STREAM_NON_BLOCKING = 1  # cudaStreamNonBlocking: no implicit sync with the legacy default stream
 
 
 class _IpcHandle(ctypes.Structure):
@@ -48,9 +61,10 @@ def _loaded_runtime() -> str | None:
 class CudaIpc:
     """The CUDA runtime and driver entry points CUDA shared memory needs.
 
-    CUDA opens a handle once per process and device (a second cudaIpcOpenMemHandle of it fails,
-    "already mapped"), so an allocation a client registers under several names (its inputs and
-    outputs in one cudaMalloc, say) is opened once and shared: closed when its last region is."""
+    An allocation a client registers under several names (its inputs and outputs in one
+    cudaMalloc, say) is opened once and shared, closed when its last region is. (Current CUDA
+    counts a handle reopened in one context and returns the same pointer; counting here makes one
+    open and one close per allocation whatever the release does.)"""
 
     def __init__(self, runtime: ctypes.CDLL, driver: ctypes.CDLL, devices: int) -> None:
         self._rt = runtime
@@ -60,10 +74,21 @@ class CudaIpc:
         #: closed from a compute thread (the last tensor viewing it freed there).
         self._opened: dict[tuple[bytes, int], list[int]] = {}
         self._lock = threading.Lock()
+        self._streams: dict[int, int] = {}  # device -> our non-blocking stream for output copies
         runtime.cudaSetDevice.argtypes = [ctypes.c_int]
+        runtime.cudaGetDevice.argtypes = [ctypes.POINTER(ctypes.c_int)]
+        runtime.cudaGetLastError.argtypes = []
+        runtime.cudaStreamCreateWithFlags.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_uint]
+        runtime.cudaStreamSynchronize.argtypes = [ctypes.c_void_p]
+        runtime.cudaMemcpyAsync.argtypes = [
+            ctypes.c_void_p,
+            ctypes.c_void_p,
+            ctypes.c_size_t,
+            ctypes.c_int,
+            ctypes.c_void_p,
+        ]
         runtime.cudaIpcOpenMemHandle.argtypes = [ctypes.POINTER(ctypes.c_void_p), _IpcHandle, ctypes.c_uint]
         runtime.cudaIpcCloseMemHandle.argtypes = [ctypes.c_void_p]
-        runtime.cudaMemcpy.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
         runtime.cudaGetErrorString.argtypes = [ctypes.c_int]
         runtime.cudaGetErrorString.restype = ctypes.c_char_p
         driver.cuMemGetAddressRange_v2.argtypes = [
@@ -96,13 +121,29 @@ class CudaIpc:
         return cls(runtime, driver, torch.cuda.device_count())
 
     def _error(self, code: int) -> str:
+        """A failed call's message; the error is cleared from the thread's runtime state."""
+        self._rt.cudaGetLastError()
         text = self._rt.cudaGetErrorString(code)
         return text.decode() if text else f"error {code}"
 
-    def _device(self, device_id: int) -> None:
-        code = self._rt.cudaSetDevice(device_id)
+    @contextlib.contextmanager
+    def _on(self, device_id: int) -> Iterator[None]:
+        """The device current on this thread for the block, the one before restored after."""
+        before = ctypes.c_int()
+        code = self._rt.cudaGetDevice(ctypes.byref(before))
         if code:
-            raise ModelExecutionError(f"cudaSetDevice({device_id}) failed: {self._error(code)}")
+            raise ModelExecutionError(f"cudaGetDevice failed: {self._error(code)}")
+        if before.value != device_id:
+            code = self._rt.cudaSetDevice(device_id)
+            if code:
+                raise ModelExecutionError(f"cudaSetDevice({device_id}) failed: {self._error(code)}")
+        try:
+            yield
+        finally:
+            if before.value != device_id:
+                code = self._rt.cudaSetDevice(before.value)
+                if code:
+                    log.warning("restoring CUDA device %d failed: %s", before.value, self._error(code))
 
     def open(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> CudaRegion:
         label = f"shared memory region '{_name(name)}'"
@@ -111,17 +152,16 @@ class CudaIpc:
                 f"{label}: device_id {device_id} is not a CUDA device of this server (0-{self.devices - 1})"
             )
         key = (bytes(raw_handle), device_id)
-        # The driver call below works in the calling thread's current context: the device's
-        # (a handle opened before, or another device's region since, leaves another current).
-        self._device(device_id)
-        with self._lock:
-            opened = self._opened.get(key)
-            if opened is None:
-                opened = self._opened[key] = [self._open(name, label, raw_handle, device_id), 0]
-            opened[1] += 1
-        pointer = opened[0]
-        base, size = ctypes.c_uint64(), ctypes.c_size_t()
-        result = self._driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer)
+        # Both calls work in the calling thread's current context, which must be the device's.
+        with self._on(device_id):
+            with self._lock:
+                opened = self._opened.get(key)
+                if opened is None:
+                    opened = self._opened[key] = [self._open(name, label, raw_handle, device_id), 0]
+                opened[1] += 1
+            pointer = opened[0]
+            base, size = ctypes.c_uint64(), ctypes.c_size_t()
+            result = self._driver.cuMemGetAddressRange_v2(ctypes.byref(base), ctypes.byref(size), pointer)
         available = size.value - (pointer - base.value) if result == 0 else -1
         if available < byte_size:
             self.close(key)
@@ -151,15 +191,33 @@ class CudaIpc:
             if opened[1]:
                 return
             del self._opened[key]
-            self._device(key[1])
-            code = self._rt.cudaIpcCloseMemHandle(opened[0])
-        if code:
-            log.warning("cudaIpcCloseMemHandle failed: %s", self._error(code))
+            with self._on(key[1]):
+                code = self._rt.cudaIpcCloseMemHandle(opened[0])
+                if code:
+                    log.warning("cudaIpcCloseMemHandle failed: %s", self._error(code))
 
-    def copy(self, destination: int, source: int, count: int) -> None:
-        code = self._rt.cudaMemcpy(destination, source, count, _MEMCPY_DEFAULT)
-        if code:
-            raise ModelExecutionError(f"copying into CUDA shared memory failed: {self._error(code)}")
+    def copy(self, device_id: int, destination: int, source: int, count: int) -> None:
+        """`count` bytes from host memory at `source` to `destination` on the device, landed
+        when this returns."""
+        with self._on(device_id):
+            stream = self._stream(device_id)
+            code = self._rt.cudaMemcpyAsync(destination, source, count, _MEMCPY_DEFAULT, stream)
+            if not code:
+                code = self._rt.cudaStreamSynchronize(stream)
+            if code:
+                raise ModelExecutionError(f"copying into CUDA shared memory failed: {self._error(code)}")
+
+    def _stream(self, device_id: int) -> int:
+        """Our stream on the current device, `device_id` (made at its first output)."""
+        with self._lock:
+            stream = self._streams.get(device_id)
+            if stream is None:
+                handle = ctypes.c_void_p()
+                code = self._rt.cudaStreamCreateWithFlags(ctypes.byref(handle), _STREAM_NON_BLOCKING)
+                if code:
+                    raise ModelExecutionError(f"cudaStreamCreateWithFlags failed: {self._error(code)}")
+                stream = self._streams[device_id] = int(handle.value or 0)
+            return stream
 
     def tensor(self, region: CudaRegion, pointer: int, shape: tuple[int, ...], typestr: str) -> Any:
         """A torch tensor on the region's device viewing `pointer` (no copy); it holds the
@@ -242,7 +300,7 @@ class CudaRegion(Region):
         host = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else data.reshape(-1).view(np.uint8)
         _check_output_size(name, self.name, host.nbytes, byte_size)
         if host.nbytes:
-            self._ipc.copy(self.pointer + offset, host.ctypes.data, host.nbytes)
+            self._ipc.copy(self.device_id, self.pointer + offset, host.ctypes.data, host.nbytes)
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "device_id": self.device_id, "byte_size": self.byte_size}
