@@ -58,6 +58,12 @@ def log(message: str) -> None:
     print(message, flush=True)
 
 
+def failure(exc: BaseException) -> str:
+    """An exception as the log needs it: its type and message (tritonclient's exceptions have
+    an empty repr)."""
+    return f"{type(exc).__name__}: {exc}"
+
+
 def device_name(device: str) -> str:
     import torch
 
@@ -154,13 +160,22 @@ def serving(
             process.wait()
 
 
-def warm_served(url: str, sizes: list[int], images: np.ndarray) -> None:
-    """One request per batch size, twice, before perf_analyzer measures: the server's graphs are
-    captured at load, but the first requests still warm the gRPC and allocator paths."""
+def warm_sizes(concurrency: int, max_batch_size: int) -> list[int]:
+    """The batch sizes the server may form from `concurrency` requests of one image: the powers
+    of two and the largest, never above the model's max_batch_size (which refuses a larger
+    request; 0: no batching, so no limit of its own)."""
+    top = min(concurrency, max_batch_size) if max_batch_size > 0 else concurrency
+    return sorted({2**i for i in range(top.bit_length())} | {top})
+
+
+def warm_served(url: str, concurrency: int, images: np.ndarray) -> None:
+    """One request per batch size the server may form at `concurrency`, twice, before
+    perf_analyzer measures: the server's graphs are captured at load, but the first requests
+    still warm the gRPC and allocator paths."""
     import tritonclient.grpc as tc
 
     client = tc.InferenceServerClient(url)
-    for size in sizes:
+    for size in warm_sizes(concurrency, client.get_model_config(MODEL).config.max_batch_size):
         batch = np.resize(images, (size, *images.shape[1:]))
         tensor = tc.InferInput("image", list(batch.shape), "UINT8")
         tensor.set_data_from_numpy(batch)
@@ -231,11 +246,7 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
             if args.device == "cuda" and args.cuda_shm_concurrency and workers in (1, max(args.workers)):
                 shm = "cuda"
             with serving(args, plugins, config, served_log, workers, shm) as (url, pid):
-                if args.device == "cuda":
-                    top = max(args.concurrency)
-                    warm_served(url, [2**i for i in range(top.bit_length()) if 2**i <= top] + [top], images)
-                else:
-                    warm_served(url, [1], images)
+                warm_served(url, max(args.concurrency) if args.device == "cuda" else 1, images)
                 measure_served(args, binary, url, workers, results, pid)
                 if shm:
                     measure_cuda_shm(args, binary, url, workers, results)
@@ -472,9 +483,9 @@ def run_in_process(args: argparse.Namespace, results: Results, images: np.ndarra
                     log(f"compare {name} b{batch}: {rate:,.1f} images/s")
                 runtime.close()
             except Exception as exc:  # one variant failing leaves the others to measure
-                results.data["errors"].append(f"compare {name}: {exc!r}")
+                results.data["errors"].append(f"compare {name}: {failure(exc)}")
                 results.save()
-                log(f"compare {name}: FAILED {exc!r}")
+                log(f"compare {name}: FAILED {failure(exc)}")
             if cuda:
                 torch.cuda.empty_cache()
 
@@ -606,9 +617,9 @@ def main() -> int:
         try:
             step(args, results, images)
         except Exception as exc:  # report it, and go on with the next step
-            results.data["errors"].append(f"{name}: {exc!r}")
+            results.data["errors"].append(f"{name}: {failure(exc)}")
             results.save()
-            log(f"{name}: FAILED {exc!r}")
+            log(f"{name}: FAILED {failure(exc)}")
     log("")
     log(report(results.data))
     return 1 if results.data["errors"] else 0

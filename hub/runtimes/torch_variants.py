@@ -16,6 +16,7 @@ import copy
 import importlib.util
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from hub.errors import TargetUnavailable
 from hub.plugins.hookspecs import hookimpl
@@ -66,11 +67,8 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
     if cuda_graphs and ctx.spec.batching.batching:
         # One Inductor compile for every bucket (the batch dim is marked dynamic, the others stay
         # static; a static compile ran Inductor once per bucket: minutes for ResNet-50), then one
-        # CUDA graph captured per bucket. "reduce-overhead" is Inductor's own CUDA graphs, which
-        # cannot nest inside an explicit capture: the capture here takes its place.
-        if mode == "reduce-overhead":
-            mode = "default"
-        compiled = torch.compile(module, mode=mode, dynamic=None)
+        # CUDA graph captured per bucket.
+        compiled = torch.compile(module, options=options_under_capture(mode), dynamic=None)
         runtime: Runtime = CudaGraphRuntime(compiled, ctx.spec, batches, examples)
     else:  # no CUDA graphs (CPU): dynamic=True, one compile serves every batch size
         runtime = TorchRuntime(torch.compile(module, mode=mode, dynamic=not cuda_graphs), ctx.spec, ctx.device)
@@ -78,6 +76,15 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
             runtime.run(tile(examples, rows))
     log.info("model '%s': torch.compile(mode=%s) warmed up at batch sizes %s", ctx.spec.key, mode, batches)
     return runtime
+
+
+def options_under_capture(mode: str) -> dict[str, Any]:
+    """torch.compile's `mode` as Inductor options, less Inductor's own CUDA graphs, which
+    "reduce-overhead" and "max-autotune" turn on and which cannot nest inside our explicit
+    capture (which takes their place). An unknown mode: torch's RuntimeError, naming the modes."""
+    import torch._inductor
+
+    return {**torch._inductor.list_mode_options(mode), "triton.cudagraphs": False}
 
 
 def _half(dtype_name: str) -> Callable[[ArtifactContext], Runtime]:
