@@ -282,21 +282,39 @@ def test_a_cuda_graph_capture_beside_a_thread_that_serves() -> None:
     assert not failures and runs[0] > 0, failures
 
 
-def test_compile_modes_under_our_cuda_graph_capture_keep_all_but_inductors_own_graphs() -> None:
-    """On CUDA torch-compile captures its own CUDA graphs, inside which Inductor's cannot nest:
-    every mode torch knows ("max-autotune", the docs' example, turns them on as "reduce-overhead"
-    does) keeps its other options and loses those graphs; an unknown mode fails naming the modes."""
+def test_compile_modes_keep_all_but_inductors_own_cuda_graphs() -> None:
+    """On CUDA Inductor's own CUDA graphs stay off: inside our capture they cannot nest, and
+    outside it they asserted across threads. Every mode torch knows ("max-autotune", the docs'
+    example, turns them on as "reduce-overhead" does) keeps its other options; an unknown mode
+    fails naming the modes."""
     import torch._inductor
 
-    from hub.runtimes.torch_variants import options_under_capture
+    from hub.runtimes.torch_variants import options_without_cudagraphs
 
     for mode in torch._inductor.list_mode_options():
-        options = options_under_capture(mode)
+        options = options_without_cudagraphs(mode)
         assert options.pop("triton.cudagraphs") is False
         assert options == {k: v for k, v in torch._inductor.list_mode_options(mode).items() if k != "triton.cudagraphs"}
-    assert options_under_capture("max-autotune")["max_autotune"] is True
+    assert options_without_cudagraphs("max-autotune")["max_autotune"] is True
     with pytest.raises(RuntimeError, match="max-autotune-no-cudagraphs"):
-        options_under_capture("fastest")
+        options_without_cudagraphs("fastest")
+
+
+def test_torch_compile_captures_cuda_graphs_only_for_fixed_shapes_that_batch() -> None:
+    """A CUDA graph's input buffers have one shape: a model whose padded length differs from
+    batch to batch (minilm's token ids) compiles with dynamic shapes instead, as on the CPU."""
+    from hub import TensorSpec
+    from hub.runtimes.torch_variants import compile_plan
+
+    fixed = argmax_spec().with_(options={"compile_mode": "max-autotune"})
+    capture, keywords = compile_plan(fixed, "cuda")
+    assert capture and keywords["dynamic"] is None
+    assert keywords["options"]["max_autotune"] and not keywords["options"]["triton.cudagraphs"]
+
+    tokens = fixed.with_(inputs=[TensorSpec("x", "FP32", (-1, -1))])
+    assert compile_plan(tokens, "cuda") == (False, {"options": keywords["options"], "dynamic": True})
+    assert compile_plan(fixed.with_(options={"cuda_graphs": False}), "cuda")[0] is False
+    assert compile_plan(fixed, "cpu") == (False, {"mode": "max-autotune", "dynamic": True})
 
 
 def test_float8_needs_a_float8_gpu_and_says_so(tmp_path: Path) -> None:

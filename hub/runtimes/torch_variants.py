@@ -57,31 +57,57 @@ def _load_compiled(ctx: ArtifactContext) -> Runtime:
 
     from hub.runtimes.torch import TorchRuntime
 
-    cuda_graphs = ctx.device == "cuda" and bool(ctx.spec.options.get("cuda_graphs", True))
-    mode = str(ctx.spec.options.get("compile_mode", "default"))
+    capture, keywords = compile_plan(ctx.spec, ctx.device)
     module = ctx.module()
     if isinstance(module, torch.nn.Module):
         module = module.to(ctx.device).eval()
-    batches = _warm_batches(ctx.spec, cuda_graphs)
+    batches = _warm_batches(ctx.spec, capture)
     examples = ctx.spec.forward_examples()
-    if cuda_graphs and ctx.spec.batching.batching:
-        # One Inductor compile for every bucket (the batch dim is marked dynamic, the others stay
-        # static; a static compile ran Inductor once per bucket: minutes for ResNet-50), then one
-        # CUDA graph captured per bucket.
-        compiled = torch.compile(module, options=options_under_capture(mode), dynamic=None)
+    compiled = torch.compile(module, **keywords)
+    if capture:
         runtime: Runtime = CudaGraphRuntime(compiled, ctx.spec, batches, examples)
-    else:  # no CUDA graphs (CPU): dynamic=True, one compile serves every batch size
-        runtime = TorchRuntime(torch.compile(module, mode=mode, dynamic=not cuda_graphs), ctx.spec, ctx.device)
+    else:
+        runtime = TorchRuntime(compiled, ctx.spec, ctx.device)
         for rows in batches:  # compile now, so that no client request pays for it
             runtime.run(tile(examples, rows))
-    log.info("model '%s': torch.compile(mode=%s) warmed up at batch sizes %s", ctx.spec.key, mode, batches)
+    log.info(
+        "model '%s': torch.compile(%s)%s warmed up at batch sizes %s",
+        ctx.spec.key, keywords, " with a CUDA graph per bucket" if capture else "", batches,
+    )  # fmt: skip
     return runtime
 
 
-def options_under_capture(mode: str) -> dict[str, Any]:
+def compile_plan(spec: ModelSpec, device: str) -> tuple[bool, dict[str, Any]]:
+    """How torch-compile compiles `spec` on `device`: whether it captures a CUDA graph per batch
+    bucket itself, and torch.compile's keywords.
+
+    It captures on CUDA (unless the spec's `cuda_graphs` option is off) for a batching model
+    whose inputs are fixed beyond the batch dim: a graph's input buffers have one shape, and a
+    padded length (token ids) differs from batch to batch. Then one Inductor compile serves
+    every bucket (the batch dim is marked dynamic, the others stay static; a static compile ran
+    Inductor once per bucket: minutes for ResNet-50).
+
+    Otherwise `dynamic=True`, so one compile serves every batch size and length (fixed shapes on
+    CUDA without batching stay static). On CUDA, Inductor's own CUDA graphs stay off either way
+    ("reduce-overhead", "max-autotune"): inside our capture they cannot nest, and outside it
+    their cudagraph trees keep state per thread and asserted when the thread that served was not
+    the one that compiled (an H200, torch 2.11)."""
+    mode = str(spec.options.get("compile_mode", "default"))
+    wants_graphs = device == "cuda" and bool(spec.options.get("cuda_graphs", True))
+    batching = spec.batching.batching
+    fixed = all(-1 not in (t.shape[1:] if batching else t.shape) for t in spec.forward_inputs)
+    if wants_graphs and fixed and batching:
+        return True, {"options": options_without_cudagraphs(mode), "dynamic": None}
+    dynamic = not (wants_graphs and fixed)
+    if device == "cuda":
+        return False, {"options": options_without_cudagraphs(mode), "dynamic": dynamic}
+    return False, {"mode": mode, "dynamic": dynamic}
+
+
+def options_without_cudagraphs(mode: str) -> dict[str, Any]:
     """torch.compile's `mode` as Inductor options, less Inductor's own CUDA graphs, which
-    "reduce-overhead" and "max-autotune" turn on and which cannot nest inside our explicit
-    capture (which takes their place). An unknown mode: torch's RuntimeError, naming the modes."""
+    "reduce-overhead" and "max-autotune" turn on (`compile_plan` says why they stay off). An
+    unknown mode: torch's RuntimeError, naming the modes."""
     import torch._inductor
 
     return {**torch._inductor.list_mode_options(mode), "triton.cudagraphs": False}
