@@ -245,11 +245,16 @@ def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -
             shm = ""
             if args.device == "cuda" and args.cuda_shm_concurrency and workers in (1, max(args.workers)):
                 shm = "cuda"
-            with serving(args, plugins, config, served_log, workers, shm) as (url, pid):
-                warm_served(url, max(args.concurrency) if args.device == "cuda" else 1, images)
-                measure_served(args, binary, url, workers, results, pid)
-                if shm:
-                    measure_cuda_shm(args, binary, url, workers, results)
+            try:  # one worker count failing (a start, the warm-up) leaves the others to measure
+                with serving(args, plugins, config, served_log, workers, shm) as (url, pid):
+                    warm_served(url, max(args.concurrency) if args.device == "cuda" else 1, images)
+                    measure_served(args, binary, url, workers, results, pid)
+                    if shm:
+                        measure_cuda_shm(args, binary, url, workers, results)
+            except Exception as exc:
+                results.data["errors"].append(f"served workers={workers}: {failure(exc)}")
+                results.save()
+                log(f"served workers={workers}: FAILED {failure(exc)}")
 
 
 def measure_point(
@@ -266,11 +271,11 @@ def measure_point(
     windows 3x longer. A failure is recorded in the results and gives None."""
     try:
         return perf_analyzer(binary, url, concurrency, args.seconds, extra, spread)
-    except RuntimeError as exc:
+    except (RuntimeError, subprocess.TimeoutExpired) as exc:
         log(f"{label} c={concurrency}: {str(exc).splitlines()[-1]}; again with longer windows")
     try:
         return perf_analyzer(binary, url, concurrency, args.seconds * 3, extra, spread)
-    except RuntimeError as again:
+    except (RuntimeError, subprocess.TimeoutExpired) as again:
         results.data["errors"].append(f"{label} c={concurrency}: {again}")
         log(f"{label} c={concurrency}: FAILED {again}")
         return None
