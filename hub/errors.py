@@ -128,6 +128,37 @@ def code_of(exc: BaseException) -> str:
     return exc.code if isinstance(exc, HubError) else INTERNAL
 
 
+#: CUDA errors that leave a process's CUDA context unusable ("sticky"): every later CUDA call in
+#: the process fails too, and only a new process recovers. Codes (cudaError_t, as
+#: torch.AcceleratorError's `error_code`) and the runtime's texts for them.
+STICKY_CUDA_ERRORS = {
+    214: "uncorrectable ECC error",
+    220: "uncorrectable NVLink error",
+    700: "an illegal memory access was encountered",
+    702: "the launch timed out and was terminated",
+    710: "device-side assert triggered",
+    714: "hardware stack error",
+    715: "an illegal instruction was encountered",
+    716: "misaligned address",
+    717: "operation not supported on global/shared address space",
+    718: "invalid program counter",
+    719: "unspecified launch failure",
+}
+
+
+def device_lost(error: BaseException) -> str | None:
+    """What happened, when `error` is a sticky CUDA error (see STICKY_CUDA_ERRORS); else None.
+    By torch.AcceleratorError's code where it has one, else by the text of a RuntimeError."""
+    lines = str(error).strip().splitlines()
+    text = lines[0] if lines else type(error).__name__
+    code = getattr(error, "error_code", None)
+    if isinstance(code, int) and not isinstance(code, bool):
+        return text if code in STICKY_CUDA_ERRORS else None
+    if isinstance(error, RuntimeError) and "CUDA error" in text:
+        return text if any(known in text for known in STICKY_CUDA_ERRORS.values()) else None
+    return None
+
+
 #: The longest name (model, input, output) echoed in an error message, and the longest message
 #: sent to a client at all. gRPC carries the message in a trailer, and a default client refuses
 #: metadata over 8 KiB (tritonclient reports RESOURCE_EXHAUSTED): both stay far below it.

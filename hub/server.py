@@ -47,6 +47,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("modelhub.server")
 
+#: `modelhub serve`'s exit status after a sticky CUDA error (EX_TEMPFAIL: a new process recovers).
+EXIT_DEVICE_LOST = 75
+
 #: What the server sends at most (a response); what it receives is `Limits.request_bytes`.
 MAX_MESSAGE = 256 << 20
 
@@ -187,6 +190,10 @@ class Server:
         self._watcher: asyncio.Task[None] | None = None
         self._watch_from: dict[str, tuple[int, int, int]] | None = None
         self.shared_memory: SharedMemoryRegistry | None = None
+        #: Set when this process must end and be started afresh (`device_lost`); `modelhub
+        #: serve` then drains and exits with `exit_code`.
+        self.fatal = asyncio.Event()
+        self.exit_code = 0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -241,6 +248,7 @@ class Server:
                 clock=self._clock,
                 inline_compute=config.inline_compute,
                 adaptive_delay=config.adaptive_seconds,
+                on_device_lost=self.device_lost,
             )
             models = [self.repository.add(spec) for spec in specs]
             control = self.control = ModelController(
@@ -255,6 +263,7 @@ class Server:
         self.plane = DataPlane(
             self.repository,
             self.is_ready,
+            is_live=self.is_live,
             control=control if config.control_enabled else None,
             version_policy=config.deployment.version_policy,
             log_requests=config.log_requests,
@@ -431,8 +440,27 @@ class Server:
     async def wait_until_loaded(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._loaded.wait(), timeout)
 
+    def device_lost(self, reason: str) -> None:
+        """A batch failed with a sticky CUDA error: no CUDA call in this process can succeed
+        again. Not live from now on; `modelhub serve` drains and exits with EXIT_DEVICE_LOST,
+        and whatever runs it (the supervisor of --workers N, Kubernetes, Docker's restart
+        policy) starts a fresh process."""
+        if self.fatal.is_set():
+            return
+        self.exit_code = EXIT_DEVICE_LOST
+        log.critical(
+            "the CUDA device failed (%s); this process cannot use it again: draining and exiting (code %d) "
+            "to be started afresh",
+            reason,
+            EXIT_DEVICE_LOST,
+        )
+        self.fatal.set()
+
+    def is_live(self) -> bool:
+        return not self.fatal.is_set()
+
     def is_ready(self) -> bool:
-        if self._stopping or self.repository is None or not self._loaded.is_set():
+        if self._stopping or self.fatal.is_set() or self.repository is None or not self._loaded.is_set():
             return False
         if isinstance(self.repository, RemoteRepository) and not self.repository.loaded.is_set():
             return False  # the model process is away (restarting)

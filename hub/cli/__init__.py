@@ -609,10 +609,14 @@ async def _serve(server: Any, port_file: Path | None = None) -> int:
         from hub.workers.supervisor import write_port_file
 
         write_port_file(port_file, {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port})
-    await stop.wait()
-    log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
+    signalled, fatal = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.fatal.wait())
+    await asyncio.wait((signalled, fatal), return_when=asyncio.FIRST_COMPLETED)
+    signalled.cancel()
+    fatal.cancel()
+    if not server.exit_code:
+        log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
     await server.stop()
-    return 0
+    return int(server.exit_code)
 
 
 # --- plugins and models -------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from hub.core.stats import BatchRecord
-from hub.errors import DeadlineExceeded, HubError, ModelExecutionError, ModelUnavailable, QueueFull
+from hub.errors import DeadlineExceeded, HubError, ModelExecutionError, ModelUnavailable, QueueFull, device_lost
 from hub.spec import BatchPolicy
 
 log = logging.getLogger("modelhub.batching")
@@ -181,8 +181,11 @@ class Batcher:
         padding: Mapping[str, float] | None = None,
         inline_below: float = 0.0,
         adaptive_delay: float = 0.0,
+        on_device_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.name = name
+        #: Told (on the loop) when a batch fails with a sticky CUDA error (hub.errors.device_lost).
+        self._on_device_lost = on_device_lost
         self.policy = policy
         self._compute = compute
         self._clock = clock or MonotonicClock()
@@ -547,6 +550,10 @@ class Batcher:
     def _failure(self, error: BaseException, rows: int, ids: str) -> BaseException:
         """A failed batch's error as its requests get it, logged with the batch's request ids."""
         log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
+        if self._on_device_lost is not None and not isinstance(error, HubError):
+            lost = device_lost(error)
+            if lost is not None:
+                self._on_device_lost(f"model '{self.name}': {lost}")
         # The client reads the model and the error type only (no runtime internals: source
         # paths, graph node names); the log above has the rest. The traceback goes: it
         # reaches the worker's frames, and through them this batch's inputs.

@@ -147,6 +147,7 @@ class DataPlane:
         repository: ModelRepository,
         is_ready: Callable[[], bool],
         *,
+        is_live: Callable[[], bool] = lambda: True,
         control: ModelControl | None = None,
         version_policy: Callable[[str], VersionPolicy] | None = None,
         log_requests: float = 0.0,
@@ -163,6 +164,7 @@ class DataPlane:
         #: The regions requests may name (None: shared memory is off); frontends look them up.
         self.shared_memory = shared_memory
         self._is_ready = is_ready
+        self._is_live = is_live
         self._control = control
         self._version_policy = version_policy
         self._log_requests = log_requests
@@ -203,7 +205,7 @@ class DataPlane:
     # --- health and metadata ----------------------------------------------------------------
 
     def live(self) -> bool:
-        return True
+        return self._is_live()
 
     def ready(self) -> bool:
         return self._is_ready()

@@ -30,10 +30,13 @@ class ModelRepository:
         clock: Clock | None = None,
         inline_compute: float = 0.0,
         adaptive_delay: float = 0.0,
+        on_device_lost: Callable[[str], None] | None = None,
     ) -> None:
         self.builder = builder
         self.metrics = metrics
         self._clock = clock
+        #: Told when a batch fails with a sticky CUDA error: this process's device is gone.
+        self._on_device_lost = on_device_lost
         self._inline_compute = inline_compute
         self._adaptive_delay = adaptive_delay
         self._models: dict[str, dict[int, ServedModel]] = {}
@@ -207,6 +210,7 @@ class ModelRepository:
             # The adaptive queue delay was measured on the CPU only (docs/benchmarks.md); on
             # a GPU, requests that arrive while the device computes batch as they are.
             adaptive_delay=self._adaptive_delay if on_cpu else 0.0,
+            on_device_lost=self._on_device_lost,
         )
         batcher.start()
         return batcher

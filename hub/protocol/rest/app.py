@@ -143,7 +143,8 @@ class RestFrontend:
     # --- health and metadata ----------------------------------------------------------------
 
     async def live(self, request: web.Request) -> web.Response:
-        return json_response({"live": self.plane.live()})
+        live = self.plane.live()  # a status that is not 200 says false (a liveness probe restarts)
+        return json_response({"live": live}, 200 if live else 503)
 
     async def ready(self, request: web.Request) -> web.Response:
         ready = self.plane.ready()
