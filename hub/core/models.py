@@ -100,8 +100,9 @@ class ServedModel:
         """The inputs as the batcher that computes them takes them, and that batcher. Inputs on
         the device (CUDA shared memory) come to the host for a runtime that takes numpy only,
         and for a spec's preprocess, which is given numpy arrays."""
-        on_device = not all_numpy(inputs)
-        if on_device and (self.spec.preprocess is not None or not getattr(self.runtime, "takes_device_tensors", False)):
+        if not all_numpy(inputs) and (
+            self.spec.preprocess is not None or not getattr(self.runtime, "takes_device_tensors", False)
+        ):
             inputs = {name: on_host(array) for name, array in inputs.items()}
         return inputs, self.batcher
 
