@@ -223,7 +223,25 @@ def perf_analyzer(
         "avg_batch": round(inferences / executions, 1) if inferences and executions else None,
         "window_ms": window_ms,
         "mode": "sync" if spread else "async",
+        "server_us": server_time(text),
     }
+
+
+#: perf_analyzer's server-side split of a request's time, from the server's ModelStatistics.
+_SERVER_TIME = re.compile(
+    r"Avg request latency: (\d+) usec \(overhead (\d+) usec \+ queue (\d+) usec \+ compute input (\d+) usec "
+    r"\+ compute infer (\d+) usec \+ compute output (\d+) usec\)"
+)
+
+
+def server_time(text: str) -> dict[str, int] | None:
+    """Where a request's time went in the server, µs on average (the last such line in
+    perf_analyzer's output): what the issue asks recorded when served throughput misses."""
+    found = _SERVER_TIME.findall(text)
+    if not found:
+        return None
+    names = ("request", "overhead", "queue", "compute_input", "compute_infer", "compute_output")
+    return dict(zip(names, map(int, found[-1]), strict=True))
 
 
 def run_served(args: argparse.Namespace, results: Results, images: np.ndarray) -> None:
@@ -509,17 +527,27 @@ def report(data: dict[str, Any]) -> str:
     if data["served"]:
         lines += ["", "served (perf_analyzer, 1 image per request, the batcher forms batches)",
                   "CPU µs per request: the batching process's event loop (and the share of the run it was busy),",
-                  "that process in all, and the frontends (the one process itself with workers 1)",
+                  "that process in all, and the frontends (the one process itself with workers 1). Server µs:",
+                  "a request's average time in the server (ModelStatistics, by perf_analyzer) as queue + compute",
+                  "input + infer + output, the rest in the protocol (perf_analyzer's \"overhead\")",
                   "| workers | perf_analyzer | concurrency | images/s | p50 ms | p99 ms | avg batch "
-                  "| loop µs (busy) | batching process µs | frontends µs |",
-                  "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "| loop µs (busy) | batching process µs | frontends µs "
+                  "| server µs: queue + in + infer + out (rest) |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in data["served"]:
+            split = row.get("server_us") or {}
             lines.append(
                 f"| {row.get('workers', 1)} | {row.get('mode', 'async')} | {row['concurrency']} "
                 f"| {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
                 f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} "
                 f"| {fmt(row.get('loop_us'))} ({fmt(row.get('loop_busy'), '.2f')}) "
-                f"| {fmt(row.get('batching_us'))} | {fmt(row.get('frontends_us'))} |"
+                f"| {fmt(row.get('batching_us'))} | {fmt(row.get('frontends_us'))} "
+                + (
+                    f"| {split['request']:,}: {split['queue']:,} + {split['compute_input']:,} + "
+                    f"{split['compute_infer']:,} + {split['compute_output']:,} ({split['overhead']:,}) |"
+                    if split
+                    else "| - |"
+                )
             )
     if data["cuda_shm"]:
         lines += ["", "resnet from CUDA shared memory against raw gRPC (alternating)",

@@ -55,3 +55,21 @@ def test_the_gpu_bench_warms_only_batch_sizes_the_model_takes() -> None:
     assert bench.warm_sizes(100, 128) == [1, 2, 4, 8, 16, 32, 64, 100]
     assert bench.warm_sizes(1, 128) == [1]
     assert bench.warm_sizes(3, 0) == [1, 2, 3]  # a model without batching sets no limit
+
+
+def test_the_gpu_bench_records_where_a_request_spent_its_time() -> None:
+    """The issue asks where the time went when served throughput misses: perf_analyzer's
+    server-side split (from our ModelStatistics), as it prints it, lands in each served row."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_split", ROOT / "scripts" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    printed = (
+        "  Server: \n    Inference count: 10056\n    Execution count: 2813\n"
+        "    Avg request latency: 591 usec (overhead 200 usec + queue 293 usec + compute input 11 usec "
+        "+ compute infer 81 usec + compute output 6 usec)\n"
+    )
+    assert bench.server_time(printed) == {
+        "request": 591, "overhead": 200, "queue": 293, "compute_input": 11, "compute_infer": 81, "compute_output": 6,
+    }  # fmt: skip
+    assert bench.server_time("no server statistics") is None
