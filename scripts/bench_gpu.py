@@ -516,6 +516,20 @@ def run_in_process(args: argparse.Namespace, results: Results, images: np.ndarra
 # --- report ----------------------------------------------------------------------------------------
 
 
+def against_bare(row: dict[str, Any], bare: list[dict[str, Any]]) -> str:
+    """A served row against the bare model: its images/s over the bare model's at the smallest
+    measured batch that holds the average batch the server formed (the largest measured if none
+    does), and at c=1 its p50 minus the bare batch-1 latency."""
+    rates = {int(b["batch"]): b["images_per_s"] for b in bare if b.get("images_per_s")}
+    if not rates or not row.get("images_per_s") or not row.get("avg_batch"):
+        return "-"
+    batch = min((b for b in rates if b >= row["avg_batch"]), default=max(rates))
+    text = f"{row['images_per_s'] / rates[batch]:.2f}x b{batch}"
+    if row["concurrency"] == 1 and 1 in rates and row.get("p50_ms") is not None:
+        text += f", p50 {row['p50_ms'] - 1000 / rates[1]:+.2f} ms"
+    return text
+
+
 def report(data: dict[str, Any]) -> str:
     def fmt(value: Any, spec: str = "") -> str:
         if value is None:
@@ -529,16 +543,18 @@ def report(data: dict[str, Any]) -> str:
                   "CPU µs per request: the batching process's event loop (and the share of the run it was busy),",
                   "that process in all, and the frontends (the one process itself with workers 1). Server µs:",
                   "a request's average time in the server (ModelStatistics, by perf_analyzer) as queue + compute",
-                  "input + infer + output, the rest in the protocol (perf_analyzer's \"overhead\")",
-                  "| workers | perf_analyzer | concurrency | images/s | p50 ms | p99 ms | avg batch "
+                  "input + infer + output, the rest in the protocol (perf_analyzer's \"overhead\"). Against bare:",
+                  "images/s over the bare model's at the smallest measured batch that holds the average batch",
+                  "formed; at c=1 also p50 minus the bare batch-1 latency (issue 12: >= 0.8x at c=128, <= 1 ms)",
+                  "| workers | perf_analyzer | concurrency | images/s | against bare | p50 ms | p99 ms | avg batch "
                   "| loop µs (busy) | batching process µs | frontends µs "
                   "| server µs: queue + in + infer + out (rest) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
         for row in data["served"]:
             split = row.get("server_us") or {}
             lines.append(
                 f"| {row.get('workers', 1)} | {row.get('mode', 'async')} | {row['concurrency']} "
-                f"| {fmt(row['images_per_s'])} | {fmt(row['p50_ms'], '.1f')} "
+                f"| {fmt(row['images_per_s'])} | {against_bare(row, data['bare'])} | {fmt(row['p50_ms'], '.1f')} "
                 f"| {fmt(row['p99_ms'], '.1f')} | {fmt(row['avg_batch'], '.1f')} "
                 f"| {fmt(row.get('loop_us'))} ({fmt(row.get('loop_busy'), '.2f')}) "
                 f"| {fmt(row.get('batching_us'))} | {fmt(row.get('frontends_us'))} "
