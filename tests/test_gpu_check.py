@@ -73,3 +73,15 @@ def test_the_gpu_bench_records_where_a_request_spent_its_time() -> None:
         "request": 591, "overhead": 200, "queue": 293, "compute_input": 11, "compute_infer": 81, "compute_output": 6,
     }  # fmt: skip
     assert bench.server_time("no server statistics") is None
+    # ... and each row is set against the bare model at a batch that holds the average formed
+    bare = [
+        {"batch": 1, "images_per_s": 1000.0},
+        {"batch": 16, "images_per_s": 8000.0},
+        {"batch": 128, "images_per_s": 10000.0},
+    ]
+    assert bench.against_bare({"concurrency": 128, "images_per_s": 8500.0, "avg_batch": 90.2}, bare) == "0.85x b128"
+    assert bench.against_bare({"concurrency": 256, "images_per_s": 9000.0, "avg_batch": 128.0}, bare) == "0.90x b128"
+    assert bench.against_bare({"concurrency": 1, "images_per_s": 400.0, "avg_batch": 1.0, "p50_ms": 1.75}, bare) == (
+        "0.40x b1, p50 +0.75 ms"
+    )
+    assert bench.against_bare({"concurrency": 16, "images_per_s": 1.0, "avg_batch": 3.0}, []) == "-"
