@@ -6,6 +6,7 @@ both get resolution (docs/metrics.md lists them).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import os
 from bisect import bisect_left
@@ -348,18 +349,16 @@ class CudaCollector:
             reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
         yield allocated
         yield reserved
-        try:
-            import pynvml
-        except ImportError:
+        if importlib.util.find_spec("pynvml") is None:
             return
         utilisation = GaugeMetricFamily(
             "modelhub_gpu_utilization_ratio", "GPU busy fraction over the last sample (NVML).", labels=["device"]
         )
         try:
-            pynvml.nvmlInit()
+            # torch's, not NVML's own by index: NVML numbers every GPU of the machine, torch
+            # only those CUDA_VISIBLE_DEVICES shows, and torch maps one to the other.
             for index in devices:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-                utilisation.add_metric([str(index)], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100.0)
+                utilisation.add_metric([str(index)], torch.cuda.utilization(index) / 100.0)
         except Exception:  # NVML is optional: a broken driver must not break /metrics
             return
         yield utilisation
