@@ -148,14 +148,18 @@ STICKY_CUDA_ERRORS = {
 
 def device_lost(error: BaseException) -> str | None:
     """What happened, when `error` is a sticky CUDA error (see STICKY_CUDA_ERRORS); else None.
-    By torch.AcceleratorError's code where it has one, else by the text of a RuntimeError."""
+    Only a RuntimeError (torch's, Triton's kernel launcher's and ONNX Runtime's all are): by
+    torch.AcceleratorError's code where it has one, else by the runtime's text in its first
+    line beside "CUDA" ("CUDA error: ...", "Triton Error [CUDA]: ...", "CUDA failure 700: ...")."""
+    if not isinstance(error, RuntimeError):
+        return None
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else type(error).__name__
     code = getattr(error, "error_code", None)
     if isinstance(code, int) and not isinstance(code, bool):
         return text if code in STICKY_CUDA_ERRORS else None
-    if isinstance(error, RuntimeError) and "CUDA error" in text:
-        return text if any(known in text for known in STICKY_CUDA_ERRORS.values()) else None
+    if "CUDA" in text and any(known in text for known in STICKY_CUDA_ERRORS.values()):
+        return text
     return None
 
 

@@ -229,6 +229,37 @@ async def test_failing_forward_fails_its_batch_only(caplog: pytest.LogCaptureFix
     await batcher.close()
 
 
+async def test_a_lost_device_is_reported_once_its_batch_is_answered() -> None:
+    """A batch failing with a sticky CUDA error is answered as any failed batch, and the
+    batcher tells its owner the device is lost (the server then exits to be restarted). An
+    error that cannot even be read (its text raises) is still answered, not left hanging."""
+    import torch
+
+    lost: list[str] = []
+
+    def illegal_address(inputs: Any) -> dict[str, np.ndarray]:
+        error = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        error.error_code = 700  # type: ignore[attr-defined]
+        raise error
+
+    class Unprintable(RuntimeError):
+        def __str__(self) -> str:
+            raise ValueError("no text")
+
+    def unprintable(inputs: Any) -> dict[str, np.ndarray]:
+        raise Unprintable()
+
+    for compute, told in ((illegal_address, ["model 'gpu': CUDA error: an illegal memory access was encountered"]),
+                          (unprintable, [])):  # fmt: skip
+        lost.clear()
+        batcher = Batcher("gpu", BatchPolicy(max_batch_size=4), compute, on_device_lost=lost.append)
+        batcher.start()
+        with pytest.raises(ModelExecutionError, match=r"^model 'gpu' failed: "):
+            await asyncio.wait_for(batcher.submit({"INPUT0": rows([1.0])}), 10)
+        assert lost == told
+        await batcher.close()
+
+
 async def test_instances_let_batches_overlap() -> None:
     batcher, runtime, _ = make(BatchPolicy(max_batch_size=1, instances=2))
     runtime.gate.clear()

@@ -615,7 +615,11 @@ async def _serve(server: Any, port_file: Path | None = None) -> int:
     fatal.cancel()
     if not server.exit_code:
         log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
-    await server.stop()
+    try:
+        await server.stop()
+    except Exception:
+        log.exception("modelhub did not stop cleanly")
+        return int(server.exit_code) or 1
     return int(server.exit_code)
 
 

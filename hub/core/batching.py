@@ -551,9 +551,12 @@ class Batcher:
         """A failed batch's error as its requests get it, logged with the batch's request ids."""
         log.error("model '%s': batch of %d rows failed (request ids: %s)", self.name, rows, ids, exc_info=error)
         if self._on_device_lost is not None and not isinstance(error, HubError):
-            lost = device_lost(error)
-            if lost is not None:
-                self._on_device_lost(f"model '{self.name}': {lost}")
+            try:  # (this batch's requests are answered whatever happens here)
+                lost = device_lost(error)
+                if lost is not None:
+                    self._on_device_lost(f"model '{self.name}': {lost}")
+            except Exception:
+                log.exception("model '%s': checking a failed batch's error for a lost device failed", self.name)
         # The client reads the model and the error type only (no runtime internals: source
         # paths, graph node names); the log above has the rest. The traceback goes: it
         # reaches the worker's frames, and through them this batch's inputs.

@@ -189,8 +189,7 @@ class ModelRepository:
             await model.batcher.close(drain=True)
             model.batcher = None
         if model.runtime is not None:
-            await asyncio.to_thread(model.runtime.close)
-            model.runtime = None
+            await asyncio.to_thread(_close_runtime, model)
         if not announce:
             model.set_state(ModelState.UNLOADED, "replaced", announce=False)
         log.info("model '%s' %s: drained and freed", model.spec.key, "unloaded" if announce else "replaced")
@@ -251,6 +250,16 @@ class ModelRepository:
             if model.batcher is not None:
                 await model.batcher.close(drain=drain)
             if model.runtime is not None:
-                model.runtime.close()
-                model.runtime = None
+                _close_runtime(model)
             self._set_state(model, ModelState.UNLOADED)
+
+
+def _close_runtime(model: ServedModel) -> None:
+    """Free a model's runtime. One that fails to close (torch's cache under a lost GPU, a
+    plugin's bug) is logged and dropped: an unload or a shutdown goes on."""
+    runtime, model.runtime = model.runtime, None
+    try:
+        if runtime is not None:
+            runtime.close()
+    except Exception:
+        log.exception("model '%s': closing its runtime failed", model.spec.key)

@@ -92,7 +92,7 @@ def compile_plan(spec: ModelSpec, device: str) -> tuple[bool, dict[str, Any]]:
     ("reduce-overhead", "max-autotune"): inside our capture they cannot nest, and outside it
     their cudagraph trees keep state per thread and asserted when the thread that served was not
     the one that compiled (an H200, torch 2.11)."""
-    mode = str(spec.options.get("compile_mode", "default"))
+    mode = str(spec.options.get("compile_mode") or "default")
     wants_graphs = device == "cuda" and bool(spec.options.get("cuda_graphs", True))
     batching = spec.batching.batching
     fixed = all(-1 not in (t.shape[1:] if batching else t.shape) for t in spec.forward_inputs)

@@ -2,8 +2,9 @@
 the allocation it names, viewed as a torch tensor on the device (no host copy) for inputs and
 written with cudaMemcpyAsync on a stream of our own, then synchronised, for outputs.
 
-Three habits keep these calls from disturbing the models that share the thread (the event loop
-runs small batches inline, on the CUDA context these calls use):
+Three habits keep these calls from disturbing torch's CUDA work on the same thread (the event
+loop's, which also wraps requests' inputs, copies them to the host for ONNX Runtime and reads
+outputs back, in the context these calls use):
 - a failed call's error is cleared (cudaGetLastError), or torch's next kernel-launch check on
   the thread would raise it for another client's request;
 - the thread's current device is restored after each call that sets it, or torch's "cuda"
@@ -128,15 +129,16 @@ class CudaIpc:
 
     @contextlib.contextmanager
     def _on(self, device_id: int) -> Iterator[None]:
-        """The device current on this thread for the block, the one before restored after."""
+        """The device current on this thread for the block, the one before restored after.
+        Set even when it is already the current one: cudaSetDevice also makes its primary
+        context current, which the driver's calls need and cudaGetDevice does not do."""
         before = ctypes.c_int()
         code = self._rt.cudaGetDevice(ctypes.byref(before))
         if code:
             raise ModelExecutionError(f"cudaGetDevice failed: {self._error(code)}")
-        if before.value != device_id:
-            code = self._rt.cudaSetDevice(device_id)
-            if code:
-                raise ModelExecutionError(f"cudaSetDevice({device_id}) failed: {self._error(code)}")
+        code = self._rt.cudaSetDevice(device_id)
+        if code:
+            raise ModelExecutionError(f"cudaSetDevice({device_id}) failed: {self._error(code)}")
         try:
             yield
         finally:
