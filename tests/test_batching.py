@@ -233,14 +233,12 @@ async def test_a_lost_device_is_reported_once_its_batch_is_answered() -> None:
     """A batch failing with a sticky CUDA error is answered as any failed batch, and the
     batcher tells its owner the device is lost (the server then exits to be restarted). An
     error that cannot even be read (its text raises) is still answered, not left hanging."""
-    import torch
+    from .plugins.device_fault import illegal_address
 
     lost: list[str] = []
 
-    def illegal_address(inputs: Any) -> dict[str, np.ndarray]:
-        error = torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
-        error.error_code = 700  # type: ignore[attr-defined]
-        raise error
+    def faulting(inputs: Any) -> dict[str, np.ndarray]:
+        raise illegal_address()
 
     class Unprintable(RuntimeError):
         def __str__(self) -> str:
@@ -249,7 +247,7 @@ async def test_a_lost_device_is_reported_once_its_batch_is_answered() -> None:
     def unprintable(inputs: Any) -> dict[str, np.ndarray]:
         raise Unprintable()
 
-    for compute, told in ((illegal_address, ["model 'gpu': CUDA error: an illegal memory access was encountered"]),
+    for compute, told in ((faulting, ["model 'gpu': CUDA error: an illegal memory access was encountered"]),
                           (unprintable, [])):  # fmt: skip
         lost.clear()
         batcher = Batcher("gpu", BatchPolicy(max_batch_size=4), compute, on_device_lost=lost.append)

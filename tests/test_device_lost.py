@@ -21,23 +21,21 @@ from hub.errors import device_lost
 from hub.server import EXIT_DEVICE_LOST
 
 from .conftest import TEST_PLUGINS, Workers, link_plugins
-from .plugins.device_fault import FAULT
+from .plugins.device_fault import FAULT, illegal_address
 from .test_cli import ServeProcess
 
 
-def _cuda_error(text: str, code: int | None) -> BaseException:
+def _cuda_error(text: str, code: int) -> BaseException:
+    """What torch raises for CUDA error `code` (tests/plugins/device_fault.py raises code 700)."""
     error = torch.AcceleratorError(f"CUDA error: {text}\nCUDA kernel errors might be asynchronously reported")
-    if code is not None:
-        error.error_code = code  # type: ignore[attr-defined]
+    error.error_code = code  # type: ignore[attr-defined]
     return error
 
 
 def test_which_cuda_errors_lose_the_device() -> None:
     """By torch.AcceleratorError's code where it has one, else by a RuntimeError's text: an
     out-of-memory or an invalid argument leaves the context usable; only sticky errors count."""
-    assert device_lost(_cuda_error("an illegal memory access was encountered", 700)) == (
-        "CUDA error: an illegal memory access was encountered"
-    )
+    assert device_lost(illegal_address()) == ("CUDA error: an illegal memory access was encountered")
     assert device_lost(_cuda_error("device-side assert triggered", 710)) is not None
     assert device_lost(_cuda_error("out of memory", 2)) is None
     assert device_lost(_cuda_error("invalid argument", 1)) is None

@@ -7,6 +7,9 @@ import importlib.util
 import re
 import subprocess
 import sys
+from typing import Any
+
+import pytest
 
 from .conftest import ROOT
 
@@ -42,28 +45,30 @@ def test_the_gpu_checks_test_modules_collect_without_the_test_extras() -> None:
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
 
 
-def test_the_gpu_bench_warms_only_batch_sizes_the_model_takes() -> None:
+@pytest.fixture(scope="module")
+def bench() -> Any:
+    """scripts/bench_gpu.py, imported as the GPU check runs it (a script, not a package)."""
+    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", ROOT / "scripts" / "bench_gpu.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_gpu_bench_warms_only_batch_sizes_the_model_takes(bench: Any) -> None:
     """scripts/bench_gpu.py warms the server with one request per batch size it may form at
     the top concurrency. A request over the model's max_batch_size is refused: at c=256 against
     resnet's 128 that once lost the GPU run's whole served step (workers 1/4/8, CUDA shared
     memory), on a path the CPU rehearsal, which warms with batch 1, never took."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_under_test", ROOT / "scripts" / "bench_gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     assert bench.warm_sizes(256, 128) == [1, 2, 4, 8, 16, 32, 64, 128]
     assert bench.warm_sizes(100, 128) == [1, 2, 4, 8, 16, 32, 64, 100]
     assert bench.warm_sizes(1, 128) == [1]
     assert bench.warm_sizes(3, 0) == [1, 2, 3]  # a model without batching sets no limit
 
 
-def test_the_gpu_bench_records_where_a_request_spent_its_time() -> None:
+def test_the_gpu_bench_records_where_a_request_spent_its_time(bench: Any) -> None:
     """The issue asks where the time went when served throughput misses: perf_analyzer's
     server-side split (from our ModelStatistics), as it prints it, lands in each served row."""
-    spec = importlib.util.spec_from_file_location("bench_gpu_split", ROOT / "scripts" / "bench_gpu.py")
-    assert spec is not None and spec.loader is not None
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     printed = (
         "  Server: \n    Inference count: 10056\n    Execution count: 2813\n"
         "    Avg request latency: 591 usec (overhead 200 usec + queue 293 usec + compute input 11 usec "

@@ -496,10 +496,11 @@ def test_the_device_tensor_is_described_as_torch_takes_it(datatype: str) -> None
 
 
 def test_cuda_calls_leave_the_thread_as_they_found_it() -> None:
-    """The event loop's thread also runs small batches inline, on the CUDA context these calls
-    use. A failed call's error is cleared: left pending, torch's check after its next kernel
-    launch on the thread would raise it for another client's request. And the thread's current
-    device is restored: left on a region's device, torch's "cuda" would follow it there."""
+    """These calls run on the event loop's thread, which also makes torch's CUDA calls for
+    requests (wrapping inputs, copying them to the host for ONNX Runtime). A failed call's error
+    is cleared: left pending, torch's check after a later kernel launch there would raise it for
+    another client's request. And the thread's current device is restored: left on a region's
+    device, torch's "cuda" would follow it there."""
     from hub.errors import InvalidInput
     from hub.shm.cuda import CudaIpc
 
