@@ -336,7 +336,9 @@ class Server:
             else "on, the auth token"
             if config.auth_token is not None
             else "on, no token",
-            describe_bind(config.metrics_host or config.host)
+            "off"
+            if self.metrics_port is None
+            else describe_bind(config.metrics_host or config.host)
             + (", auth token required" if config.metrics_auth else ""),
             ", ".join(sorted(config.shared_memory)) or "off",
         )

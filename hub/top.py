@@ -29,8 +29,10 @@ class Snapshot:
     errors: dict[Key, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def scrape(url: str, timeout: float = 5.0) -> Snapshot:
-    text = urllib.request.urlopen(url, timeout=timeout).read().decode()
+def scrape(url: str, timeout: float = 5.0, token: str | None = None) -> Snapshot:
+    """One read of the metrics page; `token` for a server whose /metrics needs --auth-token."""
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    text = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout).read().decode()
     snap = Snapshot(at=time.monotonic())
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -126,21 +128,26 @@ def render(table_rows: list[dict[str, Any]], url: str) -> Any:
     return table
 
 
-def run(url: str, interval: float, once: bool) -> int:
+def run(url: str, interval: float, once: bool, token: str | None = None) -> int:
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
-    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+    piped = not console.is_terminal
+    if piped:  # do not squeeze the table into 80 columns
         console = Console(width=160)
-    before = scrape(url)
-    if once:
-        time.sleep(interval)
-        console.print(render(rows(before, scrape(url)), url))
-        return 0
+    before = scrape(url, token=token)
+    if once or piped:  # piped or captured: a table per interval (a live view would print only at its end)
+        while True:
+            time.sleep(interval)
+            after = scrape(url, token=token)
+            console.print(render(rows(before, after), url))
+            if once:
+                return 0
+            before = after
     with Live(render([], url), console=console, refresh_per_second=4) as live:
         while True:
             time.sleep(interval)
-            after = scrape(url)
+            after = scrape(url, token=token)
             live.update(render(rows(before, after), url))
             before = after

@@ -111,6 +111,16 @@ def test_infer_command_reports_errors(served: ServeProcess, tmp_path: Path) -> N
     assert "INVALID_ARGUMENT" in result.stderr and "image" in result.stderr
 
 
+def test_infer_command_names_an_input_file_it_cannot_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from hub.cli import build_parser, cmd_infer
+
+    (tmp_path / "text.npy").write_text("not an array")
+    for path in (tmp_path / "missing.npy", tmp_path / "text.npy"):
+        assert cmd_infer(build_parser().parse_args(["infer", "digits", "--input", f"image={path}"])) == 2
+        error = capsys.readouterr().err
+        assert error.startswith(f"--input image: cannot read '{path}'") and "Traceback" not in error
+
+
 def test_health_command(served: ServeProcess) -> None:
     assert modelhub("health", "--url", served.url).stdout.strip() == "SERVING"
     assert modelhub("health", "--url", served.url, "--service", "digits").returncode == 0

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -121,3 +122,21 @@ def test_every_target_default_tolerance_is_documented() -> None:
         }
         expected = {key: value for key, value in vars(tolerance).items() if value is not None}
         assert stated == expected, row
+
+
+def test_the_config_example_builds_the_bundled_digits(tmp_path: Path) -> None:
+    """docs/config.md's TOML example, as a user copies it, applies to the bundled digits model and
+    builds (its int8_exclude names a module digits has; a pattern that matches none fails the build)."""
+    from hub.config import DeploymentConfig
+    from hub.pipeline.builder import Builder
+    from hub.plugins.manager import PluginHost
+
+    example = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "config.md").read_text(), re.S)
+    assert example is not None
+    (tmp_path / "deploy.toml").write_text(example.group(1))
+    deployment = DeploymentConfig.load(tmp_path / "deploy.toml")
+    host = PluginHost(link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits"), entry_points=False)
+    (spec,) = deployment.apply(host.collect_models())
+    assert spec.target == "onnx-int8" and spec.options["int8_exclude"]
+    artifact = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu").ensure(spec)
+    assert artifact.manifest["status"] == "ok", artifact.manifest

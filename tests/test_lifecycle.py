@@ -174,8 +174,12 @@ def test_watch_loads_reloads_and_unloads_plugin_files(start_server: Any, tmp_pat
     _until(lambda: client.is_model_ready("scaler") and answer() == 2.0)
     write_scaler(plugins, 6.0)  # changed
     _until(lambda: answer() == 6.0)
-    (plugins / "scaler.py").write_text("def broken(:\n")  # a syntax error changes nothing else
-    _until(lambda: "reload failed" in reasons(client))
+    invalid = textwrap.dedent(SCALER.format(factor=7.0)).replace("=32", "=32, preferred_batch_sizes=[64]")
+    (plugins / "scaler.py").write_text(invalid)  # a spec that does not validate changes nothing else
+    _until(lambda: "preferred_batch_sizes" in reasons(client))
+    assert "reload failed" in reasons(client) and answer() == 6.0
+    (plugins / "scaler.py").write_text("def broken(:\n")  # nor does a syntax error
+    _until(lambda: "Error importing" in reasons(client))
     assert answer() == 6.0 and client.is_model_ready("identity_fp32")
     metrics = urllib.request.urlopen(server.metrics_url).read().decode()
     assert 'model="scaler"' in metrics

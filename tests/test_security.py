@@ -27,7 +27,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from hub.cli import build_parser, cmd_health, cmd_serve
+from hub.cli import build_parser, cmd_health, cmd_infer, cmd_serve, cmd_top
 from hub.security import TlsConfig
 from hub.server import Server, ServerConfig, describe_bind
 from tests.conftest import TEST_PLUGINS, RunningServer, link_plugins
@@ -208,6 +208,26 @@ def test_metrics_can_require_the_token(guarded: RunningServer) -> None:
     request = urllib.request.Request(guarded.metrics_url, headers={"Authorization": f"Bearer {TOKEN}"})
     with urllib.request.urlopen(request, timeout=5) as reply:
         assert b"modelhub_model_build_duration_seconds" in reply.read()
+
+
+def test_the_cli_clients_send_the_token(
+    guarded: RunningServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`modelhub infer` and `modelhub top` take --token, or the server's own MODELHUB_AUTH_TOKEN."""
+    np.save(tmp_path / "x.npy", EXPECTED)
+    infer = ["infer", "identity_fp32", "--input", f"INPUT0={tmp_path / 'x.npy'}", "--url", guarded.url]
+    top = ["top", "--once", "--interval", "0", "--metrics-url", guarded.metrics_url]
+    monkeypatch.delenv("MODELHUB_AUTH_TOKEN", raising=False)
+    assert cmd_infer(build_parser().parse_args(infer)) == 1
+    assert "UNAUTHENTICATED" in capsys.readouterr().err
+    assert cmd_top(build_parser().parse_args(top)) == 1
+    assert "401" in capsys.readouterr().err
+    assert cmd_infer(build_parser().parse_args([*infer, "--token", TOKEN])) == 0
+    assert "OUTPUT0 FP32 [2, 3]" in capsys.readouterr().out
+    monkeypatch.setenv("MODELHUB_AUTH_TOKEN", TOKEN)
+    assert cmd_infer(build_parser().parse_args(infer)) == 0
+    assert cmd_top(build_parser().parse_args(top)) == 0
+    assert "identity_fp32" in capsys.readouterr().out
 
 
 def test_metrics_bind_their_own_host(start_server: Any, plugins: Path) -> None:

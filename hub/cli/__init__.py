@@ -132,6 +132,14 @@ def _add_url_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_token_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--token",
+        default=_env("AUTH_TOKEN", None),
+        help="bearer token for a server started with --auth-token (env MODELHUB_AUTH_TOKEN, as the server's)",
+    )
+
+
 def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Where and how models run, and the deployment overrides: shared by serve and build."""
     parser.add_argument(
@@ -398,7 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
     _add_plugin_args(build)
     _add_repository_arg(build)
-    build.add_argument("--target", help="build this target instead of each spec's own")
+    build.add_argument(
+        "--target", help="build this target instead of each spec's own, in its place under --model-repository"
+    )
     build.add_argument("--compare", metavar="MODEL", help="build every registered target for MODEL and compare them")
     _add_runtime_args(build)
     build.add_argument("--force", action="store_true", help="rebuild even when the cached artifact is current")
@@ -421,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--save", type=Path, help="also write each output to DIR/<name>.npy")
     infer.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds (default: 30)")
     _add_url_arg(infer)
+    _add_token_arg(infer)
 
     health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING (for container probes)")
     health.add_argument("--service", default="", help="a model name, or empty for the whole server")
@@ -442,6 +453,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default: 2)")
     top.add_argument("--once", action="store_true", help="print one table over one interval, then exit")
+    _add_token_arg(top)
     return parser
 
 
@@ -798,7 +810,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         if not sep:
             print(f"--input expects NAME=FILE.npy, got {item!r}", file=sys.stderr)
             return 2
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, or an object array
+            print(f"--input {name}: cannot read {path!r} as a .npy file: {exc}", file=sys.stderr)
+            return 2
         datatype = datatype_of(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
         request.raw_input_contents.append(encode_bytes(array) if datatype == "BYTES" else array.tobytes())
@@ -806,7 +822,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         request.outputs.add(name=name)
     with grpc.insecure_channel(args.url) as channel:
         try:
-            response = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=args.timeout)
+            metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
+            stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            response = stub.ModelInfer(request, timeout=args.timeout, metadata=metadata)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -943,7 +961,7 @@ def cmd_top(args: argparse.Namespace) -> int:
     from hub.top import run
 
     try:
-        return run(args.metrics_url, args.interval, args.once)
+        return run(args.metrics_url, args.interval, args.once, args.token)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
         print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)

@@ -106,15 +106,19 @@ class ModelController:
         by_name: dict[str, list[ModelSpec]] = {}
         for spec in specs:
             by_name.setdefault(spec.name, []).append(spec)
-        failed_plugins = {r.name for r in self.plugins.records.values() if r.status == "failed"}
+        # A plugin that failed to import, or registered a spec that does not validate, is a
+        # broken file: its models keep their old build, as a failed RepositoryModelLoad does.
+        broken = {r.name: r for r in self.plugins.records.values() if r.status == "failed" or r.errors}
         for name in sorted(set(by_name) | set(self.repository.names())):
             current = self.repository.versions(name)
             if name not in by_name:
-                if any(m.spec.plugin in failed_plugins for m in current):
+                if any(m.spec.plugin in broken for m in current):
                     for model in current:
                         if model.ready:
-                            self.repository.note_failed_reload(model, f"plugin '{model.spec.plugin}' failed to import")
-                    continue  # a broken file keeps the old build serving
+                            record = broken[model.spec.plugin]
+                            reason = " | ".join(record.errors) or f"plugin '{record.name}' failed to import"
+                            self.repository.note_failed_reload(model, reason)
+                    continue
                 async with self._lock:  # its plugin is gone: so is the model, from every list
                     await self.repository.remove(name)
                 continue
