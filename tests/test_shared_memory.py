@@ -180,26 +180,50 @@ def test_every_datatype_in_and_out_of_shared_memory(side: Side, datatype: str) -
     np.testing.assert_array_equal(got, values)
 
 
-def test_an_input_views_the_region_without_a_copy() -> None:
-    """The decoded input is a read-only numpy view of the mapping: what the client writes into
-    the region afterwards shows through it (a copy would not see it)."""
-    from hub.shm import Holds, SharedMemoryRegistry
+TRUNCATED_MEANWHILE = """
+import os, sys
+import numpy as np
+import tritonclient.utils.shared_memory as shm
+from hub.errors import InvalidInput
+from hub.shm import Holds, SharedMemoryRegistry
 
-    key = new_key()
-    handle = shm.create_shared_memory_region("view", key, 4096 + 24)
-    registry = SharedMemoryRegistry(frozenset({"system"}))
-    try:
-        registry.register_system("view", key, 4096, 24)  # a region at a page offset of the object
-        shm.set_shared_memory_region(handle, [np.zeros(6, np.float32)], offset=4096)
-        with Holds(registry) as holds:
-            array = holds.read("INPUT0", "FP32", [2, 3], "view", 0, 24)
-            assert isinstance(array, np.ndarray) and not array.flags.owndata and not array.flags.writeable
-            shm.set_shared_memory_region(handle, [np.arange(6, dtype=np.float32)], offset=4096)
-            np.testing.assert_array_equal(array, np.arange(6, dtype=np.float32).reshape(2, 3))
-            del array
-    finally:
-        registry.close()
-        shm.destroy_shared_memory_region(handle)
+key = sys.argv[1]
+handle = shm.create_shared_memory_region("meanwhile", key, 4096 + 24)
+registry = SharedMemoryRegistry(frozenset({"system"}))
+try:
+    registry.register_system("meanwhile", key, 4096, 24)  # a region at a page offset of the object
+    shm.set_shared_memory_region(handle, [np.arange(6, dtype=np.float32)], offset=4096)
+    with Holds(registry) as holds:
+        array = holds.read("INPUT0", "FP32", [2, 3], "meanwhile", 0, 24)
+        target = holds.output("OUTPUT0", "meanwhile", 0, 24)
+        os.truncate("/dev/shm/" + key.lstrip("/"), 0)  # the client shrinks it while the model computes
+        print("sum", float(array.sum()))  # read through the mapping, this is a SIGBUS
+        try:
+            target.write("OUTPUT0", array)
+        except InvalidInput as exc:
+            print("refused", exc)
+finally:
+    registry.close()
+    shm.destroy_shared_memory_region(handle)
+"""
+
+
+def test_a_region_truncated_while_a_request_holds_it_costs_that_request_only() -> None:
+    """The client owns the object and may truncate it at any time. An input is read from the
+    region by pread (one copy), and an output written by pwrite, so that a truncation while
+    the model computes fails that request (INVALID_ARGUMENT) instead of a SIGBUS that would end
+    the process and every request in it. In a subprocess, so that a regression fails the test
+    rather than the test run."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", TRUNCATED_MEANWHILE, new_key()], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, (result.returncode, result.stderr[-2000:])
+    lines = result.stdout.splitlines()
+    assert lines[0] == "sum 15.0"
+    assert lines[1].startswith("refused output 'OUTPUT0': shared memory region 'meanwhile' was truncated"), lines
 
 
 def test_mixed_shared_and_raw_tensors_with_offsets(side: Side) -> None:

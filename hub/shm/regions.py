@@ -4,9 +4,13 @@ the holds that keep a region mapped while a request uses it.
 Safety rules (Triton had out-of-bounds CVEs here):
 - A key names an object directly in /dev/shm: one path component, opened without following
   links and only if it is a regular file; a region must lie inside the object as it is now.
-- Every view is checked against the registered region (offset and size, no overflow) and
-  against the object's current size (a client that truncated it gets INVALID_ARGUMENT, not
-  a SIGBUS), before anything is read or written.
+- Every read and write is checked against the registered region (offset and size, no
+  overflow) and against the object's current size, before it happens.
+- Inputs are read with pread and outputs written with pwrite, not through the mapping: the
+  client may truncate its object at any moment, and through a mapping that is a SIGBUS,
+  which ends the process. With pread a truncated object fails that one request
+  (INVALID_ARGUMENT). The mapping serves only to tell where an output the model process of
+  --workers N wrote already lies.
 - Unregistering retires a region: new requests cannot name it, requests holding it keep
   their mapping until they are answered, and the last of them unmaps it.
 - Error messages name the client's region name (shortened), never its key: the key is the
@@ -182,10 +186,7 @@ class SystemRegion(Region):
         `writable`. InvalidInput when they lie outside it or the object has shrunk."""
         self.check(offset, byte_size, what)
         if os.fstat(self._fd).st_size < self.offset + self.byte_size:
-            raise InvalidInput(
-                f"{what}: shared memory region '{_name(self.name)}' was truncated below its registered "
-                f"{self.byte_size} bytes; unregister it and register it again"
-            )
+            raise InvalidInput(self._truncated(what))
         start = self._delta + offset
         view = memoryview(self._map)[start : start + byte_size]
         return view if writable else view.toreadonly()
@@ -193,23 +194,43 @@ class SystemRegion(Region):
     def read(
         self, name: str, datatype: str, shape: tuple[int, ...], offset: int, byte_size: int, limits: Limits
     ) -> np.ndarray:
-        """An input tensor viewing the region (BYTES elements are split out, as from raw contents)."""
+        """An input tensor read from the region (BYTES elements are split out, as from raw
+        contents): one copy, by pread, not a view of the mapping. The client owns the object
+        and may truncate it while the model reads: through the mapping that is a SIGBUS, which
+        kills the process and every request in it; pread just comes up short."""
+        what = f"input '{shorten(name)}'"
         _check_input_size(name, datatype, shape, byte_size, limits)
-        return from_buffer(name, datatype, shape, self.view(offset, byte_size, f"input '{shorten(name)}'"), limits)
+        self.check(offset, byte_size, what)
+        data = bytearray(byte_size)
+        if byte_size and os.preadv(self._fd, [data], self.offset + offset) != byte_size:
+            raise InvalidInput(self._truncated(what))
+        return from_buffer(name, datatype, shape, memoryview(data), limits)
 
     def write(self, name: str, array: np.ndarray, offset: int, byte_size: int) -> None:
+        """Output `name` into the region, by pwrite (see `read`): a client that truncates the
+        object meanwhile loses its answer, not the server."""
         data: Any = encode_bytes(array) if array.dtype == np.object_ else np.ascontiguousarray(array)
         size = len(data) if isinstance(data, bytes) else data.nbytes
         _check_output_size(name, self.name, size, byte_size)
         if size == 0:
             return
-        view = self.view(offset, size, f"output '{shorten(name)}'", writable=True)
+        what = f"output '{shorten(name)}'"
+        self.check(offset, size, what)
         if not isinstance(data, bytes) and data.__array_interface__["data"][0] == self.address + offset:
             return  # already there: the model process of --workers N wrote it into the region itself
-        if isinstance(data, bytes):
-            view[:] = data
-        else:
-            np.frombuffer(view, dtype=data.dtype).reshape(data.shape)[...] = data
+        if os.fstat(self._fd).st_size < self.offset + self.byte_size:
+            raise InvalidInput(self._truncated(what))
+        payload = memoryview(data if isinstance(data, bytes) else data.reshape(-1).view(np.uint8))
+        position = self.offset + offset
+        while payload:  # (a regular file takes it whole; the loop is for the letter of pwrite's contract)
+            written = os.pwrite(self._fd, payload, position)
+            payload, position = payload[written:], position + written
+
+    def _truncated(self, what: str) -> str:
+        return (
+            f"{what}: shared memory region '{_name(self.name)}' was truncated below its registered "
+            f"{self.byte_size} bytes; unregister it and register it again"
+        )
 
     def status(self) -> dict[str, Any]:
         return {"name": self.name, "key": self.key, "offset": self.offset, "byte_size": self.byte_size}

@@ -468,20 +468,11 @@ class RegionMirror(SharedMemoryRegistry):
         return failure
 
     def locate(self, array: Any) -> tuple[int, str, int] | None:
-        """(region id, name, offset) when `array` lies, contiguous, inside a mirrored region."""
+        """(region id, name, offset) of a tensor in CUDA shared memory, which the model process
+        reads on the device. An input from system shared memory was read (by pread, see
+        hub/shm/regions.py) into the frontend's own memory, and is handed over as any other."""
         if isinstance(array, DeviceTensor):
             return array.region.id, array.region.name, array.offset
-        if not array.flags.c_contiguous:
-            return None
-        start = int(array.__array_interface__["data"][0])
-        end = start + array.nbytes
-        for region in self._regions.values():
-            if (
-                isinstance(region, SystemRegion)
-                and region.address <= start
-                and end <= region.address + region.byte_size
-            ):
-                return region.id, region.name, start - region.address
         return None
 
 
