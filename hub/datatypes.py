@@ -76,15 +76,18 @@ def datatype_of(array: np.ndarray) -> str:
 MAX_DIMS = 32
 
 
+def rank_error(name: str, rank: int) -> InvalidInput:
+    """The error for a shape of `rank` > MAX_DIMS dimensions, naming the input."""
+    return InvalidInput(f"input '{shorten(name)}': shape has {rank} dimensions; this server takes at most {MAX_DIMS}")
+
+
 def element_count(name: str, shape: tuple[int, ...], limits: Limits = DEFAULT_LIMITS) -> int:
     """The number of elements of a tensor's shape, checked before anything is allocated
     (InvalidInput naming the input): at most MAX_DIMS dimensions, none negative, and no
     dimension, nor product of the non-zero dimensions, above `limits.elements` (a shape with a
     zero dim holds nothing, but numpy cannot represent one whose other dims overflow)."""
     if len(shape) > MAX_DIMS:
-        raise InvalidInput(
-            f"input '{shorten(name)}': shape has {len(shape)} dimensions; this server takes at most {MAX_DIMS}"
-        )
+        raise rank_error(name, len(shape))
     if shape and min(shape) < 0:
         raise InvalidInput(f"input '{shorten(name)}': shape {_shape_text(shape)} has a negative dimension")
     nonzero = 1

@@ -30,6 +30,14 @@ class Limits:
       each, holding the event loop. FP32, FP64 and BOOL contents, and integers that all lie
       in 0..127, are read whole and do not count (hub/protocol/packed.py). tritonclient
       sends raw contents, which never count.
+    - `request_entries` (gRPC): the most entries in one ModelInferRequest: inputs, requested
+      outputs, parameters and raw_input_contents entries, and the fields within each input,
+      requested output and input contents (each unpacked shape dim, say; a packed field is
+      one). A real request has a handful. An empty entry is 2 bytes on the wire but a ~90-byte
+      message once parsed, and a Python object in every loop over them: 31 M of them (60 MiB,
+      under `request_bytes`; 61 KB gzip'd) cost 10-12 GB and stalled the server 13-56 s.
+      Counted on the wire before the message is parsed (hub/protocol/wire.py), which also
+      counts `contents.bytes_contents` entries against `bytes_elements`.
     - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
       being computed or whose responses the client has not read yet. Past it the server stops
       reading the stream, and HTTP/2 flow control holds the client back.
@@ -40,6 +48,7 @@ class Limits:
     elements: int = 1 << 26
     bytes_elements: int = 1 << 16
     typed_values: int = 1 << 20
+    request_entries: int = 1 << 14
     stream_in_flight: int = 64
 
     def __post_init__(self) -> None:
@@ -49,6 +58,7 @@ class Limits:
             "elements",
             "bytes_elements",
             "typed_values",
+            "request_entries",
             "stream_in_flight",
         ):
             value = getattr(self, name)

@@ -26,9 +26,10 @@ import tritonclient.grpc as tc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from hub.errors import MESSAGE_LIMIT
+from hub.errors import MESSAGE_LIMIT, InvalidInput
 from hub.limits import Limits
 from hub.logs import Throttle
+from hub.protocol.codec import decode_inputs
 
 from .conftest import TEST_PLUGINS, RunningServer, link_plugins
 
@@ -65,7 +66,13 @@ def limited(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Runn
         tmp_path_factory.mktemp("limited"), TEST_PLUGINS / "identity.py", TEST_PLUGINS / "behaviour.py"
     )
     limits = Limits(
-        request_bytes=MiB, bytes_element=1024, elements=16384, bytes_elements=16, typed_values=100, stream_in_flight=4
+        request_bytes=MiB,
+        bytes_element=1024,
+        elements=16384,
+        bytes_elements=16,
+        typed_values=100,
+        request_entries=64,
+        stream_in_flight=4,
     )
     return start_server(folder, limits=limits)  # type: ignore[no-any-return]
 
@@ -256,6 +263,105 @@ def test_undecodable_request_is_invalid_argument_with_one_log_line(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+# --- entries: counted on the wire, before the message is parsed ----------------------------------
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field."""
+    length, size = bytearray(), len(payload)
+    while size >= 0x80:
+        length.append(size & 0x7F | 0x80)
+        size >>= 7
+    length.append(size)
+    return bytes([number << 3 | 2]) + bytes(length) + payload
+
+
+# A million 2-byte entries (2 MiB) of each kind the scan counts: unpacked, upb makes a ~90-byte
+# message of each empty input, output or parameter, and the codec a Python object of each.
+MANY = 1 << 20
+ENTRIES = {
+    "inputs": b"\x2a\x00" * MANY,
+    "outputs": b"\x32\x00" * MANY,
+    "parameters": b"\x22\x00" * MANY,
+    "raw_input_contents": b"\x3a\x00" * MANY,
+    "unpacked shape dims": _field(5, b"\x18\x01" * MANY),
+    "input parameters": _field(5, b"\x22\x00" * MANY),
+    "output parameters": _field(6, b"\x12\x00" * MANY),
+    "unpacked contents": _field(5, _field(5, b"\x08\x01" * MANY)),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENTRIES))
+def test_a_request_of_a_million_empty_entries_is_refused_before_it_is_parsed(
+    hub_server: RunningServer, case: str
+) -> None:
+    """31 M empty inputs (60 MiB, 61 KB gzip'd) cost 10-12 GB and stalled the server 13-56 s.
+    Past 16,384 entries (Limits.request_entries) a ModelInferRequest is refused unparsed, on
+    its own and on a stream, naming what there are too many of."""
+    data = b"\x0a\x06digits" + ENTRIES[case]
+    code, details, _ = _call(hub_server, data)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "ModelInfer: the request holds more than 16384 entries (inputs, outputs, parameters" in details, details
+    with grpc.insecure_channel(hub_server.url) as channel:
+        stream = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)
+        call = stream(iter([_stream_request(1), data]), timeout=10, compression=grpc.Compression.Gzip)
+        responses = []
+        with pytest.raises(grpc.RpcError) as err:
+            for raw in call:
+                responses.append(service_pb2.ModelStreamInferResponse.FromString(raw))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "more than 16384 entries" in err.value.details()
+    assert [r.infer_response.id for r in responses if not r.error_message] == ["1"]
+    assert _call(hub_server, _stream_request(2))[0] == grpc.StatusCode.OK
+
+
+def test_typed_bytes_elements_are_counted_on_the_wire(hub_server: RunningServer) -> None:
+    """Each contents.bytes_contents entry is a string in upb (16x its 2 bytes): past
+    Limits.bytes_elements in a request it is refused unparsed; at it, it is served."""
+    request = service_pb2.ModelInferRequest(model_name="identity_bytes")
+    tensor = request.inputs.add(name="INPUT0", datatype="BYTES", shape=[1, 1 << 16])
+    tensor.contents.bytes_contents.extend([b""] * (1 << 16))
+    code, details, _ = _call(hub_server, request)
+    assert code == grpc.StatusCode.OK, details
+    tensor.shape[1] += 1
+    tensor.contents.bytes_contents.append(b"")
+    code, details, _ = _call(hub_server, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert "more than 65536 contents.bytes_contents entries" in details, details
+
+
+def test_request_entries_limit(limited: RunningServer) -> None:
+    """request_entries=64: a request of 64 entries (6 for its input, 58 parameters) is served,
+    one more is refused; everything else on this server passes the count too."""
+    request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], b"\0" * 16)])
+    for i in range(58):
+        request.parameters[f"p{i}"].bool_param = True
+    code, details, _ = _call(limited, request)
+    assert code == grpc.StatusCode.OK, details
+    request.parameters["one more"].bool_param = True
+    code, details, _ = _call(limited, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 64 entries" in details, details
+
+
+def test_a_shape_of_a_million_dims_is_refused_before_it_is_copied(hub_server: RunningServer) -> None:
+    """A packed shape is one entry: 60 M dims of 1 cost 480 MB parsed and 440 MB more as a
+    tuple before the rank was checked. Too long for 32 dims, it is refused unparsed; shorter,
+    its rank is checked before it is copied."""
+    request = service_pb2.ModelInferRequest(model_name="identity_fp32")
+    request.inputs.add(name="INPUT0", datatype="FP32", shape=[1] * MANY)
+    request.raw_input_contents.append(b"\0" * 4)
+    code, details, _ = _call(hub_server, request)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "shape of more than 32 dimensions" in details, details
+    tracemalloc.start()
+    try:
+        with pytest.raises(InvalidInput, match=f"'INPUT0': shape has {MANY} dimensions"):
+            decode_inputs(request)  # without the count before it, as another caller would
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MiB, f"{peak / MiB:.1f} MiB"
+
+
 # --- names echoed in errors are bounded ----------------------------------------------------------
 
 
@@ -407,12 +513,33 @@ def test_a_timeout_parameter_of_the_wrong_type_is_refused(hub_server: RunningSer
         assert code is None or "timeout" in details
 
 
+def test_a_classification_parameter_of_the_wrong_type_is_refused(hub_server: RunningServer) -> None:
+    """The classification extension's count is an int64_param (tritonclient's class_count)
+    or a uint64_param, as `timeout` is; a string, bool or double was read as 0 and the
+    output came back unclassified. Refused naming the output and the parameter, as is a
+    negative count."""
+    request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], np.arange(4, dtype=np.float32).tobytes())])
+    parameter = request.outputs.add(name="OUTPUT0").parameters["classification"]
+    for choice, value in (("string_param", "2"), ("bool_param", True), ("double_param", 2.0), ("int64_param", -1)):
+        setattr(parameter, choice, value)
+        code, details, _ = _call(hub_server, request)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (choice, details)
+        assert "output 'OUTPUT0'" in details and "classification" in details, (choice, details)
+    for choice in ("uint64_param", "int64_param"):
+        setattr(parameter, choice, 2)
+        with grpc.insecure_channel(hub_server.url) as channel:
+            response = service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
+        top = tc.InferResult(response).as_numpy("OUTPUT0")
+        assert [e.decode() for e in top.ravel()] == ["3.000000:3", "2.000000:2"], (choice, top)
+
+
 def test_a_requested_output_named_twice_is_refused(hub_server: RunningServer) -> None:
     """Each requested output is encoded once per name it is given: a list of the same name
     10,000 times (a few bytes each) would answer with 10,000 copies. Refused on both
-    protocols before the model runs, naming the output."""
+    protocols before the model runs, naming the output. (Over gRPC, 5,000: 10,000 named
+    outputs are 20,000 entries, refused unparsed by Limits.request_entries.)"""
     request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], b"\0" * 16)])
-    for _ in range(10_000):
+    for _ in range(5_000):
         request.outputs.add(name="OUTPUT0")
     code, details, _ = _call(hub_server, request)
     assert code == grpc.StatusCode.INVALID_ARGUMENT and "'OUTPUT0' appears more than once" in details, details
@@ -432,6 +559,7 @@ def test_serve_has_limit_flags() -> None:
     args = build_parser().parse_args(["serve", "--max-request-bytes", "1000", "--max-bytes-element", "10"])
     assert args.limit_request_bytes == 1000 and args.limit_bytes_element == 10
     assert args.limit_elements == Limits().elements
+    assert args.limit_request_entries == Limits().request_entries == 1 << 14
     with pytest.raises(ValueError, match="bytes_elements"):
         Limits(bytes_elements=0)
 
@@ -570,6 +698,29 @@ def test_stop_answers_accepted_requests_and_refuses_later_ones_at_once(start_ser
     assert results == ["6.0"] * 5
     assert late == "UNAVAILABLE" and seconds < 0.2, (late, seconds)
     assert status == 503 and "shutting down" in message and rest_seconds < 0.2, (status, message, rest_seconds)
+
+
+def test_a_stream_message_refused_before_inference_leaves_nothing_in_flight(start_server: Any, tmp_path: Path) -> None:
+    """A stream's request is accepted when it is read; one whose `timeout` parameter has the
+    wrong type was refused before it reached the data plane, which releases what it accepted,
+    so it stayed in flight for good and SIGTERM waited out the whole shutdown grace."""
+    folder = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    server = start_server(folder, shutdown_grace=20)
+    plane = server.server.plane
+    request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], b"\0" * 16)])
+    request.parameters["timeout"].string_param = "soon"
+    with grpc.insecure_channel(server.url) as channel:
+        responses = list(
+            service_pb2_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(iter([request]), timeout=10)
+        )
+    assert [r.error_message for r in responses] == ["request parameters: timeout must be an int64_param"]
+    deadline = time.monotonic() + 5
+    while plane._in_flight and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert plane._in_flight == 0
+    started = time.monotonic()
+    server.run(server.server.stop(), timeout=60)
+    assert time.monotonic() - started < 5
 
 
 # --- artifacts -----------------------------------------------------------------------------------

@@ -377,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("--max-elements", "elements", "most tensor elements in one request"),
         ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),
         ("--max-typed-values", "typed_values", "most typed integer contents of one input converted one by one"),
+        ("--max-request-entries", "request_entries", "most entries (inputs, outputs, parameters...) in one request"),
         ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream"),
     ):
         default = getattr(DEFAULT_LIMITS, field)

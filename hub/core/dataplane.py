@@ -196,11 +196,19 @@ class DataPlane:
         return True
 
     def accept(self) -> None:
-        """Count a request as accepted: drained() waits for its `infer(..., accepted=True)`."""
+        """Count a request as accepted: drained() waits until it is `release()`d. `infer` does
+        both itself; a frontend that accepts a request before (one read from a stream, say)
+        passes `accepted=True` and releases it however its handling ends, infer or not."""
         if self._draining:
             raise ShuttingDown()
         self._in_flight += 1
         self._idle.clear()
+
+    def release(self) -> None:
+        """An accepted request is answered (or refused, or cancelled): drained() stops waiting for it."""
+        self._in_flight -= 1
+        if not self._in_flight:
+            self._idle.set()
 
     # --- health and metadata ----------------------------------------------------------------
 
@@ -327,7 +335,7 @@ class DataPlane:
         """One inference, accounted in statistics and metrics. `decode` (given the model's
         spec) and `encode` are the frontend's; their time and their errors count as the
         request's. While the server drains it raises ShuttingDown, unless the frontend
-        `accept()`ed the request before (one read from a stream, say).
+        `accept()`ed the request before (`accepted`; it `release()`s it too).
 
         Raises a HubError (or, for a crash, ModelExecutionError) without its traceback, so a
         rejected request's arrays are freed as soon as it is answered.
@@ -375,9 +383,8 @@ class DataPlane:
                 if trace is not None:
                     _trace(trace, model, request_id, trace_start, trace_computed, delivery)
         finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                self._idle.set()
+            if not accepted:
+                self.release()
 
     # --- trace settings (Triton's trace extension) ------------------------------------------
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from hub.core.dataplane import InferRequest, InferResponse, RequestedOutput
 from hub.datatypes import (
+    MAX_DIMS,
     NUMPY_DTYPES,
     check_bytes_count,
     check_bytes_element,
@@ -18,6 +19,7 @@ from hub.datatypes import (
     element_count,
     encode_bytes,
     from_buffer,
+    rank_error,
     view_of,
 )
 from hub.errors import InvalidInput, shorten
@@ -133,7 +135,7 @@ def decode_inputs(
                 f"input '{shorten(name)}': unknown datatype '{shorten(datatype, 32)}'; "
                 f"expected one of {', '.join(NUMPY_DTYPES)}"
             )
-        shape = tuple(tensor.shape)
+        shape = _shape(name, tensor)
         count = element_count(name, shape, limits)
         total += count
         check_total_elements(name, total, limits)
@@ -168,7 +170,7 @@ def _decode_shared(
         if name in arrays:
             raise InvalidInput(f"input '{shorten(name)}' appears more than once")
         what = f"input '{shorten(name)}'"
-        shape = tuple(tensor.shape)
+        shape = _shape(name, tensor)
         total += element_count(name, shape, limits)
         check_total_elements(name, total, limits)
         location = shared_memory_parameters(what, tensor.parameters)
@@ -190,6 +192,15 @@ def _decode_shared(
             count = element_count(name, shape, limits)
             arrays[name] = _from_typed(name, tensor.datatype, dtype, shape, count, tensor.contents, limits)
     return arrays
+
+
+def _shape(name: str, tensor: pb.ModelInferRequest.InferInputTensor) -> tuple[int, ...]:
+    """The input's shape, its rank checked first: a packed shape of 60 M dims (one entry on
+    the wire) would cost 440 MB as a tuple before element_count refused it."""
+    dims = tensor.shape
+    if len(dims) > MAX_DIMS:
+        raise rank_error(name, len(dims))
+    return tuple(dims)
 
 
 def _mixed_message(name: str) -> str:
@@ -246,8 +257,8 @@ def requested_outputs(request: pb.ModelInferRequest, holds: Holds | None = None)
         target = None
         parameters = output.parameters
         if parameters:
-            if "classification" in parameters:
-                count = int(parameters["classification"].int64_param)
+            if "classification" in parameters:  # int64 or uint64 as `timeout` is; not a string read as 0
+                count = _integer(f"output '{shorten(output.name)}'", "classification", parameters["classification"])
             location = shared_memory_parameters(f"output '{shorten(output.name)}'", parameters)
             if location is not None:
                 target = (holds or Holds(None)).output(output.name, *location)

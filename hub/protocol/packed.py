@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.wire import varint
 
 _FIXED: dict[str, np.dtype] = {"fp32_contents": np.dtype("<f4"), "fp64_contents": np.dtype("<f8")}
 _NUMBERS = {field.name: field.number for field in pb.InferTensorContents.DESCRIPTOR.fields}
@@ -25,17 +26,6 @@ class TooMany(Exception):
     """More typed values than the limit allows to convert one by one."""
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        byte = data[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if not byte & 0x80:
-            return result, pos
-        shift += 7
-
-
 def packed_payload(contents: pb.InferTensorContents, field: str) -> bytes | None:
     """The packed bytes of one repeated field, or None when it was not written packed."""
     data = contents.SerializeToString()
@@ -43,10 +33,10 @@ def packed_payload(contents: pb.InferTensorContents, field: str) -> bytes | None
     chunks = []
     pos = 0
     while pos < len(data):
-        tag, pos = _varint(data, pos)
+        tag, pos = varint(data, pos)
         if tag & 7 != _LENGTH_DELIMITED:  # proto3 writes repeated scalars packed; anything else is not ours
             return None
-        length, pos = _varint(data, pos)
+        length, pos = varint(data, pos)
         if tag >> 3 == number:
             chunks.append(data[pos : pos + length])
         pos += length

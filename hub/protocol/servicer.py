@@ -23,6 +23,7 @@ from hub.protocol.codec import decode_request, encode_response, request_timeout
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.status import status_for
+from hub.protocol.wire import too_many_entries
 from hub.shm import CUDA, SYSTEM, Holds
 
 log = logging.getLogger("modelhub.grpc")
@@ -33,14 +34,25 @@ SHUTTING_DOWN = (grpc.StatusCode.UNAVAILABLE, str(ShuttingDown()))
 
 @dataclass(frozen=True)
 class Undecodable:
-    """What a handler receives in place of a request whose protobuf did not parse."""
+    """What a handler receives in place of a request whose protobuf did not parse, or that
+    holds more entries than the limits allow (`excess`, what it holds too many of: it was
+    refused before parsing, hub.protocol.wire)."""
 
     method: str
     size: int
+    excess: str = ""
 
     @property
     def message(self) -> str:
+        if self.excess:
+            return f"{self.method}: the request holds {self.excess}"
         return f"{self.method}: the request ({self.size} bytes) is not a valid protobuf message of its type"
+
+    def described(self, noun: str) -> str:
+        """For the log: "undecodable request of 12 bytes", say."""
+        if self.excess:
+            return f"{noun} of {self.size} bytes holding {self.excess}"
+        return f"undecodable {noun} of {self.size} bytes"
 
 
 def add_to_server(servicer: InferenceServicer, server: Any) -> None:
@@ -65,15 +77,31 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
 
 def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
     """`handler` with a deserializer that returns Undecodable instead of raising. A unary
-    method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream."""
+    method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream.
+    A ModelInferRequest that holds more entries than the limits allow is Undecodable too,
+    before it is parsed (hub.protocol.wire): parsing it could cost gigabytes."""
     parse = handler.request_deserializer
+    limits = servicer.limits
 
-    def deserialize(data: bytes) -> Any:
+    def parsed(data: bytes) -> Any:
         try:
             return parse(data)
         except Exception:  # DecodeError, mostly; whatever it is, the bytes are the client's fault
             return Undecodable(method, len(data))
 
+    # A message shorter than this cannot hold too many entries (each takes 2 bytes at least),
+    # so the small requests whose latency is measured in µs pay one comparison.
+    unscanned = 2 * min(limits.request_entries, limits.bytes_elements)
+
+    def counted(data: bytes) -> Any:
+        if len(data) > unscanned and (excess := too_many_entries(data, limits)) is not None:
+            return Undecodable(method, len(data), excess)
+        try:
+            return parse(data)
+        except Exception:  # as in parsed
+            return Undecodable(method, len(data))
+
+    deserialize = counted if parse == pb.ModelInferRequest.FromString else parsed
     if handler.request_streaming or handler.unary_unary is None:
         return handler._replace(request_deserializer=deserialize)
     behaviour = handler.unary_unary
@@ -85,10 +113,10 @@ def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
             servicer.undecodable_log(
                 log,
                 logging.WARNING,
-                "%s from %s: undecodable request of %d bytes refused",
+                "%s from %s: refused %s",
                 method,
                 context.peer(),
-                request.size,
+                request.described("request"),
             )
             return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
         return await behaviour(request, context)
@@ -242,14 +270,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         At most `limits.stream_in_flight` requests of a stream are computing or waiting for
         the client to read their responses; past that the stream is not read, so a client that
-        writes without reading is held back by flow control. An undecodable message gets an
-        error on the stream, and the stream ends with INVALID_ARGUMENT once the requests before
-        it are answered; during shutdown it ends with UNAVAILABLE the same way.
+        writes without reading is held back by flow control. An undecodable message (or one
+        holding more entries than the limits allow) gets an error on the stream, and the stream
+        ends with INVALID_ARGUMENT once the requests before it are answered; during shutdown it
+        ends with UNAVAILABLE the same way. Each request read is `accept()`ed by the data plane
+        and released when its task ends, however it ends.
         """
         loop = asyncio.get_running_loop()
         done: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd] = asyncio.Queue()
         slots = asyncio.Semaphore(self.limits.stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
+        plane = self.plane
+
+        def released(task: asyncio.Task[None]) -> None:
+            plane.release()
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
@@ -271,10 +305,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                         self.undecodable_log(
                             log,
                             logging.WARNING,
-                            "%s from %s: undecodable message of %d bytes; ending the stream",
+                            "%s from %s: refused %s; ending the stream",
                             request.method,
                             context.peer(),
-                            request.size,
+                            request.described("message"),
                         )
                         end = _StreamEnd((grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=True)
                         break
@@ -290,6 +324,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     task = loop.create_task(answer(request))
                     tasks.add(task)
                     task.add_done_callback(tasks.discard)
+                    # Released however the task ends: answered, refused before it reached the
+                    # plane (a `timeout` parameter of the wrong type), or cancelled before it
+                    # ran (the client left); a request left counted held SIGTERM its whole grace.
+                    task.add_done_callback(released)
             except asyncio.CancelledError:
                 if not self.plane.draining:
                     raise
