@@ -68,3 +68,12 @@ class Limits:
 
 #: The limits a server uses when it is given none.
 DEFAULT_LIMITS = Limits()
+
+#: The longest model name (characters) a plugin may register (hub/spec.py), and so the longest
+#: a load or unload request may name: a longer one is refused (INVALID_ARGUMENT) before anything
+#: looks for it, in one process as with --workers N, whose frontends forward the name.
+MODEL_NAME_MAX = 128
+#: The longest request id (characters) an inference request may carry. The id is echoed in the
+#: response and written to the access log and traces; with --workers N a frontend forwards it
+#: to the model process. Far above any id a client generates (a UUID is 36).
+REQUEST_ID_MAX = 4096

@@ -14,8 +14,9 @@ import numpy as np
 
 from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
 from hub.errors import SpecError
+from hub.limits import MODEL_NAME_MAX
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MODEL_NAME_MAX - 1}}}$")
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -261,7 +262,9 @@ class ModelSpec:
     def validate(self) -> None:
         """Raise SpecError naming the field when the spec is inconsistent."""
         if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise SpecError(f"model name {self.name!r} must be 1-128 characters of letters, digits, '_', '.', '-'")
+            raise SpecError(
+                f"model name {self.name!r} must be 1-{MODEL_NAME_MAX} characters of letters, digits, '_', '.', '-'"
+            )
         if not isinstance(self.version, int) or self.version < 1:
             raise SpecError(f"model '{self.name}': version must be an integer >= 1, got {self.version!r}")
         if not callable(self.build):

@@ -12,9 +12,10 @@ import os
 import signal
 import socket
 import time
+import types
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import pytest
@@ -25,7 +26,8 @@ from tritonclient.utils import InferenceServerException
 from hub.core.models import ModelState
 from hub.server import ServerConfig
 from hub.workers.arena import SHM_DIR, Arena
-from hub.workers.wire import Channel, pack_arrays, unpack_arrays
+from hub.workers.frontend import EngineClient
+from hub.workers.wire import MAX_FRAMES, MAX_HEADER, Channel, MessageTooLarge, pack_arrays, unpack_arrays
 
 from .conftest import ROOT, RunningServer, Workers, link_plugins
 from .test_lifecycle import one, write_scaler
@@ -376,6 +378,83 @@ async def test_headers_cross_as_sent_and_subclassed_values_as_json_would_send_th
 
 class _Phase(enum.IntEnum):
     BUILT = 1
+
+
+async def test_a_message_the_wire_cannot_carry_fails_that_call_and_not_the_connection() -> None:
+    """The receiver drops the connection on a header over MAX_HEADER (or over MAX_FRAMES
+    frames), which failed every request in flight on it: the sender refuses such a message
+    instead (MessageTooLarge, a HubError), before writing any of it. An EngineClient call that
+    meets it fails alone, its ticket and its block of the arena given back; a call in flight
+    beside it is answered."""
+    loop = asyncio.get_running_loop()
+    client = EngineClient(Path("unused"), lambda header: None)
+    lost: list[BaseException | None] = []
+    sender = Channel(client._received, lambda exc: lost.append(exc))
+    answered: list[dict[str, Any]] = []
+
+    def answer(header: dict[str, Any], frames: list[memoryview]) -> None:
+        answered.append(header)
+        receiver.send({"k": "reply", "t": header["t"]})
+
+    receiver = Channel(answer, lambda exc: lost.append(exc))
+    left, right = socket.socketpair()
+    await loop.create_connection(lambda: sender, sock=left)
+    await loop.create_connection(lambda: receiver, sock=right)
+    client._channel = sender
+    arena = Arena.create(64 << 10)
+    assert arena is not None
+    try:
+        arena.unlink()
+        with pytest.raises(MessageTooLarge, match=f"header bytes, over the {MAX_HEADER}"):
+            sender.send({"k": "submit", "id": "i" * MAX_HEADER})
+        with pytest.raises(MessageTooLarge, match=f"frames, over the {MAX_FRAMES}"):
+            sender.send({"k": "submit"}, [b"x"] * (MAX_FRAMES + 1))
+
+        small = asyncio.ensure_future(client.request({"k": "stats", "models": []}))
+        await asyncio.sleep(0)  # sent (queued for this turn's write)
+        block = arena.alloc(1024)
+        assert block is not None
+        with pytest.raises(MessageTooLarge) as refused:
+            await client.request({"k": "submit", "id": "i" * (20 << 20)}, (), (arena, block))
+        assert refused.value.code == "RESOURCE_EXHAUSTED" and "'submit' message" in str(refused.value)
+        assert arena.used == 0  # its block came back
+        header, _ = await asyncio.wait_for(small, 5)
+        assert header["k"] == "reply" and client._pending == {}
+        assert [h["k"] for h in answered] == ["stats"]  # nothing of the refused messages arrived
+        assert lost == [] and not sender.closed.done() and not receiver.closed.done()
+    finally:
+        for channel in (sender, receiver):
+            assert channel.transport is not None
+            channel.transport.close()
+
+
+async def test_an_answer_the_wire_cannot_carry_fails_that_call_in_the_frontend() -> None:
+    """The model process's side of it: an answer too large to send goes as that call's error
+    instead, an `ask` resolves with the reason, and the connection stays."""
+    from hub.workers.engine import _Connection
+
+    loop = asyncio.get_running_loop()
+    received: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    connection = _Connection(cast(Any, types.SimpleNamespace(connections=set())))
+    frontend = Channel(lambda header, frames: received.put_nowait(header), lambda exc: None)
+    left, right = socket.socketpair()
+    await loop.create_connection(lambda: connection.channel, sock=left)
+    await loop.create_connection(lambda: frontend, sock=right)
+    try:
+        failure = connection.send({"k": "reply", "t": 9, "settings": "x" * MAX_HEADER})
+        assert failure is not None and "'reply' message" in failure
+        header = await asyncio.wait_for(received.get(), 5)
+        assert header["k"] == "error" and header["t"] == 9 and header["code"] == "RESOURCE_EXHAUSTED"
+        assert header["message"] == failure
+        asked = connection.ask({"k": "regions", "regions": "x" * MAX_HEADER}, 1)
+        assert asked.done() and "'regions' message" in (asked.result() or "") and connection.asks == {}
+        assert connection.send({"k": "state", "models": []}) is None
+        assert (await asyncio.wait_for(received.get(), 5))["k"] == "state"
+        assert not frontend.closed.done() and not connection.channel.closed.done()
+    finally:
+        for channel in (connection.channel, frontend):
+            assert channel.transport is not None
+            channel.transport.close()
 
 
 def test_pack_falls_back_to_frames_when_the_arena_is_full() -> None:

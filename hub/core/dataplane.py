@@ -35,6 +35,7 @@ from hub.errors import (
     code_of,
     shorten,
 )
+from hub.limits import MODEL_NAME_MAX, REQUEST_ID_MAX
 from hub.logs import LogSettings
 from hub.shm import OutputTarget, SharedMemoryRegistry
 from hub.spec import ModelSpec
@@ -272,11 +273,13 @@ class DataPlane:
                 )
         if self._control is None:
             raise PermissionDenied(CONTROL_OFF)
+        _check_model_name(name)
         await self._control.load_model(name)
 
     async def unload(self, name: str) -> None:
         if self._control is None:
             raise PermissionDenied(CONTROL_OFF)
+        _check_model_name(name)
         await self._control.unload_model(name)
 
     # --- log settings (Triton's logging extension) -----------------------------------------
@@ -343,6 +346,10 @@ class DataPlane:
         if not accepted:
             self.accept()
         try:
+            if len(request_id) > REQUEST_ID_MAX:  # before it is logged, traced or forwarded
+                raise InvalidInput(
+                    f"request id is {len(request_id)} characters long; the most this server accepts is {REQUEST_ID_MAX}"
+                )
             model = self.repository.get_ready(name, version)
             started = time.perf_counter()
             trace = self.tracer.sample(model.name) if self.tracer.active else None
@@ -421,6 +428,15 @@ class DataPlane:
                 "code": code,
                 "ms": round(elapsed * 1e3, 3),
             },
+        )
+
+
+def _check_model_name(name: str) -> None:
+    """Refuse a name no model can have (hub/spec.py) before anything looks for it: with
+    --workers N the frontend would forward it to the model process."""
+    if len(name) > MODEL_NAME_MAX:
+        raise InvalidInput(
+            f"model name '{shorten(name)}' is longer than {MODEL_NAME_MAX} characters, the most a model's name may be"
         )
 
 

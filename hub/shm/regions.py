@@ -22,7 +22,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from pathlib import Path
@@ -352,8 +352,7 @@ class SharedMemoryRegistry:
     def _check_new(self, name: str) -> None:
         if not name:
             raise InvalidInput("a shared memory region needs a name")
-        if len(name) > NAME_MAX:
-            raise InvalidInput(f"shared memory region name '{_name(name)}' is longer than {NAME_MAX} characters")
+        check_region_name(name)
         if name in self._regions:
             raise AlreadyExists(f"shared memory region '{_name(name)}' is already registered")
         if len(self._regions) >= MAX_REGIONS:
@@ -374,11 +373,7 @@ class SharedMemoryRegistry:
         ipc = self._cuda_ipc()
         self._check_new(name)
         _check_extent(name, 0, byte_size)
-        if len(raw_handle) != CUDA_HANDLE_BYTES:
-            raise InvalidInput(
-                f"shared memory region '{_name(name)}': raw_handle must be the {CUDA_HANDLE_BYTES}-byte "
-                f"cudaIpcMemHandle_t, got {len(raw_handle)} bytes"
-            )
+        _check_handle(name, raw_handle)
         region = ipc.open(name, raw_handle, device_id, byte_size)
         self._regions[name] = region
         return region
@@ -409,6 +404,7 @@ class SharedMemoryRegistry:
         if not name and self.kinds and kind not in self.extension_kinds():
             return
         self.require(kind)
+        check_region_name(name)  # (as register does: no region has a longer name)
         names = [n for n, r in self._regions.items() if r.kind == kind] if not name else [name]
         for region_name in names:
             region = self._regions.get(region_name)
@@ -446,6 +442,36 @@ class SharedMemoryRegistry:
         for region in self._regions.values():
             region.retire()
         self._regions.clear()
+
+
+def check_region_name(name: str) -> None:
+    """Refuse a region name longer than any registration may have (NAME_MAX)."""
+    if len(name) > NAME_MAX:
+        raise InvalidInput(f"shared memory region name '{_name(name)}' is longer than {NAME_MAX} characters")
+
+
+def check_registration(kind: str, name: str, arguments: Mapping[str, Any]) -> None:
+    """The checks of a registration that need neither the registry nor the system: its name,
+    extent, and key (system) or handle (CUDA), with the messages `add` gives. With --workers N
+    a frontend runs them before it forwards a registration to the model process (which runs
+    every check again), so that what it forwards is bounded."""
+    if not name:
+        raise InvalidInput("a shared memory region needs a name")
+    check_region_name(name)
+    if kind == SYSTEM:
+        _check_extent(name, arguments["offset"], arguments["byte_size"])
+        _key_file(arguments["key"], f"shared memory region '{_name(name)}'")
+    else:
+        _check_extent(name, 0, arguments["byte_size"])
+        _check_handle(name, arguments["raw_handle"])
+
+
+def _check_handle(name: str, raw_handle: bytes) -> None:
+    if len(raw_handle) != CUDA_HANDLE_BYTES:
+        raise InvalidInput(
+            f"shared memory region '{_name(name)}': raw_handle must be the {CUDA_HANDLE_BYTES}-byte "
+            f"cudaIpcMemHandle_t, got {len(raw_handle)} bytes"
+        )
 
 
 def _check_extent(name: str, offset: int, byte_size: int) -> None:

@@ -58,7 +58,7 @@ from hub.metrics import ModelMetrics
 from hub.server import Server
 from hub.shm import CUDA, Holds, SharedMemoryRegistry
 from hub.workers.arena import Arena
-from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
+from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.engine")
 
@@ -180,21 +180,32 @@ class _Connection:
             metrics.gauges_from(self, 0, 0)
         self.reported.clear()
 
-    def send(self, header: Header, frames: list[Any] | None = None) -> None:
+    def send(self, header: Header, frames: list[Any] | None = None) -> str | None:
+        """Send a message: None, or why it could not go (too large for the wire: then an answer
+        to one of the frontend's calls fails that call instead, and the connection stays)."""
         try:
             self.channel.send(header, frames or ())
         except ConnectionError:
             pass  # the frontend went away; its requests went with it
+        except MessageTooLarge as exc:
+            log.error("engine: a %r message to a frontend was refused: %s", shorten(str(header.get("k")), 32), exc)
+            if header.get("t") and header.get("k") != "error":
+                if header.get("o", -1) >= 0 and self.outputs is not None:
+                    self.outputs.free(header["o"])  # the outputs it carried will never be read
+                self.tickets.pop(header.get("b", 0), None)
+                self.send({"k": "error", "t": header["t"], "code": exc.code, "message": client_message(exc)})
+            return client_message(exc)
+        return None
 
     def ask(self, header: Header, number: int) -> asyncio.Future[str | None]:
         """Send a message the frontend acknowledges (`ack`, with an error or None)."""
         header["a"] = number
         asked: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
         self.asks[number] = asked
-        self.send(header)
-        if self.channel.transport is None or self.channel.transport.is_closing():
+        failure = self.send(header)
+        if failure is not None or self.channel.transport is None or self.channel.transport.is_closing():
             self.asks.pop(number, None)
-            asked.set_result(None)
+            asked.set_result(failure)
         return asked
 
 

@@ -28,6 +28,7 @@ from hub.core.models import ModelState, ServedModel, all_numpy
 from hub.core.repository import ModelRepository
 from hub.core.stats import BatchRecord, BatchStats, Duration, ModelStats
 from hub.core.trace import Tracer
+from hub.core.trace import check as check_trace_settings
 from hub.datatypes import NUMPY_DTYPES
 from hub.errors import (
     HubError,
@@ -39,14 +40,20 @@ from hub.errors import (
     shorten,
 )
 from hub.limits import Limits
-from hub.logs import LogSettings
+from hub.logs import LogSettings, check_log_settings
 from hub.metrics import NullMetrics
 from hub.pipeline.builder import Builder
 from hub.shm import CUDA, Region, SharedMemoryRegistry
-from hub.shm.regions import SystemRegion, check_cuda_input, current_holds
+from hub.shm.regions import (
+    SystemRegion,
+    check_cuda_input,
+    check_region_name,
+    check_registration,
+    current_holds,
+)
 from hub.spec import ModelSpec, Target
 from hub.workers.arena import DEFAULT_SIZE, Arena
-from hub.workers.wire import Channel, Header, RegionView, pack_arrays, unpack_arrays
+from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.frontend")
 
@@ -261,6 +268,11 @@ class EngineClient:
             if self._pending.pop(ticket, None) is not None and block is not None:
                 block[0].free(block[1])
             raise ModelUnavailable("the model process is not available; try again shortly") from None
+        except MessageTooLarge as exc:  # nothing was sent: this call fails, the connection is untouched
+            if self._pending.pop(ticket, None) is not None and block is not None:
+                block[0].free(block[1])
+            log.error("a %r message to the model process was refused: %s", shorten(str(header.get("k")), 32), exc)
+            raise
 
     async def submit(self, header: Header, inputs: Mapping[str, np.ndarray]) -> tuple[Header, dict[str, np.ndarray]]:
         """Hand a request's inputs over (large ones through our arena) and wait for its outputs,
@@ -345,6 +357,8 @@ class EngineClient:
             self._channel.send(message)
         except ConnectionError:
             pass
+        except MessageTooLarge as exc:  # (tens of thousands of requests answered in one turn)
+            log.error("could not report answered requests to the model process: %s", exc)
 
 
 def _written(regions: dict[int, Region]) -> RegionView:
@@ -433,12 +447,14 @@ class RegionMirror(SharedMemoryRegistry):
 
     async def register(self, kind: str, name: str, arguments: dict[str, Any]) -> None:
         self.require(kind)
+        check_registration(kind, name, arguments)  # what is forwarded is bounded (the model process checks all)
         await self._client.request({"k": "shm_register", "kind": kind, "name": name, "arguments": arguments})
 
     async def remove(self, kind: str, name: str = "") -> None:
         if not name and self.kinds and kind not in self.extension_kinds():
             return self.unregister(kind, name)  # (nothing to do, as in one process)
         self.require(kind)
+        check_region_name(name)
         await self._client.request({"k": "shm_unregister", "kind": kind, "name": name})
 
     def sync(self, table: list[list[Any]]) -> str | None:
@@ -870,6 +886,7 @@ class RemoteLogs:
 
     async def update(self, changes: Mapping[str, object]) -> dict[str, bool | int | str]:
         self._local.current()  # UNIMPLEMENTED here, as in one process, where the log is not ours
+        check_log_settings(changes)  # as in one process, and only bounded settings are forwarded
         header, _ = await self._client.request({"k": "logging", "settings": dict(changes)})
         settings: dict[str, bool | int | str] = header["settings"]
         return settings
@@ -889,6 +906,7 @@ class RemoteTraces:
         return settings
 
     async def update(self, model: str, changes: Mapping[str, object]) -> dict[str, list[str]]:
+        check_trace_settings(changes)  # as in one process, and only bounded settings are forwarded
         header, _ = await self._client.request({"k": "trace", "model": model, "settings": dict(changes)})
         settings: dict[str, list[str]] = header["settings"]
         return settings

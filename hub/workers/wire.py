@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from hub.datatypes import NUMPY_DTYPES, decode_bytes, encode_bytes
+from hub.errors import LimitReached, shorten
 from hub.workers.arena import ALIGN, THRESHOLD, Arena
 
 PREFIX = struct.Struct("<II")
@@ -43,7 +44,9 @@ LENGTH = struct.Struct("<Q")
 #: Frames this large are received into their own buffer and sent without joining.
 LARGE = 64 << 10
 #: The most frames and header bytes one message may carry: the peer is ours, but a bug must
-#: not make either side allocate without bound.
+#: not make either side allocate without bound. The receiver drops the connection on a message
+#: over them (its framing can no longer be trusted); the sender refuses to send one
+#: (MessageTooLarge), which fails that one message's call and nothing else.
 MAX_FRAMES = 4096
 MAX_HEADER = 16 << 20
 SOCKET_BUFFER = 8 << 20
@@ -51,6 +54,13 @@ SOCKET_BUFFER = 8 << 20
 Header = dict[str, Any]
 Buffer = bytes | bytearray | memoryview
 OnMessage = Callable[[Header, list[memoryview]], None]
+
+
+class MessageTooLarge(LimitReached):
+    """A message the wire cannot carry (over MAX_HEADER header bytes or MAX_FRAMES frames):
+    raised by `Channel.send` before anything is written, so the connection and every other
+    message on it are untouched. The frontends bound what a client can put in a header (names,
+    keys, ids, settings) well below this; meeting it means a bound is missing."""
 
 
 def encode_header(header: Header) -> bytes:
@@ -89,10 +99,22 @@ class Channel(asyncio.BufferedProtocol):
     def send(self, header: Header, frames: Sequence[Buffer] = ()) -> None:
         """Queue a message. Small messages sent in one event-loop turn go out in one write (a
         syscall wakes the peer, and costs more than copying a few KiB); a large frame is
-        written as a view of its array."""
+        written as a view of its array. ConnectionError when the connection is closed;
+        MessageTooLarge, with nothing sent, for a message over MAX_HEADER or MAX_FRAMES."""
         if self.transport is None or self.transport.is_closing():
             raise ConnectionError("the connection to the peer process is closed")
         data = encode_header(header)
+        if len(data) > MAX_HEADER or len(frames) > MAX_FRAMES:
+            # The peer would drop the connection, failing every request on it: fail this one.
+            what = (
+                f"{len(data)} header bytes, over the {MAX_HEADER}"
+                if len(data) > MAX_HEADER
+                else f"{len(frames)} frames, over the {MAX_FRAMES}"
+            )
+            raise MessageTooLarge(
+                f"too large to hand between the server's processes: its '{shorten(str(header.get('k')), 32)}' "
+                f"message would be {what} one carries; nothing was sent"
+            )
         views = [memoryview(f).cast("B") if not isinstance(f, bytes) else memoryview(f) for f in frames]
         out = self._out
         out += PREFIX.pack(len(data), len(views))
