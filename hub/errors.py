@@ -51,6 +51,14 @@ class QueueFull(HubError):
     code = "RESOURCE_EXHAUSTED"
 
 
+class TooLarge(HubError):
+    """A request, or a part of it, is larger than a size limit of the server (the message names
+    the limit and the setting that changes it). RESOURCE_EXHAUSTED, as gRPC calls a message
+    over its receive limit; REST answers 413."""
+
+    code = "RESOURCE_EXHAUSTED"
+
+
 class LimitReached(HubError):
     """A server-wide limit is reached (the number of shared memory regions, say)."""
 

@@ -18,6 +18,13 @@ class Limits:
 
     - `request_bytes`: the largest request message (gRPC's max receive length; the REST
       frontend's body limit). 64 MiB, as Triton's HTTP default.
+    - `json_bytes` (REST): the largest JSON part of a request (the whole body, or the JSON
+      header before binary data). Python's json makes up to ~60x its input in objects (empty
+      or nested lists) and holds the GIL, and so the event loop, while it parses, as numpy does
+      converting the lists: 4 MiB costs at most ~250 MB and 0.7-1.2 s (lists nested 32 deep,
+      on the 2-core Xeon), 0.1-0.2 s for 200k floats as tritonclient writes them. 4 MiB takes
+      a ResNet-50 image as JSON floats (~3 MiB); larger tensors belong in the binary
+      extension, which tritonclient uses by default and which costs no parse.
     - `bytes_element`: the largest single BYTES element. 1 MiB fits an encoded image; for
       text-only deployments set it lower (tokenising 1 MiB of text for minilm costs about
       0.8 s of CPU and 170 MB).
@@ -44,6 +51,7 @@ class Limits:
     """
 
     request_bytes: int = 64 << 20
+    json_bytes: int = 4 << 20
     bytes_element: int = 1 << 20
     elements: int = 1 << 26
     bytes_elements: int = 1 << 16
@@ -54,6 +62,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name in (
             "request_bytes",
+            "json_bytes",
             "bytes_element",
             "elements",
             "bytes_elements",

@@ -533,6 +533,18 @@ def test_a_classification_parameter_of_the_wrong_type_is_refused(hub_server: Run
         assert [e.decode() for e in top.ravel()] == ["3.000000:3", "2.000000:2"], (choice, top)
 
 
+def test_a_rest_timeout_parameter_past_uint64_is_refused(hub_server: RunningServer) -> None:
+    """Over REST the `timeout` is a JSON integer of any size: past Triton's uint64 (10**309 has
+    no float at all) it is a 400 naming it, not a 500 and a traceback; up to it, it waits."""
+    tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [0.0] * 4}
+    for value in (2**64, 10**309, 10**400, -5, 1.5):
+        status, error = _rest(hub_server, "identity_fp32", {"inputs": [tensor], "parameters": {"timeout": value}})
+        assert status == 400 and "parameters.timeout" in error, (value, status, error)
+    for value in (0, 10**6, 2**64 - 1):
+        status, error = _rest(hub_server, "identity_fp32", {"inputs": [tensor], "parameters": {"timeout": value}})
+        assert status == 200, (value, error)
+
+
 def test_a_requested_output_named_twice_is_refused(hub_server: RunningServer) -> None:
     """Each requested output is encoded once per name it is given: a list of the same name
     10,000 times (a few bytes each) would answer with 10,000 copies. Refused on both
@@ -556,8 +568,10 @@ def test_a_requested_output_named_twice_is_refused(hub_server: RunningServer) ->
 def test_serve_has_limit_flags() -> None:
     from hub.cli import build_parser
 
-    args = build_parser().parse_args(["serve", "--max-request-bytes", "1000", "--max-bytes-element", "10"])
-    assert args.limit_request_bytes == 1000 and args.limit_bytes_element == 10
+    args = build_parser().parse_args(
+        ["serve", "--max-request-bytes", "1000", "--max-bytes-element", "10", "--max-json-bytes", "100"]
+    )
+    assert args.limit_request_bytes == 1000 and args.limit_bytes_element == 10 and args.limit_json_bytes == 100
     assert args.limit_elements == Limits().elements
     assert args.limit_request_entries == Limits().request_entries == 1 << 14
     with pytest.raises(ValueError, match="bytes_elements"):

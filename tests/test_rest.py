@@ -297,6 +297,7 @@ _GOOD_BODY = b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1,
         (gzip.compress(_GOOD_BODY)[:-12], {"Content-Encoding": "gzip"}, "ends before its gzip stream"),
         (gzip.compress(_GOOD_BODY) + b"junk", {"Content-Encoding": "gzip"}, "bytes after its gzip stream"),
         (zlib.compress(_GOOD_BODY)[:20], {"Content-Encoding": "deflate"}, "ends before its deflate stream"),
+        (_GOOD_BODY.replace(b'"data": [0]', b'"data": [' + b"7" * 5000 + b"]"), {}, "more than 4300 digits"),
     ],
     ids=[
         "bad json",
@@ -315,6 +316,7 @@ _GOOD_BODY = b'{"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1,
         "truncated gzip",
         "gzip then junk",
         "truncated deflate",
+        "5000-digit integer",
     ],
 )
 def test_malformed_bodies_are_400_naming_the_field(
@@ -323,6 +325,7 @@ def test_malformed_bodies_are_400_naming_the_field(
     status, reply = call(hub_server.http_url, "/v2/models/digits/infer", body, headers)
     assert status == 400, reply
     assert fragment in reply["error"] and "Traceback" not in reply["error"]
+    assert "sys." not in reply["error"]  # not Python's advice to raise its own limit
 
 
 def test_nested_json_data_is_read_in_row_major_order_however_nested(hub_server: RunningServer) -> None:
@@ -365,6 +368,62 @@ def test_a_json_number_past_the_type_is_refused_not_made_infinite(hub_server: Ru
     assert status == 400 and "INPUT0" in reply["error"] and "does not fit FP32" in reply["error"], reply
     status, reply = send("[Infinity, NaN]")
     assert status == 200, reply  # (the output comes back binary: JSON has no infinity)
+    status, reply = send("[[-Infinity], [Infinity]]")
+    assert status == 200, reply
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("values", ["[1.0, 1e999]", "[-1E400, 2]", "[[1.0], [1e999]]", "[1e999, Infinity]"])
+def test_a_json_number_past_a_double_is_refused_not_made_infinite(
+    hub_server: RunningServer, datatype: str, values: str
+) -> None:
+    """json reads 1e999 as an infinity, which fits FP32 and FP64: refused as Triton's parser
+    refuses it ("number too big"), though the Infinity literal beside it passes."""
+    head = f'{{"inputs": [{{"name": "INPUT0", "datatype": "{datatype}", "shape": [1, 2], "data": '
+    url = f"/v2/models/identity_{datatype.lower()}/infer"
+    status, reply = call(hub_server.http_url, url, f"{head}{values}}}]}}".encode())
+    assert status == 400 and "INPUT0" in reply["error"] and f"does not fit {datatype}" in reply["error"], reply
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "INT32", "BOOL"])
+@pytest.mark.parametrize("value", ['"1.5"', '"inf"', '"  7 "', "null", "{}"])
+@pytest.mark.parametrize("nested", [False, True], ids=["flat", "nested"])
+def test_json_data_of_a_numeric_tensor_must_be_numbers(
+    hub_server: RunningServer, datatype: str, value: str, nested: bool
+) -> None:
+    """A KServe V2 tensor's JSON data are numbers (true and false for BOOL): a string, which
+    numpy would parse ("1.5", "inf", " 7 "), or a null, which it would make NaN, is a 400
+    naming the input."""
+    one = "true" if datatype == "BOOL" else "1"
+    data = f"[[{one}], [{value}]]" if nested else f"[{one}, {value}]"
+    body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "{datatype}", "shape": [1, 2], "data": {data}}}]}}'
+    status, reply = call(hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", body.encode())
+    assert status == 400 and "INPUT0" in reply["error"], reply
+    assert "must be" in reply["error"] or "does not fit" in reply["error"], reply
+
+
+def test_json_numbers_pass_as_they_did(hub_server: RunningServer) -> None:
+    """What the checks above must not refuse: integers for FP32, floats for FP64 past FP32's
+    range, integers at the edges of INT64 and UINT64, flat or nested."""
+
+    def send(datatype: str, data: str) -> Any:
+        body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "{datatype}", "shape": [1, 2], "data": {data}}}]}}'
+        status, reply = call(hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", body.encode())
+        assert status == 200, (datatype, data, reply)
+        return reply["outputs"][0]["data"]
+
+    assert send("FP32", "[1, 2.5]") == [1.0, 2.5]
+    assert send("FP32", "[[1], [2.5]]") == [1.0, 2.5]
+    assert send("FP64", "[1e300, -1e-300]") == [1e300, -1e-300]
+    assert send("INT64", f"[{-(2**63)}, {2**63 - 1}]") == [-(2**63), 2**63 - 1]
+    assert send("UINT64", f"[[0], [{2**64 - 1}]]") == [0, 2**64 - 1]
+    assert send("BOOL", "[[true], [false]]") == [True, False]
+    status, reply = call(
+        hub_server.http_url,
+        "/v2/models/identity_int8/infer",
+        b'{"inputs": [{"name": "INPUT0", "datatype": "INT8", "shape": [1, 2], "data": [[1], [128]]}]}',
+    )
+    assert status == 400 and "does not fit INT8" in reply["error"], reply
 
 
 def test_head_answers_where_get_does(hub_server: RunningServer) -> None:
@@ -404,6 +463,49 @@ def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:
     assert len(bomb) < 4096 and status == 413 and "4096" in reply["error"]
     status, reply = call(server.http_url, "/v2/models/digits/infer", gzip.compress(b"{}"), {"Content-Encoding": "gzip"})
     assert status == 400 and "inputs" in reply["error"]  # and a small one inflates as it should
+
+
+def test_json_cap_is_413(start_server: Any, tmp_path: Path) -> None:
+    """The JSON of a request (its whole body, or the JSON header before binary data) is held to
+    --max-json-bytes, sent as it is or compressed: parsed, it would cost up to ~60x its size and
+    hold the event loop. The same tensor sent as binary data passes."""
+    server = start_server(
+        link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), limits=Limits(json_bytes=1024), metrics_port=None
+    )
+    client = th.InferenceServerClient(server.http_url)
+    images = np.zeros((8, 1, 8, 8), np.float32)  # 512 values: ~2 KB as JSON, 2 KB of binary data
+    assert client.infer("digits", [http_input("image", images[:1], "FP32", False)]).as_numpy("logits").shape == (1, 10)
+    assert client.infer("digits", [http_input("image", images, "FP32")]).as_numpy("logits").shape == (8, 10)
+    with pytest.raises(InferenceServerException) as err:
+        client.infer("digits", [http_input("image", images, "FP32", False)])
+    assert err.value.status() == "413" and "1024" in err.value.message() and "--max-json-bytes" in err.value.message()
+    big = json.dumps({"inputs": [{"name": "image", "datatype": "FP32", "shape": [8, 1, 8, 8], "data": [0] * 512}]})
+    for body, headers in (
+        (gzip.compress(big.encode()), {"Content-Encoding": "gzip"}),
+        (big.encode(), {"Inference-Header-Content-Length": str(len(big))}),
+        (b'{"inputs": [], "x": [' + b"[]," * 1000 + b"[]]}", {}),
+    ):
+        status, reply = call(server.http_url, "/v2/models/digits/infer", body, headers)
+        assert status == 413 and "--max-json-bytes" in reply["error"], (headers, reply)
+
+
+def test_bodies_without_tensors_are_capped_at_64_kib(hub_server: RunningServer) -> None:
+    """Repository, logging, trace and shared memory requests carry a few hundred bytes of
+    JSON: more than 64 KiB is a 413, sent as it is or compressed, and parsing leaves the
+    garbage collector on (it is off while json parses)."""
+    import gc
+
+    padded = b'{"ready": false, "x": [' + b"[]," * 30_000 + b"[]]}"
+    for path in ("/v2/repository/index", "/v2/trace/setting", "/v2/logging"):
+        for body, headers in ((padded, {}), (gzip.compress(padded), {"Content-Encoding": "gzip"})):
+            status, reply = call(hub_server.http_url, path, body, headers)
+            assert status == 413 and "65536" in reply["error"], (path, headers, reply)
+    small = b'{"ready": false, "x": [' + b"[]," * 99 + b"[]]}"
+    status, reply = call(hub_server.http_url, "/v2/repository/index", small)
+    assert status == 200, reply
+    status, reply = call(hub_server.http_url, "/v2/repository/index", b"[" * 50_000)
+    assert status == 400 and "too deeply" in reply["error"], reply
+    assert gc.isenabled()
 
 
 @pytest.mark.parametrize("request_coding", [None, "gzip", "deflate"])

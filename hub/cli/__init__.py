@@ -373,6 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     limits = serve.add_argument_group("limits on one request (see docs/deploy.md)")
     for flag, field, what in (
         ("--max-request-bytes", "request_bytes", "largest request message in bytes"),
+        ("--max-json-bytes", "json_bytes", "largest JSON part of a REST request in bytes"),
         ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes"),
         ("--max-elements", "elements", "most tensor elements in one request"),
         ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),

@@ -16,11 +16,18 @@ from typing import Any
 from aiohttp import web
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError, InvalidInput
+from hub.errors import HubError, InvalidInput, TooLarge
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol import triton
 from hub.protocol.rest.auth import token_middleware
-from hub.protocol.rest.codec import HEADER_LENGTH, decode_request, encode_response, load_json, parse_request
+from hub.protocol.rest.codec import (
+    HEADER_LENGTH,
+    decode_request,
+    encode_response,
+    json_too_large,
+    load_json,
+    parse_request,
+)
 from hub.protocol.rest.encoding import compressed, read_body
 from hub.protocol.rest.status import error_body, status_for
 from hub.security import Tokens
@@ -30,6 +37,13 @@ log = logging.getLogger("modelhub.rest")
 
 #: Triton's default cap on an HTTP request body.
 DEFAULT_MAX_BODY = 64 << 20
+
+#: The largest body of a request that carries no tensors (repository, log, trace and shared
+#: memory requests). The largest such body a client has reason to send is a trace or log
+#: settings update of a few hundred bytes (a load request's `config` and `file:` parameters,
+#: which can be large, are refused: hub.core.dataplane), and parsing JSON costs up to ~60
+#: times its size in Python objects, so 64 KiB leaves room to spare and bounds that cost.
+CONTROL_BODY = 64 << 10
 
 #: What REST adds to the data plane's extensions.
 REST_EXTENSIONS = ("binary_tensor_data",)
@@ -54,6 +68,10 @@ def error_response(exc: BaseException) -> web.Response:
     return web.Response(body=error_body(message), status=status, headers={"Content-Type": "application/json"})
 
 
+def body_too_large(limit: int) -> str:
+    return f"request body is larger than the server's limit of {limit} bytes (--max-request-bytes)"
+
+
 def _guarded(handler: Handler) -> Handler:
     """Domain errors become their HTTP status; anything else is logged and answered 500."""
 
@@ -62,15 +80,8 @@ def _guarded(handler: Handler) -> Handler:
             return await handler(request)
         except HubError as exc:
             return error_response(exc)
-        except web.HTTPRequestEntityTooLarge:
-            limit = request.app[MAX_BODY]
-            return web.Response(
-                body=error_body(
-                    f"request body is larger than the server's limit of {limit} bytes (--max-request-bytes)"
-                ),
-                status=413,
-                headers={"Content-Type": "application/json"},
-            )
+        except web.HTTPRequestEntityTooLarge:  # chunked, past client_max_size
+            return error_response(TooLarge(body_too_large(request.app[MAX_BODY])))
         except Exception as exc:
             log.exception("%s %s failed", request.method, request.path)
             return error_response(exc)
@@ -251,7 +262,12 @@ class RestFrontend:
     # --- inference --------------------------------------------------------------------------
 
     async def infer(self, request: web.Request) -> web.Response:
-        parsed = parse_request(await read_body(request, self.max_body), request.headers.get(HEADER_LENGTH))
+        json_length = request.headers.get(HEADER_LENGTH)
+        if json_length is None and self.limits.json_bytes < self.max_body:  # all of it is JSON
+            raw = await read_body(request, self.limits.json_bytes, json_too_large(self.limits.json_bytes))
+        else:
+            raw = await read_body(request, self.max_body, body_too_large(self.max_body))
+        parsed = parse_request(raw, json_length, self.limits)
         info = request.match_info
         with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
             body, header_length = await self.plane.infer(
@@ -302,8 +318,11 @@ def _count(body: dict[str, Any], key: str, default: int | None) -> int:
 
 
 async def _json_body(request: web.Request) -> dict[str, Any]:
-    """An optional JSON object body (an empty body reads as {})."""
-    raw = await read_body(request, request.app[MAX_BODY])
+    """An optional JSON object body (an empty body reads as {}) of at most CONTROL_BODY bytes."""
+    limit = min(CONTROL_BODY, request.app[MAX_BODY])
+    raw = await read_body(
+        request, limit, f"request body is larger than the server's limit of {limit} bytes for a request without tensors"
+    )
     if not raw.strip():
         return {}
     body = load_json(raw)

@@ -15,8 +15,10 @@ is read from, or written into, that registered region; such an output comes back
 
 from __future__ import annotations
 
+import gc
 import json
 import math
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,7 +36,7 @@ from hub.datatypes import (
     encode_bytes,
     from_buffer,
 )
-from hub.errors import InvalidInput
+from hub.errors import InvalidInput, TooLarge
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.protocol.triton import model_inputs
 from hub.shm import Holds
@@ -44,6 +46,18 @@ HEADER_LENGTH = "Inference-Header-Content-Length"
 
 #: Datatypes that travel only as binary data (the spec gives them no JSON representation).
 BINARY_ONLY = frozenset({"FP16", "BF16"})
+
+#: The largest `timeout` parameter (microseconds): Triton's is a uint64, as the gRPC parameter
+#: is, and a larger JSON integer has no float to become.
+MAX_TIMEOUT = (1 << 64) - 1
+
+#: What the JSON literals NaN, Infinity and -Infinity parse to: these very objects, so that an
+#: infinity the client wrote can be told from one a number too large for a double (1e999)
+#: became. Triton's parser (RapidJSON with kParseNanAndInfFlag) takes the literals, as we do,
+#: and refuses such a number, as we do (`_overflowed`).
+_LITERALS = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+_LITERAL_IDS = frozenset(id(value) for value in _LITERALS.values())
+_DECODER = json.JSONDecoder(parse_constant=_LITERALS.__getitem__)
 
 
 @dataclass
@@ -68,21 +82,53 @@ class RestRequest:
         value = self.parameters.get("timeout")
         if value is None:
             return None
-        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-            raise InvalidInput(f"parameters.timeout must be a non-negative integer of microseconds, got {value!r}")
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= MAX_TIMEOUT:
+            raise InvalidInput(
+                f"parameters.timeout must be an integer of microseconds from 0 to 2^64-1, got {str(value)[:32]!r}"
+            )
         return value / 1e6 if value else None
 
 
+def json_too_large(limit: int) -> str:
+    return (
+        f"the request's JSON is larger than the server's limit of {limit} bytes (--max-json-bytes); "
+        "send large tensors as binary data (Triton's binary tensor extension: binary_data_size)"
+    )
+
+
 def load_json(raw: bytes) -> Any:
-    """A request body's JSON; InvalidInput (400) when it is not JSON, or when it nests arrays and
-    objects deeper than the parser's recursion allows: `[[[[` costs a byte a level, and must
-    not cost a 500 and a traceback in the log."""
+    """A request body's JSON; InvalidInput (400) when it is not JSON, when it nests arrays and
+    objects deeper than the parser's recursion allows (`[[[[` costs a byte a level, and must
+    not cost a 500 and a traceback in the log), or when an integer has more digits than Python
+    converts (sys.get_int_max_str_digits(), 4300 by default).
+
+    It runs on the event loop, and must: json's C parser holds the GIL until it is done, so
+    parsing in a thread would hold the loop as long (measured: a 1 s parse in a thread held a
+    1 ms timer on the main thread for 0.9 s), and several parses at once, each up to ~60x its
+    input in Python objects, would multiply the memory. What bounds both is the size of the
+    JSON: Limits.json_bytes, and CONTROL_BODY (hub/protocol/rest/app.py).
+
+    The cyclic garbage collector is off while it parses: a JSON document has no cycles to
+    collect, but every 700 new lists or dicts would start a collection that walks the growing
+    tree again. 8 MiB of `[[0]],...` parsed in 1.44 s with it and 0.25 s without, plus one
+    collection of 0.14 s when the next allocation starts it."""
+    collecting = gc.isenabled()
+    gc.disable()
     try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
+        return _DECODER.decode(raw.decode(json.detect_encoding(raw), "surrogatepass"))
+    except json.JSONDecodeError as exc:
         raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"request body is not valid JSON: {str(exc)[:120]}") from None
+    except ValueError:  # int()'s refusal, whose message names sys.set_int_max_str_digits()
+        raise InvalidInput(
+            f"request body has a JSON integer of more than {sys.get_int_max_str_digits()} digits"
+        ) from None
     except RecursionError:
         raise InvalidInput("request body nests JSON arrays or objects too deeply to be parsed") from None
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def _object(value: Any, what: str) -> Mapping[str, Any]:
@@ -91,8 +137,9 @@ def _object(value: Any, what: str) -> Mapping[str, Any]:
     return value
 
 
-def parse_request(body: bytes, header_length: str | None) -> RestRequest:
-    """The request's JSON header, checked; InvalidInput (400) naming the field otherwise."""
+def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAULT_LIMITS) -> RestRequest:
+    """The request's JSON header, checked; InvalidInput (400) naming the field otherwise, and
+    TooLarge (413) when the JSON is longer than `limits.json_bytes`."""
     view = memoryview(body)
     if header_length is None:
         length = len(view)
@@ -103,6 +150,8 @@ def parse_request(body: bytes, header_length: str | None) -> RestRequest:
             raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}") from None
         if not 0 < length <= len(view):
             raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the request body has {len(view)} bytes")
+    if length > limits.json_bytes:
+        raise TooLarge(json_too_large(limits.json_bytes))
     header = _object(load_json(view[:length].tobytes() if header_length is not None else body), "the request body")
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
@@ -273,17 +322,83 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
         # A finite number past the type's range (1e39 for FP32) is refused like an integer
         # that does not fit, not turned into an infinity; "Infinity" and "NaN" stay as sent.
         with np.errstate(over="raise", invalid="raise"):
-            try:
-                array = np.array(data, dtype=dtype)
-            except ValueError:  # ragged, or nested deeper than numpy's dimensions: the values in order
-                array = np.array(_flatten(data), dtype=dtype)
+            array = _numbers(name, datatype, dtype, data)
     except (OverflowError, TypeError, ValueError, FloatingPointError):
         raise InvalidInput(f"input '{name[:128]}': a value in 'data' does not fit {datatype}") from None
-    if datatype == "BOOL" and not _all_bools(data):
-        raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
     if array.size != count:
         raise InvalidInput(_count_message(name, count, shape, array.size))
     return array.reshape(shape)
+
+
+def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) -> np.ndarray:
+    """The values of a numeric or BOOL tensor's JSON `data` as a flat or nested array of `dtype`.
+    They must be JSON numbers (true and false for BOOL): numpy would read "1.5", " 7 " or
+    "inf" as numbers, and null as NaN.
+
+    Flat data of numbers, as tritonclient and the KServe SDK send it, is checked by Python's
+    sum (TypeError for anything else; not finite when a value is not) and converted once. Other
+    data has numpy find the values' own type first, which tells strings, nulls and objects from
+    numbers without a walk in Python. (numpy's reductions, which that path needs, cost 5-8 µs a
+    call in a server that idles between requests: more than summing 64 values in Python.)"""
+    if datatype != "BOOL":
+        try:
+            total = sum(data)
+        except TypeError:  # nested, or not all numbers: the general path below tells which
+            pass
+        else:
+            if dtype.kind == "f" and not _finite_number(total) and _overflowed(data):
+                raise ValueError("a number past a double's range")
+            return np.array(data, dtype=dtype)  # OverflowError or FloatingPointError past the type
+    try:
+        array = np.array(data)
+    except ValueError:  # ragged, or nested deeper than numpy's dimensions: the values in order
+        data = _flatten(data)
+        array = np.array(data)
+    kind = array.dtype.kind
+    if not array.size:
+        return array.astype(dtype)
+    if datatype == "BOOL":
+        if kind != "b":
+            raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
+        return array
+    if kind == "O":  # integers past 64 bits, or values that are not numbers (null, objects)
+        data = _flatten(data)
+        if not all(type(value) in (int, float, bool) for value in data):
+            raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers")
+        if _overflowed(data):
+            raise ValueError("a number past a double's range")
+        return np.array(data, dtype=dtype)  # OverflowError for an integer past the type
+    if kind not in "biuf":  # strings ("U"), which numpy would have parsed
+        raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers, not strings")
+    if kind == "f":
+        try:
+            finite = math.isfinite(array.sum())
+        except FloatingPointError:  # inf - inf, or finite values whose sum overflows: look closer
+            finite = False
+        if not finite and _overflowed(data):
+            raise ValueError("a number past a double's range")
+        if dtype.kind in "iu":  # each float converted alone, as before: past the type is OverflowError
+            return np.array(data, dtype=dtype)
+    elif dtype.kind in "iu":  # astype would wrap an integer past the type around
+        info = np.iinfo(dtype)
+        if int(array.min()) < info.min or int(array.max()) > info.max:
+            raise OverflowError(f"an integer past {datatype}")
+    return array.astype(dtype)
+
+
+def _finite_number(total: float) -> bool:
+    """Whether a sum of JSON numbers is finite (not when a value was NaN or infinite, or when
+    finite values add up past a double: the caller looks closer then)."""
+    try:
+        return math.isfinite(total)
+    except OverflowError:  # an integer sum past a double
+        return False
+
+
+def _overflowed(data: list[Any]) -> bool:
+    """Whether a value is an infinity that a number too large for a double (1e999) became,
+    rather than the literal Infinity or -Infinity (_LITERALS)."""
+    return any(type(value) is float and math.isinf(value) and id(value) not in _LITERAL_IDS for value in _flatten(data))
 
 
 def _count_message(name: str, count: int, shape: tuple[int, ...], got: int) -> str:
@@ -304,10 +419,6 @@ def _flatten(data: list[Any]) -> list[Any]:
         else:
             stack.pop()
     return out
-
-
-def _all_bools(data: list[Any]) -> bool:
-    return all(isinstance(v, bool) for v in _flatten(data))
 
 
 def decode_request(

@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.errors import InvalidInput
+from hub.errors import InvalidInput, TooLarge
 
 #: The codings we read and write, by their HTTP token.
 GZIP, DEFLATE = "gzip", "deflate"
@@ -69,12 +69,18 @@ def _inflate(inflater: Any, data: bytes, room: int) -> bytes:
     return inflater.decompress(data, room + 1) if room else b""
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The request's body, inflated when its Content-Encoding says so, at most `limit` bytes
-    (aiohttp's HTTPRequestEntityTooLarge when it would inflate to more, as when it is sent so)."""
-    raw = await request.read()
+async def read_body(request: web.Request, limit: int, too_large: str) -> bytes:
+    """The request's body, inflated when its Content-Encoding says so, at most `limit` bytes:
+    TooLarge with the message `too_large` when it is, or would inflate to, more (aiohttp's
+    HTTPRequestEntityTooLarge when it is larger than the application's client_max_size)."""
     coding = request_coding(request.headers.get("Content-Encoding"))
+    length = request.content_length
+    if coding is None and length is not None and length > limit:
+        raise TooLarge(too_large)  # refused unread
+    raw = await request.read()
     if coding is None:
+        if len(raw) > limit:  # sent chunked, without a Content-Length
+            raise TooLarge(too_large)
         return raw
     inflater = _decompressor(coding, raw[:2])
     try:
@@ -85,13 +91,13 @@ async def read_body(request: web.Request, limit: int) -> bytes:
                 None, _inflate, inflater, inflater.unconsumed_tail, limit - step
             )
             if len(rest) > limit - step:
-                raise web.HTTPRequestEntityTooLarge(limit, limit + 1)
+                raise TooLarge(too_large)
             body += rest
     except zlib.error as exc:
         raise InvalidInput(f"the request body is not valid {coding} (Content-Encoding: {coding}): {exc}") from None
     if not inflater.eof:
         if len(body) == limit:
-            raise web.HTTPRequestEntityTooLarge(limit, limit + 1)
+            raise TooLarge(too_large)
         raise InvalidInput(f"the request body ends before its {coding} stream does (Content-Encoding: {coding})")
     if inflater.unused_data:
         raise InvalidInput(f"the request body has bytes after its {coding} stream (Content-Encoding: {coding})")

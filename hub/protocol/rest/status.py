@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hub.errors import client_message, code_of
+from hub.errors import TooLarge, client_message, code_of
 
 #: Domain code (hub.errors) -> HTTP status. Anything unlisted is a bug or a crash: 500.
 HTTP_STATUS: dict[str, int] = {
@@ -26,6 +26,8 @@ HTTP_STATUS: dict[str, int] = {
 def status_for(exc: BaseException) -> tuple[int, str]:
     """The HTTP status and client-safe message for an exception (no traceback, ever: for a
     non-HubError only its type, and the caller logs the rest)."""
+    if isinstance(exc, TooLarge):  # its code (RESOURCE_EXHAUSTED) is also a full queue's, which is 429
+        return 413, client_message(exc)
     return HTTP_STATUS.get(code_of(exc), 500), client_message(exc)
 
 
