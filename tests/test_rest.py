@@ -426,6 +426,14 @@ def test_json_numbers_pass_as_they_did(hub_server: RunningServer) -> None:
     assert status == 400 and "does not fit INT8" in reply["error"], reply
 
 
+@pytest.mark.parametrize("data", ["[1, 1.5]", "[[1], [2.0]]", "[true, false]", "[1, 1e999]"])
+def test_json_data_of_an_integer_tensor_must_be_integers(hub_server: RunningServer, data: str) -> None:
+    """1.5 for INT32 became 1, and true 1, without a word; Triton refuses both, as we do now."""
+    body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "INT32", "shape": [1, 2], "data": {data}}}]}}'
+    status, reply = call(hub_server.http_url, "/v2/models/identity_int32/infer", body.encode())
+    assert status == 400 and "INT32 data must be JSON integers" in reply["error"], reply
+
+
 def test_head_answers_where_get_does(hub_server: RunningServer) -> None:
     for path, status in (("/v2/health/ready", 200), ("/v2/models/digits", 200), ("/v2/models/digits/infer", 404)):
         request = urllib.request.Request(f"http://{hub_server.http_url}{path}", method="HEAD")

@@ -332,21 +332,21 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
 
 def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) -> np.ndarray:
     """The values of a numeric or BOOL tensor's JSON `data` as a flat or nested array of `dtype`.
-    They must be JSON numbers (true and false for BOOL): numpy would read "1.5", " 7 " or
-    "inf" as numbers, and null as NaN.
+    They must be JSON numbers (integers for an integer tensor; true and false for BOOL): numpy
+    would read "1.5", " 7 " or "inf" as numbers, null as NaN, and 1.5 for INT32 as 1.
 
-    Flat data of numbers, as tritonclient and the KServe SDK send it, is checked by Python's
+    Flat data of a float tensor, as tritonclient and the KServe SDK send it, is checked by Python's
     sum (TypeError for anything else; not finite when a value is not) and converted once. Other
     data has numpy find the values' own type first, which tells strings, nulls and objects from
     numbers without a walk in Python. (numpy's reductions, which that path needs, cost 5-8 µs a
     call in a server that idles between requests: more than summing 64 values in Python.)"""
-    if datatype != "BOOL":
+    if dtype.kind == "f":  # (an integer tensor takes the path below, which tells 1.5 from 1)
         try:
             total = sum(data)
         except TypeError:  # nested, or not all numbers: the general path below tells which
             pass
         else:
-            if dtype.kind == "f" and not _finite_number(total) and _overflowed(data):
+            if not _finite_number(total) and _overflowed(data):
                 raise ValueError("a number past a double's range")
             return np.array(data, dtype=dtype)  # OverflowError or FloatingPointError past the type
     try:
@@ -361,15 +361,21 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
         if kind != "b":
             raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
         return array
+    integers = dtype.kind in "iu"
     if kind == "O":  # integers past 64 bits, or values that are not numbers (null, objects)
         data = _flatten(data)
-        if not all(type(value) in (int, float, bool) for value in data):
-            raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers")
+        if not all(type(value) in ((int,) if integers else (int, float, bool)) for value in data):
+            raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}")
         if _overflowed(data):
             raise ValueError("a number past a double's range")
         return np.array(data, dtype=dtype)  # OverflowError for an integer past the type
     if kind not in "biuf":  # strings ("U"), which numpy would have parsed
         raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers, not strings")
+    if integers and kind in "bf":  # 1.5 would become 1, and true 1, without a word (Triton refuses both)
+        data = _flatten(data)  # (numpy makes float64 of integers too when one is past INT64: [0, 2**64 - 1])
+        if kind == "b" or not all(type(value) is int for value in data):
+            raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}")
+        return np.array(data, dtype=dtype)  # OverflowError for an integer past the type
     if kind == "f":
         try:
             finite = math.isfinite(array.sum())
@@ -377,13 +383,15 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
             finite = False
         if not finite and _overflowed(data):
             raise ValueError("a number past a double's range")
-        if dtype.kind in "iu":  # each float converted alone, as before: past the type is OverflowError
-            return np.array(data, dtype=dtype)
-    elif dtype.kind in "iu":  # astype would wrap an integer past the type around
+    elif integers:  # astype would wrap an integer past the type around
         info = np.iinfo(dtype)
         if int(array.min()) < info.min or int(array.max()) > info.max:
             raise OverflowError(f"an integer past {datatype}")
     return array.astype(dtype)
+
+
+def _kind(integers: bool) -> str:
+    return "integers" if integers else "numbers"
 
 
 def _finite_number(total: float) -> bool:
