@@ -11,6 +11,8 @@ import enum
 import os
 import signal
 import socket
+import subprocess
+import sys
 import time
 import types
 import urllib.request
@@ -315,6 +317,31 @@ def test_a_port_in_use_is_named_with_its_flag(field: str, tmp_path: Path, model_
     finally:
         server.stop()
         taken.close()
+
+
+@pytest.mark.parametrize("flag", ["--grpc-port", "--http-port"])
+def test_workers_do_not_join_another_server_on_their_ports(flag: str, tmp_path: Path) -> None:
+    """The frontends of --workers bind with SO_REUSEPORT, which let them join a server already
+    listening there with it: two servers on one port, each answering for its own models. Without
+    --reuse-port a taken port now fails the start (exit 1) naming it, as one process does,
+    before any child starts."""
+    taken = socket.socket()
+    taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)  # as another --workers server's frontends
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    other = "--http-port" if flag == "--grpc-port" else "--grpc-port"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "serve", "--workers", "2", "--host", "127.0.0.1", flag, str(port),
+             other, "0", "--metrics-port", "off", "--plugins-dir", str(tmp_path), "--no-entry-points"],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+    finally:
+        taken.close()
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert f"port {port} on 127.0.0.1 cannot be served" in result.stderr and flag in result.stderr, result.stderr
+    assert "--reuse-port" in result.stderr and "frontend-0" not in result.stderr
 
 
 # --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------

@@ -533,6 +533,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             http_port=getattr(args, "http_port", False),
             port_file=args.port_file,
             shutdown_grace=args.shutdown_grace,
+            shared_ports=args.reuse_port,
         ).run()
     config = ServerConfig(
         deployment=deployment,

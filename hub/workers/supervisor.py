@@ -49,12 +49,27 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child before e
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
 
 
-def reserve_port(host: str, port: int) -> tuple[int, socket.socket | None]:
+def reserve_port(host: str, port: int, shared: bool = False) -> tuple[int, socket.socket | None]:
     """A concrete port for `port` (0: a free one), held by a bound, non-listening
-    SO_REUSEPORT socket so that every frontend can bind the same number."""
-    if port != 0:
-        return port, None
+    SO_REUSEPORT socket so that every frontend can bind the same number.
+
+    The frontends bind with SO_REUSEPORT, which would let them join another server already
+    listening there with it (another `--workers` server, say): two servers answering on one
+    port, each for its own models and statistics. Unless that is asked for (`shared`,
+    --reuse-port), a given port must be free: OSError naming it otherwise, as one process
+    refuses it."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    if port != 0:
+        if not shared:
+            probe = socket.socket(family, socket.SOCK_STREAM)
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # (a closed connection's TIME_WAIT is no owner)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise OSError(exc.errno, f"port {port} on {host} cannot be served: {exc.strerror}") from None
+            finally:
+                probe.close()
+        return port, None
     holder = socket.socket(family, socket.SOCK_STREAM)
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     holder.bind((host, 0))
@@ -89,8 +104,10 @@ class Supervisor:
         http_port: int | bool | None,
         port_file: Path | None,
         shutdown_grace: float,
+        shared_ports: bool = False,
     ) -> None:
         self.argv = list(argv)
+        self.shared_ports = shared_ports  # --reuse-port: joining another server's ports is asked for
         self.workers = workers
         self.host = host
         self.grpc_port = grpc_port
@@ -114,7 +131,15 @@ class Supervisor:
             if port is None or port is False:
                 ports[name] = None
                 continue
-            number, holder = reserve_port(self.host, port)
+            try:
+                number, holder = reserve_port(self.host, port, self.shared_ports)
+            except OSError as exc:
+                flag = "--grpc-port" if name == "grpc" else "--http-port"
+                log.error("modelhub could not start: %s (%s; --reuse-port to share it on purpose)", exc.strerror, flag)
+                for held in self._holders:
+                    held.close()
+                shutil.rmtree(self._dir, ignore_errors=True)
+                return 1
             ports[name] = number
             if holder is not None:
                 self._holders.append(holder)
