@@ -249,6 +249,58 @@ async def test_killed_frontend_and_model_process_recover(tmp_path: Path, copies:
     assert _leftovers(server) == []
 
 
+def _restart_model_process(server: Workers, connections: int = 8) -> list[tc.InferenceServerClient]:
+    """SIGKILL the model process; once the supervisor's restart is ready on every frontend,
+    that many clients, each on a connection of its own (spread over the frontends)."""
+    victim = server.children("engine")[0]
+    os.kill(victim, signal.SIGKILL)
+    deadline = time.monotonic() + 120
+    while victim in server.children("engine") or not server.children("engine"):
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.05)
+    clients = [
+        tc.InferenceServerClient(server.url, channel_args=[("grpc.use_local_subchannel_pool", 1), ("restart", i)])
+        for i in range(connections)
+    ]
+    for client in clients:  # each frontend reconnects on its own
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+    return clients
+
+
+def test_a_restarted_model_process_keeps_unloaded_models_unloaded(tmp_path: Path) -> None:
+    """A model unloaded by RPC stays unloaded when the model process dies and the supervisor
+    restarts it (it does not come back READY and serving); a load after that is honoured by
+    the next restart too. Its statistics start again from zero, as a restarted Triton's do
+    (docs/workers.md, "Failures")."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    write_scaler(plugins, 2.0)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    tensor = tc.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+    try:
+        client = tc.InferenceServerClient(server.url)
+        client.infer("scaler", [tensor])
+        client.unload_model("scaler")
+        for client in _restart_model_process(server):
+            index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}
+            assert index["scaler"] == {"name": "scaler", "version": "1", "state": "UNAVAILABLE", "reason": "unloaded"}
+            assert index["identity_fp32"]["state"] == "READY"
+            assert not client.is_model_ready("scaler")
+            with pytest.raises(InferenceServerException) as err:
+                client.infer("scaler", [tensor])
+            assert err.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in err.value.message()
+            stats = client.get_inference_statistics("scaler", as_json=True)["model_stats"][0]
+            assert "count" not in stats["inference_stats"]["success"]  # zero: a restarted Triton's too
+        client.load_model("scaler")
+        for client in _restart_model_process(server):
+            assert client.is_model_ready("scaler")
+            assert float(client.infer("scaler", [tensor]).as_numpy("OUTPUT0")[0, 0]) == 2.0
+    finally:
+        assert server.stop() == 0, server.output()
+
+
 async def test_sigterm_answers_every_accepted_request(tmp_path: Path) -> None:
     plugins = link_plugins(
         tmp_path / "plugins", *(ROOT / "tests" / "plugins" / f for f in ("identity.py", "behaviour.py"))

@@ -124,6 +124,11 @@ class ModelController:
                 continue
             fresh = by_name[name]
             if await asyncio.to_thread(self._up_to_date, current, fresh, targets):
+                # A file broken and then put back as it was: nothing to build, and the served
+                # build is what the plugins say again (told to every frontend of --workers N,
+                # which reads the plugins again if it could not match the build before).
+                for model in current:
+                    self.repository.note_up_to_date(model)
                 continue
             try:
                 async with self._lock:

@@ -233,8 +233,9 @@ class DataPlane:
         return "modelhub", __version__, extensions
 
     def model(self, name: str, version: str = "") -> ServedModel:
-        """The model a request names (NOT_FOUND for an unknown name or version)."""
-        return self.repository.resolve(name, version)
+        """The model whose metadata or configuration a request asks for (NOT_FOUND for an
+        unknown name or version)."""
+        return self.repository.describe(name, version)
 
     def versions(self, name: str) -> list[ServedModel]:
         return self.repository.versions(name)

@@ -5,17 +5,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from hub.core.batching import Batcher, BatchObserver, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
 from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
 from hub.metrics import Metrics, NullMetrics
-from hub.pipeline.builder import Builder
+from hub.pipeline.builder import Builder, sources_fingerprint
 from hub.spec import ModelSpec, Runtime
 
 log = logging.getLogger("modelhub.repository")
+
+#: How a version whose reload failed says so, while its previous build serves on.
+RELOAD_FAILED = "reload failed, still serving the previous build: "
 
 
 class ModelRepository:
@@ -42,6 +45,9 @@ class ModelRepository:
         self._models: dict[str, dict[int, ServedModel]] = {}
         self._listeners: list[Callable[[ServedModel], None]] = []
         self._load_lock = asyncio.Lock()
+        #: Asked before a reload's new build takes the old one's place: None, or why it must
+        #: not (the model process of --workers N has every frontend read its spec first).
+        self.before_swap: Callable[[ServedModel], Awaitable[str | None]] | None = None
 
     def on_change(self, listener: Callable[[ServedModel], None]) -> None:
         """Call `listener(model)` whenever a model changes state."""
@@ -50,8 +56,11 @@ class ModelRepository:
     def _set_state(self, model: ServedModel, state: ModelState, reason: str = "", *, announce: bool = True) -> None:
         model.set_state(state, reason, announce=announce)
         if announce:
-            for listener in self._listeners:
-                listener(model)
+            self._announce(model)
+
+    def _announce(self, model: ServedModel) -> None:
+        for listener in self._listeners:
+            listener(model)
 
     # --- lookups ----------------------------------------------------------------------------
 
@@ -83,6 +92,11 @@ class ModelRepository:
             raise ModelNotFound(
                 f"model '{name}' has no version '{shorten(version)}'; versions: {sorted(versions)}"
             ) from None
+
+    def describe(self, name: str, version: str = "") -> ServedModel:
+        """The model whose metadata or configuration a request asks for: `resolve`'s (a
+        frontend of --workers N refuses one whose spec it could not read, hub/workers)."""
+        return self.resolve(name, version)
 
     async def refresh_statistics(self, models: list[ServedModel]) -> None:
         """Make these models' `stats` current (they are, in one process; see hub/workers)."""
@@ -122,8 +136,9 @@ class ModelRepository:
         does it take the old one's place (one dict assignment on the event loop, so every
         request goes to exactly one of them); then the old one finishes its queue and is
         freed. A replacement that fails leaves the old version serving, with the failure in
-        its `reason`. Versions the plugin no longer registers are unloaded. Raises BuildError
-        with the failures, after every version was tried.
+        its `reason`, and so does one whose plugin files changed while it was built
+        (`_superseded`). Versions the plugin no longer registers are unloaded. Raises
+        BuildError with the failures, after every version was tried.
         """
         current = dict(self._models.get(name, {}))
         failures = []
@@ -139,6 +154,13 @@ class ModelRepository:
                 if serving and old is not None:
                     self.note_failed_reload(old, new.reason)
                 continue
+            if serving and old is not None:
+                superseded = await self._superseded(new)
+                if superseded is not None:
+                    await self._retire(new)
+                    failures.append(superseded)
+                    self.note_failed_reload(old, superseded)
+                    continue
             self._models.setdefault(name, {})[spec.version] = new
             self._set_state(new, ModelState.READY)
             if serving and old is not None:
@@ -150,11 +172,41 @@ class ModelRepository:
         if failures:
             raise BuildError("; ".join(failures))
 
+    async def _superseded(self, new: ServedModel) -> str | None:
+        """Why a reload's new build must not take the old one's place, or None.
+
+        Its plugin's files changed while it was built: nothing could read its spec from them
+        any more (not a frontend process of --workers N, which reads the plugins itself, nor
+        this server after a restart), so the old build serves on, as after a failed reload, and
+        the newer files are the change to apply (--watch applies them next). Then whatever
+        `before_swap` says."""
+        built = new.manifest.get("key_parts", {}).get("sources")
+        if isinstance(built, dict):
+            try:
+                now: dict[str, str] | None = await asyncio.to_thread(sources_fingerprint, new.spec)
+            except OSError:  # a file of the plugin went away
+                now = None
+            if now != built:
+                return f"the files of plugin '{new.spec.plugin}' changed while the new build ran; load it again"
+        if self.before_swap is not None:
+            return await self.before_swap(new)
+        return None
+
     def note_failed_reload(self, model: ServedModel, reason: str) -> None:
-        """A replacement failed: the model keeps serving, and says why in RepositoryIndex and metrics."""
-        model.reason = f"reload failed, still serving the previous build: {reason}"
+        """A replacement failed: the model keeps serving, and says why in RepositoryIndex and
+        metrics (and to every frontend process of --workers N, which mirror the reason)."""
+        model.reason = f"{RELOAD_FAILED}{reason}"
         model.metrics.load_failed()
         log.error("model '%s': %s", model.spec.key, model.reason)
+        self._announce(model)
+
+    def note_up_to_date(self, model: ServedModel) -> None:
+        """The plugin files are back to those the serving build came from: a failed reload's
+        reason no longer holds."""
+        if model.ready and model.reason.startswith(RELOAD_FAILED):
+            model.reason = ""
+            log.info("model '%s': its plugin files are those of the build it serves again", model.spec.key)
+            self._announce(model)
 
     async def unload(self, name: str) -> None:
         """Stop serving every version of a model: new requests get UNAVAILABLE, queued ones finish."""
@@ -216,6 +268,10 @@ class ModelRepository:
 
     async def load(self, model: ServedModel, *, announce: bool = True) -> None:
         async with self._load_lock:
+            if model.state is ModelState.UNLOADED:
+                # Unloaded while it waited for its turn (an unload RPC during the start's
+                # loads, or one a restarted model process of --workers N honours): it stays so.
+                return
             started = time.perf_counter()
             try:
                 artifact = await asyncio.to_thread(self.builder.ensure, model.spec)
@@ -226,6 +282,9 @@ class ModelRepository:
             except Exception as exc:
                 self._set_state(model, ModelState.FAILED, f"{type(exc).__name__}: {exc}", announce=announce)
                 log.exception("model '%s' failed to load", model.spec.key)
+                return
+            if model.state is ModelState.UNLOADED:  # unloaded while it was built: it stays so
+                await asyncio.to_thread(artifact.runtime.close)
                 return
             model.target = self.builder.target_for(model.spec)
             model.runtime = artifact.runtime

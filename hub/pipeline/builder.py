@@ -101,7 +101,7 @@ class Builder:
     def cache_key(self, spec: ModelSpec, target: Target) -> tuple[str, dict[str, Any]]:
         """Hash of everything the artifact depends on, with the parts for the manifest."""
         parts = {
-            "sources": hash_files(spec.sources, _common_root(spec.sources)),
+            "sources": sources_fingerprint(spec),
             "weights": hash_files(spec.weights),
             "spec": {
                 "name": spec.name,
@@ -329,6 +329,13 @@ class Builder:
 def _refusal(spec: ModelSpec, manifest: dict[str, Any]) -> str:
     problems = manifest.get("validation", {}).get("problems", [])
     return f"model '{spec.name}' version {spec.version}: artifact refused: " + "; ".join(problems)
+
+
+def sources_fingerprint(spec: ModelSpec) -> dict[str, str]:
+    """sha256 of each file of the plugin that registered `spec`, as its cache key has them
+    (manifest `key_parts.sources`): which plugin files a spec, and so a build, was read from.
+    A frontend of --workers N compares it with the model process's build (hub/workers)."""
+    return hash_files(spec.sources, _common_root(spec.sources))
 
 
 def _common_root(paths: tuple[Path, ...]) -> Path | None:

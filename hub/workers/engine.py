@@ -22,14 +22,26 @@ metrics port); `EngineService` answers the frontends:
   next request on any frontend sees it. A request's tensors in a client region arrive as
   (region id, name, offset, size) and are read from this process's own mapping (or on the
   device); its outputs are written straight into the client's region here.
-- `state` (sent to every frontend): a model changed state, or the first load finished.
+- `state` (sent to every frontend): a model changed state (or reason), or the first load
+  finished. Each view carries its build's identity: `cache_key`, and `sources`, the hashes of
+  the plugin files it was built from, which a frontend compares with the files it read its
+  spec from (it never serves a build from another file's spec).
+- `prepare` (asked of every frontend): a reload's new build, before it takes the old one's
+  place: each frontend reads the plugins until it holds that build's spec, and says whether it
+  does; if one cannot (the files changed again meanwhile), the old build serves on everywhere.
+
+A restarted model process honours the unloads in effect before it: the names whose every
+version was unloaded are kept beside the socket (the supervisor's private directory, gone with
+it), and read back before the first load.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
+import json
 import logging
 import os
 from collections.abc import Mapping
@@ -39,7 +51,7 @@ from typing import Any
 import numpy as np
 
 from hub.core.batching import Batcher, Delivery
-from hub.core.models import ServedModel, batch_signature
+from hub.core.models import ModelState, ServedModel, batch_signature
 from hub.core.stats import BatchRecord
 from hub.core.trace import Tracer
 from hub.datatypes import datatype_of
@@ -76,6 +88,7 @@ def model_view(model: ServedModel) -> dict[str, Any]:
         "manifest": model.manifest,
         "device": model.device,
         "cache_key": model.manifest.get("cache_key", ""),
+        "sources": model.manifest.get("key_parts", {}).get("sources"),
     }
 
 
@@ -224,10 +237,20 @@ class EngineService:
         self._announcing: asyncio.Task[None] | None = None
         self._logs = LogSettings()  # this process's; it sends them to every frontend
         server.metrics.watch_frontends(lambda: [c.pid for c in list(self.connections) if c.pid])
+        #: The models unloaded now, as last written to `_unloaded_path` (see `_remember_unloaded`).
+        self._unloaded: list[str] = []
+
+    @property
+    def _unloaded_path(self) -> Path:
+        return self.socket_path.with_suffix(".unloaded.json")
 
     async def start(self) -> None:
-        assert self.server.repository is not None
-        self.server.repository.on_change(self._changed)
+        repository = self.server.repository
+        assert repository is not None
+        await self._honour_unloads()
+        repository.on_change(self._changed)
+        repository.on_change(self._remember_unloaded)
+        repository.before_swap = self._prepare
         if self.socket_path.exists():
             self.socket_path.unlink()
         loop = asyncio.get_running_loop()
@@ -259,6 +282,64 @@ class EngineService:
 
     def _changed(self, model: ServedModel) -> None:
         self.broadcast()
+
+    async def _honour_unloads(self) -> None:
+        """A model process restarted by the supervisor keeps unloaded what was unloaded before
+        it died (a load RPC brings a model back, as ever); its models have not started to load.
+        The file is absent at the server's first start: the supervisor's directory is new."""
+        repository = self.server.repository
+        assert repository is not None
+        try:
+            names = json.loads(self._unloaded_path.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            log.error("engine: cannot read the models unloaded before the restart (%s); loading every model", exc)
+            return
+        for name in names if isinstance(names, list) else []:
+            if isinstance(name, str) and name in repository.names():
+                log.info("model '%s' stays unloaded: it was unloaded before the model process restarted", name)
+                await repository.unload(name)
+        self._unloaded = sorted(n for n in names if isinstance(n, str) and n in repository.names())
+
+    def _remember_unloaded(self, model: ServedModel) -> None:
+        """Keep the names of the models unloaded now (every version unloaded by an unload, not
+        by a shutdown) where a restarted model process finds them, so that it honours them.
+        Written only when they change: an unload, a load, --watch loading an unloaded model."""
+        repository = self.server.repository
+        if repository is None or self.server._stopping:
+            return
+        unloaded = sorted(
+            name
+            for name in repository.names()
+            # "unloaded" is an unload's reason; a shutdown leaves none, a replaced build "replaced"
+            if all(m.state is ModelState.UNLOADED and m.reason == "unloaded" for m in repository.versions(name))
+        )
+        if unloaded == self._unloaded:
+            return
+        self._unloaded = unloaded
+        staging = self._unloaded_path.with_name(self._unloaded_path.name + ".tmp")
+        try:  # atomically: a model process killed while writing leaves the previous list
+            staging.write_text(json.dumps(unloaded))
+            staging.replace(self._unloaded_path)
+        except OSError as exc:
+            log.error("engine: cannot keep the unloaded models for a restart (%s)", exc)
+            with contextlib.suppress(OSError):
+                staging.unlink()
+
+    async def _prepare(self, new: ServedModel) -> str | None:
+        """Before a reload's new build takes the old one's place, every frontend reads the
+        plugins until it holds the spec the build came from (its plugin files' hashes). So no
+        frontend, once the swap is announced, answers from the old build's spec and copy, nor
+        lacks the new one's because the files changed again meanwhile: then the swap does not
+        happen, and the old build serves on everywhere, as one process does (ModelRepository.
+        _superseded). None, or why not."""
+        sources = new.manifest.get("key_parts", {}).get("sources")
+        if not isinstance(sources, dict):
+            return None
+        ask = {"k": "prepare", "name": new.name, "version": new.version, "sources": sources}
+        failure = await self._publish(ask, f"spec of the new build of model '{new.spec.key}'")
+        return None if failure is None else f"a frontend process could not read the new build's spec: {failure}"
 
     async def close(self) -> None:
         if self._listener is not None:

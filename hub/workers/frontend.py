@@ -4,7 +4,8 @@ hands each request's forward inputs to the one model process (hub/workers/engine
 
 Its repository mirrors the model process's: each model's spec comes from this process's
 own import of the plugins (so checks and preprocess run here), its state and build report
-from the model process, which says whenever they change.
+from the model process, which says whenever they change. A spec serves a build only if it
+was read from the plugin files the build came from (their hashes travel with the build).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import itertools
+import json
 import logging
 import math
 import os
@@ -42,7 +44,7 @@ from hub.errors import (
 from hub.limits import Limits
 from hub.logs import LogSettings, check_log_settings
 from hub.metrics import NullMetrics
-from hub.pipeline.builder import Builder
+from hub.pipeline.builder import Builder, sources_fingerprint
 from hub.shm import CUDA, Region, SharedMemoryRegistry
 from hub.shm.regions import (
     SystemRegion,
@@ -65,6 +67,10 @@ GAUGE_DELAY = 0.05
 #: before another, whose clients were refused meanwhile. A failed connect to a Unix socket
 #: costs microseconds.
 RECONNECT_INTERVAL = 0.05
+#: Seconds before a frontend that lacks the spec of a build the model process serves reads the
+#: plugins again, doubling up to RETRY_MAX (it also reads them at every change announced).
+RETRY_INTERVAL = 0.5
+RETRY_MAX = 8.0
 
 
 #: A block of the model process's arena that a request's outputs lie in: given back once the
@@ -198,6 +204,9 @@ class EngineClient:
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header.get("k")
+        if kind == "prepare":  # a reload's new build, before it serves: read its spec (acknowledged)
+            self._on_state(header)
+            return
         if kind == "state":
             # A change, or the hello's answer: applied on receipt, in the order they were sent.
             # (The hello's caller resumes only after later changes may have been received.)
@@ -538,6 +547,10 @@ class RemoteModel(ServedModel):
     client: EngineClient | None = None
     remote: RemoteBatcher | None = None
     copy_key: str = ""  # the build this frontend's copy is (being) loaded from; "" for none
+    sources: str | None = None  # the plugin files its spec was read from (`_fingerprint`)
+    #: Why this frontend cannot answer for it: the model process serves a build of plugin
+    #: files this frontend has not read its spec from. "" when it can.
+    out_of_step: str = ""
     queued = 0  # requests in this frontend's batcher queue (its copy)
     handling = 0  # requests this frontend is handling, from receipt to answer
 
@@ -626,11 +639,19 @@ class RemoteRepository(ModelRepository):
         self._copy_tasks: set[asyncio.Task[None]] = set()  # copies loading or draining
         self._closing = False
         self._collect = specs
-        self._targets, self._specs = specs()
+        self._targets, self._specs, self._sources = self._read()
+        #: Specs read for a `prepare` (a reload's new build, not announced yet), by model and
+        #: version: (their plugin files, the spec, its target).
+        self._prepared: dict[tuple[str, int], tuple[str, ModelSpec, Target | None]] = {}
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
         self.loaded = asyncio.Event()
         self._backlog: collections.deque[Header] = collections.deque()  # views waiting for the plugins
         self._applying: asyncio.Task[None] | None = None
+        #: The last table of models applied, read again (with the plugins) while a model is out
+        #: of step; None while the model process is away.
+        self._last: Header | None = None
+        self._retry: asyncio.TimerHandle | None = None
+        self._retry_delay = RETRY_INTERVAL
         #: Set once the model process's first table of models has arrived: before it, this
         #: frontend would answer NOT_FOUND for every model, so it does not listen until then.
         self.synced = asyncio.Event()
@@ -638,19 +659,42 @@ class RemoteRepository(ModelRepository):
     def start(self) -> None:
         self.client.start()
 
+    def _read(self) -> tuple[dict[str, Target], list[ModelSpec], dict[tuple[str, int], str | None]]:
+        """Import the plugins as they are now: the targets, the specs, and the plugin files
+        each spec was read from (`_fingerprint`). Blocks: in a thread, but at the start."""
+        targets, specs = self._collect()
+        seen: dict[tuple[Path, ...], str | None] = {}
+        sources = {}
+        for spec in specs:
+            if spec.sources not in seen:
+                try:
+                    seen[spec.sources] = _fingerprint(sources_fingerprint(spec))
+                except OSError:  # a file went away since the import: no build is of these
+                    seen[spec.sources] = None
+            sources[(spec.name, spec.version)] = seen[spec.sources]
+        return targets, specs, sources
+
     def _spec(self, name: str, version: int) -> ModelSpec | None:
         for spec in self._specs:
             if spec.name == name and spec.version == version:
                 return spec
         return None
 
+    def describe(self, name: str, version: str = "") -> ServedModel:
+        model = self.resolve(name, version)
+        if isinstance(model, RemoteModel) and model.out_of_step:
+            # Its spec here is not the build's: metadata and config from it would be another's.
+            raise ModelUnavailable(f"model '{model.name}' version {model.version}: {model.out_of_step}")
+        return model
+
     def _state(self, header: Header) -> None:
-        """Take the model process's view: at once, unless it names a model this frontend's
-        plugins do not describe yet (a reload, a model new to us). Then the plugins are read
-        again in a thread, as a single process's reload does, so that importing them does not
-        stall this frontend's requests; views are applied in the order they came."""
+        """Take the model process's view (or answer its `prepare`): at once, unless this
+        frontend lacks the spec of a build it names (a reload, a model new to us, a file that
+        changed again). Then the plugins are read again in a thread, as a single process's
+        reload does, so that importing them does not stall this frontend's requests; views are
+        applied in the order they came."""
         if self._applying is None and not self._needs_plugins(header):
-            self._apply(header)
+            self._take(header)
             return
         self._backlog.append(header)
         if self._applying is None:
@@ -665,12 +709,53 @@ class RemoteRepository(ModelRepository):
         served_key = current.manifest.get("cache_key") if current is not None else None
         return bool(served_key and view["cache_key"] and served_key != view["cache_key"])
 
+    def _holding(self, name: str, version: int, sources: str) -> tuple[ModelSpec, Target | None] | None:
+        """The spec (and target) of `name`/`version` this frontend read from exactly these
+        plugin files, if it holds one: its model's, the one read for a `prepare`, or the
+        plugins' as last read."""
+        current = self._models.get(name, {}).get(version)
+        if isinstance(current, RemoteModel) and not current.out_of_step and current.sources == sources:
+            return current.spec, current.target
+        prepared = self._prepared.get((name, version))
+        if prepared is not None and prepared[0] == sources:
+            return prepared[1], prepared[2]
+        spec = self._spec(name, version)
+        if spec is not None and self._sources.get((name, version)) == sources:
+            return spec, self._targets.get(spec.target)
+        return None
+
+    def _lookup(self, view: dict[str, Any]) -> tuple[ModelSpec, Target | None, str | None] | None:
+        """The spec to mirror a view with: for a version the model process serves, the one read
+        from the plugin files its build came from, else None; for any other (loading, failed,
+        unloaded: no build serves), the plugins' as last read, or the model's own."""
+        name, version = view["name"], int(view["version"])
+        current = self._models.get(name, {}).get(version)
+        built = _fingerprint(view.get("sources")) if view["state"] == ModelState.READY.value else None
+        if built is not None:
+            held = self._holding(name, version, built)
+            return None if held is None else (*held, built)
+        mirrored = current if isinstance(current, RemoteModel) and not current.out_of_step else None
+        spec = self._spec(name, version)
+        if spec is not None and (mirrored is None or self._rebuilt(view)):
+            return spec, self._targets.get(spec.target), self._sources.get((name, version))
+        if mirrored is not None:
+            return mirrored.spec, mirrored.target, mirrored.sources
+        return None
+
     def _needs_plugins(self, header: Header) -> bool:
         if header.get("lost"):
             return False
+        if header.get("k") == "prepare":
+            built = _fingerprint(header.get("sources"))
+            return built is not None and self._holding(header["name"], int(header["version"]), built) is None
         for view in header["models"]:
             name, version = view["name"], int(view["version"])
-            if self._rebuilt(view) or (version not in self._models.get(name, {}) and self._spec(name, version) is None):
+            if view["state"] == ModelState.READY.value and view.get("sources") is not None:
+                needed = self._lookup(view) is None  # a build served: its very spec, or read again
+            else:
+                known = version in self._models.get(name, {}) or self._spec(name, version) is not None
+                needed = self._rebuilt(view) or not known
+            if needed:
                 return True
         return False
 
@@ -680,47 +765,72 @@ class RemoteRepository(ModelRepository):
                 header = self._backlog.popleft()
                 if self._needs_plugins(header):
                     try:
-                        self._targets, self._specs = await asyncio.to_thread(self._collect)
+                        self._targets, self._specs, self._sources = await asyncio.to_thread(self._read)
                     except Exception:  # a plugin that no longer imports: keep what we had
                         log.exception("reading the plugins again failed; keeping the specs read before")
-                self._apply(header)
+                self._take(header)
         finally:
             self._applying = None
+
+    def _take(self, header: Header) -> None:
+        if header.get("k") == "prepare":
+            self._prepare(header)
+        else:
+            self._apply(header)
+
+    def _prepare(self, header: Header) -> None:
+        """Say whether this frontend now holds the spec of a reload's new build (the model
+        process swaps it in only if every frontend does), and keep that spec for its view."""
+        name, version = header["name"], int(header["version"])
+        built = _fingerprint(header.get("sources"))
+        held = self._holding(name, version, built) if built is not None else None
+        if built is not None and held is not None:
+            self._prepared[(name, version)] = (built, *held)
+        error = None
+        if built is not None and held is None:
+            error = (
+                f"the plugin files of model '{name}/{version}' this frontend process read are not those "
+                "of the new build (they changed again, or no longer import)"
+            )
+        self.client.acknowledge(header["a"], error)
 
     def _apply(self, header: Header) -> None:
         """Apply the model process's view: new models, changed states, removed ones."""
         if header.get("lost"):
+            self._last = None
+            self._retry_later(False)
             for model in self.models():
                 if model.state is not ModelState.UNLOADED:
                     self._set_state(model, ModelState.LOADING, "the model process is restarting")
             self.loaded.clear()
             return
         seen = set()
+        stray = False
         for view in header["models"]:
             name, version = view["name"], int(view["version"])
             seen.add((name, version))
-            current = self._models.get(name, {}).get(version)
-            if current is None or self._rebuilt(view):
-                spec = self._spec(name, version)  # the plugins as they are now (see `_state`)
-                if spec is None:
-                    log.error("the model process serves %s/%d, which this frontend's plugins lack", name, version)
-                    continue
-                model = RemoteModel(spec=spec, stats=current.stats if current is not None else ModelStats())
-                model.client = self.client
-                model.remote = RemoteBatcher(self.client, name, version)
-                model.batcher = cast(Any, model.remote)
-                model.target = self._targets.get(spec.target)
-                self._models.setdefault(name, {})[version] = model
-                if current is not None:  # rebuilt: the old build's copy drains and goes
-                    self._drop_copy(cast(RemoteModel, current))
+            current = cast("RemoteModel | None", self._models.get(name, {}).get(version))
+            found = self._lookup(view)
+            if found is None:
+                model = self._out_of_step(view, current)
+                stray = stray or view["state"] == ModelState.READY.value
             else:
-                model = current
+                spec, target, sources = found
+                if current is None or current.out_of_step or spec is not current.spec or self._rebuilt(view):
+                    model = self._mirror(spec, target, sources, current)
+                    if current is not None:  # rebuilt, or back in step: the old copy drains and goes
+                        self._drop_copy(current)
+                else:
+                    model = current
+                state = ModelState(view["state"])
+                if state is not model.state or view["reason"] != model.reason:
+                    self._set_state(model, state, view["reason"])
+                prepared = self._prepared.get((name, version))
+                if prepared is not None and prepared[0] == model.sources:
+                    del self._prepared[(name, version)]
             model.manifest = view["manifest"]
             model.device = view["device"]
-            state = ModelState(view["state"])
-            if state is not model.state or view["reason"] != model.reason:
-                self._set_state(model, state, view["reason"])
-            self._place(cast(RemoteModel, model), view["cache_key"])
+            self._place(model, view["cache_key"])
         for model in self.models():
             if (model.name, model.version) not in seen:
                 del self._models[model.name][model.version]
@@ -728,11 +838,73 @@ class RemoteRepository(ModelRepository):
                     del self._models[model.name]
                 self._set_state(model, ModelState.UNLOADED, "unloaded")
                 self._drop_copy(cast(RemoteModel, model))
+        self._last = {"k": "state", "models": header["models"], "loaded": header.get("loaded", False)}
+        self._retry_later(stray)
         self.synced.set()
         if header.get("loaded"):
             self.loaded.set()
         if "a" in header:  # a load or unload waits until every frontend has applied it
             self.client.acknowledge(header["a"])
+
+    def _mirror(
+        self, spec: ModelSpec, target: Target | None, sources: str | None, current: RemoteModel | None
+    ) -> RemoteModel:
+        model = RemoteModel(spec=spec, stats=current.stats if current is not None else ModelStats())
+        model.client = self.client
+        model.remote = RemoteBatcher(self.client, spec.name, spec.version)
+        model.batcher = cast(Any, model.remote)
+        model.target = target
+        model.sources = sources
+        self._models.setdefault(spec.name, {})[spec.version] = model
+        return model
+
+    def _out_of_step(self, view: dict[str, Any], current: RemoteModel | None) -> RemoteModel:
+        """A version whose build's spec this frontend has not read (its plugin files changed
+        since the build, or no longer import; or, loading, failed or unloaded, its plugin
+        registers it no more). It is listed as the model process lists it, but no request
+        is answered from another build's spec or copy: while the model process serves it, it
+        is not ready here (UNAVAILABLE, saying why), and its metadata and config are refused,
+        until a reading of the plugins matches (at the next change announced, or on a timer)."""
+        name, version = view["name"], int(view["version"])
+        serving = view["state"] == ModelState.READY.value
+        why = (
+            "this frontend process has not read the plugin files its build came from (they changed since, "
+            "or no longer import); it reads them again at each change"
+        )
+        model = current
+        if model is None:
+            spec = self._spec(name, version) or ModelSpec(
+                name=name, version=version, build=_no_build, inputs=(), outputs=(), example_inputs={}
+            )
+            model = self._mirror(spec, self._targets.get(spec.target), None, None)
+        if not model.out_of_step and serving:
+            log.warning("model '%s/%d': %s", name, version, why)
+        model.out_of_step = why
+        self._drop_copy(model)
+        state, reason = (ModelState.LOADING, why) if serving else (ModelState(view["state"]), view["reason"])
+        if state is not model.state or reason != model.reason:
+            self._set_state(model, state, reason)
+        return model
+
+    def _retry_later(self, stray: bool) -> None:
+        """While the model process serves a build this frontend lacks the spec of, read the
+        plugins again on a timer too: a file put back as it was between two polls of --watch,
+        or changed without --watch, is announced by no one."""
+        if not stray:
+            self._retry_delay = RETRY_INTERVAL
+            if self._retry is not None:
+                self._retry.cancel()
+                self._retry = None
+            return
+        if self._retry is None and not self._closing:
+            self._retry = asyncio.get_running_loop().call_later(self._retry_delay, self._read_again)
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+
+    def _read_again(self) -> None:
+        self._retry = None
+        # A table waiting to be applied reads the plugins anyway, and is newer than `_last`.
+        if self._last is not None and self._applying is None and not self._backlog:
+            self._state(dict(self._last))
 
     # --- this frontend's copies of the models (--model-copies cpu) -----------------------------
 
@@ -840,12 +1012,23 @@ class RemoteRepository(ModelRepository):
     async def close(self, drain: bool = True) -> None:
         if self._applying is not None:
             self._applying.cancel()
+        if self._retry is not None:
+            self._retry.cancel()
         self._closing = True  # a copy still loading is freed once loaded
         for model in self.models():
             self._drop_copy(cast(RemoteModel, model))
         if self._copy_tasks:
             await asyncio.gather(*self._copy_tasks, return_exceptions=True)
         await self.client.close()
+
+
+def _fingerprint(sources: object) -> str | None:
+    """A comparable form of a build's plugin file hashes (`sources_fingerprint`), or None."""
+    return json.dumps(sources, sort_keys=True) if isinstance(sources, dict) else None
+
+
+def _no_build() -> Any:
+    raise ModelUnavailable("this frontend process holds no spec of this model")
 
 
 def _stats(data: dict[str, Any]) -> ModelStats:
