@@ -5,9 +5,10 @@ tests run several in one process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
-import time
+import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,6 +53,15 @@ EXIT_DEVICE_LOST = 75
 
 #: What the server sends at most (a response); what it receives is `Limits.request_bytes`.
 MAX_MESSAGE = 256 << 20
+
+#: Seconds of the shutdown grace (a quarter of it at most) kept from the drain for the
+#: listeners' own stop: the refusals then in progress are answered, not cancelled.
+STOP_TAIL = 0.5
+#: Seconds the refusals wait, once the drain is over, before the listeners stop
+#: (DataPlane.hold_refusals): long enough for a client that retries at once to be waiting.
+HOLD_REFUSALS = 0.1
+#: Seconds `Server.stop` waits for the plugins' `server_stopping` at least, past the grace.
+HOOK_FLOOR = 1.0
 
 
 def default_threads() -> int:
@@ -418,7 +428,7 @@ class Server:
             await server.stop(grace)
         elif server is not None:
             stopped = server.stop(grace)  # its threads wait on this loop, which must keep running
-            await asyncio.to_thread(stopped.wait)
+            await _in_own_thread(stopped.wait)  # not asyncio's pool: preprocess jobs queue there
             if self._grpc_close is not None:
                 self._grpc_close()
 
@@ -476,33 +486,49 @@ class Server:
         return ServerInfo(self.grpc_port, self.metrics_port, self.device, self.repository, self.http_port)
 
     async def stop(self, grace: float | None = None) -> None:
-        """Stop taking RPCs, let in-flight ones finish within `grace` seconds, then free everything."""
+        """Refuse new requests at once (UNAVAILABLE, 503), answer the accepted ones, stop the
+        listeners and free everything, all within `grace` seconds (a plugin's slow
+        `server_stopping` aside: it gets at least `HOOK_FLOOR`)."""
         if self._stopping:
             return
         self._stopping = True
         grace = self.config.shutdown_grace if grace is None else grace
-        if self.repository is not None:
-            await asyncio.to_thread(self.plugins.server_stopping, self.info)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        if self.plane is not None:
+            # First of all: every request from now on is refused, whatever the stop waits for
+            # below (a request accepted meanwhile was one more to answer, for seconds).
+            self.plane.refuse_new()
+            if self._servicer is not None:
+                self._servicer.refuse_new()  # and streams stop reading
         await self._health.enter_graceful_shutdown()
         for task in (self._loading, self._watcher):
             if task is not None and not task.done():
                 task.cancel()
+        # In a thread of its own: asyncio's default pool also runs the models' preprocess, and
+        # the hook queued there behind every preprocess job already waiting.
+        hook = _in_own_thread(self.plugins.server_stopping, self.info) if self.repository is not None else None
+        # What the listeners' own stop gets of the grace: to answer the refusals in progress.
+        tail = min(STOP_TAIL, grace / 4)
         if self.plane is not None:
-            # Answer every inference request accepted so far, and refuse later ones at once
-            # (UNAVAILABLE, 503) while the listeners are still up, rather than leave them to
-            # grpc's shutdown, which cancels the ones it has not handed to a handler yet.
-            self.plane.refuse_new()
-            if self._servicer is not None:
-                self._servicer.refuse_new()  # and streams stop reading
-            started = time.monotonic()
-            if not await self.plane.drained(grace):
+            if not await self.plane.drained(max(0.0, deadline - tail - loop.time())):
                 log.warning("shutdown grace of %.1fs ran out with inference requests in flight", grace)
-            grace = max(0.0, grace - (time.monotonic() - started))
-        # gRPC and REST drain together, each within `grace`.
-        await asyncio.gather(
-            *([self._stop_grpc(grace)] if self._grpc is not None else []),
-            *([self._http.stop()] if self._http is not None else []),
-        )
+            if tail > 0 and (self._grpc is not None or self._http is not None):
+                self.plane.hold_refusals()
+                await asyncio.sleep(min(HOLD_REFUSALS, tail / 2))
+        try:
+            # gRPC and REST stop together, within what is left of the grace.
+            left = max(0.0, deadline - loop.time())
+            stopping = [
+                *([loop.create_task(self._stop_grpc(left))] if self._grpc is not None else []),
+                *([loop.create_task(self._http.stop(left))] if self._http is not None else []),
+            ]
+            # One loop turn: each has begun (grpc's shutdown call runs before its first await).
+            await asyncio.sleep(0)
+        finally:
+            if self.plane is not None:
+                self.plane.release_refusals()
+        await asyncio.gather(*stopping)
         if self.engine is not None:
             await self.engine.close()
         if self.repository is not None:
@@ -511,6 +537,11 @@ class Server:
             self.shared_memory.close()  # every region unmapped (a request still holding one unmaps it last)
         if self._metrics_http is not None:
             await self._metrics_http.stop()
+        if hook is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(hook), max(HOOK_FLOOR, deadline - loop.time()))
+            except TimeoutError:
+                log.warning("a plugin's server_stopping has not returned; stopping without it")
         self.plugins.close()
         log.info("modelhub stopped")
 
@@ -530,6 +561,27 @@ class Server:
         await self._health.set(
             "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
         )
+
+
+def _in_own_thread(function: Callable[..., object], *args: Any) -> asyncio.Future[None]:
+    """Run `function(*args)` in a new daemon thread (one that never holds up the exit); the
+    future is done when it returns."""
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle() -> None:
+        if not done.done():
+            done.set_result(None)
+
+    def run() -> None:
+        try:
+            function(*args)
+        finally:
+            with contextlib.suppress(RuntimeError):  # the loop has closed: nobody waits any more
+                loop.call_soon_threadsafe(settle)
+
+    threading.Thread(target=run, name=f"modelhub-{getattr(function, '__name__', 'stop')}", daemon=True).start()
+    return done
 
 
 def describe_bind(host: str) -> str:

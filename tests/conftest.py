@@ -86,7 +86,11 @@ class Workers:
         workers: int = 2,
         *extra: str,
         env: dict[str, str] | None = None,
+        new_session: bool = False,
+        wait: bool = True,
     ) -> None:
+        """`new_session`: in a process group of its own, for a test that signals the whole
+        group; `wait`: return once it serves (False: at once, for a test of its start-up)."""
         self.port_file = tmp / "ports.json"
         # The processes append (O_APPEND) and the test reads the file by its path: a read
         # through the descriptor they share would move their write offset, and a line written
@@ -102,11 +106,14 @@ class Workers:
              "--threads", "1", "--no-entry-points", "--workers", str(workers), "--port-file", str(self.port_file),
              "--shutdown-grace", "5", *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            start_new_session=new_session,
         )  # fmt: skip
+        if not wait:
+            return
         try:
             self._wait_until_serving(workers, extra)
         except BaseException:  # a server that never came up must not outlive the test
-            self.process.kill()  # its children get SIGTERM when it dies (PR_SET_PDEATHSIG)
+            self.process.kill()  # its children get their stop signal when it dies (PR_SET_PDEATHSIG)
             self.process.wait(60)
             self.log.close()
             raise

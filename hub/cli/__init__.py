@@ -14,15 +14,17 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from hub import __version__
+
+if TYPE_CHECKING:
+    from hub.signals import StopSignals
 
 log = logging.getLogger("modelhub.cli")
 
@@ -604,12 +606,24 @@ def _run(main: Any) -> int:
 
 
 async def _serve(server: Any, port_file: Path | None = None) -> int:
-    from hub.errors import HubError
+    from hub.signals import ENGINE_STOP, STOP_SIGNALS, StopSignals
 
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    if server.config.serve_engine is not None:
+        # The model process of --workers N: the frontends drain into it, so a signal to the
+        # whole group must not stop it; its supervisor does, with ENGINE_STOP, after them.
+        signals = StopSignals((ENGINE_STOP,), stop.set, ignored=STOP_SIGNALS)
+    else:
+        signals = StopSignals(STOP_SIGNALS, stop.set)
+    try:
+        return await _serve_until_stopped(server, port_file, stop, signals)
+    finally:
+        signals.ignore()  # the server has stopped: nothing but the exit is left
+
+
+async def _serve_until_stopped(server: Any, port_file: Path | None, stop: asyncio.Event, signals: StopSignals) -> int:
+    from hub.errors import HubError
+
     try:
         await server.start()
     except HubError as exc:
@@ -629,7 +643,11 @@ async def _serve(server: Any, port_file: Path | None = None) -> int:
     signalled.cancel()
     fatal.cancel()
     if not server.exit_code:
-        log.info("signal received: draining in-flight requests (grace %.1fs)", server.config.shutdown_grace)
+        log.info(
+            "%s received: draining in-flight requests (grace %.1fs)",
+            signals.received.name if signals.received is not None else "signal",
+            server.config.shutdown_grace,
+        )
     try:
         await server.stop()
     except Exception:

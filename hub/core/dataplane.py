@@ -170,6 +170,7 @@ class DataPlane:
         self._version_policy = version_policy
         self._log_requests = log_requests
         self._draining = False
+        self._held: asyncio.Event | None = None  # refusals wait on it while set (`hold_refusals`)
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -185,6 +186,21 @@ class DataPlane:
         503, which clients may retry elsewhere), whichever frontend they come by; those
         already accepted are still answered."""
         self._draining = True
+
+    def hold_refusals(self) -> None:
+        """Refusals wait (`release_refusals`) instead of being answered at once: the server's
+        last moments before its listeners stop. A client that was refused at once sent its next
+        request straight away, and the one in grpc's queue when the listener stopped, not yet
+        handed to a handler, was CANCELLED by grpc, which clients do not retry; a held refusal
+        is a call in progress, which grpc lets finish (UNAVAILABLE), and its client sends nothing
+        meanwhile. Only while draining."""
+        if self._draining and self._held is None:
+            self._held = asyncio.Event()
+
+    def release_refusals(self) -> None:
+        """Answer the held refusals (ShuttingDown), and refuse at once from now on."""
+        if self._held is not None:
+            self._held.set()
 
     async def drained(self, timeout: float) -> bool:
         """Wait until every accepted inference request is answered; False if `timeout` ran out."""
@@ -345,6 +361,8 @@ class DataPlane:
         rejected request's arrays are freed as soon as it is answered.
         """
         if not accepted:
+            if self._draining and self._held is not None:
+                await self._held.wait()
             self.accept()
         try:
             if len(request_id) > REQUEST_ID_MAX:  # before it is logged, traced or forwarded

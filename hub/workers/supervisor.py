@@ -3,19 +3,23 @@
 The supervisor (this process) starts the model process (`--role engine`: every model, its
 batcher, statistics, model control, metrics) and N frontends (`--role frontend`: gRPC and
 REST on the same ports through SO_REUSEPORT, each doing the protocol work for the
-connections the kernel gives it). It restarts a process that dies, and on SIGTERM drains
-the frontends first (each answers what it accepted), then stops the model process. It
-removes the shared-memory hand-off arenas a child left behind (hub/workers/arena.py) when
-the child dies and when it exits itself.
+connections the kernel gives it). It restarts a process that dies, and on SIGTERM or SIGINT
+drains the frontends first, all at once (each answers what it accepted), then stops the model
+process (hub/signals.py: it ignores SIGTERM and SIGINT, which a signal to the whole process
+group would bring it while the frontends still drain into it). It removes the shared-memory
+hand-off arenas a child left behind (hub/workers/arena.py) when the child dies and when it
+exits itself.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import json
 import logging
 import os
+import select
 import shutil
 import signal
 import socket
@@ -28,12 +32,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hub.signals import ENGINE_STOP, STOP_SIGNALS
 from hub.workers.arena import remove_leftovers
 
 log = logging.getLogger("modelhub.supervisor")
 
 #: How long a process may take to listen before the supervisor gives up on the start.
 START_TIMEOUT = 600.0
+#: Seconds past --shutdown-grace a child has to exit before the supervisor kills it.
+KILL_AFTER = 10.0
 
 
 def default_workers() -> int:
@@ -43,10 +50,14 @@ def default_workers() -> int:
     return 1 if cores <= 2 else min(8, cores // 2)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Children get SIGTERM if the supervisor dies (Linux prctl(PR_SET_PDEATHSIG))."""
+def _child_signals(stop: signal.Signals) -> None:  # pragma: no cover - runs in the child before exec
+    """The child gets `stop` if the supervisor dies (Linux prctl(PR_SET_PDEATHSIG)), and
+    starts with its stop signals blocked (a mask survives exec): one sent before it has a
+    handler (hub/signals.py unblocks them) waits for it instead of killing a child that is
+    still importing, and the supervisor stops it as it stops a running one."""
     with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, stop)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, ENGINE_STOP})
 
 
 def reserve_port(host: str, port: int, shared: bool = False) -> tuple[int, socket.socket | None]:
@@ -84,10 +95,12 @@ class _Child:
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
     ports: dict[str, Any] = field(default_factory=dict)
+    #: What stops it: SIGTERM for a frontend; ENGINE_STOP for the model process.
+    stop: signal.Signals = signal.SIGTERM
 
     def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(self.argv, preexec_fn=functools.partial(_child_signals, self.stop))
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -116,6 +129,9 @@ class Supervisor:
         self.shutdown_grace = shutdown_grace
         self._stop = False
         self._holders: list[socket.socket] = []
+        # A signal wakes the supervisor's waits at once (signal.set_wakeup_fd writes here), so
+        # the frontends learn of it now rather than at the end of a 0.2 s sleep.
+        self._wake, self._wake_writer = socket.socketpair()
         self._dir = Path(tempfile.mkdtemp(prefix="modelhub-"))
 
     def _command(self, *extra: str) -> list[str]:
@@ -123,7 +139,10 @@ class Supervisor:
         return [sys.executable, "-m", "hub.cli", *self.argv, "--workers", "1", *extra]
 
     def run(self) -> int:
-        for signum in (signal.SIGTERM, signal.SIGINT):
+        for end in (self._wake, self._wake_writer):
+            end.setblocking(False)
+        signal.set_wakeup_fd(self._wake_writer.fileno(), warn_on_full_buffer=False)
+        for signum in STOP_SIGNALS:
             signal.signal(signum, self._signalled)
         socket_path = self._dir / "engine.sock"
         ports: dict[str, int | None] = {}
@@ -150,6 +169,7 @@ class Supervisor:
             self._command("--role", "engine", *common, "--grpc-port", "off", *(["--http-port", "off"] if http else []),
                           "--port-file", str(self._dir / "engine.json")),
             self._dir / "engine.json",
+            stop=ENGINE_STOP,
         )  # fmt: skip
         common += ["--metrics-port", "off", "--grpc-port", _flag(ports["grpc"])]
         common += ["--http-port", _flag(ports["http"])] if http else []
@@ -167,9 +187,12 @@ class Supervisor:
                 child.start()
             if not self._wait_listening(children):
                 return 1
-            self._announce(engine, ports)
+            if self._stop:
+                log.info("modelhub supervisor: signalled during start-up; stopping")
+            else:
+                self._announce(engine, ports)
             while not self._stop:
-                time.sleep(0.2)
+                self._sleep(0.2)
                 for child in children:
                     if not self._stop and not child.alive():
                         code = child.process.returncode if child.process is not None else None
@@ -189,13 +212,27 @@ class Supervisor:
                         child.process.wait(5)
             for holder in self._holders:
                 holder.close()
+            signal.set_wakeup_fd(-1)
+            self._wake.close()
+            self._wake_writer.close()
             shutil.rmtree(self._dir, ignore_errors=True)
             remove_leftovers(os.getpid())
 
     def _signalled(self, signum: int, frame: Any) -> None:
         self._stop = True
 
+    def _sleep(self, seconds: float) -> None:
+        """Sleep `seconds`, or until a signal arrives."""
+        if self._stop:
+            return
+        select.select([self._wake], [], [], seconds)
+        with contextlib.suppress(OSError):
+            while self._wake.recv(512):
+                pass
+
     def _wait_listening(self, children: list[_Child]) -> bool:
+        """Wait until every child listens, or a signal asks to stop (True); False if one
+        exited or START_TIMEOUT ran out."""
         deadline = time.monotonic() + START_TIMEOUT
         while time.monotonic() < deadline and not self._stop:
             for child in children:
@@ -209,8 +246,8 @@ class Supervisor:
                         child.ports = json.loads(child.port_file.read_text())
             if all(child.ports for child in children):
                 return True
-            time.sleep(0.05)
-        return False
+            self._sleep(0.05)
+        return self._stop
 
     def _announce(self, engine: _Child, ports: dict[str, int | None]) -> None:
         listening = {**ports, "metrics": engine.ports.get("metrics"), "workers": self.workers, "pid": os.getpid()}
@@ -227,20 +264,36 @@ class Supervisor:
             write_port_file(self.port_file, listening)
 
     def _shutdown(self, engine: _Child, frontends: list[_Child]) -> int:
-        """Drain the frontends (they still reach the model process), then stop it."""
-        codes = [_terminate(child, self.shutdown_grace + 10) for child in frontends]
-        codes.append(_terminate(engine, self.shutdown_grace + 10))
+        """Drain the frontends, all at once (one still serving took new requests while another
+        drained, and their grace periods added up); then stop the model process, which they
+        reach until they exit."""
+        # Stopping already: a repeated signal must not kill the supervisor (nor Python's
+        # finalization, which puts back the default action for a handler of its own).
+        for signum in STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_IGN)
+        timeout = self.shutdown_grace + KILL_AFTER
+        deadline = time.monotonic() + timeout
+        for child in frontends:
+            _signal(child)
+        codes = [_wait(child, deadline, timeout) for child in frontends]
+        _signal(engine)
+        codes.append(_wait(engine, time.monotonic() + timeout, timeout))
         log.info("modelhub supervisor stopped (exit codes %s)", codes)
         return 0 if all(code == 0 for code in codes) else 1
 
 
-def _terminate(child: _Child, timeout: float) -> int | None:
+def _signal(child: _Child) -> None:
+    if child.process is not None and child.process.poll() is None:
+        child.process.send_signal(child.stop)
+
+
+def _wait(child: _Child, deadline: float, timeout: float) -> int | None:
+    """The child's exit code, once it exits or is killed at `deadline`."""
     process = child.process
-    if process is None or process.poll() is not None:
-        return process.returncode if process is not None else None
-    process.send_signal(signal.SIGTERM)
+    if process is None:
+        return None
     try:
-        return process.wait(timeout)
+        return process.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         log.error("%s did not stop within %.0fs; killing it", child.role, timeout)
         process.kill()

@@ -58,8 +58,12 @@ class HttpListener:
         self.port = sock.getsockname()[1]
         return self.port
 
-    async def stop(self) -> None:
-        """Stop listening; in-flight requests get the runner's shutdown_timeout to finish."""
+    async def stop(self, timeout: float | None = None) -> None:
+        """Stop listening; in-flight requests get the runner's shutdown_timeout to finish, or
+        `timeout` seconds: what is left of the server's shutdown grace."""
         if self._runner is not None:
+            if timeout is not None:
+                # aiohttp reads it in cleanup() only; AppRunner takes it nowhere else.
+                self._runner._shutdown_timeout = timeout
             await self._runner.cleanup()
             self._runner = None
