@@ -435,7 +435,7 @@ def test_json_data_of_an_integer_tensor_must_be_integers(hub_server: RunningServ
 
 
 def test_head_answers_where_get_does(hub_server: RunningServer) -> None:
-    for path, status in (("/v2/health/ready", 200), ("/v2/models/digits", 200), ("/v2/models/digits/infer", 404)):
+    for path, status in (("/v2/health/ready", 200), ("/v2/models/digits", 200), ("/v2/models/digits/infer", 405)):
         request = urllib.request.Request(f"http://{hub_server.http_url}{path}", method="HEAD")
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
@@ -453,6 +453,27 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
     assert status == 501 and "--shared-memory system" in reply["error"]  # off unless turned on
     status, reply = call(hub_server.http_url, "/v2/trace/nowhere")
     assert status == 404 and "/v2/trace/nowhere" in reply["error"]
+
+
+def test_a_method_the_path_does_not_take_is_405_json(hub_server: RunningServer) -> None:
+    """Triton answers a known endpoint asked with the wrong method 405 Method Not Allowed (with
+    a JSON error), not 404, which says that there is no such endpoint."""
+    for method, path, allow in (
+        ("GET", "/v2/models/digits/infer", "POST"),
+        ("PUT", "/v2/health/live", "GET, HEAD"),
+        ("POST", "/v2/models/digits/versions/1", "GET, HEAD"),
+        ("GET", "/v2/repository/index", "POST"),
+        ("DELETE", "/v2/repository/models/digits/load", "POST"),
+        ("OPTIONS", "/v2/models/digits/config", "GET, HEAD"),
+    ):
+        request = urllib.request.Request(f"http://{hub_server.http_url}{path}", method=method)
+        with pytest.raises(urllib.error.HTTPError) as err:
+            urllib.request.urlopen(request, timeout=10)
+        assert err.value.code == 405, (method, path)
+        assert err.value.headers["Allow"] == allow and err.value.headers["Content-Type"] == "application/json"
+        assert method in json.loads(err.value.read())["error"]
+    status, reply = call(hub_server.http_url, "/v2/nowhere", b"{}")
+    assert status == 404 and "/v2/nowhere" in reply["error"]
 
 
 def test_body_cap_is_413(start_server: Any, tmp_path: Path) -> None:

@@ -291,6 +291,19 @@ class RestFrontend:
     # --- everything else --------------------------------------------------------------------
 
     async def not_found(self, request: web.Request) -> web.Response:
+        # A path that another method answers is a 405 with an Allow header, as Triton answers
+        # (`{"error": "Method Not Allowed"}`), not a 404 that says the endpoint does not exist.
+        allowed: set[str] = set()
+        for resource in request.app.router.resources():
+            match, methods = await resource.resolve(request)
+            if match is None:  # (the one resource that matches is this catch-all)
+                allowed |= methods
+        if allowed:
+            return web.Response(
+                body=error_body(f"method {request.method[:16]} is not allowed for {request.path[:128]}"),
+                status=405,
+                headers={"Content-Type": "application/json", "Allow": ", ".join(sorted(allowed))},
+            )
         return web.Response(
             body=error_body(f"no such endpoint: {request.method} {request.path[:128]}"),
             status=404,
