@@ -110,6 +110,9 @@ def test_statistics_count_rest_requests(client: th.InferenceServerClient, hub_se
     stats = client.get_inference_statistics("digits", "1")["model_stats"]
     assert [(s["name"], s["version"]) for s in stats] == [("digits", "1")]
     assert isinstance(stats[0]["inference_count"], int)
+    # Every field of Triton's $inference_stats, cache_hit and cache_miss too (zero: no cache).
+    assert stats[0]["inference_stats"]["cache_hit"] == {"count": 0, "ns": 0}
+    assert stats[0]["inference_stats"]["cache_miss"] == {"count": 0, "ns": 0}
     every = {s["name"] for s in client.get_inference_statistics()["model_stats"]}
     assert {"digits", "addsub"} <= every
     with pytest.raises(InferenceServerException) as err:

@@ -170,6 +170,9 @@ def model_statistics(model: ServedModel) -> pb.ModelStatistics:
             compute_input=_duration(s.compute_input),
             compute_infer=_duration(s.compute_infer),
             compute_output=_duration(s.compute_output),
+            # No response cache here: zero, as Triton reports them without one (clients read them).
+            cache_hit=pb.StatisticDuration(count=0, ns=0),
+            cache_miss=pb.StatisticDuration(count=0, ns=0),
         ),
         batch_stats=[
             pb.InferBatchStatistics(
