@@ -627,6 +627,9 @@ def test_metrics_port_serves_metrics_only(hub_server: RunningServer) -> None:
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(base + path, timeout=10)
         assert err.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as err:  # Triton's metrics port: 405 for another method
+        urllib.request.urlopen(urllib.request.Request(hub_server.metrics_url, data=b"", method="POST"), timeout=10)
+    assert err.value.code == 405 and err.value.headers["Allow"] == "GET, HEAD"
 
 
 def test_ports_off_and_free(start_server: Any, tmp_path: Path) -> None:

@@ -1,6 +1,6 @@
 """The metrics port: `GET /metrics` serves the server's own registry; every other path is a
-404, so an HTTP probe aimed at this port by mistake fails instead of passing. With `tokens`
-(--metrics-auth) every path needs the inference token."""
+404 (another method on /metrics a 405), so an HTTP probe aimed at this port by mistake fails
+instead of passing. With `tokens` (--metrics-auth) every path needs the inference token."""
 
 from __future__ import annotations
 
@@ -16,6 +16,12 @@ def metrics_app(registry: CollectorRegistry, tokens: Tokens | None = None) -> we
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def not_found(request: web.Request) -> web.Response:
+        if request.path == "/metrics":  # another method than GET or HEAD: 405, as Triton's metrics port answers
+            return web.Response(
+                status=405,
+                text=f"method {request.method[:16]} is not allowed for /metrics\n",
+                headers={"Allow": "GET, HEAD"},
+            )
         return web.Response(status=404, text=f"no such endpoint: {request.path[:128]}; metrics are at /metrics\n")
 
     guarded = [token_middleware(tokens, access=Access.INFERENCE)] if tokens is not None and tokens.required else []
