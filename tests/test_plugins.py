@@ -148,6 +148,65 @@ def test_misspelled_hook_is_an_error(plugins: Path) -> None:
     assert host.pm.get_plugin("singular") is None  # not half-registered
 
 
+def test_hook_with_a_parameter_its_hook_does_not_pass_says_what_the_hook_takes(plugins: Path) -> None:
+    write(
+        plugins,
+        "extra_arg",
+        """
+        from hub import hookimpl
+        @hookimpl
+        def register_models(register, extra):
+            pass
+    """,
+    )
+    write(plugins, "good", GOOD.format(name="good_model"))
+    host = host_for(plugins)
+    record = host.records["extra_arg"]
+    assert record.status == "failed"
+    (error,) = record.errors
+    assert "\n" not in error and "extra_arg.py" in error  # one line, naming the file
+    assert '"register_models"' in error and "'extra'" in error
+    assert "register_models(register)" in error  # what the hook passes: the fix
+    assert host.pm.get_plugin("extra_arg") is None
+    assert "good_model/1" in [s.key for s in host.collect_models()]
+
+
+def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) -> None:
+    write(plugins, "raises_at_import", 'import numpy\n\nraise RuntimeError("boom at import")\n')
+    package = plugins / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import inner\n")
+    (package / "inner.py").write_text("x = 1\ny = 1 / 0\n")
+    host = host_for(plugins)
+    (error,) = host.records["raises_at_import"].errors
+    assert "boom at import" in error and f"raised at {plugins / 'raises_at_import.py'} line 3" in error
+    (error,) = host.records["pkg"].errors
+    assert "ZeroDivisionError" in error and f"raised at {package / 'inner.py'} line 2" in error
+
+
+def test_a_model_that_fails_to_load_is_logged_with_its_plugin_and_file(
+    plugins: Path, start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(plugins, "typo_target", GOOD.format(name="typo_target").replace('target="numpy"', 'target="numpi"'))
+    with caplog.at_level("ERROR", logger="modelhub.repository"):
+        start_server(plugins)
+    (line,) = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+    assert "unknown target 'numpi' (did you mean 'numpy'?)" in line
+    assert f'(registered by plugin "typo_target", {path})' in line
+
+
+def test_build_with_an_unknown_target_fails_that_row_without_a_traceback(plugins: Path, tmp_path: Path) -> None:
+    write(plugins, "good", GOOD.format(name="good_model"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--target", "onnx-int9", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (row,) = [r for r in json.loads(result.stdout) if r["model"] == "good_model"]
+    assert row["status"] == "failed" and "unknown target 'onnx-int9' (did you mean 'onnx-int8'?)" in row["problem"]
+
+
 def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> None:
     path = write(
         plugins,

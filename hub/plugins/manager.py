@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -85,6 +86,18 @@ def did_you_mean(name: str) -> str:
     """' (did you mean "x"?)' for the hook nearest to a misspelt name, or ''."""
     close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _raised_at(exc: BaseException, location: str) -> str:
+    """' (raised at FILE line N)': the innermost frame of the plugin's own files, or ''."""
+    base = Path(location)
+    root = base.parent if base.name == "__init__.py" else base
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename)
+        if path == base or root in path.parents:
+            where = f" (raised at {frame.filename} line {frame.lineno})"
+    return where
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -228,7 +241,9 @@ class PluginHost:
         try:
             plugin = importer()
         except Exception as exc:
-            self._fail(record, f'Error importing plugin "{name}" from {location}: {exc!r}', exc)
+            self._fail(
+                record, f'Error importing plugin "{name}" from {location}: {exc!r}{_raised_at(exc, location)}', exc
+            )
             return
         if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
             record.status = "failed"
@@ -245,6 +260,13 @@ class PluginHost:
                 record.errors.append(
                     f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook)}'
                 )
+                log.error("%s", record.errors[-1])
+            return
+        mismatched = self._mismatched_signatures(plugin)
+        if mismatched:
+            record.status = "failed"
+            for problem in mismatched:
+                record.errors.append(f'plugin "{name}" ({location}) {problem}')
                 log.error("%s", record.errors[-1])
             return
         try:
@@ -275,6 +297,33 @@ class PluginHost:
             if opts is not None and (opts.get("specname") or attr) not in HOOK_NAMES:
                 unknown.append(opts.get("specname") or attr)
         return unknown
+
+    def _mismatched_signatures(self, plugin: object) -> list[str]:
+        """Implementations asking for parameters their hook does not pass (pluggy's own message
+        is three lines and a traceback, and does not say what the hook takes)."""
+        problems = []
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts is None:
+                continue
+            hook = opts.get("specname") or attr
+            caller = getattr(self.pm.hook, hook, None)
+            if caller is None or caller.spec is None:
+                continue
+            try:
+                parameters = inspect.signature(getattr(plugin, attr)).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            wanted = [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
+            extra = [n for n in wanted if n not in caller.spec.argnames]
+            if extra:
+                takes = ", ".join(caller.spec.argnames)
+                problems.append(
+                    f'implements hook "{hook}" with parameter(s) {", ".join(map(repr, extra))} that the hook does '
+                    f"not pass: the hook is {hook}({takes}); take those names, or a subset of them, and nothing else"
+                )
+        return problems
 
     def _unmarked_hooks(self, module: ModuleType) -> list[str]:
         """Module-level functions named like a hook but not marked, which pluggy silently ignores."""
