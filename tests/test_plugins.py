@@ -171,6 +171,21 @@ def test_hook_with_a_parameter_its_hook_does_not_pass_says_what_the_hook_takes(p
     assert "good_model/1" in [s.key for s in host.collect_models()]
 
 
+def test_a_registration_hook_that_returns_specs_instead_of_registering_them_is_an_error(plugins: Path) -> None:
+    write(
+        plugins,
+        "returns",
+        GOOD.format(name="returned")
+        .replace("    register(ModelSpec(", "    return [ModelSpec(")
+        .replace("    ))", "    )]"),
+    )
+    host = host_for(plugins)
+    assert "returned/1" not in [s.key for s in host.collect_models()]
+    (error,) = host.records["returns"].errors
+    assert "returns.py" in error and "register_models returned a list" in error
+    assert "call register(...) once per ModelSpec" in error
+
+
 def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) -> None:
     write(plugins, "raises_at_import", 'import numpy\n\nraise RuntimeError("boom at import")\n')
     package = plugins / "pkg"

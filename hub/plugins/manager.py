@@ -416,11 +416,19 @@ class PluginHost:
 
     def _guarded(self, record: PluginRecord, hook: str, call: pluggy.HookCaller, **kwargs: Any) -> None:
         try:
-            call(**kwargs)
+            returned = call(**kwargs)
         except HubError as exc:
             self._spec_error(record, str(exc))
         except Exception as exc:
             self._fail(record, f'plugin "{record.name}" ({record.location}) raised in {hook}: {exc!r}', exc)
+        else:
+            if returned:  # pluggy leaves None results out: a registration hook returned something
+                what = "ModelSpec" if hook == "register_models" else "Target"
+                self._spec_error(
+                    record,
+                    f"{hook} returned a {type(returned[0]).__name__}, which is ignored: call "
+                    f"register(...) once per {what} instead, and return nothing",
+                )
 
     def _spec_error(self, record: PluginRecord, message: str) -> None:
         text = f'plugin "{record.name}" ({record.location}): {message}'
