@@ -186,6 +186,16 @@ def test_a_registration_hook_that_returns_specs_instead_of_registering_them_is_a
     assert "call register(...) once per ModelSpec" in error
 
 
+def test_a_plugin_named_like_a_built_in_says_to_rename_it(plugins: Path) -> None:
+    path = write(plugins, "torch", GOOD.format(name="shadowing"))
+    host = host_for(plugins)
+    (record,) = [r for r in host.records.values() if r.location == str(path)]
+    assert record.status == "failed"
+    (error,) = record.errors
+    assert "torch.py" in error and "hub.runtimes.torch" in error and "rename this one" in error
+    assert host.records["torch"].status == "loaded" and host.records["torch"].source == "builtin"
+
+
 def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) -> None:
     write(plugins, "raises_at_import", 'import numpy\n\nraise RuntimeError("boom at import")\n')
     package = plugins / "pkg"

@@ -229,7 +229,8 @@ class PluginHost:
         if name in self.records:
             record.status = "failed"
             record.errors.append(
-                f'plugin "{name}" ({location}) has the same name as one from {self.records[name].location}'
+                f'plugin "{name}" ({location}) has the same name as one from {self.records[name].location}, '
+                f"so it is not loaded: a plugin's name is its file, folder or entry point name; rename this one"
             )
             self.records[f"{name}@{location}"] = record
             log.error("%s", record.errors[-1])
