@@ -375,6 +375,18 @@ def test_block_and_allow_lists(plugins: Path) -> None:
     assert [s.name for s in allowed.collect_models() if s.plugin != "identity"] == ["model_a"]
 
 
+def test_allow_and_block_lists_naming_no_plugin_are_warned_about(
+    plugins: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(plugins, "good", GOOD.format(name="good_model"))
+    with caplog.at_level("WARNING", logger="modelhub.plugins"):
+        host_for(plugins, allow={"god"}, block={"identty", "onnx"})
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any('MODELHUB_PLUGINS names "god"' in line and 'did you mean "good"?' in line for line in lines), lines
+    assert any('MODELHUB_DISABLE_PLUGINS names "identty"' in line and '"identity"' in line for line in lines), lines
+    assert not any('"onnx"' in line for line in lines)  # a real (built-in) name is not warned about
+
+
 def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     site = tmp_path / "site"
     (site / "ep_plugin").mkdir(parents=True)

@@ -187,6 +187,18 @@ class PluginHost:
                 self._add(ep.name, "entry-point", ep.value, ep.load)
         if self.plugins_dir is not None:
             self._load_directory(self.plugins_dir)
+        self._warn_unmatched_names()
+
+    def _warn_unmatched_names(self) -> None:
+        """An allow or block list naming no plugin (a typo) would otherwise be silent."""
+        known = sorted({record.name for record in self.records.values()})
+        for variable, names in (("MODELHUB_PLUGINS", self.allow), ("MODELHUB_DISABLE_PLUGINS", self.block)):
+            for name in sorted(set(names or ()) - set(known)):
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                log.warning(
+                    '%s names "%s", but no plugin is called that%s; plugins: %s', variable, name, hint, ", ".join(known)
+                )
 
     def refresh(self) -> None:
         """Re-import the plugins directory: changed files take effect, new ones are added and
