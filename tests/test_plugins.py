@@ -255,6 +255,16 @@ def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> Non
     assert not host.records["identity"].warnings  # its hooks are all marked
 
 
+def test_a_plugin_implementing_no_hook_is_a_warning(plugins: Path) -> None:
+    path = write(plugins, "helpers", "def shapes():\n    return (1, 2)\n")
+    host = host_for(plugins)
+    record = host.records["helpers"]
+    assert record.status == "loaded" and not record.errors and record.hooks == []
+    (warning,) = record.warnings
+    assert str(path) in warning and "implements no hook" in warning and "@hookimpl" in warning
+    assert not host.records["identity"].warnings
+
+
 def test_package_plugin_relative_imports(plugins: Path) -> None:
     package = plugins / "relative"
     package.mkdir()

@@ -300,6 +300,12 @@ class PluginHost:
                 )
                 log.warning("%s", record.warnings[-1])
         record.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+        if not record.hooks and not record.warnings and source != "builtin":
+            record.warnings.append(
+                f'plugin "{name}" ({location}) implements no hook, so it contributes nothing; mark its hook '
+                f"functions `@hookimpl` (from hub import hookimpl), or put a helper module inside a package plugin"
+            )
+            log.warning("%s", record.warnings[-1])
         log.debug("loaded plugin %s from %s", name, location)
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
