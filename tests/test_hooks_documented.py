@@ -140,3 +140,17 @@ def test_the_config_example_builds_the_bundled_digits(tmp_path: Path) -> None:
     assert spec.target == "onnx-int8" and spec.options["int8_exclude"]
     artifact = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu").ensure(spec)
     assert artifact.manifest["status"] == "ok", artifact.manifest
+
+
+def test_the_preprocess_contract_and_the_batching_default_are_documented() -> None:
+    """A plugin author learns from docs/plugins.md what `preprocess` gets and returns (its
+    signature as ModelSpec declares it) and that a spec without `batching` is not batched."""
+    from hub import ModelSpec
+
+    docs = (ROOT / "docs" / "plugins.md").read_text()
+    declared = ModelSpec.__dataclass_fields__["preprocess"].type
+    assert declared == "Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] | None"
+    assert "`preprocess(inputs: dict[str, np.ndarray]) -> Mapping[str, np.ndarray]`" in docs
+    assert "object arrays of `bytes`" in docs and "INVALID_ARGUMENT" in docs
+    assert ModelSpec.__dataclass_fields__["batching"].default_factory().max_batch_size == 0  # type: ignore[misc]
+    assert "`max_batch_size=0` (the default" in docs

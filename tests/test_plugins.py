@@ -148,6 +148,90 @@ def test_misspelled_hook_is_an_error(plugins: Path) -> None:
     assert host.pm.get_plugin("singular") is None  # not half-registered
 
 
+def test_hook_with_a_parameter_its_hook_does_not_pass_says_what_the_hook_takes(plugins: Path) -> None:
+    write(
+        plugins,
+        "extra_arg",
+        """
+        from hub import hookimpl
+        @hookimpl
+        def register_models(register, extra):
+            pass
+    """,
+    )
+    write(plugins, "good", GOOD.format(name="good_model"))
+    host = host_for(plugins)
+    record = host.records["extra_arg"]
+    assert record.status == "failed"
+    (error,) = record.errors
+    assert "\n" not in error and "extra_arg.py" in error  # one line, naming the file
+    assert '"register_models"' in error and "'extra'" in error
+    assert "register_models(register)" in error  # what the hook passes: the fix
+    assert host.pm.get_plugin("extra_arg") is None
+    assert "good_model/1" in [s.key for s in host.collect_models()]
+
+
+def test_a_registration_hook_that_returns_specs_instead_of_registering_them_is_an_error(plugins: Path) -> None:
+    write(
+        plugins,
+        "returns",
+        GOOD.format(name="returned")
+        .replace("    register(ModelSpec(", "    return [ModelSpec(")
+        .replace("    ))", "    )]"),
+    )
+    host = host_for(plugins)
+    assert "returned/1" not in [s.key for s in host.collect_models()]
+    (error,) = host.records["returns"].errors
+    assert "returns.py" in error and "register_models returned a list" in error
+    assert "call register(...) once per ModelSpec" in error
+
+
+def test_a_plugin_named_like_a_built_in_says_to_rename_it(plugins: Path) -> None:
+    path = write(plugins, "torch", GOOD.format(name="shadowing"))
+    host = host_for(plugins)
+    (record,) = [r for r in host.records.values() if r.location == str(path)]
+    assert record.status == "failed"
+    (error,) = record.errors
+    assert "torch.py" in error and "hub.runtimes.torch" in error and "rename this one" in error
+    assert host.records["torch"].status == "loaded" and host.records["torch"].source == "builtin"
+
+
+def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) -> None:
+    write(plugins, "raises_at_import", 'import numpy\n\nraise RuntimeError("boom at import")\n')
+    package = plugins / "pkg"
+    package.mkdir()
+    (package / "__init__.py").write_text("from . import inner\n")
+    (package / "inner.py").write_text("x = 1\ny = 1 / 0\n")
+    host = host_for(plugins)
+    (error,) = host.records["raises_at_import"].errors
+    assert "boom at import" in error and f"raised at {plugins / 'raises_at_import.py'} line 3" in error
+    (error,) = host.records["pkg"].errors
+    assert "ZeroDivisionError" in error and f"raised at {package / 'inner.py'} line 2" in error
+
+
+def test_a_model_that_fails_to_load_is_logged_with_its_plugin_and_file(
+    plugins: Path, start_server: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = write(plugins, "typo_target", GOOD.format(name="typo_target").replace('target="numpy"', 'target="numpi"'))
+    with caplog.at_level("ERROR", logger="modelhub.repository"):
+        start_server(plugins)
+    (line,) = [r.getMessage() for r in caplog.records if "failed to load" in r.getMessage()]
+    assert "unknown target 'numpi' (did you mean 'numpy'?)" in line
+    assert f'(registered by plugin "typo_target", {path})' in line
+
+
+def test_build_with_an_unknown_target_fails_that_row_without_a_traceback(plugins: Path, tmp_path: Path) -> None:
+    write(plugins, "good", GOOD.format(name="good_model"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--target", "onnx-int9", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    (row,) = [r for r in json.loads(result.stdout) if r["model"] == "good_model"]
+    assert row["status"] == "failed" and "unknown target 'onnx-int9' (did you mean 'onnx-int8'?)" in row["problem"]
+
+
 def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> None:
     path = write(
         plugins,
@@ -169,6 +253,16 @@ def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> Non
     (warning,) = record.warnings
     assert '"register_models"' in warning and "@hookimpl" in warning and str(path) in warning
     assert not host.records["identity"].warnings  # its hooks are all marked
+
+
+def test_a_plugin_implementing_no_hook_is_a_warning(plugins: Path) -> None:
+    path = write(plugins, "helpers", "def shapes():\n    return (1, 2)\n")
+    host = host_for(plugins)
+    record = host.records["helpers"]
+    assert record.status == "loaded" and not record.errors and record.hooks == []
+    (warning,) = record.warnings
+    assert str(path) in warning and "implements no hook" in warning and "@hookimpl" in warning
+    assert not host.records["identity"].warnings
 
 
 def test_package_plugin_relative_imports(plugins: Path) -> None:
@@ -289,6 +383,18 @@ def test_block_and_allow_lists(plugins: Path) -> None:
     assert blocked.records["a"].status == "disabled"
     allowed = host_for(plugins, allow={"a", "identity"})
     assert [s.name for s in allowed.collect_models() if s.plugin != "identity"] == ["model_a"]
+
+
+def test_allow_and_block_lists_naming_no_plugin_are_warned_about(
+    plugins: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    write(plugins, "good", GOOD.format(name="good_model"))
+    with caplog.at_level("WARNING", logger="modelhub.plugins"):
+        host_for(plugins, allow={"god"}, block={"identty", "onnx"})
+    lines = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any('MODELHUB_PLUGINS names "god"' in line and 'did you mean "good"?' in line for line in lines), lines
+    assert any('MODELHUB_DISABLE_PLUGINS names "identty"' in line and '"identity"' in line for line in lines), lines
+    assert not any('"onnx"' in line for line in lines)  # a real (built-in) name is not warned about
 
 
 def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

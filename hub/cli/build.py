@@ -90,6 +90,7 @@ def build_all(
                 refused = builder.read_manifest(spec)  # a refusal after validation keeps its figures
                 if (
                     refused is not None
+                    and spec.target in targets  # an unknown target has no key (and no figures)
                     and refused.get("cache_key") == builder.cache_key(spec, builder.target_for(spec))[0]
                 ):
                     row.update(_figures(refused))

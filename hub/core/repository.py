@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 
@@ -277,11 +278,11 @@ class ModelRepository:
                 artifact = await asyncio.to_thread(self.builder.ensure, model.spec)
             except HubError as exc:
                 self._set_state(model, ModelState.FAILED, str(exc), announce=announce)
-                log.error("model '%s' failed to load: %s", model.spec.key, exc)
+                log.error("model '%s' failed to load: %s%s", model.spec.key, exc, _registered_by(model.spec))
                 return
             except Exception as exc:
                 self._set_state(model, ModelState.FAILED, f"{type(exc).__name__}: {exc}", announce=announce)
-                log.exception("model '%s' failed to load", model.spec.key)
+                log.exception("model '%s' failed to load%s", model.spec.key, _registered_by(model.spec))
                 return
             if model.state is ModelState.UNLOADED:  # unloaded while it was built: it stays so
                 await asyncio.to_thread(artifact.runtime.close)
@@ -322,3 +323,12 @@ def _close_runtime(model: ServedModel) -> None:
             runtime.close()
     except Exception:
         log.exception("model '%s': closing its runtime failed", model.spec.key)
+
+
+def _registered_by(spec: ModelSpec) -> str:
+    """' (registered by plugin "x", FILE)' for a log line: the place to fix a failed model."""
+    if not spec.plugin:
+        return ""
+    files = [str(f) for f in spec.sources]
+    where = f", {files[0] if len(files) == 1 else os.path.commonpath(files)}" if files else ""
+    return f' (registered by plugin "{spec.plugin}"{where})'

@@ -4,6 +4,7 @@ and record the result in manifest.json."""
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -90,8 +91,10 @@ class Builder:
         try:
             return self.targets[spec.target]
         except KeyError:
+            close = difflib.get_close_matches(spec.target, sorted(self.targets), n=1, cutoff=0.6)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise BuildError(
-                f"model '{spec.name}': unknown target '{spec.target}'; "
+                f"model '{spec.name}': unknown target '{spec.target}'{hint}; "
                 f"registered targets: {', '.join(sorted(self.targets))}"
             ) from None
 

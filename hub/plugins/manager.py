@@ -9,6 +9,7 @@ import hashlib
 import importlib
 import importlib.metadata
 import importlib.util
+import inspect
 import itertools
 import json
 import logging
@@ -85,6 +86,18 @@ def did_you_mean(name: str) -> str:
     """' (did you mean "x"?)' for the hook nearest to a misspelt name, or ''."""
     close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1, cutoff=0.6)
     return f' (did you mean "{close[0]}"?)' if close else ""
+
+
+def _raised_at(exc: BaseException, location: str) -> str:
+    """' (raised at FILE line N)': the innermost frame of the plugin's own files, or ''."""
+    base = Path(location)
+    root = base.parent if base.name == "__init__.py" else base
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        path = Path(frame.filename)
+        if path == base or root in path.parents:
+            where = f" (raised at {frame.filename} line {frame.lineno})"
+    return where
 
 
 def _env_list(name: str) -> set[str] | None:
@@ -174,6 +187,18 @@ class PluginHost:
                 self._add(ep.name, "entry-point", ep.value, ep.load)
         if self.plugins_dir is not None:
             self._load_directory(self.plugins_dir)
+        self._warn_unmatched_names()
+
+    def _warn_unmatched_names(self) -> None:
+        """An allow or block list naming no plugin (a typo) would otherwise be silent."""
+        known = sorted({record.name for record in self.records.values()})
+        for variable, names in (("MODELHUB_PLUGINS", self.allow), ("MODELHUB_DISABLE_PLUGINS", self.block)):
+            for name in sorted(set(names or ()) - set(known)):
+                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                log.warning(
+                    '%s names "%s", but no plugin is called that%s; plugins: %s', variable, name, hint, ", ".join(known)
+                )
 
     def refresh(self) -> None:
         """Re-import the plugins directory: changed files take effect, new ones are added and
@@ -216,7 +241,8 @@ class PluginHost:
         if name in self.records:
             record.status = "failed"
             record.errors.append(
-                f'plugin "{name}" ({location}) has the same name as one from {self.records[name].location}'
+                f'plugin "{name}" ({location}) has the same name as one from {self.records[name].location}, '
+                f"so it is not loaded: a plugin's name is its file, folder or entry point name; rename this one"
             )
             self.records[f"{name}@{location}"] = record
             log.error("%s", record.errors[-1])
@@ -228,7 +254,9 @@ class PluginHost:
         try:
             plugin = importer()
         except Exception as exc:
-            self._fail(record, f'Error importing plugin "{name}" from {location}: {exc!r}', exc)
+            self._fail(
+                record, f'Error importing plugin "{name}" from {location}: {exc!r}{_raised_at(exc, location)}', exc
+            )
             return
         if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
             record.status = "failed"
@@ -245,6 +273,13 @@ class PluginHost:
                 record.errors.append(
                     f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook)}'
                 )
+                log.error("%s", record.errors[-1])
+            return
+        mismatched = self._mismatched_signatures(plugin)
+        if mismatched:
+            record.status = "failed"
+            for problem in mismatched:
+                record.errors.append(f'plugin "{name}" ({location}) {problem}')
                 log.error("%s", record.errors[-1])
             return
         try:
@@ -265,6 +300,12 @@ class PluginHost:
                 )
                 log.warning("%s", record.warnings[-1])
         record.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+        if not record.hooks and not record.warnings and source != "builtin":
+            record.warnings.append(
+                f'plugin "{name}" ({location}) implements no hook, so it contributes nothing; mark its hook '
+                f"functions `@hookimpl` (from hub import hookimpl), or put a helper module inside a package plugin"
+            )
+            log.warning("%s", record.warnings[-1])
         log.debug("loaded plugin %s from %s", name, location)
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
@@ -275,6 +316,33 @@ class PluginHost:
             if opts is not None and (opts.get("specname") or attr) not in HOOK_NAMES:
                 unknown.append(opts.get("specname") or attr)
         return unknown
+
+    def _mismatched_signatures(self, plugin: object) -> list[str]:
+        """Implementations asking for parameters their hook does not pass (pluggy's own message
+        is three lines and a traceback, and does not say what the hook takes)."""
+        problems = []
+        for attr in dir(plugin):
+            opts = self.pm.parse_hookimpl_opts(plugin, attr)
+            if opts is None:
+                continue
+            hook = opts.get("specname") or attr
+            caller = getattr(self.pm.hook, hook, None)
+            if caller is None or caller.spec is None:
+                continue
+            try:
+                parameters = inspect.signature(getattr(plugin, attr)).parameters.values()
+            except (TypeError, ValueError):
+                continue
+            positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            wanted = [p.name for p in parameters if p.kind in positional and p.default is inspect.Parameter.empty]
+            extra = [n for n in wanted if n not in caller.spec.argnames]
+            if extra:
+                takes = ", ".join(caller.spec.argnames)
+                problems.append(
+                    f'implements hook "{hook}" with parameter(s) {", ".join(map(repr, extra))} that the hook does '
+                    f"not pass: the hook is {hook}({takes}); take those names, or a subset of them, and nothing else"
+                )
+        return problems
 
     def _unmarked_hooks(self, module: ModuleType) -> list[str]:
         """Module-level functions named like a hook but not marked, which pluggy silently ignores."""
@@ -367,11 +435,19 @@ class PluginHost:
 
     def _guarded(self, record: PluginRecord, hook: str, call: pluggy.HookCaller, **kwargs: Any) -> None:
         try:
-            call(**kwargs)
+            returned = call(**kwargs)
         except HubError as exc:
             self._spec_error(record, str(exc))
         except Exception as exc:
             self._fail(record, f'plugin "{record.name}" ({record.location}) raised in {hook}: {exc!r}', exc)
+        else:
+            if returned:  # pluggy leaves None results out: a registration hook returned something
+                what = "ModelSpec" if hook == "register_models" else "Target"
+                self._spec_error(
+                    record,
+                    f"{hook} returned a {type(returned[0]).__name__}, which is ignored: call "
+                    f"register(...) once per {what} instead, and return nothing",
+                )
 
     def _spec_error(self, record: PluginRecord, message: str) -> None:
         text = f'plugin "{record.name}" ({record.location}): {message}'
