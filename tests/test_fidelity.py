@@ -379,6 +379,8 @@ def test_models_lists_the_report_locally_and_from_a_running_server(
 
     assert main(["models", "--url", "127.0.0.1:1"]) == 1
     assert "cannot read the models of 127.0.0.1:1" in capsys.readouterr().err
+    assert main(["models", "--url", server.http_url]) == 1  # the REST port, by mistake: say which to give
+    assert "--url takes the server's gRPC address" in capsys.readouterr().err
 
 
 BYTES_MODELS = """

@@ -159,6 +159,9 @@ def server_reports(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
             entries.append(entry)
         return entries
     except InferenceServerException as exc:
-        raise OSError(f"cannot read the models of {url}: {exc.message()}") from None
+        hint = ""
+        if "HTTP/2" in (exc.message() or ""):  # an HTTP/1 server answered: the REST or metrics port
+            hint = "; --url takes the server's gRPC address (default localhost:8001), not its HTTP port"
+        raise OSError(f"cannot read the models of {url}: {exc.message()}{hint}") from None
     finally:
         client.close()
