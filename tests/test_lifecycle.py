@@ -119,7 +119,8 @@ def test_unload_then_load(scaler_server: tuple[RunningServer, Path]) -> None:
     assert not client.is_model_ready("scaler")
     with pytest.raises(InferenceServerException) as err:
         client.infer("scaler", [one(1.0)])
-    assert err.value.status() == "StatusCode.UNAVAILABLE" and "unloaded" in err.value.message()
+    assert err.value.status() == "StatusCode.UNAVAILABLE"
+    assert err.value.message().endswith("model 'scaler' version 1 is unloaded")  # not "unloaded: unloaded"
     # As in Triton's explicit mode, the index lists what could be loaded, with its state;
     # `ready` asks for the ready models alone. The same over REST.
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}

@@ -326,8 +326,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=_env_flag("REUSE_PORT"),
         help="with --workers 1: bind gRPC and REST with SO_REUSEPORT, so that several independent servers "
         "(each with its own copy of the models, batcher, statistics and model control) share the ports and "
-        "the kernel spreads connections over them; on CPU under many connections this beats --workers N, "
-        "which hands every request to one model process (docs/workers.md) (env MODELHUB_REUSE_PORT)",
+        "the kernel spreads connections over them, as pods behind a Service do; --workers N with model copies "
+        "runs the same compute with one server's statistics, metrics and model control: prefer it "
+        "(docs/workers.md) (env MODELHUB_REUSE_PORT)",
     )
     serve.add_argument(
         "--port-file",

@@ -105,9 +105,10 @@ class ModelRepository:
     def get_ready(self, name: str, version: str = "") -> ServedModel:
         model = self.resolve(name, version)
         if not model.ready:
+            # An unload's reason is "unloaded" (what Triton's index shows): not said twice.
+            reason = model.reason if model.reason and model.reason != model.state.value else ""
             raise ModelUnavailable(
-                f"model '{name}' version {model.version} is {model.state.value}"
-                + (f": {model.reason}" if model.reason else "")
+                f"model '{name}' version {model.version} is {model.state.value}" + (f": {reason}" if reason else "")
             )
         return model
 
