@@ -1,7 +1,8 @@
 """The client commands as a user runs them, each in a subprocess, against a real server with
 mutual TLS and a token: infer, models --url, health and top all take --tls-ca/--tls-cert/--tls-key
 (or MODELHUB_<COMMAND>_TLS_*) and --token (or MODELHUB_AUTH_TOKEN), and flags that cannot work
-are one line naming the flag and exit 2, never grpc's abort or a traceback."""
+are one line naming the flag and exit 2, never grpc's abort or a traceback. Also: `serve
+--model-control-token` with nothing for it to guard is refused."""
 
 from __future__ import annotations
 
@@ -181,3 +182,18 @@ def test_top_over_https_without_the_ca_says_to_pass_it(server: RunningServer, np
 def test_models_refuses_tls_flags_without_url(pki: Path, tmp_path: Path) -> None:
     result = modelhub("models", "--plugins-dir", str(tmp_path), "--no-entry-points", "--tls-ca", str(pki / "ca.pem"))
     _refused(result, "--tls-ca is for --url")
+
+
+def test_serve_refuses_a_model_control_token_with_nothing_to_guard(tmp_path: Path) -> None:
+    """Without --model-control, --watch or --shared-memory there is no endpoint the token would
+    guard: refused, as --metrics-auth without --auth-token is, rather than a silent no-op."""
+    serve = ["serve", "--plugins-dir", str(tmp_path), "--model-repository", str(tmp_path / "models"),
+             "--no-entry-points", "--device", "cpu", "--threads", "1", "--host", "127.0.0.1",
+             "--grpc-port", "0", "--http-port", "0", "--metrics-port", "off"]  # fmt: skip
+    try:
+        result = modelhub(*serve, "--model-control-token", "ctl-token", timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("serve started with a --model-control-token that guards nothing")
+    assert result.returncode == 1, result.stderr
+    assert "--model-control-token has no effect without --model-control, --watch or --shared-memory" in result.stderr
+    assert "ctl-token" not in result.stderr

@@ -236,6 +236,7 @@ def test_metrics_bind_their_own_host(start_server: Any, plugins: Path) -> None:
     ("settings", "flag"),
     [
         ({"metrics_auth": True}, "--auth-token"),
+        ({"model_control_token": CONTROL_TOKEN}, "--model-control-token"),  # nothing for it to guard
         ({"auth_token": "has space"}, "--auth-token"),
         ({"tls": TlsConfig(Path("/nonexistent/server.pem"), Path("/nonexistent/server.key"))}, "--tls-cert"),
     ],
