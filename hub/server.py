@@ -218,6 +218,11 @@ class Server:
         tokens = config.tokens  # checks the tokens before anything listens
         if config.metrics_auth and config.auth_token is None:
             raise ValueError("--metrics-auth requires --auth-token: it is the token /metrics then asks for")
+        if config.model_control_token is not None and not config.control_enabled and not config.shared_memory:
+            raise ValueError(
+                "--model-control-token has no effect without --model-control, --watch or --shared-memory: "
+                "it guards only load/unload, the log and trace settings and shared-memory registration, all off"
+            )
         ssl_context = config.tls.server_context() if config.tls is not None else None
         models: list[ServedModel] = []
         control: ModelControl

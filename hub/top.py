@@ -8,6 +8,7 @@ and in-flight requests, and state.
 from __future__ import annotations
 
 import math
+import ssl
 import time
 import urllib.request
 from collections import defaultdict
@@ -29,10 +30,12 @@ class Snapshot:
     errors: dict[Key, float] = field(default_factory=lambda: defaultdict(float))
 
 
-def scrape(url: str, timeout: float = 5.0, token: str | None = None) -> Snapshot:
-    """One read of the metrics page; `token` for a server whose /metrics needs --auth-token."""
+def scrape(url: str, timeout: float = 5.0, token: str | None = None, context: ssl.SSLContext | None = None) -> Snapshot:
+    """One read of the metrics page; `token` for a server whose /metrics needs --auth-token,
+    `context` (its CA, and a client certificate for mutual TLS) for one on https."""
     headers = {"Authorization": f"Bearer {token}"} if token else {}
-    text = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout).read().decode()
+    request = urllib.request.Request(url, headers=headers)
+    text = urllib.request.urlopen(request, timeout=timeout, context=context).read().decode()
     snap = Snapshot(at=time.monotonic())
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -128,7 +131,7 @@ def render(table_rows: list[dict[str, Any]], url: str) -> Any:
     return table
 
 
-def run(url: str, interval: float, once: bool, token: str | None = None) -> int:
+def run(url: str, interval: float, once: bool, token: str | None = None, context: ssl.SSLContext | None = None) -> int:
     from rich.console import Console
     from rich.live import Live
 
@@ -136,11 +139,11 @@ def run(url: str, interval: float, once: bool, token: str | None = None) -> int:
     piped = not console.is_terminal
     if piped:  # do not squeeze the table into 80 columns
         console = Console(width=160)
-    before = scrape(url, token=token)
+    before = scrape(url, token=token, context=context)
     if once or piped:  # piped or captured: a table per interval (a live view would print only at its end)
         while True:
             time.sleep(interval)
-            after = scrape(url, token=token)
+            after = scrape(url, token=token, context=context)
             console.print(render(rows(before, after), url))
             if once:
                 return 0
@@ -148,6 +151,6 @@ def run(url: str, interval: float, once: bool, token: str | None = None) -> int:
     with Live(render([], url), console=console, refresh_per_second=4) as live:
         while True:
             time.sleep(interval)
-            after = scrape(url, token=token)
+            after = scrape(url, token=token, context=context)
             live.update(render(rows(before, after), url))
             before = after

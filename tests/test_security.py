@@ -5,8 +5,6 @@ mutual TLS on gRPC and REST, and the metrics port's token or host."""
 from __future__ import annotations
 
 import asyncio
-import datetime
-import ipaddress
 import logging
 import threading
 import urllib.error
@@ -20,10 +18,6 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -31,6 +25,7 @@ from hub.cli import build_parser, cmd_health, cmd_infer, cmd_serve, cmd_top
 from hub.security import TlsConfig
 from hub.server import Server, ServerConfig, describe_bind
 from tests.conftest import TEST_PLUGINS, RunningServer, link_plugins
+from tests.pki import make_pki
 
 TOKEN = "s3cret-inference"
 CONTROL_TOKEN = "s3cret-control"
@@ -241,6 +236,7 @@ def test_metrics_bind_their_own_host(start_server: Any, plugins: Path) -> None:
     ("settings", "flag"),
     [
         ({"metrics_auth": True}, "--auth-token"),
+        ({"model_control_token": CONTROL_TOKEN}, "--model-control-token"),  # nothing for it to guard
         ({"auth_token": "has space"}, "--auth-token"),
         ({"tls": TlsConfig(Path("/nonexistent/server.pem"), Path("/nonexistent/server.key"))}, "--tls-cert"),
     ],
@@ -254,56 +250,10 @@ def test_bad_security_settings_are_refused_naming_the_flag(plugins: Path, settin
 # --- TLS ----------------------------------------------------------------------------------------
 
 
-def _name(common_name: str) -> x509.Name:
-    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
-
-
-def _issue(
-    folder: Path,
-    stem: str,
-    subject: str,
-    issuer: tuple[x509.Name, Any] | None,
-    *,
-    ca: bool = False,
-    server: bool = False,
-) -> tuple[x509.Name, Any]:
-    """A key and a certificate (signed by `issuer`, else self-signed) written as stem.pem/.key."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.UTC)
-    signer_name, signer_key = issuer or (_name(subject), key)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(_name(subject))
-        .issuer_name(signer_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
-    )
-    if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        ).add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    elif not ca:
-        builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    certificate = builder.sign(signer_key, hashes.SHA256())
-    (folder / f"{stem}.pem").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
-    (folder / f"{stem}.key").write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    )
-    return _name(subject), key
-
-
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all made here."""
-    folder = tmp_path_factory.mktemp("pki")
-    authority = _issue(folder, "ca", "modelhub test CA", None, ca=True)
-    _issue(folder, "server", "127.0.0.1", authority, server=True)
-    _issue(folder, "client", "modelhub test client", authority)
-    return folder
+    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_tls_on_grpc_and_rest(start_server: Any, plugins: Path, pki: Path) -> None:

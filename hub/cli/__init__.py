@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hub import __version__
+from hub.cli.connect import Connection, FlagError, add_client_args
 
 if TYPE_CHECKING:
     from hub.signals import StopSignals
@@ -131,14 +132,6 @@ def _add_url_arg(parser: argparse.ArgumentParser) -> None:
         "--url",
         default=_env("URL", "localhost:8001"),
         help="server address (env MODELHUB_URL; default: localhost:8001)",
-    )
-
-
-def _add_token_arg(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--token",
-        default=_env("AUTH_TOKEN", None),
-        help="bearer token for a server started with --auth-token (env MODELHUB_AUTH_TOKEN, as the server's)",
     )
 
 
@@ -406,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--url", help="read a running server's models and build reports (gRPC, e.g. localhost:8001) instead"
     )
+    add_client_args(models, "models")  # with --url
 
     build = commands.add_parser("build", help="build, check and measure artifacts ahead of serving")
     build.add_argument("models", nargs="*", metavar="MODEL", help="models to build (default: all)")
@@ -436,20 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--save", type=Path, help="also write each output to DIR/<name>.npy")
     infer.add_argument("--timeout", type=float, default=30.0, help="request deadline in seconds (default: 30)")
     _add_url_arg(infer)
-    _add_token_arg(infer)
+    add_client_args(infer, "infer")
 
     health = commands.add_parser("health", help="gRPC health check; exit 0 when SERVING (for container probes)")
     health.add_argument("--service", default="", help="a model name, or empty for the whole server")
     health.add_argument("--timeout", type=float, default=3.0)
-    # Its own variables: in a container MODELHUB_TLS_* are the server's certificate, not a client's.
-    for flag, what in (
-        ("ca", "PEM CA bundle that signed the server's certificate: speak TLS"),
-        ("cert", "PEM client certificate, for a server with --tls-client-ca"),
-        ("key", "PEM key of --tls-cert"),
-    ):
-        env = f"HEALTH_TLS_{flag.upper()}"
-        health.add_argument(f"--tls-{flag}", type=Path, default=_env(env, None), help=f"{what} (env MODELHUB_{env})")
     _add_url_arg(health)
+    add_client_args(health, "health")  # the token only for --service's model states: health itself is open
     top = commands.add_parser("top", help="a live terminal view of a running server's models")
     top.add_argument(
         "--metrics-url",
@@ -458,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     top.add_argument("--interval", type=float, default=2.0, help="seconds between polls (default: 2)")
     top.add_argument("--once", action="store_true", help="print one table over one interval, then exit")
-    _add_token_arg(top)
+    add_client_args(top, "top")  # the TLS flags for an https:// --metrics-url
     return parser
 
 
@@ -706,8 +693,11 @@ def cmd_models_url(args: argparse.Namespace) -> int:
     """`modelhub models --url`: the report as a running server's ModelConfig parameters give it."""
     from hub.pipeline.report import server_reports
 
+    connection = _connect(args)
+    if connection is None:
+        return 2
     try:
-        entries = server_reports(args.url)
+        entries = server_reports(args.url, credentials=connection.grpc_credentials(), metadata=connection.metadata)
     except OSError as exc:
         print(f"modelhub models: {exc}", file=sys.stderr)
         return 1
@@ -743,6 +733,13 @@ def cmd_models(args: argparse.Namespace) -> int:
 
     if args.url:
         return cmd_models_url(args)
+    given = [f"--tls-{flag}" for flag in ("ca", "cert", "key") if getattr(args, f"tls_{flag}") is not None]
+    if given:  # MODELHUB_MODELS_TLS_* are the client's own: set, they mean a server was meant
+        print(
+            f"modelhub models: {given[0]} is for --url (a running server); the local listing reads none",
+            file=sys.stderr,
+        )
+        return 2
     host = _host(args)
     targets = host.collect_targets()
     specs = host.collect_models()
@@ -819,6 +816,16 @@ def cmd_models(args: argparse.Namespace) -> int:
 # --- clients ------------------------------------------------------------------------------------
 
 
+def _connect(args: argparse.Namespace) -> Connection | None:
+    """The client command's TLS and token flags, checked; None, after one line on stderr
+    naming the flag, when they cannot work."""
+    try:
+        return Connection.from_args(args)
+    except FlagError as exc:
+        print(f"modelhub {args.command}: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_infer(args: argparse.Namespace) -> int:
     import grpc
 
@@ -826,6 +833,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from hub.protocol.generated import grpc_service_pb2 as pb
     from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 
+    connection = _connect(args)
+    if connection is None:
+        return 2
     request = pb.ModelInferRequest(model_name=args.model, model_version=args.model_version)
     for item in args.input:
         name, sep, path = item.partition("=")
@@ -842,11 +852,10 @@ def cmd_infer(args: argparse.Namespace) -> int:
         request.raw_input_contents.append(encode_bytes(array) if datatype == "BYTES" else array.tobytes())
     for name in args.output:
         request.outputs.add(name=name)
-    with grpc.insecure_channel(args.url) as channel:
+    with connection.channel(args.url) as channel:
         try:
-            metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
             stub = pb_grpc.GRPCInferenceServiceStub(channel)
-            response = stub.ModelInfer(request, timeout=args.timeout, metadata=metadata)
+            response = stub.ModelInfer(request, timeout=args.timeout, metadata=connection.metadata)
         except grpc.RpcError as exc:
             print(f"{exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
@@ -866,19 +875,10 @@ def cmd_health(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    if args.tls_ca is None and args.tls_cert is not None:
-        print("--tls-cert needs --tls-ca (the CA that signed the server's certificate)", file=sys.stderr)
+    connection = _connect(args)
+    if connection is None:
         return 2
-    if args.tls_ca is None:
-        channel = grpc.insecure_channel(args.url)
-    else:
-        credentials = grpc.ssl_channel_credentials(
-            args.tls_ca.read_bytes(),
-            args.tls_key.read_bytes() if args.tls_key else None,
-            args.tls_cert.read_bytes() if args.tls_cert else None,
-        )
-        channel = grpc.secure_channel(args.url, credentials)
-    with channel:
+    with connection.channel(args.url) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
@@ -891,20 +891,25 @@ def cmd_health(args: argparse.Namespace) -> int:
             status = "NOT_FOUND"
         print(status)
         if args.service:
-            for line in _model_states(channel, args.service, args.timeout):
+            for line in _model_states(channel, args.service, args.timeout, connection.metadata):
                 print(f"  {line}")
     return 0 if status == "SERVING" else 1
 
 
-def _model_states(channel: Any, name: str, timeout: float) -> list[str]:
-    """Each version of model `name` with its state and reason, from the server's RepositoryIndex."""
+def _model_states(
+    channel: Any, name: str, timeout: float, metadata: tuple[tuple[str, str], ...] | None = None
+) -> list[str]:
+    """Each version of model `name` with its state and reason, from the server's RepositoryIndex
+    (which, unlike health, needs the token of a server with --auth-token)."""
     import grpc
 
     from hub.protocol.generated import grpc_service_pb2 as pb
     from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 
     try:
-        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(pb.RepositoryIndexRequest(), timeout=timeout)
+        index = pb_grpc.GRPCInferenceServiceStub(channel).RepositoryIndex(
+            pb.RepositoryIndexRequest(), timeout=timeout, metadata=metadata
+        )
     except grpc.RpcError as exc:
         return [f"model states unavailable: RepositoryIndex: {exc.code().name}: {exc.details()}"]
     versions = [m for m in index.models if m.name == name]
@@ -979,12 +984,23 @@ def cmd_build(args: argparse.Namespace) -> int:
 
 def cmd_top(args: argparse.Namespace) -> int:
     import http.client
+    import ssl
+    import urllib.parse
 
     from hub.top import run
 
+    connection = _connect(args)
+    if connection is None:
+        return 2
+    if connection.tls and urllib.parse.urlsplit(args.metrics_url).scheme != "https":
+        print(f"modelhub top: --tls-ca is for an https:// --metrics-url, not {args.metrics_url}", file=sys.stderr)
+        return 2
     try:
-        return run(args.metrics_url, args.interval, args.once, args.token)
+        return run(args.metrics_url, args.interval, args.once, connection.token, connection.ssl_context)
     except (OSError, http.client.HTTPException, ValueError) as exc:
         # unreachable, not speaking HTTP (the gRPC port, say), or a malformed URL or page
-        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}", file=sys.stderr)
+        hint = ""
+        if isinstance(getattr(exc, "reason", exc), ssl.SSLCertVerificationError) and not connection.tls:
+            hint = " (pass the CA that signed the server's certificate with --tls-ca)"
+        print(f"modelhub top: cannot read {args.metrics_url}: {exc!r}{hint}", file=sys.stderr)
         return 1

@@ -3,7 +3,7 @@ ModelConfig parameters (and for any listing that wants one line per figure)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 #: Every key report_parameters can emit, in display order; a key is absent when the build did
@@ -128,15 +128,24 @@ def summary(params: Mapping[str, str]) -> str:
     return ", ".join(parts)
 
 
-def server_reports(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
+def server_reports(
+    url: str,
+    timeout: float = 10.0,
+    credentials: Any = None,
+    metadata: Sequence[tuple[str, str]] | None = None,
+) -> list[dict[str, Any]]:
     """Every model a running server lists (RepositoryIndex), with its ModelConfig parameters:
-    what `modelhub models --url` shows. Raises OSError naming the URL when it cannot be read."""
+    what `modelhub models --url` shows. `credentials` (grpc.ChannelCredentials) for a server
+    with TLS, `metadata` (the authorization) for one with a token. Raises OSError naming the URL
+    when it cannot be read."""
     import tritonclient.grpc as tc
     from tritonclient.utils import InferenceServerException
 
-    client = tc.InferenceServerClient(url)
+    client = tc.InferenceServerClient(url, creds=credentials)
+    headers = dict(metadata) if metadata else None
     try:
-        index = client.get_model_repository_index(as_json=True, client_timeout=timeout).get("models", [])
+        reply = client.get_model_repository_index(headers=headers, as_json=True, client_timeout=timeout)
+        index = reply.get("models", [])
         entries = []
         for model in index:
             name, version = model["name"], model.get("version", "")
@@ -147,7 +156,9 @@ def server_reports(url: str, timeout: float = 10.0) -> list[dict[str, Any]]:
                 "reason": model.get("reason", ""),
             }
             try:
-                config = client.get_model_config(name, version, as_json=True, client_timeout=timeout)["config"]
+                config = client.get_model_config(name, version, headers=headers, as_json=True, client_timeout=timeout)[
+                    "config"
+                ]
             except InferenceServerException as exc:  # an unavailable model has no config to read
                 entry.update(parameters={}, max_batch_size=None, problem=exc.message())
             else:
