@@ -19,10 +19,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from hub.core.models import ModelState
@@ -320,6 +322,106 @@ async def sigterm_answers_every_accepted_request(server: Workers) -> None:
     await client.close()
     assert [r if isinstance(r, Exception) else float(r.as_numpy("OUTPUT0")[0, 0]) for r in results] == [6.0] * 4
     assert server.stop() == 0, server.output()
+
+
+# --- health, metrics and traces of the whole server --------------------------------------------
+
+
+def _health(server: Workers, service: str, connections: int = 8) -> list[str]:
+    """The gRPC health of `service` over that many connections of their own (SO_REUSEPORT
+    spreads them over the frontends): one status name each."""
+    statuses = []
+    for i in range(connections):
+        options = [("grpc.use_local_subchannel_pool", 1), ("health", i)]
+        with grpc.insecure_channel(server.url, options=options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return statuses
+
+
+def _all_serving(server: Workers, services: tuple[str, ...], within: float = 3.0) -> None:
+    """Every frontend reports each of `services` SERVING within `within` seconds of ServerReady
+    (a change of readiness reaches the health service at once; NOT_SERVING for minutes was the
+    fault)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = {service: _health(server, service) for service in services}
+        if all(set(statuses) == {"SERVING"} for statuses in found.values()):
+            return
+        assert time.monotonic() < deadline, found
+        time.sleep(0.1)
+
+
+#: A model that takes a second to load: a restarted model process is still loading when the
+#: frontends have reconnected, and says it has loaded in a message of its own.
+SLOW_LOAD = """
+import time
+
+import numpy as np
+from hub import ModelSpec, TensorSpec, hookimpl
+
+def build():
+    time.sleep(1.0)
+    return lambda inputs: {"OUTPUT0": inputs["INPUT0"] * 2}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="slow_load",
+        build=build,
+        inputs=[TensorSpec("INPUT0", "FP32", (-1, 1))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1, 1))],
+        example_inputs={"INPUT0": np.ones((1, 1), np.float32)},
+        target="numpy",
+    ))
+"""
+
+
+def test_grpc_health_follows_readiness_in_every_frontend(tmp_path: Path) -> None:
+    """grpc.health.v1 (`modelhub health`, the Dockerfile's HEALTHCHECK) says what ServerReady and
+    ModelReady say, in every frontend: a model already ready when a frontend starts listening
+    is SERVING there (a restarted frontend's too), and the server is SERVING again once a
+    restarted model process has loaded (its last message says so, and changes no model)."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    (plugins / "slow_load.py").write_text(SLOW_LOAD)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    services = ("", "identity_fp32", "slow_load")
+    try:
+        _all_serving(server, services)
+        health = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "health", "--url", server.url, "--service", "slow_load"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert health.returncode == 0, health.stdout + health.stderr
+        server.kill_frontend()
+        clients = _restart_clients(server)
+        assert all(c.is_model_ready("slow_load") for c in clients)
+        _all_serving(server, services)
+        client = tc.InferenceServerClient(server.url)
+        client.unload_model("slow_load")
+        assert set(_health(server, "slow_load")) == {"NOT_SERVING"}
+        client.load_model("slow_load")
+        assert set(_health(server, "slow_load")) == {"SERVING"}
+        for _ in range(2):
+            _restart_model_process(server)
+            _all_serving(server, services)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def _restart_clients(server: Workers, connections: int = 8) -> list[tc.InferenceServerClient]:
+    """Once a killed frontend's replacement serves: that many clients, each on a connection of its own."""
+    deadline = time.monotonic() + 120
+    clients = [
+        tc.InferenceServerClient(server.url, channel_args=[("grpc.use_local_subchannel_pool", 1), ("again", i)])
+        for i in range(connections)
+    ]
+    for client in clients:
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+    return clients
 
 
 # --- independent servers on one port (--reuse-port) -------------------------------------------

@@ -644,7 +644,10 @@ class RemoteRepository(ModelRepository):
         #: version: (their plugin files, the spec, its target).
         self._prepared: dict[tuple[str, int], tuple[str, ModelSpec, Target | None]] = {}
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
+        #: Set while the model process has loaded its models (its first load done): the server
+        #: is not ready while it is away, restarting. `on_loaded` listeners hear each change.
         self.loaded = asyncio.Event()
+        self._loaded_listeners: list[Callable[[], None]] = []
         self._backlog: collections.deque[Header] = collections.deque()  # views waiting for the plugins
         self._applying: asyncio.Task[None] | None = None
         #: The last table of models applied, read again (with the plugins) while a model is out
@@ -658,6 +661,20 @@ class RemoteRepository(ModelRepository):
 
     def start(self) -> None:
         self.client.start()
+
+    def on_loaded(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever `loaded` is set or cleared."""
+        self._loaded_listeners.append(listener)
+
+    def _set_loaded(self, loaded: bool) -> None:
+        if loaded == self.loaded.is_set():
+            return
+        if loaded:
+            self.loaded.set()
+        else:
+            self.loaded.clear()
+        for listener in self._loaded_listeners:
+            listener()
 
     def _read(self) -> tuple[dict[str, Target], list[ModelSpec], dict[tuple[str, int], str | None]]:
         """Import the plugins as they are now: the targets, the specs, and the plugin files
@@ -802,7 +819,7 @@ class RemoteRepository(ModelRepository):
             for model in self.models():
                 if model.state is not ModelState.UNLOADED:
                     self._set_state(model, ModelState.LOADING, "the model process is restarting")
-            self.loaded.clear()
+            self._set_loaded(False)
             return
         seen = set()
         stray = False
@@ -842,7 +859,7 @@ class RemoteRepository(ModelRepository):
         self._retry_later(stray)
         self.synced.set()
         if header.get("loaded"):
-            self.loaded.set()
+            self._set_loaded(True)
         if "a" in header:  # a load or unload waits until every frontend has applied it
             self.client.acknowledge(header["a"])
 
