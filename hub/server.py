@@ -318,7 +318,9 @@ class Server:
             )
         if isinstance(self.metrics, Metrics) and config.metrics_port is not None:
             metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
-            self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
+            # The model process of --workers N: the frontends' gauges are read at each scrape.
+            refresh = self.engine.refresh_gauges if self.engine is not None else None
+            self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens, refresh))
             self.metrics_port = await self._metrics_http.start(
                 config.metrics_host or config.host,
                 config.metrics_port,

@@ -98,7 +98,7 @@ async def test_statistics_and_metrics_count_every_frontend(workers: Workers, dig
 
 async def test_requests_in_flight_in_a_frontend_show_in_the_gauge(workers: Workers) -> None:
     """A frontend computing from its own copy reports what it holds to the model process,
-    which serves /metrics: within GAUGE_DELAY (50 ms) when no commit carries it sooner."""
+    which serves /metrics and asks every frontend at each scrape."""
     client = tc_aio.InferenceServerClient(workers.url)
     tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
@@ -422,6 +422,45 @@ def _restart_clients(server: Workers, connections: int = 8) -> list[tc.Inference
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.05)
     return clients
+
+
+@pytest.mark.parametrize("fixture", ["workers_server", "workers_remote_server"])
+async def test_gauges_are_what_is_queued_and_in_flight_when_scraped(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Under steady load /metrics reads the queue depth and requests in flight as they are at
+    the scrape, with the model in a frontend's copy or in the model process: four clients
+    that each send "sleepy" (50 ms a request, one at a time) a request as soon as the last is
+    answered keep four in flight and three queued nearly all the time (Little's law). Read
+    from the frontends' commits, which follow the answers, the gauges caught the moment just
+    after one: a request fewer in flight and queued, every time."""
+    server = cast(Workers, request.getfixturevalue(fixture))
+    client = tc_aio.InferenceServerClient(server.url)  # one connection: one frontend
+    tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+    stop = asyncio.Event()
+
+    async def closed_loop() -> int:
+        answered = 0
+        while not stop.is_set():
+            await client.infer("sleepy", [tensor])
+            answered += 1
+        return answered
+
+    loops = [asyncio.ensure_future(closed_loop()) for _ in range(4)]
+    labels = 'model="sleepy",version="1"'
+    await asyncio.sleep(0.3)  # the four are in
+    in_flight, queued = [], []
+    for _ in range(30):
+        in_flight.append(await asyncio.to_thread(_metric, server, "modelhub_inflight_requests", labels))
+        queued.append(await asyncio.to_thread(_metric, server, "modelhub_queue_depth", labels))
+        await asyncio.sleep(0.037)  # not a multiple of the 50 ms a request takes
+    stop.set()
+    assert min(await asyncio.gather(*loops)) > 5
+    await client.close()
+    assert max(in_flight) <= 4 and max(queued) <= 3, (in_flight, queued)
+    assert sum(in_flight) / len(in_flight) >= 3.5, in_flight
+    assert sum(queued) / len(queued) >= 2.5, queued
 
 
 # --- independent servers on one port (--reuse-port) -------------------------------------------
