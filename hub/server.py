@@ -41,6 +41,7 @@ from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
+from hub.workers.counter import SharedCounter
 from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository, RemoteTraces
 
 if TYPE_CHECKING:
@@ -205,6 +206,7 @@ class Server:
         self._watcher: asyncio.Task[None] | None = None
         self._watch_from: dict[str, tuple[int, int, int]] | None = None
         self.shared_memory: SharedMemoryRegistry | None = None
+        self._trace_ids: SharedCounter | None = None  # a frontend's: every frontend numbers traces from it
         #: Set when this process must end and be started afresh (`device_lost`); `modelhub
         #: serve` then drains and exits with `exit_code`.
         self.fatal = asyncio.Event()
@@ -227,8 +229,11 @@ class Server:
         models: list[ServedModel] = []
         control: ModelControl
         # This process's tracer samples its requests either way; in a frontend the model process
-        # holds the settings and the count (the data plane defaults to this process's own).
-        tracer = Tracer()
+        # holds the settings and the count (the data plane defaults to this process's own), and
+        # the ids come from a counter every frontend shares, beside the model process's socket.
+        if config.engine_socket is not None:
+            self._trace_ids = SharedCounter(config.engine_socket.with_suffix(".trace-ids"))
+        tracer = Tracer(self._trace_ids)
         log_control: LogControl | None = None
         traces: TraceControl | None = None
         if config.engine_socket is not None:
@@ -555,6 +560,8 @@ class Server:
             except TimeoutError:
                 log.warning("a plugin's server_stopping has not returned; stopping without it")
         self.plugins.close()
+        if self._trace_ids is not None:
+            self._trace_ids.close()
         log.info("modelhub stopped")
 
     # --- health -----------------------------------------------------------------------------

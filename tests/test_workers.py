@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import os
 import signal
 import socket
@@ -30,6 +31,7 @@ from tritonclient.utils import InferenceServerException
 from hub.core.models import ModelState
 from hub.server import ServerConfig
 from hub.workers.arena import SHM_DIR, Arena
+from hub.workers.counter import SharedCounter
 from hub.workers.frontend import EngineClient
 from hub.workers.wire import MAX_FRAMES, MAX_HEADER, Channel, MessageTooLarge, pack_arrays, unpack_arrays
 
@@ -461,6 +463,70 @@ async def test_gauges_are_what_is_queued_and_in_flight_when_scraped(
     assert max(in_flight) <= 4 and max(queued) <= 3, (in_flight, queued)
     assert sum(in_flight) / len(in_flight) >= 3.5, in_flight
     assert sum(queued) / len(queued) >= 2.5, queued
+
+
+def _traces(server: Workers, model: str) -> list[int]:
+    """The ids of the trace lines of `model` in the server's log so far."""
+    ids = []
+    for line in server.log_path.read_bytes().decode(errors="replace").splitlines():
+        if "modelhub.trace" in line and f'"model_name":"{model}"' in line:
+            ids.append(json.loads(line[line.index("{") :])["id"])
+    return ids
+
+
+def test_trace_ids_are_unique_across_frontends_and_the_count_is_the_servers(tmp_path: Path) -> None:
+    """Triton numbers its traces once per server: with --workers 2 no two traces share an id,
+    whichever frontend wrote them (one restarted since included), and `trace_count` is the
+    whole server's."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    tensor = tc.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+
+    def requests(count: int) -> None:
+        for client in _connections(server, count):
+            client.infer("identity_fp32", [tensor])
+        time.sleep(0.5)  # the frontends write the log
+
+    try:
+        client = tc.InferenceServerClient(server.url)
+        settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "5"}
+        client.update_trace_settings(model_name="identity_fp32", settings=settings)
+        requests(20)
+        ids = _traces(server, "identity_fp32")
+        assert sorted(ids) == [1, 2, 3, 4, 5], ids
+        client.update_trace_settings(model_name="identity_fp32", settings={"trace_count": "-1"})
+        requests(12)
+        server.kill_frontend()
+        _restart_clients(server)
+        requests(12)
+        ids = _traces(server, "identity_fp32")
+        assert len(ids) == 5 + 24 and len(set(ids)) == len(ids), sorted(ids)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_a_shared_counter_draws_each_number_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every holder of the file draws the next number, a later one (a restarted frontend's)
+    included; a file that cannot be used counts alone, and says so, rather than fail."""
+    first, second = SharedCounter(tmp_path / "ids"), SharedCounter(tmp_path / "ids")
+    assert [first(), second(), second(), first()] == [1, 2, 3, 4]
+    first.close()
+    later = SharedCounter(tmp_path / "ids")
+    assert later() == 5
+    for counter in (second, later):
+        counter.close()
+    lost = SharedCounter(tmp_path / "gone" / "ids")
+    assert [lost(), lost()] == [1, 2]
+    assert "ids may repeat" in caplog.text
+
+
+def _connections(server: Workers, n: int) -> list[tc.InferenceServerClient]:
+    """n clients, each on its own connection (SO_REUSEPORT spreads them over the frontends)."""
+    return [
+        tc.InferenceServerClient(server.url, channel_args=[("grpc.use_local_subchannel_pool", 1), ("fresh", i)])
+        for i in range(n)
+    ]
 
 
 # --- independent servers on one port (--reuse-port) -------------------------------------------
