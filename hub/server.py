@@ -41,6 +41,7 @@ from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
+from hub.workers.counter import SharedCounter
 from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository, RemoteTraces
 
 if TYPE_CHECKING:
@@ -192,6 +193,11 @@ class Server:
         self._grpc_close: Callable[[], None] | None = None  # frees the thread-pool server's threads
         self._servicer: InferenceServicer | None = None
         self._health = health_aio.HealthServicer()
+        #: What the health service says of each service ("" and every model name), as last set;
+        #: `readiness_changed` asks for it to be brought up to date (`_keep_health`).
+        self._health_status: dict[str, int] = {}
+        self._readiness = asyncio.Event()
+        self._health_keeper: asyncio.Task[None] | None = None
         self._http: HttpListener | None = None
         self._metrics_http: HttpListener | None = None
         self._loading: asyncio.Task[None] | None = None
@@ -200,6 +206,7 @@ class Server:
         self._watcher: asyncio.Task[None] | None = None
         self._watch_from: dict[str, tuple[int, int, int]] | None = None
         self.shared_memory: SharedMemoryRegistry | None = None
+        self._trace_ids: SharedCounter | None = None  # a frontend's: every frontend numbers traces from it
         #: Set when this process must end and be started afresh (`device_lost`); `modelhub
         #: serve` then drains and exits with `exit_code`.
         self.fatal = asyncio.Event()
@@ -227,8 +234,11 @@ class Server:
         models: list[ServedModel] = []
         control: ModelControl
         # This process's tracer samples its requests either way; in a frontend the model process
-        # holds the settings and the count (the data plane defaults to this process's own).
-        tracer = Tracer()
+        # holds the settings and the count (the data plane defaults to this process's own), and
+        # the ids come from a counter every frontend shares, beside the model process's socket.
+        if config.engine_socket is not None:
+            self._trace_ids = SharedCounter(config.engine_socket.with_suffix(".trace-ids"))
+        tracer = Tracer(self._trace_ids)
         log_control: LogControl | None = None
         traces: TraceControl | None = None
         if config.engine_socket is not None:
@@ -269,7 +279,9 @@ class Server:
             control = self.control = ModelController(
                 self.repository, self.plugins, config.deployment, config.plugins_dir
             )
-        self.repository.on_change(self._model_changed)
+        self.repository.on_change(self.readiness_changed)
+        if isinstance(self.repository, RemoteRepository):  # ready only while the model process is loaded
+            self.repository.on_loaded(self.readiness_changed)
         if config.shared_memory:
             if isinstance(self.repository, RemoteRepository):  # a frontend: the model process keeps the regions
                 self.shared_memory = self.repository.mirror_regions(config.shared_memory, self.device)
@@ -298,9 +310,11 @@ class Server:
             # one knows the models (a connection here before that got NOT_FOUND for each).
             await self.repository.synced.wait()
         if config.grpc_port is not None:
+            # Health from the state now (a model may be ready already: the model process's, when
+            # this frontend started after it loaded), then kept up to date from every change.
+            await self._sync_health()
+            self._health_keeper = asyncio.get_running_loop().create_task(self._keep_health())
             await self._start_grpc(config.host, config.grpc_port)
-        for name in ["", *self.repository.names()]:
-            await self._health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         if config.http_port is not None:
             rest = RestFrontend(self.plane, max_body=config.limits.request_bytes, limits=config.limits, tokens=tokens)
             self._http = HttpListener(rest.app())
@@ -314,7 +328,9 @@ class Server:
             )
         if isinstance(self.metrics, Metrics) and config.metrics_port is not None:
             metrics_tokens = Tokens(config.auth_token) if config.metrics_auth else None
-            self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens))
+            # The model process of --workers N: the frontends' gauges are read at each scrape.
+            refresh = self.engine.refresh_gauges if self.engine is not None else None
+            self._metrics_http = HttpListener(metrics_app(self.metrics.registry, metrics_tokens, refresh))
             self.metrics_port = await self._metrics_http.start(
                 config.metrics_host or config.host,
                 config.metrics_port,
@@ -446,13 +462,13 @@ class Server:
         if isinstance(self.repository, RemoteRepository):
             await self.repository.loaded.wait()  # the model process loads; `server_started` runs there
             self._loaded.set()
-            await self._update_server_health()
+            self.readiness_changed()
             return
         for model in models:
             await self.repository.load(model)  # type: ignore[union-attr]
         await asyncio.to_thread(self.plugins.server_started, self.info)
         self._loaded.set()
-        await self._update_server_health()
+        self.readiness_changed()
 
     async def wait_until_loaded(self, timeout: float | None = None) -> None:
         await asyncio.wait_for(self._loaded.wait(), timeout)
@@ -472,6 +488,7 @@ class Server:
             EXIT_DEVICE_LOST,
         )
         self.fatal.set()
+        self.readiness_changed()
 
     def is_live(self) -> bool:
         return not self.fatal.is_set()
@@ -507,7 +524,7 @@ class Server:
             if self._servicer is not None:
                 self._servicer.refuse_new()  # and streams stop reading
         await self._health.enter_graceful_shutdown()
-        for task in (self._loading, self._watcher):
+        for task in (self._loading, self._watcher, self._health_keeper):
             if task is not None and not task.done():
                 task.cancel()
         # In a thread of its own: asyncio's default pool also runs the models' preprocess, and
@@ -548,24 +565,39 @@ class Server:
             except TimeoutError:
                 log.warning("a plugin's server_stopping has not returned; stopping without it")
         self.plugins.close()
+        if self._trace_ids is not None:
+            self._trace_ids.close()
         log.info("modelhub stopped")
 
     # --- health -----------------------------------------------------------------------------
 
-    def _model_changed(self, model: ServedModel) -> None:
-        if self._grpc is None or self.repository is None:
-            return
-        serving = any(m.ready for m in self.repository.versions(model.name))
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
-        asyncio.get_running_loop().create_task(self._health.set(model.name, status))
-        if self._loaded.is_set():
-            asyncio.get_running_loop().create_task(self._update_server_health())
+    def readiness_changed(self, *_: object) -> None:
+        """Something `is_ready` or a model's readiness depends on may have changed (a model's
+        state, the first load done, the model process away or back, a lost device): bring the
+        gRPC health service up to date with ServerReady and ModelReady. Every such change comes
+        here; the health service is written in `_sync_health` alone, once per burst of changes."""
+        self._readiness.set()
 
-    async def _update_server_health(self) -> None:
-        ready = self.is_ready()
-        await self._health.set(
-            "", health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
-        )
+    async def _keep_health(self) -> None:
+        while True:
+            await self._readiness.wait()
+            self._readiness.clear()
+            await self._sync_health()
+
+    async def _sync_health(self) -> None:
+        """Set each service from the state now: "" SERVING while the server is ready, a model's
+        while a version of it is ready (docs/metrics.md); a model no longer served NOT_SERVING."""
+        if self.repository is None:
+            return
+        serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+        wanted = {name: not_serving for name in self._health_status}
+        wanted[""] = serving if self.is_ready() else not_serving
+        for name in self.repository.names():
+            wanted[name] = serving if any(m.ready for m in self.repository.versions(name)) else not_serving
+        for name, status in wanted.items():
+            if self._health_status.get(name) != status:
+                self._health_status[name] = status
+                await self._health.set(name, status)
 
 
 def _in_own_thread(function: Callable[..., object], *args: Any) -> asyncio.Future[None]:

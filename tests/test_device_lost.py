@@ -10,11 +10,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
 import tritonclient.grpc as tc
 import tritonclient.http as th
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from hub.errors import device_lost
@@ -66,15 +68,26 @@ def _fault(url: str) -> None:
     assert "model 'faulty' failed: AcceleratorError" in failed.value.message()
 
 
+def _health(url: str) -> str:
+    """The gRPC health of the whole server (service "")."""
+    with grpc.insecure_channel(url) as channel:
+        status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=10).status
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+
 def test_in_one_process_it_stops_being_live(start_server: Any, tmp_path: Path) -> None:
     server = start_server(link_plugins(tmp_path / "p", TEST_PLUGINS / "device_fault.py"))
     client, rest = tc.InferenceServerClient(server.url), th.InferenceServerClient(server.http_url)
     assert float(_infer(server.url, 3.0).as_numpy("OUTPUT0")[0, 0]) == 6.0
-    assert rest.is_server_live()
+    assert rest.is_server_live() and _health(server.url) == "SERVING"
     _fault(server.url)
     assert not client.is_server_live() and not client.is_server_ready()
     assert not rest.is_server_live() and not rest.is_server_ready()  # a liveness probe restarts the pod
     assert server.server.exit_code == EXIT_DEVICE_LOST
+    deadline = time.monotonic() + 2  # the health service follows ServerReady (at once: a loop turn)
+    while _health(server.url) != "NOT_SERVING":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
 
 
 def test_modelhub_serve_drains_and_exits_to_be_started_afresh(model_repository: Path, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import json
 import os
 import signal
 import socket
@@ -19,15 +20,18 @@ import urllib.request
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from hub.core.models import ModelState
 from hub.server import ServerConfig
 from hub.workers.arena import SHM_DIR, Arena
+from hub.workers.counter import SharedCounter
 from hub.workers.frontend import EngineClient
 from hub.workers.wire import MAX_FRAMES, MAX_HEADER, Channel, MessageTooLarge, pack_arrays, unpack_arrays
 
@@ -96,7 +100,7 @@ async def test_statistics_and_metrics_count_every_frontend(workers: Workers, dig
 
 async def test_requests_in_flight_in_a_frontend_show_in_the_gauge(workers: Workers) -> None:
     """A frontend computing from its own copy reports what it holds to the model process,
-    which serves /metrics: within GAUGE_DELAY (50 ms) when no commit carries it sooner."""
+    which serves /metrics and asks every frontend at each scrape."""
     client = tc_aio.InferenceServerClient(workers.url)
     tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
     tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
@@ -320,6 +324,209 @@ async def sigterm_answers_every_accepted_request(server: Workers) -> None:
     await client.close()
     assert [r if isinstance(r, Exception) else float(r.as_numpy("OUTPUT0")[0, 0]) for r in results] == [6.0] * 4
     assert server.stop() == 0, server.output()
+
+
+# --- health, metrics and traces of the whole server --------------------------------------------
+
+
+def _health(server: Workers, service: str, connections: int = 8) -> list[str]:
+    """The gRPC health of `service` over that many connections of their own (SO_REUSEPORT
+    spreads them over the frontends): one status name each."""
+    statuses = []
+    for i in range(connections):
+        options = [("grpc.use_local_subchannel_pool", 1), ("health", i)]
+        with grpc.insecure_channel(server.url, options=options) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            status = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status
+            statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(status))
+    return statuses
+
+
+def _all_serving(server: Workers, services: tuple[str, ...], within: float = 3.0) -> None:
+    """Every frontend reports each of `services` SERVING within `within` seconds of ServerReady
+    (a change of readiness reaches the health service at once; NOT_SERVING for minutes was the
+    fault)."""
+    deadline = time.monotonic() + within
+    while True:
+        found = {service: _health(server, service) for service in services}
+        if all(set(statuses) == {"SERVING"} for statuses in found.values()):
+            return
+        assert time.monotonic() < deadline, found
+        time.sleep(0.1)
+
+
+#: A model that takes a second to load: a restarted model process is still loading when the
+#: frontends have reconnected, and says it has loaded in a message of its own.
+SLOW_LOAD = """
+import time
+
+import numpy as np
+from hub import ModelSpec, TensorSpec, hookimpl
+
+def build():
+    time.sleep(1.0)
+    return lambda inputs: {"OUTPUT0": inputs["INPUT0"] * 2}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="slow_load",
+        build=build,
+        inputs=[TensorSpec("INPUT0", "FP32", (-1, 1))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1, 1))],
+        example_inputs={"INPUT0": np.ones((1, 1), np.float32)},
+        target="numpy",
+    ))
+"""
+
+
+def test_grpc_health_follows_readiness_in_every_frontend(tmp_path: Path) -> None:
+    """grpc.health.v1 (`modelhub health`, the Dockerfile's HEALTHCHECK) says what ServerReady and
+    ModelReady say, in every frontend: a model already ready when a frontend starts listening
+    is SERVING there (a restarted frontend's too), and the server is SERVING again once a
+    restarted model process has loaded (its last message says so, and changes no model)."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    (plugins / "slow_load.py").write_text(SLOW_LOAD)
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    services = ("", "identity_fp32", "slow_load")
+    try:
+        _all_serving(server, services)
+        health = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "health", "--url", server.url, "--service", "slow_load"],
+            cwd=ROOT, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert health.returncode == 0, health.stdout + health.stderr
+        server.kill_frontend()
+        clients = _restart_clients(server)
+        assert all(c.is_model_ready("slow_load") for c in clients)
+        _all_serving(server, services)
+        client = tc.InferenceServerClient(server.url)
+        client.unload_model("slow_load")
+        assert set(_health(server, "slow_load")) == {"NOT_SERVING"}
+        client.load_model("slow_load")
+        assert set(_health(server, "slow_load")) == {"SERVING"}
+        for _ in range(2):
+            _restart_model_process(server)
+            _all_serving(server, services)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def _restart_clients(server: Workers, connections: int = 8) -> list[tc.InferenceServerClient]:
+    """Once a killed frontend's replacement serves: that many clients, each on a connection of its own."""
+    deadline = time.monotonic() + 120
+    clients = [
+        tc.InferenceServerClient(server.url, channel_args=[("grpc.use_local_subchannel_pool", 1), ("again", i)])
+        for i in range(connections)
+    ]
+    for client in clients:
+        while not client.is_server_ready():
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.05)
+    return clients
+
+
+@pytest.mark.parametrize("fixture", ["workers_server", "workers_remote_server"])
+async def test_gauges_are_what_is_queued_and_in_flight_when_scraped(
+    fixture: str, request: pytest.FixtureRequest
+) -> None:
+    """Under steady load /metrics reads the queue depth and requests in flight as they are at
+    the scrape, with the model in a frontend's copy or in the model process: four clients
+    that each send "sleepy" (50 ms a request, one at a time) a request as soon as the last is
+    answered keep four in flight and three queued nearly all the time (Little's law). Read
+    from the frontends' commits, which follow the answers, the gauges caught the moment just
+    after one: a request fewer in flight and queued, every time."""
+    server = cast(Workers, request.getfixturevalue(fixture))
+    client = tc_aio.InferenceServerClient(server.url)  # one connection: one frontend
+    tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+    stop = asyncio.Event()
+
+    async def closed_loop() -> int:
+        answered = 0
+        while not stop.is_set():
+            await client.infer("sleepy", [tensor])
+            answered += 1
+        return answered
+
+    loops = [asyncio.ensure_future(closed_loop()) for _ in range(4)]
+    labels = 'model="sleepy",version="1"'
+    await asyncio.sleep(0.3)  # the four are in
+    in_flight, queued = [], []
+    for _ in range(30):
+        in_flight.append(await asyncio.to_thread(_metric, server, "modelhub_inflight_requests", labels))
+        queued.append(await asyncio.to_thread(_metric, server, "modelhub_queue_depth", labels))
+        await asyncio.sleep(0.037)  # not a multiple of the 50 ms a request takes
+    stop.set()
+    assert min(await asyncio.gather(*loops)) > 5
+    await client.close()
+    assert max(in_flight) <= 4 and max(queued) <= 3, (in_flight, queued)
+    assert sum(in_flight) / len(in_flight) >= 3.5, in_flight
+    assert sum(queued) / len(queued) >= 2.5, queued
+
+
+def _traces(server: Workers, model: str) -> list[int]:
+    """The ids of the trace lines of `model` in the server's log so far."""
+    ids = []
+    for line in server.log_path.read_bytes().decode(errors="replace").splitlines():
+        if "modelhub.trace" in line and f'"model_name":"{model}"' in line:
+            ids.append(json.loads(line[line.index("{") :])["id"])
+    return ids
+
+
+def test_trace_ids_are_unique_across_frontends_and_the_count_is_the_servers(tmp_path: Path) -> None:
+    """Triton numbers its traces once per server: with --workers 2 no two traces share an id,
+    whichever frontend wrote them (one restarted since included), and `trace_count` is the
+    whole server's."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-control")
+    tensor = tc.InferInput("INPUT0", [1, 1], "FP32")
+    tensor.set_data_from_numpy(np.ones((1, 1), np.float32))
+
+    def requests(count: int) -> None:
+        for client in _connections(server, count):
+            client.infer("identity_fp32", [tensor])
+        time.sleep(0.5)  # the frontends write the log
+
+    try:
+        client = tc.InferenceServerClient(server.url)
+        settings = {"trace_level": ["TIMESTAMPS"], "trace_rate": "1", "trace_count": "5"}
+        client.update_trace_settings(model_name="identity_fp32", settings=settings)
+        requests(20)
+        ids = _traces(server, "identity_fp32")
+        assert sorted(ids) == [1, 2, 3, 4, 5], ids
+        client.update_trace_settings(model_name="identity_fp32", settings={"trace_count": "-1"})
+        requests(12)
+        server.kill_frontend()
+        _restart_clients(server)
+        requests(12)
+        ids = _traces(server, "identity_fp32")
+        assert len(ids) == 5 + 24 and len(set(ids)) == len(ids), sorted(ids)
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def test_a_shared_counter_draws_each_number_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Every holder of the file draws the next number, a later one (a restarted frontend's)
+    included; a file that cannot be used counts alone, and says so, rather than fail."""
+    first, second = SharedCounter(tmp_path / "ids"), SharedCounter(tmp_path / "ids")
+    assert [first(), second(), second(), first()] == [1, 2, 3, 4]
+    first.close()
+    later = SharedCounter(tmp_path / "ids")
+    assert later() == 5
+    for counter in (second, later):
+        counter.close()
+    lost = SharedCounter(tmp_path / "gone" / "ids")
+    assert [lost(), lost()] == [1, 2]
+    assert "ids may repeat" in caplog.text
+
+
+def _connections(server: Workers, n: int) -> list[tc.InferenceServerClient]:
+    """n clients, each on its own connection (SO_REUSEPORT spreads them over the frontends)."""
+    return [
+        tc.InferenceServerClient(server.url, channel_args=[("grpc.use_local_subchannel_pool", 1), ("fresh", i)])
+        for i in range(n)
+    ]
 
 
 # --- independent servers on one port (--reuse-port) -------------------------------------------

@@ -371,9 +371,10 @@ class DataPlane:
                 )
             model = self.repository.get_ready(name, version)
             started = time.perf_counter()
-            trace = self.tracer.sample(model.name) if self.tracer.active else None
-            if trace is not None and self.tracer.limited(model.name) and not await self.traces.claim(model.name):
-                trace = None
+            traced = self.tracer.active and self.tracer.sample(model.name)
+            if traced and self.tracer.limited(model.name) and not await self.traces.claim(model.name):
+                traced = False
+            trace = self.tracer.new_id() if traced else None
             trace_start = time.monotonic_ns() if trace is not None else 0
             trace_computed = 0
             model.begin_request()

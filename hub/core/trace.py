@@ -22,7 +22,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from hub.errors import InvalidInput
@@ -81,14 +81,16 @@ class Tracer:
     """This process's trace settings and sampling. With `--workers N` the model process holds
     the settings and sends them to every frontend (`state`, `load`); each frontend counts its
     own requests for `trace_rate`, and asks the model process for each trace `trace_count`
-    allows (`claim`), so the count is the whole server's."""
+    allows (`claim`), so the count is the whole server's. `ids` numbers the traces (Triton's
+    ids are unique per server): this process's own count by default; every frontend draws from
+    one shared counter (hub/workers/counter.py)."""
 
-    def __init__(self) -> None:
+    def __init__(self, ids: Callable[[], int] | None = None) -> None:
         self._global: Settings = {k: list(v) for k, v in DEFAULTS.items()}
         self._models: dict[str, Settings] = {}
         self._seen: dict[str, int] = {}  # requests per model since its rate last changed
         self._left: dict[str, int] = {}  # traces left per model (trace_count; -1: no limit)
-        self._ids = itertools.count(1)
+        self._ids = ids or itertools.count(1).__next__
         #: Whether any setting traces at all: the one check a request pays while none does.
         self.active = False
 
@@ -140,17 +142,19 @@ class Tracer:
         own = self._models.get(model)
         return (model if own else ""), {**self._global, **(own or {})}
 
-    def sample(self, model: str) -> int | None:
-        """A trace id when this request to `model` falls on the rate, else None. Whether a trace
-        is left to write is `claim`'s (in the model process, with `--workers N`)."""
+    def sample(self, model: str) -> bool:
+        """Whether this request to `model` falls on the rate. Whether a trace is left to write
+        is `claim`'s (in the model process, with `--workers N`); its id, `new_id`'s."""
         scope, settings = self._scope(model)
         if settings["trace_level"] != ["TIMESTAMPS"]:
-            return None
+            return False
         seen = self._seen.get(scope, 0) + 1
         self._seen[scope] = seen
-        if seen % int(settings["trace_rate"][0]):
-            return None
-        return next(self._ids)
+        return not seen % int(settings["trace_rate"][0])
+
+    def new_id(self) -> int:
+        """The next trace id (drawn once a trace is sure to be written: ids have no gaps)."""
+        return self._ids()
 
     def limited(self, model: str) -> bool:
         """Whether traces of `model` are counted (trace_count is not -1)."""

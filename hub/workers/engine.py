@@ -29,6 +29,9 @@ metrics port); `EngineService` answers the frontends:
 - `prepare` (asked of every frontend): a reload's new build, before it takes the old one's
   place: each frontend reads the plugins until it holds that build's spec, and says whether it
   does; if one cannot (the files changed again meanwhile), the old build serves on everywhere.
+- `gauges` (asked of every frontend at each scrape of /metrics): what it holds queued and in
+  flight per model at that moment, which the gauges add to this process's own. Read when they
+  are asked for, not sent with the commits: those follow answers, and caught the low point.
 
 A restarted model process honours the unloads in effect before it: the names whose every
 version was unloaded are kept beside the socket (the supervisor's private directory, gone with
@@ -76,6 +79,9 @@ log = logging.getLogger("modelhub.engine")
 
 #: How long a register or unregister waits for every frontend to apply the region table.
 PUBLISH_TIMEOUT = 10.0
+#: How long a scrape of /metrics waits for each frontend's gauges; one that has not answered
+#: by then counts with what it said at the last scrape (until it answers, or goes away).
+GAUGES_TIMEOUT = 1.0
 
 
 def model_view(model: ServedModel) -> dict[str, Any]:
@@ -103,7 +109,7 @@ class _Connection:
         self.tickets: dict[int, tuple[ServedModel, BatchRecord]] = {}
         #: Requests in a batcher, by the frontend's ticket: cancelled when it asks or goes away.
         self.running: dict[int, tuple[Batcher, asyncio.Future[Delivery]]] = {}
-        #: The models whose queue depth and requests in flight this frontend reported.
+        #: The models this frontend last reported requests queued or in flight for.
         self.reported: set[ModelMetrics] = set()
         self.tasks: set[asyncio.Task[None]] = set()
         self.asks: dict[int, asyncio.Future[str | None]] = {}  # tables sent, not yet acknowledged
@@ -119,13 +125,13 @@ class _Connection:
                 for offset in header.get("free", ()):
                     self.outputs.free(offset)
             self.service.commit(self, header["items"])
-            if "gauges" in header:
-                self.service.gauges(self, header["gauges"])
             return
         if kind == "mapped":
             self._mapped(bool(header.get("ok")))
             return
         if kind == "ack":
+            if "gauges" in header:  # the answer to `gauges`
+                self.service.gauges(self, header["gauges"])
             asked = self.asks.pop(header.get("a", 0), None)
             if asked is not None and not asked.done():
                 asked.set_result(header.get("error"))
@@ -592,7 +598,7 @@ class EngineService:
         """Count answered requests: [name, version, code, ns, inferences, queue_ns, batch ticket
         (0 when it did not run here), and for a request the frontend's own copy computed, its
         batch: [rows, input_ns, infer_ns, output_ns, whether it is the first of its batch
-        counted] (else None)]. A frontend counts its requests in flight itself (`gauges`), so
+        counted] (else None)]. A frontend reports its requests in flight itself (`gauges`), so
         each is counted in flight here only for the moment it is answered."""
         assert self.server.repository is not None
         for name, version, code, ns, inferences, queue_ns, ticket, here in items:
@@ -615,9 +621,21 @@ class EngineService:
             delivery = Delivery({}, inferences, queue_ns, batch) if batch is not None else None
             model.end_request(code, ns / 1e9, delivery)
 
+    async def refresh_gauges(self) -> None:
+        """Before /metrics is rendered: ask every frontend what it holds queued and in flight
+        now (`gauges`), so that the gauges are the server's at the scrape."""
+        asked = [c.ask({"k": "gauges"}, next(self._asks)) for c in list(self.connections)]
+        if asked:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.gather(*asked), GAUGES_TIMEOUT)
+
     def gauges(self, connection: _Connection, reports: list[list[Any]]) -> None:
-        """A frontend's queue depth and requests in flight, per model: [name, version, queued, in flight]."""
+        """A frontend's queue depth and requests in flight now, for every model it has any of:
+        [name, version, queued, in flight]; none for the others."""
         assert self.server.repository is not None
+        for reported in connection.reported:
+            reported.gauges_from(connection, 0, 0)
+        connection.reported.clear()
         for name, version, queued, handling in reports:
             try:
                 metrics = self.server.repository.resolve(name, str(version)).metrics

@@ -59,9 +59,6 @@ from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_
 
 log = logging.getLogger("modelhub.frontend")
 
-#: Seconds a change of a frontend's queue depth or requests in flight may wait for a commit to
-#: travel with before it is sent alone (modelhub_queue_depth, modelhub_inflight_requests).
-GAUGE_DELAY = 0.05
 #: Seconds between two tries to reach a restarting model process. Fixed, not backing off: a
 #: backoff that grew to a second let one frontend report ready (and serve) up to a second
 #: before another, whose clients were refused meanwhile. A failed connect to a Unix socket
@@ -120,13 +117,14 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._commits: list[list[Any]] = []
         self._frees: list[int] = []  # blocks of the model process's arena to give back
-        self._gauges: dict[tuple[str, int], RemoteModel] = {}  # models whose gauges changed since the last flush
+        #: What this frontend holds queued and in flight now, per model (RemoteRepository.gauges):
+        #: asked for by the model process at each scrape of /metrics.
+        self.gauges: Callable[[], list[list[Any]]] = list
         self.arena: Arena | None = None  # ours, once the model process mapped it
         self.peer: Arena | None = None  # the model process's, for our outputs
         self.regions: RegionMirror | None = None  # client shared memory, as the model process has it
         self.tracer: Tracer | None = None  # this frontend's, loaded with the model process's settings
         self._flush_scheduled = False
-        self._gauge_timer: asyncio.TimerHandle | None = None  # a flush for gauges alone, pending
         self.connected = asyncio.Event()
         self._closing = False
         self._task: asyncio.Task[None] | None = None
@@ -218,6 +216,9 @@ class EngineClient:
             return
         if kind == "logging":  # the log settings changed: this process's too, before the RPC returns
             self.acknowledge(header["a"], _apply_log_settings(header["settings"]))
+            return
+        if kind == "gauges":  # /metrics is being scraped: what is queued and in flight here now
+            self.acknowledge(header["a"], gauges=self.gauges())
             return
         if kind == "trace":  # the trace settings changed: this frontend samples by them from now
             if self.tracer is not None:
@@ -332,36 +333,23 @@ class EngineClient:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def acknowledge(self, number: int, error: str | None = None) -> None:
-        """Tell the model process that what it sent as `number` (an `ask`) is applied here."""
+    def acknowledge(self, number: int, error: str | None = None, **answer: Any) -> None:
+        """Tell the model process that what it sent as `number` (an `ask`) is applied here
+        (or, for a question, its `answer`)."""
         if self._channel is not None:
             try:
-                self._channel.send({"k": "ack", "a": number, "error": error})
+                self._channel.send({"k": "ack", "a": number, "error": error, **answer})
             except ConnectionError:
                 pass  # it went away; it asks again of its next connection
 
-    def gauge_changed(self, model: RemoteModel) -> None:
-        """A model's queue depth or requests in flight here changed: sent with the next commit,
-        or within GAUGE_DELAY when none comes. (Gauges are read by scrapes: a message of their
-        own at every request's start would double what the model process reads per request.)"""
-        self._gauges[model.name, model.version] = model
-        if not self._flush_scheduled and self._gauge_timer is None:
-            self._gauge_timer = asyncio.get_running_loop().call_later(GAUGE_DELAY, self._flush)
-
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if self._gauge_timer is not None:
-            self._gauge_timer.cancel()
-            self._gauge_timer = None
-        if not (self._commits or self._frees or self._gauges) or self._channel is None:
+        if not (self._commits or self._frees) or self._channel is None:
             return
         items, self._commits = self._commits, []
         message: Header = {"k": "commit", "items": items}
         if self._frees:
             message["free"], self._frees = self._frees, []
-        if self._gauges:
-            message["gauges"] = [[m.name, m.version, m.queued, m.handling] for m in self._gauges.values()]
-            self._gauges.clear()
         try:
             self._channel.send(message)
         except ConnectionError:
@@ -551,8 +539,11 @@ class RemoteModel(ServedModel):
     #: Why this frontend cannot answer for it: the model process serves a build of plugin
     #: files this frontend has not read its spec from. "" when it can.
     out_of_step: str = ""
-    queued = 0  # requests in this frontend's batcher queue (its copy)
-    handling = 0  # requests this frontend is handling, from receipt to answer
+    #: Requests in this frontend's batcher queue (its copy), and those it is handling, from
+    #: receipt to answer: read when /metrics is scraped (RemoteRepository.gauges), so keeping
+    #: them costs a request an increment and a decrement.
+    queued = 0
+    handling = 0
 
     @property
     def local(self) -> bool:
@@ -574,19 +565,14 @@ class RemoteModel(ServedModel):
         return inputs, self.remote
 
     def begin_request(self) -> None:
-        assert self.client is not None
         self.handling += 1
-        self.client.gauge_changed(self)
 
     def abandon_request(self) -> None:
-        assert self.client is not None
         self.handling -= 1
-        self.client.gauge_changed(self)
 
     def end_request(self, code: str, seconds: float, delivery: Delivery | None) -> None:
         assert self.client is not None
         self.handling -= 1
-        self.client.gauge_changed(self)
         batch = delivery.batch if delivery is not None else None
         ticket = batch.ticket if isinstance(batch, RemoteBatch) else 0
         inferences = delivery.inferences if delivery is not None else 0
@@ -602,17 +588,14 @@ class RemoteModel(ServedModel):
 
 
 class _CopyObserver:
-    """A frontend's copy's batcher reports its queue depth to the model process; its batches
-    are counted there with their requests (RemoteModel.end_request)."""
+    """A frontend's copy's batcher keeps its queue depth (read at a scrape of /metrics); its
+    batches are counted in the model process with their requests (RemoteModel.end_request)."""
 
     def __init__(self, model: RemoteModel) -> None:
         self._model = model
 
     def queued(self, depth: int) -> None:
-        model = self._model
-        model.queued = depth
-        if model.client is not None:
-            model.client.gauge_changed(model)
+        self._model.queued = depth
 
     def batch_done(self, rows: int, queue_seconds: Sequence[float], compute_seconds: float) -> None:
         return None
@@ -644,7 +627,11 @@ class RemoteRepository(ModelRepository):
         #: version: (their plugin files, the spec, its target).
         self._prepared: dict[tuple[str, int], tuple[str, ModelSpec, Target | None]] = {}
         self.client = EngineClient(socket_path, self._state, handoff=handoff, arena_size=arena_size)
+        self.client.gauges = self.gauges
+        #: Set while the model process has loaded its models (its first load done): the server
+        #: is not ready while it is away, restarting. `on_loaded` listeners hear each change.
         self.loaded = asyncio.Event()
+        self._loaded_listeners: list[Callable[[], None]] = []
         self._backlog: collections.deque[Header] = collections.deque()  # views waiting for the plugins
         self._applying: asyncio.Task[None] | None = None
         #: The last table of models applied, read again (with the plugins) while a model is out
@@ -658,6 +645,29 @@ class RemoteRepository(ModelRepository):
 
     def start(self) -> None:
         self.client.start()
+
+    def gauges(self) -> list[list[Any]]:
+        """[name, version, queued, in flight] of each model with requests queued or in flight in
+        this frontend now (modelhub_queue_depth, modelhub_inflight_requests)."""
+        return [
+            [m.name, m.version, m.queued, m.handling]
+            for m in cast("list[RemoteModel]", self.models())
+            if m.queued or m.handling
+        ]
+
+    def on_loaded(self, listener: Callable[[], None]) -> None:
+        """Call `listener()` whenever `loaded` is set or cleared."""
+        self._loaded_listeners.append(listener)
+
+    def _set_loaded(self, loaded: bool) -> None:
+        if loaded == self.loaded.is_set():
+            return
+        if loaded:
+            self.loaded.set()
+        else:
+            self.loaded.clear()
+        for listener in self._loaded_listeners:
+            listener()
 
     def _read(self) -> tuple[dict[str, Target], list[ModelSpec], dict[tuple[str, int], str | None]]:
         """Import the plugins as they are now: the targets, the specs, and the plugin files
@@ -802,7 +812,7 @@ class RemoteRepository(ModelRepository):
             for model in self.models():
                 if model.state is not ModelState.UNLOADED:
                     self._set_state(model, ModelState.LOADING, "the model process is restarting")
-            self.loaded.clear()
+            self._set_loaded(False)
             return
         seen = set()
         stray = False
@@ -842,7 +852,7 @@ class RemoteRepository(ModelRepository):
         self._retry_later(stray)
         self.synced.set()
         if header.get("loaded"):
-            self.loaded.set()
+            self._set_loaded(True)
         if "a" in header:  # a load or unload waits until every frontend has applied it
             self.client.acknowledge(header["a"])
 

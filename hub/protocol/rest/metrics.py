@@ -4,6 +4,8 @@ instead of passing. With `tokens` (--metrics-auth) every path needs the inferenc
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -11,8 +13,17 @@ from hub.protocol.rest.auth import token_middleware
 from hub.security import Access, Tokens
 
 
-def metrics_app(registry: CollectorRegistry, tokens: Tokens | None = None) -> web.Application:
+def metrics_app(
+    registry: CollectorRegistry,
+    tokens: Tokens | None = None,
+    refresh: Callable[[], Awaitable[None]] | None = None,
+) -> web.Application:
+    """`refresh`: awaited before each scrape is rendered (the model process of --workers N asks
+    the frontends for their gauges then)."""
+
     async def metrics(request: web.Request) -> web.Response:
+        if refresh is not None:
+            await refresh()
         return web.Response(body=generate_latest(registry), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def not_found(request: web.Request) -> web.Response:
