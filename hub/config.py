@@ -1,5 +1,5 @@
 """Deployment configuration: per-model overrides of what plugins declare (TOML, or YAML when
-PyYAML is installed), given to `modelhub serve --config FILE`.
+PyYAML is installed), given to `modelhub serve --config FILE` (and to `build` and `models`).
 
     [models.digits]
     target = "onnx"
@@ -118,16 +118,27 @@ class DeploymentConfig:
         """The specs to serve, with their overrides: each model's version policy picks its
         versions. SpecError names the model and the key when an override is invalid."""
         specs = list(specs)
-        known = {s.name for s in specs}
-        for name in self.models:
-            if name not in known:
-                log.warning("config: no plugin registers a model named '%s' (models: %s)", name, sorted(known))
+        known = self._check_names(specs)
         served = []
         for name in sorted(known):
             versions = {s.version: s for s in specs if s.name == name}
             for version in self.version_policy(name).select(list(versions)):
                 served.append(self._apply_one(versions[version]))
         return served
+
+    def override(self, specs: Iterable[ModelSpec]) -> list[ModelSpec]:
+        """Every spec with its model's overrides, whichever versions the policy serves: for
+        `modelhub models`, which lists each registered version. SpecError as for `apply`."""
+        specs = list(specs)
+        self._check_names(specs)
+        return [self._apply_one(spec) for spec in specs]
+
+    def _check_names(self, specs: list[ModelSpec]) -> set[str]:
+        known = {s.name for s in specs}
+        for name in self.models:
+            if name not in known:
+                log.warning("config: no plugin registers a model named '%s' (models: %s)", name, sorted(known))
+        return known
 
     def _apply_one(self, spec: ModelSpec) -> ModelSpec:
         overrides = self.models.get(spec.name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -508,6 +509,46 @@ def test_compare_measures_targets_side_by_side_so_a_busy_moment_skews_no_ratio()
     assert [len(r) for r in glacial_rates.values()] == [1, 1] and glacial_rates[32] == [pytest.approx(16)]
     assert [len(r) for r in fast_rates.values()] == [ROUNDS, ROUNDS]
     assert [name for name, _ in log].count("glacial") == 4  # an untimed call and one round, at b1 and b32
+
+
+def test_models_names_the_target_an_artifact_was_built_for_and_reads_the_serve_config(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`serve --config` with another target builds it in the place of the plugin's target's
+    artifact: `models` says whose artifact (and report) that is, and `models --config` reads the
+    same config as serve and build, so it compares with the target served."""
+    from hub.cli import main
+
+    builder, spec = tiny(tmp_path, "onnx")
+    config = tmp_path / "int8.toml"
+    config.write_text('[models.tiny]\ntarget = "onnx-int8"\n')
+    (served,) = DeploymentConfig.load(config).apply([spec])  # what `serve --config int8.toml` builds
+    builder.ensure(served).runtime.close()
+    listing = ["models", "--plugins-dir", str(tmp_path / "plugins"), "--no-entry-points",
+               "--model-repository", str(tmp_path / "models")]  # fmt: skip
+
+    def row(*extra: str) -> tuple[str, str]:
+        assert main([*listing, *extra]) == 0
+        out, err = capsys.readouterr()
+        (line,) = [line for line in out.splitlines() if line.startswith("tiny ")]
+        return line, err
+
+    line, err = row()
+    assert re.match(r"tiny\s+1\s+tiny\s+onnx\s+4\s+ok \(onnx-int8 built; the plugin's target is onnx\)", line), line
+    assert "calibrated minmax on 4 rows" in line  # the report is onnx-int8's, and now says so
+    assert "modelhub models --config F" in err
+    line, err = row("--config", str(config))
+    assert re.match(r"tiny\s+1\s+tiny\s+onnx-int8\s+4\s+ok\s+top1", line), line  # current, not stale
+    assert "--config F" not in err
+    builder.ensure(spec).runtime.close()  # a `serve` without the config builds onnx in its place
+    line, _ = row("--config", str(config))
+    assert "ok (onnx built; --config's target is onnx-int8)" in line, line
+    line, _ = row()
+    assert re.match(r"tiny\s+1\s+tiny\s+onnx\s+4\s+ok\s+top1", line), line
+
+    config.write_text('[models.tiny]\ntarget = "onnx-int8"\nmax_batch = 8\n')
+    assert main([*listing, "--config", str(config)]) == 2
+    assert "models.tiny has unknown key(s) ['max_batch']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])

@@ -135,6 +135,15 @@ def _add_url_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_config_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=_env("CONFIG", None),
+        help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
+    )
+
+
 def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
     """Where and how models run, and the deployment overrides: shared by serve and build."""
     parser.add_argument(
@@ -149,12 +158,7 @@ def _add_runtime_args(parser: argparse.ArgumentParser) -> None:
         default=int(_env("THREADS", 0)),
         help="compute threads per model runtime; 0 picks one per four cores (default: 0)",
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        default=_env("CONFIG", None),
-        help="deployment overrides per model (batching policy, target), TOML or YAML (env MODELHUB_CONFIG)",
-    )
+    _add_config_arg(parser)
 
 
 def _deployment(args: argparse.Namespace) -> Any:
@@ -395,6 +399,7 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list registered models with their targets and build reports")
     _add_plugin_args(models)
     _add_repository_arg(models)
+    _add_config_arg(models)  # the targets (and options) a `serve --config` builds, to compare with
     models.add_argument("--json", action="store_true", help="print JSON instead of a table")
     models.add_argument(
         "--url", help="read a running server's models and build reports (gRPC, e.g. localhost:8001) instead"
@@ -728,6 +733,7 @@ def _remote_report(entry: dict[str, Any]) -> str:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    from hub.errors import HubError
     from hub.pipeline.builder import Builder
     from hub.pipeline.report import report_parameters, summary
 
@@ -742,20 +748,32 @@ def cmd_models(args: argparse.Namespace) -> int:
         return 2
     host = _host(args)
     targets = host.collect_targets()
-    specs = host.collect_models()
+    registered = host.collect_models()
+    try:
+        specs = _deployment(args).override(registered)
+    except (HubError, OSError) as exc:
+        print(f"modelhub models: {exc}", file=sys.stderr)
+        return 2
     builder = Builder(args.model_repository, targets, host, device="cpu")
     entries = []
-    for spec in specs:
+    other_target = False
+    for plugin_spec, spec in zip(registered, specs, strict=True):
         manifest = builder.read_manifest(spec) or {}
         failure = builder.read_failure(spec)
         key = builder.cache_key(spec, targets[spec.target])[0] if spec.target in targets else None
         state = "not built"
         problems = list(manifest.get("validation", {}).get("problems", []))
+        built_as = manifest.get("target", spec.target)
         if failure is not None and failure.get("cache_key") == key:  # the last build of these sources raised
             state, problems = "failed (build raised)", [str(failure.get("error", "?"))]
+        elif manifest and built_as != spec.target:
+            # The one artifact per version was built for another target (a `serve --config`, a
+            # `build --target`): its report is that target's, so say whose it is.
+            whose = "the plugin's" if spec.target == plugin_spec.target else "--config's"
+            state = f"{manifest.get('status', '?')} ({built_as} built; {whose} target is {spec.target})"
+            other_target = True
         elif manifest:
-            current = manifest.get("cache_key") == key and manifest.get("target") == spec.target
-            state = f"{manifest.get('status', '?')}{'' if current else ' (stale)'}"
+            state = f"{manifest.get('status', '?')}{'' if manifest.get('cache_key') == key else ' (stale)'}"
         entries.append(
             {
                 "model": spec.name,
@@ -807,6 +825,12 @@ def cmd_models(args: argparse.Namespace) -> int:
             ],
         )
     )
+    if other_target and not args.config:
+        print(
+            "\nan artifact was built for another target than its plugin's: if `serve --config F` (or"
+            " `build --config F`) built it, `modelhub models --config F` compares with that config's targets",
+            file=sys.stderr,
+        )
     failed = [r for r in host.records.values() if r.errors]
     if failed:
         print(f"\n{len(failed)} plugin(s) reported errors; see `modelhub plugins`", file=sys.stderr)
