@@ -93,7 +93,7 @@ def _names_shared_memory(parameters: object) -> bool:
 def _integer(what: str, key: str, parameter: pb.InferParameter) -> int:
     choice = parameter.WhichOneof("parameter_choice")
     if choice not in ("int64_param", "uint64_param"):
-        raise InvalidInput(f"{what}: {key} must be an int64_param")
+        raise InvalidInput(f"{what}: {key} must be an int64_param (or uint64_param)")
     value = int(getattr(parameter, choice))
     if value < 0:
         raise InvalidInput(f"{what}: {key} must not be negative, got {value}")
