@@ -187,6 +187,19 @@ def test_a_signal_to_the_whole_process_group_drains_and_exits_0(tmp_path: Path, 
         results, code = asyncio.run(scenario())
     assert results == [OK] * 8, server.output()
     assert code == 0 and "exit codes [0, 0, 0]" in server.output(), server.output()
+    # Each process says what stopped it, in the order it came: a frontend gets the signal and
+    # then its supervisor's SIGTERM (ignored, saying why); the model process ignores the
+    # signal, and says it is its supervisor that stops it (it used to say "SIGUSR1 received").
+    log = server.whole_log()
+    name = signal.Signals(signum).name
+    for frontend in ("[frontend 0]", "[frontend 1]"):
+        first = log.find(f"{frontend} modelhub.cli: {name} received: draining in-flight requests")
+        assert first >= 0, log[-4000:]
+        if signum == signal.SIGINT:
+            again = log.find(f"{frontend} modelhub.signals: SIGTERM received while stopping: ignored (the supervisor")
+            assert first < again, log[-4000:]
+    assert "[model process] modelhub.cli: stop requested by the supervisor (SIGUSR1): draining" in log, log[-4000:]
+    assert f"[supervisor] modelhub.supervisor: {name} received: the frontends drain" in log, log[-4000:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
