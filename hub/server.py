@@ -256,6 +256,7 @@ class Server:
             control = RemoteControl(remote.client)
             log_control = RemoteLogs(remote.client)
             remote.client.tracer = tracer
+            remote.client.supervisor = config.supervisor
             traces = RemoteTraces(remote.client)
         else:
             # --watch compares with the files as they were before the plugins were read: a file

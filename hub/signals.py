@@ -8,8 +8,9 @@ the sender and once from its supervisor. SIGKILL ends a process at once.
 
 The model process of --workers N ignores SIGTERM and SIGINT altogether: the frontends drain
 into it, so only its supervisor stops it, with ENGINE_STOP, once they have exited. The kernel
-sends the children their stop signals too when the supervisor dies (PR_SET_PDEATHSIG); each
-then says so (`stop_reason`).
+sends the children their stop signals too when the supervisor dies (PR_SET_PDEATHSIG): then
+the frontends drain as on SIGTERM, and the model process answers them until they have exited
+(hub/workers/engine.py).
 """
 
 from __future__ import annotations
