@@ -24,13 +24,22 @@ ORT_QUANTIZATION_PATH = f"{os.sep}onnxruntime{os.sep}quantization{os.sep}"
 
 
 class JsonFormatter(logging.Formatter):
+    """One JSON object a line; `process` (a process of --workers N: "supervisor", "frontend 0",
+    "model process") goes in a field of that name."""
+
+    def __init__(self, process: str = "") -> None:
+        super().__init__()
+        self.process = process
+
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
             "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
         }
+        if self.process:
+            entry["process"] = self.process
+        entry["logger"] = record.name
+        entry["msg"] = record.getMessage()
         entry.update({k: v for k, v in vars(record).items() if k not in _RESERVED})
         if record.exc_info:
             entry["traceback"] = self.formatException(record.exc_info)
@@ -79,6 +88,16 @@ def tame_libraries() -> None:
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+
+
+def text_format(process: str = "") -> str:
+    """TEXT_FORMAT, with the process in brackets before the logger's name when it has one
+    (`[frontend 0] modelhub.frontend: ...`): the processes of --workers N share one stderr."""
+    if not process:
+        return TEXT_FORMAT
+    return TEXT_FORMAT.replace("%(name)s", f"[{process.replace('%', '%%')}] %(name)s")
+
+
 #: The ONNX exporter's passes log every step at INFO; one line per event means ours.
 NOISY = ("onnx_ir", "onnxscript", "torch.onnx")
 
@@ -118,16 +137,20 @@ class LevelSwitch(logging.Filter):
 
 
 class ServerLogHandler(logging.StreamHandler):
-    """The server's one log handler (stderr), with its LevelSwitch."""
+    """The server's one log handler (stderr), with its LevelSwitch, and the name of the
+    process in every line once `name_process` has given it one."""
 
     def __init__(self, level: str, fmt: str) -> None:
         super().__init__(sys.stderr)
         self.switch = LevelSwitch(level)
         self.addFilter(self.switch)
+        self.process = ""
         self.set_format(fmt)
 
     def set_format(self, fmt: str) -> None:
-        self.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+        self.setFormatter(
+            JsonFormatter(self.process) if fmt == "json" else logging.Formatter(text_format(self.process))
+        )
 
     @property
     def format_name(self) -> str:
@@ -146,6 +169,17 @@ def configure(level: str = "info", fmt: str = "text") -> None:
     logging.getLogger().handlers[:] = [handler]
     _apply_floor(handler.switch)
     tame_libraries()
+
+
+def name_process(process: str) -> None:
+    """Name this process in every line `configure`'s handler writes from now on, whichever
+    format a client switches it to: the processes of `serve --workers N` (the supervisor, each
+    frontend, the model process) write to one stderr, where identical lines were otherwise
+    told apart by nothing."""
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ServerLogHandler):
+            handler.process = process
+            handler.set_format(handler.format_name)
 
 
 #: Triton's logging extension's settings (`/v2/logging`, the LogSettings RPC), in its order.

@@ -117,6 +117,10 @@ class ServerConfig:
     #: listening on `engine_socket`; the model process listens there itself (`serve_engine`).
     engine_socket: Path | None = None
     serve_engine: Path | None = None
+    #: The pid of the supervisor of --workers N that started this process (a frontend or the
+    #: model process), None otherwise: once it is not our parent, it has died and nothing will
+    #: restart the model process (the server is stopping).
+    supervisor: int | None = None
     #: How a frontend and the model process hand tensors over: "shm" (large tensors through a
     #: shared-memory arena per direction and frontend, of `handoff_arena` bytes) or "socket".
     handoff: str = "shm"
@@ -189,6 +193,10 @@ class Server:
         self.grpc_port: int | None = None
         self.http_port: int | None = None
         self.metrics_port: int | None = None
+        #: What the start-up log lines say (`start`): where it listens and what it serves, by
+        #: part, and its security settings.
+        self.listening: dict[str, str] = {}
+        self.security = ""
         self._grpc: grpc.aio.Server | grpc.Server | None = None
         self._grpc_close: Callable[[], None] | None = None  # frees the thread-pool server's threads
         self._servicer: InferenceServicer | None = None
@@ -258,6 +266,7 @@ class Server:
             control = RemoteControl(remote.client)
             log_control = RemoteLogs(remote.client)
             remote.client.tracer = tracer
+            remote.client.supervisor = config.supervisor
             traces = RemoteTraces(remote.client)
         else:
             # --watch compares with the files as they were before the plugins were read: a file
@@ -340,43 +349,60 @@ class Server:
                 purpose="metrics (--metrics-port, one per server)",
             )
 
+        self._announce(models)
+        self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
+        if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
+            watch = self.control.watch(config.watch, self._loaded.wait, self._watch_from)
+            self._watcher = asyncio.get_running_loop().create_task(watch)
+
+    def _announce(self, models: list[ServedModel]) -> None:
+        """Log where this server listens, what it serves and its security settings; keep them
+        in `listening` (by part) and `security` too. With --workers N each process says only
+        what it is, and the supervisor writes the server's lines from the first frontend's
+        parts (grpc, http) and the model process's (the rest, and security)."""
+        config = self.config
+
         def where(port: int | None) -> str:
             return f"{config.host}:{port}" if port is not None else "off"
 
-        log.info(
-            "modelhub listening: grpc %s (%s), http %s, metrics %s (%s), device %s, %d threads per model, "
-            "plugins %s, models %s",
-            where(self.grpc_port),
-            self.config.grpc_server,
-            where(self.http_port),
-            where(self.metrics_port),
-            describe_bind(config.host),
-            self.device,
-            config.threads,
-            ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
-            ", ".join(m.spec.key for m in models) or "none",
-        )
-        log.info(
-            "security: tls %s, auth token %s, model control %s, metrics %s, shared memory %s",
-            "off" if config.tls is None else "mutual" if config.tls.client_ca is not None else "on",
-            "required" if config.auth_token is not None else "off (anyone who reaches the port may infer)",
+        self.listening = {
+            "grpc": f"grpc {where(self.grpc_port)} ({self.config.grpc_server})",
+            "http": f"http {where(self.http_port)}",
+            "metrics": f"metrics {where(self.metrics_port)} ({describe_bind(config.host)})",
+            "device": f"device {self.device}",
+            "threads": f"{config.threads} threads per model",
+            "plugins": "plugins " + ", ".join(f"{r.name}({r.status})" for r in self.plugins.records.values()),
+            "models": "models " + (", ".join(m.spec.key for m in models) or "none"),
+        }
+        tls = "off" if config.tls is None else "mutual" if config.tls.client_ca is not None else "on"
+        auth = "required" if config.auth_token is not None else "off (anyone who reaches the port may infer)"
+        control = (
             "off"
             if not config.control_enabled
             else "on, its own token"
             if config.model_control_token is not None
             else "on, the auth token"
             if config.auth_token is not None
-            else "on, no token",
+            else "on, no token"
+        )
+        metrics = (
             "off"
             if self.metrics_port is None
             else describe_bind(config.metrics_host or config.host)
-            + (", auth token required" if config.metrics_auth else ""),
-            ", ".join(sorted(config.shared_memory)) or "off",
+            + (", auth token required" if config.metrics_auth else "")
         )
-        self._loading = asyncio.get_running_loop().create_task(self._load_all(models))
-        if config.watch and config.plugins_dir is not None and self.control is not None:  # the model process watches
-            watch = self.control.watch(config.watch, self._loaded.wait, self._watch_from)
-            self._watcher = asyncio.get_running_loop().create_task(watch)
+        self.security = (
+            f"tls {tls}, auth token {auth}, model control {control}, metrics {metrics}, "
+            f"shared memory {', '.join(sorted(config.shared_memory)) or 'off'}"
+        )
+        if config.serve_engine is not None:  # each process of --workers N says what it is
+            parts = [part for name, part in self.listening.items() if name not in ("grpc", "http")]
+            log.info("model process started: %s", ", ".join(parts))
+        elif config.engine_socket is not None:
+            log.info("frontend listening: %s, %s", self.listening["grpc"], self.listening["http"])
+        else:
+            log.info("modelhub listening: %s", ", ".join(self.listening.values()))
+            log.info("security: %s", self.security)
 
     async def _start_grpc(self, host: str, port: int) -> None:
         tokens = self.config.tokens

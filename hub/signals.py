@@ -7,7 +7,10 @@ KillMode=control-group, `kill -- -PGID`) reaches a frontend of --workers N twice
 the sender and once from its supervisor. SIGKILL ends a process at once.
 
 The model process of --workers N ignores SIGTERM and SIGINT altogether: the frontends drain
-into it, so only its supervisor stops it, with ENGINE_STOP, once they have exited.
+into it, so only its supervisor stops it, with ENGINE_STOP, once they have exited. The kernel
+sends the children their stop signals too when the supervisor dies (PR_SET_PDEATHSIG): then
+the frontends drain as on SIGTERM, and the model process answers them until they have exited
+(hub/workers/engine.py).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 from collections.abc import Callable, Iterable
@@ -27,11 +31,36 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 #: when the supervisor dies (PR_SET_PDEATHSIG). No terminal or service manager sends it.
 ENGINE_STOP = signal.SIGUSR1
 
+#: Why a stop signal to a process already stopping changes nothing, as its log line says.
+AGAIN = "the drain ends within --shutdown-grace; SIGKILL stops at once"
+#: The same in a frontend of --workers N: Ctrl-C in a terminal (or any signal to the whole
+#: process group) reaches it, and its supervisor passes the stop on with SIGTERM as well.
+AGAIN_FRONTEND = "the supervisor passes the stop on to its frontends, so a signal to the whole group arrives twice"
+
+
+def supervisor_gone(supervisor: int | None) -> bool:
+    """Whether this child of --workers N has lost the supervisor (pid `supervisor`) that started
+    it: the kernel gave it another parent when the supervisor died. None: not such a child."""
+    return supervisor is not None and os.getppid() != supervisor
+
+
+def stop_reason(signum: signal.Signals, supervisor: int | None = None) -> str:
+    """What the log says of the first stop signal (the grace follows): `supervisor` is the pid
+    of the supervisor of --workers N that started this process, None in a single process."""
+    if supervisor_gone(supervisor):  # PR_SET_PDEATHSIG: the kernel sent it as the supervisor died
+        if signum == ENGINE_STOP:
+            return "the supervisor exited (SIGUSR1): answering what the frontends still hand over, then stopping"
+        return f"the supervisor exited ({signum.name}): the server is stopping; draining in-flight requests"
+    if signum == ENGINE_STOP and supervisor is not None:
+        return "stop requested by the supervisor (SIGUSR1): draining"
+    return f"{signum.name} received: draining in-flight requests"
+
 
 class StopSignals:
-    """`signals` call `on_first` (on the running loop) the first time; later ones are logged
-    and otherwise ignored. `ignored` are ignored from the start. `ignore()` turns all of them
-    to SIG_IGN until the process exits.
+    """`signals` call `on_first` with the signal (on the running loop) the first time; later
+    ones are logged, in order after it (`again` says why they change nothing), and otherwise
+    ignored. `ignored` are ignored from the start. `ignore()` turns all of them to SIG_IGN
+    until the process exits.
 
     Taken with signal.signal, not loop.add_signal_handler: asyncio puts the default action
     back when its loop closes, and a SIGTERM in the ~0.4 s from there to the exit (the
@@ -42,12 +71,18 @@ class StopSignals:
     this handler instead of killing it."""
 
     def __init__(
-        self, signals: Iterable[signal.Signals], on_first: Callable[[], None], ignored: Iterable[signal.Signals] = ()
+        self,
+        signals: Iterable[signal.Signals],
+        on_first: Callable[[signal.Signals], None],
+        ignored: Iterable[signal.Signals] = (),
+        *,
+        again: str = AGAIN,
     ) -> None:
         self._loop = asyncio.get_running_loop()
         self._signals = tuple(signals)
         self._ignored = tuple(ignored)
         self._on_first = on_first
+        self._again_note = again
         self.received: signal.Signals | None = None
         # Wakes the loop when a signal lands on a thread other than the one the loop's select
         # waits in (as loop.add_signal_handler does): the handler itself runs in the main
@@ -71,19 +106,17 @@ class StopSignals:
 
     def _handle(self, signum: int, frame: object) -> None:
         # A Python signal handler runs between two bytecodes of the main thread, possibly in
-        # the middle of the loop's own code: hand the work to the loop.
+        # the middle of the loop's own code: hand the work to the loop, in the order the
+        # signals came (so the first one's line is logged before a later one's).
         with contextlib.suppress(RuntimeError):  # the loop has closed: the process is exiting
             if self.received is None:
                 self.received = signal.Signals(signum)
-                self._loop.call_soon_threadsafe(self._on_first)
+                self._loop.call_soon_threadsafe(self._on_first, self.received)
             else:
                 self._loop.call_soon_threadsafe(self._again, signal.Signals(signum))
 
     def _again(self, signum: signal.Signals) -> None:
-        log.info(
-            "%s received while stopping: ignored (the drain ends within --shutdown-grace; SIGKILL stops at once)",
-            signum.name,
-        )
+        log.info("%s received while stopping: ignored (%s)", signum.name, self._again_note)
 
     def ignore(self) -> None:
         """From now until the exit, the signals do nothing. Called once the server has stopped

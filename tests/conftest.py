@@ -152,7 +152,10 @@ class Workers:
 
     def logged(self, fragment: str) -> int:
         """How many times the whole log so far holds `fragment`."""
-        return self.log_path.read_bytes().decode(errors="replace").count(fragment)
+        return self.whole_log().count(fragment)
+
+    def whole_log(self) -> str:
+        return self.log_path.read_bytes().decode(errors="replace")
 
     def kill_frontend(self, timeout: float = 120) -> None:
         """SIGKILL a frontend and wait until the supervisor has started its replacement."""

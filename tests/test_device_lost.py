@@ -118,7 +118,7 @@ def test_behind_workers_the_model_process_is_started_afresh(model_repository: Pa
         while server.children("engine") in ([], engine) or not client.is_server_ready():
             assert time.monotonic() < deadline, server.output()
             time.sleep(0.1)
-        assert f"engine exited (code {EXIT_DEVICE_LOST}); restarting it" in server.output()
+        assert f"model process exited (code {EXIT_DEVICE_LOST}); restarting it" in server.output()
         while True:  # each frontend reconnects to the fresh model process on its own
             try:
                 assert float(_infer(server.url, 3.0).as_numpy("OUTPUT0")[0, 0]) == 6.0

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +87,99 @@ def test_tame_libraries_is_idempotent_and_leaves_other_records(caplog: pytest.Lo
     assert (logs.TORCH_ONNX_REGISTRATION, "WARNING", "a real problem") in seen
     assert ("root", "WARNING", "someone else's root warning") in seen
     assert len(seen) == 3
+
+
+def test_a_named_process_is_in_every_line_in_either_format() -> None:
+    """With --workers N each process names itself (`name_process`): in brackets in the text
+    format, in a "process" field in JSON, and still after a client switches the format."""
+    handler = logs.ServerLogHandler("info", "text")
+    record = logging.LogRecord("modelhub.frontend", logging.INFO, __file__, 1, "lost the %s", ("model process",), None)
+    assert "] " not in handler.format(record)
+    handler.process = "frontend 1"
+    handler.set_format("text")
+    assert handler.format(record).endswith(" INFO    [frontend 1] modelhub.frontend: lost the model process")
+    handler.set_format("json")
+    entry = json.loads(handler.format(record))
+    assert entry["process"] == "frontend 1" and entry["msg"] == "lost the model process"
+    assert list(entry)[:4] == ["ts", "level", "process", "logger"]
+    assert "process" not in json.loads(logs.ServerLogHandler("info", "json").format(record))
+    root = logging.getLogger()
+    saved = root.handlers[:]
+    root.handlers[:] = [handler]
+    try:
+        logs.name_process("model process")
+        assert json.loads(handler.format(record))["process"] == "model process"
+        handler.set_format("text")  # as a client's log_format does (LogSettings.apply)
+        assert "[model process] modelhub.frontend:" in handler.format(record)
+    finally:
+        root.handlers[:] = saved
+
+
+# --- the log of --workers N ------------------------------------------------------------------
+
+#: A line of the text log of a process of --workers N: level, process, logger, message.
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (\w+) +\[([^]]+)\] (\S+): (.*)$")
+PROCESSES = {"supervisor", "model process", "frontend 0", "frontend 1"}
+
+
+def _log_lines(server: Workers, log_format: str) -> list[tuple[str, str, str]]:
+    """(process, logger, message) of every line of the server's log, each of which must name
+    its process."""
+    lines = []
+    for line in server.whole_log().splitlines():
+        if log_format == "json":
+            entry = json.loads(line)
+            lines.append((entry.get("process"), entry["logger"], entry["msg"]))
+        elif line[:1].isdigit():  # (a traceback's lines continue the one before)
+            match = TEXT_LINE.match(line)
+            assert match is not None, line
+            lines.append((match[2], match[3], match[4]))
+    assert lines and {process for process, _, _ in lines} <= PROCESSES, {process for process, _, _ in lines}
+    return lines
+
+
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_the_log_names_each_process_and_the_server_listens_in_one_line(tmp_path: Path, log_format: str) -> None:
+    """Every child used to log "modelhub listening" and "security:" of its own (the model
+    process "grpc off, http off"; each frontend "metrics off ... models none"), again at each
+    restart, and nothing told whose line was whose. Now each line names its process (a field
+    in JSON), the supervisor writes the server's two lines once, with the real ports, workers
+    and models, and a stop says who asked for it."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    env = {"MODELHUB_LOG_FORMAT": log_format}
+    server = Workers(plugins, tmp_path / "models", tmp_path, 2, "--model-copies", "none", env=env)
+    try:
+        server.kill_frontend()  # a restarted frontend says what it is again, not what the server is
+        deadline = time.monotonic() + 60
+        while server.logged("frontend listening") < 3:
+            assert time.monotonic() < deadline, server.output()
+            time.sleep(0.1)
+    finally:
+        assert server.stop() == 0, server.output()
+    lines = _log_lines(server, log_format)
+    assert {process for process, _, _ in lines} == PROCESSES
+    listening = [(p, m) for p, _, m in lines if m.startswith("modelhub listening")]
+    assert len(listening) == 1 and listening[0][0] == "supervisor", listening
+    ports = server.ports
+    for part in (
+        f"grpc 127.0.0.1:{ports['grpc']} (aio)",
+        f"http 127.0.0.1:{ports['http']}",
+        f"metrics 127.0.0.1:{ports['metrics']} (loopback only",
+        "2 frontends (pids ",
+        "device cpu",
+        "identity_fp32/1",
+    ):
+        assert part in listening[0][1], (part, listening)
+    assert [p for p, _, m in lines if m.startswith("security: ")] == ["supervisor"]
+    said = {(p, m.split(":")[0]) for p, _, m in lines}
+    assert ("model process", "model process started") in said
+    restarted = Counter(p for p, _, m in lines if m.startswith("frontend listening"))
+    assert sorted(restarted.values()) == [1, 2], restarted  # the frontend killed and restarted: twice
+    # SIGTERM to the supervisor: it says so, the frontends drain, the model process is stopped.
+    assert ("supervisor", "SIGTERM received") in said
+    assert {p for p, _, m in lines if m.startswith("SIGTERM received: draining")} == {"frontend 0", "frontend 1"}
+    assert ("model process", "stop requested by the supervisor (SIGUSR1)") in said
+    assert not [m for _, _, m in lines if "SIGUSR1 received" in m]
 
 
 # --- Triton's logging extension (`/v2/logging`, the LogSettings RPC) ---------------------------

@@ -7,6 +7,7 @@ server alone, the whole process group, twice, or during the start-up."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -23,7 +24,11 @@ import tritonclient.grpc.aio as tc_aio
 import tritonclient.http.aio as tc_http
 from tritonclient.utils import InferenceServerException
 
+from hub.errors import ModelUnavailable
+from hub.workers.frontend import EngineClient, _Call
+
 from .conftest import TEST_PLUGINS, Workers, link_plugins
+from .test_workers import _leftovers
 
 OK = "OK"
 UNAVAILABLE = "StatusCode.UNAVAILABLE"
@@ -187,6 +192,19 @@ def test_a_signal_to_the_whole_process_group_drains_and_exits_0(tmp_path: Path, 
         results, code = asyncio.run(scenario())
     assert results == [OK] * 8, server.output()
     assert code == 0 and "exit codes [0, 0, 0]" in server.output(), server.output()
+    # Each process says what stopped it, in the order it came: a frontend gets the signal and
+    # then its supervisor's SIGTERM (ignored, saying why); the model process ignores the
+    # signal, and says it is its supervisor that stops it (it used to say "SIGUSR1 received").
+    log = server.whole_log()
+    name = signal.Signals(signum).name
+    for frontend in ("[frontend 0]", "[frontend 1]"):
+        first = log.find(f"{frontend} modelhub.cli: {name} received: draining in-flight requests")
+        assert first >= 0, log[-4000:]
+        if signum == signal.SIGINT:
+            again = log.find(f"{frontend} modelhub.signals: SIGTERM received while stopping: ignored (the supervisor")
+            assert first < again, log[-4000:]
+    assert "[model process] modelhub.cli: stop requested by the supervisor (SIGUSR1): draining" in log, log[-4000:]
+    assert f"[supervisor] modelhub.supervisor: {name} received: the frontends drain" in log, log[-4000:]
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
@@ -286,3 +304,68 @@ def test_a_signal_during_start_up_stops_the_children_as_a_shutdown_does(tmp_path
     assert code == 0, server.output()
     assert server.logged("signalled during start-up") == 1
     assert "exit codes [0, 0, 0]" in server.output(), server.output()
+
+
+async def test_killing_the_supervisor_answers_what_the_frontends_accepted_and_leaves_nothing(tmp_path: Path) -> None:
+    """SIGKILL to the supervisor: the kernel stops its children at once (PR_SET_PDEATHSIG). The
+    model process used to stop within milliseconds, so the frontends failed every request they
+    still had for it, saying it was being restarted (nothing restarts it), and the supervisor's
+    directory (/tmp/modelhub-*: the socket, the port files) was left behind. Now the frontends
+    drain as on SIGTERM, the model process answers them until they have exited, and then
+    removes the directory: every accepted request is answered, and nothing is left."""
+    server = Workers(_plugins(tmp_path), tmp_path / "models", tmp_path, 2, "--model-copies", "none", new_session=True)
+    try:
+        engine = server.children("engine")[0]
+        children = [engine, *server.children("frontend")]
+        argv = Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")
+        folder = Path(argv[argv.index(b"--engine-socket") + 1].decode()).parent
+        assert folder.is_dir() and folder.name.startswith("modelhub-")
+        # Each request spends a second in its frontend's preprocess, then goes to the model
+        # process: when the supervisor dies, every one of them still needs it.
+        clients = [_client(server.url) for _ in range(6)]
+        flights = [asyncio.ensure_future(_linger(client, 1.0)) for client in clients]
+        await asyncio.sleep(0.5)
+        os.kill(server.process.pid, signal.SIGKILL)
+        outcomes = await asyncio.gather(*flights)
+        for client in clients:
+            await client.close()
+        assert outcomes == [OK] * 6, (outcomes, server.whole_log()[-4000:])
+        deadline = time.monotonic() + 60
+        while any(_running(pid) for pid in children):
+            assert time.monotonic() < deadline, server.whole_log()[-4000:]
+            await asyncio.sleep(0.05)
+        log = server.whole_log()
+        assert not folder.exists(), (list(folder.iterdir()), log[-4000:])
+        assert _leftovers(server) == []
+        assert "[model process] modelhub.cli: the supervisor exited (SIGUSR1)" in log, log[-4000:]
+        assert log.count("modelhub.cli: the supervisor exited (SIGTERM): the server is stopping") == 2, log[-4000:]
+        assert "being restarted" not in log and "lost the model process" not in log, log[-4000:]
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.process.pid, signal.SIGKILL)  # whatever a failure left running
+        server.process.wait(60)
+        server.log.close()
+
+
+def _running(pid: int) -> bool:
+    """Whether a process runs (one that exited is gone, or a zombie its new parent has not reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+async def test_a_frontend_whose_supervisor_is_gone_says_the_server_is_stopping() -> None:
+    """The model process gone and the supervisor gone too: nothing restarts it, so the requests
+    it had fail saying the server is stopping (not "it is being restarted, try again")."""
+    future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+    orphan = EngineClient(Path("unused"), lambda header: None, supervisor=os.getpid())  # not our parent
+    orphan._pending[1] = _Call(future)
+    orphan._lost(None)
+    with pytest.raises(ModelUnavailable, match=r"^the server is stopping \(its supervisor exited\)"):
+        future.result()
+    with pytest.raises(ModelUnavailable, match="the server is stopping"):
+        await orphan.request({"k": "stats", "models": []})
+    supervised = EngineClient(Path("unused"), lambda header: None, supervisor=os.getppid())
+    with pytest.raises(ModelUnavailable, match="it is being restarted"):
+        await supervised.request({"k": "stats", "models": []})

@@ -600,7 +600,7 @@ def test_workers_do_not_join_another_server_on_their_ports(flag: str, tmp_path: 
         taken.close()
     assert result.returncode == 1, result.stderr[-2000:]
     assert f"port {port} on 127.0.0.1 cannot be served" in result.stderr and flag in result.stderr, result.stderr
-    assert "--reuse-port" in result.stderr and "frontend-0" not in result.stderr
+    assert "--reuse-port" in result.stderr and "frontend 0" not in result.stderr
 
 
 # --- the shared-memory hand-off (hub/workers/arena.py) ----------------------------------------

@@ -14,18 +14,16 @@ import asyncio
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from hub import __version__
 from hub.cli.connect import Connection, FlagError, add_client_args
-
-if TYPE_CHECKING:
-    from hub.signals import StopSignals
 
 log = logging.getLogger("modelhub.cli")
 
@@ -362,6 +360,8 @@ def build_parser() -> argparse.ArgumentParser:
     # Set by the supervisor of --workers N for the processes it starts.
     serve.add_argument("--role", choices=["all", "engine", "frontend"], default="all", help=argparse.SUPPRESS)
     serve.add_argument("--engine-socket", type=Path, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--supervisor-pid", type=int, default=None, help=argparse.SUPPRESS)
+    serve.add_argument("--process-name", default="", help=argparse.SUPPRESS)  # in each log line
     serve.add_argument(
         "--shutdown-grace",
         type=float,
@@ -518,7 +518,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from hub.workers.supervisor import Supervisor, default_workers
 
     workers = args.workers or default_workers()
+    from hub import logs
+
     if args.role == "all" and workers > 1:
+        logs.name_process("supervisor")
         argv = list(sys.argv[1:] if args.argv is None else args.argv)
         return Supervisor(
             argv,
@@ -530,6 +533,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
             shutdown_grace=args.shutdown_grace,
             shared_ports=args.reuse_port,
         ).run()
+    if args.process_name:
+        logs.name_process(args.process_name)
     config = ServerConfig(
         deployment=deployment,
         plugins_dir=args.plugins_dir,
@@ -549,6 +554,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         watch=args.watch if args.role != "frontend" else None,
         serve_engine=args.engine_socket if args.role == "engine" else None,
         engine_socket=args.engine_socket if args.role == "frontend" else None,
+        supervisor=args.supervisor_pid if args.role != "all" else None,
         handoff=args.handoff,
         handoff_arena=args.handoff_arena,
         model_copies=args.model_copies,
@@ -599,22 +605,30 @@ def _run(main: Any) -> int:
 
 
 async def _serve(server: Any, port_file: Path | None = None) -> int:
-    from hub.signals import ENGINE_STOP, STOP_SIGNALS, StopSignals
+    from hub.signals import AGAIN, AGAIN_FRONTEND, ENGINE_STOP, STOP_SIGNALS, StopSignals, stop_reason
 
     stop = asyncio.Event()
+
+    def stopping(signum: signal.Signals) -> None:
+        # Logged as the signal is taken, so before the line of any signal after it.
+        if not server.fatal.is_set():  # (a failed device's drain has said so already)
+            log.info("%s (grace %.1fs)", stop_reason(signum, server.config.supervisor), server.config.shutdown_grace)
+        stop.set()
+
     if server.config.serve_engine is not None:
         # The model process of --workers N: the frontends drain into it, so a signal to the
         # whole group must not stop it; its supervisor does, with ENGINE_STOP, after them.
-        signals = StopSignals((ENGINE_STOP,), stop.set, ignored=STOP_SIGNALS)
+        signals = StopSignals((ENGINE_STOP,), stopping, ignored=STOP_SIGNALS)
     else:
-        signals = StopSignals(STOP_SIGNALS, stop.set)
+        again = AGAIN_FRONTEND if server.config.engine_socket is not None else AGAIN
+        signals = StopSignals(STOP_SIGNALS, stopping, again=again)
     try:
-        return await _serve_until_stopped(server, port_file, stop, signals)
+        return await _serve_until_stopped(server, port_file, stop)
     finally:
         signals.ignore()  # the server has stopped: nothing but the exit is left
 
 
-async def _serve_until_stopped(server: Any, port_file: Path | None, stop: asyncio.Event, signals: StopSignals) -> int:
+async def _serve_until_stopped(server: Any, port_file: Path | None, stop: asyncio.Event) -> int:
     from hub.errors import HubError
 
     try:
@@ -630,17 +644,14 @@ async def _serve_until_stopped(server: Any, port_file: Path | None, stop: asynci
     if port_file is not None:
         from hub.workers.supervisor import write_port_file
 
-        write_port_file(port_file, {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port})
+        ports: dict[str, Any] = {"grpc": server.grpc_port, "http": server.http_port, "metrics": server.metrics_port}
+        if server.config.supervisor is not None:  # its supervisor says where the whole server listens
+            ports.update(listening=server.listening, security=server.security)
+        write_port_file(port_file, ports)
     signalled, fatal = asyncio.ensure_future(stop.wait()), asyncio.ensure_future(server.fatal.wait())
     await asyncio.wait((signalled, fatal), return_when=asyncio.FIRST_COMPLETED)
     signalled.cancel()
     fatal.cancel()
-    if not server.exit_code:
-        log.info(
-            "%s received: draining in-flight requests (grace %.1fs)",
-            signals.received.name if signals.received is not None else "signal",
-            server.config.shutdown_grace,
-        )
     try:
         await server.stop()
     except Exception:

@@ -36,6 +36,11 @@ metrics port); `EngineService` answers the frontends:
 A restarted model process honours the unloads in effect before it: the names whose every
 version was unloaded are kept beside the socket (the supervisor's private directory, gone with
 it), and read back before the first load.
+
+Its supervisor stops it after the frontends have exited. When the supervisor dies instead
+(SIGKILL, say), the kernel stops every child at once (PR_SET_PDEATHSIG): the frontends drain,
+and this process answers what they still hand over until they have all gone, within their
+grace; then, the last process of the server, it removes the supervisor's directory.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import itertools
 import json
 import logging
 import os
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -72,10 +78,15 @@ from hub.logs import LogSettings
 from hub.metrics import ModelMetrics
 from hub.server import Server
 from hub.shm import CUDA, Holds, SharedMemoryRegistry
-from hub.workers.arena import Arena
+from hub.signals import supervisor_gone
+from hub.workers.arena import Arena, remove_leftovers
 from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.engine")
+
+#: Seconds past --shutdown-grace that the model process of a dead supervisor waits for the
+#: frontends to go: they exit within their grace, and their teardown takes under a second.
+FRONTEND_EXIT = 2.0
 
 #: How long a register or unregister waits for every frontend to apply the region table.
 PUBLISH_TIMEOUT = 10.0
@@ -350,9 +361,39 @@ class EngineService:
     async def close(self) -> None:
         if self._listener is not None:
             self._listener.close()
+        supervisor = self.server.config.supervisor
+        orphaned = supervisor_gone(supervisor)
+        if orphaned and self.connections:
+            # The kernel stopped the frontends with us: they are draining into this process.
+            # (Stopped by a live supervisor, none is left: it stops this process after them.)
+            timeout = self.server.config.shutdown_grace + FRONTEND_EXIT
+            log.info("answering %d draining frontends until they exit (at most %.1fs)", len(self.connections), timeout)
+            deadline = time.monotonic() + timeout
+            while self.connections and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
         for connection in list(self.connections):
             if connection.channel.transport is not None:
                 connection.channel.transport.close()
+        if orphaned and supervisor is not None:
+            self._remove_supervisor_leftovers(supervisor)
+
+    def _remove_supervisor_leftovers(self, supervisor: int) -> None:
+        """Remove what the dead supervisor would have on exit: its private directory (this
+        socket, the port files, the unloaded models) and the hand-off arenas its children left."""
+        folder = self.socket_path.parent
+        if not folder.name.startswith("modelhub-"):  # (only ever the supervisor's mkdtemp)
+            return
+        for entry in folder.iterdir():
+            if entry.name == self.socket_path.name or entry.name.endswith((".json", ".json.tmp")):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+        try:
+            folder.rmdir()
+        except OSError as exc:
+            log.warning("could not remove the supervisor's directory %s: %s", folder, exc)
+        else:
+            log.info("removed the supervisor's directory %s", folder)
+        remove_leftovers(supervisor)
 
     # --- requests ---------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from hub.shm.regions import (
     check_registration,
     current_holds,
 )
+from hub.signals import supervisor_gone
 from hub.spec import ModelSpec, Target
 from hub.workers.arena import DEFAULT_SIZE, Arena
 from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_arrays, unpack_arrays
@@ -107,9 +108,12 @@ class EngineClient:
         *,
         handoff: str = "shm",
         arena_size: int = DEFAULT_SIZE,
+        supervisor: int | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._on_state = on_state
+        #: The supervisor's pid (ServerConfig.supervisor): once it is gone, so is the server.
+        self.supervisor = supervisor
         self.handoff = handoff
         self.arena_size = arena_size
         self._channel: Channel | None = None
@@ -188,7 +192,7 @@ class EngineClient:
         # process's mapping lasts as long as a view of an output we are still encoding.
         self.arena = self.peer = None
         self._frees.clear()
-        failure = ModelUnavailable("the model process exited; it is being restarted, try again shortly")
+        failure = ModelUnavailable(self._gone("the model process exited; it is being restarted, try again shortly"))
         for call in self._pending.values():
             if not call.future.done():
                 call.future.set_exception(failure)
@@ -196,9 +200,20 @@ class EngineClient:
         self._commits.clear()
         if self.regions is not None:
             self.regions.sync([])  # the registry was the model process's: a new one starts empty
-        if not self._closing:
+        if self._closing:
+            return
+        if supervisor_gone(self.supervisor):
+            log.warning("the model process stopped after the supervisor exited: the server is stopping")
+        else:
             log.error("lost the model process (%s); reconnecting", exc or "closed")
-            self._on_state({"k": "state", "lost": True, "models": []})
+        self._on_state({"k": "state", "lost": True, "models": []})
+
+    def _gone(self, restarting: str) -> str:
+        """Why a request that needs the model process, which is away, fails: `restarting`, unless
+        the supervisor that would restart it has exited (then every process is stopping)."""
+        if supervisor_gone(self.supervisor):
+            return "the server is stopping (its supervisor exited), and its model process with it"
+        return restarting
 
     def _received(self, header: Header, frames: list[memoryview]) -> None:
         kind = header.get("k")
@@ -256,7 +271,9 @@ class EngineClient:
         if channel is None:
             if block is not None:
                 block[0].free(block[1])
-            raise ModelUnavailable("the model process is not available; it is being restarted, try again shortly")
+            raise ModelUnavailable(
+                self._gone("the model process is not available; it is being restarted, try again shortly")
+            )
         ticket = next(self._ids)
         header["t"] = ticket
         future: asyncio.Future[tuple[Header, list[memoryview]]] = asyncio.get_running_loop().create_future()

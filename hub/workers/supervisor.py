@@ -9,6 +9,9 @@ process (hub/signals.py: it ignores SIGTERM and SIGINT, which a signal to the wh
 group would bring it while the frontends still drain into it). It removes the shared-memory
 hand-off arenas a child left behind (hub/workers/arena.py) when the child dies and when it
 exits itself.
+
+It writes the server's start-up lines ("modelhub listening", "security"), each child only
+what it is; every process names itself in each line of the log they share (hub/logs.py).
 """
 
 from __future__ import annotations
@@ -89,7 +92,8 @@ def reserve_port(host: str, port: int, shared: bool = False) -> tuple[int, socke
 
 @dataclass
 class _Child:
-    role: str
+    #: As the log names it: "model process", "frontend 0" ... (hub/logs.py, `name_process`).
+    name: str
     argv: list[str]
     port_file: Path
     process: subprocess.Popen[bytes] | None = None
@@ -128,15 +132,19 @@ class Supervisor:
         self.port_file = port_file
         self.shutdown_grace = shutdown_grace
         self._stop = False
+        self._signal: signal.Signals | None = None  # the first that asked to stop
         self._holders: list[socket.socket] = []
         # A signal wakes the supervisor's waits at once (signal.set_wakeup_fd writes here), so
         # the frontends learn of it now rather than at the end of a 0.2 s sleep.
         self._wake, self._wake_writer = socket.socketpair()
         self._dir = Path(tempfile.mkdtemp(prefix="modelhub-"))
 
-    def _command(self, *extra: str) -> list[str]:
+    def _command(self, name: str, *extra: str) -> list[str]:
         # Later flags win in argparse, so the role's settings override the user's.
-        return [sys.executable, "-m", "hub.cli", *self.argv, "--workers", "1", *extra]
+        return [
+            sys.executable, "-m", "hub.cli", *self.argv, "--workers", "1",
+            "--process-name", name, "--supervisor-pid", str(os.getpid()), *extra,
+        ]  # fmt: skip
 
     def run(self) -> int:
         for end in (self._wake, self._wake_writer):
@@ -165,9 +173,9 @@ class Supervisor:
         http = self.http_port is not False  # False: this build has no REST frontend
         common = ["--engine-socket", str(socket_path)]
         engine = _Child(
-            "engine",
-            self._command("--role", "engine", *common, "--grpc-port", "off", *(["--http-port", "off"] if http else []),
-                          "--port-file", str(self._dir / "engine.json")),
+            "model process",
+            self._command("model process", "--role", "engine", *common, "--grpc-port", "off",
+                          *(["--http-port", "off"] if http else []), "--port-file", str(self._dir / "engine.json")),
             self._dir / "engine.json",
             stop=ENGINE_STOP,
         )  # fmt: skip
@@ -175,8 +183,10 @@ class Supervisor:
         common += ["--http-port", _flag(ports["http"])] if http else []
         frontends = [
             _Child(
-                f"frontend-{i}",
-                self._command("--role", "frontend", *common, "--port-file", str(self._dir / f"frontend-{i}.json")),
+                f"frontend {i}",
+                self._command(
+                    f"frontend {i}", "--role", "frontend", *common, "--port-file", str(self._dir / f"frontend-{i}.json")
+                ),
                 self._dir / f"frontend-{i}.json",
             )
             for i in range(self.workers)
@@ -188,9 +198,9 @@ class Supervisor:
             if not self._wait_listening(children):
                 return 1
             if self._stop:
-                log.info("modelhub supervisor: signalled during start-up; stopping")
+                log.info("signalled during start-up; stopping")
             else:
-                self._announce(engine, ports)
+                self._announce(engine, frontends, ports)
             while not self._stop:
                 self._sleep(0.2)
                 for child in children:
@@ -199,7 +209,7 @@ class Supervisor:
                         if child.process is not None:  # a hand-off arena it made that its peer had not mapped yet
                             remove_leftovers(os.getpid(), child.process.pid)
                         child.restarts += 1
-                        log.error("%s exited (code %s); restarting it (restart %d)", child.role, code, child.restarts)
+                        log.error("%s exited (code %s); restarting it (restart %d)", child.name, code, child.restarts)
                         child.start()
             return self._shutdown(engine, frontends)
         finally:
@@ -219,6 +229,8 @@ class Supervisor:
             remove_leftovers(os.getpid())
 
     def _signalled(self, signum: int, frame: Any) -> None:
+        if self._signal is None:
+            self._signal = signal.Signals(signum)
         self._stop = True
 
     def _sleep(self, seconds: float) -> None:
@@ -238,7 +250,7 @@ class Supervisor:
             for child in children:
                 if not child.alive():
                     log.error(
-                        "%s exited during start (code %s)", child.role, child.process and child.process.returncode
+                        "%s exited during start (code %s)", child.name, child.process and child.process.returncode
                     )
                     return False
                 if not child.ports and child.port_file.exists():
@@ -249,17 +261,24 @@ class Supervisor:
             self._sleep(0.05)
         return self._stop
 
-    def _announce(self, engine: _Child, ports: dict[str, int | None]) -> None:
+    def _announce(self, engine: _Child, frontends: list[_Child], ports: dict[str, int | None]) -> None:
+        """The server's start-up lines, as one process writes them: where the frontends listen
+        (the first frontend's parts of its line), the workers, and the model process's parts
+        (metrics, device, plugins, models) and security settings."""
         listening = {**ports, "metrics": engine.ports.get("metrics"), "workers": self.workers, "pid": os.getpid()}
-        log.info(
-            "modelhub supervisor: %d frontends on grpc %s:%s, http %s, metrics %s (model process pid %d)",
-            self.workers,
-            self.host,
-            ports["grpc"] or "off",
-            ports["http"] or "off",
-            listening["metrics"] or "off",
-            engine.process.pid if engine.process is not None else -1,
-        )
+        fronts, back = frontends[0].ports.get("listening") or {}, engine.ports.get("listening") or {}
+        pids = ", ".join(str(child.process.pid) for child in frontends if child.process is not None)
+        parts = [
+            fronts.get("grpc", f"grpc {ports['grpc'] or 'off'}"),
+            fronts.get("http", f"http {ports['http'] or 'off'}"),
+            back.get("metrics", f"metrics {listening['metrics'] or 'off'}"),
+            f"{self.workers} frontends (pids {pids})",
+            f"model process pid {engine.process.pid if engine.process is not None else '?'}",
+            *(back[part] for part in ("device", "threads", "plugins", "models") if part in back),
+        ]
+        log.info("modelhub listening: %s", ", ".join(parts))
+        if engine.ports.get("security"):
+            log.info("security: %s", engine.ports["security"])
         if self.port_file is not None:
             write_port_file(self.port_file, listening)
 
@@ -271,6 +290,11 @@ class Supervisor:
         # finalization, which puts back the default action for a handler of its own).
         for signum in STOP_SIGNALS:
             signal.signal(signum, signal.SIG_IGN)
+        log.info(
+            "%s received: the frontends drain (grace %.1fs), then the model process stops",
+            self._signal.name if self._signal is not None else "stop signal",
+            self.shutdown_grace,
+        )
         timeout = self.shutdown_grace + KILL_AFTER
         deadline = time.monotonic() + timeout
         for child in frontends:
@@ -278,7 +302,7 @@ class Supervisor:
         codes = [_wait(child, deadline, timeout) for child in frontends]
         _signal(engine)
         codes.append(_wait(engine, time.monotonic() + timeout, timeout))
-        log.info("modelhub supervisor stopped (exit codes %s)", codes)
+        log.info("modelhub stopped (exit codes %s)", codes)
         return 0 if all(code == 0 for code in codes) else 1
 
 
@@ -295,7 +319,7 @@ def _wait(child: _Child, deadline: float, timeout: float) -> int | None:
     try:
         return process.wait(max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-        log.error("%s did not stop within %.0fs; killing it", child.role, timeout)
+        log.error("%s did not stop within %.0fs; killing it", child.name, timeout)
         process.kill()
         return process.wait()
 
