@@ -41,7 +41,7 @@ from hub.protocol.servicer import InferenceServicer, add_to_server
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
-from hub.workers.counter import SharedCounter
+from hub.workers.counter import TRACE_IDS, SharedCounter
 from hub.workers.frontend import RemoteControl, RemoteLogs, RemoteRepository, RemoteTraces
 
 if TYPE_CHECKING:
@@ -245,7 +245,7 @@ class Server:
         # holds the settings and the count (the data plane defaults to this process's own), and
         # the ids come from a counter every frontend shares, beside the model process's socket.
         if config.engine_socket is not None:
-            self._trace_ids = SharedCounter(config.engine_socket.with_suffix(".trace-ids"))
+            self._trace_ids = SharedCounter(config.engine_socket.with_suffix(TRACE_IDS))
         tracer = Tracer(self._trace_ids)
         log_control: LogControl | None = None
         traces: TraceControl | None = None

@@ -25,6 +25,7 @@ import tritonclient.http.aio as tc_http
 from tritonclient.utils import InferenceServerException
 
 from hub.errors import ModelUnavailable
+from hub.workers.counter import TRACE_IDS, SharedCounter
 from hub.workers.frontend import EngineClient, _Call
 
 from .conftest import TEST_PLUGINS, Workers, link_plugins
@@ -318,8 +319,12 @@ async def test_killing_the_supervisor_answers_what_the_frontends_accepted_and_le
         engine = server.children("engine")[0]
         children = [engine, *server.children("frontend")]
         argv = Path(f"/proc/{engine}/cmdline").read_bytes().split(b"\0")
-        folder = Path(argv[argv.index(b"--engine-socket") + 1].decode()).parent
+        socket = Path(argv[argv.index(b"--engine-socket") + 1].decode())
+        folder = socket.parent
         assert folder.is_dir() and folder.name.startswith("modelhub-")
+        ids = SharedCounter(socket.with_suffix(TRACE_IDS))  # as a frontend's first trace draws its id
+        assert ids() == 1
+        ids.close()
         # Each request spends a second in its frontend's preprocess, then goes to the model
         # process: when the supervisor dies, every one of them still needs it.
         clients = [_client(server.url) for _ in range(6)]

@@ -12,6 +12,9 @@ from pathlib import Path
 
 log = logging.getLogger("modelhub.frontend")
 
+#: The trace-id counter's file, beside the model process's socket: `socket.with_suffix(TRACE_IDS)`.
+TRACE_IDS = ".trace-ids"
+
 
 class SharedCounter:
     """Calling it returns the next value, from 1, across every process that opens `path`."""

@@ -80,6 +80,7 @@ from hub.server import Server
 from hub.shm import CUDA, Holds, SharedMemoryRegistry
 from hub.signals import supervisor_gone
 from hub.workers.arena import Arena, remove_leftovers
+from hub.workers.counter import TRACE_IDS
 from hub.workers.wire import Channel, Header, MessageTooLarge, RegionView, pack_arrays, unpack_arrays
 
 log = logging.getLogger("modelhub.engine")
@@ -384,7 +385,7 @@ class EngineService:
         if not folder.name.startswith("modelhub-"):  # (only ever the supervisor's mkdtemp)
             return
         for entry in folder.iterdir():
-            if entry.name == self.socket_path.name or entry.name.endswith((".json", ".json.tmp")):
+            if entry.name == self.socket_path.name or entry.name.endswith((".json", ".json.tmp", TRACE_IDS)):
                 with contextlib.suppress(OSError):
                     entry.unlink()
         try:
