@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import signal
+import subprocess
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -27,6 +30,7 @@ from tritonclient.utils import InferenceServerException
 from hub.errors import ModelUnavailable
 from hub.workers.counter import TRACE_IDS, SharedCounter
 from hub.workers.frontend import EngineClient, _Call
+from hub.workers.supervisor import ORPHANED_AT_START, _child_signals
 
 from .conftest import TEST_PLUGINS, Workers, link_plugins
 from .test_workers import _leftovers
@@ -374,3 +378,21 @@ async def test_a_frontend_whose_supervisor_is_gone_says_the_server_is_stopping()
     supervised = EngineClient(Path("unused"), lambda header: None, supervisor=os.getppid())
     with pytest.raises(ModelUnavailable, match="it is being restarted"):
         await supervised.request({"k": "stats", "models": []})
+
+
+def test_a_child_whose_supervisor_died_before_it_asked_to_outlive_it_exits_before_exec() -> None:
+    """PR_SET_PDEATHSIG is asked for in the child after the fork: a supervisor that died in
+    between sends nothing, so the child checks its parent once the prctl is made. Here the
+    'supervisor' it is given is not its parent, as when the real one died first: it exits
+    before running its command. Given its true parent, it runs the command."""
+    orphaned = subprocess.run(
+        ["sleep", "30"], preexec_fn=functools.partial(_child_signals, signal.SIGTERM, os.getpid() + 1), timeout=10
+    )
+    assert orphaned.returncode == ORPHANED_AT_START
+    supervised = subprocess.run(
+        [sys.executable, "-c", "print('ran')"],
+        preexec_fn=functools.partial(_child_signals, signal.SIGTERM, os.getpid()),
+        capture_output=True,
+        timeout=30,
+    )
+    assert supervised.returncode == 0 and supervised.stdout == b"ran\n"

@@ -53,13 +53,21 @@ def default_workers() -> int:
     return 1 if cores <= 2 else min(8, cores // 2)
 
 
-def _child_signals(stop: signal.Signals) -> None:  # pragma: no cover - runs in the child before exec
-    """The child gets `stop` if the supervisor dies (Linux prctl(PR_SET_PDEATHSIG)), and
-    starts with its stop signals blocked (a mask survives exec): one sent before it has a
-    handler (hub/signals.py unblocks them) waits for it instead of killing a child that is
-    still importing, and the supervisor stops it as it stops a running one."""
+#: The exit status of a child whose supervisor died before the child could ask to outlive it.
+ORPHANED_AT_START = 70
+
+
+def _child_signals(stop: signal.Signals, supervisor: int) -> None:  # pragma: no cover - runs in the child before exec
+    """The child gets `stop` if the supervisor (pid `supervisor`) dies (Linux
+    prctl(PR_SET_PDEATHSIG)), and starts with its stop signals blocked (a mask survives exec):
+    one sent before it has a handler (hub/signals.py unblocks them) waits for it instead of
+    killing a child that is still importing, and the supervisor stops it as it stops a running
+    one. A supervisor that died between the fork and the prctl sends nothing: such a child
+    exits here, before exec, with nothing in flight."""
     with contextlib.suppress(Exception):
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, stop)
+    if os.getppid() != supervisor:
+        os._exit(ORPHANED_AT_START)
     signal.pthread_sigmask(signal.SIG_BLOCK, {*STOP_SIGNALS, ENGINE_STOP})
 
 
@@ -104,7 +112,7 @@ class _Child:
 
     def start(self) -> None:
         self.port_file.unlink(missing_ok=True)
-        self.process = subprocess.Popen(self.argv, preexec_fn=functools.partial(_child_signals, self.stop))
+        self.process = subprocess.Popen(self.argv, preexec_fn=functools.partial(_child_signals, self.stop, os.getpid()))
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
