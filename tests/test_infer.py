@@ -303,6 +303,47 @@ def test_stream_infer_answers_each_request_with_its_id(hub_server: RunningServer
     assert len(errors) == 1 and "image" in str(errors[0])
 
 
+def test_stream_responses_say_they_are_final(hub_server: RunningServer) -> None:
+    """Triton sets `triton_final_response` on every streamed response, answers and errors alike;
+    the usual client loop reads until it is true, and would wait forever without it."""
+    import queue
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = tc.InferenceServerClient(hub_server.url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    ones = infer_input("INPUT0", np.ones((1, 1), np.float32), "FP32")
+    client.async_stream_infer("fragile", [ones], request_id="ok", enable_empty_final_response=True)
+    result, error = results.get(timeout=30)
+    assert error is None
+    assert result.get_response().parameters["triton_final_response"].bool_param is True
+    bad = infer_input("INPUT0", np.full((1, 1), -1.0, np.float32), "FP32")
+    client.async_stream_infer("fragile", [bad], request_id="bad")
+    result, error = results.get(timeout=30)
+    assert result is None and "fragile" in str(error)
+    client.stop_stream()
+
+
+def test_stream_with_triton_grpc_error_ends_at_the_first_error(hub_server: RunningServer) -> None:
+    """With the header `triton_grpc_error: true` (Triton's opt-in), a model's error ends the stream
+    with its gRPC status, which tritonclient reports through `status()`, instead of an in-band
+    error message on a stream that goes on."""
+    import queue
+
+    results: queue.Queue[tuple[Any, Any]] = queue.Queue()
+    client = tc.InferenceServerClient(hub_server.url)
+    client.start_stream(
+        callback=lambda result, error: results.put((result, error)), headers={"triton_grpc_error": "true"}
+    )
+    client.async_stream_infer("fragile", [infer_input("INPUT0", np.ones((1, 1), np.float32), "FP32")], request_id="ok")
+    result, error = results.get(timeout=30)
+    assert error is None and result.get_response().id == "ok"
+    client.async_stream_infer("fragile", [infer_input("INPUT0", np.full((1, 1), -1.0, np.float32), "FP32")])
+    result, error = results.get(timeout=30)
+    assert result is None
+    assert error.status() == "StatusCode.INTERNAL" and "fragile" in error.message()
+    client.stop_stream()
+
+
 @settings(max_examples=60, deadline=None)
 @given(data=st.data())
 def test_typed_contents_are_read_as_the_protobuf_field_reads(data: st.DataObject) -> None:

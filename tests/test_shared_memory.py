@@ -549,6 +549,13 @@ def test_off_by_default(hub_server: RunningServer, protocol: str) -> None:
         ):
             side.expect("UNIMPLEMENTED", call, "--shared-memory system", "MODELHUB_SHARED_MEMORY")
         side.expect("UNIMPLEMENTED", lambda: side.client.get_cuda_shared_memory_status(), "--shared-memory cuda")
+        # The extension being off is said first, not what is wrong with the handle (not base64).
+        not_base64 = b"%%" if protocol == "grpc" else "%%"
+        side.expect(
+            "UNIMPLEMENTED",
+            lambda: side.client.register_cuda_shared_memory("gpu", not_base64, 0, 64),
+            "--shared-memory cuda",
+        )
         metadata = side.client.get_server_metadata()
         extensions = metadata.extensions if protocol == "grpc" else metadata["extensions"]
         assert "system_shared_memory" not in extensions

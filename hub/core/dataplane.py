@@ -325,6 +325,12 @@ class DataPlane:
         registry.require(kind)  # Unsupported, saying how to turn it on
         return registry
 
+    def require_shared_memory(self, kind: str) -> None:
+        """Unsupported (saying how to turn it on) when this server does not take `kind`: a
+        frontend asks before it reads a registration's fields, so a client of a server without
+        the extension learns that first, not what is wrong with its handle."""
+        self._registry(kind)
+
     async def register_shared_memory(self, kind: str, name: str, arguments: Mapping[str, Any]) -> None:
         """Register a region: `arguments` are key, offset, byte_size (system) or raw_handle,
         device_id, byte_size (CUDA). AlreadyExists for a registered name; InvalidInput when

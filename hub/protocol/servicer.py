@@ -275,8 +275,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         ends with INVALID_ARGUMENT once the requests before it are answered; during shutdown it
         ends with UNAVAILABLE the same way. Each request read is `accept()`ed by the data plane
         and released when its task ends, however it ends.
+
+        As Triton does, every response carries the parameter `triton_final_response` (true: each
+        request is answered once), which streaming clients read to know a request is done, and a
+        stream opened with the header `triton_grpc_error: true` ends at its first error with that
+        error's status instead of carrying it in `error_message` (Triton's opt-in).
         """
         loop = asyncio.get_running_loop()
+        grpc_errors = _grpc_error_mode(context)
         done: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd] = asyncio.Queue()
         slots = asyncio.Semaphore(self.limits.stream_in_flight)
         tasks: set[asyncio.Task[None]] = set()
@@ -287,14 +293,19 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             try:
-                response = pb.ModelStreamInferResponse(
-                    infer_response=await self._infer(request, context.time_remaining(), accepted=True)
-                )
+                infer_response = await self._infer(request, context.time_remaining(), accepted=True)
+                infer_response.parameters[FINAL_RESPONSE].bool_param = True
+                response = pb.ModelStreamInferResponse(infer_response=infer_response)
             except HubError as exc:
+                status = _status(exc)
+                if grpc_errors:
+                    await done.put(_StreamEnd(status))
+                    return
                 stub = pb.ModelInferResponse(
                     model_name=request.model_name, model_version=request.model_version, id=request.id
                 )
-                response = pb.ModelStreamInferResponse(error_message=_status(exc)[1], infer_response=stub)
+                stub.parameters[FINAL_RESPONSE].bool_param = True
+                response = pb.ModelStreamInferResponse(error_message=status[1], infer_response=stub)
             await done.put(response)
 
         async def read() -> None:
@@ -310,7 +321,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                             context.peer(),
                             request.described("message"),
                         )
-                        end = _StreamEnd((grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=True)
+                        end = _StreamEnd(
+                            (grpc.StatusCode.INVALID_ARGUMENT, request.message), error_on_stream=not grpc_errors
+                        )
                         break
                     if self.plane.draining:
                         end = _StreamEnd(SHUTTING_DOWN)
@@ -457,6 +470,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response.settings[name].value.extend(values)
             return response
         return _fail(context, failure)
+
+
+#: The response parameter Triton sets on every streamed response: true on a request's last one.
+FINAL_RESPONSE = "triton_final_response"
+
+
+def _grpc_error_mode(context: Any) -> bool:
+    """Whether the stream asked, with the header `triton_grpc_error: true`, to end at its first
+    error with that error's status (tritonclient: `start_stream(headers={"triton_grpc_error":
+    "true"})`), as Triton's gRPC frontend does."""
+    return any(key == "triton_grpc_error" and value == "true" for key, value in context.invocation_metadata() or ())
 
 
 def _setting(name: str, value: pb.LogSettingsRequest.SettingValue) -> bool | int | str:

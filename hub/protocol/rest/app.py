@@ -233,6 +233,7 @@ class RestFrontend:
 
     async def shm_register(self, request: web.Request) -> web.Response:
         kind = _shm_kind(request)
+        self.plane.require_shared_memory(kind)
         body = await _json_body(request)
         name = request.match_info["name"]
         if kind == SYSTEM:
