@@ -6,6 +6,7 @@ both get resolution (docs/metrics.md lists them).
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
@@ -332,33 +333,63 @@ class FrontendCollector:
 
 class CudaCollector:
     """GPU memory per device from torch (always), and utilisation from NVML when pynvml is
-    installed. Registered only when the server runs on CUDA."""
+    installed. Registered only when the server runs on CUDA.
+
+    Beside our own series, Triton's GPU metrics under Triton's names, per `gpu_uuid` (the UUID
+    as nvidia-smi writes it, `GPU-...`): `nv_gpu_memory_total_bytes`, `nv_gpu_memory_used_bytes`,
+    and with NVML `nv_gpu_utilization` (0-1) and `nv_gpu_power_usage` (watts). perf_analyzer's
+    `--collect-metrics` reads these four, and Triton's dashboards query them."""
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         import torch
 
+        nvml = importlib.util.find_spec("pynvml") is not None
         allocated = GaugeMetricFamily(
             "modelhub_gpu_memory_allocated_bytes", "GPU memory held by tensors, per device.", labels=["device"]
         )
         reserved = GaugeMetricFamily(
             "modelhub_gpu_memory_reserved_bytes", "GPU memory reserved by torch's caching allocator.", labels=["device"]
         )
+        total = GaugeMetricFamily("nv_gpu_memory_total_bytes", "GPU total memory, in bytes", labels=["gpu_uuid"])
+        used = GaugeMetricFamily("nv_gpu_memory_used_bytes", "GPU used memory, in bytes", labels=["gpu_uuid"])
         devices = range(torch.cuda.device_count())
+        uuids = {}
         for index in devices:
             allocated.add_metric([str(index)], torch.cuda.memory_allocated(index))
-            reserved.add_metric([str(index)], torch.cuda.memory_reserved(index))
+            held = torch.cuda.memory_reserved(index)
+            reserved.add_metric([str(index)], held)
+            properties = torch.cuda.get_device_properties(index)
+            uuids[index] = uuid = f"GPU-{properties.uuid}"
+            total.add_metric([uuid], properties.total_memory)
+            if nvml:  # the whole device's, every process's (nvidia-smi's "used"), as Triton's is
+                with contextlib.suppress(Exception):  # a broken driver must not break /metrics
+                    used.add_metric([uuid], torch.cuda.device_memory_used(index))
+            elif held:  # cudaMemGetInfo, only where this process has a context already (it would make one)
+                free, whole = torch.cuda.mem_get_info(index)
+                used.add_metric([uuid], whole - free)
         yield allocated
         yield reserved
-        if importlib.util.find_spec("pynvml") is None:
+        yield total
+        yield used
+        if not nvml:
             return
         utilisation = GaugeMetricFamily(
             "modelhub_gpu_utilization_ratio", "GPU busy fraction over the last sample (NVML).", labels=["device"]
         )
+        triton_utilisation = GaugeMetricFamily(
+            "nv_gpu_utilization", "GPU utilization rate [0.0 - 1.0)", labels=["gpu_uuid"]
+        )
+        power = GaugeMetricFamily("nv_gpu_power_usage", "GPU power usage in watts", labels=["gpu_uuid"])
         try:
             # torch's, not NVML's own by index: NVML numbers every GPU of the machine, torch
             # only those CUDA_VISIBLE_DEVICES shows, and torch maps one to the other.
             for index in devices:
-                utilisation.add_metric([str(index)], torch.cuda.utilization(index) / 100.0)
+                busy = torch.cuda.utilization(index) / 100.0
+                utilisation.add_metric([str(index)], busy)
+                triton_utilisation.add_metric([uuids[index]], busy)
+                power.add_metric([uuids[index]], torch.cuda.power_draw(index) / 1000.0)  # mW
         except Exception:  # NVML is optional: a broken driver must not break /metrics
             return
         yield utilisation
+        yield triton_utilisation
+        yield power

@@ -222,8 +222,51 @@ def test_access_log_sampling(start_server: Any, tmp_path: Path, caplog: pytest.L
 @pytest.mark.gpu
 def test_gpu_memory_metrics(start_server: Any, tmp_path: Path) -> None:
     server = start_server(link_plugins(tmp_path / "p", ROOT / "plugins" / "digits"), device="cuda")
-    names = {key.split("{")[0] for key in scrape(server)}
+    samples = scrape(server)
+    names = {key.split("{")[0] for key in samples}
     assert {"modelhub_gpu_memory_allocated_bytes", "modelhub_gpu_memory_reserved_bytes"} <= names
+    # Triton's names, as perf_analyzer --collect-metrics reads them: per gpu_uuid="GPU-...".
+    total = {k: v for k, v in samples.items() if k.startswith("nv_gpu_memory_total_bytes{")}
+    used = {k: v for k, v in samples.items() if k.startswith("nv_gpu_memory_used_bytes{")}
+    assert total and all('gpu_uuid="GPU-' in k and v > 0 for k, v in total.items())
+    assert used and all(v > 0 for v in used.values())
+
+
+def test_gpu_metrics_carry_tritons_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """CudaCollector's series under Triton's names and labels, with torch's CUDA queries answered
+    for two devices (this box has none; the gpu-marked test above reads a real one). Only the
+    device this process uses (memory reserved) is asked for its used memory without NVML:
+    cudaMemGetInfo would create a context on the other."""
+    import importlib.util
+
+    import torch
+
+    from hub.metrics import CudaCollector
+
+    class Properties:
+        def __init__(self, index: int) -> None:
+            self.uuid = f"340cec52-80ba-c0df-8511-5f9680aae0e{index}"
+            self.total_memory = 16 << 30
+
+    asked: list[int] = []
+
+    def mem_get_info(index: int) -> tuple[int, int]:
+        asked.append(index)
+        return (15 << 30, 16 << 30)
+
+    original = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "pynvml" else original(name, *a))
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda index: 100 * (1 - index))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda index: 200 * (1 - index))
+    monkeypatch.setattr(torch.cuda, "get_device_properties", Properties)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    families = {family.name: family for family in CudaCollector().collect()}
+    total = {s.labels["gpu_uuid"]: s.value for s in families["nv_gpu_memory_total_bytes"].samples}
+    assert total == {f"GPU-340cec52-80ba-c0df-8511-5f9680aae0e{i}": 16 << 30 for i in (0, 1)}
+    used = {s.labels["gpu_uuid"]: s.value for s in families["nv_gpu_memory_used_bytes"].samples}
+    assert used == {"GPU-340cec52-80ba-c0df-8511-5f9680aae0e0": 1 << 30} and asked == [0]
+    assert "nv_gpu_utilization" not in families  # NVML's, and pynvml is "not installed" here
 
 
 def test_top_shows_rate_latency_and_batch(hub_server: RunningServer, digits_heldout: Any) -> None:
