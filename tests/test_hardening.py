@@ -578,6 +578,11 @@ def test_serve_has_limit_flags() -> None:
     assert args.limit_request_entries == Limits().request_entries == 1 << 14
     with pytest.raises(ValueError, match="bytes_elements"):
         Limits(bytes_elements=0)
+    args = build_parser().parse_args(["serve", "--http-header-timeout", "0.5", "--http-body-rate", "100"])
+    assert args.limit_header_timeout == 0.5 and args.limit_body_rate == 100
+    assert args.limit_body_timeout == Limits().body_timeout == 60
+    with pytest.raises(ValueError, match="header_timeout"):
+        Limits(header_timeout=0)
 
 
 # --- INTERNAL messages ---------------------------------------------------------------------------
