@@ -83,6 +83,20 @@ class DeadlineExceeded(HubError):
     code = "DEADLINE_EXCEEDED"
 
 
+class Cancelled(HubError):
+    """The client went away before it was answered (a REST client that disconnected); what is
+    sent back, if anything, is never read."""
+
+    code = CANCELLED
+
+
+class BodyTimeout(HubError):
+    """A request body did not arrive in time: slower than the server's floor rate
+    (hub.limits.Limits.body_timeout, body_rate). REST answers 408 and closes the connection."""
+
+    code = "DEADLINE_EXCEEDED"
+
+
 class ModelExecutionError(HubError):
     """Plugin or runtime code raised while serving a request; the message names the model."""
 

@@ -1,4 +1,5 @@
-"""The limits on what one request may cost, shared by every frontend (gRPC, REST).
+"""The limits on what one request may cost, shared by every frontend (gRPC, REST), and the
+time a REST client may take to send one.
 
 A request is refused with INVALID_ARGUMENT (or RESOURCE_EXHAUSTED, for its size in bytes,
 which the transport enforces) before anything proportional to what it *claims* is
@@ -14,7 +15,8 @@ from dataclasses import dataclass
 class Limits:
     """Per-request limits. The defaults serve every bundled model (ResNet-50 at batch 128 is
     19.3 M UINT8 elements, 19 MB) with room to spare; `modelhub serve --max-*` and the
-    MODELHUB_MAX_* variables change them.
+    MODELHUB_MAX_* variables change them, and `--http-header-timeout`, `--http-body-timeout`
+    and `--http-body-rate` (MODELHUB_HTTP_*) the REST timeouts.
 
     - `request_bytes`: the largest request message (gRPC's max receive length; the REST
       frontend's body limit). 64 MiB, as Triton's HTTP default.
@@ -48,6 +50,23 @@ class Limits:
     - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
       being computed or whose responses the client has not read yet. Past it the server stops
       reading the stream, and HTTP/2 flow control holds the client back.
+    - `header_timeout` (REST, seconds): the longest a connection may go without a complete
+      request line and headers: from its accept, and on a kept-alive connection from the end of
+      the previous response (so it is also the keep-alive idle timeout). Past it the connection
+      is closed (a request already being handled is not affected). 75 s: nginx's keep-alive
+      timeout and above the 60 s idle timeout of AWS's load balancers and nginx's upstream
+      keep-alive, so a proxy that keeps a connection idle for its own timeout is not cut off
+      first; about what nginx (`client_header_timeout` 60 s) and Node.js (`headersTimeout` 60 s)
+      give a request's headers. Behind a proxy that keeps connections idle longer (Google
+      Cloud's load balancers: 600 s) raise it above the proxy's.
+    - `body_timeout` and `body_rate` (REST): a request body must arrive within `body_timeout`
+      seconds plus one second for every `body_rate` bytes received (Apache's mod_reqtimeout
+      `body=...,MinRate=...`): a client that sends slower than `body_rate` bytes/s on average
+      (1 byte/s, say) is answered 408 and its connection closed. 60 s (nginx's
+      `client_body_timeout`) and 8 KiB/s (64 kbit/s, slower than a 2G link): a 64 MiB body at
+      any rate above 8 KiB/s arrives in time, and a smaller one has 60 s more; holding a
+      connection open costs a client 8 KiB/s, 2.6 Gbit/s for the 40,000 connections that
+      would take every descriptor of two processes.
     """
 
     request_bytes: int = 64 << 20
@@ -58,6 +77,9 @@ class Limits:
     typed_values: int = 1 << 20
     request_entries: int = 1 << 14
     stream_in_flight: int = 64
+    header_timeout: float = 75.0
+    body_timeout: float = 60.0
+    body_rate: int = 8 << 10
 
     def __post_init__(self) -> None:
         for name in (
@@ -69,10 +91,15 @@ class Limits:
             "typed_values",
             "request_entries",
             "stream_in_flight",
+            "body_rate",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"limit {name} must be a positive integer, got {value!r}")
+        for name in ("header_timeout", "body_timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+                raise ValueError(f"limit {name} must be a positive number of seconds, got {value!r}")
 
 
 #: The limits a server uses when it is given none.

@@ -331,6 +331,7 @@ class Server:
                 config.host,
                 config.http_port,
                 shutdown_timeout=config.shutdown_grace,
+                header_timeout=config.limits.header_timeout,
                 reuse_port=config.reuse_port,
                 ssl_context=ssl_context,
                 purpose="REST (--http-port)",
@@ -344,6 +345,7 @@ class Server:
                 config.metrics_host or config.host,
                 config.metrics_port,
                 shutdown_timeout=1.0,
+                header_timeout=config.limits.header_timeout,
                 ssl_context=ssl_context,
                 # never shared: servers on one port through --reuse-port each need their own
                 purpose="metrics (--metrics-port, one per server)",

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -727,3 +729,158 @@ def test_json_claiming_many_elements_is_refused_before_allocating(hub_server: Ru
         )
         assert status == 400 and "INPUT0" in reply["error"], reply
         assert time.perf_counter() - started < 1.0
+
+
+# --- slow and vanished clients --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def paced(start_server: Any, tmp_path_factory: pytest.TempPathFactory) -> RunningServer:
+    """A server whose REST timeouts are short enough to reach in a test: a request's headers
+    within 1 s, its body within 1 s plus one second per 20,000 bytes."""
+    folder = link_plugins(tmp_path_factory.mktemp("paced"), ROOT / "plugins" / "digits")
+    limits = Limits(header_timeout=1.0, body_timeout=1.0, body_rate=20_000)
+    return start_server(folder, limits=limits, metrics_port=None)  # type: ignore[no-any-return]
+
+
+def _connect(server: RunningServer) -> socket.socket:
+    host, port = server.http_url.split(":")
+    return socket.create_connection((host, int(port)), timeout=10)
+
+
+def _closed_after(sock: socket.socket, drip: bytes = b"", every: float = 0.2) -> float:
+    """Seconds until the server closes `sock` (reading and dropping what it sends), sending
+    `drip` a byte every `every` seconds meanwhile; 10 s at most."""
+    started = time.monotonic()
+    sock.settimeout(every)
+    sent = 0
+    while time.monotonic() - started < 10:
+        try:
+            if not sock.recv(65536):
+                return time.monotonic() - started
+        except TimeoutError:
+            pass
+        except ConnectionResetError:
+            return time.monotonic() - started
+        if sent < len(drip):
+            sock.send(drip[sent : sent + 1])
+            sent += 1
+    return float("inf")
+
+
+def _response(sock: socket.socket) -> tuple[int, dict[str, str], bytes]:
+    """The next HTTP response on `sock`: status, headers (lower-case names), body."""
+    reader = sock.makefile("rb")
+    status = int(reader.readline().split()[1])
+    headers = {}
+    while (line := reader.readline().strip()) != b"":
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    return status, headers, reader.read(int(headers.get("content-length", 0)))
+
+
+LIVE = b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_connection_that_sends_no_whole_request_is_closed_after_the_header_timeout(paced: RunningServer) -> None:
+    """aiohttp closed a connection only when it stayed idle after a response (for an hour):
+    one that sent nothing, or headers a byte a second, was held for ever, and 40,000 of them
+    take every descriptor of two processes. --http-header-timeout (1 s here) counts from the
+    accept, and from the previous response on a kept-alive connection."""
+    with _connect(paced) as idle:
+        assert 0.8 < _closed_after(idle) < 3
+    with _connect(paced) as slow:
+        assert 0.8 < _closed_after(slow, LIVE) < 3  # 5 bytes a second do not put it back
+    with _connect(paced) as kept:
+        time.sleep(0.5)
+        kept.sendall(LIVE)  # a request in time is answered, and the connection kept alive
+        assert _response(kept)[0] == 200
+        assert 0.8 < _closed_after(kept) < 3
+    with _connect(paced) as prompt:  # what a client sends at once is answered as ever
+        prompt.sendall(LIVE)
+        assert _response(prompt)[:1] == (200,)
+
+
+def _binary_infer(images: int, padding: int = 0) -> tuple[bytes, bytes]:
+    """Headers and body of a digits request of `images` 8x8 images as binary data, its JSON
+    header padded with `padding` spaces."""
+    header = (
+        json.dumps(
+            {
+                "inputs": [
+                    {
+                        "name": "image",
+                        "datatype": "FP32",
+                        "shape": [images, 1, 8, 8],
+                        "parameters": {"binary_data_size": images * 256},
+                    }
+                ],
+                "outputs": [{"name": "logits", "parameters": {"binary_data": False}}],
+            }
+        ).encode()
+        + b" " * padding
+    )
+    body = header + np.zeros((images, 1, 8, 8), np.float32).tobytes()
+    head = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n"
+        f"Inference-Header-Content-Length: {len(header)}\r\n\r\n"
+    ).encode()
+    return head, body
+
+
+def test_a_body_slower_than_the_floor_rate_is_408_and_closed(
+    paced: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A body must arrive within --http-body-timeout (1 s here) plus a second per --http-body-rate
+    bytes (20,000): 100 bytes a second is answered 408 naming the body, the connection closed,
+    and one info line logged without a traceback. One sent at 30,000 bytes/s is answered."""
+    caplog.set_level(logging.INFO, logger="modelhub.rest")
+    head, body = _binary_infer(64, 45_000)  # 61 KB: 2 s at 30,000 bytes/s
+    with _connect(paced) as slow:
+        slow.sendall(head + body[:100])
+        started = time.monotonic()
+        slow.settimeout(0.1)
+        reply = b""
+        for i in range(1, 50):
+            slow.sendall(body[i * 10 : i * 10 + 10])
+            try:
+                reply = slow.recv(65536, socket.MSG_PEEK)
+            except TimeoutError:
+                continue
+            if reply:
+                break
+        slow.settimeout(10)
+        status, headers, error = _response(slow)
+        assert status == 408 and 1 < time.monotonic() - started < 3, (status, error)
+        assert headers["connection"] == "close" and "request body" in json.loads(error)["error"], (headers, error)
+    lines = [r for r in caplog.records if r.name == "modelhub.rest"]
+    assert len(lines) == 1 and lines[0].levelno == logging.INFO and lines[0].exc_info is None, lines
+    assert "request body" in lines[0].getMessage()
+    with _connect(paced) as steady:
+        steady.sendall(head)
+        for i in range(0, len(body), 3000):
+            steady.sendall(body[i : i + 3000])
+            time.sleep(0.1)
+        status, _, answer = _response(steady)
+        assert status == 200 and len(json.loads(answer)["outputs"][0]["data"]) == 640, answer[:200]
+
+
+def test_a_client_that_disconnects_mid_body_is_one_throttled_info_line(
+    paced: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It was an ERROR with an 18-line traceback (ConnectionResetError) per disconnect, as many
+    as a client cared to make: a client that went away is not the server's fault."""
+    caplog.set_level(logging.INFO)
+    assert paced.server is not None
+    head, body = _binary_infer(64, 45_000)
+    for _ in range(20):
+        with _connect(paced) as gone:
+            gone.sendall(head + body[:1000])
+            time.sleep(0.01)
+    time.sleep(1)
+    lines = [r for r in caplog.records if r.name == "modelhub.rest"]
+    # Throttle(): 5 in 10 s (fewer here when the test before logged some)
+    assert 1 <= len(lines) <= 5, [r.getMessage() for r in lines]
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in lines)
+    assert all("disconnected" in r.getMessage() for r in lines)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text

@@ -391,6 +391,27 @@ def build_parser() -> argparse.ArgumentParser:
             metavar="N",
             help=f"{what} (env MODELHUB_{env}; default: {default})",
         )
+    for flag, field, what, kind in (
+        (
+            "--http-header-timeout",
+            "header_timeout",
+            "seconds a REST connection may take to send a request's headers, from its accept or its previous "
+            "response (also the keep-alive idle timeout)",
+            float,
+        ),
+        ("--http-body-timeout", "body_timeout", "seconds a REST request body may take, plus --http-body-rate's", float),
+        ("--http-body-rate", "body_rate", "bytes/s a REST request body must average past --http-body-timeout", int),
+    ):
+        default = getattr(DEFAULT_LIMITS, field)
+        env = flag[2:].upper().replace("-", "_")
+        limits.add_argument(
+            flag,
+            dest=f"limit_{field}",
+            type=kind,
+            default=kind(_env(env, default)),
+            metavar="S" if kind is float else "N",
+            help=f"{what} (env MODELHUB_{env}; default: {default:g})",
+        )
 
     plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
     _add_plugin_args(plugins)

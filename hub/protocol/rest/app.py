@@ -16,8 +16,9 @@ from typing import Any
 from aiohttp import web
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError, InvalidInput, TooLarge
+from hub.errors import BodyTimeout, Cancelled, HubError, InvalidInput, TooLarge
 from hub.limits import DEFAULT_LIMITS, Limits
+from hub.logs import Throttle
 from hub.protocol import triton
 from hub.protocol.rest.auth import token_middleware
 from hub.protocol.rest.codec import (
@@ -49,6 +50,9 @@ CONTROL_BODY = 64 << 10
 REST_EXTENSIONS = ("binary_tensor_data",)
 
 MAX_BODY = web.AppKey("max_body", int)
+LIMITS = web.AppKey("limits", Limits)
+#: One line per request its client cut short (disconnected, or sent too slowly), at most 5 per 10 s.
+CUT_SHORT_LOG = web.AppKey("gone_log", Throttle)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,11 +77,21 @@ def body_too_large(limit: int) -> str:
 
 
 def _guarded(handler: Handler) -> Handler:
-    """Domain errors become their HTTP status; anything else is logged and answered 500."""
+    """Domain errors become their HTTP status; anything else is logged and answered 500. A
+    client that disconnected mid-body, or sent its body too slowly, is not the server's error:
+    one line at info, without a traceback, throttled (a client can make as many as it likes; a
+    gRPC call cancelled by its client is not logged at all), and the connection is closed."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
         try:
             return await handler(request)
+        except (Cancelled, BodyTimeout) as exc:  # read_body: the client disconnected, or sends too slowly
+            request.app[CUT_SHORT_LOG](
+                log, logging.INFO, "%s %s from %s: %s", request.method, request.path[:128], request.remote, exc
+            )
+            response = error_response(exc)
+            response.force_close()  # what is left of the body is not worth waiting for
+            return response
         except HubError as exc:
             return error_response(exc)
         except web.HTTPRequestEntityTooLarge:  # chunked, past client_max_size
@@ -111,6 +125,8 @@ class RestFrontend:
         middlewares = [token_middleware(self.tokens)] if self.tokens.required else []
         app = web.Application(client_max_size=self.max_body, middlewares=middlewares)
         app[MAX_BODY] = self.max_body
+        app[LIMITS] = self.limits
+        app[CUT_SHORT_LOG] = Throttle()
         routes: list[tuple[str, str, Handler]] = [
             ("GET", "/v2/health/live", self.live),
             ("GET", "/v2/health/ready", self.ready),
@@ -264,10 +280,11 @@ class RestFrontend:
 
     async def infer(self, request: web.Request) -> web.Response:
         json_length = request.headers.get(HEADER_LENGTH)
+        pace = _pace(self.limits)
         if json_length is None and self.limits.json_bytes < self.max_body:  # all of it is JSON
-            raw = await read_body(request, self.limits.json_bytes, json_too_large(self.limits.json_bytes))
+            raw = await read_body(request, self.limits.json_bytes, json_too_large(self.limits.json_bytes), **pace)
         else:
-            raw = await read_body(request, self.max_body, body_too_large(self.max_body))
+            raw = await read_body(request, self.max_body, body_too_large(self.max_body), **pace)
         parsed = parse_request(raw, json_length, self.limits)
         info = request.match_info
         with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
@@ -331,11 +348,19 @@ def _count(body: dict[str, Any], key: str, default: int | None) -> int:
     return value
 
 
+def _pace(limits: Limits) -> dict[str, Any]:
+    """read_body's pace: how long a body may take (hub.limits.Limits.body_timeout, body_rate)."""
+    return {"grace": limits.body_timeout, "rate": limits.body_rate}
+
+
 async def _json_body(request: web.Request) -> dict[str, Any]:
     """An optional JSON object body (an empty body reads as {}) of at most CONTROL_BODY bytes."""
     limit = min(CONTROL_BODY, request.app[MAX_BODY])
     raw = await read_body(
-        request, limit, f"request body is larger than the server's limit of {limit} bytes for a request without tensors"
+        request,
+        limit,
+        f"request body is larger than the server's limit of {limit} bytes for a request without tensors",
+        **_pace(request.app[LIMITS]),
     )
     if not raw.strip():
         return {}

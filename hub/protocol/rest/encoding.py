@@ -17,17 +17,23 @@ client would notice, and a client must accept an uncompressed answer anyway), at
 same ratio or one at most 10% better: 16 MB of FP32 0.27 in 132 against 1,882 ms, 2 MB of JSON
 embeddings 0.48 against 0.44 in 19 against 125 ms, 4 MB of random FP32 0.93 either way), and in
 a worker thread when the body is large.
+
+A body is read at a pace (`read_body`'s `grace` and `rate`, the server's Limits.body_timeout and
+body_rate): it must arrive within `grace` seconds plus one second per `rate` bytes received,
+or the request is answered 408 (BodyTimeout), so that a client sending a byte a second cannot
+hold a connection, and a handler, for as long as it likes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import sys
 import zlib
 from typing import Any
 
 from aiohttp import web
 
-from hub.errors import InvalidInput, TooLarge
+from hub.errors import BodyTimeout, Cancelled, InvalidInput, TooLarge
 
 #: The codings we read and write, by their HTTP token.
 GZIP, DEFLATE = "gzip", "deflate"
@@ -69,15 +75,67 @@ def _inflate(inflater: Any, data: bytes, room: int) -> bytes:
     return inflater.decompress(data, room + 1) if room else b""
 
 
-async def read_body(request: web.Request, limit: int, too_large: str) -> bytes:
+async def _read(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except ConnectionError as exc:  # aiohttp's "Connection lost", the client's doing
+        raise Cancelled(f"the client disconnected while its request body was read ({exc})") from None
+
+
+async def _read_paced(request: web.Request, grace: float, rate: int) -> bytes:
+    """`request.read()`, cut short with BodyTimeout when the body falls behind: by `grace`
+    seconds from now it must have arrived, and each `rate` bytes received give it one second
+    more. One timer per read, rescheduled to the new deadline each time it fires, and none for
+    a body already received whole (most requests: headers and body in one segment)."""
+    content = request.content
+    if content.is_eof():
+        return await _read(request)
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    start = loop.time()
+    expired = False
+    timer: asyncio.TimerHandle
+
+    def check() -> None:
+        nonlocal timer, expired
+        deadline = start + grace + content.total_bytes / rate
+        if loop.time() < deadline:
+            timer = loop.call_at(deadline, check)
+        elif not content.is_eof():  # (once it is, read() returns without waiting again)
+            # The task is waiting inside read() (the timer is cancelled as read() returns, with
+            # no await between), so the cancellation lands there and nowhere else.
+            expired = True
+            task.cancel()
+
+    timer = loop.call_at(start + grace, check)
+    try:
+        return await _read(request)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        if sys.version_info >= (3, 11):
+            task.uncancel()  # ours, handled here: later awaits in this task are not cancelled
+        received = content.total_bytes
+        raise BodyTimeout(
+            f"the request body did not arrive in time: {received} bytes in {loop.time() - start:.0f} s, slower "
+            f"than the server's floor of {rate} bytes/s after {grace:g} s (--http-body-rate, --http-body-timeout)"
+        ) from None
+    finally:
+        timer.cancel()
+
+
+async def read_body(request: web.Request, limit: int, too_large: str, *, grace: float, rate: int) -> bytes:
     """The request's body, inflated when its Content-Encoding says so, at most `limit` bytes:
     TooLarge with the message `too_large` when it is, or would inflate to, more (aiohttp's
-    HTTPRequestEntityTooLarge when it is larger than the application's client_max_size)."""
+    HTTPRequestEntityTooLarge when it is larger than the application's client_max_size).
+    BodyTimeout when it arrives slower than `rate` bytes/s after `grace` seconds (_read_paced),
+    Cancelled when the client disconnects before it has sent it."""
     coding = request_coding(request.headers.get("Content-Encoding"))
     length = request.content_length
     if coding is None and length is not None and length > limit:
         raise TooLarge(too_large)  # refused unread
-    raw = await request.read()
+    raw = await _read_paced(request, grace, rate)
     if coding is None:
         if len(raw) > limit:  # sent chunked, without a Content-Length
             raise TooLarge(too_large)

@@ -8,6 +8,8 @@ import ssl
 
 from aiohttp import web
 
+from hub.limits import DEFAULT_LIMITS
+
 
 async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp names itself and Python, with their versions, in a Server header on every
@@ -27,6 +29,7 @@ class HttpListener:
         port: int,
         *,
         shutdown_timeout: float = 10.0,
+        header_timeout: float = DEFAULT_LIMITS.header_timeout,
         reuse_port: bool = False,
         ssl_context: ssl.SSLContext | None = None,
         purpose: str = "HTTP",
@@ -34,7 +37,16 @@ class HttpListener:
         """Listen on host:port and return the bound port. We bind the socket ourselves so the
         port a 0 picked is known without reaching into the server's internals. With
         `ssl_context` it speaks HTTPS only. A port that cannot be bound raises OSError naming
-        `purpose` and the address (the bare errno names neither)."""
+        `purpose` and the address (the bare errno names neither).
+
+        A connection that has not sent a whole request line and headers `header_timeout`
+        seconds after its accept, or after the previous response on a kept-alive connection,
+        is closed (hub.limits.Limits.header_timeout). That is aiohttp's keep-alive timer, public
+        API: aiohttp 3.14.5 (pyproject's floor) starts it at the accept as well as after each
+        response, and the bytes of a request that has not arrived whole do not put it back
+        (tests/test_rest.py holds it to both; older aiohttp started it after a response only).
+        It is checked only while no request is being handled, so it never cuts one short. (With
+        TLS the timer starts after the handshake, which asyncio gives 60 s of its own.)"""
         family, kind, proto, _, address = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
         )[0]
@@ -51,7 +63,12 @@ class HttpListener:
         # auto_decompress off: a compressed body is inflated by the handler that reads it, with a
         # limit and a 400 of ours (hub/protocol/rest/encoding.py), not by aiohttp's parser.
         self._runner = web.AppRunner(
-            self._app, access_log=None, handle_signals=False, shutdown_timeout=shutdown_timeout, auto_decompress=False
+            self._app,
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=shutdown_timeout,
+            auto_decompress=False,
+            keepalive_timeout=header_timeout,
         )
         await self._runner.setup()
         await web.SockSite(self._runner, sock, backlog=1024, ssl_context=ssl_context).start()

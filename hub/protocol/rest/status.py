@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from hub.errors import TooLarge, client_message, code_of
+from hub.errors import BodyTimeout, TooLarge, client_message, code_of
 
 #: Domain code (hub.errors) -> HTTP status. Anything unlisted is a bug or a crash: 500.
 HTTP_STATUS: dict[str, int] = {
@@ -28,6 +28,8 @@ def status_for(exc: BaseException) -> tuple[int, str]:
     non-HubError only its type, and the caller logs the rest)."""
     if isinstance(exc, TooLarge):  # its code (RESOURCE_EXHAUSTED) is also a full queue's, which is 429
         return 413, client_message(exc)
+    if isinstance(exc, BodyTimeout):  # the client's slowness, not the model's deadline (504)
+        return 408, client_message(exc)
     return HTTP_STATUS.get(code_of(exc), 500), client_message(exc)
 
 
