@@ -120,7 +120,9 @@ def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
             )
             return _fail(context, (grpc.StatusCode.INVALID_ARGUMENT, request.message))
         response = await behaviour(request, context)
-        if context.time_remaining() == 0:  # (None: no deadline)
+        # (None: no deadline.) grpcio's thread-pool server never cancels a handler, and logs no
+        # such error: there the wait would only hold a handler thread.
+        if context.time_remaining() == 0 and getattr(context, "cancelled_at_deadline", True):
             await _deadline_seen()
         return response
 

@@ -170,6 +170,10 @@ class _AioContext:
 
     __slots__ = ("_context", "_written")
 
+    #: grpcio's synchronous server does not cancel a handler when its call's deadline passes
+    #: (grpc.aio does; hub.protocol.servicer waits for that).
+    cancelled_at_deadline = False
+
     def __init__(self, context: grpc.ServicerContext, written: queue.SimpleQueue[Any] | None = None) -> None:
         self._context = context
         self._written = written  # where a streaming coroutine's `write`s go
