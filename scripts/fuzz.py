@@ -7,6 +7,10 @@ the server's RSS. Prints the rate; exits 1 on any problem, if the server dies, o
 grew more than --max-growth after the warm-up.
 
     .venv/bin/python scripts/fuzz.py --cases 100000
+    .venv/bin/python scripts/fuzz.py --cases 100000 --workers 2 --model-copies none
+
+With --workers N (and --model-copies, as `modelhub serve` takes them) the server is the
+supervisor and its processes, and the RSS sampled is all of theirs.
 """
 
 from __future__ import annotations
@@ -163,10 +167,15 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--max-growth", type=float, default=0.10, help="RSS growth allowed after warm-up")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-results" / "fuzz.json")
+    parser.add_argument("--workers", type=int, help="serve with --workers N (the RSS is then every process's)")
+    parser.add_argument("--model-copies", choices=["cpu", "none"], help="with --workers: serve with --model-copies")
     args = parser.parse_args()
+    extra = [] if args.workers is None else ["--workers", str(args.workers)]
+    if args.model_copies:
+        extra += ["--model-copies", args.model_copies]
 
     with tempfile.TemporaryDirectory(prefix="modelhub-fuzz-") as work:
-        server = ServedProcess(test_plugins(), Path(work))
+        server = ServedProcess(test_plugins(), Path(work), *extra)
         refs = references(server.models)
         rng = random.Random(args.seed)
         seeds = fuzzing.seed_requests(rng)
@@ -198,6 +207,7 @@ def main() -> int:
         "seconds": round(elapsed, 1),
         "rate_per_s": round(sent / elapsed),
         "concurrency": args.concurrency,
+        "server": extra,
         "codes": dict(total.codes),
         "checked_results": total.checked,
         "rss_mib": {"after_warmup": round(baseline), "final": round(final), "growth": round(growth, 4)},

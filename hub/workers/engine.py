@@ -12,8 +12,9 @@ metrics port); `EngineService` answers the frontends:
 - `hello`: a frontend connected: the models' states, and the shared-memory hand-off's
   handshake (its arena mapped here, ours offered; `mapped` says it mapped ours).
 - `commit`: a frontend answered these requests; count them (and, with the first of a batch,
-  the batch) in the statistics and metrics, in one step, as one process would; and free the
-  output blocks of our arena it has answered with.
+  the batch) in the statistics and metrics, in one step, as one process would; free the
+  output blocks of our arena it has answered with; and release the tickets of answers whose
+  caller had gone when they arrived (`drop`: those requests are committed without a ticket).
 - `stats`, `load`, `unload`: the statistics snapshot and model control, for any frontend.
 - `shm_register`, `shm_unregister`: Triton's system and CUDA shared memory. The registry of
   client regions lives here (every check of hub/shm/regions.py runs here, and a CUDA IPC
@@ -136,6 +137,8 @@ class _Connection:
             if self.outputs is not None:  # output blocks the frontend has answered with
                 for offset in header.get("free", ()):
                     self.outputs.free(offset)
+            for ticket in header.get("drop", ()):  # answers whose caller had gone: nothing to count
+                self.tickets.pop(ticket, None)
             self.service.commit(self, header["items"])
             return
         if kind == "mapped":
@@ -206,6 +209,9 @@ class _Connection:
         self.running.clear()
         for batcher, futures in withdrawn.items():  # one pass over each queue, however many
             batcher.withdraw(*futures)
+        if self.tickets:  # answers it had received and not yet committed (it died, say)
+            held = len(self.tickets)
+            log.info("engine: a frontend (pid %d) went away with %d answered requests not counted", self.pid, held)
         self.tickets.clear()  # that frontend's requests went with it
         for metrics in self.reported:  # and so did what it had queued and in flight
             metrics.gauges_from(self, 0, 0)

@@ -121,6 +121,8 @@ class EngineClient:
         self._ids = itertools.count(1)
         self._commits: list[list[Any]] = []
         self._frees: list[int] = []  # blocks of the model process's arena to give back
+        #: Tickets of answers nobody read (their caller had gone): released with the next commit.
+        self._drops: list[int] = []
         #: What this frontend holds queued and in flight now, per model (RemoteRepository.gauges):
         #: asked for by the model process at each scrape of /metrics.
         self.gauges: Callable[[], list[list[Any]]] = list
@@ -192,6 +194,7 @@ class EngineClient:
         # process's mapping lasts as long as a view of an output we are still encoding.
         self.arena = self.peer = None
         self._frees.clear()
+        self._drops.clear()  # the model process's tickets went with it
         failure = ModelUnavailable(self._gone("the model process exited; it is being restarted, try again shortly"))
         for call in self._pending.values():
             if not call.future.done():
@@ -255,7 +258,7 @@ class EngineClient:
         future = call.future
         if future.done():  # the caller went away: nobody will read the outputs
             if kind != "error":
-                self.give_back(self.lease(header))
+                self.discard(header)
             return
         if kind == "error":
             future.set_exception(error_for_code(header["code"], header["message"]))
@@ -283,7 +286,8 @@ class EngineClient:
             return await future
         except asyncio.CancelledError:
             if future.done() and not future.cancelled() and future.exception() is None:
-                self.give_back(self.lease(future.result()[0]))  # answered just as the caller went away
+                if self._channel is channel:  # answered just as the caller went away
+                    self.discard(future.result()[0])
             elif ticket in self._pending and self._channel is channel:
                 # The entry stays: the answer still comes, and frees the input block.
                 try:
@@ -321,11 +325,13 @@ class EngineClient:
                     header["targets"].append(
                         [name, target.region.id, target.region.name, target.offset, target.byte_size]
                     )
+        channel = self._channel
         reply, out = await self.request(header, frames, (arena, offset) if arena is not None and offset >= 0 else None)
         try:
             return reply, unpack_arrays(reply["outputs"], out, self.peer, _written(targets))
         except BaseException:
-            self.give_back(self.lease(reply))
+            if self._channel is channel:  # the request fails with no delivery: its commit has no ticket
+                self.discard(reply)
             raise
 
     def lease(self, answer: Header) -> Lease | None:
@@ -342,6 +348,19 @@ class EngineClient:
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def discard(self, answer: Header) -> None:
+        """An answer that no request will be committed with (its caller went away, or its
+        outputs could not be read): give back its outputs' block, and release its batch's
+        ticket in the model process, which would otherwise keep the batch until this connection
+        closes. Both go with the next commit; the answer came on the connection we have now."""
+        self.give_back(self.lease(answer))
+        ticket = answer.get("b", 0)
+        if ticket:
+            self._drops.append(ticket)
+            if not self._flush_scheduled:
+                self._flush_scheduled = True
+                asyncio.get_running_loop().call_soon(self._flush)
 
     def commit(self, item: list[Any]) -> None:
         """Queue one answered request's accounting; sent once per event-loop turn."""
@@ -361,12 +380,14 @@ class EngineClient:
 
     def _flush(self) -> None:
         self._flush_scheduled = False
-        if not (self._commits or self._frees) or self._channel is None:
+        if not (self._commits or self._frees or self._drops) or self._channel is None:
             return
         items, self._commits = self._commits, []
         message: Header = {"k": "commit", "items": items}
         if self._frees:
             message["free"], self._frees = self._frees, []
+        if self._drops:
+            message["drop"], self._drops = self._drops, []
         try:
             self._channel.send(message)
         except ConnectionError:
