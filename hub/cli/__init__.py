@@ -371,27 +371,20 @@ def build_parser() -> argparse.ArgumentParser:
     from hub.limits import DEFAULT_LIMITS
 
     limits = serve.add_argument_group("limits on one request (see docs/deploy.md)")
-    for flag, field, what in (
-        ("--max-request-bytes", "request_bytes", "largest request message in bytes"),
-        ("--max-json-bytes", "json_bytes", "largest JSON part of a REST request in bytes"),
-        ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes"),
-        ("--max-elements", "elements", "most tensor elements in one request"),
-        ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request"),
-        ("--max-typed-values", "typed_values", "most typed integer contents of one input converted one by one"),
-        ("--max-request-entries", "request_entries", "most entries (inputs, outputs, parameters...) in one request"),
-        ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream"),
-    ):
-        default = getattr(DEFAULT_LIMITS, field)
-        env = flag[2:].upper().replace("-", "_")
-        limits.add_argument(
-            flag,
-            dest=f"limit_{field}",
-            type=int,
-            default=int(_env(env, default)),
-            metavar="N",
-            help=f"{what} (env MODELHUB_{env}; default: {default})",
-        )
     for flag, field, what, kind in (
+        ("--max-request-bytes", "request_bytes", "largest request message in bytes", int),
+        ("--max-json-bytes", "json_bytes", "largest JSON part of a REST request in bytes", int),
+        ("--max-bytes-element", "bytes_element", "largest BYTES element in bytes", int),
+        ("--max-elements", "elements", "most tensor elements in one request", int),
+        ("--max-bytes-elements", "bytes_elements", "most BYTES elements in one request", int),
+        ("--max-typed-values", "typed_values", "most typed integer contents of one input converted one by one", int),
+        (
+            "--max-request-entries",
+            "request_entries",
+            "most entries (inputs, outputs, parameters...) in one request",
+            int,
+        ),
+        ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream", int),
         (
             "--http-header-timeout",
             "header_timeout",
@@ -410,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
             type=kind,
             default=kind(_env(env, default)),
             metavar="S" if kind is float else "N",
-            help=f"{what} (env MODELHUB_{env}; default: {default:g})",
+            help=f"{what} (env MODELHUB_{env}; default: {default if kind is int else format(default, 'g')})",
         )
 
     plugins = commands.add_parser("plugins", help="list plugins: where they come from, their hooks, models and errors")
