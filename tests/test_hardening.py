@@ -585,6 +585,33 @@ def test_serve_has_limit_flags() -> None:
         Limits(header_timeout=0)
 
 
+@pytest.mark.parametrize(
+    ("flag", "value", "named"),
+    [("--http-header-timeout", "-1", "header_timeout"), ("--http-body-rate", "0", "body_rate")],
+)
+def test_serve_refuses_a_bad_rest_timing_limit(flag: str, value: str, named: str) -> None:
+    """`serve` with a timing limit that bounds nothing exits 2 with one line naming it."""
+    import subprocess
+    import sys
+
+    command = [
+        sys.executable,
+        "-m",
+        "hub.cli",
+        "serve",
+        "--grpc-port",
+        "0",
+        "--http-port",
+        "0",
+        "--metrics-port",
+        "off",
+    ]
+    result = subprocess.run([*command, flag, value], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert f"bad limit: limit {named} must be a positive" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- INTERNAL messages ---------------------------------------------------------------------------
 
 
