@@ -876,3 +876,64 @@ async def test_answers_whose_caller_went_away_release_their_tickets(tmp_path: Pa
     finally:
         assert server.stop() == 0, server.output()
     assert server.logged("answered requests not counted") == 0, server.output()
+
+
+async def test_a_commit_too_large_for_the_wire_goes_in_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A commit carries every request answered in one event-loop turn, the output blocks to
+    free and the tickets to release. One over the wire's limit goes as parts that fit, so
+    that nothing of it is lost: lost blocks would stay taken in the model process's arena."""
+    monkeypatch.setattr("hub.workers.wire.MAX_HEADER", 4096)
+    loop = asyncio.get_running_loop()
+    client = EngineClient(Path("unused"), lambda header: None)
+    received: list[dict[str, Any]] = []
+    sender = Channel(client._received, lambda exc: None)
+    receiver = Channel(lambda header, frames: received.append(header), lambda exc: None)
+    left, right = socket.socketpair()
+    await loop.create_connection(lambda: sender, sock=left)
+    await loop.create_connection(lambda: receiver, sock=right)
+    client._channel = sender
+    items = [[f"model-{i}" * 4, 1, "OK", 1000 + i, 1, 10, i, None] for i in range(300)]
+    try:
+        for item in items:
+            client.commit(item)
+        client._frees.extend(range(0, 3000, 3))
+        client._drops.extend(range(5000, 5400))
+        client._flush()
+        for _ in range(100):
+            await asyncio.sleep(0.01)
+            if sum(len(header["items"]) for header in received) == len(items):
+                break
+        assert len(received) > 1 and {header["k"] for header in received} == {"commit"}
+        assert [item for header in received for item in header["items"]] == items
+        assert [offset for header in received for offset in header.get("free", ())] == list(range(0, 3000, 3))
+        assert [ticket for header in received for ticket in header.get("drop", ())] == list(range(5000, 5400))
+        assert not sender.closed.done() and not receiver.closed.done()
+    finally:
+        for channel in (sender, receiver):
+            assert channel.transport is not None
+            channel.transport.close()
+
+
+def test_an_answer_from_before_a_model_process_restart_is_not_committed_with_its_ticket() -> None:
+    """Tickets are numbered by the model process, anew when it restarts: an answer that came
+    on the connection before is not committed with its ticket, which would name another batch
+    of the new process (its figures went with the process that computed it)."""
+    from hub.core.batching import Delivery
+    from hub.spec import ModelSpec, TensorSpec
+    from hub.workers.frontend import RemoteBatch, RemoteModel
+
+    client = EngineClient(Path("unused"), lambda header: None)
+    tensor = [TensorSpec("INPUT0", "FP32", [1])]
+    model = RemoteModel(ModelSpec(name="m", build=lambda: None, inputs=tensor, outputs=tensor, example_inputs={}))
+    model.client = client
+    client.connection = 2
+    scheduled: list[Any] = []
+    client._flush_scheduled = True  # (no event loop here: keep the flush from being scheduled)
+    for connection in (1, 2):
+        model.begin_request()
+        batch = RemoteBatch(1, 0, 0, 0, ticket=7, connection=connection)
+        model.end_request("OK", 0.001, Delivery({}, 1, 0, batch))
+        scheduled.append(list(client._commits))
+    assert scheduled[0] == []  # the answer of the first connection: not committed
+    assert [item[6] for item in scheduled[1]] == [7]  # this connection's: with its ticket
+    assert model.handling == 0

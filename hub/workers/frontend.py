@@ -78,10 +78,13 @@ Lease = tuple[Arena, int]
 
 @dataclass(eq=False)
 class RemoteBatch(BatchRecord):
-    """The model process's ticket for the batch a request ran in, and the block of its arena
-    the request's outputs lie in (None: they came as frames)."""
+    """The model process's ticket for the batch a request ran in, the connection to it that
+    the ticket was issued on (EngineClient.connection: a restarted model process numbers its
+    tickets anew), and the block of its arena the request's outputs lie in (None: they came
+    as frames)."""
 
     ticket: int = 0
+    connection: int = 0
     lease: Lease | None = None
 
 
@@ -117,6 +120,9 @@ class EngineClient:
         self.handoff = handoff
         self.arena_size = arena_size
         self._channel: Channel | None = None
+        #: Which connection to the model process `_channel` is (counted from 1): its tickets
+        #: mean nothing to the next one.
+        self.connection = 0
         self._pending: dict[int, _Call] = {}
         self._ids = itertools.count(1)
         self._commits: list[list[Any]] = []
@@ -157,6 +163,7 @@ class EngineClient:
                 await asyncio.sleep(RECONNECT_INTERVAL)
                 continue
             self._channel = channel
+            self.connection += 1
             self.connected.set()
             log.info("connected to the model process at %s", self.socket_path)
             offer = Arena.create(self.arena_size) if self.handoff == "shm" else None
@@ -388,12 +395,27 @@ class EngineClient:
             message["free"], self._frees = self._frees, []
         if self._drops:
             message["drop"], self._drops = self._drops, []
+        self._send_commit(self._channel, message)
+
+    def _send_commit(self, channel: Channel, message: Header) -> None:
+        """Send a commit; one too large for the wire (tens of thousands of requests answered
+        in one turn) goes as two halves, and so on: its blocks and tickets must reach the
+        model process, or its arena and its table of batches would keep them."""
         try:
-            self._channel.send(message)
+            channel.send(message)
         except ConnectionError:
             pass
-        except MessageTooLarge as exc:  # (tens of thousands of requests answered in one turn)
-            log.error("could not report answered requests to the model process: %s", exc)
+        except MessageTooLarge as exc:
+            parts = {key: value for key, value in message.items() if isinstance(value, list)}
+            if all(len(value) < 2 for value in parts.values()):
+                log.error("could not report answered requests to the model process: %s", exc)
+                return
+            first: Header = {"k": "commit"}
+            second: Header = {"k": "commit"}
+            for key, value in parts.items():
+                first[key], second[key] = value[: len(value) // 2], value[len(value) // 2 :]
+            self._send_commit(channel, first)
+            self._send_commit(channel, second)
 
 
 def _written(regions: dict[int, Region]) -> RegionView:
@@ -549,8 +571,9 @@ class RemoteBatcher:
             header["timeout"] = timeout
         if request_id:
             header["id"] = request_id
+        connection = self._client.connection  # the one the request goes on, and its answer comes on
         reply, outputs = await self._client.submit(header, inputs)
-        batch = RemoteBatch(0, 0, 0, 0, ticket=reply["b"], lease=self._client.lease(reply))
+        batch = RemoteBatch(0, 0, 0, 0, ticket=reply["b"], connection=connection, lease=self._client.lease(reply))
         return Delivery(outputs, reply["inferences"], reply["queue_ns"], batch)
 
     async def close(self, drain: bool = True) -> None:
@@ -612,11 +635,18 @@ class RemoteModel(ServedModel):
         assert self.client is not None
         self.handling -= 1
         batch = delivery.batch if delivery is not None else None
-        ticket = batch.ticket if isinstance(batch, RemoteBatch) else 0
+        ticket = 0
+        if isinstance(batch, RemoteBatch):
+            if batch.connection != self.client.connection:
+                # Computed by a model process that has since restarted: its statistics went
+                # with it (the new one's start from zero), and its ticket would name another
+                # batch of the new one. (Its outputs' block went with that connection too.)
+                return
+            ticket = batch.ticket
         inferences = delivery.inferences if delivery is not None else 0
         queue_ns = delivery.queue_ns if delivery is not None else 0
         here = None
-        if batch is not None and ticket == 0:  # computed by this frontend's copy
+        if batch is not None and not isinstance(batch, RemoteBatch):  # computed by this frontend's copy
             here = [batch.rows, batch.input_ns, batch.infer_ns, batch.output_ns, not batch.counted]
             batch.counted = True
         self.client.commit([self.name, self.version, code, int(seconds * 1e9), inferences, queue_ns, ticket, here])
