@@ -8,8 +8,9 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import types
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import numpy as np
@@ -18,6 +19,7 @@ import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from hub.limits import DEFAULT_LIMITS
 from hub.protocol.threaded import ElasticPool
 
 from .conftest import ROOT, Workers, link_plugins
@@ -154,3 +156,36 @@ def test_grpc_threads_below_one_is_refused() -> None:
     )  # fmt: skip
     assert result.returncode == 2
     assert "--grpc-threads" in result.stderr and "expected at least 1, got '0'" in result.stderr
+
+
+async def test_a_handler_past_its_deadline_waits_for_grpc_aio_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A unary handler that answers after its call's deadline waits for grpc.aio to cancel it
+    (else grpcio logs a traceback per such call: hub.protocol.servicer._deadline_seen). grpcio's
+    thread-pool server never cancels a handler: there the answer goes at once, and the pool
+    thread is not held."""
+    from hub.protocol import servicer as servicer_module
+    from hub.protocol.generated import grpc_service_pb2 as pb
+    from hub.protocol.threaded import _AioContext
+
+    monkeypatch.setattr(servicer_module, "DEADLINE_SEEN_WAIT", 0.5)
+
+    class _Expired:  # a call whose deadline has passed, as either server's context reports it
+        def time_remaining(self) -> float:
+            return 0.0
+
+    async def live(request: Any, context: Any) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    handler = grpc.unary_unary_rpc_method_handler(
+        live,
+        request_deserializer=pb.ServerLiveRequest.FromString,
+        response_serializer=pb.ServerLiveResponse.SerializeToString,
+    )
+    servicer = cast(Any, types.SimpleNamespace(limits=DEFAULT_LIMITS))
+    guarded = servicer_module._tolerant("ServerLive", handler, servicer).unary_unary
+    loop = asyncio.get_running_loop()
+    for context, waits in ((_Expired(), True), (_AioContext(cast(Any, _Expired())), False)):
+        started = loop.time()
+        response = await guarded(pb.ServerLiveRequest(), context)
+        assert response.live
+        assert (loop.time() - started >= 0.5) is waits, type(context).__name__
