@@ -731,6 +731,97 @@ def test_json_claiming_many_elements_is_refused_before_allocating(hub_server: Ru
         assert time.perf_counter() - started < 1.0
 
 
+def _worst_ping_while(url: str, send: Any) -> tuple[Any, float]:
+    """`send()`'s result, and the longest a /v2/health/ready took meanwhile (probes every 10 ms
+    on a connection of their own)."""
+    import http.client
+    import threading
+
+    worst = 0.0
+    done = threading.Event()
+
+    def probe() -> None:
+        nonlocal worst
+        host, port = url.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        while not done.is_set():
+            started = time.perf_counter()
+            connection.request("GET", "/v2/health/ready")
+            assert connection.getresponse().read() == b'{"ready":true}'
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.01)
+        connection.close()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.1)
+        result = send()
+    finally:
+        done.set()
+        prober.join()
+    return result, worst
+
+
+def _binary_fp32(values: np.ndarray, **header: Any) -> tuple[bytes, dict[str, str]]:
+    tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [1, values.size]}
+    head = {"inputs": [{**tensor, "parameters": {"binary_data_size": values.nbytes}}], **header}
+    text = json.dumps(head).encode()
+    return text + values.tobytes(), {"Inference-Header-Content-Length": str(len(text))}
+
+
+def test_a_large_json_answer_does_not_hold_up_other_requests(hub_server: RunningServer) -> None:
+    """4 M FP32 values in (16 MiB of binary data) and, as a client asks by default, out as JSON
+    (80 MB of text): json rendered it on the event loop in one C call, holding every other
+    request for ~2 s (a 64 MiB request: 9 s, and 2 GB). It is rendered in a worker thread, a
+    slice at a time, into the JSON json.dumps writes."""
+    values = np.random.default_rng(0).random(1 << 22, dtype=np.float32)
+    body, headers = _binary_fp32(values)
+    (status, reply), worst = _worst_ping_while(
+        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    )
+    assert status == 200
+    output = reply["outputs"][0]
+    assert output["shape"] == [1, values.size] and "parameters" not in output
+    assert np.array_equal(np.array(output["data"], dtype=np.float32), values)
+    assert worst < 1.0, worst
+
+
+def test_a_large_json_answer_is_json_dumps_text(hub_server: RunningServer) -> None:
+    """The slices join into the very text one json.dumps writes, id and all; a NaN among many
+    values sends the output binary, as it does among few."""
+    values = np.arange(20_000, dtype=np.float32) / 7
+    body, headers = _binary_fp32(values, id="x\u00e9")
+    request = urllib.request.Request(
+        f"http://{hub_server.http_url}/v2/models/identity_fp32/infer", data=body, headers=headers
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    expected = {"model_name": "identity_fp32", "model_version": "1", "id": "x\u00e9"}
+    expected["outputs"] = [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, values.size], "data": values.tolist()}]
+    assert text == json.dumps(expected, separators=(",", ":")).encode()
+    values[12_345] = np.nan
+    body, headers = _binary_fp32(values)
+    status, reply = call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    assert status == 200 and isinstance(reply, bytes) and b'"binary_data_size":80000' in reply, reply[:200]
+
+
+def test_a_large_classification_does_not_hold_up_other_requests(hub_server: RunningServer) -> None:
+    """`classification` may ask for as many classes as the output has values: 2 M "value:index"
+    strings took the event loop ~2 s (16 M from a 64 MiB request: ~18 s). They are made in a
+    worker thread."""
+    values = np.random.default_rng(1).random(1 << 21, dtype=np.float32)
+    outputs = [{"name": "OUTPUT0", "parameters": {"classification": values.size, "binary_data": True}}]
+    body, headers = _binary_fp32(values, outputs=outputs)
+    (status, reply), worst = _worst_ping_while(
+        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    )
+    assert status == 200 and isinstance(reply, bytes)
+    top = int(np.argmax(values))
+    assert f"{float(values[top]):f}:{top}".encode() in reply[:4096]
+    assert worst < 1.0, worst
+
+
 # --- slow and vanished clients --------------------------------------------------------------
 
 
