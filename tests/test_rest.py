@@ -431,12 +431,40 @@ def test_json_numbers_pass_as_they_did(hub_server: RunningServer) -> None:
     assert status == 400 and "does not fit INT8" in reply["error"], reply
 
 
-@pytest.mark.parametrize("data", ["[1, 1.5]", "[[1], [2.0]]", "[true, false]", "[1, 1e999]"])
+@pytest.mark.parametrize(
+    "data", ["[1, 1.5]", "[[1], [2.0]]", "[true, false]", "[1, 1e999]", "[1, true]", "[[1], [true]]"]
+)
 def test_json_data_of_an_integer_tensor_must_be_integers(hub_server: RunningServer, data: str) -> None:
-    """1.5 for INT32 became 1, and true 1, without a word; Triton refuses both, as we do now."""
+    """1.5 for INT32 became 1, and true 1, without a word; Triton refuses both, as we do now
+    (true beside an integer too, which numpy made 1 of)."""
     body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "INT32", "shape": [1, 2], "data": {data}}}]}}'
     status, reply = call(hub_server.http_url, "/v2/models/identity_int32/infer", body.encode())
     assert status == 400 and "INT32 data must be JSON integers" in reply["error"], reply
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("data", ["[true, false]", "[1.5, true]", "[[true], [false]]", "[[1.5], [true]]"])
+def test_json_data_of_a_float_tensor_must_not_be_true_or_false(
+    hub_server: RunningServer, datatype: str, data: str
+) -> None:
+    """true for FP32 became 1.0 without a word (Python's sum and numpy both take it as 1);
+    Triton's parser refuses a JSON boolean where a number belongs, as we do now."""
+    body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "{datatype}", "shape": [1, 2], "data": {data}}}]}}'
+    status, reply = call(hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", body.encode())
+    assert status == 400, reply
+    assert f"input 'INPUT0': {datatype} data must be JSON numbers, not true or false" in reply["error"], reply
+
+
+@pytest.mark.parametrize("length", ["5_0", "+50", "50.0", "0x32", "9" * 5000])
+def test_the_header_length_must_be_decimal_digits(hub_server: RunningServer, length: str) -> None:
+    """Python's int() read "5_0" and "+50" as 50; the header is a byte count, digits only."""
+    header = b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}'
+    body = header[:50] + header[50:]
+    status, reply = call(
+        hub_server.http_url, "/v2/models/identity_fp32/infer", body, {"Inference-Header-Content-Length": length}
+    )
+    assert status == 400, reply
+    assert reply["error"].startswith("Inference-Header-Content-Length must be an integer"), reply
 
 
 def test_head_answers_where_get_does(hub_server: RunningServer) -> None:

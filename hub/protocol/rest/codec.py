@@ -144,10 +144,11 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAU
     if header_length is None:
         length = len(view)
     else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}") from None
+        # Decimal digits only: int() would also take "5_0", "+50" and " 50 ", and read 5,000
+        # digits before it refused them.
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 20):
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}")
+        length = int(header_length)
         if not 0 < length <= len(view):
             raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the request body has {len(view)} bytes")
     if length > limits.json_bytes:
@@ -332,8 +333,9 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
 
 def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) -> np.ndarray:
     """The values of a numeric or BOOL tensor's JSON `data` as a flat or nested array of `dtype`.
-    They must be JSON numbers (integers for an integer tensor; true and false for BOOL): numpy
-    would read "1.5", " 7 " or "inf" as numbers, null as NaN, and 1.5 for INT32 as 1.
+    They must be JSON numbers (integers for an integer tensor; true and false for BOOL, and only
+    for BOOL): numpy would read "1.5", " 7 " or "inf" as numbers, null as NaN, 1.5 for INT32 as
+    1, and true for FP32 as 1.0.
 
     Flat data of a float tensor, as tritonclient and the KServe SDK send it, is checked by Python's
     sum (TypeError for anything else; not finite when a value is not) and converted once. Other
@@ -346,6 +348,8 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
         except TypeError:  # nested, or not all numbers: the general path below tells which
             pass
         else:
+            if bool in set(map(type, data)):  # sum takes true as 1
+                raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers, not true or false")
             if not _finite_number(total) and _overflowed(data):
                 raise ValueError("a number past a double's range")
             return np.array(data, dtype=dtype)  # OverflowError or FloatingPointError past the type
@@ -362,9 +366,12 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
             raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
         return array
     integers = dtype.kind in "iu"
+    if kind == "b" or (kind in "iuf" and bool in set(map(type, _flatten(data)))):
+        # numpy makes 1 of true beside an integer ([1, true]) and 1.0 beside a float; Triton refuses both
+        raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}, not true or false")
     if kind == "O":  # integers past 64 bits, or values that are not numbers (null, objects)
         data = _flatten(data)
-        if not all(type(value) in ((int,) if integers else (int, float, bool)) for value in data):
+        if not all(type(value) in ((int,) if integers else (int, float)) for value in data):
             raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}")
         if _overflowed(data):
             raise ValueError("a number past a double's range")
