@@ -431,12 +431,40 @@ def test_json_numbers_pass_as_they_did(hub_server: RunningServer) -> None:
     assert status == 400 and "does not fit INT8" in reply["error"], reply
 
 
-@pytest.mark.parametrize("data", ["[1, 1.5]", "[[1], [2.0]]", "[true, false]", "[1, 1e999]"])
+@pytest.mark.parametrize(
+    "data", ["[1, 1.5]", "[[1], [2.0]]", "[true, false]", "[1, 1e999]", "[1, true]", "[[1], [true]]"]
+)
 def test_json_data_of_an_integer_tensor_must_be_integers(hub_server: RunningServer, data: str) -> None:
-    """1.5 for INT32 became 1, and true 1, without a word; Triton refuses both, as we do now."""
+    """1.5 for INT32 became 1, and true 1, without a word; Triton refuses both, as we do now
+    (true beside an integer too, which numpy made 1 of)."""
     body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "INT32", "shape": [1, 2], "data": {data}}}]}}'
     status, reply = call(hub_server.http_url, "/v2/models/identity_int32/infer", body.encode())
     assert status == 400 and "INT32 data must be JSON integers" in reply["error"], reply
+
+
+@pytest.mark.parametrize("datatype", ["FP32", "FP64"])
+@pytest.mark.parametrize("data", ["[true, false]", "[1.5, true]", "[[true], [false]]", "[[1.5], [true]]"])
+def test_json_data_of_a_float_tensor_must_not_be_true_or_false(
+    hub_server: RunningServer, datatype: str, data: str
+) -> None:
+    """true for FP32 became 1.0 without a word (Python's sum and numpy both take it as 1);
+    Triton's parser refuses a JSON boolean where a number belongs, as we do now."""
+    body = f'{{"inputs": [{{"name": "INPUT0", "datatype": "{datatype}", "shape": [1, 2], "data": {data}}}]}}'
+    status, reply = call(hub_server.http_url, f"/v2/models/identity_{datatype.lower()}/infer", body.encode())
+    assert status == 400, reply
+    assert f"input 'INPUT0': {datatype} data must be JSON numbers, not true or false" in reply["error"], reply
+
+
+@pytest.mark.parametrize("length", ["5_0", "+50", "50.0", "0x32", "9" * 5000])
+def test_the_header_length_must_be_decimal_digits(hub_server: RunningServer, length: str) -> None:
+    """Python's int() read "5_0" and "+50" as 50; the header is a byte count, digits only."""
+    header = b'{"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1]}]}'
+    body = header[:50] + header[50:]
+    status, reply = call(
+        hub_server.http_url, "/v2/models/identity_fp32/infer", body, {"Inference-Header-Content-Length": length}
+    )
+    assert status == 400, reply
+    assert reply["error"].startswith("Inference-Header-Content-Length must be an integer"), reply
 
 
 def test_head_answers_where_get_does(hub_server: RunningServer) -> None:
@@ -729,6 +757,97 @@ def test_json_claiming_many_elements_is_refused_before_allocating(hub_server: Ru
         )
         assert status == 400 and "INPUT0" in reply["error"], reply
         assert time.perf_counter() - started < 1.0
+
+
+def _worst_ping_while(url: str, send: Any) -> tuple[Any, float]:
+    """`send()`'s result, and the longest a /v2/health/ready took meanwhile (probes every 10 ms
+    on a connection of their own)."""
+    import http.client
+    import threading
+
+    worst = 0.0
+    done = threading.Event()
+
+    def probe() -> None:
+        nonlocal worst
+        host, port = url.split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=60)
+        while not done.is_set():
+            started = time.perf_counter()
+            connection.request("GET", "/v2/health/ready")
+            assert connection.getresponse().read() == b'{"ready":true}'
+            worst = max(worst, time.perf_counter() - started)
+            time.sleep(0.01)
+        connection.close()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        time.sleep(0.1)
+        result = send()
+    finally:
+        done.set()
+        prober.join()
+    return result, worst
+
+
+def _binary_fp32(values: np.ndarray, **header: Any) -> tuple[bytes, dict[str, str]]:
+    tensor = {"name": "INPUT0", "datatype": "FP32", "shape": [1, values.size]}
+    head = {"inputs": [{**tensor, "parameters": {"binary_data_size": values.nbytes}}], **header}
+    text = json.dumps(head).encode()
+    return text + values.tobytes(), {"Inference-Header-Content-Length": str(len(text))}
+
+
+def test_a_large_json_answer_does_not_hold_up_other_requests(hub_server: RunningServer) -> None:
+    """4 M FP32 values in (16 MiB of binary data) and, as a client asks by default, out as JSON
+    (80 MB of text): json rendered it on the event loop in one C call, holding every other
+    request for ~2 s (a 64 MiB request: 9 s, and 2 GB). It is rendered in a worker thread, a
+    slice at a time, into the JSON json.dumps writes."""
+    values = np.random.default_rng(0).random(1 << 22, dtype=np.float32)
+    body, headers = _binary_fp32(values)
+    (status, reply), worst = _worst_ping_while(
+        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    )
+    assert status == 200
+    output = reply["outputs"][0]
+    assert output["shape"] == [1, values.size] and "parameters" not in output
+    assert np.array_equal(np.array(output["data"], dtype=np.float32), values)
+    assert worst < 1.0, worst
+
+
+def test_a_large_json_answer_is_json_dumps_text(hub_server: RunningServer) -> None:
+    """The slices join into the very text one json.dumps writes, id and all; a NaN among many
+    values sends the output binary, as it does among few."""
+    values = np.arange(20_000, dtype=np.float32) / 7
+    body, headers = _binary_fp32(values, id="x\u00e9")
+    request = urllib.request.Request(
+        f"http://{hub_server.http_url}/v2/models/identity_fp32/infer", data=body, headers=headers
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        text = response.read()
+    expected = {"model_name": "identity_fp32", "model_version": "1", "id": "x\u00e9"}
+    expected["outputs"] = [{"name": "OUTPUT0", "datatype": "FP32", "shape": [1, values.size], "data": values.tolist()}]
+    assert text == json.dumps(expected, separators=(",", ":")).encode()
+    values[12_345] = np.nan
+    body, headers = _binary_fp32(values)
+    status, reply = call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    assert status == 200 and isinstance(reply, bytes) and b'"binary_data_size":80000' in reply, reply[:200]
+
+
+def test_a_large_classification_does_not_hold_up_other_requests(hub_server: RunningServer) -> None:
+    """`classification` may ask for as many classes as the output has values: 2 M "value:index"
+    strings took the event loop ~2 s (16 M from a 64 MiB request: ~18 s). They are made in a
+    worker thread."""
+    values = np.random.default_rng(1).random(1 << 21, dtype=np.float32)
+    outputs = [{"name": "OUTPUT0", "parameters": {"classification": values.size, "binary_data": True}}]
+    body, headers = _binary_fp32(values, outputs=outputs)
+    (status, reply), worst = _worst_ping_while(
+        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    )
+    assert status == 200 and isinstance(reply, bytes)
+    top = int(np.argmax(values))
+    assert f"{float(values[top]):f}:{top}".encode() in reply[:4096]
+    assert worst < 1.0, worst
 
 
 # --- slow and vanished clients --------------------------------------------------------------

@@ -357,10 +357,15 @@ class DataPlane:
         *,
         timeout: float | None = None,
         accepted: bool = False,
+        heavy: Callable[[InferResponse], bool] | None = None,
     ) -> T:
         """One inference, accounted in statistics and metrics. `decode` (given the model's
         spec) and `encode` are the frontend's; their time and their errors count as the
-        request's. While the server drains it raises ShuttingDown, unless the frontend
+        request's. `encode` runs in a worker thread for a response that `heavy` says costs
+        more than the event loop should spend on it (REST's JSON of many values), so that it
+        holds up no other request; it must then give the GIL up now and then (no single C call
+        over a whole tensor). Large classifications are computed in a worker thread too.
+        While the server drains it raises ShuttingDown, unless the frontend
         `accept()`ed the request before (`accepted`; it `release()`s it too).
 
         Raises a HubError (or, for a crash, ModelExecutionError) without its traceback, so a
@@ -393,11 +398,19 @@ class DataPlane:
                 if trace is not None:
                     trace_computed = time.monotonic_ns()
                 results = delivery.outputs
-                outputs = [(n, _classify(model, n, results[n], c) if c else results[n]) for n, c in names]
+                outputs = []
+                for n, c in names:
+                    array = results[n]
+                    if c:
+                        array = await _classify_off_loop(model, n, array, c)
+                    outputs.append((n, array))
                 written: frozenset[str] = frozenset()
                 if request.outputs and any(o.target is not None for o in request.outputs):
                     written = _write_shared(request.outputs, outputs)
-                return encode(InferResponse(model.name, str(model.version), request_id, outputs, written))
+                response = InferResponse(model.name, str(model.version), request_id, outputs, written)
+                if heavy is not None and heavy(response):
+                    return await asyncio.get_running_loop().run_in_executor(None, encode, response)
+                return encode(response)
             except asyncio.CancelledError:
                 code = CANCELLED
                 raise
@@ -503,6 +516,21 @@ def _write_shared(requested: Sequence[RequestedOutput], outputs: list[tuple[str,
         if target is not None:
             target.write(name, array)
     return frozenset(targets)
+
+
+#: Classification entries ("value:index" strings, ~1 µs each) computed on the event loop; more
+#: are computed in a worker thread. A client may ask for as many classes as an output has
+#: values: 16 M of them (a 64 MiB FP32 request to an identity model) held the loop for ~18 s.
+INLINE_CLASSIFY = 1 << 12
+
+
+async def _classify_off_loop(model: ServedModel, name: str, array: np.ndarray, count: int) -> np.ndarray:
+    """_classify, in a worker thread when it makes more than INLINE_CLASSIFY entries."""
+    rows = array.shape[0] if model.spec.batching.batching and array.ndim else 1
+    columns = array.size // rows if rows else 0
+    if rows * min(count, columns) <= INLINE_CLASSIFY:
+        return _classify(model, name, array, count)
+    return await asyncio.get_running_loop().run_in_executor(None, _classify, model, name, array, count)
 
 
 def _classify(model: ServedModel, name: str, array: np.ndarray, count: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from hub.protocol.rest.codec import (
     HEADER_LENGTH,
     decode_request,
     encode_response,
+    encoding_is_heavy,
     json_too_large,
     load_json,
     parse_request,
@@ -295,6 +296,7 @@ class RestFrontend:
                 lambda spec: decode_request(parsed, spec, self.limits, holds),
                 lambda response: encode_response(parsed, response),
                 timeout=parsed.timeout,
+                heavy=lambda response: encoding_is_heavy(parsed, response),
             )
         if header_length is None:
             return await compressed(request, web.Response(body=body, headers={"Content-Type": "application/json"}))

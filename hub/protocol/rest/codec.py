@@ -144,10 +144,11 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAU
     if header_length is None:
         length = len(view)
     else:
-        try:
-            length = int(header_length)
-        except ValueError:
-            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}") from None
+        # Decimal digits only: int() would also take "5_0", "+50" and " 50 ", and read 5,000
+        # digits before it refused them.
+        if not (header_length.isascii() and header_length.isdigit() and len(header_length) <= 20):
+            raise InvalidInput(f"{HEADER_LENGTH} must be an integer, got {header_length[:32]!r}")
+        length = int(header_length)
         if not 0 < length <= len(view):
             raise InvalidInput(f"{HEADER_LENGTH} is {length}, but the request body has {len(view)} bytes")
     if length > limits.json_bytes:
@@ -332,8 +333,9 @@ def _from_json(name: str, datatype: str, shape: tuple[int, ...], data: Any, limi
 
 def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) -> np.ndarray:
     """The values of a numeric or BOOL tensor's JSON `data` as a flat or nested array of `dtype`.
-    They must be JSON numbers (integers for an integer tensor; true and false for BOOL): numpy
-    would read "1.5", " 7 " or "inf" as numbers, null as NaN, and 1.5 for INT32 as 1.
+    They must be JSON numbers (integers for an integer tensor; true and false for BOOL, and only
+    for BOOL): numpy would read "1.5", " 7 " or "inf" as numbers, null as NaN, 1.5 for INT32 as
+    1, and true for FP32 as 1.0.
 
     Flat data of a float tensor, as tritonclient and the KServe SDK send it, is checked by Python's
     sum (TypeError for anything else; not finite when a value is not) and converted once. Other
@@ -346,6 +348,8 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
         except TypeError:  # nested, or not all numbers: the general path below tells which
             pass
         else:
+            if bool in set(map(type, data)):  # sum takes true as 1
+                raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON numbers, not true or false")
             if not _finite_number(total) and _overflowed(data):
                 raise ValueError("a number past a double's range")
             return np.array(data, dtype=dtype)  # OverflowError or FloatingPointError past the type
@@ -362,9 +366,12 @@ def _numbers(name: str, datatype: str, dtype: np.dtype[Any], data: list[Any]) ->
             raise InvalidInput(f"input '{name[:128]}': BOOL data must be true or false")
         return array
     integers = dtype.kind in "iu"
+    if kind == "b" or (kind in "iuf" and bool in set(map(type, _flatten(data)))):
+        # numpy makes 1 of true beside an integer ([1, true]) and 1.0 beside a float; Triton refuses both
+        raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}, not true or false")
     if kind == "O":  # integers past 64 bits, or values that are not numbers (null, objects)
         data = _flatten(data)
-        if not all(type(value) in ((int,) if integers else (int, float, bool)) for value in data):
+        if not all(type(value) in ((int,) if integers else (int, float)) for value in data):
             raise InvalidInput(f"input '{name[:128]}': {datatype} data must be JSON {_kind(integers)}")
         if _overflowed(data):
             raise ValueError("a number past a double's range")
@@ -445,47 +452,99 @@ def decode_request(
     return InferRequest(inputs, outputs, request.parameters)
 
 
+#: JSON values (and BYTES elements) of an answer that are rendered on the event loop: 0.3-0.6 µs
+#: each, so at most ~15 ms. Past it the data plane encodes the answer in a worker thread
+#: (`encoding_is_heavy`), and its JSON data is rendered in slices of `JSON_SLICE` values, each a
+#: few milliseconds under the GIL: json's C encoder holds the GIL for a whole list, so a 64 MiB
+#: FP32 tensor answered as JSON (16 M values, 320 MB of text) held the event loop, and every
+#: other request, for 9 s, and cost 2 GB, as one list of Python floats and one string.
+INLINE_ENCODE_VALUES = 1 << 15
+JSON_SLICE = 1 << 13
+
+
+def encoding_is_heavy(request: RestRequest, response: InferResponse) -> bool:
+    """Whether encoding `response` takes more per-value work than the event loop should do:
+    more than INLINE_ENCODE_VALUES values to render as JSON or BYTES elements to split."""
+    shared = response.in_shared_memory
+    values = 0
+    for name, array in response.outputs:
+        if (shared and name in shared) or not isinstance(array, np.ndarray):
+            continue
+        datatype = datatype_of(array)
+        if datatype == "BYTES" or (
+            datatype not in BINARY_ONLY and not request.binary_outputs.get(name, request.binary_default)
+        ):
+            values += array.size
+    return values > INLINE_ENCODE_VALUES
+
+
+def _dumps(value: Any) -> bytes:
+    return json.dumps(value, allow_nan=True, separators=(",", ":")).encode()
+
+
 def encode_response(request: RestRequest, response: InferResponse) -> tuple[bytes, int | None]:
-    """The response body and, when it carries binary outputs, the JSON header's length."""
-    outputs = []
+    """The response body and, when it carries binary outputs, the JSON header's length. The
+    JSON is that of `{"model_name", "model_version", ["id",] "outputs"}` as json.dumps writes it
+    compactly, each output's `data` last (rendered a slice at a time when large: `_json_data`)."""
+    tensors: list[bytes] = []
     chunks: list[bytes] = []
     shared = response.in_shared_memory
     for name, array in response.outputs:
         datatype = datatype_of(array)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
         if shared and name in shared:
-            outputs.append(tensor)  # written into its shared memory: no data here
+            tensors.append(_dumps(tensor))  # written into its shared memory: no data here
             continue
         data = None
         if not request.binary_outputs.get(name, request.binary_default) and datatype not in BINARY_ONLY:
-            data = _to_json(array, datatype)
+            data = _json_data(array, datatype)
         if data is None:
             raw = encode_bytes(array) if datatype == "BYTES" else array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}
+            tensors.append(_dumps(tensor))
             chunks.append(raw)
         else:
-            tensor["data"] = data
-        outputs.append(tensor)
+            tensors.append(b"".join([_dumps(tensor)[:-1], b',"data":', *data, b"}"]))
     header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         header["id"] = response.id
-    header["outputs"] = outputs
-    text = json.dumps(header, allow_nan=True, separators=(",", ":")).encode()
+    parts = [_dumps(header)[:-1], b',"outputs":[', b",".join(tensors), b"]}"]
+    text_length = sum(map(len, parts))
     if not chunks:
-        return text, None
-    return b"".join([text, *chunks]), len(text)
+        return b"".join(parts), None
+    return b"".join([*parts, *chunks]), text_length
 
 
-def _to_json(array: np.ndarray, datatype: str) -> list[Any] | None:
-    """An output as a flat JSON list; None when it has no JSON form (BYTES that are not
-    UTF-8), so that it goes back as binary instead."""
+def _json_data(array: np.ndarray, datatype: str) -> list[bytes] | None:
+    """An output's values as the pieces of one flat JSON list; None when it has no JSON form
+    (BYTES that are not UTF-8, floats that are not finite), so that it goes back as binary."""
     flat = array.reshape(-1)
+    if flat.size <= JSON_SLICE:
+        values = _to_json(flat, datatype)
+        return None if values is None else [_dumps(values)]
+    if array.dtype.kind == "f" and not np.isfinite(flat).all():
+        return None  # JSON has no NaN or infinity
+    pieces = [b"["]
+    for start in range(0, flat.size, JSON_SLICE):
+        values = _to_json(flat[start : start + JSON_SLICE], datatype, check=False)
+        if values is None:
+            return None
+        if start:
+            pieces.append(b",")
+        pieces.append(_dumps(values)[1:-1])
+    pieces.append(b"]")
+    return pieces
+
+
+def _to_json(flat: np.ndarray, datatype: str, check: bool = True) -> list[Any] | None:
+    """Values of a flat output as a JSON list; None when they have no JSON form (BYTES that are
+    not UTF-8; with `check`, floats that are not finite)."""
     if datatype == "BYTES":
         try:
             return [v.decode() if isinstance(v, bytes) else str(v) for v in flat]
         except UnicodeDecodeError:
             return None
     values = flat.tolist()
-    if array.dtype.kind == "f" and not all(math.isfinite(v) for v in values):
+    if check and flat.dtype.kind == "f" and not all(math.isfinite(v) for v in values):
         return None  # JSON has no NaN or infinity
     return values
