@@ -478,50 +478,65 @@ def encoding_is_heavy(request: RestRequest, response: InferResponse) -> bool:
     return values > INLINE_ENCODE_VALUES
 
 
+#: json.dumps with keyword arguments builds an encoder per call; this one is built once.
+_ENCODER = json.JSONEncoder(allow_nan=True, separators=(",", ":"))
+
+
 def _dumps(value: Any) -> bytes:
-    return json.dumps(value, allow_nan=True, separators=(",", ":")).encode()
+    return _ENCODER.encode(value).encode()
 
 
 def encode_response(request: RestRequest, response: InferResponse) -> tuple[bytes, int | None]:
     """The response body and, when it carries binary outputs, the JSON header's length. The
     JSON is that of `{"model_name", "model_version", ["id",] "outputs"}` as json.dumps writes it
-    compactly, each output's `data` last (rendered a slice at a time when large: `_json_data`)."""
-    tensors: list[bytes] = []
+    compactly; an output with many values has its `data` rendered a slice at a time
+    (`_json_data`) and spliced in."""
+    outputs: list[dict[str, Any]] = []
+    sliced: dict[int, tuple[bytes, ...]] = {}  # by output: its data's JSON text, in pieces
     chunks: list[bytes] = []
     shared = response.in_shared_memory
     for name, array in response.outputs:
         datatype = datatype_of(array)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(array.shape)}
+        outputs.append(tensor)
         if shared and name in shared:
-            tensors.append(_dumps(tensor))  # written into its shared memory: no data here
-            continue
+            continue  # written into its shared memory: no data here
         data = None
         if not request.binary_outputs.get(name, request.binary_default) and datatype not in BINARY_ONLY:
             data = _json_data(array, datatype)
         if data is None:
             raw = encode_bytes(array) if datatype == "BYTES" else array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(raw)}
-            tensors.append(_dumps(tensor))
             chunks.append(raw)
+        elif isinstance(data, tuple):
+            sliced[len(outputs) - 1] = data
         else:
-            tensors.append(b"".join([_dumps(tensor)[:-1], b',"data":', *data, b"}"]))
+            tensor["data"] = data
     header: dict[str, Any] = {"model_name": response.model_name, "model_version": response.model_version}
     if response.id:
         header["id"] = response.id
-    parts = [_dumps(header)[:-1], b',"outputs":[', b",".join(tensors), b"]}"]
-    text_length = sum(map(len, parts))
+    if not sliced:  # (the small answers: one encoder call)
+        header["outputs"] = outputs
+        text = _dumps(header)
+    else:
+        tensors = [
+            b"".join([_dumps(tensor)[:-1], b',"data":', *sliced[i], b"}"]) if i in sliced else _dumps(tensor)
+            for i, tensor in enumerate(outputs)
+        ]
+        text = b"".join([_dumps(header)[:-1], b',"outputs":[', b",".join(tensors), b"]}"])
     if not chunks:
-        return b"".join(parts), None
-    return b"".join([*parts, *chunks]), text_length
+        return text, None
+    return b"".join([text, *chunks]), len(text)
 
 
-def _json_data(array: np.ndarray, datatype: str) -> list[bytes] | None:
-    """An output's values as the pieces of one flat JSON list; None when it has no JSON form
-    (BYTES that are not UTF-8, floats that are not finite), so that it goes back as binary."""
+def _json_data(array: np.ndarray, datatype: str) -> list[Any] | tuple[bytes, ...] | None:
+    """An output's values as one flat JSON list: the values (a list), or for more than
+    JSON_SLICE of them the list's JSON text in pieces (a tuple), each rendered from one slice so
+    that no single call holds the GIL for the whole tensor. None when it has no JSON form (BYTES
+    that are not UTF-8, floats that are not finite), so that it goes back as binary."""
     flat = array.reshape(-1)
     if flat.size <= JSON_SLICE:
-        values = _to_json(flat, datatype)
-        return None if values is None else [_dumps(values)]
+        return _to_json(flat, datatype)
     if array.dtype.kind == "f" and not np.isfinite(flat).all():
         return None  # JSON has no NaN or infinity
     pieces = [b"["]
@@ -533,7 +548,7 @@ def _json_data(array: np.ndarray, datatype: str) -> list[bytes] | None:
             pieces.append(b",")
         pieces.append(_dumps(values)[1:-1])
     pieces.append(b"]")
-    return pieces
+    return tuple(pieces)
 
 
 def _to_json(flat: np.ndarray, datatype: str, check: bool = True) -> list[Any] | None:
