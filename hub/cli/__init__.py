@@ -385,6 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
             int,
         ),
         ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream", int),
+        ("--grpc-max-streams", "grpc_streams", "most gRPC calls open at once on one connection", int),
         (
             "--http-header-timeout",
             "header_timeout",
