@@ -4,12 +4,14 @@ clients are served meanwhile."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import struct
 import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
@@ -131,4 +133,66 @@ def test_a_connection_opens_at_most_grpc_streams_calls(start_server: Any, plugin
     assert len(refused) == 40 - 8, len(refused)
     statistics = tc.InferenceServerClient(server.url).get_inference_statistics("bulky", as_json=True)
     assert int(statistics["model_stats"][0]["inference_stats"]["success"].get("count", 0)) <= 8
+    assert _good_call(server.url) < 2
+
+
+def _bulky_statistics(url: str) -> int:
+    """How many requests "bulky" has answered."""
+    statistics = tc.InferenceServerClient(url).get_inference_statistics("bulky", as_json=True)
+    return int(statistics["model_stats"][0]["inference_stats"]["success"].get("count", 0))
+
+
+async def _unread_stream(url: str, sizes: list[int], wait: float) -> tuple[int, list[Any]]:
+    """Write one request per KiB size on one stream, read nothing for `wait` seconds, then read
+    every answer: (requests answered by then, the answers). A first request, alone, shows the
+    batcher that bulky's forward waits: later ones compute in a worker, not on the loop."""
+    with grpc.insecure_channel(url) as warm:
+        warm.unary_unary(INFER, request_serializer=None, response_deserializer=None)(_bulky(1), timeout=10)
+    before = _bulky_statistics(url)
+    # A window of 64 KiB that does not grow: the client's transport takes in no answer unread.
+    options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65535)]
+    channel = grpc.aio.insecure_channel(url, options=options)
+    call = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)(timeout=60)
+
+    async def write() -> None:
+        for number, kib in enumerate(sizes):
+            await call.write(_bulky(kib, str(number)))
+        await call.done_writing()
+
+    writer = asyncio.ensure_future(write())
+    await asyncio.sleep(wait)
+    computed = await asyncio.to_thread(_bulky_statistics, url) - before
+    answers = [service_pb2.ModelStreamInferResponse.FromString(raw) async for raw in call]
+    await writer
+    await channel.close()
+    return computed, answers
+
+
+def test_a_stream_holds_at_most_stream_bytes_of_unread_answers(start_server: Any, plugins: Path) -> None:
+    """stream_bytes=4 MiB: a stream that writes 20 requests for 1 MiB answers and reads none
+    has 4 of them computed, not `stream_in_flight` (16); each later one is read as the client
+    takes an answer, and every answer comes. Before, the server computed and held 16 (64 by
+    default: 270 MB for 4 MiB answers, per stream)."""
+    server = start_server(plugins, limits=Limits(stream_in_flight=16, stream_bytes=4 << 20))
+    computed, answers = asyncio.run(_unread_stream(server.url, [1024] * 20, wait=1.0))
+    assert computed <= 4, computed
+    assert [a.error_message for a in answers] == [""] * 20
+    assert sorted(int(a.infer_response.id) for a in answers) == list(range(20))
+    assert all(len(a.infer_response.raw_output_contents[0]) == 1 << 20 for a in answers)
+    assert _good_call(server.url) < 2
+
+
+def test_a_stream_whose_answers_grow_is_refused_past_stream_bytes(start_server: Any, plugins: Path) -> None:
+    """A first answer of 1 KiB lets the stream read more requests than 1 MiB answers fit in
+    stream_bytes (4 MiB); the answers that would take the unread ones past it are dropped, each
+    request answered RESOURCE_EXHAUSTED naming --max-stream-bytes, so the server holds 4 MiB
+    for the client whatever the sizes. Before, all 12 were held."""
+    server = start_server(plugins, limits=Limits(stream_in_flight=16, stream_bytes=4 << 20))
+    _, answers = asyncio.run(_unread_stream(server.url, [1] + [1024] * 12, wait=1.0))
+    assert len(answers) == 13
+    served = [a for a in answers if not a.error_message]
+    refused = [a for a in answers if a.error_message]
+    big = [a for a in served if len(a.infer_response.raw_output_contents[0]) == 1 << 20]
+    assert len(big) <= 4, len(big)  # (the 1 KiB answer fitted in the client's window)
+    assert refused and all("--max-stream-bytes" in a.error_message for a in refused), refused[:1]
     assert _good_call(server.url) < 2
