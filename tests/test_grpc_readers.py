@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2
 
 from hub.limits import Limits
 
-from .conftest import TEST_PLUGINS, link_plugins
+from .conftest import TEST_PLUGINS, Workers, link_plugins
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 STREAM = "/inference.GRPCInferenceService/ModelStreamInfer"
@@ -196,3 +196,36 @@ def test_a_stream_whose_answers_grow_is_refused_past_stream_bytes(start_server: 
     assert len(big) <= 4, len(big)  # (the 1 KiB answer fitted in the client's window)
     assert refused and all("--max-stream-bytes" in a.error_message for a in refused), refused[:1]
     assert _good_call(server.url) < 2
+
+
+def test_streams_that_are_not_read_leave_the_thread_pool_server_serving(
+    plugins: Path, model_repository: Path, tmp_path: Path
+) -> None:
+    """`--grpc-server threads` (two running threads): three streams whose client reads none of
+    their 1 MiB answers leave other calls served at once. grpc sends a stream's answer on its
+    handler thread, waiting for the client's window; that thread kept its running place, so
+    two such streams held both, and every other call waited until they went (a unary call
+    took 7.9 s in the probe)."""
+    server = Workers(plugins, model_repository, tmp_path, 1, "--grpc-server", "threads")
+
+    async def scenario() -> list[float]:
+        options = [("grpc.http2.bdp_probe", 0), ("grpc.http2.lookahead_bytes", 65535)]
+        channel = grpc.aio.insecure_channel(server.url, options=options)
+        calls = []
+        for stream in range(3):
+            call = channel.stream_stream(STREAM, request_serializer=None, response_deserializer=None)(timeout=60)
+            for number in range(4):
+                await call.write(_bulky(1024, f"{stream}-{number}"))
+            calls.append(call)
+        await asyncio.sleep(1.0)  # every stream's first answer is computed and waits for its client
+        seconds = [await asyncio.to_thread(_good_call, server.url) for _ in range(3)]
+        for call in calls:
+            call.cancel()
+        await channel.close()
+        return seconds
+
+    try:
+        seconds = asyncio.run(scenario())
+    finally:
+        assert server.stop() == 0, server.output()
+    assert max(seconds) < 2, seconds
