@@ -292,14 +292,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         At most `limits.stream_in_flight` requests of a stream are computing or waiting for
         the client to read their responses, and only as many as `limits.stream_bytes` holds at
-        the size of the stream's largest answer so far (one at least; until a first answer
-        has told that size, one). Past that the stream is not read, so a client that writes
-        without reading is held back by flow control, and the answers the server holds for it
-        are bounded in bytes, not only in number. An answer larger than those before it said,
-        that would take the unread ones past `limits.stream_bytes`, is dropped and its request
-        answered RESOURCE_EXHAUSTED (a client that reads its answers never meets that unless
-        their sizes jump). An undecodable message (or one
-        holding more entries than the limits allow) gets an error on the stream, and the stream
+        the size of the stream's largest answer so far: one always, and no second until the
+        stream's first answer has told that size. Past that the stream is not read, so a client
+        that writes without reading is held back by flow control, and the answers the server
+        holds for it are bounded in bytes, not only in number. An answer larger than those
+        before it, that would take the unread ones past `limits.stream_bytes`, is dropped and
+        its request answered RESOURCE_EXHAUSTED (a client that reads its answers meets that
+        only if their sizes jump). An undecodable message (or one holding more entries than
+        the limits allow) gets an error on the stream, and the stream
         ends with INVALID_ARGUMENT once the requests before it are answered; during shutdown it
         ends with UNAVAILABLE the same way. Each request read is `accept()`ed by the data plane
         and released when its task ends, however it ends.
