@@ -60,7 +60,8 @@ class TooLarge(HubError):
 
 
 class LimitReached(HubError):
-    """A server-wide limit is reached (the number of shared memory regions, say)."""
+    """A limit of the server is reached (the number of shared memory regions, say, or the
+    bytes of answers a stream's client has not read)."""
 
     code = "RESOURCE_EXHAUSTED"
 

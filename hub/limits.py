@@ -50,6 +50,26 @@ class Limits:
     - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
       being computed or whose responses the client has not read yet. Past it the server stops
       reading the stream, and HTTP/2 flow control holds the client back.
+    - `stream_bytes` (gRPC): the most bytes of answers one ModelStreamInfer stream may have
+      computed or computing for a client that has not read them, counting each request at the
+      size of the stream's largest answer so far (a stream reads its second request once its
+      first answer is computed, so that size is known; an answer larger than this is computed
+      alone). An answer larger than that size foretold, that would take the unread ones past
+      this, is dropped and its request answered RESOURCE_EXHAUSTED. Each answer the client has
+      not read is held whole: with `stream_in_flight` alone a stream of 30-byte requests for
+      4 MiB answers that read nothing held 64 of them (270 MB); `grpc_streams` such streams on
+      one connection, 35 GB. 64 MiB, `request_bytes`: a stream holds about what one request may
+      cost. At that bound 4 MiB answers compute 16 at a time per stream; answers of 1 MiB or
+      less are bounded by `stream_in_flight` as before.
+    - `grpc_streams` (gRPC): the most calls one HTTP/2 connection may have open at once
+      (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS; a client queues its further calls until one
+      ends, and the server refuses the calls of one that does not). Each call holds its answer
+      in the server (about 4x its size, grpc's buffers and Python's) until the client reads it:
+      grpc closes a connection that reads nothing at all after 60 s (its SETTINGS unanswered),
+      but one that answers pings and grants no flow-control window is kept as long as it
+      likes. Unbounded, one connection held 100 unread 4 MiB answers in 1.2-1.6 GB and would
+      have opened 1,000 calls (16 GB) as easily; at 128, 2.1 GB at most. 128, as nginx's
+      `http2_max_concurrent_streams` (Go's net/http2: 250).
     - `header_timeout` (REST, seconds): the longest a connection may go without a complete
       request line and headers: from its accept, and on a kept-alive connection from the end of
       the previous response (so it is also the keep-alive idle timeout). Past it the connection
@@ -77,6 +97,8 @@ class Limits:
     typed_values: int = 1 << 20
     request_entries: int = 1 << 14
     stream_in_flight: int = 64
+    stream_bytes: int = 64 << 20
+    grpc_streams: int = 128
     header_timeout: float = 75.0
     body_timeout: float = 60.0
     body_rate: int = 8 << 10
@@ -91,6 +113,8 @@ class Limits:
             "typed_values",
             "request_entries",
             "stream_in_flight",
+            "stream_bytes",
+            "grpc_streams",
             "body_rate",
         ):
             value = getattr(self, name)

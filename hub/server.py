@@ -408,10 +408,13 @@ class Server:
 
     async def _start_grpc(self, host: str, port: int) -> None:
         tokens = self.config.tokens
+        limits = self.config.limits
         options = [
-            ("grpc.max_receive_message_length", self.config.limits.request_bytes),
+            ("grpc.max_receive_message_length", limits.request_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
+            # Each call of a client that does not read holds its answer here (hub/limits.py).
+            ("grpc.max_concurrent_streams", limits.grpc_streams),
         ]
         server: grpc.aio.Server | grpc.Server
         registrar: Any  # where the services register: the server, or the thread-pool facade

@@ -386,6 +386,13 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         ("--max-stream-in-flight", "stream_in_flight", "most unanswered requests per ModelStreamInfer stream", int),
         (
+            "--max-stream-bytes",
+            "stream_bytes",
+            "most bytes of unread answers per ModelStreamInfer stream (at its largest answer's size)",
+            int,
+        ),
+        ("--grpc-max-streams", "grpc_streams", "most gRPC calls open at once on one connection", int),
+        (
             "--http-header-timeout",
             "header_timeout",
             "seconds a REST connection may take to send a request's headers, from its accept or its previous "

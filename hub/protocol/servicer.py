@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 
 from hub.core.dataplane import DataPlane
-from hub.errors import HubError, InvalidInput, ShuttingDown
+from hub.errors import HubError, InvalidInput, LimitReached, ShuttingDown
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.logs import Throttle
 from hub.protocol import triton
@@ -291,9 +291,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         error, is sent as soon as it is ready, carrying the request's id.
 
         At most `limits.stream_in_flight` requests of a stream are computing or waiting for
-        the client to read their responses; past that the stream is not read, so a client that
-        writes without reading is held back by flow control. An undecodable message (or one
-        holding more entries than the limits allow) gets an error on the stream, and the stream
+        the client to read their responses, and only as many as `limits.stream_bytes` holds at
+        the size of the stream's largest answer so far: one always, and no second until the
+        stream's first answer has told that size. Past that the stream is not read, so a client
+        that writes without reading is held back by flow control, and the answers the server
+        holds for it are bounded in bytes, not only in number. An answer larger than those
+        before it, that would take the unread ones past `limits.stream_bytes`, is dropped and
+        its request answered RESOURCE_EXHAUSTED (a client that reads its answers meets that
+        only if their sizes jump). An undecodable message (or one holding more entries than
+        the limits allow) gets an error on the stream, and the stream
         ends with INVALID_ARGUMENT once the requests before it are answered; during shutdown it
         ends with UNAVAILABLE the same way. Each request read is `accept()`ed by the data plane
         and released when its task ends, however it ends.
@@ -305,17 +311,36 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         loop = asyncio.get_running_loop()
         grpc_errors = _grpc_error_mode(context)
-        done: asyncio.Queue[pb.ModelStreamInferResponse | _StreamEnd] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.limits.stream_in_flight)
+        done: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | _StreamEnd] = asyncio.Queue()
+        most, budget = self.limits.stream_in_flight, self.limits.stream_bytes
+        unread = 0  # requests read whose answers the client has not taken yet
+        largest = 0  # bytes of the stream's largest answer so far; 0: none answered yet
+        held = 0  # bytes of the answers computed that the client has not taken
+        room = asyncio.Event()  # set when `unread` falls or `largest` is learnt
         tasks: set[asyncio.Task[None]] = set()
         plane = self.plane
+
+        def may_read() -> bool:
+            # Answers of 4 MiB for 30-byte requests: 64 unread ones held 256 MiB per stream.
+            return unread == 0 or (largest > 0 and unread < most and (unread + 1) * largest <= budget)
 
         def released(task: asyncio.Task[None]) -> None:
             plane.release()
 
         async def answer(request: pb.ModelInferRequest) -> None:
+            nonlocal largest, held
             try:
                 infer_response = await self._infer(request, context.time_remaining(), accepted=True)
+                size = max(1, sum(len(contents) for contents in infer_response.raw_output_contents))
+                if size > largest:
+                    largest = size
+                    room.set()
+                if held and held + size > budget:  # larger than the answers before it said
+                    del infer_response
+                    raise LimitReached(
+                        f"the stream's unread answers hold {held} bytes and this one {size} more, over "
+                        f"{budget} (--max-stream-bytes): read the answers before sending more"
+                    )
                 infer_response.parameters[FINAL_RESPONSE].bool_param = True
                 response = pb.ModelStreamInferResponse(infer_response=infer_response)
             except HubError as exc:
@@ -328,9 +353,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 )
                 stub.parameters[FINAL_RESPONSE].bool_param = True
                 response = pb.ModelStreamInferResponse(error_message=status[1], infer_response=stub)
-            await done.put(response)
+                size = 1
+            held += size
+            await done.put((response, size))
 
         async def read() -> None:
+            nonlocal unread
             end = _StreamEnd()
             try:
                 async for request in request_iterator:
@@ -350,7 +378,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     if self.plane.draining:
                         end = _StreamEnd(SHUTTING_DOWN)
                         break
-                    await slots.acquire()
+                    while not may_read():
+                        room.clear()
+                        await room.wait()
+                    unread += 1
                     try:
                         self.plane.accept()
                     except ShuttingDown:  # it began while this stream waited for a slot
@@ -380,8 +411,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader.add_done_callback(self._readers.discard)
         try:
             while not isinstance(item := await done.get(), _StreamEnd):
-                yield item
-                slots.release()
+                response, size = item
+                del item
+                yield response
+                del response
+                unread -= 1
+                held -= size
+                room.set()
             if item.status is not None:
                 if item.error_on_stream:
                     yield pb.ModelStreamInferResponse(error_message=item.status[1])
