@@ -413,9 +413,9 @@ class Server:
             ("grpc.max_receive_message_length", limits.request_bytes),
             ("grpc.max_send_message_length", MAX_MESSAGE),
             ("grpc.so_reuseport", 1 if self.config.reuse_port else 0),
-            # Each call of a client that does not read holds its answer here (hub/limits.py).
-            ("grpc.max_concurrent_streams", limits.grpc_streams),
         ]
+        if limits.grpc_streams:  # each call holds its answer here until its client reads it (hub/limits.py)
+            options.append(("grpc.max_concurrent_streams", limits.grpc_streams))
         server: grpc.aio.Server | grpc.Server
         registrar: Any  # where the services register: the server, or the thread-pool facade
         if self.config.grpc_server == "threads":

@@ -15,6 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
+import tritonclient.grpc.aio as tc_aio
 from tritonclient.grpc import service_pb2
 
 from hub.limits import Limits
@@ -134,6 +135,29 @@ def test_a_connection_opens_at_most_grpc_streams_calls(start_server: Any, plugin
     statistics = tc.InferenceServerClient(server.url).get_inference_statistics("bulky", as_json=True)
     assert int(statistics["model_stats"][0]["inference_stats"]["success"].get("count", 0)) <= 8
     assert _good_call(server.url) < 2
+
+
+async def test_by_default_a_client_may_gather_a_thousand_calls_on_one_connection(
+    start_server: Any, plugins: Path
+) -> None:
+    """A batch job gathers all its calls on one client at once. grpc's Python client does not
+    wait for room under a peer's stream bound (it fails the calls past it UNAVAILABLE,
+    REFUSED_STREAM), so by default the server sets none, as Triton does; `grpc_streams` is
+    the operator's choice (hub/limits.py)."""
+    server = start_server(plugins)
+    client = tc_aio.InferenceServerClient(server.url)
+    try:
+        calls = []
+        for value in range(1000):
+            tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
+            tensor.set_data_from_numpy(np.full((1, 1), value, np.float32))
+            calls.append(client.infer("identity_fp32", [tensor]))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await client.close()
+    failed = [result for result in results if isinstance(result, Exception)]
+    assert failed == [], (len(failed), failed[:1])
+    assert [float(result.as_numpy("OUTPUT0")[0, 0]) for result in results] == list(range(1000))
 
 
 def _bulky_statistics(url: str) -> int:

@@ -391,7 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
             "most bytes of unread answers per ModelStreamInfer stream (at its largest answer's size)",
             int,
         ),
-        ("--grpc-max-streams", "grpc_streams", "most gRPC calls open at once on one connection", int),
+        (
+            "--grpc-max-streams",
+            "grpc_streams",
+            "most gRPC calls open at once on one connection (0, the default: no bound, as Triton)",
+            int,
+        ),
         (
             "--http-header-timeout",
             "header_timeout",
