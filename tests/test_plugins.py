@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -414,6 +415,41 @@ def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.
     assert host.records["ep"].source == "entry-point"
     assert host.records["ep"].models == ["from_entry_point/1"]
     assert (site / "ep_plugin" / "__init__.py").resolve() in spec.sources  # the cache key covers its files
+
+
+def test_an_entry_point_plugins_sibling_module_is_in_its_cache_key(plugins: Path, tmp_path: Path) -> None:
+    """docs/plugins.md's entry point, `my_models = "my_package.plugin"`, with the model in
+    `my_package/model.py`: editing the model rebuilds it (the key once held plugin.py alone, so
+    `modelhub build` and `serve` kept the stale artifact)."""
+    site = tmp_path / "site"
+    package = site / "my_package"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text("FACTOR = 3\n")
+    plugin = GOOD.format(name="installed").replace('inputs["IN"] * 3', 'inputs["IN"] * FACTOR')
+    (package / "plugin.py").write_text("from my_package.model import FACTOR\n" + textwrap.dedent(plugin))
+    dist = site / "my_package-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[modelhub]\nmy_models = my_package.plugin\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+
+    def build() -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "build", "installed", "--plugins-dir", str(plugins),
+             "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--no-measure", "--json"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (row,) = json.loads(result.stdout)
+        return dict(row)
+
+    assert build()["status"] == "ok"
+    assert build()["status"] == "ok (cached)"
+    (package / "model.py").write_text("FACTOR = 5\n")
+    assert build()["status"] == "ok"  # rebuilt, not the artifact of FACTOR = 3
+    manifest = json.loads((tmp_path / "models" / "installed" / "1" / "manifest.json").read_text())
+    assert {"model.py", "plugin.py", "__init__.py"} <= set(manifest["key_parts"]["sources"]), manifest["key_parts"]
 
 
 def _identity_module() -> Any:

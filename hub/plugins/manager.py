@@ -115,10 +115,31 @@ def _source_files(module: ModuleType) -> tuple[Path, ...]:
     path = Path(origin).resolve()
     if path.name != "__init__.py":
         return (path,)
+    return _package_files(path.parent)
+
+
+def _package_files(folder: Path) -> tuple[Path, ...]:
     files = [
-        p for p in path.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+        p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
     ]
     return tuple(sorted(files))
+
+
+def _installed_files(module_name: str) -> tuple[Path, ...]:
+    """The files of an entry point's plugin: every file of the outermost regular package that
+    holds its module (`my_package/` for `my_package.plugin`, whose models are most often built
+    by a sibling module), or the module's own file when it is a top-level module. Namespace
+    packages above it (`google.` in `google.mine.plugin`) are not walked: they span other
+    distributions."""
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:depth]))
+        origin = getattr(module, "__file__", None) if module is not None else None
+        if not origin:  # a namespace package (or not imported): look further in
+            continue
+        path = Path(origin).resolve()
+        return _package_files(path.parent) if path.name == "__init__.py" else (path,)
+    return ()
 
 
 def hash_files(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:
@@ -290,8 +311,11 @@ class PluginHost:
                 self.pm.unregister(name=name)
             self._fail(record, f'plugin "{name}" ({location}) is invalid: {exc}', exc)
             return
-        if isinstance(plugin, ModuleType):
+        if source == "entry-point":  # location is the entry point's value, "module[:attr]"
+            record.files = _installed_files(location.partition(":")[0].strip())
+        elif isinstance(plugin, ModuleType):
             record.files = _source_files(plugin)
+        if isinstance(plugin, ModuleType):
             for hook in self._unmarked_hooks(plugin):
                 record.warnings.append(
                     f'plugin "{name}" ({getattr(plugin, "__file__", location)}): function "{hook}" is named like '
