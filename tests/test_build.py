@@ -287,6 +287,82 @@ def test_unexportable_model_fails_naming_model_and_stage(tmp_path: Path) -> None
     assert not (tmp_path / "models" / "leaky" / "1").exists()  # nothing half-built is left behind
 
 
+FAULTY = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Faulty(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        {body}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="{name}",
+        build=lambda: Faulty().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))],
+        outputs=[TensorSpec("y", "FP32", (-1, 3))],
+        example_inputs={{"x": np.ones((2, 3), np.float32)}},
+        target="{target}",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> None:
+    """What a plugin author sees in `modelhub build` (and serve's log, and the client's
+    UNAVAILABLE) when the model itself is wrong: the model's own error and line, not torch.onnx's
+    pages (in terminal colours) around it, and not a fault of the built-in "validation" plugin."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    cases = {
+        "raises_onnx": ("onnx", 'raise RuntimeError("weights not loaded")'),
+        "raises_torch": ("torch", 'raise RuntimeError("weights not loaded")'),
+        "raises_compiled": ("torch-compile", 'raise RuntimeError("weights not loaded")'),
+        "numpy_out": ("onnx", "return self.lin(x).detach().numpy()"),
+        "unexportable": ("onnx-int8", "return torch.from_numpy(np.sort(self.lin(x).detach().numpy(), axis=1))"),
+        "build_raises": ("onnx", "return self.lin(x)"),
+    }
+    for name, (target, body) in cases.items():
+        (plugins / f"{name}.py").write_text(textwrap.dedent(FAULTY).format(name=name, target=target, body=body))
+    text = (plugins / "build_raises.py").read_text()
+    (plugins / "build_raises.py").write_text(
+        text.replace("super().__init__()", 'raise FileNotFoundError("weights.pt")')
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    problems = {row["model"]: row["problem"] for row in json.loads(result.stdout)}
+    for name, problem in problems.items():
+        assert "\n" not in problem and "\x1b" not in problem and "Next steps" not in problem, (name, problem)
+    for name, target in (("raises_onnx", "onnx"), ("raises_torch", "torch"), ("raises_compiled", "torch-compile")):
+        assert problems[name] == (
+            f"model '{name}': building target '{target}' failed: the eager model raises on its example_inputs: "
+            f"RuntimeError: weights not loaded (raised at {plugins / name}.py line 12)"
+        )  # not torch.export's TorchExportError, nor 'plugin "validation" raised in validate_artifact'
+    assert problems["build_raises"] == (
+        "model 'build_raises': building target 'onnx' failed: its build() raised: "
+        f"FileNotFoundError: weights.pt (raised at {plugins / 'build_raises'}.py line 8)"
+    )
+    assert problems["numpy_out"] == (
+        "model 'numpy_out': forward returned a numpy.ndarray; return a torch.Tensor, a tuple of them in the "
+        "order of the spec's outputs ['y'], or a dict keyed by those names"
+    )  # not "forward returned 2 outputs": a numpy array's len is its rows
+    assert problems["unexportable"].startswith(
+        "model 'unexportable': building target 'onnx-int8' failed: torch.onnx.export could not export the model: "
+    )
+    assert "serve it with target 'torch' or 'torch-compile'" in problems["unexportable"]
+    assert "Failed to export the model with torch.export" not in result.stderr  # its traceback is at DEBUG
+
+
 class CountingTargets:
     """A plugin whose target counts its builds, loads and closes, and which counts the
     artifacts validated (validate_artifact), to pin "build once, load once"."""

@@ -370,6 +370,33 @@ def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_p
     assert builder.read_manifest(spec) is None  # no verdict was recorded: a fixed validator rebuilds
 
 
+def test_an_artifact_that_raises_under_a_validator_is_the_artifacts_fault(plugins: Path, tmp_path: Path) -> None:
+    """The model fails on the inputs it is checked on: the build names the model, its error and
+    the line in its plugin, not 'plugin "validation" raised in validate_artifact'."""
+    from hub.errors import BuildError
+    from hub.pipeline.builder import Builder
+
+    path = write(
+        plugins,
+        "fragile",
+        GOOD.format(name="fragile").replace(
+            'build=lambda: (lambda inputs: {{"OUT": inputs["IN"] * 3}}),'.replace("{{", "{").replace("}}", "}"),
+            "build=lambda: fragile,",
+        )
+        + "\n\ndef fragile(inputs):\n    raise ValueError('no row may be 1')\n",
+    )
+    host = host_for(plugins)
+    targets = host.collect_targets()
+    (spec,) = [s for s in host.collect_models() if s.name == "fragile"]
+    with pytest.raises(BuildError) as built:
+        Builder(tmp_path / "models", targets, host, device="cpu").ensure(spec)
+    line = path.read_text().splitlines().index("    raise ValueError('no row may be 1')") + 1
+    assert str(built.value) == (
+        "model 'fragile': the artifact raised while plugin \"validation\" (hub.pipeline.validation) checked it: "
+        f"ValueError: no row may be 1 (raised at {path} line {line})"
+    )
+
+
 def _numpy_runtime() -> Any:
     from .plugins.identity import NumpyRuntime
 

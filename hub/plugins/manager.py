@@ -100,6 +100,31 @@ def _raised_at(exc: BaseException, location: str) -> str:
     return where
 
 
+def exception_line(exc: BaseException) -> str:
+    """'Type: message', the message's first line (torch's run on for pages)."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def raised_in(exc: BaseException, files: Iterable[Path]) -> str:
+    """' (raised at FILE line N)': the innermost frame of `exc` in one of `files` (a plugin's
+    sources), or ''."""
+    sources = {str(path) for path in files}
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if str(Path(frame.filename).resolve()) in sources:
+            where = f" (raised at {frame.filename} line {frame.lineno})"
+    return where
+
+
+def _raised_by_run(exc: BaseException, runtime: object) -> bool:
+    """Whether `exc` came out of `runtime.run` (the artifact failing on what it was given),
+    rather than from the validator's own code around it."""
+    run = getattr(type(runtime), "run", None)
+    code = getattr(run, "__code__", None)
+    return code is not None and any(frame.f_code is code for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -511,6 +536,13 @@ class PluginHost:
             except BuildError:
                 raise  # the artifact failed under the validator (runtime.run raised): its own message says why
             except Exception as exc:
+                if _raised_by_run(exc, runtime):  # the artifact's (the model's) fault, not the validator's
+                    message = (
+                        f"model '{spec.name}': the artifact raised while {where} checked it: "
+                        f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
+                    )
+                    log.error("%s", message, exc_info=exc)
+                    raise BuildError(message) from exc
                 log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc
             for result in returned:

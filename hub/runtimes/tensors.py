@@ -56,10 +56,22 @@ def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, 
                 f"(missing {missing}); rename the returned keys or the spec's outputs to match"
             )
         return {name: result[name] for name in names}
+    if not isinstance(result, (tuple, list)):  # a numpy array has a len too: its rows, not its outputs
+        raise BuildError(
+            f"{where}: forward returned a {type(result).__module__}.{type(result).__name__}; return a torch.Tensor, "
+            f"a tuple of them in the order of the spec's outputs {list(names)}, or a dict keyed by those names"
+        )
     if len(result) != len(names):
         raise BuildError(
             f"{where}: forward returned {len(result)} outputs, the spec declares {len(names)}: {list(names)}"
         )
+    strays = [
+        f"{name} ({type(value).__name__})"
+        for name, value in zip(names, result, strict=True)
+        if not isinstance(value, torch.Tensor)
+    ]
+    if strays:
+        raise BuildError(f"{where}: forward returned outputs that are not torch tensors: {', '.join(strays)}")
     return dict(zip(names, result, strict=True))
 
 
