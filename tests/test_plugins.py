@@ -118,6 +118,22 @@ def test_invalid_specs_are_reported_and_skipped(plugins: Path) -> None:
     assert "FP32" in errors["bad_example_dtype"] and "INT64" in errors["bad_example_dtype"]
 
 
+def test_a_numpy_or_torch_dtype_for_a_datatype_names_the_v2_one(plugins: Path) -> None:
+    """A PyTorch user writes TensorSpec("x", "float32", ...) or torch.float32: `modelhub plugins`
+    says which V2 name to write."""
+    cases = {"np_name": '"float32"', "torch_dtype": "__import__('torch').int64", "text": "str"}
+    for name, datatype in cases.items():
+        write(plugins, name, GOOD.format(name=name).replace('TensorSpec("IN", "INT64"', f'TensorSpec("IN", {datatype}'))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    errors = {p["name"]: " ".join(p["errors"]) for p in json.loads(result.stdout)}
+    assert "unknown datatype 'float32' (write 'FP32': datatypes are the V2 names)" in errors["np_name"]
+    assert "unknown datatype torch.int64 (write 'INT64': datatypes are the V2 names)" in errors["torch_dtype"]
+    assert "unknown datatype <class 'str'> (write 'BYTES': datatypes are the V2 names)" in errors["text"]
+
+
 def test_misspelled_hook_is_an_error(plugins: Path) -> None:
     write(
         plugins,
