@@ -219,6 +219,14 @@ def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) ->
     package.mkdir()
     (package / "__init__.py").write_text("from . import inner\n")
     (package / "inner.py").write_text("x = 1\ny = 1 / 0\n")
+    broken = write(plugins, "broken_syntax", "import numpy\n\ndef oops(:\n    pass\n")
+    listing = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    (errors,) = [p["errors"] for p in json.loads(listing.stdout) if p["name"] == "broken_syntax"]
+    syntax = f"SyntaxError: invalid syntax (at {broken} line 3)"  # not its repr's tuple of positions
+    assert errors == [f'Error importing plugin "broken_syntax" from {broken}: {syntax}']
     host = host_for(plugins)
     (error,) = host.records["raises_at_import"].errors
     assert "boom at import" in error and f"raised at {plugins / 'raises_at_import.py'} line 3" in error

@@ -300,9 +300,11 @@ class PluginHost:
         try:
             plugin = importer()
         except Exception as exc:
-            self._fail(
-                record, f'Error importing plugin "{name}" from {location}: {exc!r}{_raised_at(exc, location)}', exc
-            )
+            if isinstance(exc, SyntaxError) and exc.filename:  # its repr is a tuple of positions, and no frame
+                why = f"SyntaxError: {exc.msg} (at {exc.filename} line {exc.lineno})"
+            else:
+                why = f"{exc!r}{_raised_at(exc, location)}"
+            self._fail(record, f'Error importing plugin "{name}" from {location}: {why}', exc)
             return
         if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
             record.status = "failed"
