@@ -159,7 +159,9 @@ class ModelSpec:
 
     - `build`: returns the eager model (a `torch.nn.Module` for the built-in targets, in eval
       mode). It receives the inputs positionally, in the order of `inputs`, as torch tensors,
-      and returns one tensor or a tuple in the order of `outputs`.
+      and returns one tensor or a tuple in the order of `outputs` (or a dict keyed by output
+      name). A forward whose parameters are named after the inputs but in another order fails
+      the build (the tensors would arrive swapped).
     - `example_inputs`: arrays (or a function returning them) keyed by input name, used to
       export, warm up and check the artifact against eager.
     - `target`: the name of a registered Target: "onnx", "torch", or a plugin's own.

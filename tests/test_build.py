@@ -363,6 +363,56 @@ def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> No
     assert "Failed to export the model with torch.export" not in result.stderr  # its traceback is at DEBUG
 
 
+SWAPPED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Pool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="swapped_{target}",
+        build=lambda: Pool().eval(),
+        inputs=[TensorSpec("attention_mask", "INT64", (-1, 8)), TensorSpec("input_ids", "INT64", (-1, 8))],
+        outputs=[TensorSpec("pooled", "FP32", (-1, 4))],
+        example_inputs={{"input_ids": np.arange(32).reshape(4, 8) % 100, "attention_mask": np.ones((4, 8), np.int64)}},
+        target="{target}",
+        batching=BatchPolicy(max_batch_size=8),
+    ))
+"""
+
+
+def test_inputs_declared_in_another_order_than_forwards_parameters_fail_the_build(tmp_path: Path) -> None:
+    """forward(input_ids, attention_mask), inputs [attention_mask, input_ids], both INT64: the hub
+    passes inputs positionally, so the model computed on swapped tensors, and eager (the parity
+    reference) swapped them too: the build passed and served garbage."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for target in ("onnx", "torch"):
+        (plugins / f"swapped_{target}.py").write_text(textwrap.dedent(SWAPPED).format(target=target.replace("-", "_")))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    rows = {row["model"]: row for row in json.loads(result.stdout)}
+    for name in ("swapped_onnx", "swapped_torch"):
+        assert rows[name]["status"] == "failed", rows[name]
+        assert rows[name]["problem"] == (
+            f"model '{name}': forward takes (input_ids, attention_mask) but the spec's inputs are "
+            "['attention_mask', 'input_ids']: the hub passes them positionally in the spec's order, so they would "
+            "arrive swapped; declare the inputs in forward's order"
+        )
+
+
 class CountingTargets:
     """A plugin whose target counts its builds, loads and closes, and which counts the
     artifacts validated (validate_artifact), to pin "build once, load once"."""

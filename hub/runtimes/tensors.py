@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,31 @@ def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, 
     if strays:
         raise BuildError(f"{where}: forward returned outputs that are not torch tensors: {', '.join(strays)}")
     return dict(zip(names, result, strict=True))
+
+
+def check_argument_order(module: Any, spec: Any) -> None:
+    """BuildError when `module`'s forward names its parameters after the spec's inputs but in
+    another order: the hub passes the inputs positionally, in the order of the spec, so
+    forward(input_ids, attention_mask) with inputs [attention_mask, input_ids] would compute on
+    swapped tensors without an error (and eager, the parity reference, swaps them too)."""
+    forward = getattr(module, "forward", module)
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [t.name for t in spec.forward_inputs]
+    params = [p.name for p in parameters if p.kind in positional]
+    if not set(names) <= set(params) or len(names) < 2:
+        return
+    order = [name for name in params if name in names]
+    if order != names:
+        what = "model_inputs" if spec.preprocess is not None else "inputs"
+        raise BuildError(
+            f"model '{spec.name}': forward takes ({', '.join(params)}) but the spec's {what} are "
+            f"{names}: the hub passes them positionally in the spec's order, so they would arrive swapped; "
+            f"declare the {what} in forward's order"
+        )
 
 
 def tile(examples: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
