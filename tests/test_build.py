@@ -413,6 +413,52 @@ def test_inputs_declared_in_another_order_than_forwards_parameters_fail_the_buil
         )
 
 
+BYTES_MODELS = """
+import numpy as np
+import torch
+from hub import ModelSpec, TensorSpec, hookimpl
+
+class Count(torch.nn.Module):
+    def forward(self, x):
+        return x.sum(1)
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="text_in", build=lambda: Count().eval(),
+        inputs=[TensorSpec("text", "BYTES", (-1,))], outputs=[TensorSpec("y", "FP32", (-1,))],
+        example_inputs={"text": np.array([b"a", b"b"], dtype=object)},
+    ))
+    register(ModelSpec(
+        name="label_out", build=lambda: Count().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))], outputs=[TensorSpec("label", "BYTES", (-1,))],
+        example_inputs={"x": np.eye(3, dtype=np.float32)},
+    ))
+"""
+
+
+def test_a_torch_model_declared_with_bytes_tensors_is_told_what_to_use(tmp_path: Path) -> None:
+    """BYTES in or out of a torch module: the build names the model and tensor and says what to
+    use (a preprocess; labels), where it said 'BYTES tensors cannot be passed to a torch module'
+    (no model, no tensor) for an input, and 'expected datatype BYTES, got FP32' for an output."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "bytes_models.py").write_text(textwrap.dedent(BYTES_MODELS))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    problems = {row["model"]: row["problem"] for row in json.loads(result.stdout)}
+    assert problems["text_in"].startswith(
+        "model 'text_in': input 'text' is BYTES, which a torch module cannot take; give the spec a preprocess"
+    )
+    assert problems["label_out"].startswith(
+        "model 'label_out': output 'label' is BYTES, which a torch module cannot return; return scores or class "
+        "indices, and name the classes with TensorSpec(..., labels=[...])"
+    )
+
+
 class CountingTargets:
     """A plugin whose target counts its builds, loads and closes, and which counts the
     artifacts validated (validate_artifact), to pin "build once, load once"."""

@@ -76,6 +76,24 @@ def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, 
     return dict(zip(names, result, strict=True))
 
 
+def check_no_bytes(spec: Any) -> None:
+    """BuildError naming the tensor when a torch module would have to take or return BYTES:
+    text goes through the spec's `preprocess`, and class names through `TensorSpec.labels`."""
+    for tensor in spec.forward_inputs:
+        if tensor.datatype == "BYTES":
+            raise BuildError(
+                f"model '{spec.name}': input '{tensor.name}' is BYTES, which a torch module cannot take; give the "
+                f"spec a preprocess that turns it into numeric model_inputs (plugins/embeddings tokenises text so)"
+            )
+    for tensor in spec.outputs:
+        if tensor.datatype == "BYTES":
+            raise BuildError(
+                f"model '{spec.name}': output '{tensor.name}' is BYTES, which a torch module cannot return; return "
+                f"scores or class indices, and name the classes with TensorSpec(..., labels=[...]) for clients that "
+                f"ask for the classification extension"
+            )
+
+
 def check_argument_order(module: Any, spec: Any) -> None:
     """BuildError when `module`'s forward names its parameters after the spec's inputs but in
     another order: the hub passes the inputs positionally, in the order of the spec, so
