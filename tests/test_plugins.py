@@ -257,6 +257,27 @@ def test_build_with_an_unknown_target_fails_that_row_without_a_traceback(plugins
     assert row["status"] == "failed" and "unknown target 'onnx-int9' (did you mean 'onnx-int8'?)" in row["problem"]
 
 
+def test_build_fails_when_a_plugin_failed_and_says_so_after_the_table(plugins: Path, tmp_path: Path) -> None:
+    """A plugin whose import fails, or whose spec is refused, has no row in `modelhub build`'s
+    table: the build said nothing after the table and exited 0, so a CI or image build that
+    prebuilds artifacts passed without that plugin's models."""
+    write(plugins, "good", GOOD.format(name="good_model"))
+    broken = write(plugins, "broken", "import transformerz\n")
+    write(plugins, "refused", GOOD.format(name="refused").replace('"INT64", (-1, 2))]', '"int64", (-1, 2))]', 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--no-measure"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "good_model/1" in result.stdout and "ok" in result.stdout
+    table_end = result.stdout.rstrip().splitlines()[-1]
+    assert table_end.startswith("└")
+    tail = result.stderr[result.stderr.rindex("good_model/1 [numpy]") :]  # after the progress lines
+    assert f'Error importing plugin "broken" from {broken}: ModuleNotFoundError' in tail
+    assert "unknown datatype 'int64' (write 'INT64'" in tail
+
+
 def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> None:
     path = write(
         plugins,

@@ -1026,9 +1026,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     for r in results:
         if r["status"] == "skipped":
             print(f"\n{r['model']} [{r['target']}] skipped: {r['reason']}", file=sys.stderr)
+    # A plugin that failed to import, or whose specs were refused, has models that are in no row
+    # above: said again after the table (the log's line is pages up), and a failed build gate.
+    broken = [error for record in host.records.values() if record.status != "disabled" for error in record.errors]
+    for error in broken:
+        print(f"\n{error}", file=sys.stderr)
     if args.compare:
         return 0  # a comparison reports failures in the table; it is not a build gate
-    return 1 if failed else 0
+    return 1 if failed or broken else 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:
