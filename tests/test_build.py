@@ -327,6 +327,8 @@ def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> No
         "numpy_out": ("onnx", "return self.lin(x).detach().numpy()"),
         "unexportable": ("onnx-int8", "return torch.from_numpy(np.sort(self.lin(x).detach().numpy(), axis=1))"),
         "build_raises": ("onnx", "return self.lin(x)"),
+        "fixed_batch": ("onnx", "return self.lin(x).view(2, 3)"),  # a literal batch size: eager runs on 2 rows
+        "fixed_batch_compiled": ("torch-compile", "return self.lin(x).view(2, 3)"),
     }
     for name, (target, body) in cases.items():
         (plugins / f"{name}.py").write_text(textwrap.dedent(FAULTY).format(name=name, target=target, body=body))
@@ -359,8 +361,18 @@ def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> No
     assert problems["unexportable"].startswith(
         "model 'unexportable': building target 'onnx-int8' failed: torch.onnx.export could not export the model: "
     )
-    assert "serve it with target 'torch' or 'torch-compile'" in problems["unexportable"]
+    assert "serve it with a target that needs no export ('torch', 'torch-compile')" in problems["unexportable"]
     assert "Failed to export the model with torch.export" not in result.stderr  # its traceback is at DEBUG
+    assert problems["fixed_batch"].startswith(
+        "model 'fixed_batch': building target 'onnx' failed: torch.onnx.export could not export the model: "
+    )
+    assert (
+        "(the model fixes a dimension the spec declares -1: a view or reshape with a literal size?)"
+        in (problems["fixed_batch"])
+    )
+    assert problems["fixed_batch_compiled"].startswith(
+        "model 'fixed_batch_compiled': building target 'torch-compile' failed: TorchRuntimeError: "
+    )  # the message on one line, not the exception's repr
 
 
 SWAPPED = """

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError, PluginError, TargetUnavailable
-from hub.plugins.manager import exception_line, hash_files, raised_in
+from hub.errors import BuildError, PluginError, TargetUnavailable, exception_line
+from hub.plugins.manager import hash_files, raised_in
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
 if TYPE_CHECKING:
@@ -245,7 +245,10 @@ class Builder:
                 failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}")
             else:
                 log.exception("model '%s': building target '%s' failed", spec.key, target.name)
-                failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}")
+                failure = BuildError(
+                    f"model '{spec.name}': building target '{target.name}' failed: "
+                    f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
+                )
             if not isinstance(failure, TargetUnavailable):  # that is "not here", not a failed build
                 self._record_failure(spec, target, key, failure)
             if failure is exc:

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import BuildError, HubError, PluginError, SpecError
+from hub.errors import BuildError, HubError, PluginError, SpecError, exception_line
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -98,12 +98,6 @@ def _raised_at(exc: BaseException, location: str) -> str:
         if path == base or root in path.parents:
             where = f" (raised at {frame.filename} line {frame.lineno})"
     return where
-
-
-def exception_line(exc: BaseException) -> str:
-    """'Type: message', the message's first line (torch's run on for pages)."""
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def raised_in(exc: BaseException, files: Iterable[Path]) -> str:

@@ -4,7 +4,6 @@ with ONNX Runtime, on the CUDA execution provider when it is installed and asked
 from __future__ import annotations
 
 import logging
-import re
 import traceback
 import warnings
 from collections.abc import Callable, Mapping
@@ -13,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from hub.errors import BuildError
+from hub.errors import BuildError, exception_line
 from hub.plugins.hookspecs import hookimpl
 from hub.runtimes.tolerances import FP32
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
@@ -72,24 +71,21 @@ def export_failure(spec: ModelSpec, target: str, exc: BaseException) -> BuildErr
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    lines = [line.strip() for line in _ANSI.sub("", str(cause)).strip().splitlines() if line.strip()]
     where = ""
     sources = {str(path) for path in spec.sources}
     for error in (exc, cause):
         for frame in traceback.extract_tb(error.__traceback__):
             if str(Path(frame.filename).resolve()) in sources:
                 where = f" (raised at {frame.filename} line {frame.lineno})"
-    summary = f"{type(cause).__name__}: {lines[0]}" if lines else type(cause).__name__
+    summary = exception_line(cause)
+    if "inferred a static shape" in summary:  # torch.export's word for a -1 dim the model fixes
+        summary += " (the model fixes a dimension the spec declares -1: a view or reshape with a literal size?)"
     return BuildError(
         f"model '{spec.name}': building target '{target}' failed: torch.onnx.export could not export the model: "
-        f"{summary}{where}. The eager model "
-        f"runs: serve it with target 'torch' or 'torch-compile', or make it exportable "
-        f"(https://pytorch.org/docs/stable/generated/exportdb/index.html); --log-level debug logs the exporter's "
-        f"traceback"
+        f"{summary}{where}. The eager model ran on the example inputs: make it exportable "
+        f"(https://pytorch.org/docs/stable/generated/exportdb/index.html), or serve it with a target that needs "
+        f"no export ('torch', 'torch-compile'); --log-level debug logs the exporter's traceback"
     )
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _drop_weight_shapes(path: str) -> None:
