@@ -894,7 +894,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, or an object array
-            print(f"--input {name}: cannot read {path!r} as a .npy file: {exc}", file=sys.stderr)
+            hint = ""
+            if "allow_pickle" in str(exc):  # np.save of the README's BYTES array (dtype=object) pickles it
+                hint = (
+                    "; for a BYTES input save the text as str or bytes, which .npy holds without pickle: "
+                    "np.save(FILE, np.array([b'one', b'two'])) (an object array is never unpickled)"
+                )
+            print(f"--input {name}: cannot read {path!r} as a .npy file: {exc}{hint}", file=sys.stderr)
             return 2
         datatype = datatype_of(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
