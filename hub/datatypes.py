@@ -54,6 +54,26 @@ _TORCH_TYPES = {
 }
 
 
+def v2_name(value: Any) -> str | None:
+    """The V2 datatype a numpy or torch dtype (or its name) stands for: "float32", np.float32
+    and torch.float32 are "FP32"; "fp32" is too; str, bytes and "string" are "BYTES". None when it
+    stands for none."""
+    text = str(value)
+    if text.upper() in DATATYPES:
+        return text.upper()
+    if text in _TORCH_TYPES:
+        return _TORCH_TYPES[text]
+    if text == "bfloat16":
+        return "BF16"
+    if value in (str, bytes, object) or text.lower() in ("str", "string", "bytes", "object"):
+        return "BYTES"
+    try:
+        dtype = np.dtype(value)
+    except (TypeError, ValueError):
+        return None
+    return None if dtype == np.dtype(np.object_) else _BY_DTYPE.get(dtype)
+
+
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype name of a numpy array (or of a torch tensor on the device); TypeError
     when it has none."""

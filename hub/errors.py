@@ -5,6 +5,8 @@ for HTTP). Nothing here knows about gRPC or HTTP."""
 
 from __future__ import annotations
 
+import re
+
 #: The code of a successful request, and of anything that is not a HubError (a bug or a
 #: plugin crash, whose details go to the log only).
 OK = "OK"
@@ -198,6 +200,24 @@ def shorten(text: str, limit: int = NAME_LIMIT) -> str:
     if len(text) <= limit:
         return text
     return f"{text[:limit]}...({len(text)} chars)"
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
+    """'Type: message' on one line, for a build's problem: the message's lines joined (torch's
+    first line often ends in a colon, the substance on the next), terminal colours dropped,
+    and cut after about `limit` characters (torch's messages run on for pages)."""
+    lines = [line.strip() for line in _ANSI.sub("", str(exc)).splitlines() if line.strip()]
+    text = ""
+    for line in lines:
+        if text and len(text) + len(line) > limit:
+            text += " ..."
+            break
+        text = f"{text} {line}" if text else line
+    text = text if len(text) <= limit + 4 else text[:limit] + " ..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def name_list(names: list[str], count: int = 8) -> str:

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
-from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of
+from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of, v2_name
 from hub.errors import SpecError
 from hub.limits import MODEL_NAME_MAX
 
@@ -54,9 +54,11 @@ class TensorSpec:
         object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
         if not self.name or not isinstance(self.name, str):
             raise SpecError(f"tensor name must be a non-empty string, got {self.name!r}")
-        if self.datatype not in DATATYPES:
+        if not isinstance(self.datatype, str) or self.datatype not in DATATYPES:
+            known = v2_name(self.datatype)
+            hint = f" (write {known!r}: datatypes are the V2 names)" if known else ""
             raise SpecError(
-                f"tensor '{self.name}': unknown datatype {self.datatype!r}; "
+                f"tensor '{self.name}': unknown datatype {self.datatype!r}{hint}; "
                 f"expected one of {', '.join(sorted(DATATYPES))}"
             )
         if any(d < -1 or d == 0 for d in self.shape):
@@ -157,7 +159,9 @@ class ModelSpec:
 
     - `build`: returns the eager model (a `torch.nn.Module` for the built-in targets, in eval
       mode). It receives the inputs positionally, in the order of `inputs`, as torch tensors,
-      and returns one tensor or a tuple in the order of `outputs`.
+      and returns one tensor or a tuple in the order of `outputs` (or a dict keyed by output
+      name). A forward whose parameters are named after the inputs but in another order fails
+      the build (the tensors would arrive swapped).
     - `example_inputs`: arrays (or a function returning them) keyed by input name, used to
       export, warm up and check the artifact against eager.
     - `target`: the name of a registered Target: "onnx", "torch", or a plugin's own.

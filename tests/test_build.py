@@ -287,6 +287,190 @@ def test_unexportable_model_fails_naming_model_and_stage(tmp_path: Path) -> None
     assert not (tmp_path / "models" / "leaky" / "1").exists()  # nothing half-built is left behind
 
 
+FAULTY = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Faulty(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        {body}
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="{name}",
+        build=lambda: Faulty().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))],
+        outputs=[TensorSpec("y", "FP32", (-1, 3))],
+        example_inputs={{"x": np.ones((2, 3), np.float32)}},
+        target="{target}",
+        batching=BatchPolicy(max_batch_size=4),
+    ))
+"""
+
+
+def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> None:
+    """What a plugin author sees in `modelhub build` (and serve's log, and the client's
+    UNAVAILABLE) when the model itself is wrong: the model's own error and line, not torch.onnx's
+    pages (in terminal colours) around it, and not a fault of the built-in "validation" plugin."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    cases = {
+        "raises_onnx": ("onnx", 'raise RuntimeError("weights not loaded")'),
+        "raises_torch": ("torch", 'raise RuntimeError("weights not loaded")'),
+        "raises_compiled": ("torch-compile", 'raise RuntimeError("weights not loaded")'),
+        "numpy_out": ("onnx", "return self.lin(x).detach().numpy()"),
+        "unexportable": ("onnx-int8", "return torch.from_numpy(np.sort(self.lin(x).detach().numpy(), axis=1))"),
+        "build_raises": ("onnx", "return self.lin(x)"),
+        "fixed_batch": ("onnx", "return self.lin(x).view(2, 3)"),  # a literal batch size: eager runs on 2 rows
+        "fixed_batch_compiled": ("torch-compile", "return self.lin(x).view(2, 3)"),
+    }
+    for name, (target, body) in cases.items():
+        (plugins / f"{name}.py").write_text(textwrap.dedent(FAULTY).format(name=name, target=target, body=body))
+    text = (plugins / "build_raises.py").read_text()
+    (plugins / "build_raises.py").write_text(
+        text.replace("super().__init__()", 'raise FileNotFoundError("weights.pt")')
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    problems = {row["model"]: row["problem"] for row in json.loads(result.stdout)}
+    for name, problem in problems.items():
+        assert "\n" not in problem and "\x1b" not in problem and "Next steps" not in problem, (name, problem)
+    for name, target in (("raises_onnx", "onnx"), ("raises_torch", "torch"), ("raises_compiled", "torch-compile")):
+        assert problems[name] == (
+            f"model '{name}': building target '{target}' failed: the eager model raises on its example_inputs: "
+            f"RuntimeError: weights not loaded (raised at {plugins / name}.py line 12)"
+        )  # not torch.export's TorchExportError, nor 'plugin "validation" raised in validate_artifact'
+    assert problems["build_raises"] == (
+        "model 'build_raises': building target 'onnx' failed: its build() raised: "
+        f"FileNotFoundError: weights.pt (raised at {plugins / 'build_raises'}.py line 8)"
+    )
+    assert problems["numpy_out"] == (
+        "model 'numpy_out': forward returned a numpy.ndarray; return a torch.Tensor, a tuple of them in the "
+        "order of the spec's outputs ['y'], or a dict keyed by those names"
+    )  # not "forward returned 2 outputs": a numpy array's len is its rows
+    assert problems["unexportable"].startswith(
+        "model 'unexportable': building target 'onnx-int8' failed: torch.onnx.export could not export the model: "
+    )
+    assert "serve it with a target that needs no export ('torch', 'torch-compile')" in problems["unexportable"]
+    assert "Failed to export the model with torch.export" not in result.stderr  # its traceback is at DEBUG
+    assert problems["fixed_batch"].startswith(
+        "model 'fixed_batch': building target 'onnx' failed: torch.onnx.export could not export the model: "
+    )
+    assert (
+        "(the model fixes a dimension the spec declares -1: a view or reshape with a literal size?)"
+        in (problems["fixed_batch"])
+    )
+    assert problems["fixed_batch_compiled"].startswith(
+        "model 'fixed_batch_compiled': building target 'torch-compile' failed: TorchRuntimeError: "
+    )  # the message on one line, not the exception's repr
+
+
+SWAPPED = """
+import numpy as np
+import torch
+from hub import BatchPolicy, ModelSpec, TensorSpec, hookimpl
+
+class Pool(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(100, 4)
+
+    def forward(self, input_ids, attention_mask):
+        return (self.emb(input_ids) * attention_mask.unsqueeze(-1)).sum(1)
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="swapped_{target}",
+        build=lambda: Pool().eval(),
+        inputs=[TensorSpec("attention_mask", "INT64", (-1, 8)), TensorSpec("input_ids", "INT64", (-1, 8))],
+        outputs=[TensorSpec("pooled", "FP32", (-1, 4))],
+        example_inputs={{"input_ids": np.arange(32).reshape(4, 8) % 100, "attention_mask": np.ones((4, 8), np.int64)}},
+        target="{target}",
+        batching=BatchPolicy(max_batch_size=8),
+    ))
+"""
+
+
+def test_inputs_declared_in_another_order_than_forwards_parameters_fail_the_build(tmp_path: Path) -> None:
+    """forward(input_ids, attention_mask), inputs [attention_mask, input_ids], both INT64: the hub
+    passes inputs positionally, so the model computed on swapped tensors, and eager (the parity
+    reference) swapped them too: the build passed and served garbage."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    for target in ("onnx", "torch"):
+        (plugins / f"swapped_{target}.py").write_text(textwrap.dedent(SWAPPED).format(target=target.replace("-", "_")))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    rows = {row["model"]: row for row in json.loads(result.stdout)}
+    for name in ("swapped_onnx", "swapped_torch"):
+        assert rows[name]["status"] == "failed", rows[name]
+        assert rows[name]["problem"] == (
+            f"model '{name}': forward takes (input_ids, attention_mask) but the spec's inputs are "
+            "['attention_mask', 'input_ids']: the hub passes them positionally in the spec's order, so they would "
+            "arrive swapped; declare the inputs in forward's order"
+        )
+
+
+BYTES_MODELS = """
+import numpy as np
+import torch
+from hub import ModelSpec, TensorSpec, hookimpl
+
+class Count(torch.nn.Module):
+    def forward(self, x):
+        return x.sum(1)
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="text_in", build=lambda: Count().eval(),
+        inputs=[TensorSpec("text", "BYTES", (-1,))], outputs=[TensorSpec("y", "FP32", (-1,))],
+        example_inputs={"text": np.array([b"a", b"b"], dtype=object)},
+    ))
+    register(ModelSpec(
+        name="label_out", build=lambda: Count().eval(),
+        inputs=[TensorSpec("x", "FP32", (-1, 3))], outputs=[TensorSpec("label", "BYTES", (-1,))],
+        example_inputs={"x": np.eye(3, dtype=np.float32)},
+    ))
+"""
+
+
+def test_a_torch_model_declared_with_bytes_tensors_is_told_what_to_use(tmp_path: Path) -> None:
+    """BYTES in or out of a torch module: the build names the model and tensor and says what to
+    use (a preprocess; labels), where it said 'BYTES tensors cannot be passed to a torch module'
+    (no model, no tensor) for an input, and 'expected datatype BYTES, got FP32' for an output."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "bytes_models.py").write_text(textwrap.dedent(BYTES_MODELS))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    problems = {row["model"]: row["problem"] for row in json.loads(result.stdout)}
+    assert problems["text_in"].startswith(
+        "model 'text_in': input 'text' is BYTES, which a torch module cannot take; give the spec a preprocess"
+    )
+    assert problems["label_out"].startswith(
+        "model 'label_out': output 'label' is BYTES, which a torch module cannot return; return scores or class "
+        "indices, and name the classes with TensorSpec(..., labels=[...])"
+    )
+
+
 class CountingTargets:
     """A plugin whose target counts its builds, loads and closes, and which counts the
     artifacts validated (validate_artifact), to pin "build once, load once"."""

@@ -121,6 +121,15 @@ def test_infer_command_names_an_input_file_it_cannot_read(tmp_path: Path, capsys
         assert error.startswith(f"--input image: cannot read '{path}'") and "Traceback" not in error
 
 
+def test_infer_command_says_how_to_save_text_for_a_bytes_input(tmp_path: Path) -> None:
+    """The README's BYTES array is dtype=object, which np.save pickles and infer will not load:
+    the error says to save str or bytes (which the command sends as BYTES)."""
+    np.save(tmp_path / "texts.npy", np.array([b"A man is playing a guitar."], dtype=object))
+    result = modelhub("infer", "minilm", "--input", f"text={tmp_path / 'texts.npy'}", "--url", "127.0.0.1:1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "for a BYTES input save the text as str or bytes" in result.stderr, result.stderr
+
+
 def test_health_command(served: ServeProcess) -> None:
     assert modelhub("health", "--url", served.url).stdout.strip() == "SERVING"
     assert modelhub("health", "--url", served.url, "--service", "digits").returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -117,6 +118,22 @@ def test_invalid_specs_are_reported_and_skipped(plugins: Path) -> None:
     assert "FP32" in errors["bad_example_dtype"] and "INT64" in errors["bad_example_dtype"]
 
 
+def test_a_numpy_or_torch_dtype_for_a_datatype_names_the_v2_one(plugins: Path) -> None:
+    """A PyTorch user writes TensorSpec("x", "float32", ...) or torch.float32: `modelhub plugins`
+    says which V2 name to write."""
+    cases = {"np_name": '"float32"', "torch_dtype": "__import__('torch').int64", "text": "str"}
+    for name, datatype in cases.items():
+        write(plugins, name, GOOD.format(name=name).replace('TensorSpec("IN", "INT64"', f'TensorSpec("IN", {datatype}'))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    errors = {p["name"]: " ".join(p["errors"]) for p in json.loads(result.stdout)}
+    assert "unknown datatype 'float32' (write 'FP32': datatypes are the V2 names)" in errors["np_name"]
+    assert "unknown datatype torch.int64 (write 'INT64': datatypes are the V2 names)" in errors["torch_dtype"]
+    assert "unknown datatype <class 'str'> (write 'BYTES': datatypes are the V2 names)" in errors["text"]
+
+
 def test_misspelled_hook_is_an_error(plugins: Path) -> None:
     write(
         plugins,
@@ -202,6 +219,14 @@ def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) ->
     package.mkdir()
     (package / "__init__.py").write_text("from . import inner\n")
     (package / "inner.py").write_text("x = 1\ny = 1 / 0\n")
+    broken = write(plugins, "broken_syntax", "import numpy\n\ndef oops(:\n    pass\n")
+    listing = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
+        capture_output=True, text=True, timeout=120, check=True,
+    )  # fmt: skip
+    (errors,) = [p["errors"] for p in json.loads(listing.stdout) if p["name"] == "broken_syntax"]
+    syntax = f"SyntaxError: invalid syntax (at {broken} line 3)"  # not its repr's tuple of positions
+    assert errors == [f'Error importing plugin "broken_syntax" from {broken}: {syntax}']
     host = host_for(plugins)
     (error,) = host.records["raises_at_import"].errors
     assert "boom at import" in error and f"raised at {plugins / 'raises_at_import.py'} line 3" in error
@@ -230,6 +255,27 @@ def test_build_with_an_unknown_target_fails_that_row_without_a_traceback(plugins
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     (row,) = [r for r in json.loads(result.stdout) if r["model"] == "good_model"]
     assert row["status"] == "failed" and "unknown target 'onnx-int9' (did you mean 'onnx-int8'?)" in row["problem"]
+
+
+def test_build_fails_when_a_plugin_failed_and_says_so_after_the_table(plugins: Path, tmp_path: Path) -> None:
+    """A plugin whose import fails, or whose spec is refused, has no row in `modelhub build`'s
+    table: the build said nothing after the table and exited 0, so a CI or image build that
+    prebuilds artifacts passed without that plugin's models."""
+    write(plugins, "good", GOOD.format(name="good_model"))
+    broken = write(plugins, "broken", "import transformerz\n")
+    write(plugins, "refused", GOOD.format(name="refused").replace('"INT64", (-1, 2))]', '"int64", (-1, 2))]', 1))
+    result = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "build", "--plugins-dir", str(plugins), "--no-entry-points",
+         "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--no-measure"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    assert "good_model/1" in result.stdout and "ok" in result.stdout
+    table_end = result.stdout.rstrip().splitlines()[-1]
+    assert table_end.startswith("└")
+    tail = result.stderr[result.stderr.rindex("good_model/1 [numpy]") :]  # after the progress lines
+    assert f'Error importing plugin "broken" from {broken}: ModuleNotFoundError' in tail
+    assert "unknown datatype 'int64' (write 'INT64'" in tail
 
 
 def test_hook_named_function_without_hookimpl_is_a_warning(plugins: Path) -> None:
@@ -369,6 +415,33 @@ def test_bad_validator_names_its_plugin_and_fails_the_build(plugins: Path, tmp_p
     assert builder.read_manifest(spec) is None  # no verdict was recorded: a fixed validator rebuilds
 
 
+def test_an_artifact_that_raises_under_a_validator_is_the_artifacts_fault(plugins: Path, tmp_path: Path) -> None:
+    """The model fails on the inputs it is checked on: the build names the model, its error and
+    the line in its plugin, not 'plugin "validation" raised in validate_artifact'."""
+    from hub.errors import BuildError
+    from hub.pipeline.builder import Builder
+
+    path = write(
+        plugins,
+        "fragile",
+        GOOD.format(name="fragile").replace(
+            'build=lambda: (lambda inputs: {{"OUT": inputs["IN"] * 3}}),'.replace("{{", "{").replace("}}", "}"),
+            "build=lambda: fragile,",
+        )
+        + "\n\ndef fragile(inputs):\n    raise ValueError('no row may be 1')\n",
+    )
+    host = host_for(plugins)
+    targets = host.collect_targets()
+    (spec,) = [s for s in host.collect_models() if s.name == "fragile"]
+    with pytest.raises(BuildError) as built:
+        Builder(tmp_path / "models", targets, host, device="cpu").ensure(spec)
+    line = path.read_text().splitlines().index("    raise ValueError('no row may be 1')") + 1
+    assert str(built.value) == (
+        "model 'fragile': the artifact raised while plugin \"validation\" (hub.pipeline.validation) checked it: "
+        f"ValueError: no row may be 1 (raised at {path} line {line})"
+    )
+
+
 def _numpy_runtime() -> Any:
     from .plugins.identity import NumpyRuntime
 
@@ -414,6 +487,41 @@ def test_entry_point_plugins_are_discovered(tmp_path: Path, monkeypatch: pytest.
     assert host.records["ep"].source == "entry-point"
     assert host.records["ep"].models == ["from_entry_point/1"]
     assert (site / "ep_plugin" / "__init__.py").resolve() in spec.sources  # the cache key covers its files
+
+
+def test_an_entry_point_plugins_sibling_module_is_in_its_cache_key(plugins: Path, tmp_path: Path) -> None:
+    """docs/plugins.md's entry point, `my_models = "my_package.plugin"`, with the model in
+    `my_package/model.py`: editing the model rebuilds it (the key once held plugin.py alone, so
+    `modelhub build` and `serve` kept the stale artifact)."""
+    site = tmp_path / "site"
+    package = site / "my_package"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "model.py").write_text("FACTOR = 3\n")
+    plugin = GOOD.format(name="installed").replace('inputs["IN"] * 3', 'inputs["IN"] * FACTOR')
+    (package / "plugin.py").write_text("from my_package.model import FACTOR\n" + textwrap.dedent(plugin))
+    dist = site / "my_package-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: my-package\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text("[modelhub]\nmy_models = my_package.plugin\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(site)])}
+
+    def build() -> dict[str, Any]:
+        result = subprocess.run(
+            [sys.executable, "-m", "hub.cli", "build", "installed", "--plugins-dir", str(plugins),
+             "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--no-measure", "--json"],
+            capture_output=True, text=True, timeout=120, env=env,
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr
+        (row,) = json.loads(result.stdout)
+        return dict(row)
+
+    assert build()["status"] == "ok"
+    assert build()["status"] == "ok (cached)"
+    (package / "model.py").write_text("FACTOR = 5\n")
+    assert build()["status"] == "ok"  # rebuilt, not the artifact of FACTOR = 3
+    manifest = json.loads((tmp_path / "models" / "installed" / "1" / "manifest.json").read_text())
+    assert {"model.py", "plugin.py", "__init__.py"} <= set(manifest["key_parts"]["sources"]), manifest["key_parts"]
 
 
 def _identity_module() -> Any:

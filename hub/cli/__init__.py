@@ -906,7 +906,13 @@ def cmd_infer(args: argparse.Namespace) -> int:
         try:
             array = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as exc:  # missing, unreadable, not a .npy, or an object array
-            print(f"--input {name}: cannot read {path!r} as a .npy file: {exc}", file=sys.stderr)
+            hint = ""
+            if "allow_pickle" in str(exc):  # np.save of the README's BYTES array (dtype=object) pickles it
+                hint = (
+                    "; for a BYTES input save the text as str or bytes, which .npy holds without pickle: "
+                    "np.save(FILE, np.array([b'one', b'two'])) (an object array is never unpickled)"
+                )
+            print(f"--input {name}: cannot read {path!r} as a .npy file: {exc}{hint}", file=sys.stderr)
             return 2
         datatype = datatype_of(array)
         request.inputs.add(name=name, datatype=datatype, shape=array.shape)
@@ -1038,9 +1044,14 @@ def cmd_build(args: argparse.Namespace) -> int:
     for r in results:
         if r["status"] == "skipped":
             print(f"\n{r['model']} [{r['target']}] skipped: {r['reason']}", file=sys.stderr)
+    # A plugin that failed to import, or whose specs were refused, has models that are in no row
+    # above: said again after the table (the log's line is pages up), and a failed build gate.
+    broken = [error for record in host.records.values() if record.status != "disabled" for error in record.errors]
+    for error in broken:
+        print(f"\n{error}", file=sys.stderr)
     if args.compare:
         return 0  # a comparison reports failures in the table; it is not a build gate
-    return 1 if failed else 0
+    return 1 if failed or broken else 0
 
 
 def cmd_top(args: argparse.Namespace) -> int:

@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError, PluginError, TargetUnavailable
-from hub.plugins.manager import hash_files
+from hub.errors import BuildError, PluginError, TargetUnavailable, exception_line
+from hub.plugins.manager import hash_files, raised_in
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
 if TYPE_CHECKING:
@@ -232,13 +232,23 @@ class Builder:
             shutil.rmtree(staging, ignore_errors=True)
             if not isinstance(exc, Exception):
                 raise
-            if isinstance(exc, BuildError):
+            # A model that raises (or returns what its spec does not declare) on its own inputs
+            # is the plugin's bug: say so, not what the exporter or compiler made of it.
+            # (Only where eager is this model's meaning: a target checked against it, or eager itself.)
+            eager = target.check_parity or target.name == REFERENCE_TARGET
+            fault = self._eager_fault(spec, target, ctx) if eager and not isinstance(exc, TargetUnavailable) else None
+            if fault is not None:
+                failure = fault
+            elif isinstance(exc, BuildError):
                 failure = exc
             elif isinstance(exc, PluginError):  # a validator's fault, logged and named by the plugin host
                 failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}")
             else:
                 log.exception("model '%s': building target '%s' failed", spec.key, target.name)
-                failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc!r}")
+                failure = BuildError(
+                    f"model '{spec.name}': building target '{target.name}' failed: "
+                    f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
+                )
             if not isinstance(failure, TargetUnavailable):  # that is "not here", not a failed build
                 self._record_failure(spec, target, key, failure)
             if failure is exc:
@@ -283,7 +293,34 @@ class Builder:
             raise BuildError(_refusal(spec, manifest))
         return Artifact(runtime, manifest, built=True)
 
-    def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
+    def _eager_fault(self, spec: ModelSpec, target: Target, ctx: ArtifactContext) -> BuildError | None:
+        """After a failed build: the BuildError that says the eager model itself fails on the
+        inputs it is checked on, or None when it runs (the target's own failure stands)."""
+        where = f"model '{spec.name}': building target '{target.name}' failed"
+        try:
+            ctx.module()
+        except Exception as exc:
+            message = f"{where}: its build() raised: {exception_line(exc)}{raised_in(exc, spec.sources)}"
+            exc.__suppress_context__ = True  # raised while the build's failure was handled: not its cause
+            log.error("%s", message, exc_info=exc)
+            return BuildError(message)
+        try:
+            self.reference_outputs(spec, ctx, self._checked_inputs(spec)[0])
+        except BuildError as exc:
+            return exc  # says what is wrong (outputs the spec does not declare, no reference target)
+        except Exception as exc:
+            inputs = "validation_data inputs" if spec.validation_data is not None else "example_inputs"
+            message = (
+                f"{where}: the eager model raises on its {inputs}: {exception_line(exc)}{raised_in(exc, spec.sources)}"
+            )
+            exc.__suppress_context__ = True  # raised while the build's failure was handled: not its cause
+            log.error("%s", message, exc_info=exc)
+            return BuildError(message)
+        return None
+
+    def _checked_inputs(self, spec: ModelSpec) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """What an artifact is checked on, as the model takes them (after `preprocess`): the
+        `validation_data` inputs when the spec has some, else its example inputs; and the labels."""
         labels = None
         if spec.validation_data is not None:
             examples, labels = spec.validation_data()
@@ -295,7 +332,10 @@ class Builder:
                 )
         else:
             examples = spec.examples()
-        examples = spec.to_forward(examples)
+        return spec.to_forward(examples), labels
+
+    def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
+        examples, labels = self._checked_inputs(spec)
         reference = self.reference_outputs(spec, ctx, examples) if target.check_parity else None
         tolerance = spec.tolerance_for(target)
         merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}

@@ -86,8 +86,10 @@ def validate_artifact(
         holds: Python numbers, strings, lists, dicts, not numpy scalars). A list under the
         key "problems" (human-readable strings) refuses the artifact: the model is marked
         failed with those reasons and is not served. Raising, or returning anything else,
-        fails the build with a message naming this plugin, and no manifest is written; a
-        BuildError that `runtime.run` raises (the artifact's own failure) passes through as it is.
+        fails the build with a message naming this plugin, and no manifest is written; an
+        exception out of `runtime.run` is the artifact's own failure, not the validator's: a
+        BuildError passes through as it is, anything else fails the build naming the model, the
+        error and the line of the plugin's files that raised it.
     """
 
 

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import BuildError, HubError, PluginError, SpecError
+from hub.errors import BuildError, HubError, PluginError, SpecError, exception_line
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -100,6 +100,25 @@ def _raised_at(exc: BaseException, location: str) -> str:
     return where
 
 
+def raised_in(exc: BaseException, files: Iterable[Path]) -> str:
+    """' (raised at FILE line N)': the innermost frame of `exc` in one of `files` (a plugin's
+    sources), or ''."""
+    sources = {str(path) for path in files}
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if str(Path(frame.filename).resolve()) in sources:
+            where = f" (raised at {frame.filename} line {frame.lineno})"
+    return where
+
+
+def _raised_by_run(exc: BaseException, runtime: object) -> bool:
+    """Whether `exc` came out of `runtime.run` (the artifact failing on what it was given),
+    rather than from the validator's own code around it."""
+    run = getattr(type(runtime), "run", None)
+    code = getattr(run, "__code__", None)
+    return code is not None and any(frame.f_code is code for frame, _ in traceback.walk_tb(exc.__traceback__))
+
+
 def _env_list(name: str) -> set[str] | None:
     value = os.environ.get(name)
     if value is None:
@@ -115,10 +134,31 @@ def _source_files(module: ModuleType) -> tuple[Path, ...]:
     path = Path(origin).resolve()
     if path.name != "__init__.py":
         return (path,)
+    return _package_files(path.parent)
+
+
+def _package_files(folder: Path) -> tuple[Path, ...]:
     files = [
-        p for p in path.parent.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
+        p for p in folder.rglob("*") if p.is_file() and "__pycache__" not in p.parts and not p.name.startswith(".")
     ]
     return tuple(sorted(files))
+
+
+def _installed_files(module_name: str) -> tuple[Path, ...]:
+    """The files of an entry point's plugin: every file of the outermost regular package that
+    holds its module (`my_package/` for `my_package.plugin`, whose models are most often built
+    by a sibling module), or the module's own file when it is a top-level module. Namespace
+    packages above it (`google.` in `google.mine.plugin`) are not walked: they span other
+    distributions."""
+    parts = module_name.split(".")
+    for depth in range(1, len(parts) + 1):
+        module = sys.modules.get(".".join(parts[:depth]))
+        origin = getattr(module, "__file__", None) if module is not None else None
+        if not origin:  # a namespace package (or not imported): look further in
+            continue
+        path = Path(origin).resolve()
+        return _package_files(path.parent) if path.name == "__init__.py" else (path,)
+    return ()
 
 
 def hash_files(paths: Iterable[Path], root: Path | None = None) -> dict[str, str]:
@@ -254,9 +294,11 @@ class PluginHost:
         try:
             plugin = importer()
         except Exception as exc:
-            self._fail(
-                record, f'Error importing plugin "{name}" from {location}: {exc!r}{_raised_at(exc, location)}', exc
-            )
+            if isinstance(exc, SyntaxError) and exc.filename:  # its repr is a tuple of positions, and no frame
+                why = f"SyntaxError: {exc.msg} (at {exc.filename} line {exc.lineno})"
+            else:
+                why = f"{exc!r}{_raised_at(exc, location)}"
+            self._fail(record, f'Error importing plugin "{name}" from {location}: {why}', exc)
             return
         if not isinstance(plugin, Hashable):  # pluggy's per-plugin hook callers keep plugins in sets
             record.status = "failed"
@@ -290,8 +332,11 @@ class PluginHost:
                 self.pm.unregister(name=name)
             self._fail(record, f'plugin "{name}" ({location}) is invalid: {exc}', exc)
             return
-        if isinstance(plugin, ModuleType):
+        if source == "entry-point":  # location is the entry point's value, "module[:attr]"
+            record.files = _installed_files(location.partition(":")[0].strip())
+        elif isinstance(plugin, ModuleType):
             record.files = _source_files(plugin)
+        if isinstance(plugin, ModuleType):
             for hook in self._unmarked_hooks(plugin):
                 record.warnings.append(
                     f'plugin "{name}" ({getattr(plugin, "__file__", location)}): function "{hook}" is named like '
@@ -487,6 +532,13 @@ class PluginHost:
             except BuildError:
                 raise  # the artifact failed under the validator (runtime.run raised): its own message says why
             except Exception as exc:
+                if _raised_by_run(exc, runtime):  # the artifact's (the model's) fault, not the validator's
+                    message = (
+                        f"model '{spec.name}': the artifact raised while {where} checked it: "
+                        f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
+                    )
+                    log.error("%s", message, exc_info=exc)
+                    raise BuildError(message) from exc
                 log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc
             for result in returned:

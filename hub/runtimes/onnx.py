@@ -4,13 +4,15 @@ with ONNX Runtime, on the CUDA execution provider when it is installed and asked
 from __future__ import annotations
 
 import logging
+import traceback
 import warnings
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from hub.errors import BuildError
+from hub.errors import BuildError, exception_line
 from hub.plugins.hookspecs import hookimpl
 from hub.runtimes.tolerances import FP32
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
@@ -21,8 +23,9 @@ FILENAME = "model.onnx"
 OPSET = 18
 
 
-def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
-    """torch.onnx.export (the dynamo exporter) with every -1 dimension declared dynamic."""
+def export_onnx(module: Any, spec: ModelSpec, path: str, target: str = "onnx") -> None:
+    """torch.onnx.export (the dynamo exporter) with every -1 dimension declared dynamic; a
+    failure is a BuildError in a line, naming the model and `target` (export_failure)."""
     import torch
 
     from hub.runtimes.tensors import to_tensor
@@ -41,20 +44,48 @@ def export_onnx(module: Any, spec: ModelSpec, path: str) -> None:
     with warnings.catch_warnings():
         # The exporter warns about its own internals (treespec deprecations); not actionable here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module,
-            args,
-            path,
-            input_names=[t.name for t in spec.forward_inputs],
-            output_names=[t.name for t in spec.outputs],
-            dynamic_shapes=dynamic_shapes,
-            opset_version=OPSET,
-            dynamo=True,
-            external_data=False,
-            optimize=True,
-            verbose=False,
-        )
+        try:
+            torch.onnx.export(
+                module,
+                args,
+                path,
+                input_names=[t.name for t in spec.forward_inputs],
+                output_names=[t.name for t in spec.outputs],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=OPSET,
+                dynamo=True,
+                external_data=False,
+                optimize=True,
+                verbose=False,
+            )
+        except Exception as exc:
+            raise export_failure(spec, target, exc) from exc
     _drop_weight_shapes(path)
+
+
+def export_failure(spec: ModelSpec, target: str, exc: BaseException) -> BuildError:
+    """torch.onnx.export's failure in a line: the innermost cause (the exporter wraps it in pages
+    of next steps, in terminal colours), where in the plugin's files it was raised, and what
+    to do. The whole traceback goes to the log at DEBUG."""
+    log.debug("model '%s': torch.onnx.export failed", spec.key, exc_info=exc)
+    cause = exc
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    where = ""
+    sources = {str(path) for path in spec.sources}
+    for error in (exc, cause):
+        for frame in traceback.extract_tb(error.__traceback__):
+            if str(Path(frame.filename).resolve()) in sources:
+                where = f" (raised at {frame.filename} line {frame.lineno})"
+    summary = exception_line(cause)
+    if "inferred a static shape" in summary:  # torch.export's word for a -1 dim the model fixes
+        summary += " (the model fixes a dimension the spec declares -1: a view or reshape with a literal size?)"
+    return BuildError(
+        f"model '{spec.name}': building target '{target}' failed: torch.onnx.export could not export the model: "
+        f"{summary}{where}. The eager model ran on the example inputs: make it exportable "
+        f"(https://pytorch.org/docs/stable/generated/exportdb/index.html), or serve it with a target that needs "
+        f"no export ('torch', 'torch-compile'); --log-level debug logs the exporter's traceback"
+    )
 
 
 def _drop_weight_shapes(path: str) -> None:

@@ -45,7 +45,7 @@ def _build_onnx_int8(ctx: ArtifactContext) -> None:
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     fp32 = ctx.directory / FILENAME
-    export_onnx(ctx.module(), ctx.spec, str(fp32))
+    export_onnx(ctx.module(), ctx.spec, str(fp32), "onnx-int8")
     prepared = ctx.directory / "model.prepared.onnx"
     _prepare_for_quantization(ctx, fp32, prepared)
     methods = {
@@ -120,7 +120,7 @@ def _build_onnx_int8_dynamic(ctx: ArtifactContext) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fp32 = ctx.directory / FILENAME
-    export_onnx(ctx.module(), ctx.spec, str(fp32))
+    export_onnx(ctx.module(), ctx.spec, str(fp32), "onnx-int8-dynamic")
     # Conv quantisation made a small CNN 3x slower on CPU (STACK-NOTES); MatMul/Gemm pay off.
     quantize_dynamic(
         str(fp32),
@@ -230,7 +230,7 @@ def export_half_onnx(module: Any, spec: ModelSpec, path: str, dtype_name: str) -
     graph's inputs and outputs; checked with onnx.checker. Runs on CPU (nothing is computed)."""
     import onnx
 
-    export_onnx(_half_module(module, spec, dtype_name), spec, path)
+    export_onnx(_half_module(module, spec, dtype_name), spec, path, f"onnx-{dtype_name}")
     if dtype_name == "bf16":
         from onnxscript import ir
         from onnxscript.version_converter import convert_version

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -56,11 +57,66 @@ def as_outputs(result: Any, names: Sequence[str], model: str = "") -> dict[str, 
                 f"(missing {missing}); rename the returned keys or the spec's outputs to match"
             )
         return {name: result[name] for name in names}
+    if not isinstance(result, (tuple, list)):  # a numpy array has a len too: its rows, not its outputs
+        raise BuildError(
+            f"{where}: forward returned a {type(result).__module__}.{type(result).__name__}; return a torch.Tensor, "
+            f"a tuple of them in the order of the spec's outputs {list(names)}, or a dict keyed by those names"
+        )
     if len(result) != len(names):
         raise BuildError(
             f"{where}: forward returned {len(result)} outputs, the spec declares {len(names)}: {list(names)}"
         )
+    strays = [
+        f"{name} ({type(value).__name__})"
+        for name, value in zip(names, result, strict=True)
+        if not isinstance(value, torch.Tensor)
+    ]
+    if strays:
+        raise BuildError(f"{where}: forward returned outputs that are not torch tensors: {', '.join(strays)}")
     return dict(zip(names, result, strict=True))
+
+
+def check_no_bytes(spec: Any) -> None:
+    """BuildError naming the tensor when a torch module would have to take or return BYTES:
+    text goes through the spec's `preprocess`, and class names through `TensorSpec.labels`."""
+    for tensor in spec.forward_inputs:
+        if tensor.datatype == "BYTES":
+            raise BuildError(
+                f"model '{spec.name}': input '{tensor.name}' is BYTES, which a torch module cannot take; give the "
+                f"spec a preprocess that turns it into numeric model_inputs (plugins/embeddings tokenises text so)"
+            )
+    for tensor in spec.outputs:
+        if tensor.datatype == "BYTES":
+            raise BuildError(
+                f"model '{spec.name}': output '{tensor.name}' is BYTES, which a torch module cannot return; return "
+                f"scores or class indices, and name the classes with TensorSpec(..., labels=[...]) for clients that "
+                f"ask for the classification extension"
+            )
+
+
+def check_argument_order(module: Any, spec: Any) -> None:
+    """BuildError when `module`'s forward names its parameters after the spec's inputs but in
+    another order: the hub passes the inputs positionally, in the order of the spec, so
+    forward(input_ids, attention_mask) with inputs [attention_mask, input_ids] would compute on
+    swapped tensors without an error (and eager, the parity reference, swaps them too)."""
+    forward = getattr(module, "forward", module)
+    try:
+        parameters = inspect.signature(forward).parameters.values()
+    except (TypeError, ValueError):
+        return
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [t.name for t in spec.forward_inputs]
+    params = [p.name for p in parameters if p.kind in positional]
+    if not set(names) <= set(params) or len(names) < 2:
+        return
+    order = [name for name in params if name in names]
+    if order != names:
+        what = "model_inputs" if spec.preprocess is not None else "inputs"
+        raise BuildError(
+            f"model '{spec.name}': forward takes ({', '.join(params)}) but the spec's {what} are "
+            f"{names}: the hub passes them positionally in the spec's order, so they would arrive swapped; "
+            f"declare the {what} in forward's order"
+        )
 
 
 def tile(examples: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from hub.plugins.hookspecs import hookimpl
-from hub.runtimes.tensors import as_outputs, to_numpy, to_tensor
+from hub.runtimes.tensors import as_outputs, check_argument_order, check_no_bytes, to_numpy, to_tensor
 from hub.runtimes.tolerances import FP32
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -34,6 +34,8 @@ class TorchRuntime:
         move: bool = True,
         compute_dtype: torch.dtype | None = None,
     ) -> None:
+        check_no_bytes(spec)
+        check_argument_order(module, spec)
         if isinstance(module, torch.nn.Module) and move:
             module = module.to(device).eval()
         self.module = module
