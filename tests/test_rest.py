@@ -333,6 +333,46 @@ def test_malformed_bodies_are_400_naming_the_field(
     assert "sys." not in reply["error"]  # not Python's advice to raise its own limit
 
 
+def _digits_request(where: str, parameters: Any) -> bytes:
+    """A good request for digits, with `parameters` at the request (where == "request"), on
+    its input ("input") or on its one requested output ("output")."""
+    tensor: dict[str, Any] = {"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.0] * 64}
+    output: dict[str, Any] = {"name": "logits"}
+    request: dict[str, Any] = {"inputs": [tensor], "outputs": [output]}
+    if parameters is not _ABSENT:
+        {"request": request, "input": tensor, "output": output}[where]["parameters"] = parameters
+    return json.dumps(request).encode()
+
+
+_ABSENT = object()
+
+
+@pytest.mark.parametrize(
+    ("value", "kind"),
+    [("", "a string"), ("x", "a string"), ([], "an array"), (0, "a number"), (False, "a boolean"), (None, "null")],
+    ids=["empty string", "string", "empty array", "zero", "false", "null"],
+)
+@pytest.mark.parametrize("where", ["request", "input 'image'", "output 'logits'", "load request"])
+def test_parameters_that_are_not_an_object_are_400_naming_the_field(
+    hub_server: RunningServer, where: str, value: Any, kind: str
+) -> None:
+    """Triton refuses `parameters` that are not a JSON object; "", [], 0 and false were read
+    as {} (and "x" refused), and null is refused as Triton refuses it."""
+    if where == "load request":
+        path, body = "/v2/repository/models/digits/load", json.dumps({"parameters": value}).encode()
+    else:
+        path, body = "/v2/models/digits/infer", _digits_request(where.split()[0], value)
+    status, reply = call(hub_server.http_url, path, body)
+    assert (status, reply) == (400, {"error": f"{where}: parameters must be a JSON object, got {kind}"})
+
+
+@pytest.mark.parametrize("where", ["request", "input", "output"])
+def test_parameters_absent_or_empty_are_no_parameters(hub_server: RunningServer, where: str) -> None:
+    for parameters in (_ABSENT, {}):
+        status, reply = call(hub_server.http_url, "/v2/models/digits/infer", _digits_request(where, parameters))
+        assert status == 200 and [o["name"] for o in reply["outputs"]] == ["logits"], reply
+
+
 def test_nested_json_data_is_read_in_row_major_order_however_nested(hub_server: RunningServer) -> None:
     """JSON `data` may nest as the shape does, or not at all, or raggedly, or deeper than numpy
     has dimensions (Triton reads the values in order whatever the nesting): the same answer."""

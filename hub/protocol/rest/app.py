@@ -28,6 +28,7 @@ from hub.protocol.rest.codec import (
     encoding_is_heavy,
     json_too_large,
     load_json,
+    parameters_of,
     parse_request,
 )
 from hub.protocol.rest.encoding import compressed, read_body
@@ -213,9 +214,7 @@ class RestFrontend:
         return json_response([triton.as_json(triton.index_entry(m)) for m in self.plane.index(ready)])
 
     async def load(self, request: web.Request) -> web.Response:
-        parameters = (await _json_body(request)).get("parameters") or {}
-        if not isinstance(parameters, dict):
-            raise InvalidInput("'parameters' must be a JSON object")
+        parameters = parameters_of(await _json_body(request), "load request")
         await self.plane.load(request.match_info["model"], parameters)
         return web.Response(status=200)
 

@@ -131,10 +131,37 @@ def load_json(raw: bytes) -> Any:
             gc.enable()
 
 
+#: What a parsed JSON value was, in JSON's words, for messages (a bool before int: it is one).
+_JSON_KINDS: tuple[tuple[type, str], ...] = (
+    (dict, "an object"),
+    (list, "an array"),
+    (str, "a string"),
+    (bool, "a boolean"),
+    (int, "a number"),
+    (float, "a number"),
+    (type(None), "null"),
+)
+
+
+def _json_kind(value: Any) -> str:
+    return next((kind for cls, kind in _JSON_KINDS if isinstance(value, cls)), type(value).__name__)
+
+
 def _object(value: Any, what: str) -> Mapping[str, Any]:
     if not isinstance(value, dict):
-        raise InvalidInput(f"{what} must be a JSON object, got {type(value).__name__}")
+        raise InvalidInput(f"{what} must be a JSON object, got {_json_kind(value)}")
     return value
+
+
+def parameters_of(item: Mapping[str, Any], what: str) -> Mapping[str, Any]:
+    """The `parameters` of a JSON object (a request, an input, a requested output, a load
+    request's body): {} when it has none; InvalidInput naming `what` when they are anything
+    but a JSON object. "", [], 0, false and null are refused, not read as {}: Triton refuses
+    them too ("failed to get request params": its parser asks a null for its members), and a
+    client that sent them meant something we would silently drop."""
+    if "parameters" not in item:
+        return {}
+    return _object(item["parameters"], f"{what}: parameters")
 
 
 def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAULT_LIMITS) -> RestRequest:
@@ -157,7 +184,7 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAU
     request_id = header.get("id", "")
     if not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
-    parameters = _object(header.get("parameters") or {}, "'parameters'")
+    parameters = parameters_of(header, "request")
     inputs = header.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidInput("'inputs' must be a non-empty list of tensors")
@@ -215,7 +242,7 @@ def _requested_outputs(value: Any) -> tuple[list[RequestedOutput], dict[str, boo
         name = item.get("name")
         if not isinstance(name, str):
             raise InvalidInput(f"outputs[{index}].name must be a string")
-        parameters = _object(item.get("parameters") or {}, f"output '{name[:128]}' parameters")
+        parameters = parameters_of(item, f"output '{name[:128]}'")
         location = shared_memory_parameters(f"output '{name[:128]}'", parameters)
         if location is not None:
             shared[name] = location
@@ -252,7 +279,7 @@ def decode_inputs(
         shape = _shape(name, tensor.get("shape"))
         total += element_count(name, shape, limits)
         check_total_elements(name, total, limits)
-        parameters = _object(tensor.get("parameters") or {}, f"input '{name[:128]}' parameters")
+        parameters = parameters_of(tensor, f"input '{name[:128]}'")
         location = shared_memory_parameters(f"input '{name[:128]}'", parameters) if parameters else None
         if location is not None:
             if "data" in tensor or "binary_data_size" in parameters:
