@@ -70,6 +70,34 @@ class Demote(logging.Filter):
         return False
 
 
+class Summarise(logging.Filter):
+    """A logger filter that drops the records it matches and logs, for each, one line of its
+    own on `target` at `level`, at most 5 in 10 s (Throttle): for a library's line that a
+    client can cause at will. `matches` gives the line's arguments, or None for a record it
+    leaves alone."""
+
+    def __init__(
+        self,
+        target: str,
+        level: int,
+        message: str,
+        matches: Callable[[logging.LogRecord], tuple[object, ...] | None],
+    ) -> None:
+        super().__init__()
+        self.target = target
+        self.level = level
+        self.message = message
+        self.matches = matches
+        self.throttle = Throttle()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = self.matches(record)
+        if args is None:
+            return True
+        self.throttle(logging.getLogger(self.target), self.level, self.message, *args)
+        return False
+
+
 def _from_ort_quantization(record: logging.LogRecord) -> bool:
     return ORT_QUANTIZATION_PATH in record.pathname
 

@@ -37,7 +37,7 @@ from hub.protocol.generated._pool import POOL
 from hub.protocol.rest.app import RestFrontend
 from hub.protocol.rest.listener import HttpListener
 from hub.protocol.rest.metrics import metrics_app
-from hub.protocol.servicer import InferenceServicer, add_to_server
+from hub.protocol.servicer import InferenceServicer, add_to_server, quiet_refused_answers
 from hub.protocol.threaded import loop_lock, threaded_server
 from hub.security import TlsConfig, Tokens
 from hub.shm import SharedMemoryRegistry
@@ -434,6 +434,7 @@ class Server:
             server = registrar = grpc.aio.server(
                 interceptors=[TokenInterceptor(tokens)] if tokens.required else None, options=options
             )
+            quiet_refused_answers()
         assert self.plane is not None
         self._servicer = InferenceServicer(self.plane, self.config.limits)
         add_to_server(self._servicer, registrar)

@@ -872,3 +872,64 @@ def test_calls_whose_deadline_expires_as_they_are_answered_log_nothing(
     assert not noise, [r.getMessage() for r in noise][:3]
     request = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], np.ones(4, np.float32).tobytes())])
     assert _call(hub_server, request)[0] == grpc.StatusCode.OK
+
+
+# --- calls that their client cancels as they are answered -----------------------------------------
+
+
+def test_an_answer_to_a_call_its_client_cancelled_is_one_info_line(
+    start_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A call that its client cancels (or whose connection closes) as it is answered: core fails
+    the answer, and when it delivers that failure before the call's close event, grpc.aio logged
+    `ExecuteBatchError raised in core by servicer method` at ERROR with a traceback (about 4 in
+    1,000 cancels under load). Here the server's loop is held after the handler answered until
+    the client has cancelled, which makes it a few in a hundred; it is now one throttled info line
+    (hub.protocol.servicer._refused_answer)."""
+    import threading
+
+    from hub.protocol import servicer as servicer_module
+
+    answered, cancelled = threading.Event(), threading.Event()
+    original = servicer_module.InferenceServicer.ModelInfer
+
+    async def held(self: Any, request: Any, context: Any) -> Any:
+        response = await original(self, request, context)
+        answered.set()
+        cancelled.wait(10)  # on the loop: grpc.aio sees nothing of the cancel until this returns
+        cancelled.clear()
+        time.sleep(0.1)
+        return response
+
+    monkeypatch.setattr(servicer_module.InferenceServicer, "ModelInfer", held)
+    server = start_server(link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py"))
+    caplog.set_level(logging.INFO)
+    data = _raw("identity_fp32", [("INPUT0", "FP32", [1, 4], np.ones(4, np.float32).tobytes())]).SerializeToString()
+
+    def dropped() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "modelhub.grpc" and "the answer was dropped" in r.getMessage()]
+
+    async def cancel_as_answered() -> int:
+        calls = 0
+        end = time.monotonic() + 60
+        while not dropped() and time.monotonic() < end:
+            calls += 1
+            channel = grpc.aio.insecure_channel(server.url)
+            call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")(data)
+            while not answered.wait(0):
+                await asyncio.sleep(0.001)
+            answered.clear()
+            if calls % 2:
+                call.cancel()
+            else:  # the connection closes
+                await channel.close()
+            cancelled.set()
+            await channel.close()
+        return calls
+
+    calls = asyncio.run(cancel_as_answered())
+    time.sleep(0.5)
+    noise = [r for r in caplog.records if r.name.startswith("grpc") and r.levelno >= logging.WARNING]
+    assert not noise, [r.getMessage() for r in noise][:3]
+    assert dropped(), f"no call of {calls} had its answer refused"
+    assert "/inference.GRPCInferenceService/ModelInfer: the call ended" in dropped()[0].getMessage()
