@@ -528,6 +528,31 @@ def test_unknown_paths_are_404_json(hub_server: RunningServer) -> None:
     assert status == 404 and "/v2/trace/nowhere" in reply["error"]
 
 
+def _raw_http(url: str, head: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send `head` (a request line and headers) as it is, and read the answer."""
+    host, port = url.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(head)
+        raw = b""
+        while b"\r\n\r\n" not in raw:
+            raw += sock.recv(65536) or b"\r\n\r\n"
+        top, _, body = raw.partition(b"\r\n\r\n")
+        lines = top.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
+        while len(body) < int(headers.get("content-length", 0)):
+            body += sock.recv(65536) or b" " * int(headers["content-length"])
+    return int(lines[0].split()[1]), headers, body
+
+
+@pytest.mark.parametrize("target", ["CONNECT example.com:443", "OPTIONS *"])
+def test_a_request_target_that_is_no_path_is_404_json(hub_server: RunningServer, target: str) -> None:
+    """aiohttp's router, which even our catch-all route does not meet for these, answered a
+    plain-text `404: Not Found`."""
+    status, headers, body = _raw_http(hub_server.http_url, f"{target} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    assert (status, headers["content-type"]) == (404, "application/json"), body
+    assert json.loads(body) == {"error": f"no such endpoint: {target}"}
+
+
 def test_a_method_the_path_does_not_take_is_405_json(hub_server: RunningServer) -> None:
     """Triton answers a known endpoint asked with the wrong method 405 Method Not Allowed (with
     a JSON error), not 404, which says that there is no such endpoint."""

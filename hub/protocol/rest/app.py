@@ -124,7 +124,7 @@ class RestFrontend:
         self.tokens = tokens or Tokens()
 
     def app(self) -> web.Application:
-        middlewares = [token_middleware(self.tokens)] if self.tokens.required else []
+        middlewares = [self._unrouted, *([token_middleware(self.tokens)] if self.tokens.required else [])]
         app = web.Application(client_max_size=self.max_body, middlewares=middlewares)
         app[MAX_BODY] = self.max_body
         app[LIMITS] = self.limits
@@ -308,6 +308,19 @@ class RestFrontend:
         )
 
     # --- everything else --------------------------------------------------------------------
+
+    @web.middleware
+    async def _unrouted(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """A request target that is no path (`CONNECT host:443`, `OPTIONS *`), which even the
+        catch-all route below does not match: aiohttp's router answered it a plain-text
+        `404: Not Found`; it is our JSON 404, as for any other unknown endpoint."""
+        if request.match_info.http_exception is None:
+            return await handler(request)
+        return web.Response(
+            body=error_body(f"no such endpoint: {request.method[:16]} {request.raw_path[:128]}"),
+            status=404,
+            headers={"Content-Type": "application/json"},
+        )
 
     async def not_found(self, request: web.Request) -> web.Response:
         # A path that another method answers is a 405 with an Allow header, as Triton answers
