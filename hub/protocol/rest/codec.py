@@ -155,13 +155,16 @@ def _object(value: Any, what: str) -> Mapping[str, Any]:
 
 def parameters_of(item: Mapping[str, Any], what: str) -> Mapping[str, Any]:
     """The `parameters` of a JSON object (a request, an input, a requested output, a load
-    request's body): {} when it has none; InvalidInput naming `what` when they are anything
-    but a JSON object. "", [], 0, false and null are refused, not read as {}: Triton refuses
-    them too ("failed to get request params": its parser asks a null for its members), and a
-    client that sent them meant something we would silently drop."""
-    if "parameters" not in item:
+    request's body): {} when it has none, or null; InvalidInput naming `what` when they are
+    anything else but a JSON object. "", [], 0 and false are refused, not read as {}: Triton
+    refuses them too, and a client that sent them meant something we would silently drop.
+    null is absent, as KServe's and MLServer's servers read it (their pydantic models' fields
+    are Optional, and a client built on those models writes null for a field it leaves out);
+    Triton ignores it on an input or output, and refuses it on a request."""
+    value = item.get("parameters")
+    if value is None:
         return {}
-    return _object(item["parameters"], f"{what}: parameters")
+    return _object(value, f"{what}: parameters")
 
 
 def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAULT_LIMITS) -> RestRequest:
@@ -181,8 +184,10 @@ def parse_request(body: bytes, header_length: str | None, limits: Limits = DEFAU
     if length > limits.json_bytes:
         raise TooLarge(json_too_large(limits.json_bytes))
     header = _object(load_json(view[:length].tobytes() if header_length is not None else body), "the request body")
-    request_id = header.get("id", "")
-    if not isinstance(request_id, str):
+    request_id = header.get("id")
+    if request_id is None:  # absent, or null as a pydantic-built KServe request writes it (parameters_of)
+        request_id = ""
+    elif not isinstance(request_id, str):
         raise InvalidInput(f"'id' must be a string, got {type(request_id).__name__}")
     parameters = parameters_of(header, "request")
     inputs = header.get("inputs")
