@@ -4,7 +4,6 @@ and record the result in manifest.json."""
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError, PluginError, TargetUnavailable, exception_line
+from hub.errors import BuildError, PluginError, TargetUnavailable, did_you_mean, exception_line
 from hub.plugins.manager import hash_files, raised_in
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -91,8 +90,7 @@ class Builder:
         try:
             return self.targets[spec.target]
         except KeyError:
-            close = difflib.get_close_matches(spec.target, sorted(self.targets), n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(spec.target, self.targets, quote="'")
             raise BuildError(
                 f"model '{spec.name}': unknown target '{spec.target}'{hint}; "
                 f"registered targets: {', '.join(sorted(self.targets))}"

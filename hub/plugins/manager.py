@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import importlib
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import BuildError, HubError, PluginError, SpecError, exception_line
+from hub.errors import BuildError, HubError, PluginError, SpecError, did_you_mean, exception_line
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -80,12 +79,6 @@ HOOK_NAMES: frozenset[str] = frozenset(
 #: Each PluginHost imports its directory plugins under its own package in sys.modules.
 _HOST_NUMBERS = itertools.count(1)
 _NAMESPACE_ROOT = "modelhub_plugins"
-
-
-def did_you_mean(name: str) -> str:
-    """' (did you mean "x"?)' for the hook nearest to a misspelt name, or ''."""
-    close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def _raised_at(exc: BaseException, location: str) -> str:
@@ -234,10 +227,12 @@ class PluginHost:
         known = sorted({record.name for record in self.records.values()})
         for variable, names in (("MODELHUB_PLUGINS", self.allow), ("MODELHUB_DISABLE_PLUGINS", self.block)):
             for name in sorted(set(names or ()) - set(known)):
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
                 log.warning(
-                    '%s names "%s", but no plugin is called that%s; plugins: %s', variable, name, hint, ", ".join(known)
+                    '%s names "%s", but no plugin is called that%s; plugins: %s',
+                    variable,
+                    name,
+                    did_you_mean(name, known),
+                    ", ".join(known),
                 )
 
     def refresh(self) -> None:
@@ -313,7 +308,7 @@ class PluginHost:
             record.status = "failed"
             for hook in unknown:
                 record.errors.append(
-                    f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook)}'
+                    f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook, HOOK_NAMES)}'
                 )
                 log.error("%s", record.errors[-1])
             return
