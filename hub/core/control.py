@@ -108,7 +108,7 @@ class ModelController:
             by_name.setdefault(spec.name, []).append(spec)
         # A plugin that failed to import, or registered a spec that does not validate, is a
         # broken file: its models keep their old build, as a failed RepositoryModelLoad does.
-        broken = {r.name: r for r in self.plugins.records.values() if r.status == "failed" or r.errors}
+        broken = {r.name: r for r in self.plugins.records.values() if r.broken}
         for name in sorted(set(by_name) | set(self.repository.names())):
             current = self.repository.versions(name)
             if name not in by_name:

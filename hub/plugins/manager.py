@@ -49,13 +49,29 @@ class PluginRecord:
     name: str
     source: str  # "builtin", "entry-point" or "directory"
     location: str
-    status: str = "loaded"  # "loaded", "failed" or "disabled"
+    #: "loaded"; "refused" (it loaded, but every model spec or target it registered was
+    #: refused: it contributes nothing) or "partly refused" (some were); "failed" (it did not
+    #: load, or raised in a hook); "disabled" (blocked, or not allowed)
+    status: str = "loaded"
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     files: tuple[Path, ...] = ()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the plugin failed, or had something refused: what `modelhub plugins` and
+        `modelhub build` exit 1 for (warnings aside, a plugin that is not disabled and has an
+        error)."""
+        return self.status != "disabled" and bool(self.errors)
+
+    def settle(self) -> None:
+        """After registration: a loaded plugin whose registrations were refused says so in its
+        status, not only below the table ("loaded" beside a plugin that serves nothing misled)."""
+        if self.status in ("loaded", "refused", "partly refused") and self.errors:
+            self.status = "partly refused" if self.models or self.targets else "refused"
 
     def describe(self) -> dict[str, Any]:
         """Everything `modelhub plugins` prints about this plugin, for its table and its --json alike."""
@@ -444,6 +460,8 @@ class PluginHost:
                 record.targets.append(target.name)
 
             self._guarded(record, "register_targets", call, register=register)
+        for record in self.records.values():
+            record.settle()
         return targets
 
     def collect_models(self) -> list[ModelSpec]:
@@ -471,6 +489,8 @@ class PluginHost:
                 record.models.append(spec.key)
 
             self._guarded(record, "register_models", call, register=register)
+        for record in self.records.values():
+            record.settle()
         return sorted(specs.values(), key=lambda s: (s.name, s.version))
 
     def _guarded(self, record: PluginRecord, hook: str, call: pluggy.HookCaller, **kwargs: Any) -> None:
