@@ -203,8 +203,14 @@ class PluginHost:
         allow: set[str] | None = None,
         block: set[str] | None = None,
         extra: Mapping[str, object] | None = None,
+        report: bool = True,
     ) -> None:
         self.plugins_dir = plugins_dir
+        self.report = report
+        #: The errors and warnings logged for this load of the plugins, and for the one before
+        #: (`_report`): what an unchanged plugin says again is not news.
+        self._reported: set[str] = set()
+        self._reported_before: set[str] = set()
         self.entry_points = entry_points
         self.allow = allow if allow is not None else _env_list("MODELHUB_PLUGINS")
         self.block = block if block is not None else (_env_list("MODELHUB_DISABLE_PLUGINS") or set())
@@ -255,6 +261,7 @@ class PluginHost:
         """Re-import the plugins directory: changed files take effect, new ones are added and
         removed ones dropped. Built-ins and entry points stay as they were loaded."""
         self.load()
+        self._reported_before, self._reported = self._reported, set()
         for name, record in list(self.records.items()):
             if record.source != "directory":
                 continue
@@ -296,7 +303,7 @@ class PluginHost:
                 f"so it is not loaded: a plugin's name is its file, folder or entry point name; rename this one"
             )
             self.records[f"{name}@{location}"] = record
-            log.error("%s", record.errors[-1])
+            self._report(logging.ERROR, record.errors[-1])
             return
         self.records[name] = record
         if name in self.block or (self.allow is not None and source != "builtin" and name not in self.allow):
@@ -317,7 +324,7 @@ class PluginHost:
                 f'plugin "{name}" ({location}) is an unhashable {type(plugin).__name__}; register a module or an '
                 "ordinary class instance (a dataclass plugin needs eq=False)"
             )
-            log.error("%s", record.errors[-1])
+            self._report(logging.ERROR, record.errors[-1])
             return
         unknown = self._unknown_hooks(plugin)
         if unknown:
@@ -326,14 +333,14 @@ class PluginHost:
                 record.errors.append(
                     f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook, HOOK_NAMES)}'
                 )
-                log.error("%s", record.errors[-1])
+                self._report(logging.ERROR, record.errors[-1])
             return
         mismatched = self._mismatched_signatures(plugin)
         if mismatched:
             record.status = "failed"
             for problem in mismatched:
                 record.errors.append(f'plugin "{name}" ({location}) {problem}')
-                log.error("%s", record.errors[-1])
+                self._report(logging.ERROR, record.errors[-1])
             return
         try:
             self.pm.register(plugin, name=name)
@@ -354,14 +361,14 @@ class PluginHost:
                     f"a hook but is not marked @hookimpl, so it is never called; add `@hookimpl` "
                     f"(from hub import hookimpl) above it, or rename it"
                 )
-                log.warning("%s", record.warnings[-1])
+                self._report(logging.WARNING, record.warnings[-1])
         record.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         if not record.hooks and not record.warnings and source != "builtin":
             record.warnings.append(
                 f'plugin "{name}" ({location}) implements no hook, so it contributes nothing; mark its hook '
                 f"functions `@hookimpl` (from hub import hookimpl), or put a helper module inside a package plugin"
             )
-            log.warning("%s", record.warnings[-1])
+            self._report(logging.WARNING, record.warnings[-1])
         log.debug("loaded plugin %s from %s", name, location)
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
@@ -411,7 +418,7 @@ class PluginHost:
     def _fail(self, record: PluginRecord, message: str, exc: BaseException) -> None:
         record.status = "failed"
         record.errors.append(message)
-        log.error("%s\n%s", message, "".join(traceback.format_exception(exc)).rstrip())
+        self._report(logging.ERROR, message, exc)
 
     # --- calling hooks ----------------------------------------------------------------------
 
@@ -512,7 +519,22 @@ class PluginHost:
     def _spec_error(self, record: PluginRecord, message: str) -> None:
         text = f'plugin "{record.name}" ({record.location}): {message}'
         record.errors.append(text)
-        log.error("%s", text)
+        self._report(logging.ERROR, text)
+
+    def _report(self, level: int, message: str, exc: BaseException | None = None) -> None:
+        """Log a plugin's error or warning (with the traceback of `exc`, as pytest reports a
+        plugin's import error), once: the same message from the same files again, when
+        `refresh` re-imports every plugin for a change elsewhere (--watch) or a registration
+        hook runs twice, goes to DEBUG. A host that does not `report` (a frontend of
+        --workers N, which reads the plugins the model process reports on) logs at DEBUG."""
+        again = message in self._reported or message in self._reported_before
+        self._reported.add(message)
+        if again or not self.report:
+            level = logging.DEBUG
+        if exc is None:
+            log.log(level, "%s", message)
+        else:
+            log.log(level, "%s\n%s", message, "".join(traceback.format_exception(exc)).rstrip())
 
     # --- the typed facade over the remaining hooks -----------------------------------------
 
@@ -552,9 +574,9 @@ class PluginHost:
                         f"model '{spec.name}': the artifact raised while {where} checked it: "
                         f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
                     )
-                    log.error("%s", message, exc_info=exc)
+                    log.debug("%s", message, exc_info=exc)  # the build's caller logs the message
                     raise BuildError(message) from exc
-                log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
+                log.debug("%s raised in validate_artifact", where, exc_info=exc)
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc
             for result in returned:
                 problem = _malformed_validation(result)
