@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from hub.errors import BuildError, PluginError, TargetUnavailable, did_you_mean, exception_line
+from hub.logs import library_output_at_debug
 from hub.plugins.manager import hash_files, raised_in
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -189,7 +190,8 @@ class Builder:
         clean_stale_staging(self.directory(spec))
         key, parts = self.cache_key(spec, target)
         try:
-            return self._ensure(spec, target, key, parts, force, stage)
+            with library_output_at_debug():
+                return self._ensure(spec, target, key, parts, force, stage)
         except Exception:
             self._failed[spec.key] = key
             raise
@@ -232,7 +234,8 @@ class Builder:
         if changed:
             files = ", ".join(changed[:8])
             raise BuildError(f"model '{spec.key}': artifact files differ from their manifest ({files})")
-        runtime = self.target_for(spec).load(self._context(spec, self.directory(spec)))
+        with library_output_at_debug():
+            runtime = self.target_for(spec).load(self._context(spec, self.directory(spec)))
         again = self.read_manifest(spec)
         if again is None or again.get("cache_key") != key:  # rebuilt while it loaded
             runtime.close()
