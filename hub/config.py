@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from hub.errors import SpecError
+from hub.errors import SpecError, did_you_mean
 from hub.spec import BatchPolicy, ModelSpec
 
 if sys.version_info >= (3, 11):
@@ -94,7 +94,10 @@ class DeploymentConfig:
     def parse(cls, data: Mapping[str, Any], source: str = "config") -> DeploymentConfig:
         unknown = set(data) - {"models"}
         if unknown:
-            raise SpecError(f"{source}: unknown top-level key(s) {sorted(unknown)}; expected [models.<name>] tables")
+            raise SpecError(
+                f"{source}: unknown top-level key(s) {_keys_with_hints(unknown, {'models'})}; "
+                "expected [models.<name>] tables"
+            )
         models = data.get("models", {})
         if not isinstance(models, Mapping):
             raise SpecError(f"{source}: 'models' must be a table of model names")
@@ -104,7 +107,8 @@ class DeploymentConfig:
             bad = set(overrides) - MODEL_KEYS
             if bad:
                 raise SpecError(
-                    f"{source}: models.{name} has unknown key(s) {sorted(bad)}; allowed: {sorted(MODEL_KEYS)}"
+                    f"{source}: models.{name} has unknown key(s) {_keys_with_hints(bad, MODEL_KEYS)}; "
+                    f"allowed: {sorted(MODEL_KEYS)}"
                 )
             if "version_policy" in overrides:
                 VersionPolicy.parse(overrides["version_policy"], f"{source}: models.{name}")
@@ -160,3 +164,9 @@ class DeploymentConfig:
         except SpecError as exc:
             raise SpecError(f"config for model '{spec.name}': {exc}") from None
         return changed
+
+
+def _keys_with_hints(unknown: Iterable[str], allowed: Iterable[str]) -> str:
+    """The unknown keys of a config table, each with the allowed key it most likely meant:
+    "'max_batch' (did you mean 'max_batch_size'?)"."""
+    return ", ".join(repr(key) + did_you_mean(key, allowed, quote="'") for key in sorted(unknown))

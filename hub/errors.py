@@ -5,7 +5,9 @@ for HTTP). Nothing here knows about gRPC or HTTP."""
 
 from __future__ import annotations
 
+import difflib
 import re
+from collections.abc import Iterable
 
 #: The code of a successful request, and of anything that is not a HubError (a bug or a
 #: plugin crash, whose details go to the log only).
@@ -218,6 +220,13 @@ def exception_line(exc: BaseException, limit: int = 300) -> str:
         text = f"{text} {line}" if text else line
     text = text if len(text) <= limit + 4 else text[:limit] + " ..."
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def did_you_mean(name: str, choices: Iterable[str], quote: str = '"') -> str:
+    """' (did you mean "x"?)' for the choice nearest to a misspelt `name`, or '' when none is
+    close: every "unknown X" message (a hook, a plugin, a target, a config key) hints alike."""
+    close = difflib.get_close_matches(name, sorted(choices), n=1, cutoff=0.6)
+    return f" (did you mean {quote}{close[0]}{quote}?)" if close else ""
 
 
 def name_list(names: list[str], count: int = 8) -> str:

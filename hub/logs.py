@@ -3,16 +3,21 @@ and the libraries' chatter moved to our own loggers at DEBUG."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from hub.errors import InvalidInput, Unsupported
 
+#: Where the libraries' chatter goes, at DEBUG.
+LIBRARIES = "modelhub.build.libraries"
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 #: torch.onnx's exporter warns once per torchvision op it cannot register (nms, roi_align,
@@ -112,7 +117,100 @@ def tame_libraries() -> None:
     for logger_name, matches in (("", _from_ort_quantization), (TORCH_ONNX_REGISTRATION, _torchvision_missing)):
         logger = logging.getLogger(logger_name)
         if not any(isinstance(f, Demote) and f.matches is matches for f in logger.filters):
-            logger.addFilter(Demote("modelhub.build.libraries", matches))
+            logger.addFilter(Demote(LIBRARIES, matches))
+
+
+class ThreadStderr(io.TextIOBase):
+    """sys.stderr once a build has captured library output: what a capturing thread writes
+    (torch.export's graph dumps are `print(..., file=sys.stderr)`; a torch handler created
+    while it captured holds this stream) is kept for the log at DEBUG, and every other thread's
+    goes to the stream it replaced. Per thread, so that a server's other threads, or another
+    build, are never captured."""
+
+    def __init__(self, stream: Any) -> None:
+        super().__init__()
+        self.stream = stream
+        self.buffers: dict[int, list[str]] = {}
+
+    def write(self, text: str) -> int:
+        buffer = self.buffers.get(threading.get_ident())
+        if buffer is None:
+            return int(self.stream.write(text))
+        buffer.append(text)
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def fileno(self) -> int:
+        return int(self.stream.fileno())
+
+    def isatty(self) -> bool:
+        return bool(self.stream.isatty())
+
+    @property
+    def encoding(self) -> str:  # type: ignore[override]
+        return str(getattr(self.stream, "encoding", "utf-8"))
+
+
+class TorchToDebug(logging.Filter):
+    """On torch's own stderr handlers (its loggers do not propagate to ours, and print in
+    glog's layout): a record logged by a thread that captures library output moves to
+    LIBRARIES at DEBUG; every other thread's passes as torch prints it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        stderr = sys.stderr
+        if not isinstance(stderr, ThreadStderr) or record.thread not in stderr.buffers:
+            return True
+        target = logging.getLogger(LIBRARIES)
+        if target.isEnabledFor(logging.DEBUG):
+            moved = logging.makeLogRecord(vars(record))
+            moved.msg, moved.args = f"{record.name}: {record.getMessage()}", None
+            moved.name, moved.levelno, moved.levelname = LIBRARIES, logging.DEBUG, "DEBUG"
+            target.handle(moved)
+        return False
+
+
+def _torch_stderr_handlers() -> list[logging.Handler]:
+    """The stderr handlers torch's logging puts on its `torch.*` loggers."""
+    found: list[logging.Handler] = []
+    for name, logger in list(logging.root.manager.loggerDict.items()):
+        if (name == "torch" or name.startswith("torch.")) and isinstance(logger, logging.Logger):
+            # Exactly StreamHandler: not a FileHandler, nor torch's structured-trace handler
+            # (which writes only under TORCH_TRACE, and sees every trace event at DEBUG).
+            found += [h for h in logger.handlers if type(h) is logging.StreamHandler]
+    return found
+
+
+@contextlib.contextmanager
+def library_output_at_debug() -> Iterator[None]:
+    """While a build runs in this thread: torch's log records (fake_tensor's errors, dynamo's
+    graph-break warnings) and what libraries print to sys.stderr (torch.export's graph dumps)
+    go to LIBRARIES at DEBUG, so that a failed build shows its one line, and `--log-level debug`
+    shows the rest. Not captured: C++ code writing to file descriptor 2 itself (c10's glog-style
+    lines, ONNX Runtime's own log), which only redirecting the descriptor would catch, for
+    every thread of the process at once, our log's included."""
+    stderr = sys.stderr
+    if not isinstance(stderr, ThreadStderr):
+        stderr = ThreadStderr(stderr)
+        sys.stderr = stderr
+    for handler in _torch_stderr_handlers():
+        if not any(isinstance(f, TorchToDebug) for f in handler.filters):
+            handler.addFilter(TorchToDebug())
+    ident = threading.get_ident()
+    outer = stderr.buffers.get(ident)
+    buffer: list[str] = []
+    stderr.buffers[ident] = buffer
+    try:
+        yield
+    finally:
+        if outer is None:
+            del stderr.buffers[ident]
+        else:
+            stderr.buffers[ident] = outer
+        text = "".join(buffer).strip("\n")
+        if text:
+            logging.getLogger(LIBRARIES).debug("stderr:\n%s", text)
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
@@ -169,7 +267,9 @@ class ServerLogHandler(logging.StreamHandler):
     process in every line once `name_process` has given it one."""
 
     def __init__(self, level: str, fmt: str) -> None:
-        super().__init__(sys.stderr)
+        # Our lines go out from any thread, a building one too (not into its capture).
+        stderr = sys.stderr
+        super().__init__(stderr.stream if isinstance(stderr, ThreadStderr) else stderr)
         self.switch = LevelSwitch(level)
         self.addFilter(self.switch)
         self.process = ""

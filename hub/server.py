@@ -183,7 +183,14 @@ class Server:
         self.config = config
         # With metrics off nothing is recorded at all, so `make bench` can price them.
         self.metrics: Metrics | NullMetrics = Metrics() if config.metrics_port is not None else NullMetrics()
-        self.plugins = PluginHost(config.plugins_dir, entry_points=config.entry_points, extra=config.extra_plugins)
+        self.plugins = PluginHost(
+            config.plugins_dir,
+            entry_points=config.entry_points,
+            extra=config.extra_plugins,
+            # A frontend of --workers N reads the plugins for their specs; the model process
+            # reports their errors, once for the server rather than once per process.
+            report=config.engine_socket is None,
+        )
         self._clock = clock
         self.repository: ModelRepository | None = None
         self.plane: DataPlane | None = None

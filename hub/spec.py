@@ -179,6 +179,7 @@ class ModelSpec:
     - `options`: target options, e.g. {"compile_mode": "max-autotune"} for torch-compile,
       {"calibration_method": "percentile"} for onnx-int8 (one of CALIBRATION_METHODS; default
       "minmax"), {"int8_exclude": [...]} (torch module paths kept fp32 by the int8 targets).
+      Every option, its target, meaning and default: docs/plugins.md and docs/config.md.
     - `preprocess`: optional per-request step, run outside the batched forward (in a thread,
       not on the event loop): it receives one request's `inputs` as numpy arrays (BYTES as
       object arrays of `bytes`) and returns the arrays the model takes, described by

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -373,6 +374,43 @@ def test_a_models_own_fault_at_build_is_one_line_naming_it(tmp_path: Path) -> No
     assert problems["fixed_batch_compiled"].startswith(
         "model 'fixed_batch_compiled': building target 'torch-compile' failed: TorchRuntimeError: "
     )  # the message on one line, not the exception's repr
+
+
+def test_a_failed_build_shows_its_line_and_torchs_output_only_at_debug(tmp_path: Path) -> None:
+    """torch logs through handlers of its own (glog's layout, `W1207 ... tensor.py:1759] Graph
+    break`, `E1207 ... fake_tensor.py`) and torch.export prints its graph to sys.stderr: a failed
+    ONNX export or torch.compile showed pages of both around the build's one line. They go to
+    modelhub.build.libraries at DEBUG: gone from the default output, there under --log-level debug."""
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    cases = {  # a graph break (torch's warning), then a failure; a graph dump, then a failure
+        "breaks": ("torch-compile", "return int(x.sum().item()) * 0 + self.lin(x).view(2, 3)"),
+        "dumps": (
+            "onnx",
+            "return torch.from_numpy(np.sort(self.lin(x)[: len(x) + int(x.sum().item()) * 0].detach().numpy(), 1))",
+        ),
+    }
+    for name, (target, body) in cases.items():
+        (plugins / f"{name}.py").write_text(textwrap.dedent(FAULTY).format(name=name, target=target, body=body))
+
+    def build(*flags: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hub.cli", *flags, "build", "--plugins-dir", str(plugins), "--no-entry-points",
+             "--model-repository", str(tmp_path / "models"), "--device", "cpu", "--threads", "1", "--no-measure"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+
+    glog = re.compile(r"^[EWI]\d{4} ", re.M)
+    quiet = build()
+    assert quiet.returncode == 1, quiet.stderr
+    assert not glog.search(quiet.stderr) and "def forward" not in quiet.stderr, quiet.stderr
+    assert "Traceback" not in quiet.stderr and " ERROR " not in quiet.stderr, quiet.stderr
+    assert "breaks [torch-compile]: model 'breaks': building target 'torch-compile' failed: " in quiet.stderr
+    assert "dumps [onnx]: model 'dumps': building target 'onnx' failed: torch.onnx.export " in quiet.stderr
+    debug = build("--log-level", "debug")
+    assert debug.returncode == 1 and not glog.search(debug.stderr), debug.stderr
+    assert "DEBUG   modelhub.build.libraries: torch._dynamo" in debug.stderr and "Graph break" in debug.stderr
+    assert "DEBUG   modelhub.build.libraries: stderr:\n" in debug.stderr and "def forward" in debug.stderr
 
 
 SWAPPED = """

@@ -186,6 +186,25 @@ def test_env_configures_serve_flags() -> None:
     assert out.split() == ["9123", "cpu"]
 
 
+def test_a_misspelt_config_key_names_the_key_it_meant(tmp_path: Path) -> None:
+    """`serve --config` with a misspelt key listed the allowed keys and left the reader to find
+    the one meant among nine; it says which, as a misspelt hook does."""
+    (tmp_path / "plugins").mkdir()
+    config = tmp_path / "deploy.toml"
+    for text, expected in (
+        ("[models.digits]\nmax_batch = 8\n", "unknown key(s) 'max_batch' (did you mean 'max_batch_size'?)"),
+        ("[model.digits]\nmax_batch_size = 8\n", "unknown top-level key(s) 'model' (did you mean 'models'?)"),
+    ):
+        config.write_text(text)
+        result = modelhub(
+            "serve", "--config", str(config), "--plugins-dir", str(tmp_path / "plugins"), "--no-entry-points",
+            "--grpc-port", "0", "--http-port", "0", "--metrics-port", "off", timeout=60,
+        )  # fmt: skip
+        assert result.returncode == 2, result.stderr
+        assert expected in result.stderr, result.stderr
+    assert "allowed: ['instances', 'max_batch_size'," not in result.stderr  # a top-level key: not a model's
+
+
 def test_serve_starts_tasks_eagerly_where_python_can() -> None:
     """`modelhub serve`'s loop runs each new task's first step at once on 3.12+ (each RPC's
     handler a loop turn sooner); on 3.11 it is asyncio's plain loop."""

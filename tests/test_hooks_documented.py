@@ -154,3 +154,21 @@ def test_the_preprocess_contract_and_the_batching_default_are_documented() -> No
     assert "object arrays of `bytes`" in docs and "INVALID_ARGUMENT" in docs
     assert ModelSpec.__dataclass_fields__["batching"].default_factory().max_batch_size == 0  # type: ignore[misc]
     assert "`max_batch_size=0` (the default" in docs
+
+
+def test_every_target_option_is_documented_with_its_default() -> None:
+    """docs/plugins.md's `options` row named six of the eight options the built-in targets read
+    (not `int8_fold_scales` nor `float8_exclude`). Every option the code reads, found in the
+    source as the targets read it (`options.get("x"`, `options["x"]`, `"x" in ...options`), is
+    in that row and in docs/config.md's table of target options."""
+    read = re.compile(r"""options(?:\.get\(|\[)\s*"(\w+)"|"(\w+)" in [\w.]*options\b""")
+    sources = [*sorted((ROOT / "hub" / "runtimes").glob("*.py")), *sorted((ROOT / "hub" / "pipeline").glob("*.py"))]
+    options = {a or b for path in [*sources, ROOT / "hub" / "spec.py"] for a, b in read.findall(path.read_text())}
+    assert {"compile_mode", "int8_fold_scales", "float8_exclude", "calibration_method"} <= options, options
+    (row,) = [
+        line for line in (ROOT / "docs" / "plugins.md").read_text().splitlines() if line.startswith("| `options`")
+    ]
+    config = (ROOT / "docs" / "config.md").read_text()
+    for option in sorted(options):
+        assert f"`{option}` (" in row, f"docs/plugins.md's options row lacks {option} (with its target and default)"
+        assert f"| `{option}` |" in config, f"docs/config.md's table of target options lacks {option}"

@@ -126,8 +126,9 @@ def test_a_numpy_or_torch_dtype_for_a_datatype_names_the_v2_one(plugins: Path) -
         write(plugins, name, GOOD.format(name=name).replace('TensorSpec("IN", "INT64"', f'TensorSpec("IN", {datatype}'))
     result = subprocess.run(
         [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+    assert result.returncode == 1, result.stderr  # specs refused
     errors = {p["name"]: " ".join(p["errors"]) for p in json.loads(result.stdout)}
     assert "unknown datatype 'float32' (write 'FP32': datatypes are the V2 names)" in errors["np_name"]
     assert "unknown datatype torch.int64 (write 'INT64': datatypes are the V2 names)" in errors["torch_dtype"]
@@ -222,8 +223,9 @@ def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) ->
     broken = write(plugins, "broken_syntax", "import numpy\n\ndef oops(:\n    pass\n")
     listing = subprocess.run(
         [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points", "--json"],
-        capture_output=True, text=True, timeout=120, check=True,
+        capture_output=True, text=True, timeout=120,
     )  # fmt: skip
+    assert listing.returncode == 1, listing.stderr  # plugins failed to import
     (errors,) = [p["errors"] for p in json.loads(listing.stdout) if p["name"] == "broken_syntax"]
     syntax = f"SyntaxError: invalid syntax (at {broken} line 3)"  # not its repr's tuple of positions
     assert errors == [f'Error importing plugin "broken_syntax" from {broken}: {syntax}']
@@ -555,13 +557,14 @@ def test_plugins_command_table_and_json_say_the_same(plugins: Path) -> None:
     write(plugins, "syntax", "def broken(:\n")
     write(plugins, "unmarked", "def server_started(server):\n    pass\n")
     command = [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points"]
-    result = subprocess.run([*command, "--json"], capture_output=True, text=True, check=True)
+    result = subprocess.run([*command, "--json"], capture_output=True, text=True)
+    assert result.returncode == 1, result.stderr  # "syntax" failed
     records = {r["name"]: r for r in json.loads(result.stdout)}
     assert records["good"]["models"] == ["listed/1"]
     assert records["syntax"]["status"] == "failed"
     assert "SyntaxError" in records["syntax"]["errors"][0]
     assert "@hookimpl" in records["unmarked"]["warnings"][0]
-    table = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    table = subprocess.run(command, capture_output=True, text=True).stdout
     rows = {line.split()[0]: line for line in table.splitlines()[2:] if line and not line.startswith(" ")}
     for name, record in records.items():
         row = re.split(r"\s{2,}", rows[name].strip())
@@ -572,6 +575,33 @@ def test_plugins_command_table_and_json_say_the_same(plugins: Path) -> None:
         for note in record["errors"] + record["warnings"]:
             assert f"  {name}: {note}" in table
     assert "\nerrors:" in table and "\nwarnings:" in table
+
+
+def test_plugins_command_says_refused_and_exits_1_as_build_does(plugins: Path) -> None:
+    """A plugin whose every spec was refused was listed as `loaded` (the refusal only in the
+    errors below the table), and `modelhub plugins` exited 0 even for a plugin that failed to
+    import, unlike `modelhub build`: a CI step listing the plugins passed over both."""
+    write(plugins, "good", GOOD.format(name="good_model"))
+    refused = GOOD.format(name="refused").replace('"INT64", (-1, 2))]', '"int64", (-1, 2))]', 1)
+    write(plugins, "refused", refused)
+    no_outputs = '    register(ModelSpec(name="partly_bad", build=dict, inputs=[], outputs=[], example_inputs={}))\n'
+    write(plugins, "partly", GOOD.format(name="partly_good") + no_outputs)
+    command = [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", str(plugins), "--no-entry-points"]
+    listing = subprocess.run([*command, "--json"], capture_output=True, text=True, timeout=120)
+    assert listing.returncode == 1, listing.stderr
+    status = {r["name"]: r["status"] for r in json.loads(listing.stdout)}
+    assert status["refused"] == "refused" and status["partly"] == "partly refused", status
+    assert status["good"] == "loaded" and status["identity"] == "loaded", status
+    table = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert table.returncode == 1
+    assert re.search(r"^refused\s+directory\s+refused\s", table.stdout, re.M), table.stdout
+    (plugins / "refused.py").unlink()
+    (plugins / "partly.py").unlink()
+    write(plugins, "broken", "import transformerz\n")
+    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 1
+    (plugins / "broken.py").unlink()
+    write(plugins, "unmarked", "def server_started(server):\n    pass\n")  # a warning: not a failure
+    assert subprocess.run(command, capture_output=True, text=True, timeout=120).returncode == 0
 
 
 OVERRIDES = """

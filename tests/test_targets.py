@@ -548,7 +548,7 @@ def test_models_names_the_target_an_artifact_was_built_for_and_reads_the_serve_c
 
     config.write_text('[models.tiny]\ntarget = "onnx-int8"\nmax_batch = 8\n')
     assert main([*listing, "--config", str(config)]) == 2
-    assert "models.tiny has unknown key(s) ['max_batch']" in capsys.readouterr().err
+    assert "models.tiny has unknown key(s) 'max_batch' (did you mean 'max_batch_size'?)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("target", ["torch", "onnx", "onnx-int8", "torch-compile", "torch-int8"])

@@ -159,3 +159,82 @@ def test_a_frontend_that_cannot_read_the_served_build_refuses_until_it_can(tmp_p
         everywhere(server, lambda seen: seen == {"config 16 |  | x2.0"}, n=24)
     finally:
         assert server.stop() == 0, server.output()
+
+
+#: A model whose build raises: a plugin whose weights are not there yet, say.
+FAILING = """
+import numpy as np
+from hub import ModelSpec, TensorSpec, hookimpl
+
+
+def build():
+    raise FileNotFoundError({why!r})
+
+
+@hookimpl
+def register_models(register):
+    register(ModelSpec(
+        name="failing",
+        build=build,
+        inputs=[TensorSpec("INPUT0", "FP32", (-1, 1))],
+        outputs=[TensorSpec("OUTPUT0", "FP32", (-1, 1))],
+        example_inputs={{"INPUT0": np.ones((1, 1), np.float32)}},
+        target="numpy",
+    ))
+"""
+
+
+def _errors(server: Workers) -> list[str]:
+    return [line for line in server.whole_log().splitlines() if " ERROR " in line]
+
+
+def _wait_for(server: Workers, check: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + 60
+    while not check():
+        assert time.monotonic() < deadline, server.output()
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_failure_is_one_error_line_and_a_change_elsewhere_builds_nothing(tmp_path: Path, workers: int) -> None:
+    """With --watch, a model whose build failed was built again at every change of any file of
+    the plugins directory (another plugin's), and each failure logged its error two to four
+    times (the builder's traceback, the repository, the watcher, a failed reload); a plugin
+    that no longer imports was reported by every process of --workers N, twice each, and again
+    at every change elsewhere. Now: one ERROR line per failure, naming the model, its target
+    and the cause; nothing is built or logged again until the model's own files change."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "tests" / "plugins" / "identity.py")
+    (plugins / "failing.py").write_text(textwrap.dedent(FAILING.format(why="weights.pt")))
+    write_gated(plugins, tmp_path / "no-gate", 2.0, 4)
+    server = Workers(plugins, tmp_path / "models", tmp_path, workers, "--watch", "0.2")
+    client = tc.InferenceServerClient(server.url)
+
+    def index() -> dict[str, str]:
+        return {m["name"]: m.get("reason", "") for m in client.get_model_repository_index(as_json=True)["models"]}
+
+    try:
+        (line,) = _errors(server)
+        assert "model 'failing/1' (target 'numpy') failed to load: " in line, line
+        assert "FileNotFoundError: weights.pt" in line and 'registered by plugin "failing"' in line, line
+        assert "Traceback" not in server.whole_log()  # at DEBUG, under --log-level debug
+        (plugins / "gated.py").write_text(BROKEN)  # a served model's plugin no longer imports
+        _wait_for(server, lambda: index()["gated"].startswith("reload failed"))
+        time.sleep(1)  # the frontends of --workers 2 hear of it, and read the plugins again
+        first, imports = _errors(server)
+        assert first == line and 'Error importing plugin "gated"' in imports, _errors(server)
+        # A change elsewhere: a new plugin, which loads after the others (names in order).
+        (plugins / "zz_other.py").write_text(
+            GATED.format(factor=5.0, gate=str(tmp_path / "no-gate"), batch=4).replace("gated", "other")
+        )
+        _wait_for(server, lambda: client.is_model_ready("other"))
+        time.sleep(1)
+        assert _errors(server) == [line, imports]
+        assert server.logged("model 'failing/1'") == 1, server.whole_log()  # not built again
+        (plugins / "failing.py").write_text(textwrap.dedent(FAILING.format(why="weights2.pt")))  # its own change
+        _wait_for(server, lambda: "weights2.pt" in index()["failing"])
+        time.sleep(1)
+        (*_, again) = _errors(server)
+        assert len(_errors(server)) == 3 and "(target 'numpy') failed to load: " in again and "weights2.pt" in again
+    finally:
+        client.close()
+        assert server.stop() == 0, server.output()

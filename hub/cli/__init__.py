@@ -707,9 +707,12 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     host.collect_targets()
     host.collect_models()
     described = [record.describe() for record in host.records.values()]
+    # A failed plugin, or a refused spec, exits 1 as `modelhub build` does: a CI step that lists
+    # the plugins is a check that they load.
+    status = 1 if any(record.broken for record in host.records.values()) else 0
     if args.json:
         print(json.dumps(described, indent=2))
-        return 0
+        return status
     # The table prints every field of the JSON: one row per plugin, then its location, errors
     # and warnings beneath, so neither view knows something the other does not.
     columns = ["name", "source", "status", "hooks", "models", "targets"]
@@ -728,7 +731,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             print(f"\n{kind}:")
             for name, note in notes:
                 print(f"  {name}: {note}")
-    return 0
+    return status
 
 
 def cmd_models_url(args: argparse.Namespace) -> int:
@@ -1046,7 +1049,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"\n{r['model']} [{r['target']}] skipped: {r['reason']}", file=sys.stderr)
     # A plugin that failed to import, or whose specs were refused, has models that are in no row
     # above: said again after the table (the log's line is pages up), and a failed build gate.
-    broken = [error for record in host.records.values() if record.status != "disabled" for error in record.errors]
+    broken = [error for record in host.records.values() if record.broken for error in record.errors]
     for error in broken:
         print(f"\n{error}", file=sys.stderr)
     if args.compare:

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from hub.config import DeploymentConfig
-from hub.core.models import ServedModel
-from hub.core.repository import ModelRepository
+from hub.core.models import ModelState, ServedModel
+from hub.core.repository import RELOAD_FAILED, ModelRepository
 from hub.errors import HubError, ModelNotFound
 from hub.plugins.manager import PluginHost
 from hub.spec import ModelSpec
@@ -102,52 +102,71 @@ class ModelController:
 
     async def apply_plugin_changes(self) -> None:
         async with self._lock:
-            targets, specs = await self._rediscover()
+            _, specs = await self._rediscover()
         by_name: dict[str, list[ModelSpec]] = {}
         for spec in specs:
             by_name.setdefault(spec.name, []).append(spec)
         # A plugin that failed to import, or registered a spec that does not validate, is a
         # broken file: its models keep their old build, as a failed RepositoryModelLoad does.
-        broken = {r.name: r for r in self.plugins.records.values() if r.status == "failed" or r.errors}
+        broken = {r.name: r for r in self.plugins.records.values() if r.broken}
         for name in sorted(set(by_name) | set(self.repository.names())):
             current = self.repository.versions(name)
             if name not in by_name:
                 if any(m.spec.plugin in broken for m in current):
                     for model in current:
-                        if model.ready:
-                            record = broken[model.spec.plugin]
+                        record = broken.get(model.spec.plugin)
+                        if model.ready and record is not None:
                             reason = " | ".join(record.errors) or f"plugin '{record.name}' failed to import"
-                            self.repository.note_failed_reload(model, reason)
+                            if model.reason != f"{RELOAD_FAILED}{reason}":  # news, not a change elsewhere
+                                # The plugin host logged the errors themselves.
+                                self.repository.note_failed_reload(model, reason, logged=True)
                     continue
                 async with self._lock:  # its plugin is gone: so is the model, from every list
                     await self.repository.remove(name)
                 continue
             fresh = by_name[name]
-            if await asyncio.to_thread(self._up_to_date, current, fresh, targets):
-                # A file broken and then put back as it was: nothing to build, and the served
-                # build is what the plugins say again (told to every frontend of --workers N,
-                # which reads the plugins again if it could not match the build before).
-                for model in current:
+            served = await asyncio.to_thread(self._settled, current, fresh)
+            if served is not None:
+                # Nothing to build. The served builds are what the plugins say (again, after a
+                # file broken and put back: told to every frontend of --workers N, which reads
+                # the plugins again if it could not match the build before); the rest failed
+                # under these very files, and would fail (and log) the same way again.
+                for model in served:
                     self.repository.note_up_to_date(model)
                 continue
             try:
                 async with self._lock:
                     await self.repository.replace(name, fresh)
-            except HubError as exc:
-                log.error("watch: model '%s' did not load: %s", name, exc)
+            except HubError as exc:  # each failure was logged, once, where it happened
+                log.debug("watch: model '%s' did not load: %s", name, exc)
 
-    def _up_to_date(self, current: list[ServedModel], fresh: list[ModelSpec], targets: dict[str, Any]) -> bool:
-        """Whether the served versions already are these specs' builds (same versions, same
-        cache keys). Hashes files: run it in a thread."""
-        served = {m.version: m for m in current if m.ready}
-        if set(served) != {s.version for s in fresh}:
-            return False
+    def _settled(self, current: list[ServedModel], fresh: list[ModelSpec]) -> list[ServedModel] | None:
+        """None when a version of these specs needs building; else the versions that serve
+        their spec's build (same cache key). The others failed under the key they have now: a
+        failed model, or a failed reload behind a serving build, whose plugin files (and
+        weights, and target) are unchanged, for a change elsewhere in the plugins directory
+        must not build it again. An unloaded model is built (--watch loads it). Hashes files:
+        run it in a thread."""
+        models = {m.version: m for m in current}
+        if set(models) != {s.version for s in fresh}:
+            return None
         builder = self.repository.builder
-        return all(
-            s.target in targets
-            and served[s.version].manifest.get("cache_key") == builder.cache_key(s, targets[s.target])[0]
-            for s in fresh
-        )
+        served = []
+        for spec in fresh:
+            model = models[spec.version]
+            try:
+                key = builder.attempt_key(spec)
+            except Exception:  # a spec whose inputs cannot be read (hashed): its build says why
+                log.debug("model '%s': cannot compute its cache key", spec.key, exc_info=True)
+                return None
+            if model.ready and model.manifest.get("cache_key") == key:
+                served.append(model)
+                continue
+            reload_failed = model.ready and model.reason.startswith(RELOAD_FAILED)
+            if (model.state is ModelState.FAILED or reload_failed) and builder.failed_key(spec) == key:
+                continue
+            return None
+        return served
 
 
 def plugin_stamps(folder: Path) -> dict[str, tuple[int, int, int]]:

@@ -11,7 +11,7 @@ from collections.abc import Awaitable, Callable
 from hub.core.batching import Batcher, BatchObserver, Clock
 from hub.core.models import ModelState, ServedModel
 from hub.core.stats import ModelStats
-from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, name_list, shorten
+from hub.errors import BuildError, HubError, ModelNotFound, ModelUnavailable, exception_line, name_list, shorten
 from hub.metrics import Metrics, NullMetrics
 from hub.pipeline.builder import Builder, sources_fingerprint
 from hub.spec import ModelSpec, Runtime
@@ -154,7 +154,7 @@ class ModelRepository:
             if not new.ready:
                 failures.append(new.reason)
                 if serving and old is not None:
-                    self.note_failed_reload(old, new.reason)
+                    self.note_failed_reload(old, new.reason, logged=True)
                 continue
             if serving and old is not None:
                 superseded = await self._superseded(new)
@@ -194,12 +194,17 @@ class ModelRepository:
             return await self.before_swap(new)
         return None
 
-    def note_failed_reload(self, model: ServedModel, reason: str) -> None:
+    def note_failed_reload(self, model: ServedModel, reason: str, *, logged: bool = False) -> None:
         """A replacement failed: the model keeps serving, and says why in RepositoryIndex and
-        metrics (and to every frontend process of --workers N, which mirror the reason)."""
+        metrics (and to every frontend process of --workers N, which mirror the reason).
+        `logged`: the failure's line is in the log already (`load` wrote it): one failure, one
+        ERROR line."""
         model.reason = f"{RELOAD_FAILED}{reason}"
         model.metrics.load_failed()
-        log.error("model '%s': %s", model.spec.key, model.reason)
+        if logged:
+            log.info("model '%s': still serving the previous build", model.spec.key)
+        else:
+            log.error("model '%s': %s", model.spec.key, model.reason)
         self._announce(model)
 
     def note_up_to_date(self, model: ServedModel) -> None:
@@ -277,13 +282,20 @@ class ModelRepository:
             started = time.perf_counter()
             try:
                 artifact = await asyncio.to_thread(self.builder.ensure, model.spec)
-            except HubError as exc:
-                self._set_state(model, ModelState.FAILED, str(exc), announce=announce)
-                log.error("model '%s' failed to load: %s%s", model.spec.key, exc, _registered_by(model.spec))
-                return
             except Exception as exc:
-                self._set_state(model, ModelState.FAILED, f"{type(exc).__name__}: {exc}", announce=announce)
-                log.exception("model '%s' failed to load%s", model.spec.key, _registered_by(model.spec))
+                # The one line of a failed build or load (the builder logs none, and its
+                # traceback at DEBUG): the model, its target, the cause, and where to fix it.
+                reason = str(exc) if isinstance(exc, HubError) else exception_line(exc)
+                self._set_state(model, ModelState.FAILED, reason, announce=announce)
+                log.error(
+                    "model '%s' (target '%s') failed to load: %s%s",
+                    model.spec.key,
+                    model.spec.target,
+                    reason,
+                    _registered_by(model.spec),
+                )
+                if not isinstance(exc, HubError):  # not a build's failure: a load's, or a bug
+                    log.debug("model '%s': the load's traceback", model.spec.key, exc_info=exc)
                 return
             if model.state is ModelState.UNLOADED:  # unloaded while it was built: it stays so
                 await asyncio.to_thread(artifact.runtime.close)

@@ -4,7 +4,6 @@ and record the result in manifest.json."""
 from __future__ import annotations
 
 import copy
-import difflib
 import hashlib
 import importlib.metadata
 import json
@@ -21,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from hub.errors import BuildError, PluginError, TargetUnavailable, exception_line
+from hub.errors import BuildError, PluginError, TargetUnavailable, did_you_mean, exception_line
+from hub.logs import library_output_at_debug
 from hub.plugins.manager import hash_files, raised_in
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -86,17 +86,35 @@ class Builder:
         self.plugins = plugins
         self.device = device
         self.threads = threads
+        #: The attempt key (`attempt_key`) of each model version whose last `ensure` failed: a
+        #: --watch that finds it unchanged builds it no more (it would fail, and log, the same
+        #: way on every change of any plugin), while an explicit load still tries again.
+        self._failed: dict[str, str] = {}
 
     def target_for(self, spec: ModelSpec) -> Target:
         try:
             return self.targets[spec.target]
         except KeyError:
-            close = difflib.get_close_matches(spec.target, sorted(self.targets), n=1, cutoff=0.6)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(spec.target, self.targets, quote="'")
             raise BuildError(
                 f"model '{spec.name}': unknown target '{spec.target}'{hint}; "
                 f"registered targets: {', '.join(sorted(self.targets))}"
             ) from None
+
+    def attempt_key(self, spec: ModelSpec) -> str:
+        """What `ensure(spec)` depends on with the targets registered now: the cache key, or,
+        for a target no plugin registers, that target and the registered ones (a plugin that
+        registers it changes the key). Hashes files: off the event loop."""
+        target = self.targets.get(spec.target)
+        if target is None:
+            return f"unknown target {spec.target!r}; registered: {sorted(self.targets)}"
+        return self.cache_key(spec, target)[0]
+
+    def failed_key(self, spec: ModelSpec) -> str | None:
+        """The `attempt_key` under which the last `ensure` of this model version failed, or None
+        (it succeeded, or was never tried): the same key now means the same failure again,
+        unless that failure was transient."""
+        return self._failed.get(spec.key)
 
     def directory(self, spec: ModelSpec) -> Path:
         return self.repository / spec.name / str(spec.version)
@@ -164,9 +182,29 @@ class Builder:
         `on_stage(name)` is told each stage as it starts (for progress displays).
         """
         stage = on_stage or (lambda name: None)
-        target = self.target_for(spec)
+        self._failed.pop(spec.key, None)
+        if spec.target not in self.targets:
+            self._failed[spec.key] = self.attempt_key(spec)
+            self.target_for(spec)  # raises, naming the nearest registered target
+        target = self.targets[spec.target]
         clean_stale_staging(self.directory(spec))
         key, parts = self.cache_key(spec, target)
+        try:
+            with library_output_at_debug():
+                return self._ensure(spec, target, key, parts, force, stage)
+        except Exception:
+            self._failed[spec.key] = key
+            raise
+
+    def _ensure(
+        self,
+        spec: ModelSpec,
+        target: Target,
+        key: str,
+        parts: dict[str, Any],
+        force: bool,
+        stage: Callable[[str], None],
+    ) -> Artifact:
         manifest = None if force else self.read_manifest(spec)
         if manifest is not None and manifest.get("cache_key") == key:
             if manifest.get("status") != "ok":
@@ -196,7 +234,8 @@ class Builder:
         if changed:
             files = ", ".join(changed[:8])
             raise BuildError(f"model '{spec.key}': artifact files differ from their manifest ({files})")
-        runtime = self.target_for(spec).load(self._context(spec, self.directory(spec)))
+        with library_output_at_debug():
+            runtime = self.target_for(spec).load(self._context(spec, self.directory(spec)))
         again = self.read_manifest(spec)
         if again is None or again.get("cache_key") != key:  # rebuilt while it loaded
             runtime.close()
@@ -241,10 +280,10 @@ class Builder:
                 failure = fault
             elif isinstance(exc, BuildError):
                 failure = exc
-            elif isinstance(exc, PluginError):  # a validator's fault, logged and named by the plugin host
+            elif isinstance(exc, PluginError):  # a validator's fault, named by the plugin host
                 failure = BuildError(f"model '{spec.name}': building target '{target.name}' failed: {exc}")
-            else:
-                log.exception("model '%s': building target '%s' failed", spec.key, target.name)
+            else:  # the caller logs the one line; the traceback is for --log-level debug
+                log.debug("model '%s': building target '%s' failed", spec.key, target.name, exc_info=exc)
                 failure = BuildError(
                     f"model '{spec.name}': building target '{target.name}' failed: "
                     f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
@@ -302,7 +341,7 @@ class Builder:
         except Exception as exc:
             message = f"{where}: its build() raised: {exception_line(exc)}{raised_in(exc, spec.sources)}"
             exc.__suppress_context__ = True  # raised while the build's failure was handled: not its cause
-            log.error("%s", message, exc_info=exc)
+            log.debug("%s", message, exc_info=exc)  # the caller logs the message; this, its traceback
             return BuildError(message)
         try:
             self.reference_outputs(spec, ctx, self._checked_inputs(spec)[0])
@@ -314,7 +353,7 @@ class Builder:
                 f"{where}: the eager model raises on its {inputs}: {exception_line(exc)}{raised_in(exc, spec.sources)}"
             )
             exc.__suppress_context__ = True  # raised while the build's failure was handled: not its cause
-            log.error("%s", message, exc_info=exc)
+            log.debug("%s", message, exc_info=exc)  # the caller logs the message; this, its traceback
             return BuildError(message)
         return None
 

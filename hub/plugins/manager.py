@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
 import hashlib
 import importlib
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 import pluggy
 
-from hub.errors import BuildError, HubError, PluginError, SpecError, exception_line
+from hub.errors import BuildError, HubError, PluginError, SpecError, did_you_mean, exception_line
 from hub.plugins import hookspecs
 from hub.spec import ModelSpec, Runtime, Target, Tolerance
 
@@ -50,13 +49,29 @@ class PluginRecord:
     name: str
     source: str  # "builtin", "entry-point" or "directory"
     location: str
-    status: str = "loaded"  # "loaded", "failed" or "disabled"
+    #: "loaded"; "refused" (it loaded, but every model spec or target it registered was
+    #: refused: it contributes nothing) or "partly refused" (some were); "failed" (it did not
+    #: load, or raised in a hook); "disabled" (blocked, or not allowed)
+    status: str = "loaded"
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
     models: list[str] = field(default_factory=list)
     targets: list[str] = field(default_factory=list)
     hooks: list[str] = field(default_factory=list)
     files: tuple[Path, ...] = ()
+
+    @property
+    def broken(self) -> bool:
+        """Whether the plugin failed, or had something refused: what `modelhub plugins` and
+        `modelhub build` exit 1 for (warnings aside, a plugin that is not disabled and has an
+        error)."""
+        return self.status != "disabled" and bool(self.errors)
+
+    def settle(self) -> None:
+        """After registration: a loaded plugin whose registrations were refused says so in its
+        status, not only below the table ("loaded" beside a plugin that serves nothing misled)."""
+        if self.status in ("loaded", "refused", "partly refused") and self.errors:
+            self.status = "partly refused" if self.models or self.targets else "refused"
 
     def describe(self) -> dict[str, Any]:
         """Everything `modelhub plugins` prints about this plugin, for its table and its --json alike."""
@@ -80,12 +95,6 @@ HOOK_NAMES: frozenset[str] = frozenset(
 #: Each PluginHost imports its directory plugins under its own package in sys.modules.
 _HOST_NUMBERS = itertools.count(1)
 _NAMESPACE_ROOT = "modelhub_plugins"
-
-
-def did_you_mean(name: str) -> str:
-    """' (did you mean "x"?)' for the hook nearest to a misspelt name, or ''."""
-    close = difflib.get_close_matches(name, sorted(HOOK_NAMES), n=1, cutoff=0.6)
-    return f' (did you mean "{close[0]}"?)' if close else ""
 
 
 def _raised_at(exc: BaseException, location: str) -> str:
@@ -194,8 +203,14 @@ class PluginHost:
         allow: set[str] | None = None,
         block: set[str] | None = None,
         extra: Mapping[str, object] | None = None,
+        report: bool = True,
     ) -> None:
         self.plugins_dir = plugins_dir
+        self.report = report
+        #: The errors and warnings logged for this load of the plugins, and for the one before
+        #: (`_report`): what an unchanged plugin says again is not news.
+        self._reported: set[str] = set()
+        self._reported_before: set[str] = set()
         self.entry_points = entry_points
         self.allow = allow if allow is not None else _env_list("MODELHUB_PLUGINS")
         self.block = block if block is not None else (_env_list("MODELHUB_DISABLE_PLUGINS") or set())
@@ -234,16 +249,19 @@ class PluginHost:
         known = sorted({record.name for record in self.records.values()})
         for variable, names in (("MODELHUB_PLUGINS", self.allow), ("MODELHUB_DISABLE_PLUGINS", self.block)):
             for name in sorted(set(names or ()) - set(known)):
-                close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
-                hint = f' (did you mean "{close[0]}"?)' if close else ""
                 log.warning(
-                    '%s names "%s", but no plugin is called that%s; plugins: %s', variable, name, hint, ", ".join(known)
+                    '%s names "%s", but no plugin is called that%s; plugins: %s',
+                    variable,
+                    name,
+                    did_you_mean(name, known),
+                    ", ".join(known),
                 )
 
     def refresh(self) -> None:
         """Re-import the plugins directory: changed files take effect, new ones are added and
         removed ones dropped. Built-ins and entry points stay as they were loaded."""
         self.load()
+        self._reported_before, self._reported = self._reported, set()
         for name, record in list(self.records.items()):
             if record.source != "directory":
                 continue
@@ -285,7 +303,7 @@ class PluginHost:
                 f"so it is not loaded: a plugin's name is its file, folder or entry point name; rename this one"
             )
             self.records[f"{name}@{location}"] = record
-            log.error("%s", record.errors[-1])
+            self._report(logging.ERROR, record.errors[-1])
             return
         self.records[name] = record
         if name in self.block or (self.allow is not None and source != "builtin" and name not in self.allow):
@@ -306,23 +324,23 @@ class PluginHost:
                 f'plugin "{name}" ({location}) is an unhashable {type(plugin).__name__}; register a module or an '
                 "ordinary class instance (a dataclass plugin needs eq=False)"
             )
-            log.error("%s", record.errors[-1])
+            self._report(logging.ERROR, record.errors[-1])
             return
         unknown = self._unknown_hooks(plugin)
         if unknown:
             record.status = "failed"
             for hook in unknown:
                 record.errors.append(
-                    f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook)}'
+                    f'plugin "{name}" ({location}) implements unknown hook "{hook}"{did_you_mean(hook, HOOK_NAMES)}'
                 )
-                log.error("%s", record.errors[-1])
+                self._report(logging.ERROR, record.errors[-1])
             return
         mismatched = self._mismatched_signatures(plugin)
         if mismatched:
             record.status = "failed"
             for problem in mismatched:
                 record.errors.append(f'plugin "{name}" ({location}) {problem}')
-                log.error("%s", record.errors[-1])
+                self._report(logging.ERROR, record.errors[-1])
             return
         try:
             self.pm.register(plugin, name=name)
@@ -343,14 +361,14 @@ class PluginHost:
                     f"a hook but is not marked @hookimpl, so it is never called; add `@hookimpl` "
                     f"(from hub import hookimpl) above it, or rename it"
                 )
-                log.warning("%s", record.warnings[-1])
+                self._report(logging.WARNING, record.warnings[-1])
         record.hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
         if not record.hooks and not record.warnings and source != "builtin":
             record.warnings.append(
                 f'plugin "{name}" ({location}) implements no hook, so it contributes nothing; mark its hook '
                 f"functions `@hookimpl` (from hub import hookimpl), or put a helper module inside a package plugin"
             )
-            log.warning("%s", record.warnings[-1])
+            self._report(logging.WARNING, record.warnings[-1])
         log.debug("loaded plugin %s from %s", name, location)
 
     def _unknown_hooks(self, plugin: object) -> list[str]:
@@ -400,7 +418,7 @@ class PluginHost:
     def _fail(self, record: PluginRecord, message: str, exc: BaseException) -> None:
         record.status = "failed"
         record.errors.append(message)
-        log.error("%s\n%s", message, "".join(traceback.format_exception(exc)).rstrip())
+        self._report(logging.ERROR, message, exc)
 
     # --- calling hooks ----------------------------------------------------------------------
 
@@ -449,6 +467,8 @@ class PluginHost:
                 record.targets.append(target.name)
 
             self._guarded(record, "register_targets", call, register=register)
+        for record in self.records.values():
+            record.settle()
         return targets
 
     def collect_models(self) -> list[ModelSpec]:
@@ -476,6 +496,8 @@ class PluginHost:
                 record.models.append(spec.key)
 
             self._guarded(record, "register_models", call, register=register)
+        for record in self.records.values():
+            record.settle()
         return sorted(specs.values(), key=lambda s: (s.name, s.version))
 
     def _guarded(self, record: PluginRecord, hook: str, call: pluggy.HookCaller, **kwargs: Any) -> None:
@@ -497,7 +519,22 @@ class PluginHost:
     def _spec_error(self, record: PluginRecord, message: str) -> None:
         text = f'plugin "{record.name}" ({record.location}): {message}'
         record.errors.append(text)
-        log.error("%s", text)
+        self._report(logging.ERROR, text)
+
+    def _report(self, level: int, message: str, exc: BaseException | None = None) -> None:
+        """Log a plugin's error or warning (with the traceback of `exc`, as pytest reports a
+        plugin's import error), once: the same message from the same files again, when
+        `refresh` re-imports every plugin for a change elsewhere (--watch) or a registration
+        hook runs twice, goes to DEBUG. A host that does not `report` (a frontend of
+        --workers N, which reads the plugins the model process reports on) logs at DEBUG."""
+        again = message in self._reported or message in self._reported_before
+        self._reported.add(message)
+        if again or not self.report:
+            level = logging.DEBUG
+        if exc is None:
+            log.log(level, "%s", message)
+        else:
+            log.log(level, "%s\n%s", message, "".join(traceback.format_exception(exc)).rstrip())
 
     # --- the typed facade over the remaining hooks -----------------------------------------
 
@@ -537,9 +574,9 @@ class PluginHost:
                         f"model '{spec.name}': the artifact raised while {where} checked it: "
                         f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
                     )
-                    log.error("%s", message, exc_info=exc)
+                    log.debug("%s", message, exc_info=exc)  # the build's caller logs the message
                     raise BuildError(message) from exc
-                log.error("%s raised in validate_artifact\n%s", where, "".join(traceback.format_exception(exc)))
+                log.debug("%s raised in validate_artifact", where, exc_info=exc)
                 raise PluginError(f"{where} raised in validate_artifact for model '{spec.key}': {exc!r}") from exc
             for result in returned:
                 problem = _malformed_validation(result)
