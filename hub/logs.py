@@ -152,6 +152,9 @@ class ThreadStderr(io.TextIOBase):
     def encoding(self) -> str:  # type: ignore[override]
         return str(getattr(self.stream, "encoding", "utf-8"))
 
+    def __getattr__(self, name: str) -> Any:  # `buffer`, `errors`, ...: the real stream's
+        return getattr(self.stream, name)
+
 
 class TorchToDebug(logging.Filter):
     """On torch's own stderr handlers (its loggers do not propagate to ours, and print in
