@@ -38,14 +38,21 @@ def http_input(name: str, array: np.ndarray, datatype: str, binary: bool = True)
     return tensor
 
 
-def call(url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    """One plain HTTP request (what curl sends): (status, parsed JSON body or raw bytes)."""
+def _raw_call(
+    url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
+    """One plain HTTP request (what curl sends): (status, the body's bytes)."""
     request = urllib.request.Request(f"http://{url}{path}", data=body, headers=headers or {})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
-            status, raw = response.status, response.read()
+            return response.status, response.read()
     except urllib.error.HTTPError as err:
-        status, raw = err.code, err.read()
+        return err.code, err.read()
+
+
+def call(url: str, path: str, body: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+    """One plain HTTP request (what curl sends): (status, parsed JSON body or raw bytes)."""
+    status, raw = _raw_call(url, path, body, headers)
     try:
         return status, json.loads(raw) if raw else None
     except ValueError:
@@ -836,7 +843,8 @@ def test_json_claiming_many_elements_is_refused_before_allocating(hub_server: Ru
 
 def _worst_ping_while(url: str, send: Any) -> tuple[Any, float]:
     """`send()`'s result, and the longest a /v2/health/ready took meanwhile (probes every 10 ms
-    on a connection of their own)."""
+    on a connection of their own). The prober is a thread of this process: `send` must not
+    hold the GIL for long (parse a large reply after this returns, not in `send`)."""
     import http.client
     import threading
 
@@ -880,11 +888,11 @@ def test_a_large_json_answer_does_not_hold_up_other_requests(hub_server: Running
     slice at a time, into the JSON json.dumps writes."""
     values = np.random.default_rng(0).random(1 << 22, dtype=np.float32)
     body, headers = _binary_fp32(values)
-    (status, reply), worst = _worst_ping_while(
-        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+    (status, raw), worst = _worst_ping_while(
+        hub_server.http_url, lambda: _raw_call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
     )
     assert status == 200
-    output = reply["outputs"][0]
+    output = json.loads(raw)["outputs"][0]
     assert output["shape"] == [1, values.size] and "parameters" not in output
     assert np.array_equal(np.array(output["data"], dtype=np.float32), values)
     assert worst < 1.0, worst
@@ -917,9 +925,9 @@ def test_a_large_classification_does_not_hold_up_other_requests(hub_server: Runn
     outputs = [{"name": "OUTPUT0", "parameters": {"classification": values.size, "binary_data": True}}]
     body, headers = _binary_fp32(values, outputs=outputs)
     (status, reply), worst = _worst_ping_while(
-        hub_server.http_url, lambda: call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
+        hub_server.http_url, lambda: _raw_call(hub_server.http_url, "/v2/models/identity_fp32/infer", body, headers)
     )
-    assert status == 200 and isinstance(reply, bytes)
+    assert status == 200
     top = int(np.argmax(values))
     assert f"{float(values[top]):f}:{top}".encode() in reply[:4096]
     assert worst < 1.0, worst
