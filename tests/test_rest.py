@@ -570,6 +570,21 @@ def test_a_request_target_that_is_no_path_is_404_json(hub_server: RunningServer,
     assert json.loads(body) == {"error": f"no such endpoint: {target}"}
 
 
+@pytest.mark.parametrize("path", ["/v2/models/addsub/infer", "/v2/health/live", "/v2/nowhere"])
+def test_an_unknown_expectation_is_417_json(hub_server: RunningServer, path: str) -> None:
+    """aiohttp answered an `Expect` other than 100-continue with a plain-text "Unknown
+    Expect" (before our middlewares), which a client parsing every error as JSON could not
+    read (found by the REST fuzzer, tests/fuzzing.py). 100-continue still gets its interim
+    answer, and then the endpoint's."""
+    head = f"POST {path} HTTP/1.1\r\nHost: x\r\nExpect: bearer x\r\nContent-Length: 0\r\n\r\n"
+    status, headers, body = _raw_http(hub_server.http_url, head.encode())
+    assert (status, headers["content-type"]) == (417, "application/json"), body
+    assert "bearer x" in json.loads(body)["error"]
+    status, headers, body = _raw_http(hub_server.http_url, b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+                                      b"Expect: 100-Continue\r\n\r\n")  # fmt: skip
+    assert status == 100
+
+
 def test_a_method_the_path_does_not_take_is_405_json(hub_server: RunningServer) -> None:
     """Triton answers a known endpoint asked with the wrong method 405 Method Not Allowed (with
     a JSON error), not 404, which says that there is no such endpoint."""

@@ -13,7 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, hdrs, web
 
 from hub.core.dataplane import DataPlane
 from hub.errors import BodyTimeout, Cancelled, HubError, InvalidInput, TooLarge
@@ -106,6 +106,24 @@ def _guarded(handler: Handler) -> Handler:
     return guarded
 
 
+async def _expect(request: web.Request) -> web.Response | None:
+    """An `Expect` header: `100-continue` gets its interim answer, as aiohttp gives it; any
+    other expectation our JSON 417 (aiohttp raised its plain-text "Unknown Expect", outside
+    the middlewares, so a client that parses every error as JSON could not read it)."""
+    expect = request.headers.get(hdrs.EXPECT, "")
+    if request.version != HttpVersion11:
+        return None
+    if expect.lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the answer proper has not started
+        return None
+    return web.Response(
+        body=error_body(f"unknown expectation in the Expect header: {expect[:128]!r}; only 100-continue is known"),
+        status=417,
+        headers={"Content-Type": "application/json"},
+    )
+
+
 class RestFrontend:
     """The KServe V2 REST API over one DataPlane. `max_body` caps a request body in bytes;
     `tokens` are the bearer tokens required (hub.security), none by default."""
@@ -163,10 +181,10 @@ class RestFrontend:
             ]
         for method, path, handler in routes:
             if method == "GET":  # and HEAD, as HTTP expects of a resource that answers GET (a probe may send it)
-                app.router.add_get(path, _guarded(handler))
+                app.router.add_get(path, _guarded(handler), expect_handler=_expect)
             else:
-                app.router.add_route(method, path, _guarded(handler))
-        app.router.add_route("*", "/{tail:.*}", self.not_found)
+                app.router.add_route(method, path, _guarded(handler), expect_handler=_expect)
+        app.router.add_route("*", "/{tail:.*}", self.not_found, expect_handler=_expect)
         return app
 
     # --- health and metadata ----------------------------------------------------------------
