@@ -1,13 +1,17 @@
-"""`make fuzz`: 100,000+ mutated ModelInfer requests against `modelhub serve` on 127.0.0.1.
+"""`make fuzz`: 100,000+ mutated requests per protocol against `modelhub serve` on 127.0.0.1.
 
-Starts the server in a subprocess (digits and the test plugins), sends the cases of
-tests/fuzzing.py (the default suite's fuzzer, unbounded here), judges every answer (a defined
-status with a bounded message, or a result equal to the model's, computed here), and samples
-the server's RSS. Prints the rate; exits 1 on any problem, if the server dies, or if its RSS
-grew more than --max-growth after the warm-up.
+Starts the server in a subprocess (digits and the test plugins; model control and system
+shared memory on), sends the cases of tests/fuzzing.py (the default suite's fuzzer, unbounded
+here), judges every answer (a defined status with a bounded message, over REST a JSON error;
+or a well-formed answer, with a result equal to the model's, computed here), probes the
+server's liveness after every chunk, and samples its RSS. --protocol grpc (ModelInfer
+messages), rest (KServe V2 HTTP: JSON and binary-extension infer bodies, compressed or not,
+odd headers, and every other endpoint with mutated names and bodies), or grpc,rest (both,
+chunk by chunk, on one server). Prints the rate; exits 1 on any problem, if the server dies or
+stops answering its probe, or if its RSS grew more than --max-growth after the warm-up.
 
     .venv/bin/python scripts/fuzz.py --cases 100000
-    .venv/bin/python scripts/fuzz.py --cases 100000 --workers 2 --model-copies none
+    .venv/bin/python scripts/fuzz.py --cases 20000 --protocol rest --workers 2 --model-copies none
 
 With --workers N (and --model-copies, as `modelhub serve` takes them) the server is the
 supervisor and its processes, and the RSS sampled is all of theirs.
@@ -75,16 +79,17 @@ class ServedProcess:
         self.log_path = work / "server.log"
         self.log = open(self.log_path, "w")  # noqa: SIM115 - closed in stop()
         command = [sys.executable, "-m", "hub.cli", "serve", "--host", "127.0.0.1", "--grpc-port", "0",
-                   "--metrics-port", "0", "--device", "cpu", "--no-entry-points", "--plugins-dir", str(folder),
+                   "--http-port", "0", "--metrics-port", "0", "--model-control", "--shared-memory", "system",
+                   "--device", "cpu", "--no-entry-points", "--plugins-dir", str(folder),
                    "--model-repository", str(self.models), *extra]  # fmt: skip
         self.proc = subprocess.Popen(command, stderr=self.log, cwd=ROOT)
-        self.port = 0
+        self.port = self.http_port = 0
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and self.proc.poll() is None:
             text = self.log_path.read_text()
-            match = re.search(r"listening: grpc 127\.0\.0\.1:(\d+)", text)
+            match = re.search(r"listening: grpc 127\.0\.0\.1:(\d+).*?, http 127\.0\.0\.1:(\d+)", text)
             if match:
-                self.port = int(match.group(1))
+                self.port, self.http_port = int(match.group(1)), int(match.group(2))
             if self.port and _server_ready(self.url):
                 return
             time.sleep(0.2)
@@ -93,6 +98,9 @@ class ServedProcess:
     @property
     def url(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def address(self, protocol: str) -> str:
+        return self.url if protocol == "grpc" else f"127.0.0.1:{self.http_port}"
 
     def rss_mib(self) -> float:
         """The server's resident memory: its process and, behind --workers N, its children's."""
@@ -149,8 +157,8 @@ def references(models: Path) -> dict[str, Any]:
     return refs
 
 
-def _chunks(cases: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
-    chunk: list[bytes] = []
+def _chunks(cases: Iterator[Any], size: int) -> Iterator[list[Any]]:
+    chunk: list[Any] = []
     for case in cases:
         chunk.append(case)
         if len(chunk) == size:
@@ -160,9 +168,23 @@ def _chunks(cases: Iterator[bytes], size: int) -> Iterator[list[bytes]]:
         yield chunk
 
 
+def _tracebacks(log_text: str) -> int:
+    """The tracebacks in the server's log, but those of the model made to fail (fragile's
+    "poisoned row", which the server logs as it should)."""
+    parts = log_text.split("Traceback (most recent call last):")[1:]
+    return sum("poisoned row" not in re.split(r"\n\d{4}-\d\d-\d\d ", part, maxsplit=1)[0] for part in parts)
+
+
+def _cases(protocol: str, count: int, rng: random.Random, shm: str) -> Iterator[Any]:
+    if protocol == "grpc":
+        return iter(fuzzing.mutations(fuzzing.seed_requests(rng), count, rng))
+    return iter(fuzzing.rest_cases(count, rng, shm=shm))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--cases", type=int, default=100_000)
+    parser.add_argument("--cases", type=int, default=100_000, help="cases per protocol")
+    parser.add_argument("--protocol", default="grpc", choices=["grpc", "rest", "grpc,rest"])
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--seed", type=int, default=13)
     parser.add_argument("--max-growth", type=float, default=0.10, help="RSS growth allowed after warm-up")
@@ -170,55 +192,80 @@ def main() -> int:
     parser.add_argument("--workers", type=int, help="serve with --workers N (the RSS is then every process's)")
     parser.add_argument("--model-copies", choices=["cpu", "none"], help="with --workers: serve with --model-copies")
     args = parser.parse_args()
+    protocols = args.protocol.split(",")
     extra = [] if args.workers is None else ["--workers", str(args.workers)]
     if args.model_copies:
         extra += ["--model-copies", args.model_copies]
 
-    with tempfile.TemporaryDirectory(prefix="modelhub-fuzz-") as work:
-        server = ServedProcess(test_plugins(), Path(work), *extra)
-        refs = references(server.models)
-        rng = random.Random(args.seed)
-        seeds = fuzzing.seed_requests(rng)
-        total = fuzzing.Verdicts()
-        samples: list[tuple[int, float]] = []
-        warm = max(1000, args.cases // 20)
-        started = time.monotonic()
-        sent = 0
-        for chunk in _chunks(iter(fuzzing.mutations(seeds, args.cases, rng)), 5000):
-            verdicts = asyncio.run(fuzzing.run(server.url, chunk, refs, concurrency=args.concurrency))
-            sent += len(chunk)
-            total.codes.update(verdicts.codes)
-            total.checked += verdicts.checked
-            total.problems.extend(verdicts.problems)
-            if not server.alive():
-                total.problems.append("the server died")
-                break
-            samples.append((sent, server.rss_mib()))
-            print(f"{sent:>8} cases  {sent / (time.monotonic() - started):7.0f}/s  rss {samples[-1][1]:.0f} MiB",
-                  flush=True)  # fmt: skip
-        elapsed = time.monotonic() - started
-        baseline = next((rss for n, rss in samples if n >= warm), samples[0][1])
-        final = samples[-1][1]
-        growth = final / baseline - 1
-        code = server.stop()
-        log_text = server.log_path.read_text()
+    # A system shared-memory object for the REST cases to register (as regions fuzz0 and
+    # fuzz1) and name in infer requests.
+    shm = f"/modelhub-fuzz-{os.getpid()}"
+    Path("/dev/shm" + shm).write_bytes(bytes(4096))
+    try:
+        with tempfile.TemporaryDirectory(prefix="modelhub-fuzz-") as work:
+            server = ServedProcess(test_plugins(), Path(work), *extra)
+            refs = references(server.models)
+            seeds = {p: random.Random(args.seed + (p == "rest")) for p in protocols}
+            streams = {p: _chunks(_cases(p, args.cases, seeds[p], shm), 5000) for p in protocols}
+            totals = {p: fuzzing.Verdicts() for p in protocols}
+            samples: list[tuple[int, float]] = []
+            warm = max(1000, args.cases // 20) * len(protocols)
+            started = time.monotonic()
+            sent = 0
+            while streams and server.alive():
+                for protocol, stream in list(streams.items()):
+                    chunk = next(stream, None)
+                    if chunk is None:
+                        del streams[protocol]
+                        continue
+                    address = server.address(protocol)
+                    verdicts = asyncio.run(
+                        fuzzing.run(address, chunk, refs, protocol=protocol, concurrency=args.concurrency)
+                    )
+                    sent += len(chunk)
+                    totals[protocol].add(verdicts)
+                    if server.alive() and not asyncio.run(fuzzing.probe(address, protocol)):
+                        totals[protocol].problems.append("the server did not answer its liveness probe in 10 s")
+                        streams.clear()
+                        break
+                if not server.alive():
+                    totals[protocols[0]].problems.append("the server died")
+                    break
+                samples.append((sent, server.rss_mib()))
+                print(f"{sent:>8} cases  {sent / (time.monotonic() - started):7.0f}/s  rss {samples[-1][1]:.0f} MiB",
+                      flush=True)  # fmt: skip
+            elapsed = time.monotonic() - started
+            baseline = next((rss for n, rss in samples if n >= warm), samples[0][1])
+            final = samples[-1][1]
+            growth = final / baseline - 1
+            code = server.stop()
+            log_text = server.log_path.read_text()
+    finally:
+        Path("/dev/shm" + shm).unlink(missing_ok=True)
+    problems = [problem for p in protocols for problem in totals[p].problems]
     result = {
         "cases": sent,
         "seconds": round(elapsed, 1),
         "rate_per_s": round(sent / elapsed),
         "concurrency": args.concurrency,
         "server": extra,
-        "codes": dict(total.codes),
-        "checked_results": total.checked,
+        **{
+            p: {
+                "codes": dict(totals[p].codes),
+                "checked_results": totals[p].checked,
+                "problems": len(totals[p].problems),
+            }
+            for p in protocols
+        },
         "rss_mib": {"after_warmup": round(baseline), "final": round(final), "growth": round(growth, 4)},
-        "tracebacks_in_log": log_text.count("Traceback"),
+        "tracebacks_in_log": _tracebacks(log_text),
         "exit_code": code,
-        "problems": total.problems[:20],
+        "problems": problems[:20],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))
-    failed = total.problems or growth > args.max_growth or result["tracebacks_in_log"] or code != 0
+    failed = problems or growth > args.max_growth or result["tracebacks_in_log"] or code != 0
     return 1 if failed else 0
 
 

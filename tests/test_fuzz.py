@@ -6,15 +6,8 @@ result equal to the model's in-process; the server stays up and keeps its memory
 from __future__ import annotations
 
 import asyncio
-import copy
-import gzip
-import json
 import random
 import struct
-import urllib.error
-import urllib.request
-import zlib
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import grpc
@@ -25,7 +18,6 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from hub.datatypes import NUMPY_DTYPES, encode_bytes
-from hub.errors import MESSAGE_LIMIT
 from hub.protocol.generated import grpc_service_pb2 as pb
 
 from . import fuzzing
@@ -124,118 +116,22 @@ def test_generated_claims_get_defined_answers(
     assert set(verdicts.codes) <= {"OK", "INVALID_ARGUMENT"}, verdicts.codes
 
 
-# --- REST: JSON bodies with one part replaced, dropped or nested ------------------------------
-
-_REST_SEEDS = [
-    ("digits", {"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 1, 8, 8], "data": [0.5] * 64}]}),
-    (
-        "addsub",
-        {
-            "id": "a",
-            "inputs": [
-                {"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]},
-                {"name": "INPUT1", "datatype": "FP32", "shape": [1, 4], "data": [[1, 1, 1, 1]]},
-            ],
-            "outputs": [{"name": "SUM", "parameters": {"classification": 2}}, {"name": "DIFF"}],
-            "parameters": {"binary_data_output": False},
-        },
-    ),
-    ("identity_bytes", {"inputs": [{"name": "INPUT0", "datatype": "BYTES", "shape": [1, 2], "data": ["a", "bc"]}]}),
-    ("identity_bool", {"inputs": [{"name": "INPUT0", "datatype": "BOOL", "shape": [2], "data": [True, False]}]}),
-    ("fragile", {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 1], "data": [1.0]}]}),
-]
-_WEIRD: list[Any] = [None, True, -1, 0, 2**70, 1.5, -1e308, "", "x" * 3000, "9" * 5000, [], {}, [1, "a"], [[[]]],
-                     [-1], [2**63], {"a": {"b": [None]}}, "FP32", "BYTES", [1] * 65]  # fmt: skip
+# --- REST: the same harness, over HTTP --------------------------------------------------------
 
 
-def _parts(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    """Every path into a JSON value (dict keys and list indexes), the value itself first."""
-    found = [path]
-    if isinstance(value, dict):
-        for key, item in value.items():
-            found += _parts(item, (*path, key))
-    elif isinstance(value, list):
-        for index, item in enumerate(value[:8]):
-            found += _parts(item, (*path, index))
-    return found
-
-
-def _mutate_json(body: dict[str, Any], rng: random.Random) -> bytes:
-    out = copy.deepcopy(body)
-    path = rng.choice(_parts(out)[1:])
-    parent = out
-    for step in path[:-1]:
-        parent = parent[step]
-    choice = rng.randrange(4)
-    if choice == 0:
-        del parent[path[-1]]
-    elif choice == 1:
-        nested = parent[path[-1]]
-        for _ in range(rng.choice([2, 70, 900])):
-            nested = [nested]
-        parent[path[-1]] = nested
-    else:
-        parent[path[-1]] = rng.choice(_WEIRD)
-    data = json.dumps(out).encode()
-    if rng.random() < 0.1:  # and now and then the bytes themselves
-        cut = rng.randrange(len(data) + 1)
-        data = data[:cut] + bytes(rng.randrange(256) for _ in range(rng.randrange(4))) + data[cut + rng.randrange(3) :]
-    return data
-
-
-def _encode_rest(body: bytes, rng: random.Random) -> tuple[bytes, dict[str, str]]:
-    """The body as sent: as it is mostly, else gzip or deflate, now and then cut short, with a
-    byte flipped, under the other coding's name or a coding we do not read."""
-    roll = rng.random()
-    if roll < 0.7:
-        return body, {}
-    coding = rng.choice(["gzip", "deflate"])
-    data = gzip.compress(body) if coding == "gzip" else zlib.compress(body)
-    if roll < 0.8:
-        data = data[: rng.randrange(len(data))]
-    elif roll < 0.85:
-        i = rng.randrange(len(data))
-        data = data[:i] + bytes([data[i] ^ (1 << rng.randrange(8))]) + data[i + 1 :]
-    elif roll < 0.9:
-        coding = {"gzip": "deflate", "deflate": "gzip"}[coding]
-    elif roll < 0.93:
-        coding = rng.choice(["br", "zstd", "gzip, deflate", "compress"])
-    return data, {"Content-Encoding": coding, "Accept-Encoding": rng.choice(["gzip", "deflate", "br", "*"])}
-
-
-def test_mutated_rest_bodies(hub_server: RunningServer) -> None:
-    """1,500 JSON inference bodies with one part replaced by a value of the wrong type, dropped
-    or nested deep, three in ten of them compressed (some corrupt, some cut short, some under
-    a coding we do not read): each answered 200 or a 4xx with a bounded JSON error (500 only
-    from the model made to fail), and the server stays up."""
+def test_mutated_rest_requests(hub_server: RunningServer, references: dict[str, Any]) -> None:
+    """3,000 REST requests from tests/fuzzing.py: JSON and binary-extension infer bodies with
+    one part replaced by a value of the wrong type, dropped or nested deep, three in ten
+    compressed (some corrupt, cut short or under a coding we do not read), odd headers, and
+    the other endpoints under odd names and bodies. Each answer is a 4xx with a bounded JSON
+    error (500 only from the model made to fail), or a well-formed 2xx whose outputs are the
+    model's; the server stays up. Model control is off here: load, unload and settings
+    changes are refused, so the shared server keeps its models."""
     rng = random.Random(29)
-    cases = [
-        (model, *_encode_rest(_mutate_json(body, rng), rng))
-        for model, body in (rng.choice(_REST_SEEDS) for _ in range(1500))
-    ]
-
-    def send(case: tuple[str, bytes, dict[str, str]]) -> tuple[str, int, str]:
-        model, data, headers = case
-        request = urllib.request.Request(
-            f"http://{hub_server.http_url}/v2/models/{model}/infer", data=data, headers=headers
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=30) as response:
-                response.read()
-                return model, response.status, ""
-        except urllib.error.HTTPError as err:
-            return model, err.code, json.loads(err.read())["error"]
-
-    with ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(send, cases))
-    problems = [
-        f"{model}: {status} {error[:200]!r}"
-        for model, status, error in answers
-        if (status not in (200, 400, 404) and not (status == 500 and model in fuzzing.MAY_FAIL))
-        or len(error) > MESSAGE_LIMIT + 64
-    ]
-    assert not problems, "\n".join(problems[:20])
-    statuses = {status for _, status, _ in answers}
-    assert {200, 400} <= statuses, statuses
-    with urllib.request.urlopen(f"http://{hub_server.http_url}/v2/health/live", timeout=10) as response:
-        assert response.status == 200
+    cases = list(fuzzing.rest_cases(3000, rng))
+    verdicts = asyncio.run(
+        fuzzing.run(hub_server.http_url, cases, references, protocol="rest", concurrency=8, timeout=30)
+    )
+    assert not verdicts.problems, "\n".join(verdicts.problems[:20])
+    assert verdicts.checked > 100 and verdicts.codes["400"] > 1000 and verdicts.codes["404"] > 300, verdicts.codes
+    assert asyncio.run(fuzzing.probe(hub_server.http_url, "rest"))
