@@ -47,7 +47,7 @@ bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; s
 bench-gpu: install $(PA)  ## ResNet-50 served (perf_analyzer) and in-process, eager vs compiled; GPU when there is one
 	$(BIN)/python scripts/bench_gpu.py --out bench-results/gpu-bench.json
 
-fuzz: install  ## 100,000 mutated ModelInfer requests against `modelhub serve` on 127.0.0.1; prints the rate
+fuzz: install  ## 100,000 mutated ModelInfer requests (scripts/fuzz.py --protocol rest or grpc,rest for REST) against `modelhub serve`; prints the rate
 	$(BIN)/python scripts/fuzz.py --cases 100000 --out bench-results/fuzz.json
 
 soak: install  ## 120 s at concurrency 32, good and bad requests; fails on any error or RSS growth over 5%

@@ -231,6 +231,8 @@ def main() -> int:
                 if not server.alive():
                     totals[protocols[0]].problems.append("the server died")
                     break
+                if samples and samples[-1][0] == sent:  # the streams had ended
+                    break
                 samples.append((sent, server.rss_mib()))
                 print(f"{sent:>8} cases  {sent / (time.monotonic() - started):7.0f}/s  rss {samples[-1][1]:.0f} MiB",
                       flush=True)  # fmt: skip

@@ -32,6 +32,7 @@ from hub.datatypes import NUMPY_DTYPES, from_buffer
 from hub.errors import MESSAGE_LIMIT, HubError
 from hub.protocol.codec import TYPED_FIELDS, decode_inputs
 from hub.protocol.generated import grpc_service_pb2 as pb
+from hub.protocol.rest.codec import _flatten as flatten_json  # row-major, as Triton reads JSON data
 
 INFER = "/inference.GRPCInferenceService/ModelInfer"
 INTERESTING = [
@@ -573,27 +574,12 @@ def rest_cases(count: int, rng: random.Random, *, shm: str | None = None) -> Ite
             yield _other_case(rng, models, shm)
 
 
-def _flatten(value: Any) -> list[Any]:
-    """The leaves of nested lists in row-major order, without recursion."""
-    out: list[Any] = []
-    stack = [iter([value])]
-    while stack:
-        for item in stack[-1]:
-            if isinstance(item, list):
-                stack.append(iter(item))
-                break
-            out.append(item)
-        else:
-            stack.pop()
-    return out
-
-
 def _json_values(datatype: str, shape: Any, data: Any) -> np.ndarray:
     """A tensor's JSON `data` decoded here, strictly: ValueError for anything the server may
     read some other way (or must refuse)."""
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 31 for d in shape):
         raise ValueError("shape")
-    flat = _flatten(data)
+    flat = flatten_json(data)
     if len(flat) != int(np.prod(shape)) or datatype not in NUMPY_DTYPES:
         raise ValueError("count")
     dtype = NUMPY_DTYPES[datatype]
@@ -664,12 +650,12 @@ def _rest_outputs(answer: bytes, header_length: str | None) -> tuple[dict[str, A
             outputs[name] = from_buffer(name, datatype, tuple(shape), tail[offset : offset + size])
             offset += size
         elif datatype == "BYTES":
-            values = _flatten(tensor["data"])
+            values = flatten_json(tensor["data"])
             if len(values) != int(np.prod(shape)) or not all(isinstance(v, str) for v in values):
                 raise ValueError(f"output {name}: {len(values)} BYTES values for shape {shape}")
             outputs[name] = np.array([v.encode() for v in values], np.object_).reshape(shape)
         else:
-            outputs[name] = np.array(_flatten(tensor["data"]), NUMPY_DTYPES[datatype]).reshape(shape)
+            outputs[name] = np.array(flatten_json(tensor["data"]), NUMPY_DTYPES[datatype]).reshape(shape)
     if offset != len(tail):
         raise ValueError(f"binary outputs of {offset} bytes in a {len(tail)}-byte tail")
     return payload, outputs
