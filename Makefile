@@ -47,8 +47,8 @@ bench: install $(PA)  ## benchmarks: ours vs the peers and the ceilings (long; s
 bench-gpu: install $(PA)  ## ResNet-50 served (perf_analyzer) and in-process, eager vs compiled; GPU when there is one
 	$(BIN)/python scripts/bench_gpu.py --out bench-results/gpu-bench.json
 
-fuzz: install  ## 100,000 mutated ModelInfer requests (scripts/fuzz.py --protocol rest or grpc,rest for REST) against `modelhub serve`; prints the rate
-	$(BIN)/python scripts/fuzz.py --cases 100000 --out bench-results/fuzz.json
+fuzz: install  ## 100,000 mutated requests per protocol (gRPC ModelInfer, and every REST endpoint) against `modelhub serve`; prints the rate
+	$(BIN)/python scripts/fuzz.py --cases 100000 --protocol grpc,rest --out bench-results/fuzz.json
 
 soak: install  ## 120 s at concurrency 32, good and bad requests; fails on any error or RSS growth over 5%
 	$(BIN)/python scripts/soak.py --seconds 120 --concurrency 32 --out bench-results/soak.json
