@@ -142,6 +142,21 @@ def test_the_config_example_builds_the_bundled_digits(tmp_path: Path) -> None:
     assert artifact.manifest["status"] == "ok", artifact.manifest
 
 
+def test_the_yaml_config_example_applies_to_the_bundled_digits(tmp_path: Path) -> None:
+    """docs/config.md's YAML example, as a user copies it, applies to the bundled digits model (a
+    lower max_batch_size without preferred sizes under it is refused)."""
+    from hub.config import DeploymentConfig
+    from hub.plugins.manager import PluginHost
+
+    example = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "config.md").read_text(), re.S)
+    assert example is not None
+    (tmp_path / "deploy.yaml").write_text(example.group(1))
+    deployment = DeploymentConfig.load(tmp_path / "deploy.yaml")
+    host = PluginHost(link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits"), entry_points=False)
+    (spec,) = deployment.apply(host.collect_models())
+    assert spec.target == "onnx-int8" and spec.batching.max_batch_size == 32
+
+
 def test_the_preprocess_contract_and_the_batching_default_are_documented() -> None:
     """A plugin author learns from docs/plugins.md what `preprocess` gets and returns (its
     signature as ModelSpec declares it) and that a spec without `batching` is not batched."""

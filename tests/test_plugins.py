@@ -236,6 +236,20 @@ def test_import_error_names_the_line_of_the_plugin_that_raised(plugins: Path) ->
     assert "ZeroDivisionError" in error and f"raised at {package / 'inner.py'} line 2" in error
 
 
+def test_import_error_names_the_line_with_a_relative_plugins_dir(plugins: Path) -> None:
+    """`--plugins-dir plugins` (the default is relative): the plugin's location is relative, the
+    traceback's frames absolute, and the error still names the line that raised."""
+    write(plugins, "raises_at_import", 'import numpy\n\nraise RuntimeError("boom at import")\n')
+    listing = subprocess.run(
+        [sys.executable, "-m", "hub.cli", "plugins", "--plugins-dir", plugins.name, "--no-entry-points", "--json"],
+        capture_output=True, text=True, timeout=120, cwd=plugins.parent,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )  # fmt: skip
+    assert listing.returncode == 1, listing.stderr
+    (errors,) = [p["errors"] for p in json.loads(listing.stdout) if p["name"] == "raises_at_import"]
+    assert f"raised at {plugins / 'raises_at_import.py'} line 3" in errors[0], errors
+
+
 def test_a_model_that_fails_to_load_is_logged_with_its_plugin_and_file(
     plugins: Path, start_server: Any, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -99,11 +99,11 @@ _NAMESPACE_ROOT = "modelhub_plugins"
 
 def _raised_at(exc: BaseException, location: str) -> str:
     """' (raised at FILE line N)': the innermost frame of the plugin's own files, or ''."""
-    base = Path(location)
+    base = Path(location).resolve()  # relative for a relative --plugins-dir (the default); frames are absolute
     root = base.parent if base.name == "__init__.py" else base
     where = ""
     for frame in traceback.extract_tb(exc.__traceback__):
-        path = Path(frame.filename)
+        path = Path(frame.filename).resolve()
         if path == base or root in path.parents:
             where = f" (raised at {frame.filename} line {frame.lineno})"
     return where
