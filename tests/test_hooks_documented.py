@@ -127,16 +127,9 @@ def test_every_target_default_tolerance_is_documented() -> None:
 def test_the_config_example_builds_the_bundled_digits(tmp_path: Path) -> None:
     """docs/config.md's TOML example, as a user copies it, applies to the bundled digits model and
     builds (its int8_exclude names a module digits has; a pattern that matches none fails the build)."""
-    from hub.config import DeploymentConfig
     from hub.pipeline.builder import Builder
-    from hub.plugins.manager import PluginHost
 
-    example = re.search(r"```toml\n(.*?)```", (ROOT / "docs" / "config.md").read_text(), re.S)
-    assert example is not None
-    (tmp_path / "deploy.toml").write_text(example.group(1))
-    deployment = DeploymentConfig.load(tmp_path / "deploy.toml")
-    host = PluginHost(link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits"), entry_points=False)
-    (spec,) = deployment.apply(host.collect_models())
+    spec, host = _config_example_on_digits(tmp_path, "toml")
     assert spec.target == "onnx-int8" and spec.options["int8_exclude"]
     artifact = Builder(tmp_path / "models", host.collect_targets(), host, device="cpu").ensure(spec)
     assert artifact.manifest["status"] == "ok", artifact.manifest
@@ -145,16 +138,23 @@ def test_the_config_example_builds_the_bundled_digits(tmp_path: Path) -> None:
 def test_the_yaml_config_example_applies_to_the_bundled_digits(tmp_path: Path) -> None:
     """docs/config.md's YAML example, as a user copies it, applies to the bundled digits model (a
     lower max_batch_size without preferred sizes under it is refused)."""
+    spec, _ = _config_example_on_digits(tmp_path, "yaml")
+    assert spec.target == "onnx-int8" and spec.batching.max_batch_size == 32
+
+
+def _config_example_on_digits(tmp_path: Path, language: str) -> tuple[Any, Any]:
+    """docs/config.md's example in `language` (toml, yaml), written to a file as a user copies
+    it and applied to the bundled digits: (its spec, the plugin host)."""
     from hub.config import DeploymentConfig
     from hub.plugins.manager import PluginHost
 
-    example = re.search(r"```yaml\n(.*?)```", (ROOT / "docs" / "config.md").read_text(), re.S)
+    example = re.search(rf"```{language}\n(.*?)```", (ROOT / "docs" / "config.md").read_text(), re.S)
     assert example is not None
-    (tmp_path / "deploy.yaml").write_text(example.group(1))
-    deployment = DeploymentConfig.load(tmp_path / "deploy.yaml")
+    (tmp_path / f"deploy.{language}").write_text(example.group(1))
+    deployment = DeploymentConfig.load(tmp_path / f"deploy.{language}")
     host = PluginHost(link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits"), entry_points=False)
     (spec,) = deployment.apply(host.collect_models())
-    assert spec.target == "onnx-int8" and spec.batching.max_batch_size == 32
+    return spec, host
 
 
 def test_the_preprocess_contract_and_the_batching_default_are_documented() -> None:
