@@ -586,11 +586,16 @@ def test_serve_has_limit_flags() -> None:
 
 
 @pytest.mark.parametrize(
-    ("flag", "value", "named"),
-    [("--http-header-timeout", "-1", "header_timeout"), ("--http-body-rate", "0", "body_rate")],
+    ("flag", "value", "named", "wanted"),
+    [
+        ("--http-header-timeout", "-1", "header_timeout", "a positive"),
+        ("--http-body-rate", "0", "body_rate", "a positive"),
+        ("--max-stream-bytes", "0", "stream_bytes", "a positive"),
+        ("--grpc-max-streams", "-1", "grpc_streams", "0 (no bound) or a positive"),
+    ],
 )
-def test_serve_refuses_a_bad_rest_timing_limit(flag: str, value: str, named: str) -> None:
-    """`serve` with a timing limit that bounds nothing exits 2 with one line naming it."""
+def test_serve_refuses_a_bad_limit(flag: str, value: str, named: str, wanted: str) -> None:
+    """`serve` with a limit that bounds nothing exits 2 with one line naming it."""
     import subprocess
     import sys
 
@@ -608,7 +613,7 @@ def test_serve_refuses_a_bad_rest_timing_limit(flag: str, value: str, named: str
     ]
     result = subprocess.run([*command, flag, value], capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
-    assert f"bad limit: limit {named} must be a positive" in result.stderr
+    assert f"bad limit: limit {named} must be {wanted}" in result.stderr
     assert "Traceback" not in result.stderr
 
 
