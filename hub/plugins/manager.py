@@ -97,27 +97,27 @@ _HOST_NUMBERS = itertools.count(1)
 _NAMESPACE_ROOT = "modelhub_plugins"
 
 
+def _raised_where(exc: BaseException, ours: Callable[[Path], bool]) -> str:
+    """' (raised at FILE line N)': the innermost frame of `exc` whose (resolved) file is `ours`, or ''."""
+    where = ""
+    for frame in traceback.extract_tb(exc.__traceback__):
+        if ours(Path(frame.filename).resolve()):
+            where = f" (raised at {frame.filename} line {frame.lineno})"
+    return where
+
+
 def _raised_at(exc: BaseException, location: str) -> str:
     """' (raised at FILE line N)': the innermost frame of the plugin's own files, or ''."""
     base = Path(location).resolve()  # relative for a relative --plugins-dir (the default); frames are absolute
     root = base.parent if base.name == "__init__.py" else base
-    where = ""
-    for frame in traceback.extract_tb(exc.__traceback__):
-        path = Path(frame.filename).resolve()
-        if path == base or root in path.parents:
-            where = f" (raised at {frame.filename} line {frame.lineno})"
-    return where
+    return _raised_where(exc, lambda path: path == base or root in path.parents)
 
 
 def raised_in(exc: BaseException, files: Iterable[Path]) -> str:
     """' (raised at FILE line N)': the innermost frame of `exc` in one of `files` (a plugin's
     sources), or ''."""
     sources = {str(path) for path in files}
-    where = ""
-    for frame in traceback.extract_tb(exc.__traceback__):
-        if str(Path(frame.filename).resolve()) in sources:
-            where = f" (raised at {frame.filename} line {frame.lineno})"
-    return where
+    return _raised_where(exc, lambda path: str(path) in sources)
 
 
 def _raised_by_run(exc: BaseException, runtime: object) -> bool:

@@ -4,16 +4,15 @@ with ONNX Runtime, on the CUDA execution provider when it is installed and asked
 from __future__ import annotations
 
 import logging
-import traceback
 import warnings
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from hub.errors import BuildError, exception_line
 from hub.plugins.hookspecs import hookimpl
+from hub.plugins.manager import raised_in
 from hub.runtimes.tolerances import FP32
 from hub.spec import ArtifactContext, ModelSpec, Runtime, Target
 
@@ -71,12 +70,7 @@ def export_failure(spec: ModelSpec, target: str, exc: BaseException) -> BuildErr
     cause = exc
     while cause.__cause__ is not None:
         cause = cause.__cause__
-    where = ""
-    sources = {str(path) for path in spec.sources}
-    for error in (exc, cause):
-        for frame in traceback.extract_tb(error.__traceback__):
-            if str(Path(frame.filename).resolve()) in sources:
-                where = f" (raised at {frame.filename} line {frame.lineno})"
+    where = raised_in(cause, spec.sources) or raised_in(exc, spec.sources)
     summary = exception_line(cause)
     if "inferred a static shape" in summary:  # torch.export's word for a -1 dim the model fixes
         summary += " (the model fixes a dimension the spec declares -1: a view or reshape with a literal size?)"
