@@ -61,6 +61,21 @@ class Limits:
       one connection, 35 GB. 64 MiB, `request_bytes`: a stream holds about what one request may
       cost. At that bound 4 MiB answers compute 16 at a time per stream; answers of 1 MiB or
       less are bounded by `stream_in_flight` as before.
+    - `unsent_bytes` (gRPC and REST): the most bytes of answers the server holds for clients
+      that have not read them (computed and handed to the transport, not yet taken), counted at
+      their tensors' size; one connection may hold a quarter of it. An answer that would take
+      the server or its connection past its bound is dropped and its request answered
+      RESOURCE_EXHAUSTED (429), unless nothing is held there (hub/core/unsent.py). Each held
+      answer costs about 4x its size in gRPC's and Python's buffers (a JSON answer's text is
+      2-3x its tensors): without a bound, 200 calls of 30 bytes for 4 MiB answers on one
+      connection that granted no flow-control window took a server from 255 MB to 1.6 GB in
+      6 s, and 100 REST connections that sent a request and read nothing, 440 MB. 512 MiB: at
+      most about 2 GB held, 0.5 GB for one connection; clients that read take their answers
+      as they come, and 128 MiB unread on one connection is 32 answers of 4 MiB that its client
+      has not read yet. A client that gathers more large answers than it reads at once (a
+      batch job of thousands of calls for images on a slow link) needs it raised. Answers
+      under 4 KiB are not counted. With `--workers N` each frontend holds its share, the
+      bound over N.
     - `grpc_streams` (gRPC): the most calls one HTTP/2 connection may have open at once
       (HTTP/2's SETTINGS_MAX_CONCURRENT_STREAMS); 0, the default, sets no bound, as Triton and
       grpc do. Each call holds its answer in the server (about 4x its size, grpc's buffers and
@@ -100,6 +115,7 @@ class Limits:
     request_entries: int = 1 << 14
     stream_in_flight: int = 64
     stream_bytes: int = 64 << 20
+    unsent_bytes: int = 512 << 20
     grpc_streams: int = 0
     header_timeout: float = 75.0
     body_timeout: float = 60.0
@@ -116,6 +132,7 @@ class Limits:
             "request_entries",
             "stream_in_flight",
             "stream_bytes",
+            "unsent_bytes",
             "body_rate",
         ):
             value = getattr(self, name)

@@ -314,6 +314,7 @@ class Server:
             logs=log_control,
             tracer=tracer,
             traces=traces,
+            unsent_bytes=config.limits.unsent_bytes,
         )
         if config.serve_engine is not None:
             from hub.workers.engine import EngineService

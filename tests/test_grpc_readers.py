@@ -5,6 +5,7 @@ clients are served meanwhile."""
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import struct
 import time
@@ -253,3 +254,161 @@ def test_streams_that_are_not_read_leave_the_thread_pool_server_serving(
     finally:
         assert server.stop() == 0, server.output()
     assert max(seconds) < 2, seconds
+
+
+def _bulky_counts(url: str) -> tuple[int, int]:
+    """How many requests "bulky" has answered, and how many failed."""
+    statistics = tc.InferenceServerClient(url).get_inference_statistics("bulky", as_json=True)
+    stats = statistics["model_stats"][0]["inference_stats"]
+    return int(stats["success"].get("count", 0)), int(stats["fail"].get("count", 0))
+
+
+def _settled(url: str, requests: int, timeout: float = 10) -> tuple[int, int]:
+    """(answered, failed) for "bulky" once `requests` in all have been answered or failed."""
+    deadline = time.monotonic() + timeout
+    while sum(counts := _bulky_counts(url)) < requests and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return counts
+
+
+def _big_call(url: str, kib: int = 1024) -> Any:
+    """A well-behaved tritonclient call for a `kib` KiB answer: its result or its error."""
+    client = tc.InferenceServerClient(url)
+    tensor = tc.InferInput("INPUT0", [1, 1], "INT32")
+    tensor.set_data_from_numpy(np.full((1, 1), kib, np.int32))
+    try:
+        return client.infer("bulky", [tensor], client_timeout=10)
+    except tc.InferenceServerException as exc:
+        return exc
+    finally:
+        client.close()
+
+
+def test_answers_nobody_reads_are_bounded_per_connection_and_for_the_server(start_server: Any, plugins: Path) -> None:
+    """unsent_bytes=4 MiB, so 1 MiB per connection: a connection that asks for three 1 MiB
+    answers and reads nothing has one; four such connections hold the server's 4 MiB, and a
+    fifth, or a client that reads, gets RESOURCE_EXHAUSTED naming --max-unsent-bytes until
+    they go; small answers are not counted. Before, every answer was held until its client
+    went: 200 calls for 4 MiB answers on one connection took the server past 1.6 GB."""
+    server = start_server(plugins, limits=Limits(unsent_bytes=4 << 20))
+    url = server.url
+    plane = server.server.plane
+    sockets = []
+    try:
+        sockets.append(_non_reader(url, 3, _bulky(1024)))
+        assert _settled(url, 3) == (1, 2)  # its own quarter: the first answer always goes
+        for connection in range(3):
+            sockets.append(_non_reader(url, 1, _bulky(1024)))
+            assert _settled(url, 4 + connection) == (2 + connection, 2)
+        assert plane.unsent.held == 4 << 20
+        refused = _big_call(url)  # the server's bound, on a connection that holds nothing
+        assert isinstance(refused, tc.InferenceServerException), refused
+        assert refused.status() == "StatusCode.RESOURCE_EXHAUSTED" and "--max-unsent-bytes" in refused.message()
+        assert _good_call(url) < 2  # 16 bytes: not counted
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while plane.unsent.held and time.monotonic() < deadline:  # given back as each connection closes
+        time.sleep(0.05)
+    assert plane.unsent.held == 0
+    answered = _big_call(url)
+    assert not isinstance(answered, Exception), answered
+    assert answered.as_numpy("OUTPUT0").nbytes == 1 << 20
+
+
+def test_a_streams_unread_answers_count_against_its_connections_share(start_server: Any, plugins: Path) -> None:
+    """A stream's answers are held until its client takes them, as a unary call's are: with
+    1 MiB per connection (unsent_bytes=4 MiB), a stream that writes three requests for 1 MiB
+    answers and reads none has the first answered and the others refused on the stream,
+    naming the bound; once read, they are given back, and the next stream is served whole."""
+    server = start_server(plugins, limits=Limits(unsent_bytes=4 << 20))
+    _, answers = asyncio.run(_unread_stream(server.url, [1024] * 3, wait=1.0))
+    assert [bool(a.error_message) for a in answers] == [False, True, True], [a.error_message for a in answers]
+    assert all("quarter of --max-unsent-bytes" in a.error_message for a in answers[1:])
+    assert server.server.plane.unsent.held == 0
+    _, answers = asyncio.run(_unread_stream(server.url, [1024], wait=0.2))
+    assert [a.error_message for a in answers] == [""]
+
+
+@pytest.mark.parametrize("workers, grpc_server", [(1, "threads"), (2, "aio")])
+def test_answers_nobody_reads_are_bounded_in_the_other_server_shapes(
+    plugins: Path, model_repository: Path, tmp_path: Path, workers: int, grpc_server: str
+) -> None:
+    """`--grpc-server threads` counts unread answers too (grpcio's call-end callback, on one of
+    its threads, hands the giving back to the loop), and so does each frontend of `--workers 2`
+    (with half the bound each): a connection that reads nothing is refused past its share,
+    and once it goes its share is free again."""
+    flags = ("--grpc-server", grpc_server, "--max-unsent-bytes", str(4 << 20))
+    server = Workers(plugins, model_repository, tmp_path, workers, *flags)
+    try:
+        sock = _non_reader(server.url, 3, _bulky(1024))
+        assert _settled(server.url, 3) == (1, 2)
+        sock.close()
+        time.sleep(0.5)
+        sock = _non_reader(server.url, 1, _bulky(1024))
+        assert _settled(server.url, 4) == (2, 2)
+        sock.close()
+    finally:
+        assert server.stop() == 0, server.output()
+
+
+def _rest_non_reader(url: str, kib: int) -> socket.socket:
+    """A REST connection that asks for a `kib` KiB binary answer and reads nothing."""
+    body = json.dumps(
+        {
+            "inputs": [{"name": "INPUT0", "datatype": "INT32", "shape": [1, 1], "data": [kib]}],
+            "outputs": [{"name": "OUTPUT0", "parameters": {"binary_data": True}}],
+        }
+    ).encode()
+    host, port = url.rsplit(":", 1)
+    sock = socket.create_connection((host, int(port)))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    head = f"POST /v2/models/bulky/infer HTTP/1.1\r\nHost: {url}\r\nContent-Type: application/json\r\n"
+    sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+    return sock
+
+
+def test_rest_answers_nobody_reads_are_bounded(start_server: Any, plugins: Path) -> None:
+    """REST answers count until they are written (aiohttp waits for the client's socket to
+    drain): with unsent_bytes=32 MiB, two connections that ask for 16 MiB and read nothing hold
+    it all, and a third request is answered 429 naming --max-unsent-bytes (16 MiB: more than
+    the kernel's socket buffers take in). Before, 100 such connections held 440 MB."""
+    server = start_server(plugins, limits=Limits(unsent_bytes=32 << 20))
+    url = server.url
+    sockets = [_rest_non_reader(server.http_url, 16 << 10) for _ in range(2)]
+    try:
+        assert _settled(url, 2) == (2, 0)
+        time.sleep(0.2)
+        assert server.server.plane.unsent.held == 32 << 20
+        third = _rest_non_reader(server.http_url, 16 << 10)
+        sockets.append(third)
+        reply = _read_all_http(third)
+        assert reply.startswith(b"HTTP/1.1 429"), reply[:200]
+        assert b"--max-unsent-bytes" in reply
+    finally:
+        for sock in sockets:
+            sock.close()
+    deadline = time.monotonic() + 5
+    while server.server.plane.unsent.held and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert server.server.plane.unsent.held == 0
+
+
+def _read_all_http(sock: socket.socket, timeout: float = 5) -> bytes:
+    """A short HTTP response, read until its body is complete or `timeout`."""
+    sock.settimeout(timeout)
+    data = b""
+    while b"\r\n\r\n" not in data or len(data) < data.index(b"\r\n\r\n") + 4 + _length(data):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+def _length(data: bytes) -> int:
+    for line in data.split(b"\r\n\r\n", 1)[0].split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            return int(line.split(b":", 1)[1])
+    return 0

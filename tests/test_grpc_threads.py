@@ -184,7 +184,7 @@ async def test_a_handler_past_its_deadline_waits_for_grpc_aio_only(monkeypatch: 
     servicer = cast(Any, types.SimpleNamespace(limits=DEFAULT_LIMITS))
     guarded = servicer_module._tolerant("ServerLive", handler, servicer).unary_unary
     loop = asyncio.get_running_loop()
-    for context, waits in ((_Expired(), True), (_AioContext(cast(Any, _Expired())), False)):
+    for context, waits in ((_Expired(), True), (_AioContext(cast(Any, _Expired()), loop), False)):
         started = loop.time()
         response = await guarded(pb.ServerLiveRequest(), context)
         assert response.live

@@ -591,6 +591,7 @@ def test_serve_has_limit_flags() -> None:
         ("--http-header-timeout", "-1", "header_timeout", "a positive"),
         ("--http-body-rate", "0", "body_rate", "a positive"),
         ("--max-stream-bytes", "0", "stream_bytes", "a positive"),
+        ("--max-unsent-bytes", "0", "unsent_bytes", "a positive"),
         ("--grpc-max-streams", "-1", "grpc_streams", "0 (no bound) or a positive"),
     ],
 )

@@ -392,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
             int,
         ),
         (
+            "--max-unsent-bytes",
+            "unsent_bytes",
+            "most bytes of answers held for clients that have not read them (a quarter of it per connection)",
+            int,
+        ),
+        (
             "--grpc-max-streams",
             "grpc_streams",
             "most gRPC calls open at once on one connection (0, the default: no bound, as Triton)",
@@ -549,6 +555,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.role == "all" and workers > 1:
         logs.name_process("supervisor")
         argv = list(sys.argv[1:] if args.argv is None else args.argv)
+        # Each frontend holds its share of the answers clients have not read (the last flag wins).
+        argv += ["--max-unsent-bytes", str(max(1, limits.unsent_bytes // workers))]
         return Supervisor(
             argv,
             workers,

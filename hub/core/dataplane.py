@@ -23,6 +23,7 @@ from hub.core.models import ServedModel
 from hub.core.repository import ModelRepository
 from hub.core.trace import Tracer
 from hub.core.trace import write as write_trace
+from hub.core.unsent import COUNTED, UnsentAnswers
 from hub.errors import (
     CANCELLED,
     OK,
@@ -35,7 +36,7 @@ from hub.errors import (
     code_of,
     shorten,
 )
-from hub.limits import MODEL_NAME_MAX, REQUEST_ID_MAX
+from hub.limits import DEFAULT_LIMITS, MODEL_NAME_MAX, REQUEST_ID_MAX
 from hub.logs import LogSettings
 from hub.shm import OutputTarget, SharedMemoryRegistry
 from hub.spec import ModelSpec
@@ -156,8 +157,11 @@ class DataPlane:
         logs: LogControl | None = None,
         tracer: Tracer | None = None,
         traces: TraceControl | None = None,
+        unsent_bytes: int = DEFAULT_LIMITS.unsent_bytes,
     ) -> None:
         self.repository = repository
+        #: The answers held for clients that have not read them (hub/core/unsent.py).
+        self.unsent = UnsentAnswers(unsent_bytes)
         self.logs: LogControl = logs or LogSettings()
         #: Samples this process's requests; `traces` changes its settings (and other processes').
         self.tracer = tracer or Tracer()
@@ -358,6 +362,7 @@ class DataPlane:
         timeout: float | None = None,
         accepted: bool = False,
         heavy: Callable[[InferResponse], bool] | None = None,
+        hold: Callable[[int], None] | None = None,
     ) -> T:
         """One inference, accounted in statistics and metrics. `decode` (given the model's
         spec) and `encode` are the frontend's; their time and their errors count as the
@@ -365,6 +370,10 @@ class DataPlane:
         more than the event loop should spend on it (REST's JSON of many values), so that it
         holds up no other request; it must then give the GIL up now and then (no single C call
         over a whole tensor). Large classifications are computed in a worker thread too.
+        `hold(size)` is called for an answer of `COUNTED` bytes or more (its tensors' bytes,
+        less those written to shared memory) before it is encoded: the frontend counts it in
+        `self.unsent` until its client takes it, and a LimitReached from there is the
+        request's answer.
         While the server drains it raises ShuttingDown, unless the frontend
         `accept()`ed the request before (`accepted`; it `release()`s it too).
 
@@ -407,6 +416,13 @@ class DataPlane:
                 written: frozenset[str] = frozenset()
                 if request.outputs and any(o.target is not None for o in request.outputs):
                     written = _write_shared(request.outputs, outputs)
+                if hold is not None:
+                    size = 0
+                    for n, array in outputs:
+                        if n not in written:
+                            size += array.nbytes
+                    if size >= COUNTED:
+                        hold(size)
                 response = InferResponse(model.name, str(model.version), request_id, outputs, written)
                 if heavy is not None and heavy(response):
                     return await asyncio.get_running_loop().run_in_executor(None, encode, response)

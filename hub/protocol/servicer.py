@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -301,7 +301,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     # --- inference --------------------------------------------------------------------------
 
     async def _infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None, accepted: bool = False
+        self,
+        request: pb.ModelInferRequest,
+        time_remaining: float | None,
+        hold: Callable[[int], None],
+        accepted: bool = False,
     ) -> pb.ModelInferResponse:
         plane = self.plane
         limits = self.limits
@@ -316,6 +320,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 encode_response,
                 timeout=timeout,
                 accepted=accepted,
+                hold=hold,
             )
 
         if plane.shared_memory is None:  # nothing to hold: a request naming a region is refused in decoding
@@ -324,8 +329,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             return await answer(holds)
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        unsent = self.plane.unsent
+
+        def hold(size: int) -> None:  # a large answer, counted until the call ends: read, or gone
+            give_back = unsent.take(size, context.peer())
+            context.add_done_callback(lambda _: give_back())
+
         try:
-            return await self._infer(request, context.time_remaining())
+            return await self._infer(request, context.time_remaining(), hold)
         except HubError as exc:
             failure = _status(exc)
         return _fail(context, failure)
@@ -357,7 +368,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """
         loop = asyncio.get_running_loop()
         grpc_errors = _grpc_error_mode(context)
-        done: asyncio.Queue[tuple[pb.ModelStreamInferResponse, int] | _StreamEnd] = asyncio.Queue()
+        # Each answer with its size and what gives it back to the server's count of unread ones.
+        done: asyncio.Queue[_Answer | _StreamEnd] = asyncio.Queue()
         most, budget = self.limits.stream_in_flight, self.limits.stream_bytes
         unread = 0  # requests read whose answers the client has not taken yet
         largest = 0  # bytes of the stream's largest answer so far; 0: none answered yet
@@ -365,6 +377,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         room = asyncio.Event()  # set when `unread` falls or `largest` is learnt
         tasks: set[asyncio.Task[None]] = set()
         plane = self.plane
+        unsent, peer = plane.unsent, context.peer()
 
         def may_read() -> bool:
             # Answers of 4 MiB for 30-byte requests: 64 unread ones held 256 MiB per stream.
@@ -375,8 +388,14 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def answer(request: pb.ModelInferRequest) -> None:
             nonlocal largest, held
+            give_back: Callable[[], None] | None = None
+
+            def hold(size: int) -> None:  # counted server-wide too, until the client takes it
+                nonlocal give_back
+                give_back = unsent.take(size, peer)
+
             try:
-                infer_response = await self._infer(request, context.time_remaining(), accepted=True)
+                infer_response = await self._infer(request, context.time_remaining(), hold, accepted=True)
                 size = max(1, sum(len(contents) for contents in infer_response.raw_output_contents))
                 if size > largest:
                     largest = size
@@ -389,7 +408,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     )
                 infer_response.parameters[FINAL_RESPONSE].bool_param = True
                 response = pb.ModelStreamInferResponse(infer_response=infer_response)
-            except HubError as exc:
+            except BaseException as exc:
+                if give_back is not None:
+                    give_back()
+                    give_back = None
+                if not isinstance(exc, HubError):
+                    raise
                 status = _status(exc)
                 if grpc_errors:
                     await done.put(_StreamEnd(status))
@@ -401,7 +425,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 response = pb.ModelStreamInferResponse(error_message=status[1], infer_response=stub)
                 size = 1
             held += size
-            await done.put((response, size))
+            await done.put((response, size, give_back))
 
         async def read() -> None:
             nonlocal unread
@@ -457,9 +481,13 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         reader.add_done_callback(self._readers.discard)
         try:
             while not isinstance(item := await done.get(), _StreamEnd):
-                response, size = item
+                response, size, give_back = item
                 del item
-                yield response
+                try:
+                    yield response
+                finally:  # taken, or the client went away
+                    if give_back is not None:
+                        give_back()
                 del response
                 unread -= 1
                 held -= size
@@ -471,7 +499,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             reader.cancel()
             for task in list(tasks):
-                task.cancel()
+                task.cancel()  # (one cancelled here has taken nothing: it holds an answer only once queued)
+            while not done.empty():  # answers the client will never take
+                left = done.get_nowait()
+                if not isinstance(left, _StreamEnd) and left[2] is not None:
+                    left[2]()
 
     # --- shared memory ----------------------------------------------------------------------
 
@@ -601,3 +633,8 @@ class _StreamEnd:
 
     status: tuple[grpc.StatusCode, str] | None = None
     error_on_stream: bool = False
+
+
+#: An answer in a stream's queue: the response, its size, and what gives it back to the
+#: server's count of unread answers (None: not counted).
+_Answer = tuple[pb.ModelStreamInferResponse, int, Callable[[], None] | None]

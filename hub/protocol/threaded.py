@@ -168,14 +168,20 @@ class _AioContext:
     `send_initial_metadata` are awaited there; `abort` need not name details), for the
     handlers written for grpc.aio (grpc_health's aio servicer aborts with a code alone)."""
 
-    __slots__ = ("_context", "_written")
+    __slots__ = ("_context", "_loop", "_written")
 
     #: grpcio's synchronous server does not cancel a handler when its call's deadline passes
     #: (grpc.aio does; hub.protocol.servicer waits for that).
     cancelled_at_deadline = False
 
-    def __init__(self, context: grpc.ServicerContext, written: queue.SimpleQueue[Any] | None = None) -> None:
+    def __init__(
+        self,
+        context: grpc.ServicerContext,
+        loop: asyncio.AbstractEventLoop,
+        written: queue.SimpleQueue[Any] | None = None,
+    ) -> None:
         self._context = context
+        self._loop = loop
         self._written = written  # where a streaming coroutine's `write`s go
 
     def time_remaining(self) -> float | None:
@@ -189,6 +195,20 @@ class _AioContext:
 
     def peer(self) -> str:
         return self._context.peer()
+
+    def add_done_callback(self, callback: Callable[[Any], None]) -> None:
+        """grpc.aio's: `callback(context)` on the loop once the call has ended. grpcio's
+        `add_callback` runs its callback on one of grpc's threads, and not at all when the call
+        has ended already."""
+
+        def on_loop() -> None:
+            try:
+                self._loop.call_soon_threadsafe(callback, self)
+            except RuntimeError:  # the loop closed: nobody counts any more
+                pass
+
+        if not self._context.add_callback(on_loop):
+            on_loop()
 
     def invocation_metadata(self) -> Any:
         return self._context.invocation_metadata()
@@ -259,7 +279,7 @@ class ThreadedServer:
                 return handler
 
             def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                return bridge.call(behaviour(request, _AioContext(context)), _Rpc(bridge.loop, context))
+                return bridge.call(behaviour(request, _AioContext(context, bridge.loop)), _Rpc(bridge.loop, context))
 
             return handler._replace(unary_unary=unary_unary)
         if handler.unary_stream is not None:
@@ -286,7 +306,9 @@ class ThreadedServer:
 
         def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
             rpc = _Rpc(bridge.loop, context)
-            return bridge.call(behaviour(_AsyncRequests(requests, self.readers), _AioContext(context)), rpc)
+            return bridge.call(
+                behaviour(_AsyncRequests(requests, self.readers), _AioContext(context, bridge.loop)), rpc
+            )
 
         return handler._replace(stream_unary=stream_unary)
 
@@ -294,7 +316,7 @@ class ThreadedServer:
         """A streaming behaviour's responses: an async generator's items, or what a coroutine
         writes with `context.write` (grpc.aio's other way, grpc_health's Watch)."""
         written: queue.SimpleQueue[Any] = queue.SimpleQueue()
-        behaviour = start(_AioContext(context, written))
+        behaviour = start(_AioContext(context, self.bridge.loop, written))
         if inspect.isasyncgen(behaviour):
             return self._iterate(behaviour, context)
         return self._written(behaviour, written, context)

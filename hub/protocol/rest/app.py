@@ -305,25 +305,36 @@ class RestFrontend:
             raw = await read_body(request, self.max_body, body_too_large(self.max_body), **pace)
         parsed = parse_request(raw, json_length, self.limits)
         info = request.match_info
-        with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
-            body, header_length = await self.plane.infer(
-                info["model"],
-                info.get("version", ""),
-                parsed.id,
-                lambda spec: decode_request(parsed, spec, self.limits, holds),
-                lambda response: encode_response(parsed, response),
-                timeout=parsed.timeout,
-                heavy=lambda response: encoding_is_heavy(parsed, response),
-            )
-        if header_length is None:
-            return await compressed(request, web.Response(body=body, headers={"Content-Type": "application/json"}))
-        return await compressed(
-            request,
-            web.Response(
-                body=body,
-                headers={"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)},
-            ),
-        )
+        unsent = self.plane.unsent
+        given: list[Callable[[], None]] = []  # what gives a large answer back to the count of unread ones
+
+        def hold(size: int) -> None:  # (a connection carries one request at a time: no bound of its own)
+            given.append(unsent.take(size, None))
+
+        try:
+            with Holds(self.plane.shared_memory) as holds:  # the regions it names stay mapped until it is answered
+                body, header_length = await self.plane.infer(
+                    info["model"],
+                    info.get("version", ""),
+                    parsed.id,
+                    lambda spec: decode_request(parsed, spec, self.limits, holds),
+                    lambda response: encode_response(parsed, response),
+                    timeout=parsed.timeout,
+                    heavy=lambda response: encoding_is_heavy(parsed, response),
+                    hold=hold,
+                )
+            if header_length is None:
+                headers = {"Content-Type": "application/json"}
+            else:
+                headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
+            response = await compressed(request, web.Response(body=body, headers=headers))
+            if given:  # written here, so that it is counted until the client has taken it (or gone)
+                await response.prepare(request)
+                await response.write_eof()
+            return response
+        finally:
+            for give_back in given:
+                give_back()
 
     # --- everything else --------------------------------------------------------------------
 
