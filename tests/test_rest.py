@@ -1101,3 +1101,25 @@ def test_a_client_that_disconnects_mid_body_is_one_throttled_info_line(
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in lines)
     assert all("disconnected" in r.getMessage() for r in lines)
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_a_transfer_coding_other_than_chunked_is_501_naming_it(hub_server: RunningServer) -> None:
+    """`Transfer-Encoding: gzip, chunked`: aiohttp reads the chunks and hands over the gzip'd
+    bytes as the body, which was then refused as bad JSON (400) whatever it held; a transfer
+    coding the server does not implement is 501 (RFC 9112 6.1), naming it. Chunked alone, and a
+    body compressed with Content-Encoding, are read as before."""
+    document = json.dumps(
+        {"inputs": [{"name": "INPUT0", "datatype": "FP32", "shape": [1, 4], "data": [1, 2, 3, 4]}]}
+    ).encode()
+    for coding, body, wanted in (
+        ("gzip, chunked", gzip.compress(document), 501),
+        ("chunked", document, 200),
+    ):
+        chunked = b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+        head = f"POST /v2/models/identity_fp32/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: {coding}\r\n\r\n"
+        status, headers, reply = _raw_http(hub_server.http_url, head.encode() + chunked)
+        assert (status, headers["content-type"]) == (wanted, "application/json"), reply
+        if wanted == 501:
+            assert "Transfer-Encoding 'gzip, chunked'" in json.loads(reply)["error"]
+        else:
+            assert json.loads(reply)["outputs"][0]["data"] == [1, 2, 3, 4]

@@ -33,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from hub.errors import BodyTimeout, Cancelled, InvalidInput, TooLarge
+from hub.errors import BodyTimeout, Cancelled, InvalidInput, TooLarge, Unsupported
 
 #: The codings we read and write, by their HTTP token.
 GZIP, DEFLATE = "gzip", "deflate"
@@ -130,7 +130,14 @@ async def read_body(request: web.Request, limit: int, too_large: str, *, grace: 
     TooLarge with the message `too_large` when it is, or would inflate to, more (aiohttp's
     HTTPRequestEntityTooLarge when it is larger than the application's client_max_size).
     BodyTimeout when it arrives slower than `rate` bytes/s after `grace` seconds (_read_paced),
-    Cancelled when the client disconnects before it has sent it."""
+    Cancelled when the client disconnects before it has sent it. Unsupported (501) for a
+    transfer coding other than chunked."""
+    transfer = [c.strip().lower() for h in request.headers.getall("Transfer-Encoding", ()) for c in h.split(",")]
+    if transfer and transfer != ["chunked"]:  # aiohttp reads `gzip, chunked` as chunked alone: gzip'd bytes as JSON
+        raise Unsupported(
+            f"Transfer-Encoding {', '.join(transfer)[:64]!r} is not supported: only chunked (RFC 9112 6.1); "
+            "send a compressed body with Content-Encoding"
+        )
     coding = request_coding(request.headers.get("Content-Encoding"))
     length = request.content_length
     if coding is None and length is not None and length > limit:
