@@ -73,7 +73,9 @@ class Limits:
       most about 2 GB held, 0.5 GB for one connection; clients that read take their answers
       as they come, and 128 MiB unread on one connection is 32 answers of 4 MiB that its client
       has not read yet. A client that gathers more large answers than it reads at once (a
-      batch job of thousands of calls for images on a slow link) needs it raised. Answers
+      batch job of thousands of calls for images on a slow link) needs it raised, as does a
+      proxy that carries many clients' calls on a few connections (the share is per
+      connection the server sees). Answers
       under 4 KiB are not counted. With `--workers N` each frontend holds its share, the
       bound over N.
     - `grpc_streams` (gRPC): the most calls one HTTP/2 connection may have open at once
