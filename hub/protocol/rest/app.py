@@ -329,8 +329,14 @@ class RestFrontend:
                 headers = {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(header_length)}
             response = await compressed(request, web.Response(body=body, headers=headers))
             if given:  # written here, so that it is counted until the client has taken it (or gone)
-                await response.prepare(request)
-                await response.write_eof()
+                try:
+                    await response.prepare(request)
+                    await response.write_eof()
+                except ConnectionError:
+                    # The client went away: aiohttp's own writing of the response says the same and
+                    # stops there. Raised on from here it was "Error handling request" with a
+                    # traceback whose frames kept their answers (4 MiB each) until a full collection.
+                    pass
             return response
         finally:
             for give_back in given:
