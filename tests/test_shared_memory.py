@@ -439,6 +439,20 @@ def test_the_region_limit(side: Side, monkeypatch: pytest.MonkeyPatch) -> None:
     register("limit_3", handle.key, 64)
 
 
+def test_a_region_larger_than_the_address_space_is_a_limit_not_a_crash(side: Side) -> None:
+    """A sparse object costs the client nothing at any size, but the server maps what it
+    registers: 2^48 bytes is past the 2^47 of a process's address space (what mmap hands out
+    without a hint, even with 5-level paging). The registration is RESOURCE_EXHAUSTED naming
+    byte_size, as any limit the server reaches, where it was UNKNOWN with the OSError's text
+    (gRPC) or a 500 (REST), and a traceback in the log for each."""
+    handle = side.region("vast", 64, register=False)
+    os.truncate(Path("/dev/shm") / handle.key.lstrip("/"), 1 << 48)
+    register = side.client.register_system_shared_memory
+    side.expect("RESOURCE_EXHAUSTED", lambda: register("vast", handle.key, 1 << 48), "'vast'", f"byte_size {1 << 48}")
+    register("vast", handle.key, 64)  # the object itself is fine, and nothing was left behind
+    assert side.client.get_system_shared_memory_status("vast")
+
+
 def test_a_truncated_object_is_refused_not_a_crash(side: Side) -> None:
     handle = side.region("shrinks", 4096)
     os.truncate(Path("/dev/shm") / handle.key.lstrip("/"), 16)

@@ -19,6 +19,7 @@ Safety rules (Triton had out-of-bounds CVEs here):
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
@@ -55,6 +56,9 @@ MAX_REGIONS = 1024
 #: Longest region name and key accepted (a key is one file name: NAME_MAX).
 NAME_MAX = 256
 KEY_MAX = 255
+#: The errors of opening or mapping an object that say the process is out of something
+#: (memory or address space, file descriptors), not that the client's object is wrong.
+_OUT_OF_RESOURCES = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 #: What a CUDA IPC handle is on the wire (sizeof(cudaIpcMemHandle_t)).
 CUDA_HANDLE_BYTES = 64
 
@@ -162,6 +166,8 @@ class SystemRegion(Region):
         except PermissionError:
             raise InvalidInput(f"{label}: the server may not open the object its key names (permissions)") from None
         except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                raise LimitReached(f"{label}: the server cannot open another file ({exc.strerror})") from None
             # ELOOP: a link, which is never followed. Name the errno only, not the path.
             raise InvalidInput(f"{label}: the object its key names cannot be opened ({exc.strerror})") from None
         try:
@@ -175,7 +181,21 @@ class SystemRegion(Region):
                 )
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             delta = offset - start
-            mapping = mmap.mmap(fd, delta + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            try:
+                mapping = mmap.mmap(
+                    fd, delta + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+                )
+            except OSError as exc:
+                # A sparse object can be far larger than memory: mapping 2^46 bytes of one twice
+                # ran out of address space (ENOMEM), and with a file descriptor per mapping the
+                # process's open-file limit runs out too (EMFILE). Either is a limit the request
+                # ran into, not a fault of the server: answered as one, naming the size asked for,
+                # where grpc answered UNKNOWN with the OSError's text and REST a bare 500.
+                if exc.errno in _OUT_OF_RESOURCES:
+                    raise LimitReached(
+                        f"{label}: the server cannot map byte_size {byte_size} of the object ({exc.strerror})"
+                    ) from None
+                raise InvalidInput(f"{label}: the object its key names cannot be mapped ({exc.strerror})") from None
         except BaseException:
             os.close(fd)
             raise
