@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import resource
 import stat
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -51,7 +52,8 @@ CUDA = "cuda"
 KINDS = (SYSTEM, CUDA)
 #: Where POSIX shared-memory objects live (glibc's shm_open opens the key's file here).
 SHM_DIR = Path("/dev/shm")
-#: The most regions registered at once (each holds a file descriptor and a mapping).
+#: The most regions registered at once (each holds two file descriptors and a mapping), where
+#: the process's open-file limit allows as many (`region_limit`).
 MAX_REGIONS = 1024
 #: Longest region name and key accepted (a key is one file name: NAME_MAX).
 NAME_MAX = 256
@@ -375,9 +377,10 @@ class SharedMemoryRegistry:
         check_region_name(name)
         if name in self._regions:
             raise AlreadyExists(f"shared memory region '{_name(name)}' is already registered")
-        if len(self._regions) >= MAX_REGIONS:
+        limit, why = region_limit()
+        if len(self._regions) >= limit:
             raise LimitReached(
-                f"this server holds {MAX_REGIONS} shared memory regions, its limit; unregister some first"
+                f"this server holds {limit} shared memory regions, its limit{why}; unregister some first"
             )
 
     def register_system(self, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
@@ -462,6 +465,19 @@ class SharedMemoryRegistry:
         for region in self._regions.values():
             region.retire()
         self._regions.clear()
+
+
+def region_limit() -> tuple[int, str]:
+    """The most regions this process may hold, and why it is less than MAX_REGIONS where it is.
+    A system region holds two file descriptors (ours, for pread, and the one mmap duplicates),
+    so regions may take at most half the process's open-file limit and leave the rest to
+    connections, model files and the log: under the soft limit of 1,024 that many hosts set, the
+    500th region took the last descriptor, and the server could no longer accept a connection
+    or load a model. Read at each registration (a cheap call), so a raised limit counts."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft // 4 >= MAX_REGIONS:
+        return MAX_REGIONS, ""
+    return max(1, soft // 4), f" (a quarter of its open-file limit of {soft}, for each region holds two)"
 
 
 def check_region_name(name: str) -> None:
