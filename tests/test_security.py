@@ -222,6 +222,15 @@ def test_rest_token_follows_the_route_an_encoded_slash_takes(guarded: RunningSer
     assert ("--model-control-token" if control else "--auth-token") in caught.value.read().decode()
 
 
+def test_rest_health_asked_with_another_method_is_405_without_a_token(guarded: RunningServer) -> None:
+    """The catch-all route that answers an unknown method keeps its path's access: a POST to a
+    health path is told 405 (Allow: GET, HEAD), as on a server without tokens, not 401."""
+    request = urllib.request.Request(f"http://{guarded.http_url}/v2/health/ready", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "GET, HEAD"
+
+
 def test_metrics_can_require_the_token(guarded: RunningServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(guarded.metrics_url, timeout=5)

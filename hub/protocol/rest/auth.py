@@ -32,15 +32,22 @@ def access_of(path: str) -> Access:
     return Access.INFERENCE
 
 
+#: The name of the catch-all route, which only answers 404 or 405 (hub/protocol/rest/app.py).
+UNROUTED = "unrouted"
+
+
 def route_path(request: web.Request) -> str:
     """The template of the route that will answer `request` ("/v2/repository/models/{model}/load"),
-    or its path where no route matched. The router matches the path with %2F still encoded,
-    while `request.path` is decoded: `/v2/repository/models/a%2Fb/load` is routed to load (model
-    'a/b'), yet its decoded path has one segment too many for the patterns above, and read as
-    an inference path it let a client without the model-control token reach load (and its
-    re-import of the plugins). The template is what the router decided, so both agree."""
-    resource = request.match_info.route.resource
-    return request.path if resource is None else resource.canonical
+    or its path where no route but the catch-all matched. The router matches the path with %2F
+    still encoded, while `request.path` is decoded: `/v2/repository/models/a%2Fb/load` is routed
+    to load (model 'a/b'), yet its decoded path has one segment too many for the patterns
+    above, and read as an inference path it let a client without the model-control token
+    reach load (and its re-import of the plugins). The template is what the router decided, so
+    both agree. The catch-all keeps its path's access (a POST to a health path is its 405)."""
+    route = request.match_info.route
+    if route.resource is None or route.name == UNROUTED:
+        return request.path
+    return route.resource.canonical
 
 
 def token_middleware(tokens: Tokens, *, access: Access | None = None) -> Middleware:
