@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -485,6 +486,22 @@ def test_a_region_larger_than_the_address_space_is_a_limit_not_a_crash(side: Sid
     side.expect("RESOURCE_EXHAUSTED", lambda: register("vast", handle.key, 1 << 48), "'vast'", f"byte_size {1 << 48}")
     register("vast", handle.key, 64)  # the object itself is fine, and nothing was left behind
     assert side.client.get_system_shared_memory_status("vast")
+
+
+def test_a_key_naming_a_hand_off_arena_is_refused(side: Side) -> None:
+    """The arenas of --workers N have names in /dev/shm while a frontend and the model process
+    shake hands; a client that registered one then kept a mapping of every tensor through that
+    frontend. A key of their form is refused, whether or not such an object exists (this one
+    stands in for an arena caught in its handshake; no server here has its pid)."""
+    name = f"modelhub-handoff-{os.getpid()}-{os.getpid()}-{900000 + next(_keys)}"
+    path = Path("/dev/shm") / name
+    path.write_bytes(b"\0" * 4096)
+    try:
+        register = side.client.register_system_shared_memory
+        for key in (name, f"/{name}"):
+            side.expect("INVALID_ARGUMENT", partial(register, "arena", key, 4096), "'arena'", "hand-off arenas")
+    finally:
+        path.unlink()
 
 
 def test_a_truncated_object_is_refused_not_a_crash(side: Side) -> None:

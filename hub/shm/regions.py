@@ -43,6 +43,7 @@ from hub.errors import (
     shorten,
 )
 from hub.limits import DEFAULT_LIMITS, Limits
+from hub.workers.arena import NAME as HANDOFF_ARENA
 
 if TYPE_CHECKING:
     from hub.shm.cuda import CudaIpc
@@ -277,6 +278,12 @@ def _key_file(key: str, label: str) -> str:
             f"{label}: the key must name a shared memory object: one name of 1 to {KEY_MAX} characters "
             "after an optional leading '/', without '/' or NUL"
         )
+    if HANDOFF_ARENA.fullmatch(name):
+        # The hand-off arenas of --workers N are named in /dev/shm while a frontend and the model
+        # process shake hands (and after a process died in between), under names a client can
+        # guess; a region is a mapping that outlives the name, so one registered then would
+        # read and write every other client's tensors through that frontend for good.
+        raise InvalidInput(f"{label}: the key names one of the server's own hand-off arenas, which no client may map")
     return name
 
 
