@@ -46,7 +46,9 @@ class Limits:
       message once parsed, and a Python object in every loop over them: 31 M of them (60 MiB,
       under `request_bytes`; 61 KB gzip'd) cost 10-12 GB and stalled the server 13-56 s.
       Counted on the wire before the message is parsed (hub/protocol/wire.py), which also
-      counts `contents.bytes_contents` entries against `bytes_elements`.
+      counts `contents.bytes_contents` entries against `bytes_elements`. The map entries of a
+      trace or log settings, load or unload request count against it too (and a trace
+      setting's values), for the same reason.
     - `stream_in_flight` (gRPC): the most requests of one ModelStreamInfer stream that are
       being computed or whose responses the client has not read yet. Past it the server stops
       reading the stream, and HTTP/2 flow control holds the client back.

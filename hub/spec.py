@@ -22,6 +22,11 @@ Arrays = Mapping[str, np.ndarray]
 
 #: How a calibrating target (onnx-int8) picks activation ranges from the calibration inputs:
 #: the spec's `calibration_method` option, one of these (ONNX Runtime's calibrators).
+#: Bounds of a BatchPolicy (see its checks): Triton's ModelConfig field types, and threads.
+INT32_MAX = 2**31 - 1
+UINT32_MAX = 2**32 - 1
+MICROSECONDS_MAX = 2**63 / 1e6  # seconds: a uint64 count of microseconds, with room for float rounding
+MAX_INSTANCES = 1024
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 DEFAULT_CALIBRATION_METHOD = "minmax"
 
@@ -101,16 +106,28 @@ class BatchPolicy:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "preferred_batch_sizes", tuple(sorted(set(self.preferred_batch_sizes))))
-        if self.max_batch_size < 0:
-            raise SpecError(f"batching.max_batch_size must be >= 0, got {self.max_batch_size}")
-        if self.max_queue_delay < 0:
-            raise SpecError(f"batching.max_queue_delay must be >= 0 seconds, got {self.max_queue_delay}")
-        if self.max_queue_size < 0:
-            raise SpecError(f"batching.max_queue_size must be >= 0, got {self.max_queue_size}")
-        if self.instances < 1:
-            raise SpecError(f"batching.instances must be >= 1, got {self.instances}")
-        if self.timeout is not None and self.timeout <= 0:
-            raise SpecError(f"batching.timeout must be > 0 seconds, got {self.timeout}")
+        # The upper bounds are what Triton's ModelConfig can carry (max_batch_size is an int32,
+        # max_queue_size a uint32, the delay and timeout uint64 microseconds), and one thread per
+        # instance. Past them, a config file's `instances = 1000000` started a million threads on
+        # the event loop (2.8 GB, never ready), a delay or timeout of nan or inf held every
+        # request for good (nan compares false with everything, 0 included), and ModelConfig
+        # failed UNKNOWN on the values the server had taken.
+        if not 0 <= self.max_batch_size <= INT32_MAX:
+            raise SpecError(f"batching.max_batch_size must be 0 to {INT32_MAX}, got {self.max_batch_size}")
+        if not 0 <= self.max_queue_delay <= MICROSECONDS_MAX:
+            raise SpecError(
+                f"batching.max_queue_delay must be 0 to {MICROSECONDS_MAX:.0f} seconds, got {self.max_queue_delay}"
+            )
+        if not 0 <= self.max_queue_size <= UINT32_MAX:
+            raise SpecError(f"batching.max_queue_size must be 0 to {UINT32_MAX}, got {self.max_queue_size}")
+        if not 1 <= self.instances <= MAX_INSTANCES:
+            raise SpecError(
+                f"batching.instances must be 1 to {MAX_INSTANCES} (each is a compute thread), got {self.instances}"
+            )
+        if self.timeout is not None and not 0 < self.timeout <= MICROSECONDS_MAX:
+            raise SpecError(
+                f"batching.timeout must be over 0 and at most {MICROSECONDS_MAX:.0f} seconds, got {self.timeout}"
+            )
         for size in self.preferred_batch_sizes:
             if not 0 < size <= max(self.max_batch_size, 0):
                 raise SpecError(

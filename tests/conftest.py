@@ -7,12 +7,14 @@ import asyncio
 import json
 import logging
 import os
+import resource
 import signal
 import subprocess
 import sys
 import threading
 import time
 from collections.abc import Iterator, Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -88,9 +90,11 @@ class Workers:
         env: dict[str, str] | None = None,
         new_session: bool = False,
         wait: bool = True,
+        open_files: int | None = None,
     ) -> None:
         """`new_session`: in a process group of its own, for a test that signals the whole
-        group; `wait`: return once it serves (False: at once, for a test of its start-up)."""
+        group; `wait`: return once it serves (False: at once, for a test of its start-up);
+        `open_files`: its soft limit on open files (`ulimit -n`), for a test of what needs them."""
         self.port_file = tmp / "ports.json"
         # The processes append (O_APPEND) and the test reads the file by its path: a read
         # through the descriptor they share would move their write offset, and a line written
@@ -106,7 +110,7 @@ class Workers:
              "--threads", "1", "--no-entry-points", "--workers", str(workers), "--port-file", str(self.port_file),
              "--shutdown-grace", "5", *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
-            start_new_session=new_session,
+            start_new_session=new_session, preexec_fn=None if open_files is None else partial(_limit_files, open_files),
         )  # fmt: skip
         if not wait:
             return
@@ -188,6 +192,12 @@ class Workers:
         code = self.process.wait(60)
         self.log.close()
         return code
+
+
+def _limit_files(soft: int) -> None:
+    """(In the child, before it runs the server) lower the soft limit on open files."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 def link_plugins(folder: Path, *sources: Path) -> Path:

@@ -205,6 +205,33 @@ def test_a_misspelt_config_key_names_the_key_it_meant(tmp_path: Path) -> None:
     assert "allowed: ['instances', 'max_batch_size'," not in result.stderr  # a top-level key: not a model's
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("max_batch_size = 4611686018427387904", "batching.max_batch_size must be 0 to 2147483647"),
+        ("max_batch_size = 8\nmax_queue_delay = nan", "batching.max_queue_delay must be 0 to "),
+        ("max_batch_size = 8\ntimeout = inf", "batching.timeout must be over 0 and at most "),
+        ("max_queue_size = 4611686018427387904", "batching.max_queue_size must be 0 to 4294967295"),
+        ("instances = 1000000", "batching.instances must be 1 to 1024 (each is a compute thread)"),
+    ],
+)
+def test_absurd_batching_values_are_refused_naming_the_key(tmp_path: Path, setting: str, expected: str) -> None:
+    """A config file's batching values past what the server can honour stopped nothing: a
+    million instances started a million threads (2.8 GB, never ready), a delay or timeout of
+    nan or inf held every request of the model for good, and ModelConfig answered UNKNOWN on
+    the values the server took. `serve` refuses them (exit 2), naming the model and the key."""
+    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    config = tmp_path / "deploy.toml"
+    config.write_text(f"[models.identity_fp32]\n{setting}\n")
+    result = modelhub(
+        "serve", "--config", str(config), "--plugins-dir", str(plugins), "--no-entry-points",
+        "--model-repository", str(tmp_path / "models"), "--device", "cpu",
+        "--grpc-port", "0", "--http-port", "0", "--metrics-port", "off", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert f"config for model 'identity_fp32': {expected}" in result.stderr, result.stderr
+
+
 def test_serve_starts_tasks_eagerly_where_python_can() -> None:
     """`modelhub serve`'s loop runs each new task's first step at once on 3.12+ (each RPC's
     handler a loop turn sooner); on 3.11 it is asyncio's plain loop."""

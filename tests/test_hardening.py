@@ -32,6 +32,7 @@ from hub.errors import MESSAGE_LIMIT, InvalidInput
 from hub.limits import Limits
 from hub.logs import Throttle
 from hub.protocol.codec import decode_inputs
+from hub.protocol.servicer import SERVICE
 
 from .conftest import TEST_PLUGINS, RunningServer, link_plugins
 
@@ -48,10 +49,13 @@ def _raw(model: str, inputs: list[tuple[str, str, list[int], bytes]]) -> service
     return request
 
 
-def _call(server: RunningServer, request: Any, timeout: float = 10) -> tuple[grpc.StatusCode, str, float]:
-    """(code, details, seconds) of one ModelInfer; `request` may be a message or raw bytes."""
+def _call(
+    server: RunningServer, request: Any, timeout: float = 10, method_name: str = INFER
+) -> tuple[grpc.StatusCode, str, float]:
+    """(code, details, seconds) of one ModelInfer (or `method_name`); `request` may be a
+    message or raw bytes."""
     with grpc.insecure_channel(server.url, options=[("grpc.max_send_message_length", 512 * MiB)]) as channel:
-        method = channel.unary_unary(INFER, request_serializer=None, response_deserializer=None)
+        method = channel.unary_unary(method_name, request_serializer=None, response_deserializer=None)
         data = request if isinstance(request, bytes) else request.SerializeToString()
         started = time.monotonic()
         try:
@@ -315,6 +319,56 @@ def test_a_request_of_a_million_empty_entries_is_refused_before_it_is_parsed(
     assert "more than 16384 entries" in err.value.details()
     assert [r.infer_response.id for r in responses if not r.error_message] == ["1"]
     assert _call(hub_server, _stream_request(2))[0] == grpc.StatusCode.OK
+
+
+#: The requests besides inference that hold a map: its field number, what a value of it is (as
+#: bytes), and what the refusal calls its entries.
+MAPS = {
+    "TraceSetting": (1, b"", "settings, and the values within each"),
+    "LogSettings": (1, b"\x08\x01", "settings"),
+    "RepositoryModelLoad": (3, b"", "parameters"),
+    "RepositoryModelUnload": (3, b"", "parameters"),
+}
+
+
+def _map_entries(method: str, count: int) -> bytes:
+    """A `method` request whose map holds `count` entries of distinct keys (as the server must
+    keep each), the model name 'digits' after them."""
+    number, value = MAPS[method][:2]
+    entries = (_field(number, _field(1, b"%06x" % i) + _field(2, value)) for i in range(count))
+    return b"".join(entries) + (_field(2, b"digits") if number == 3 else b"")
+
+
+@pytest.mark.parametrize("method", sorted(MAPS))
+def test_a_control_request_of_a_million_map_entries_is_refused_before_it_is_parsed(
+    hub_server: RunningServer, method: str
+) -> None:
+    """4 M trace settings, log settings or load parameters (52 MB) stalled every other client
+    15-42 s and grew the server 1.2-1.9 GB as upb and the handler's dict built them, to be
+    refused after (PERMISSION_DENIED, with model control off). Past Limits.request_entries
+    they are refused unparsed, as a ModelInferRequest is, naming what there are too many of."""
+    code, details, _ = _call(hub_server, _map_entries(method, MANY), method_name=f"/{SERVICE}/{method}")
+    assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+    assert f"{method}: the request holds more than 16384 entries ({MAPS[method][2]})" in details, details
+
+
+@pytest.mark.parametrize("method", sorted(MAPS))
+def test_control_requests_count_their_map_entries(limited: RunningServer, method: str) -> None:
+    """request_entries=64: a request of 64 entries passes the count (answered as ever: model
+    control is off there), one of 65 is refused; a trace setting's values count too."""
+    name = f"/{SERVICE}/{method}"
+    # 21 trace settings are 63 entries (each, its key and its value field); a load request's
+    # model name is one.
+    fits = {"TraceSetting": 21, "LogSettings": 64}.get(method, 63)
+    code, details, _ = _call(limited, _map_entries(method, fits), method_name=name)
+    assert "entries" not in details, details
+    code, details, _ = _call(limited, _map_entries(method, 65), method_name=name)
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 64 entries" in details, details
+    if method == "TraceSetting":  # 2 settings of 31 values: 2 + 2 x (2 + 31) = 68
+        values = b"".join(_field(1, b"1") for _ in range(31))
+        data = b"".join(_field(1, _field(1, key) + _field(2, values)) for key in (b"trace_rate", b"trace_count"))
+        code, details, _ = _call(limited, data, method_name=name)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "more than 64 entries" in details, details
 
 
 def test_typed_bytes_elements_are_counted_on_the_wire(hub_server: RunningServer) -> None:

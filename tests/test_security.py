@@ -196,6 +196,41 @@ def test_rest_inference_needs_the_token_and_health_stays_open(guarded: RunningSe
     client.load_model("identity_fp32", headers={"Authorization": f"Bearer {CONTROL_TOKEN}"})
 
 
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/repository/models/a%2Fb/load",
+        "/v2/repository/models/a%2Fb/unload",
+        "/v2/models/a%2Fb/trace/setting",
+        "/v2/models/a%2Fb/versions/1%2F2/stats",  # an inference route: the inference token it is
+    ],
+)
+def test_rest_token_follows_the_route_an_encoded_slash_takes(guarded: RunningServer, path: str) -> None:
+    """The router matches with %2F encoded, so these reach load, unload and the trace settings
+    with a name holding '/'; the token they need is that route's, not what the decoded path
+    (one segment longer) looks like. Read as an inference path, the inference token let a
+    client without the control token into load, which re-imports every plugin."""
+    control = "stats" not in path
+    url = f"http://{guarded.http_url}{path}"
+    if control:  # a POST with the inference token
+        request = urllib.request.Request(url, data=b"{}", headers={"Authorization": f"Bearer {TOKEN}"})
+    else:  # a GET with no token at all
+        request = urllib.request.Request(url)
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 401
+    assert ("--model-control-token" if control else "--auth-token") in caught.value.read().decode()
+
+
+def test_rest_health_asked_with_another_method_is_405_without_a_token(guarded: RunningServer) -> None:
+    """The catch-all route that answers an unknown method keeps its path's access: a POST to a
+    health path is told 405 (Allow: GET, HEAD), as on a server without tokens, not 401."""
+    request = urllib.request.Request(f"http://{guarded.http_url}/v2/health/ready", data=b"{}")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=10)
+    assert caught.value.code == 405 and caught.value.headers["Allow"] == "GET, HEAD"
+
+
 def test_metrics_can_require_the_token(guarded: RunningServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as caught:
         urllib.request.urlopen(guarded.metrics_url, timeout=5)

@@ -12,6 +12,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -437,6 +438,70 @@ def test_the_region_limit(side: Side, monkeypatch: pytest.MonkeyPatch) -> None:
     side.expect("RESOURCE_EXHAUSTED", lambda: register("limit_3", handle.key, 64), "unregister some first")
     side.client.unregister_system_shared_memory("limit_1")
     register("limit_3", handle.key, 64)
+
+
+def test_regions_leave_file_descriptors_to_the_rest_of_the_server(model_repository: Path, tmp_path: Path) -> None:
+    """Each region holds two file descriptors, so under an open-file limit of 256 a server takes
+    64 regions (a quarter of it), saying why, and still accepts connections and loads models.
+    It took regions until the descriptors ran out (at about 120 here, the 500th under the usual
+    1,024): then a new connection, a model load or a region's open failed, whoever asked."""
+    plugins = link_plugins(tmp_path / "plugins", TEST_PLUGINS / "identity.py")
+    server = Workers(plugins, model_repository, tmp_path, 1, "--model-control", "--shared-memory", "system",
+                     open_files=256)  # fmt: skip
+    key = new_key()
+    handle = shm.create_shared_memory_region("fds", key, 64)
+    try:
+        client = tc.InferenceServerClient(server.url)
+        registered = 0
+        with pytest.raises(InferenceServerException) as refused:
+            while registered < 256:
+                client.register_system_shared_memory(f"fds_{registered}", key, 64)
+                registered += 1
+        assert refused.value.status() == "StatusCode.RESOURCE_EXHAUSTED", refused.value.message()
+        assert registered == 64 and "open-file limit of 256" in refused.value.message()
+        # What needs descriptors still gets them: new connections on both protocols, a load.
+        clients = [tc.InferenceServerClient(server.url) for _ in range(16)]
+        assert all(c.is_server_ready() for c in clients)
+        assert all(th.InferenceServerClient(server.http_url).is_server_ready() for _ in range(16))
+        client.unload_model("identity_fp32")
+        client.load_model("identity_fp32")
+        tensor = tc.InferInput("INPUT0", [1, 4], "FP32")
+        tensor.set_shared_memory("fds_0", 16)
+        assert client.infer("identity_fp32", [tensor]).as_numpy("OUTPUT0").shape == (1, 4)
+        client.unregister_system_shared_memory()
+    finally:
+        shm.destroy_shared_memory_region(handle)
+        assert server.stop() == 0, server.output()
+
+
+def test_a_region_larger_than_the_address_space_is_a_limit_not_a_crash(side: Side) -> None:
+    """A sparse object costs the client nothing at any size, but the server maps what it
+    registers: 2^48 bytes is past the 2^47 of a process's address space (what mmap hands out
+    without a hint, even with 5-level paging). The registration is RESOURCE_EXHAUSTED naming
+    byte_size, as any limit the server reaches, where it was UNKNOWN with the OSError's text
+    (gRPC) or a 500 (REST), and a traceback in the log for each."""
+    handle = side.region("vast", 64, register=False)
+    os.truncate(Path("/dev/shm") / handle.key.lstrip("/"), 1 << 48)
+    register = side.client.register_system_shared_memory
+    side.expect("RESOURCE_EXHAUSTED", lambda: register("vast", handle.key, 1 << 48), "'vast'", f"byte_size {1 << 48}")
+    register("vast", handle.key, 64)  # the object itself is fine, and nothing was left behind
+    assert side.client.get_system_shared_memory_status("vast")
+
+
+def test_a_key_naming_a_hand_off_arena_is_refused(side: Side) -> None:
+    """The arenas of --workers N have names in /dev/shm while a frontend and the model process
+    shake hands; a client that registered one then kept a mapping of every tensor through that
+    frontend. A key of their form is refused, whether or not such an object exists (this one
+    stands in for an arena caught in its handshake; no server here has its pid)."""
+    name = f"modelhub-handoff-{os.getpid()}-{os.getpid()}-{900000 + next(_keys)}"
+    path = Path("/dev/shm") / name
+    path.write_bytes(b"\0" * 4096)
+    try:
+        register = side.client.register_system_shared_memory
+        for key in (name, f"/{name}"):
+            side.expect("INVALID_ARGUMENT", partial(register, "arena", key, 4096), "'arena'", "hand-off arenas")
+    finally:
+        path.unlink()
 
 
 def test_a_truncated_object_is_refused_not_a_crash(side: Side) -> None:

@@ -23,7 +23,7 @@ from hub.protocol.codec import decode_request, encode_response, request_timeout
 from hub.protocol.generated import grpc_service_pb2 as pb
 from hub.protocol.generated import grpc_service_pb2_grpc as pb_grpc
 from hub.protocol.status import status_for
-from hub.protocol.wire import too_many_entries
+from hub.protocol.wire import INFER, LOAD, LOG_SETTINGS, SETTINGS, too_many_entries
 from hub.shm import CUDA, SYSTEM, Holds
 
 log = logging.getLogger("modelhub.grpc")
@@ -75,11 +75,21 @@ def add_to_server(servicer: InferenceServicer, server: Any) -> None:
     server.add_registered_method_handlers(SERVICE, handlers)
 
 
+#: The other requests whose entries are counted before they are parsed (hub.protocol.wire).
+_SCANNED = {
+    "TraceSetting": SETTINGS,
+    "LogSettings": LOG_SETTINGS,
+    "RepositoryModelLoad": LOAD,
+    "RepositoryModelUnload": LOAD,
+}
+
+
 def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
     """`handler` with a deserializer that returns Undecodable instead of raising. A unary
     method's behaviour refuses it; a streaming one (ModelStreamInfer) sees it in its stream.
     A ModelInferRequest that holds more entries than the limits allow is Undecodable too,
-    before it is parsed (hub.protocol.wire): parsing it could cost gigabytes."""
+    before it is parsed (hub.protocol.wire): parsing it could cost gigabytes. So is a trace
+    or log settings, load or unload request with more map entries than `request_entries`."""
     parse = handler.request_deserializer
     limits = servicer.limits
 
@@ -92,16 +102,17 @@ def _tolerant(method: str, handler: Any, servicer: InferenceServicer) -> Any:
     # A message shorter than this cannot hold too many entries (each takes 2 bytes at least),
     # so the small requests whose latency is measured in µs pay one comparison.
     unscanned = 2 * min(limits.request_entries, limits.bytes_elements)
+    scan = _SCANNED.get(method, INFER)
 
     def counted(data: bytes) -> Any:
-        if len(data) > unscanned and (excess := too_many_entries(data, limits)) is not None:
+        if len(data) > unscanned and (excess := too_many_entries(data, limits, scan)) is not None:
             return Undecodable(method, len(data), excess)
         try:
             return parse(data)
         except Exception:  # as in parsed
             return Undecodable(method, len(data))
 
-    deserialize = counted if parse == pb.ModelInferRequest.FromString else parsed
+    deserialize = counted if parse == pb.ModelInferRequest.FromString or method in _SCANNED else parsed
     if handler.request_streaming or handler.unary_unary is None:
         return handler._replace(request_deserializer=deserialize)
     behaviour = handler.unary_unary

@@ -64,6 +64,31 @@ _INPUT = _Level(
 _SHAPE_BYTES = MAX_DIMS * _VARINT_BYTES
 _OUTPUT = _Level()
 _REQUEST = _Level({_number(pb.ModelInferRequest, "inputs"): _INPUT, _number(pb.ModelInferRequest, "outputs"): _OUTPUT})
+_MAP_ENTRY_VALUE = 2  # a map's entries are messages of key (1) and value (2)
+
+
+@dataclass(frozen=True)
+class Scan:
+    """What `too_many_entries` counts in one kind of request, and what its entries are, for
+    the refusal's message."""
+
+    level: _Level
+    entries: str
+
+
+INFER = Scan(
+    _REQUEST,
+    "inputs, outputs, parameters, raw_input_contents, and the fields within each input, requested output and "
+    "input contents",
+)
+#: The requests besides inference whose maps hold entries without bound. 52 MB of 4 M trace
+#: settings, log settings or load parameters (refused the same, model control being off)
+#: stalled every other client for 15-42 s and grew the server by 1.2-1.9 GB while upb and the
+#: handler's dict of them were built; a real one has a handful.
+SETTINGS = Scan(_Level({_number(pb.TraceSettingRequest, "settings"): _Level({_MAP_ENTRY_VALUE: _Level()})}),
+                "settings, and the values within each")  # fmt: skip
+LOG_SETTINGS = Scan(_Level(), "settings")
+LOAD = Scan(_Level(), "parameters")
 
 
 class _Over(Exception):
@@ -71,8 +96,10 @@ class _Over(Exception):
     _ELEMENTS, _DIMS) and, for _DIMS, the shape's length in bytes."""
 
 
-def too_many_entries(data: bytes, limits: Limits) -> str | None:
-    """What a serialized ModelInferRequest holds more of than `limits` allow, or None.
+def too_many_entries(data: bytes, limits: Limits, scan: Scan = INFER) -> str | None:
+    """What a serialized ModelInferRequest (or another request `scan` describes: its map's
+    entries, and the fields within them it names, count as entries) holds more of than
+    `limits` allow, or None.
 
     Counted, each against `limits.request_entries`: the fields at its top level (each input,
     requested output, parameter, raw_input_contents entry) and within each input (each
@@ -90,7 +117,7 @@ def too_many_entries(data: bytes, limits: Limits) -> str | None:
         return None
     left = [entries, elements]
     try:
-        _count(data, 0, len(data), _REQUEST, left)
+        _count(data, 0, len(data), scan.level, left)
     except _Over as over:
         if over.args[0] == _DIMS:
             return (
@@ -98,10 +125,7 @@ def too_many_entries(data: bytes, limits: Limits) -> str | None:
                 f"this server takes at most {MAX_DIMS}"
             )
         if over.args[0] == _ENTRIES:
-            return (
-                f"more than {entries} entries (inputs, outputs, parameters, raw_input_contents, and the fields "
-                "within each input, requested output and input contents), this server's limit per request"
-            )
+            return f"more than {entries} entries ({scan.entries}), this server's limit per request"
         return (
             f"more than {elements} contents.bytes_contents entries, this server's limit of BYTES elements per request"
         )

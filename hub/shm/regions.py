@@ -19,8 +19,10 @@ Safety rules (Triton had out-of-bounds CVEs here):
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
+import resource
 import stat
 from collections.abc import Mapping, Sequence
 from contextvars import ContextVar, Token
@@ -41,6 +43,7 @@ from hub.errors import (
     shorten,
 )
 from hub.limits import DEFAULT_LIMITS, Limits
+from hub.workers.arena import NAME as HANDOFF_ARENA
 
 if TYPE_CHECKING:
     from hub.shm.cuda import CudaIpc
@@ -50,11 +53,15 @@ CUDA = "cuda"
 KINDS = (SYSTEM, CUDA)
 #: Where POSIX shared-memory objects live (glibc's shm_open opens the key's file here).
 SHM_DIR = Path("/dev/shm")
-#: The most regions registered at once (each holds a file descriptor and a mapping).
+#: The most regions registered at once (each holds two file descriptors and a mapping), where
+#: the process's open-file limit allows as many (`region_limit`).
 MAX_REGIONS = 1024
 #: Longest region name and key accepted (a key is one file name: NAME_MAX).
 NAME_MAX = 256
 KEY_MAX = 255
+#: The errors of opening or mapping an object that say the process is out of something
+#: (memory or address space, file descriptors), not that the client's object is wrong.
+_OUT_OF_RESOURCES = frozenset({errno.ENOMEM, errno.EMFILE, errno.ENFILE})
 #: What a CUDA IPC handle is on the wire (sizeof(cudaIpcMemHandle_t)).
 CUDA_HANDLE_BYTES = 64
 
@@ -162,6 +169,8 @@ class SystemRegion(Region):
         except PermissionError:
             raise InvalidInput(f"{label}: the server may not open the object its key names (permissions)") from None
         except OSError as exc:
+            if exc.errno in _OUT_OF_RESOURCES:
+                raise LimitReached(f"{label}: the server cannot open another file ({exc.strerror})") from None
             # ELOOP: a link, which is never followed. Name the errno only, not the path.
             raise InvalidInput(f"{label}: the object its key names cannot be opened ({exc.strerror})") from None
         try:
@@ -175,7 +184,21 @@ class SystemRegion(Region):
                 )
             start = offset - offset % mmap.ALLOCATIONGRANULARITY
             delta = offset - start
-            mapping = mmap.mmap(fd, delta + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start)
+            try:
+                mapping = mmap.mmap(
+                    fd, delta + byte_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=start
+                )
+            except OSError as exc:
+                # A sparse object can be far larger than memory: mapping 2^46 bytes of one twice
+                # ran out of address space (ENOMEM), and with a file descriptor per mapping the
+                # process's open-file limit runs out too (EMFILE). Either is a limit the request
+                # ran into, not a fault of the server: answered as one, naming the size asked for,
+                # where grpc answered UNKNOWN with the OSError's text and REST a bare 500.
+                if exc.errno in _OUT_OF_RESOURCES:
+                    raise LimitReached(
+                        f"{label}: the server cannot map byte_size {byte_size} of the object ({exc.strerror})"
+                    ) from None
+                raise InvalidInput(f"{label}: the object its key names cannot be mapped ({exc.strerror})") from None
         except BaseException:
             os.close(fd)
             raise
@@ -255,6 +278,12 @@ def _key_file(key: str, label: str) -> str:
             f"{label}: the key must name a shared memory object: one name of 1 to {KEY_MAX} characters "
             "after an optional leading '/', without '/' or NUL"
         )
+    if HANDOFF_ARENA.fullmatch(name):
+        # The hand-off arenas of --workers N are named in /dev/shm while a frontend and the model
+        # process shake hands (and after a process died in between), under names a client can
+        # guess; a region is a mapping that outlives the name, so one registered then would
+        # read and write every other client's tensors through that frontend for good.
+        raise InvalidInput(f"{label}: the key names one of the server's own hand-off arenas, which no client may map")
     return name
 
 
@@ -355,9 +384,10 @@ class SharedMemoryRegistry:
         check_region_name(name)
         if name in self._regions:
             raise AlreadyExists(f"shared memory region '{_name(name)}' is already registered")
-        if len(self._regions) >= MAX_REGIONS:
+        limit, why = region_limit()
+        if len(self._regions) >= limit:
             raise LimitReached(
-                f"this server holds {MAX_REGIONS} shared memory regions, its limit; unregister some first"
+                f"this server holds {limit} shared memory regions, its limit{why}; unregister some first"
             )
 
     def register_system(self, name: str, key: str, offset: int, byte_size: int) -> SystemRegion:
@@ -442,6 +472,19 @@ class SharedMemoryRegistry:
         for region in self._regions.values():
             region.retire()
         self._regions.clear()
+
+
+def region_limit() -> tuple[int, str]:
+    """The most regions this process may hold, and why it is less than MAX_REGIONS where it is.
+    A system region holds two file descriptors (ours, for pread, and the one mmap duplicates),
+    so regions may take at most half the process's open-file limit and leave the rest to
+    connections, model files and the log: under the soft limit of 1,024 that many hosts set, the
+    500th region took the last descriptor, and the server could no longer accept a connection
+    or load a model. Read at each registration (a cheap call), so a raised limit counts."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft // 4 >= MAX_REGIONS:
+        return MAX_REGIONS, ""
+    return max(1, soft // 4), f" (a quarter of its open-file limit of {soft}, for each region holds two)"
 
 
 def check_region_name(name: str) -> None:

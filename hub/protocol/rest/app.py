@@ -20,7 +20,7 @@ from hub.errors import BodyTimeout, Cancelled, HubError, InvalidInput, TooLarge
 from hub.limits import DEFAULT_LIMITS, Limits
 from hub.logs import Throttle
 from hub.protocol import triton
-from hub.protocol.rest.auth import token_middleware
+from hub.protocol.rest.auth import UNROUTED, token_middleware
 from hub.protocol.rest.codec import (
     HEADER_LENGTH,
     decode_request,
@@ -184,7 +184,7 @@ class RestFrontend:
                 app.router.add_get(path, _guarded(handler), expect_handler=_expect)
             else:
                 app.router.add_route(method, path, _guarded(handler), expect_handler=_expect)
-        app.router.add_route("*", "/{tail:.*}", self.not_found, expect_handler=_expect)
+        app.router.add_route("*", "/{tail:.*}", self.not_found, expect_handler=_expect, name=UNROUTED)
         return app
 
     # --- health and metadata ----------------------------------------------------------------

@@ -23,12 +23,31 @@ _CONTROL = re.compile(
 
 
 def access_of(path: str) -> Access:
-    """What a request path is; anything unlisted needs the inference token."""
+    """What a request path (or a route's template, as `route_path` gives) is; anything
+    unlisted needs the inference token."""
     if _OPEN.fullmatch(path):
         return Access.OPEN
     if _CONTROL.fullmatch(path):
         return Access.CONTROL
     return Access.INFERENCE
+
+
+#: The name of the catch-all route, which only answers 404 or 405 (hub/protocol/rest/app.py).
+UNROUTED = "unrouted"
+
+
+def route_path(request: web.Request) -> str:
+    """The template of the route that will answer `request` ("/v2/repository/models/{model}/load"),
+    or its path where no route but the catch-all matched. The router matches the path with %2F
+    still encoded, while `request.path` is decoded: `/v2/repository/models/a%2Fb/load` is routed
+    to load (model 'a/b'), yet its decoded path has one segment too many for the patterns
+    above, and read as an inference path it let a client without the model-control token
+    reach load (and its re-import of the plugins). The template is what the router decided, so
+    both agree. The catch-all keeps its path's access (a POST to a health path is its 405)."""
+    route = request.match_info.route
+    if route.resource is None or route.name == UNROUTED:
+        return request.path
+    return route.resource.canonical
 
 
 def token_middleware(tokens: Tokens, *, access: Access | None = None) -> Middleware:
@@ -38,7 +57,7 @@ def token_middleware(tokens: Tokens, *, access: Access | None = None) -> Middlew
     @web.middleware
     async def require_token(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
-            tokens.check(access or access_of(request.path), request.headers.get("Authorization"))
+            tokens.check(access or access_of(route_path(request)), request.headers.get("Authorization"))
         except Unauthenticated as exc:
             status, message = status_for(exc)
             return web.Response(
