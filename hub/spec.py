@@ -20,13 +20,13 @@ _NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MODEL_NAME_MAX - 1}}}$")
 
 Arrays = Mapping[str, np.ndarray]
 
-#: How a calibrating target (onnx-int8) picks activation ranges from the calibration inputs:
-#: the spec's `calibration_method` option, one of these (ONNX Runtime's calibrators).
 #: Bounds of a BatchPolicy (see its checks): Triton's ModelConfig field types, and threads.
 INT32_MAX = 2**31 - 1
 UINT32_MAX = 2**32 - 1
 MICROSECONDS_MAX = 2**63 / 1e6  # seconds: a uint64 count of microseconds, with room for float rounding
 MAX_INSTANCES = 1024
+#: How a calibrating target (onnx-int8) picks activation ranges from the calibration inputs:
+#: the spec's `calibration_method` option, one of these (ONNX Runtime's calibrators).
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile", "distribution")
 DEFAULT_CALIBRATION_METHOD = "minmax"
 
