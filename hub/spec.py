@@ -16,7 +16,8 @@ from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of, v2_name
 from hub.errors import SpecError
 from hub.limits import MODEL_NAME_MAX
 
-_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MODEL_NAME_MAX - 1}}}$")
+#: What a model's name may be (a load or unload request naming anything else is refused at once).
+MODEL_NAME = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MODEL_NAME_MAX - 1}}}$")
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -283,7 +284,7 @@ class ModelSpec:
 
     def validate(self) -> None:
         """Raise SpecError naming the field when the spec is inconsistent."""
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
+        if not isinstance(self.name, str) or not MODEL_NAME.match(self.name):
             raise SpecError(
                 f"model name {self.name!r} must be 1-{MODEL_NAME_MAX} characters of letters, digits, '_', '.', '-'"
             )

@@ -121,6 +121,11 @@ def test_unload_then_load(scaler_server: tuple[RunningServer, Path]) -> None:
         client.infer("scaler", [one(1.0)])
     assert err.value.status() == "StatusCode.UNAVAILABLE"
     assert err.value.message().endswith("model 'scaler' version 1 is unloaded")  # not "unloaded: unloaded"
+    for impossible in ("", "a/b"):  # refused at once, not NOT_FOUND after every plugin is imported again
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model(impossible)
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT", err.value.message()
+        assert f"model name '{impossible}' cannot name a model" in err.value.message()
     # As in Triton's explicit mode, the index lists what could be loaded, with its state;
     # `ready` asks for the ready models alone. The same over REST.
     index = {m["name"]: m for m in client.get_model_repository_index(as_json=True)["models"]}

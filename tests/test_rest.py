@@ -160,6 +160,10 @@ def test_load_and_unload(start_server: Any, tmp_path: Path) -> None:
     with pytest.raises(InferenceServerException) as err:
         client.unload_model("nothing_here")
     assert err.value.status() == "404"
+    for impossible in ("-x", "..", "a:b"):  # refused at once, not NOT_FOUND after every plugin is imported again
+        with pytest.raises(InferenceServerException) as err:
+            client.load_model(impossible)
+        assert err.value.status() == "400" and f"model name '{impossible}' cannot name a model" in err.value.message()
 
 
 # --- inference --------------------------------------------------------------------------------

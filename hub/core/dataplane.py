@@ -39,7 +39,7 @@ from hub.errors import (
 from hub.limits import DEFAULT_LIMITS, MODEL_NAME_MAX, REQUEST_ID_MAX
 from hub.logs import LogSettings
 from hub.shm import OutputTarget, SharedMemoryRegistry
-from hub.spec import ModelSpec
+from hub.spec import MODEL_NAME, ModelSpec
 
 log = logging.getLogger("modelhub.dataplane")
 access = logging.getLogger("modelhub.access")
@@ -488,10 +488,16 @@ class DataPlane:
 
 def _check_model_name(name: str) -> None:
     """Refuse a name no model can have (hub/spec.py) before anything looks for it: with
-    --workers N the frontend would forward it to the model process."""
+    --workers N the frontend would forward it to the model process, and a load re-imports
+    every plugin first (an empty name was NOT_FOUND after that)."""
     if len(name) > MODEL_NAME_MAX:
         raise InvalidInput(
             f"model name '{shorten(name)}' is longer than {MODEL_NAME_MAX} characters, the most a model's name may be"
+        )
+    if not MODEL_NAME.match(name):
+        raise InvalidInput(
+            f"model name '{shorten(name)}' cannot name a model: a model's name is letters, digits, '_', '.' and '-', "
+            "starting with a letter or digit"
         )
 
 
