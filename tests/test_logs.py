@@ -391,6 +391,7 @@ def test_trace_settings_and_traces(start_server: Any, tmp_path: Path, caplog: py
         ({"trace_rate": "9" * 5000}, "trace_rate must be one integer"),
         ({"trace_mode": "opentelemetry"}, "opentelemetry mode is not offered"),
         ({"trace_levels": ["OFF"]}, "unknown trace setting 'trace_levels'"),
+        ({"trace_rate": ["1"] * 9}, "trace_rate has 9 values; a trace setting takes at most 8"),
     ]
     for settings, fragment in refusals:
         with pytest.raises(InferenceServerException) as caught:

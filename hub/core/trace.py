@@ -59,8 +59,10 @@ def check(changes: Mapping[str, object]) -> dict[str, list[str] | None]:
             checked[name] = None
             continue
         values = [value] if isinstance(value, str) else value
-        if not isinstance(values, list) or not all(isinstance(v, str) for v in values) or len(values) > 8:
+        if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
             raise InvalidInput(f"{name} must be a string or a list of strings")
+        if len(values) > 8:  # every setting takes one value; Triton's a handful at most
+            raise InvalidInput(f"{name} has {len(values)} values; a trace setting takes at most 8")
         if name == "trace_file" and values not in ([], [""]):
             raise InvalidInput(
                 "trace_file cannot be set by a client: traces are lines of the server's log (logger "
