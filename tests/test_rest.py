@@ -1127,3 +1127,30 @@ def test_a_transfer_coding_other_than_chunked_is_501_naming_it(hub_server: Runni
             assert "Transfer-Encoding 'gzip, chunked'" in json.loads(reply)["error"]
         else:
             assert json.loads(reply)["outputs"][0]["data"] == [1, 2, 3, 4]
+
+
+def test_a_request_aiohttp_cannot_parse_is_a_json_400_and_one_throttled_line(
+    hub_server: RunningServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A request line or header aiohttp's parser refuses was answered in plain text, echoing
+    up to 100 bytes of the header, and logged at ERROR with a traceback each time: 20 of them
+    wrote 20 tracebacks. Now each is `{"error": "malformed HTTP request: <cause>"}` without the
+    bytes that caused it, and at most 5 INFO lines per 10 s, on the REST and metrics ports."""
+    bad = [
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+        b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nX-Secret: " + b"s" * 9000 + b"\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS on the plain port
+    ]
+    caplog.set_level(logging.INFO)
+    causes = set()
+    for url in (hub_server.http_url, hub_server.metrics_url.split("/")[2]):
+        for round_ in range(7):
+            status, headers, body = _raw_http(url, bad[round_ % len(bad)])
+            assert (status, headers["content-type"]) == (400, "application/json"), body
+            message = json.loads(body)["error"]
+            assert message.startswith("malformed HTTP request: ") and b"sss" not in body, message
+            causes.add(message)
+    assert len(causes) == 3, causes
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    lines = [r for r in caplog.records if r.getMessage().startswith("malformed HTTP request from")]
+    assert 1 <= len(lines) <= 10, len(lines)  # 5 per listener, the rest held back

@@ -3,18 +3,63 @@ also runs grpc.aio): bind, report the port (0 picks a free one), stop with a gra
 
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
+from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from hub.limits import DEFAULT_LIMITS
+from hub.logs import Throttle
+from hub.protocol.rest.status import error_body
+
+log = logging.getLogger("modelhub.rest")
 
 
 async def _no_server_header(request: web.Request, response: web.StreamResponse) -> None:
     """aiohttp names itself and Python, with their versions, in a Server header on every
     response: what a scanner looks for first. Triton's HTTP server sends none; nor do we."""
     response.headers.popall("Server", None)
+
+
+def _malformed_answered(throttle: Throttle) -> type[web.Server]:
+    """An aiohttp Server whose connections answer a request aiohttp cannot parse (a bad header
+    token, a header line over 8190 bytes, TLS on the plain port) as every other error of ours:
+    `{"error": ...}` as JSON, its cause without the bytes that caused it, and one throttled
+    INFO line. aiohttp answered it in plain text echoing up to 100 bytes of the offending
+    header, and logged an ERROR with a traceback for each: a client could flood the log with
+    them at will. A fault of ours (an exception out of a handler) is still aiohttp's to answer
+    and log, with its traceback. aiohttp has no setting for this: the connection handler's
+    `handle_error` is overridden on the handlers this server makes (tests/test_rest.py holds
+    it to aiohttp's behaviour)."""
+
+    class Connection(web.RequestHandler):
+        __slots__ = ()
+
+        def handle_error(
+            self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+        ) -> web.StreamResponse:
+            if not isinstance(exc, HttpProcessingError):
+                return super().handle_error(request, status, exc, message)
+            cause = str(exc.message).split("\n", 1)[0].split(": b'", 1)[0].strip().rstrip(":")[:160]
+            throttle(log, logging.INFO, "malformed HTTP request from %s: %s (%d)", request.remote, cause, status)
+            if request.writer.output_size > 0:  # as aiohttp: an answer has begun, the connection is broken
+                raise ConnectionError("a response was sent already; cannot send the error")
+            response = web.Response(
+                status=status, body=error_body(f"malformed HTTP request: {cause}"), content_type="application/json"
+            )
+            response.force_close()
+            return response
+
+    class Server(web.Server):
+        def __call__(self) -> web.RequestHandler:
+            connection = super().__call__()
+            connection.__class__ = Connection  # (the same slots: only handle_error differs)
+            return connection
+
+    return Server
 
 
 class HttpListener:
@@ -71,6 +116,8 @@ class HttpListener:
             keepalive_timeout=header_timeout,
         )
         await self._runner.setup()
+        assert self._runner.server is not None
+        self._runner.server.__class__ = _malformed_answered(Throttle())
         await web.SockSite(self._runner, sock, backlog=1024, ssl_context=ssl_context).start()
         self.port = sock.getsockname()[1]
         return self.port
