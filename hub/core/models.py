@@ -85,9 +85,9 @@ class ServedModel:
     ) -> Delivery:
         """Check a request against the spec and run it through the batcher."""
         if self.batcher is None or self.state is not ModelState.READY:
+            reason = self.reason if self.reason != self.state.value else ""  # not "is unloaded: unloaded"
             raise ModelUnavailable(
-                f"model '{self.name}' version {self.version} is {self.state.value}"
-                + (f": {self.reason}" if self.reason else "")
+                f"model '{self.name}' version {self.version} is {self.state.value}" + (f": {reason}" if reason else "")
             )
         rows = check_inputs(self.spec, inputs)
         inputs, batcher = self.placement(inputs)
