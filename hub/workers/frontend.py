@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -569,7 +570,9 @@ class RemoteBatcher:
         self._client = client
         self._name = name
         self._version = version
-        self._postprocessed = postprocessed  # its outputs are the model's, not yet the served ones
+        # Its outputs are the model's, not yet the served ones, when it postprocesses (bound
+        # once, so a model without a postprocess submits as before).
+        self._submit = functools.partial(client.submit, postprocessed=True) if postprocessed else client.submit
 
     async def submit(
         self,
@@ -586,7 +589,7 @@ class RemoteBatcher:
         if request_id:
             header["id"] = request_id
         connection = self._client.connection  # the one the request goes on, and its answer comes on
-        reply, outputs = await self._client.submit(header, inputs, postprocessed=self._postprocessed)
+        reply, outputs = await self._submit(header, inputs)
         batch = RemoteBatch(0, 0, 0, 0, ticket=reply["b"], connection=connection, lease=self._client.lease(reply))
         return Delivery(outputs, reply["inferences"], reply["queue_ns"], batch)
 
