@@ -85,6 +85,13 @@ def test_served_outputs_are_postprocessed(served: RunningServer | Workers, proto
     assert result.as_numpy("logits") is None  # the model's own output is not served
 
 
+def test_postprocess_runs_off_the_event_loop(pp_server: RunningServer) -> None:
+    threads = pp_server.model("labeller").spec.postprocess.__globals__["THREADS"]  # the server's import
+    threads.clear()
+    _infer("grpc", pp_server, "labeller", ROWS)
+    assert len(threads) == 1 and threads[0] != pp_server.thread.name, list(threads)
+
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_metadata_and_config_show_the_served_outputs(served: RunningServer | Workers, protocol: str) -> None:
     client = _client(protocol, served)

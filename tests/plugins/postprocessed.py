@@ -3,6 +3,8 @@ each frontend process with --workers N): scores in, a BYTES label and the INT64 
 
 from __future__ import annotations
 
+import collections
+import threading
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -15,6 +17,8 @@ LABELS = ("cat", "dog", "bird")
 CRASH_BELOW = -1000.0
 #: Scores above this make `_label_with_a_bug` return a wrong shape, below -BUG_ABOVE a wrong name.
 BUG_ABOVE = 100.0
+#: The threads the latest calls of `_label` ran in (a test checks none is the event loop's).
+THREADS: collections.deque[str] = collections.deque(maxlen=64)
 
 
 class Scores(torch.nn.Module):
@@ -25,6 +29,7 @@ class Scores(torch.nn.Module):
 
 
 def _label(outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    THREADS.append(threading.current_thread().name)
     logits = outputs["logits"]
     if np.isnan(logits).any():
         raise ValueError("cannot label a row whose scores are NaN")
