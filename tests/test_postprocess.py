@@ -47,9 +47,23 @@ def pp_workers(tmp_path_factory: pytest.TempPathFactory, model_repository: Path)
     assert server.stop() == 0, server.output()
 
 
-@pytest.fixture(params=["one-process", "workers-2"])
+@pytest.fixture(scope="module")
+def pp_workers_copies(tmp_path_factory: pytest.TempPathFactory, model_repository: Path) -> Iterator[Workers]:
+    """Behind `--workers 2` with each frontend's own copy (the default): batches are computed
+    in the frontends too."""
+    tmp = tmp_path_factory.mktemp("pp-workers-copies")
+    plugins = link_plugins(tmp / "plugins", TEST_PLUGINS / "postprocessed.py")
+    server = Workers(plugins, model_repository, tmp, 2, "--shared-memory", "system")
+    yield server
+    assert server.stop() == 0, server.output()
+
+
+SERVERS = {"one-process": "pp_server", "workers-2": "pp_workers", "workers-2-copies": "pp_workers_copies"}
+
+
+@pytest.fixture(params=sorted(SERVERS))
 def served(request: pytest.FixtureRequest) -> RunningServer | Workers:
-    return request.getfixturevalue("pp_server" if request.param == "one-process" else "pp_workers")
+    return request.getfixturevalue(SERVERS[request.param])
 
 
 def _client(protocol: str, server: RunningServer | Workers) -> Any:
