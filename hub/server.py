@@ -489,7 +489,7 @@ class Server:
             await server.stop(grace)
         elif server is not None:
             stopped = server.stop(grace)  # its threads wait on this loop, which must keep running
-            await _in_own_thread(stopped.wait)  # not asyncio's pool: preprocess jobs queue there
+            await _in_own_thread(stopped.wait)  # not asyncio's pool: pre/postprocess jobs queue there
             if self._grpc_close is not None:
                 self._grpc_close()
 
@@ -567,8 +567,8 @@ class Server:
         for task in (self._loading, self._watcher, self._health_keeper):
             if task is not None and not task.done():
                 task.cancel()
-        # In a thread of its own: asyncio's default pool also runs the models' preprocess, and
-        # the hook queued there behind every preprocess job already waiting.
+        # In a thread of its own: asyncio's default pool also runs the models' preprocess and
+        # postprocess, and the hook queued there behind every such job already waiting.
         hook = _in_own_thread(self.plugins.server_stopping, self.info) if self.repository is not None else None
         # What the listeners' own stop gets of the grace: to answer the refusals in progress.
         tail = min(STOP_TAIL, grace / 4)

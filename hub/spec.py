@@ -13,7 +13,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from hub.datatypes import DATATYPES, NUMPY_DTYPES, datatype_of, v2_name
-from hub.errors import SpecError
+from hub.errors import ModelExecutionError, SpecError, name_list
 from hub.limits import MODEL_NAME_MAX
 
 #: What a model's name may be (a load or unload request naming anything else is refused at once).
@@ -207,6 +207,22 @@ class ModelSpec:
       `inputs` into something else (token ids and a mask from text, say). Export, warm-up
       and validation work on these; `example_inputs` and `validation_data` stay in terms of
       the served `inputs` and pass through `preprocess`.
+    - `postprocess`: optional per-request step, the mirror of `preprocess`: run after the
+      batched forward, outside it (in a thread, not on the event loop), it receives one
+      request's own rows of the model's outputs (numpy arrays keyed by `model_outputs` names)
+      and returns the served `outputs` (numpy arrays; BYTES as object arrays of `bytes` or
+      `str`, a label per row say), with the same number of rows when the model batches.
+      Raise ValueError for outputs it cannot answer with: the client gets INVALID_ARGUMENT
+      with its message; any other exception is an INTERNAL error naming the model and the
+      exception's type (the traceback goes to the log). What it returns is checked against
+      `outputs`; a mismatch is an INTERNAL error naming the output. The spec cannot run it
+      without a built model, so the build does: on the eager model's outputs for the checked
+      inputs, failing when the result does not match `outputs`. With `--workers N` it runs
+      in the frontend processes, as `preprocess` does.
+    - `model_outputs`: what `build()`'s model returns when a `postprocess` turns them into the
+      served `outputs` (logits, where clients get a label). Export, parity with eager and the
+      batch-invariance check work on these: the artifact is proven on what it computes.
+      Metadata, ModelConfig, the classification extension and shared memory see `outputs`.
     """
 
     name: str
@@ -225,6 +241,8 @@ class ModelSpec:
     description: str = ""
     preprocess: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
     model_inputs: Sequence[TensorSpec] = ()
+    postprocess: Callable[[dict[str, np.ndarray]], Mapping[str, np.ndarray]] | None = None
+    model_outputs: Sequence[TensorSpec] = ()
     #: Set by the hub: the plugin that registered the spec and the files it came from.
     plugin: str = ""
     sources: tuple[Path, ...] = ()
@@ -233,6 +251,7 @@ class ModelSpec:
         object.__setattr__(self, "inputs", tuple(self.inputs))
         object.__setattr__(self, "outputs", tuple(self.outputs))
         object.__setattr__(self, "model_inputs", tuple(self.model_inputs))
+        object.__setattr__(self, "model_outputs", tuple(self.model_outputs))
         object.__setattr__(self, "weights", tuple(Path(p) for p in self.weights))
 
     @property
@@ -251,11 +270,58 @@ class ModelSpec:
         """The tensors the built model takes: `model_inputs` when there is a preprocess step."""
         return tuple(self.model_inputs) if self.preprocess is not None else tuple(self.inputs)
 
+    @property
+    def forward_outputs(self) -> tuple[TensorSpec, ...]:
+        """The tensors the built model returns: `model_outputs` when there is a postprocess step."""
+        return tuple(self.model_outputs) if self.postprocess is not None else tuple(self.outputs)
+
     def to_forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Served inputs as the model takes them (through `preprocess` when there is one)."""
         if self.preprocess is None:
             return dict(inputs)
         return {name: np.asarray(value) for name, value in self.preprocess(dict(inputs)).items()}
+
+    def from_forward(self, outputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """One request's model outputs as served (through `postprocess` when there is one).
+        Text comes back as object arrays, as BYTES tensors are everywhere else in the hub."""
+        if self.postprocess is None:
+            return dict(outputs)
+        result = self.postprocess(dict(outputs))
+        if not isinstance(result, Mapping):
+            raise ModelExecutionError(
+                f"model '{self.name}': postprocess returned {type(result).__name__}, "
+                f"not a mapping of output name to array"
+            )
+        served = {}
+        for name, value in result.items():
+            array = np.asarray(value)
+            served[name] = array.astype(np.object_) if array.dtype.kind in "SU" else array
+        return served
+
+    def output_problem(self, outputs: Mapping[str, np.ndarray], rows: int) -> str | None:
+        """What is wrong with `postprocess`'s result for a request of `rows` rows, measured
+        against the served `outputs` (names, datatypes, shapes, and the rows when the model
+        batches), naming the output; None when it is right."""
+        expected = [t.name for t in self.outputs]
+        missing = [n for n in expected if n not in outputs]
+        extra = [str(n) for n in outputs if n not in expected]
+        if missing or extra:
+            problems = [f"missing output(s) {name_list(missing)}"] if missing else []
+            problems += [f"unexpected output(s) {name_list(extra)}"] if extra else []
+            return f"{'; '.join(problems)}; the spec's outputs are {name_list(expected)}"
+        for tensor in self.outputs:
+            array = outputs[tensor.name]
+            try:
+                datatype = datatype_of(array)
+            except TypeError as exc:
+                return f"output '{tensor.name}': {exc}"
+            if datatype != tensor.datatype:
+                return f"output '{tensor.name}' is {datatype}, the spec declares {tensor.datatype}"
+            if not tensor.matches(array.shape):
+                return f"output '{tensor.name}' has shape {list(array.shape)}, the spec declares {list(tensor.shape)}"
+            if self.batching.batching and array.shape[0] != rows:
+                return f"output '{tensor.name}' has {array.shape[0]} rows for a request of {rows}"
+        return None
 
     def forward_examples(self) -> dict[str, np.ndarray]:
         return self.to_forward(self.examples())
@@ -307,13 +373,30 @@ class ModelSpec:
             raise SpecError(f"model '{self.name}': preprocess must be callable")
         if (self.preprocess is None) != (not self.model_inputs):
             raise SpecError(f"model '{self.name}': model_inputs and preprocess go together (one is missing)")
+        if self.postprocess is not None and not callable(self.postprocess):
+            raise SpecError(f"model '{self.name}': postprocess must be callable")
+        if self.postprocess is not None and not self.model_outputs:
+            raise SpecError(
+                f"model '{self.name}': postprocess needs model_outputs (what the built model returns, "
+                f"which postprocess turns into the served outputs)"
+            )
+        if self.postprocess is None and self.model_outputs:
+            raise SpecError(
+                f"model '{self.name}': model_outputs needs a postprocess (that turns them into the served "
+                f"outputs); without one the model returns the outputs themselves"
+            )
         if not (
             self.tolerance is None
             or isinstance(self.tolerance, Tolerance)
             or (isinstance(self.tolerance, Mapping) and all(isinstance(t, Tolerance) for t in self.tolerance.values()))
         ):
             raise SpecError(f"model '{self.name}': tolerance must be a Tolerance or a mapping of target to Tolerance")
-        for kind, tensors in (("input", self.inputs), ("model input", self.model_inputs), ("output", self.outputs)):
+        for kind, tensors in (
+            ("input", self.inputs),
+            ("model input", self.model_inputs),
+            ("output", self.outputs),
+            ("model output", self.model_outputs),
+        ):
             names = [t.name for t in tensors]
             if len(set(names)) != len(names):
                 raise SpecError(f"model '{self.name}': duplicate {kind} names in {names}")
@@ -372,7 +455,8 @@ class Runtime(Protocol):
     """A loaded artifact that computes one batch at a time.
 
     `run` is called from a worker thread, with at most `BatchPolicy.instances` calls at once,
-    and must return every output of the spec keyed by name, with the batch rows it received.
+    and must return every output the model computes (`ModelSpec.forward_outputs`: the
+    `model_outputs` of a spec with a postprocess) keyed by name, with the batch rows it received.
     """
 
     device: str

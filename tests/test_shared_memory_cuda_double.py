@@ -53,6 +53,7 @@ def one_process(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
         TEST_PLUGINS / "torch_models.py",
         TEST_PLUGINS / "identity.py",
         TEST_PLUGINS / "preprocessed.py",
+        TEST_PLUGINS / "postprocessed.py",
         TEST_PLUGINS / "behaviour.py",
     )
     with pytest.MonkeyPatch.context() as patch:
@@ -83,8 +84,11 @@ def two_workers(model_repository: Path, tmp_path_factory: pytest.TempPathFactory
         TEST_PLUGINS / "torch_models.py",
         TEST_PLUGINS / "identity.py",
         TEST_PLUGINS / "preprocessed.py",
+        TEST_PLUGINS / "postprocessed.py",
     )
-    env = {"PYTHONPATH": str(DOUBLE), "MODELHUB_CUDA_DOUBLE": "1"}
+    # ROOT after the stand-in: the server's processes import this checkout's hub, as the test
+    # process does, not whichever one the environment has installed.
+    env = {"PYTHONPATH": f"{DOUBLE}{os.pathsep}{ROOT}", "MODELHUB_CUDA_DOUBLE": "1"}
     server = Workers(plugins, model_repository, tmp, 2, "--shared-memory", "system,cuda", env=env)
     yield server
     assert server.stop() == 0, server.output()
@@ -395,6 +399,27 @@ def test_a_preprocessed_model_behind_workers(device: Device) -> None:
     else:
         result = device.client.infer("halve_then_double", [tensor])
         np.testing.assert_array_equal(result.as_numpy("y"), values)
+
+
+def test_a_postprocessed_model_behind_workers(device: Device) -> None:
+    """Behind --workers N a spec's postprocess runs in the frontends, which cannot write CUDA
+    memory, and the model process's outputs are not the served ones: a served output asked into
+    a CUDA region is refused by name. In one process the served output is written there."""
+    values = np.array([[0.0, 1.0, 0.0], [3.0, 0.0, 1.0]], np.float32)
+    target = device.allocate("post_out", 16)
+    tensor = device.mod.InferInput("x", [2, 3], "FP32")
+    tensor.set_data_from_numpy(values)
+    wanted = device.mod.InferRequestedOutput("index")
+    wanted.set_shared_memory("post_out", 16)
+    if device.workers:
+        device.expect(
+            "INVALID_ARGUMENT",
+            lambda: device.client.infer("labeller_same_name", [tensor], outputs=[wanted]),
+            "'labeller_same_name' postprocesses its outputs in each frontend process",
+        )
+    else:
+        device.client.infer("labeller_same_name", [tensor], outputs=[wanted])
+        assert shm.get_contents_as_numpy(target, np.int64, [2]).tolist() == [1, 0]
 
 
 # --- fuzz: offsets and sizes against a CUDA region, behind --workers 2 ----------------------------

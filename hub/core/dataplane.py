@@ -407,6 +407,8 @@ class DataPlane:
                 if trace is not None:
                     trace_computed = time.monotonic_ns()
                 results = delivery.outputs
+                if model.spec.postprocess is not None:  # model outputs -> served outputs, per request
+                    results = await model.postprocess(results, delivery.inferences)
                 outputs = []
                 for n, c in names:
                     array = results[n]

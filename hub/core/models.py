@@ -127,6 +127,27 @@ class ServedModel:
             raise ModelExecutionError(f"model '{self.name}': preprocess turned {rows} rows into {got}")
         return forward
 
+    async def postprocess(self, outputs: Mapping[str, np.ndarray], rows: int) -> dict[str, np.ndarray]:
+        """The spec's per-request postprocess of a delivery's outputs (the request's own `rows`),
+        in a thread, outside the batched forward as `_preprocess` is; its result is checked
+        against the served `outputs`. Called by whoever answers the request, after `infer`,
+        so a failure here still has the delivery to account (and, with --workers N, to give
+        its outputs' block back with)."""
+        try:
+            served = await asyncio.get_running_loop().run_in_executor(None, self.spec.from_forward, outputs)
+        except HubError:
+            raise
+        except ValueError as exc:  # the documented way for a postprocess to refuse to answer
+            raise InvalidInput(f"model '{self.name}': {exc}") from None
+        except Exception as exc:
+            # The client learns the model and the error type; the details go to the log.
+            log.error("model '%s': postprocess failed", self.spec.key, exc_info=exc)
+            raise ModelExecutionError(f"model '{self.name}': postprocess failed: {type(exc).__name__}") from None
+        problem = self.spec.output_problem(served, rows)
+        if problem is not None:
+            raise ModelExecutionError(f"model '{self.name}': postprocess returned bad outputs: {problem}")
+        return served
+
 
 def all_numpy(inputs: Mapping[str, Any]) -> bool:
     """Whether every input is a numpy array: none lies in CUDA shared memory."""

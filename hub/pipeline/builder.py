@@ -121,7 +121,7 @@ class Builder:
 
     def cache_key(self, spec: ModelSpec, target: Target) -> tuple[str, dict[str, Any]]:
         """Hash of everything the artifact depends on, with the parts for the manifest."""
-        parts = {
+        parts: dict[str, Any] = {
             "sources": sources_fingerprint(spec),
             "weights": hash_files(spec.weights),
             "spec": {
@@ -138,6 +138,8 @@ class Builder:
             "target": target.name,
             "versions": library_versions(),
         }
+        if spec.model_outputs:  # (only then: the key of every model without a postprocess stays as it was)
+            parts["spec"]["model_outputs"] = [asdict(t) for t in spec.model_outputs]
         if target.calibrated:
             parts["calibration"] = calibration_record(spec)
         blob = json.dumps(parts, sort_keys=True, default=str).encode()
@@ -376,6 +378,10 @@ class Builder:
     def _validate(self, spec: ModelSpec, target: Target, ctx: ArtifactContext, runtime: Runtime) -> dict[str, Any]:
         examples, labels = self._checked_inputs(spec)
         reference = self.reference_outputs(spec, ctx, examples) if target.check_parity else None
+        if spec.postprocess is not None:
+            # The spec could not run its postprocess without a model; here the eager model's
+            # outputs exist (the reference, or this runtime where it is eager itself).
+            _check_postprocess(spec, reference if reference is not None else _run_in_requests(spec, runtime, examples))
         tolerance = spec.tolerance_for(target)
         merged: dict[str, Any] = {"tolerance": asdict(tolerance), "problems": []}
         for result in self.plugins.validate_artifact(spec, runtime, examples, reference, tolerance, labels):
@@ -406,6 +412,47 @@ class Builder:
             return runtime.run(examples)
         finally:
             runtime.close()
+
+
+def _requests(spec: ModelSpec, arrays: Mapping[str, np.ndarray]) -> list[tuple[int, dict[str, np.ndarray]]]:
+    """`arrays` cut into the requests a client could send: (rows, arrays) of at most
+    max_batch_size rows each; one request for a model that does not batch."""
+    if not spec.batching.batching:
+        return [(1, dict(arrays))]
+    limit = spec.batching.max_batch_size
+    rows = len(next(iter(arrays.values()))) if arrays else 0
+    return [
+        (min(limit, rows - start), {name: value[start : start + limit] for name, value in arrays.items()})
+        for start in range(0, rows, limit)
+    ]
+
+
+def _run_in_requests(spec: ModelSpec, runtime: Runtime, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The runtime's outputs on `inputs`, run a request's worth of rows at a time."""
+    parts = [runtime.run(chunk) for _, chunk in _requests(spec, inputs)]
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]} if len(parts) > 1 else parts[0]
+
+
+def _check_postprocess(spec: ModelSpec, outputs: Mapping[str, np.ndarray]) -> None:
+    """BuildError naming the model, its plugin and the output when the spec's postprocess
+    raises on the eager model's outputs, or returns what the served `outputs` are not; run a
+    request's worth of rows at a time, as serving runs it."""
+    inputs = "validation_data inputs" if spec.validation_data is not None else "example_inputs"
+    where = f"model '{spec.name}'" + (f" (plugin '{spec.plugin}')" if spec.plugin else "")
+    for rows, chunk in _requests(spec, outputs):
+        try:
+            served = spec.from_forward(chunk)
+        except Exception as exc:
+            raise BuildError(
+                f"{where}: postprocess raised on the eager model's outputs for its {inputs}: "
+                f"{exception_line(exc)}{raised_in(exc, spec.sources)}"
+            ) from exc
+        problem = spec.output_problem(served, rows)
+        if problem is not None:
+            raise BuildError(
+                f"{where}: postprocess of the eager model's outputs for its {inputs} does not match the "
+                f"spec's outputs: {problem}"
+            )
 
 
 def _refusal(spec: ModelSpec, manifest: dict[str, Any]) -> str:

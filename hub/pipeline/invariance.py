@@ -143,7 +143,7 @@ def check_batch_invariance(
         "problems": [],
     }
     outputs: dict[str, Any] = {}
-    for tensor in spec.outputs:
+    for tensor in spec.forward_outputs:
         outputs[tensor.name] = _compare(tensor, results, reference, tolerance, report["problems"])
     report["outputs"] = outputs
     report["max_abs_err"] = max((o.get("max_abs_err", 0.0) for o in outputs.values()), default=0.0)

@@ -33,13 +33,14 @@ def validate_artifact(
     else:
         outputs, batched = run_for_parity(spec, runtime, examples, plan)
     problems: list[str] = []
-    declared = [t.name for t in spec.outputs]
+    declared = [t.name for t in spec.forward_outputs]
+    what = "model_outputs" if spec.postprocess is not None else "outputs"
     missing = [name for name in declared if name not in outputs]
     if missing:
         problems.append(
-            f"the artifact returns outputs {sorted(outputs)}, the spec declares {declared} (missing {missing})"
+            f"the artifact returns outputs {sorted(outputs)}, the spec's {what} are {declared} (missing {missing})"
         )
-    for tensor in spec.outputs:
+    for tensor in spec.forward_outputs:
         if tensor.name not in outputs:
             continue
         got = outputs[tensor.name]
@@ -57,7 +58,7 @@ def validate_artifact(
         return report
     max_abs = max_rel = 0.0
     per_output: dict[str, Any] = {}
-    for tensor in spec.outputs:
+    for tensor in spec.forward_outputs:
         got = np.asarray(outputs[tensor.name], dtype=np.float64)
         want = np.asarray(reference[tensor.name], dtype=np.float64)
         if got.shape != want.shape:
@@ -96,7 +97,7 @@ def validate_artifact(
                 f"max rel error {rel_err:.3g}, tolerance atol={tolerance.atol:g} rtol={tolerance.rtol:g}"
             )
     report.update(max_abs_err=max_abs, max_rel_err=max_rel, outputs=per_output)
-    first = spec.outputs[0].name
+    first = spec.forward_outputs[0].name
     if labels is not None and outputs[first].ndim == 2:
         report["accuracy"] = float(np.mean(outputs[first].argmax(1) == labels))
         report["eager_accuracy"] = float(np.mean(np.asarray(reference[first]).argmax(1) == labels))

@@ -77,7 +77,9 @@ def validate_artifact(
         some, else its example inputs; as the model takes them (after the spec's
         `preprocess`, when it has one).
     :param reference: the eager model's outputs on `examples` (the target named "torch",
-        run on the CPU), or None when the target is not checked against eager.
+        run on the CPU), or None when the target is not checked against eager. Like the
+        runtime's, they are what the model returns: the spec's `model_outputs`, before its
+        `postprocess`, when it has one (`spec.forward_outputs`).
     :param labels: the labels of `examples` from `validation_data` (one per row: a build whose
         labels and inputs differ in length fails first, naming both), or None.
     :param tolerance: the `hub.Tolerance` in force (the spec's for this target, else the

@@ -74,7 +74,7 @@ class CudaGraphRuntime:
         self.device = device
         self.buckets = sorted(buckets)
         self._inputs = [t.name for t in spec.forward_inputs]
-        names = [t.name for t in spec.outputs]
+        names = [t.name for t in spec.forward_outputs]
         self._lock = threading.Lock()
         self._graphs: dict[int, tuple[Callable[[], Any], list[torch.Tensor], dict[str, torch.Tensor]]] = {}
         record = capture if capture is not None else CudaGraphCapture()

@@ -49,7 +49,7 @@ def export_onnx(module: Any, spec: ModelSpec, path: str, target: str = "onnx") -
                 args,
                 path,
                 input_names=[t.name for t in spec.forward_inputs],
-                output_names=[t.name for t in spec.outputs],
+                output_names=[t.name for t in spec.forward_outputs],
                 dynamic_shapes=dynamic_shapes,
                 opset_version=OPSET,
                 dynamo=True,
@@ -130,7 +130,7 @@ class OnnxRuntime:
 
         self.session = ort.InferenceSession(path, sess_options=session_options(threads), providers=providers(device))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
-        self._outputs = [t.name for t in spec.outputs]
+        self._outputs = [t.name for t in spec.forward_outputs]
         declared = {i.name for i in self.session.get_inputs()}
         missing = [t.name for t in spec.forward_inputs if t.name not in declared]
         if missing:

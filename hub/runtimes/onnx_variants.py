@@ -201,8 +201,8 @@ def _half_module(module: Any, spec: ModelSpec, dtype_name: str) -> Any:
     import torch
 
     compute = getattr(torch, HALF_DTYPES[dtype_name])
-    names = [t.name for t in spec.outputs]
-    served = {t.name: getattr(torch, _TORCH_FLOATS.get(t.datatype, "float32")) for t in spec.outputs}
+    names = [t.name for t in spec.forward_outputs]
+    served = {t.name: getattr(torch, _TORCH_FLOATS.get(t.datatype, "float32")) for t in spec.forward_outputs}
 
     def cast_in(_: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
         # Only floating inputs: UINT8 pixels or INT64 token ids stay what they are.
@@ -245,7 +245,7 @@ def export_half_onnx(module: Any, spec: ModelSpec, path: str, dtype_name: str) -
         raise BuildError(f"{where}: the exported graph is not valid ONNX: {exc}") from None
     graph = onnx.load(path, load_external_data=False).graph
     declared = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.output]}
-    for tensor in (*spec.forward_inputs, *spec.outputs):
+    for tensor in (*spec.forward_inputs, *spec.forward_outputs):
         elem_type = declared.get(tensor.name)
         if elem_type is not None and onnx.helper.tensor_dtype_to_np_dtype(elem_type) != tensor.dtype:
             raise BuildError(

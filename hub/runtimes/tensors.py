@@ -85,7 +85,12 @@ def check_no_bytes(spec: Any) -> None:
                 f"model '{spec.name}': input '{tensor.name}' is BYTES, which a torch module cannot take; give the "
                 f"spec a preprocess that turns it into numeric model_inputs (plugins/embeddings tokenises text so)"
             )
-    for tensor in spec.outputs:
+    for tensor in spec.forward_outputs:
+        if tensor.datatype == "BYTES" and spec.postprocess is not None:
+            raise BuildError(
+                f"model '{spec.name}': model output '{tensor.name}' is BYTES, which a torch module cannot return; "
+                f"return numbers (scores, class indices) and let postprocess turn them into text"
+            )
         if tensor.datatype == "BYTES":
             raise BuildError(
                 f"model '{spec.name}': output '{tensor.name}' is BYTES, which a torch module cannot return; return "

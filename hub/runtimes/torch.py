@@ -42,7 +42,7 @@ class TorchRuntime:
         self.device = device
         self.compute_dtype = compute_dtype
         self._inputs = [t.name for t in spec.forward_inputs]
-        self._outputs = [t.name for t in spec.outputs]
+        self._outputs = [t.name for t in spec.forward_outputs]
         self._model = spec.name
 
     def run(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:

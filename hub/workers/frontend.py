@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import itertools
 import json
 import logging
@@ -312,11 +313,24 @@ class EngineClient:
             log.error("a %r message to the model process was refused: %s", shorten(str(header.get("k")), 32), exc)
             raise
 
-    async def submit(self, header: Header, inputs: Mapping[str, np.ndarray]) -> tuple[Header, dict[str, np.ndarray]]:
+    async def submit(
+        self, header: Header, inputs: Mapping[str, np.ndarray], *, postprocessed: bool = False
+    ) -> tuple[Header, dict[str, np.ndarray]]:
         """Hand a request's inputs over (large ones through our arena) and wait for its outputs,
-        which may view the model process's arena until `give_back(lease(answer))`."""
+        which may view the model process's arena until `give_back(lease(answer))`.
+        `postprocessed`: the model's spec has a postprocess, which this frontend runs on the
+        answer, so the model process's outputs are not the ones the client's shared memory is
+        for: this frontend writes the served ones there itself (system shared memory only)."""
         arena, regions = self.arena, self.regions
         holds = current_holds() if regions is not None else None
+        if postprocessed and holds is not None:
+            if any(t.region.kind == CUDA for t in holds.targets.values()):
+                raise InvalidInput(
+                    f"model '{shorten(str(header.get('m')))}' postprocesses its outputs in each frontend process, "
+                    "which cannot write CUDA shared memory with --workers N > 1; ask for its outputs in the response "
+                    "or in system shared memory, or serve with --workers 1"
+                )
+            holds = None
         if regions is not None and not all_numpy(inputs):
             header["device"] = True  # the model process reads these from CUDA shared memory
         elif regions is not None and not regions.regions():
@@ -552,10 +566,13 @@ class RegionMirror(SharedMemoryRegistry):
 class RemoteBatcher:
     """The model process's batcher for one model version, as the frontend's ServedModel sees it."""
 
-    def __init__(self, client: EngineClient, name: str, version: int) -> None:
+    def __init__(self, client: EngineClient, name: str, version: int, *, postprocessed: bool = False) -> None:
         self._client = client
         self._name = name
         self._version = version
+        # Its outputs are the model's, not yet the served ones, when it postprocesses (bound
+        # once, so a model without a postprocess submits as before).
+        self._submit = functools.partial(client.submit, postprocessed=True) if postprocessed else client.submit
 
     async def submit(
         self,
@@ -572,7 +589,7 @@ class RemoteBatcher:
         if request_id:
             header["id"] = request_id
         connection = self._client.connection  # the one the request goes on, and its answer comes on
-        reply, outputs = await self._client.submit(header, inputs)
+        reply, outputs = await self._submit(header, inputs)
         batch = RemoteBatch(0, 0, 0, 0, ticket=reply["b"], connection=connection, lease=self._client.lease(reply))
         return Delivery(outputs, reply["inferences"], reply["queue_ns"], batch)
 
@@ -929,7 +946,7 @@ class RemoteRepository(ModelRepository):
     ) -> RemoteModel:
         model = RemoteModel(spec=spec, stats=current.stats if current is not None else ModelStats())
         model.client = self.client
-        model.remote = RemoteBatcher(self.client, spec.name, spec.version)
+        model.remote = RemoteBatcher(self.client, spec.name, spec.version, postprocessed=spec.postprocess is not None)
         model.batcher = cast(Any, model.remote)
         model.target = target
         model.sources = sources
