@@ -317,6 +317,7 @@ async def sigterm_answers_every_accepted_request(server: Workers) -> None:
     client = tc_aio.InferenceServerClient(server.url)
     tensor = tc_aio.InferInput("INPUT0", [1, 1], "FP32")
     tensor.set_data_from_numpy(np.full((1, 1), 3.0, np.float32))
+    assert await client.is_server_ready()  # connected first: on a loaded box that took past the 0.1 s below
     flights = [asyncio.ensure_future(client.infer("sleepy", [tensor])) for _ in range(4)]
     await asyncio.sleep(0.1)  # accepted: sleepy takes 50 ms each, one at a time
     server.process.send_signal(signal.SIGTERM)
