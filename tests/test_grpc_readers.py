@@ -419,3 +419,25 @@ def _length(data: bytes) -> int:
         if line.lower().startswith(b"content-length:"):
             return int(line.split(b":", 1)[1])
     return 0
+
+
+def test_unsent_answers_count_per_connection_and_give_back_exactly() -> None:
+    """The count alone: a connection past its quarter is refused while another is not; the
+    server's bound holds across connections; an answer always goes where nothing is held; and
+    giving back restores the count to zero, connection by connection."""
+    from hub.core.unsent import UnsentAnswers
+    from hub.errors import LimitReached
+
+    unsent = UnsentAnswers(400)  # 100 per connection
+    first = unsent.take(150, "a")  # more than its share, but the connection held nothing
+    with pytest.raises(LimitReached, match="this connection holds 150 bytes"):
+        unsent.take(10, "a")
+    others = [unsent.take(100, peer) for peer in ("b", "c")]
+    rest = unsent.take(50, None)  # a REST answer: the server's bound only
+    with pytest.raises(LimitReached, match="the server holds 400 bytes"):
+        unsent.take(1, "d")
+    assert unsent.held == 400
+    for give_back in (first, *others, rest):
+        give_back()
+    assert unsent.held == 0 and unsent._connections == {}
+    unsent.take(400, "a")  # all of it, for one connection, once nothing is held
