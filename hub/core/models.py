@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,16 +109,7 @@ class ServedModel:
     async def _preprocess(self, inputs: Mapping[str, np.ndarray], rows: int) -> Mapping[str, np.ndarray]:
         """The spec's per-request preprocess, in a thread (tokenising a long text must not stall
         the event loop); its output is checked against `model_inputs`."""
-        try:
-            forward = await asyncio.get_running_loop().run_in_executor(None, self.spec.to_forward, inputs)
-        except HubError:
-            raise
-        except ValueError as exc:  # the documented way for a preprocess to reject its input
-            raise InvalidInput(f"model '{self.name}': {exc}") from None
-        except Exception as exc:
-            # The client learns the model and the error type; the details go to the log.
-            log.error("model '%s': preprocess failed", self.spec.key, exc_info=exc)
-            raise ModelExecutionError(f"model '{self.name}': preprocess failed: {type(exc).__name__}") from None
+        forward = await self._in_thread("preprocess", self.spec.to_forward, inputs)
         try:
             got = check_inputs(self.spec, forward, self.spec.model_inputs)
         except InvalidInput as exc:
@@ -133,20 +124,28 @@ class ServedModel:
         against the served `outputs`. Called by whoever answers the request, after `infer`,
         so a failure here still has the delivery to account (and, with --workers N, to give
         its outputs' block back with)."""
-        try:
-            served = await asyncio.get_running_loop().run_in_executor(None, self.spec.from_forward, outputs)
-        except HubError:
-            raise
-        except ValueError as exc:  # the documented way for a postprocess to refuse to answer
-            raise InvalidInput(f"model '{self.name}': {exc}") from None
-        except Exception as exc:
-            # The client learns the model and the error type; the details go to the log.
-            log.error("model '%s': postprocess failed", self.spec.key, exc_info=exc)
-            raise ModelExecutionError(f"model '{self.name}': postprocess failed: {type(exc).__name__}") from None
+        served = await self._in_thread("postprocess", self.spec.from_forward, outputs)
         problem = self.spec.output_problem(served, rows)
         if problem is not None:
             raise ModelExecutionError(f"model '{self.name}': postprocess returned bad outputs: {problem}")
         return served
+
+    async def _in_thread(
+        self, step: str, function: Callable[[Mapping[str, np.ndarray]], dict[str, np.ndarray]], arrays: Any
+    ) -> dict[str, np.ndarray]:
+        """A spec's per-request `step` (preprocess, postprocess) in a thread, its failures as the
+        client sees them: a ValueError, the documented way for a step to refuse its request, is
+        INVALID_ARGUMENT with its message; anything else INTERNAL naming the model and the
+        error's type, the details going to the log."""
+        try:
+            return await asyncio.get_running_loop().run_in_executor(None, function, arrays)
+        except HubError:
+            raise
+        except ValueError as exc:
+            raise InvalidInput(f"model '{self.name}': {exc}") from None
+        except Exception as exc:
+            log.error("model '%s': %s failed", self.spec.key, step, exc_info=exc)
+            raise ModelExecutionError(f"model '{self.name}': {step} failed: {type(exc).__name__}") from None
 
 
 def all_numpy(inputs: Mapping[str, Any]) -> bool:
