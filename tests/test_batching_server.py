@@ -6,16 +6,18 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as tc
 import tritonclient.grpc.aio as tc_aio
+from tritonclient.grpc import service_pb2
 from tritonclient.utils import InferenceServerException
 
 from hub.config import DeploymentConfig
 from hub.errors import SpecError
 
-from .conftest import ROOT, RunningServer, link_plugins
+from .conftest import ROOT, RunningServer, Workers, link_plugins
 from .plugins.behaviour import call_sleepy
 
 
@@ -67,33 +69,51 @@ async def test_256_concurrent_requests_are_batched_and_correct(
     assert executions <= inferences // 4, (inferences, executions)
 
 
-async def test_the_adaptive_delay_batches_a_burst_without_a_policy_delay(
-    start_server: Any, tmp_path: Path, digits_heldout: Any
-) -> None:
+async def test_the_adaptive_delay_batches_a_burst_without_a_policy_delay(tmp_path: Path, digits_heldout: Any) -> None:
     """digits with its own policy (no queue delay): under a burst of concurrent requests a
     probe finds that waiting gathers company, so the batches grow (hub/core/batching.py, the
     adaptive queue delay; with `adaptive_delay=0.0` every one of these runs alone); the
-    answers are each request's own."""
-    hub_server = start_server(link_plugins(tmp_path, ROOT / "plugins" / "digits"))
-    images, _ = digits_heldout
-    sync = tc.InferenceServerClient(hub_server.url)
-    expected = sync.infer("digits", [image_input(images[:64])]).as_numpy("logits")
-    client = tc_aio.InferenceServerClient(hub_server.url)
+    answers are each request's own. A burst is what it says: the server is a process of its
+    own (`--workers 1`, the one-process path), and the requests are serialized before it is
+    sent. With the server in this test's process and tritonclient building each request as
+    it went, the requests of a "burst" came a few hundred µs apart on a slow box, too few
+    for a probe's 2 ms, and every probe missed (252 executions for 256)."""
+    plugins = link_plugins(tmp_path / "plugins", ROOT / "plugins" / "digits")
+    server = Workers(plugins, tmp_path / "models", tmp_path, 1)
+    try:
+        images, _ = digits_heldout
+        sync = tc.InferenceServerClient(server.url)
+        expected = sync.infer("digits", [image_input(images[:64])]).as_numpy("logits")
+        requests = []
+        for i in range(64):
+            request = service_pb2.ModelInferRequest(model_name="digits")
+            request.inputs.add(name="image", datatype="FP32", shape=[1, 1, 8, 8])
+            request.raw_input_contents.append(np.ascontiguousarray(images[i : i + 1], np.float32).tobytes())
+            requests.append(request.SerializeToString())
+        channel = grpc.aio.insecure_channel(server.url)
+        infer = channel.unary_unary(
+            "/inference.GRPCInferenceService/ModelInfer",
+            request_serializer=None,
+            response_deserializer=service_pb2.ModelInferResponse.FromString,
+        )
 
-    async def burst() -> list[Any]:
-        return await asyncio.gather(*[client.infer("digits", [image_input(images[i : i + 1])]) for i in range(64)])
+        async def burst() -> list[Any]:
+            return await asyncio.gather(*[infer(request, timeout=30) for request in requests])
 
-    for _ in range(2):  # the probe comes at the 16th request: waiting is on from then
-        await burst()
-    before = _counts(sync, "digits")
-    results = [result for _ in range(4) for result in await burst()]
-    await client.close()
-    after = _counts(sync, "digits")
+        for _ in range(2):  # the probe comes at the 16th request: waiting is on from then
+            await burst()
+        before = _counts(sync, "digits")
+        results = [result for _ in range(4) for result in await burst()]
+        await channel.close()
+        after = _counts(sync, "digits")
+    finally:
+        assert server.stop() == 0, server.output()
     inferences, executions = after[0] - before[0], after[1] - before[1]
     assert inferences == 256
     assert executions <= inferences // 2, (inferences, executions)
     for i, result in enumerate(results):
-        np.testing.assert_allclose(result.as_numpy("logits")[0], expected[i % 64], rtol=1e-5, atol=1e-5)
+        logits = np.frombuffer(result.raw_output_contents[0], np.float32)
+        np.testing.assert_allclose(logits, expected[i % 64], rtol=1e-5, atol=1e-5)
 
 
 async def test_burst_beyond_the_queue_is_rejected_and_the_rest_answered(hub_server: RunningServer) -> None:
